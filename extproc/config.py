@@ -1,0 +1,291 @@
+"""The fleet file: one typed, validated object, loaded once and passed down.
+
+A fleet file (YAML) names the Triton hosts, the models and how to classify their requests, the picker's
+settings and Envoy's listeners. :func:`load_fleet` refuses an invalid file with a :class:`ConfigError` that
+names the file, the key and the problem, so every command can refuse to start with a useful message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveMs = Annotated[int, Field(gt=0, le=3_600_000)]
+
+
+class Tier(StrEnum):
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a fleet file must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LaunchSpec(_Strict):
+    """How ``extproc up`` starts this host locally; absent for Triton hosts that run elsewhere."""
+
+    models: tuple[str, ...] = Field(min_length=1)
+    # Multiplies the service time of models that emulate hardware speed (see triton_models/).
+    service_time_factor: float = Field(default=1.0, gt=0, le=100)
+
+
+class HostSpec(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+    address: str
+    http_port: Port = 8000
+    grpc_port: Port = 8001
+    metrics_port: Port = 8002
+    tier: Tier
+    labels: dict[str, str] = Field(default_factory=dict)
+    launch: LaunchSpec | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _ip_literal(cls, value: str) -> str:
+        # Envoy's override_host matches the header against the cluster members' resolved addresses, so the
+        # picker must name hosts exactly as Envoy sees them: an IP literal.
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address (hostnames are not supported yet)") from None
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Self:
+        ports = (self.http_port, self.grpc_port, self.metrics_port)
+        if len(set(ports)) != 3:
+            raise ValueError(f"http_port, grpc_port and metrics_port must differ, got {ports}")
+        return self
+
+    @property
+    def http_endpoint(self) -> str:
+        return _endpoint(self.address, self.http_port)
+
+    @property
+    def grpc_endpoint(self) -> str:
+        return _endpoint(self.address, self.grpc_port)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_endpoint(self.address, self.metrics_port)}/metrics"
+
+
+def _endpoint(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+class TierRule(_Strict):
+    """Send a request to ``tier`` when every condition given here holds."""
+
+    tier: Tier
+    min_bytes: int | None = Field(default=None, ge=0)
+    max_bytes: int | None = Field(default=None, ge=0)
+    protocol: str | None = Field(default=None, pattern=r"^(http|grpc)$")
+
+    @model_validator(mode="after")
+    def _range(self) -> Self:
+        if self.min_bytes is not None and self.max_bytes is not None and self.min_bytes > self.max_bytes:
+            raise ValueError(f"min_bytes ({self.min_bytes}) is above max_bytes ({self.max_bytes})")
+        return self
+
+
+class ModelSpec(_Strict):
+    name: str = Field(min_length=1, max_length=256)
+    # Tiers this model may be served from; the first is its default tier.
+    tiers: tuple[Tier, ...] = Field(default=(Tier.GPU,), min_length=1)
+    # First matching rule wins; no match → the default tier.
+    rules: tuple[TierRule, ...] = ()
+    # Whether a client's tier hint header may choose among ``tiers``.
+    allow_hint: bool = True
+
+    @model_validator(mode="after")
+    def _rules_within_tiers(self) -> Self:
+        if len(set(self.tiers)) != len(self.tiers):
+            raise ValueError(f"tiers repeat a tier: {[t.value for t in self.tiers]}")
+        for i, rule in enumerate(self.rules):
+            if rule.tier not in self.tiers:
+                raise ValueError(f"rules[{i}] sends to tier {rule.tier.value!r}, which is not in tiers")
+        return self
+
+    @property
+    def default_tier(self) -> Tier:
+        return self.tiers[0]
+
+
+class PollSpec(_Strict):
+    triton_metrics_ms: PositiveMs = 250
+    repository_ms: PositiveMs = 1000
+    envoy_admin_ms: PositiveMs = 200
+    nvml_ms: PositiveMs = 500
+    # Telemetry older than this makes its host a non-candidate.
+    stale_after_ms: PositiveMs = 3000
+    request_timeout_ms: PositiveMs = 1000
+
+
+class Weights(_Strict):
+    expected_wait: float = Field(default=1.0, ge=0)
+    gpu_memory: float = Field(default=0.2, ge=0)
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> Self:
+        if self.expected_wait == 0 and self.gpu_memory == 0:
+            raise ValueError("at least one scoring weight must be above 0")
+        return self
+
+
+class PickerSpec(_Strict):
+    # gRPC listen address of the ext_proc service: ``unix:PATH`` (default; not reachable from the network)
+    # or ``HOST:PORT``.
+    listen: str = "unix:.run/picker.sock"
+    metrics_address: str = "127.0.0.1"
+    metrics_port: Port = 9090
+    poll: PollSpec = PollSpec()
+    weights: Weights = Weights()
+    # How many ranked hosts the picker hands to Envoy for retries.
+    max_hosts: int = Field(default=3, ge=1, le=8)
+    # Envoy waits this long for the picker before failing open to the fallback load balancer.
+    message_timeout_ms: PositiveMs = 100
+    # Seconds a client should wait before retrying a 503/429 from the picker.
+    retry_after_s: int = Field(default=1, ge=1, le=3600)
+    log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value.startswith("unix:"):
+            if len(value) <= len("unix:"):
+                raise ValueError("unix: needs a socket path")
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is neither unix:PATH nor HOST:PORT")
+        return value
+
+    @property
+    def unix_socket(self) -> Path | None:
+        return Path(self.listen.removeprefix("unix:")) if self.listen.startswith("unix:") else None
+
+
+class Listener(_Strict):
+    address: str = "127.0.0.1"
+    port: Port
+
+
+class TlsSpec(_Strict):
+    port: Port = 8443
+    cert_file: str = ".run/tls/server.crt"
+    key_file: str = ".run/tls/server.key"
+    # Generate a self-signed certificate at start-up when the files do not exist (local use only).
+    self_signed: bool = True
+
+
+class EnvoySpec(_Strict):
+    listener: Listener = Listener(port=8080)
+    tls: TlsSpec | None = TlsSpec()
+    admin: Listener = Listener(port=9901)
+    # Adds ``x-triton-host: ip:port`` to responses so a person can see the routing. Off in production.
+    expose_upstream_host: bool = False
+    # The tier Envoy uses when the picker is unreachable and answers nothing (fail open).
+    fallback_tier: Tier = Tier.GPU
+    # Route timeout for inference; 0 disables it (Envoy's 15 s default is wrong for inference).
+    route_timeout_s: float = Field(default=0, ge=0)
+    # Per-try timeout so a stalled host is retried elsewhere; 0 disables it.
+    per_try_timeout_s: float = Field(default=0, ge=0)
+    concurrency: int = Field(default=1, ge=1, le=256)
+    base_id: int = Field(default=0, ge=0)
+
+
+class Fleet(_Strict):
+    """The whole fleet file. ``source`` is the file it came from, for messages."""
+
+    hosts: tuple[HostSpec, ...] = Field(min_length=1)
+    models: tuple[ModelSpec, ...] = ()
+    picker: PickerSpec = PickerSpec()
+    envoy: EnvoySpec = EnvoySpec()
+    # Where ``extproc up`` finds the model repository for hosts it launches, and keeps run-time files.
+    model_repository: str = "triton_models"
+    runtime_dir: str = ".run"
+    source: str = Field(default="<memory>", exclude=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        _unique("hosts", [h.name for h in self.hosts])
+        _unique("models", [m.name for m in self.models])
+        seen: dict[tuple[str, int], str] = {}
+        for host in self.hosts:
+            for port in (host.http_port, host.grpc_port, host.metrics_port):
+                other = seen.setdefault((host.address, port), host.name)
+                if other != host.name:
+                    raise ValueError(f"hosts {other!r} and {host.name!r} both use {host.address}:{port}")
+        fallback_hosts = [h for h in self.hosts if h.tier is self.envoy.fallback_tier]
+        if not fallback_hosts:
+            raise ValueError(f"envoy.fallback_tier {self.envoy.fallback_tier.value!r} has no hosts")
+        return self
+
+    def model(self, name: str) -> ModelSpec | None:
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        return None
+
+    @property
+    def tiers(self) -> tuple[Tier, ...]:
+        """The tiers that have hosts, in a stable order."""
+        present = {h.tier for h in self.hosts}
+        return tuple(t for t in Tier if t in present)
+
+
+def _unique(what: str, names: list[str]) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what}: names must be unique, repeated: {dupes}")
+
+
+class ConfigError(Exception):
+    """An invalid fleet file. ``str()`` names the file, the key and the problem."""
+
+
+def parse_fleet(data: Any, source: str = "<memory>") -> Fleet:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the fleet file must be a mapping at the top level")
+    try:
+        return Fleet.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = _key_path(err["loc"])
+            problems.append(f"{source}: key {key}: {err['msg']}")
+        raise ConfigError("\n".join(problems)) from None
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"function-after", "function-before"} or "[" in str(part):
+            continue  # pydantic's validator frames, not keys of the file
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def load_fleet(path: str | Path) -> Fleet:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the fleet file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_fleet(data, str(path))
