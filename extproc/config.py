@@ -156,6 +156,8 @@ class PickerSpec(_Strict):
     # Seconds a client should wait before retrying a 503/429 from the picker.
     retry_after_s: int = Field(default=1, ge=1, le=3600)
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
+    # Sidecar mode: the host whose GPUs this picker reads through NVML (it runs beside that Triton).
+    nvml_host: str | None = None
 
     @field_validator("listen")
     @classmethod
@@ -225,6 +227,8 @@ class Fleet(_Strict):
                 other = seen.setdefault((host.address, port), host.name)
                 if other != host.name:
                     raise ValueError(f"hosts {other!r} and {host.name!r} both use {host.address}:{port}")
+        if self.picker.nvml_host is not None and self.picker.nvml_host not in {h.name for h in self.hosts}:
+            raise ValueError(f"picker.nvml_host {self.picker.nvml_host!r} is not a host of this fleet")
         fallback_hosts = [h for h in self.hosts if h.tier is self.envoy.fallback_tier]
         if not fallback_hosts:
             raise ValueError(f"envoy.fallback_tier {self.envoy.fallback_tier.value!r} has no hosts")

@@ -1,0 +1,107 @@
+"""Live state of the fleet: what each Triton host has loaded, how busy it is, and what Envoy thinks of it.
+
+Telemetry collectors write here from their poll loops; the scheduler reads it on every request. Everything
+runs on one event loop, so plain attribute updates are consistent without locks. Timestamps are
+``time.monotonic()`` seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from extproc.config import Fleet, HostSpec, Tier
+
+
+@dataclass(slots=True)
+class TritonLoad:
+    """Derived from Triton's metrics endpoint: the counters are turned into rates between two scrapes."""
+
+    pending: int = 0  # requests queued in Triton, not yet executing (all models)
+    # Mean queue wait and per-request service time over the last scrape interval, in ms; None until measured.
+    queue_ms: float | None = None
+    service_ms: float | None = None
+    gpu_memory_used: int | None = None
+    gpu_memory_total: int | None = None
+    gpu_utilization: float | None = None
+
+
+@dataclass(slots=True)
+class EnvoyView:
+    """One host as seen in Envoy's admin ``/clusters``, summed over the REST and gRPC clusters."""
+
+    active: int = 0  # rq_active: requests Envoy has in flight to this host
+    ejected: bool = False  # failed_outlier_check in any cluster
+    unhealthy: bool = False  # failed active health check in any cluster
+
+
+@dataclass(slots=True)
+class HostState:
+    spec: HostSpec
+    load: TritonLoad = field(default_factory=TritonLoad)
+    envoy: EnvoyView = field(default_factory=EnvoyView)
+    # Models READY on this host, by name → ready versions (strings, as Triton reports them).
+    ready: dict[str, frozenset[str]] = field(default_factory=dict)
+    # Every model the host's repository index lists, in any state.
+    known: frozenset[str] = frozenset()
+    # Picks made since Envoy's in-flight count was last read: the optimistic part of the in-flight estimate,
+    # so a burst between two polls does not all land on the host that looked best at the last poll.
+    picks_since_poll: int = 0
+    metrics_at: float | None = None
+    index_at: float | None = None
+    envoy_at: float | None = None
+    # Precomputed ``ip:port`` values for Envoy's override_host header.
+    http_endpoint: str = ""
+    grpc_endpoint: str = ""
+
+    def __post_init__(self) -> None:
+        self.http_endpoint = self.spec.http_endpoint
+        self.grpc_endpoint = self.spec.grpc_endpoint
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def tier(self) -> Tier:
+        return self.spec.tier
+
+    def in_flight(self) -> int:
+        """Best estimate of requests on this host now: Envoy's live count plus our picks since, or Triton's
+        queue if that is larger (requests that did not pass through this Envoy)."""
+        return max(self.envoy.active + self.picks_since_poll, self.load.pending)
+
+    def serves(self, model: str, version: str | None) -> bool:
+        versions = self.ready.get(model)
+        if versions is None:
+            return False
+        return version is None or version in versions
+
+    def fresh(self, now: float, max_age_s: float) -> bool:
+        """Both the metrics and the repository index must be recent; Envoy's view only if we have one."""
+        for at in (self.metrics_at, self.index_at):
+            if at is None or now - at > max_age_s:
+                return False
+        return True
+
+
+class Datastore:
+    """All hosts of one fleet, by name and by tier."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.hosts: dict[str, HostState] = {h.name: HostState(h) for h in fleet.hosts}
+        self.by_tier: dict[Tier, tuple[HostState, ...]] = {
+            tier: tuple(s for s in self.hosts.values() if s.tier is tier) for tier in Tier
+        }
+        self.stale_after_s = fleet.picker.poll.stale_after_ms / 1000
+
+    def model_known(self, model: str) -> bool:
+        """Whether any host lists the model at all (loaded or not)."""
+        return any(model in h.known for h in self.hosts.values())
+
+    def tiers_serving(self, model: str, version: str | None) -> set[Tier]:
+        return {h.tier for h in self.hosts.values() if h.serves(model, version)}
+
+    def now(self) -> float:
+        return time.monotonic()

@@ -1,0 +1,23 @@
+"""Header names shared by the picker, the Envoy config and the tests."""
+
+from typing import Final
+
+# Set by the picker only; Envoy strips any client copy before the picker runs.
+TIER_HEADER: Final = "x-triton-lb-tier"  # which tier's cluster the route picks
+HOSTS_HEADER: Final = "x-triton-lb-hosts"  # override_host: ranked "ip:port,ip:port,..." list
+ROUTING_HEADERS: Final = (TIER_HEADER, HOSTS_HEADER)
+
+# Sent by clients.
+TIER_HINT_HEADER: Final = "x-triton-tier-hint"  # optional: "cpu" or "gpu", honoured where the model allows
+PRIORITY_HEADER: Final = "x-triton-priority"
+
+# Added to responses when envoy.expose_upstream_host is on: the upstream that served the request.
+UPSTREAM_HOST_HEADER: Final = "x-triton-host"
+
+
+def cluster_name(tier: str, protocol: str) -> str:
+    """Envoy cluster of one tier and protocol (``http`` or ``grpc``)."""
+    return f"triton_{tier}_{protocol}"
+
+
+PICKER_CLUSTER: Final = "extproc_picker"

@@ -1,0 +1,1 @@
+"""Helpers that run the real runtime components (Triton) from their PyPI wheels."""
