@@ -78,11 +78,9 @@ class HostState:
         return version is None or version in versions
 
     def fresh(self, now: float, max_age_s: float) -> bool:
-        """Both the metrics and the repository index must be recent; Envoy's view only if we have one."""
-        for at in (self.metrics_at, self.index_at):
-            if at is None or now - at > max_age_s:
-                return False
-        return True
+        """Both the metrics and the repository index must be recent. Envoy's view is not required: the
+        picker must keep routing well if Envoy's admin endpoint is unreachable."""
+        return all(at is not None and now - at <= max_age_s for at in (self.metrics_at, self.index_at))
 
 
 class Datastore:

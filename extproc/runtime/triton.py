@@ -146,8 +146,6 @@ def triton_command(
         f"--metrics-address={address}",
         f"--metrics-port={metrics_port}",
         f"--metrics-interval-ms={metrics_interval_ms}",
-        # No GPU memory to pin on CPU-only machines; Triton otherwise warns about a failed pinned pool.
-        "--pinned-memory-pool-byte-size=0",
         "--log-info=true",
         "--log-warning=true",
         "--log-error=true",

@@ -1,0 +1,1 @@
+"""Protocol edge: Envoy's ext_proc gRPC stream in, routing headers out."""

@@ -1,0 +1,219 @@
+"""The ext_proc edge: Envoy's ProcessingRequest stream in, the scheduler's decision out as headers.
+
+Only this module knows protobuf. One stream is one HTTP request:
+
+- REST: the request-headers message carries the path, hence the model; answer it at once.
+- gRPC: the model is inside the first message. The gRPC routes stream the body to us and Envoy sends the
+  first chunk without waiting for our headers answer, so we hold that answer until the chunk arrives, read
+  the model name from it, then answer the headers and acknowledge every chunk in order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import grpc
+import structlog
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from envoy.type.v3 import http_status_pb2
+
+from extproc.config import Fleet, Tier
+from extproc.handlers.parse import (
+    NO_MODEL,
+    MalformedRequest,
+    Target,
+    grpc_method,
+    grpc_names_model,
+    parse_grpc_frame,
+    parse_rest_path,
+)
+from extproc.headers import HOSTS_HEADER, ROUTING_HEADERS, TIER_HEADER, TIER_HINT_HEADER
+from extproc.metrics import PickerMetrics
+from extproc.scheduling.scheduler import Scheduler
+from extproc.scheduling.types import Decision, InferenceRequest, Protocol, Reject, Route
+
+log = structlog.get_logger(__name__)
+
+# Bytes of gRPC body we accept while looking for the model name before calling the request malformed.
+_MAX_PEEK_BYTES = 64 * 1024
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_TIERS = {t.value: t for t in Tier}
+# HTTP status → gRPC status for answers to gRPC clients (grpc-status, as Triton itself would send).
+_GRPC_STATUS = {400: 3, 404: 5, 413: 8, 429: 8, 503: 14}
+_BODY_ACK = ep.ProcessingResponse(request_body=ep.BodyResponse())
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds-protos ships no stubs
+    def __init__(self, fleet: Fleet, scheduler: Scheduler, metrics: PickerMetrics) -> None:
+        self._scheduler = scheduler
+        self._metrics = metrics
+        self._retry_after = str(fleet.picker.retry_after_s)
+        self._tier_headers = {t: _header(TIER_HEADER, t.value) for t in Tier}
+        self._debug = fleet.picker.log_level == "debug"
+
+    async def Process(
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        stream = aiter(request_iterator)
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            return
+        if not first.HasField("request_headers"):
+            # Only request headers are configured to reach us first; anything else is a config mismatch.
+            log.warning("unexpected_first_message", kind=first.WhichOneof("request"))
+            return
+        started = time.perf_counter()
+        headers = _header_map(first.request_headers.headers.headers)
+        path = headers.get(":path", "")
+        method = grpc_method(path)
+        pending: list[ep.ProcessingRequest] = []
+        try:
+            if method is None:
+                request = self._rest_request(path, headers)
+            elif first.request_headers.end_of_stream or not grpc_names_model(method):
+                request = InferenceRequest(Protocol.GRPC, tier_hint=_hint(headers))
+            else:
+                request, pending = await self._grpc_request(method, headers, stream)
+            decision = self._scheduler.decide(request)
+        except MalformedRequest as exc:
+            request = InferenceRequest(Protocol.GRPC if method else Protocol.HTTP)
+            decision = Reject(400, str(exc), "malformed")
+        yield self._answer(decision, request, headers)
+        self._record(decision, request, headers, started)
+        if isinstance(decision, Reject):
+            return
+        for _ in pending:
+            yield _BODY_ACK
+        async for message in stream:
+            if message.HasField("request_body"):
+                yield _BODY_ACK
+
+    def _rest_request(self, path: str, headers: dict[str, str]) -> InferenceRequest:
+        target = parse_rest_path(path)
+        return InferenceRequest(
+            Protocol.HTTP, target.model, target.version, _content_length(headers), _hint(headers)
+        )
+
+    async def _grpc_request(
+        self, method: str, headers: dict[str, str], stream: AsyncIterator[ep.ProcessingRequest]
+    ) -> tuple[InferenceRequest, list[ep.ProcessingRequest]]:
+        """Read body chunks until the model name is known; return them too, they still need an answer."""
+        pending: list[ep.ProcessingRequest] = []
+        data = b""
+        encoding = headers.get("grpc-encoding")
+        async for message in stream:
+            if not message.HasField("request_body"):
+                continue
+            pending.append(message)
+            data += message.request_body.body
+            complete = message.request_body.end_of_stream or len(data) >= _MAX_PEEK_BYTES
+            frame = parse_grpc_frame(data, encoding, complete=complete)
+            if frame is None:
+                continue
+            target = frame.target
+            if target is NO_MODEL and method in ("ModelInfer", "ModelStreamInfer"):
+                raise MalformedRequest(f"{method} request names no model")
+            return self._grpc_inference(target, frame.message_bytes, headers), pending
+        raise MalformedRequest("the gRPC request ended before its first message")
+
+    @staticmethod
+    def _grpc_inference(target: Target, size: int, headers: dict[str, str]) -> InferenceRequest:
+        return InferenceRequest(Protocol.GRPC, target.model, target.version, size, _hint(headers))
+
+    def _answer(
+        self, decision: Decision, request: InferenceRequest, headers: dict[str, str]
+    ) -> ep.ProcessingResponse:
+        if isinstance(decision, Route):
+            endpoints = ",".join(
+                h.grpc_endpoint if request.protocol is Protocol.GRPC else h.http_endpoint for h in decision.hosts
+            )
+            mutation = ep.HeaderMutation(
+                set_headers=[self._tier_headers[decision.tier], _header(HOSTS_HEADER, endpoints)]
+            )
+            return ep.ProcessingResponse(
+                request_headers=ep.HeadersResponse(
+                    response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+                )
+            )
+        return self._immediate(decision, request)
+
+    def _immediate(self, reject: Reject, request: InferenceRequest) -> ep.ProcessingResponse:
+        set_headers = [_header("content-type", "application/json")]
+        if reject.retry_after:
+            set_headers.append(_header("retry-after", self._retry_after))
+        immediate = ep.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=reject.status),
+            headers=ep.HeaderMutation(set_headers=set_headers),
+            details=reject.reason,
+        )
+        if request.protocol is Protocol.GRPC:
+            immediate.grpc_status.status = _GRPC_STATUS.get(reject.status, 2)
+            immediate.body = reject.message.encode()
+        else:
+            immediate.body = json.dumps({"error": reject.message}).encode()
+        return ep.ProcessingResponse(immediate_response=immediate)
+
+    def _record(
+        self, decision: Decision, request: InferenceRequest, headers: dict[str, str], started: float
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        self._metrics.decision_seconds.observe(elapsed)
+        model = request.model or ""
+        if isinstance(decision, Route):
+            first = decision.hosts[0].name
+            self._metrics.decisions.labels(model, decision.tier.value, first, decision.reason).inc()
+            if self._debug:
+                log.debug(
+                    "routed",
+                    request_id=headers.get("x-request-id"),
+                    model=model,
+                    version=request.version,
+                    protocol=request.protocol.value,
+                    tier=decision.tier.value,
+                    hosts=[h.name for h in decision.hosts],
+                    reason=decision.reason,
+                    decision_us=round(elapsed * 1e6, 1),
+                )
+        else:
+            self._metrics.rejections.labels(str(decision.status), decision.reason).inc()
+            log.info(
+                "rejected",
+                request_id=headers.get("x-request-id"),
+                model=model,
+                status=decision.status,
+                reason=decision.reason,
+                message=decision.message,
+            )
+
+
+def _header_map(values: Iterable[Any]) -> dict[str, str]:
+    """Envoy sends header values in ``raw_value``; latin-1 keeps any byte sequence decodable."""
+    out: dict[str, str] = {}
+    for h in values:
+        key = h.key
+        if key in ROUTING_HEADERS:
+            continue  # Envoy strips client copies before us; never trust one that got through
+        out[key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+    return out
+
+
+def _content_length(headers: dict[str, str]) -> int | None:
+    value = headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _hint(headers: dict[str, str]) -> Tier | None:
+    value = headers.get(TIER_HINT_HEADER)
+    return _TIERS.get(value.strip().lower()) if value else None

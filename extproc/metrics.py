@@ -1,0 +1,62 @@
+"""The picker's own Prometheus metrics: what it decided, how fast, and how old its telemetry is."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from extproc.datastore import Datastore
+
+
+class PickerMetrics:
+    """All series live in one registry owned by this object (no process-wide globals)."""
+
+    def __init__(self, datastore: Datastore) -> None:
+        self.registry = CollectorRegistry()
+        self.decisions = Counter(
+            "extproc_decisions",
+            "Requests routed, by model, tier, first-choice host and reason.",
+            ["model", "tier", "host", "reason"],
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            "extproc_rejections",
+            "Requests answered by the picker itself, by HTTP status and reason.",
+            ["status", "reason"],
+            registry=self.registry,
+        )
+        self.decision_seconds = Histogram(
+            "extproc_decision_seconds",
+            "Time from the request's headers (or first gRPC body chunk) to the picker's answer.",
+            buckets=(25e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3),
+            registry=self.registry,
+        )
+        self.registry.register(_TelemetryAge(datastore))
+
+
+class _TelemetryAge(Collector):
+    """Per host, seconds since each telemetry source last refreshed (read at scrape time)."""
+
+    def __init__(self, datastore: Datastore) -> None:
+        self._store = datastore
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        age = GaugeMetricFamily(
+            "extproc_telemetry_age_seconds",
+            "Seconds since the source last refreshed; absent until its first success.",
+            labels=["host", "source"],
+        )
+        in_flight = GaugeMetricFamily(
+            "extproc_host_in_flight", "The picker's estimate of requests in flight per host.", labels=["host"]
+        )
+        now = self._store.now()
+        for host in self._store.hosts.values():
+            for source, at in (("metrics", host.metrics_at), ("index", host.index_at), ("envoy", host.envoy_at)):
+                if at is not None:
+                    age.add_metric([host.name, source], now - at)
+            in_flight.add_metric([host.name], host.in_flight())
+        yield age
+        yield in_flight

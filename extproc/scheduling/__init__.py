@@ -1,0 +1,1 @@
+"""Request in → classify → candidate hosts (filters) → scores → pick. Plain Python, no protocol code."""

@@ -1,0 +1,48 @@
+"""What the scheduler is asked and what it answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from extproc.config import Tier
+from extproc.datastore import HostState
+
+
+class Protocol(StrEnum):
+    HTTP = "http"
+    GRPC = "grpc"
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRequest:
+    """One request as the picker understands it, parsed from Envoy's headers (and, for gRPC, the first body
+    chunk). ``model`` is None for requests that name no model (health, server metadata, repository)."""
+
+    protocol: Protocol
+    model: str | None = None
+    version: str | None = None
+    size_bytes: int | None = None  # content-length, when the client sent one
+    tier_hint: Tier | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Send the request to ``tier``'s cluster, trying ``hosts`` in order (best first)."""
+
+    tier: Tier
+    hosts: tuple[HostState, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Answer the client directly: 404 (no such model), 503 (nothing ready), 400 (malformed)."""
+
+    status: int
+    message: str
+    reason: str
+    retry_after: bool = False
+
+
+Decision = Route | Reject
