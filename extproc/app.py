@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-from pathlib import Path
 
 import grpc
 import structlog
@@ -50,16 +49,8 @@ class Picker:
 
     async def start(self) -> None:
         listen = self.fleet.picker.listen
-        socket_path = self.fleet.picker.unix_socket
-        if socket_path is not None:
-            socket_path.parent.mkdir(parents=True, exist_ok=True)
-            # A socket file left by a previous run would make bind fail.
-            socket_path.unlink(missing_ok=True)
         self._server.add_insecure_port(listen)
         await self._server.start()
-        if socket_path is not None:
-            # Only this user (and so the local Envoy) may talk to the picker.
-            os.chmod(socket_path, 0o600)
         await self._start_http()
         # One round of telemetry before we call ourselves ready, so the first requests are routed on data.
         await self.collector.refresh_once()
@@ -97,9 +88,6 @@ class Picker:
         await self.collector.aclose()
         if self._web is not None:
             await self._web.cleanup()
-        socket_path = self.fleet.picker.unix_socket
-        if socket_path is not None:
-            Path(socket_path).unlink(missing_ok=True)
 
 
 async def serve(fleet: Fleet) -> None:
@@ -118,5 +106,17 @@ async def serve(fleet: Fleet) -> None:
 
 
 def run(fleet: Fleet) -> None:
-    # uvloop: ~20% more ext_proc streams per second than the default loop (facts file).
-    uvloop.run(serve(fleet))
+    socket_path = fleet.picker.unix_socket
+    if socket_path is not None:
+        socket_path.parent.mkdir(parents=True, exist_ok=True)
+        # A socket file left by a previous run would make bind fail.
+        socket_path.unlink(missing_ok=True)
+        # Only this user (and so the local Envoy) may connect: the socket inherits the umask.
+        old_umask = os.umask(0o077)
+    try:
+        # uvloop: ~20% more ext_proc streams per second than the default loop (facts file).
+        uvloop.run(serve(fleet))
+    finally:
+        if socket_path is not None:
+            os.umask(old_umask)
+            socket_path.unlink(missing_ok=True)

@@ -40,7 +40,9 @@ def live(store: Datastore, models: dict[str, list[str]], service_ms: float = 2.0
         host.load.service_ms = service_ms
 
 
-def http(model: str | None, size: int | None = None, hint: Tier | None = None, version: str | None = None) -> InferenceRequest:
+def http(
+    model: str | None, size: int | None = None, hint: Tier | None = None, version: str | None = None
+) -> InferenceRequest:
     return InferenceRequest(Protocol.HTTP, model, version, size, hint)
 
 
