@@ -16,7 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,11 +263,7 @@ def test_timed_batch_batches_concurrent_requests(triton: Triton) -> None:
     assert [error for _, error in answers if error is not None] == []
     outputs = sorted(float(result.as_numpy("OUTPUT0")[0, 0]) for result, _ in answers)
     assert outputs == [2.0 * i + 1 for i in range(16)]
-    deadline = time.monotonic() + 5
-    while (after := _stats(triton, "timed_batch"))["inference_count"] - before[
-        "inference_count"
-    ] < 16 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    after = _stats_when(triton, lambda st: st["inference_count"] - before["inference_count"] >= 16)
     assert after["inference_count"] - before["inference_count"] == 16
     # One instance taking >= 10 ms per execution: requests that arrive meanwhile are batched together.
     assert after["execution_count"] - before["execution_count"] < 16
@@ -282,19 +278,30 @@ def _stats(triton: Triton, model: str) -> dict[str, Any]:
         client.close()
 
 
+def _stats_when(triton: Triton, settled: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """timed_batch's statistics once ``settled`` holds for them (or after 5 s).
+
+    Triton records a request's statistics just after it sends the response, so a client that has all
+    its answers can still read counters that miss the last request.
+    """
+    deadline = time.monotonic() + 5
+    while not settled(stats := _stats(triton, "timed_batch")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return stats
+
+
+def _compute(stats: dict[str, Any]) -> dict[str, int]:
+    compute: dict[str, int] = stats["inference_stats"]["compute_infer"]
+    return compute
+
+
 def _mean_compute_ms(triton: Triton, requests: int) -> float:
     """Mean execute() time of ``requests`` sequential one-item timed_batch requests, from Triton's stats."""
-    before = _stats(triton, "timed_batch")["inference_stats"]["compute_infer"]
+    before = _compute(_stats(triton, "timed_batch"))
     x = np.ones((1, 4), np.float32)
     for _ in range(requests):
         infer(triton, "grpc", "timed_batch", {"INPUT0": x})
-    # Triton records a request's statistics just after it sends the response: wait for the last one.
-    deadline = time.monotonic() + 5
-    while True:
-        after = _stats(triton, "timed_batch")["inference_stats"]["compute_infer"]
-        if after["count"] - before["count"] >= requests or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
+    after = _compute(_stats_when(triton, lambda st: _compute(st)["count"] - before["count"] >= requests))
     assert after["count"] - before["count"] == requests
     return float(after["ns"] - before["ns"]) / requests / 1e6
 

@@ -78,9 +78,7 @@ def prepare_backend_dir(runtime_dir: Path) -> Path:
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / _STUB
     if not stub.is_file():
-        raise TritonNotInstalledError(
-            f"nvidia-pytriton has no python backend stub for Python {version}: {stub}"
-        )
+        raise TritonNotInstalledError(f"nvidia-pytriton has no python backend stub for Python {version}: {stub}")
     backends = runtime_dir.resolve() / "backends"
     python_dir = backends / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
