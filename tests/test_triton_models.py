@@ -11,7 +11,6 @@ import contextlib
 import os
 import queue
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -35,6 +33,8 @@ from extproc.runtime.triton import (
     triton_command,
     triton_env,
 )
+from tests.models import F32, mlp_expected
+from tests.stack import free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +43,6 @@ ALL_MODELS = ("mlp_classifier", "embed_normalize", "timed_batch", "seq_accumulat
 READY_DEADLINE_S = 60.0
 PROTOCOLS = ("http", "grpc")
 
-F32 = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
@@ -58,19 +57,6 @@ class Triton:
         if protocol == "http":
             return httpclient.InferenceServerClient(self.http_url)
         return grpcclient.InferenceServerClient(self.grpc_url)
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _log_tail(log: Path, lines: int = 40) -> str:
@@ -105,7 +91,7 @@ def run_triton(workdir: Path, models: tuple[str, ...], service_time_factor: floa
         find_tritonserver()
     except TritonNotInstalledError as exc:
         pytest.skip(str(exc))
-    http_port, grpc_port, metrics_port = _free_ports(3)
+    http_port, grpc_port, metrics_port = free_ports(3)
     command = triton_command(
         model_repository=REPOSITORY,
         backend_dir=prepare_backend_dir(workdir),
@@ -173,19 +159,6 @@ def infer(
 
 
 # --- mlp_classifier ------------------------------------------------------------------------------------
-
-
-def mlp_expected(x: F32) -> tuple[F32, npt.NDArray[np.int64]]:
-    """The recipe documented in triton_models/mlp_classifier/1/model.py, recomputed independently."""
-    rng = np.random.default_rng(20240607)
-    w1 = (rng.standard_normal((16, 32)) * np.sqrt(2.0 / 16)).astype(np.float32)
-    b1 = (rng.standard_normal(32) * 0.1).astype(np.float32)
-    w2 = (rng.standard_normal((32, 4)) * np.sqrt(2.0 / 32)).astype(np.float32)
-    b2 = (rng.standard_normal(4) * 0.1).astype(np.float32)
-    logits = np.maximum(x @ w1 + b1, 0) @ w2 + b2
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
-    return probs, probs.argmax(axis=1).astype(np.int64).reshape(-1, 1)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -1,0 +1,289 @@
+"""The whole product on loopback: ``extproc up`` starts three real Triton hosts, the picker and Envoy.
+
+Tests run in file order on one stack; the last ones kill the picker (fail open) and stop the stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from extproc.headers import HOSTS_HEADER, TIER_HEADER, TIER_HINT_HEADER, UPSTREAM_HOST_HEADER
+from tests.models import F32, mlp_expected
+from tests.stack import Stack, alive, local_fleet, start_stack, stop_stack
+
+pytestmark = pytest.mark.e2e
+
+# Requests above this many bytes are classified to the GPU tier in the test fleet (the local file uses
+# 64 KiB; a smaller threshold keeps test requests small).
+GPU_BYTES = 4096
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    run_dir = tmp_path_factory.mktemp("stack")
+    fleet = local_fleet(run_dir)
+    fleet["models"][0]["rules"][0]["min_bytes"] = GPU_BYTES
+    stack = start_stack(run_dir, fleet)
+    yield stack
+    stop_stack(stack)
+
+
+def rest(
+    stack: Stack, path: str, body: Any = None, headers: dict[str, str] | None = None, raw: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(f"http://{stack.http_url}{path}", data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def mlp_body(x: F32) -> dict[str, Any]:
+    return {"inputs": [{"name": "INPUT0", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+
+
+def served_by(stack: Stack, headers: dict[str, str]) -> str:
+    return stack.host_by_http_endpoint()[headers[UPSTREAM_HOST_HEADER]]
+
+
+def rows(n: int, seed: int = 0) -> F32:
+    return np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)
+
+
+def test_rest_inference_through_envoy(stack: Stack) -> None:
+    client = httpclient.InferenceServerClient(stack.http_url)
+    x = rows(3)
+    inputs = [httpclient.InferInput("INPUT0", list(x.shape), "FP32")]
+    inputs[0].set_data_from_numpy(x)
+    result = client.infer("mlp_classifier", inputs)
+    probs, labels = mlp_expected(x)
+    np.testing.assert_allclose(result.as_numpy("PROBS"), probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(result.as_numpy("LABEL"), labels)
+
+    e = np.array([[3.0, 4.0, 0.0, 0.0]], dtype=np.float32)
+    inputs = [httpclient.InferInput("INPUT", list(e.shape), "FP32")]
+    inputs[0].set_data_from_numpy(e)
+    result = client.infer("embed_normalize", inputs)
+    np.testing.assert_allclose(result.as_numpy("OUTPUT"), [[0.6, 0.8, 0.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(result.as_numpy("NORM"), [[5.0]], rtol=1e-6)
+    client.close()
+
+
+def test_grpc_inference_through_envoy(stack: Stack) -> None:
+    client = grpcclient.InferenceServerClient(stack.http_url)
+    assert client.is_server_ready()
+    assert client.is_model_ready("embed_normalize")
+    x = rows(5, seed=1)
+    inputs = [grpcclient.InferInput("INPUT0", list(x.shape), "FP32")]
+    inputs[0].set_data_from_numpy(x)
+    result = client.infer("mlp_classifier", inputs)
+    probs, _ = mlp_expected(x)
+    np.testing.assert_allclose(result.as_numpy("PROBS"), probs, rtol=1e-5, atol=1e-6)
+
+    t = np.arange(8, dtype=np.float32).reshape(2, 4)
+    inputs = [grpcclient.InferInput("INPUT0", list(t.shape), "FP32")]
+    inputs[0].set_data_from_numpy(t)
+    np.testing.assert_allclose(client.infer("timed_batch", inputs).as_numpy("OUTPUT0"), t * 2 + 1)
+    client.close()
+
+
+def test_rest_model_on_some_hosts_only(stack: Stack) -> None:
+    """mlp_classifier is on triton-a (gpu) and triton-c (cpu), never triton-b: small requests go to the CPU
+    tier, large ones to the GPU tier, and none ever reaches triton-b."""
+    small, large = Counter[str](), Counter[str]()
+    for i in range(15):
+        status, headers, _ = rest(stack, "/v2/models/mlp_classifier/infer", mlp_body(rows(1, i)))
+        assert status == 200
+        small[served_by(stack, headers)] += 1
+        status, headers, body = rest(stack, "/v2/models/mlp_classifier/infer", mlp_body(rows(64, i)))
+        assert status == 200, body
+        large[served_by(stack, headers)] += 1
+    assert small == {"triton-c": 15}
+    assert large == {"triton-a": 15}
+
+
+def grpc_infer_host(stack: Stack, model: str, x: F32, metadata: tuple[tuple[str, str], ...] = ()) -> str:
+    """Raw gRPC ModelInfer through Envoy; returns the host that served it (from the response metadata)."""
+    request = service_pb2.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=list(x.shape))
+    del tensor  # filled through raw_input_contents
+    request.raw_input_contents.append(x.tobytes())
+    with grpc.insecure_channel(stack.http_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        _, call = stub.ModelInfer.with_call(request, metadata=metadata, timeout=30)
+        upstream = dict(call.initial_metadata())[UPSTREAM_HOST_HEADER]
+    grpc_to_name = {f"127.0.0.1:{h['grpc_port']}": h["name"] for h in stack.fleet["hosts"]}
+    return grpc_to_name[str(upstream)]
+
+
+def test_grpc_routed_by_model_in_body(stack: Stack) -> None:
+    """The model name is only in the protobuf body: the picker reads it from the first chunk."""
+    hosts = Counter(grpc_infer_host(stack, "mlp_classifier", rows(1, i)) for i in range(10))
+    assert hosts == {"triton-c": 10}
+    hosts = Counter(grpc_infer_host(stack, "mlp_classifier", rows(64, i)) for i in range(10))
+    assert hosts == {"triton-a": 10}
+    t = np.ones((1, 4), dtype=np.float32)
+    hosts = Counter(grpc_infer_host(stack, "timed_batch", t) for _ in range(10))
+    assert set(hosts) <= {"triton-a", "triton-b"} and sum(hosts.values()) == 10
+
+
+def test_client_routing_headers_are_ignored(stack: Stack) -> None:
+    """A client naming an upstream (in any spelling, repeated) or a tier is routed as if it had not."""
+    b = stack.host("triton-b")
+    b_http, b_grpc = f"127.0.0.1:{b['http_port']}", f"127.0.0.1:{b['grpc_port']}"
+    spellings = [
+        {HOSTS_HEADER: b_http, TIER_HEADER: "gpu"},
+        {HOSTS_HEADER.upper(): b_http, TIER_HEADER.title(): "gpu"},
+        {"X-Triton-Lb-Hosts": f"{b_http},{b_http}", "x-triton-lb-tier": "gpu"},
+    ]
+    for headers in spellings:
+        status, response, _ = rest(stack, "/v2/models/mlp_classifier/infer", mlp_body(rows(1)), headers)
+        assert status == 200 and served_by(stack, response) == "triton-c"
+    # Repeated header lines, sent raw (dicts cannot repeat a key).
+    metadata = ((HOSTS_HEADER, b_grpc), (HOSTS_HEADER, b_grpc), (TIER_HEADER, "gpu"), (TIER_HEADER, "cpu"))
+    assert grpc_infer_host(stack, "mlp_classifier", rows(1), metadata) == "triton-c"
+
+
+def test_tier_hint_is_honoured_where_allowed(stack: Stack) -> None:
+    status, headers, _ = rest(stack, "/v2/models/mlp_classifier/infer", mlp_body(rows(1)), {TIER_HINT_HEADER: "gpu"})
+    assert status == 200 and served_by(stack, headers) == "triton-a"
+    status, headers, _ = rest(stack, "/v2/models/embed_normalize/ready", headers={TIER_HINT_HEADER: "cpu"})
+    assert status == 200 and served_by(stack, headers) in {"triton-a", "triton-b"}
+
+
+def test_unknown_model_is_404_with_json_error(stack: Stack) -> None:
+    status, headers, body = rest(stack, "/v2/models/no_such_model/infer", mlp_body(rows(1)))
+    assert status == 404
+    assert headers["content-type"] == "application/json"
+    assert "no_such_model" in json.loads(body)["error"]
+    client = grpcclient.InferenceServerClient(stack.http_url)
+    inputs = [grpcclient.InferInput("INPUT0", [1, 16], "FP32")]
+    inputs[0].set_data_from_numpy(rows(1))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("no_such_model", inputs)
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+    assert "no_such_model" in str(info.value.message())
+    client.close()
+
+
+def test_malformed_requests_are_400(stack: Stack) -> None:
+    status, _, body = rest(stack, "/v2/models/%ff%fe/infer", raw=b"{}")
+    assert status == 400 and "UTF-8" in json.loads(body)["error"]
+    status, _, body = rest(stack, "/v2/models/a%00b/infer", raw=b"{}")
+    assert status == 400
+    status, _, body = rest(stack, "/nothing/here")
+    assert status == 404 and "error" in json.loads(body)
+
+
+def test_requests_without_a_model(stack: Stack) -> None:
+    status, _, _ = rest(stack, "/v2/health/ready")
+    assert status == 200
+    status, _, body = rest(stack, "/v2")
+    assert status == 200 and json.loads(body)["name"] == "triton"
+
+
+def test_tls_listener_serves_tritonclient(stack: Stack) -> None:
+    client = grpcclient.InferenceServerClient(
+        stack.tls_url,
+        ssl=True,
+        root_certificates=stack.cert_file,
+        channel_args=[("grpc.ssl_target_name_override", "localhost")],
+    )
+    assert client.is_model_ready("mlp_classifier")
+    inputs = [grpcclient.InferInput("INPUT0", [2, 16], "FP32")]
+    x = rows(2, seed=7)
+    inputs[0].set_data_from_numpy(x)
+    np.testing.assert_allclose(
+        client.infer("mlp_classifier", inputs).as_numpy("PROBS"), mlp_expected(x)[0], rtol=1e-5, atol=1e-6
+    )
+    client.close()
+
+    context = ssl.create_default_context(cafile=stack.cert_file)
+    http_client = httpclient.InferenceServerClient(stack.tls_url, ssl=True, ssl_context_factory=lambda: context)
+    inputs_h = [httpclient.InferInput("INPUT0", [2, 16], "FP32")]
+    inputs_h[0].set_data_from_numpy(x)
+    np.testing.assert_allclose(
+        http_client.infer("mlp_classifier", inputs_h).as_numpy("PROBS"), mlp_expected(x)[0], rtol=1e-5, atol=1e-6
+    )
+    http_client.close()
+
+
+def test_picker_metrics_count_decisions(stack: Stack) -> None:
+    with urllib.request.urlopen(stack.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    assert 'extproc_decisions_total{host="triton-c",model="mlp_classifier",reason="classified",tier="cpu"}' in text
+    assert 'extproc_rejections_total{reason="unknown_model",status="404"}' in text
+    assert "extproc_decision_seconds_bucket" in text
+    assert 'extproc_telemetry_age_seconds{host="triton-a",source="metrics"}' in text
+
+
+def test_routing_decisions_are_logged(stack: Stack) -> None:
+    routed = [json.loads(line) for line in stack.log("picker").splitlines() if '"routed"' in line]
+    assert routed, "the picker logs each decision at debug level"
+    assert {"model", "tier", "hosts", "request_id", "decision_us"} <= set(routed[-1])
+
+
+def test_fail_open_when_the_picker_dies(stack: Stack) -> None:
+    picker = stack.pids()["picker"]
+    os.kill(picker, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while alive(picker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(picker)
+    for i in range(10):
+        status, _, body = rest(
+            stack,
+            "/v2/models/embed_normalize/infer",
+            {"inputs": [{"name": "INPUT", "shape": [1, 4], "datatype": "FP32", "data": [1.0, i, 0.0, 0.0]}]},
+        )
+        assert status == 200, body
+    client = grpcclient.InferenceServerClient(stack.http_url)
+    t = np.ones((1, 4), dtype=np.float32)
+    inputs = [grpcclient.InferInput("INPUT0", [1, 4], "FP32")]
+    inputs[0].set_data_from_numpy(t)
+    np.testing.assert_allclose(client.infer("timed_batch", inputs).as_numpy("OUTPUT0"), t * 2 + 1)
+    client.close()
+
+
+def process_group_members(groups: set[int]) -> list[int]:
+    """Live processes in any of ``groups`` (each child of ``extproc up`` leads its own group; Triton's
+    python-backend stubs live in their server's group)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) in groups:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_stop_leaves_no_process_behind(stack: Stack) -> None:
+    groups = set(stack.pids().values())
+    assert process_group_members(groups), "the stack's processes should be running before the stop"
+    assert stop_stack(stack) == 0
+    deadline = time.monotonic() + 10
+    while process_group_members(groups) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert process_group_members(groups) == []
