@@ -29,11 +29,19 @@ def _parser() -> argparse.ArgumentParser:
     render = command("envoy-config", "Render the Envoy bootstrap for the fleet file.")
     render.add_argument("--output", "-o", type=Path, help="write here instead of stdout")
     command("check", "Validate the fleet file and exit.")
+    bench = sub.add_parser("bench", help="On-demand benchmarks that print numbers.")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    decision = bench_sub.add_parser("decision", help="In-process decision time over synthetic fleets.")
+    decision.add_argument("--hosts", type=int, nargs="+", default=[10, 100, 1000])
+    decision.add_argument("--iterations", type=int, default=20000)
+    decision.add_argument("--json", help="also write the results here")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
     try:
         fleet = load_fleet(args.config)
     except ConfigError as exc:
@@ -42,6 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = getattr(args, "log_level", None) or fleet.picker.log_level
     configure(level, args.log_format)
     return _run(args, fleet)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    configure("warning", args.log_format)
+    from extproc.bench import decision
+
+    return decision.main(args.hosts, args.iterations, args.json)
 
 
 def _run(args: argparse.Namespace, fleet: Fleet) -> int:

@@ -1,0 +1,134 @@
+"""``extproc bench decision``: the picker's in-process decision time over synthetic fleets.
+
+Times two things per fleet size, in one process, side by side: ``Scheduler.decide`` alone, and the whole
+per-request path of the ext_proc edge (parse Envoy's ProcessingRequest bytes, decide, build and serialise
+the ProcessingResponse), which is what one request costs the picker apart from gRPC itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from extproc.config import Fleet, parse_fleet
+from extproc.datastore import Datastore
+from extproc.handlers.server import Processor
+from extproc.metrics import PickerMetrics
+from extproc.scheduling.scheduler import Scheduler
+from extproc.scheduling.types import InferenceRequest, Protocol
+
+MODELS = ("resnet", "bert", "mlp", "embed")
+
+
+def synthetic_fleet(n_hosts: int) -> tuple[Fleet, Datastore]:
+    """``n_hosts`` GPU hosts, each with three of the four models READY and some load."""
+    hosts = [
+        {"name": f"h{i}", "address": f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", "tier": "gpu"}
+        for i in range(n_hosts)
+    ]
+    fleet = parse_fleet({"hosts": hosts, "models": [{"name": m} for m in MODELS]})
+    store = Datastore(fleet)
+    now = store.now()
+    for i, host in enumerate(store.hosts.values()):
+        host.ready = {m: frozenset({"1"}) for j, m in enumerate(MODELS) if (i + j) % 4}
+        host.known = frozenset(host.ready)
+        host.metrics_at = host.index_at = host.envoy_at = now + 3600  # stays fresh for the whole run
+        host.envoy.active = i % 7
+        host.load.service_ms = 2.0 + i % 3
+        host.load.queue_ms = float(i % 5)
+        host.load.gpu_memory_used, host.load.gpu_memory_total = (i % 10) * 1e9, 80e9
+    return fleet, store
+
+
+def _percentiles(samples_ns: list[int]) -> dict[str, float]:
+    ordered = sorted(samples_ns)
+    n = len(ordered)
+    return {
+        "p50_us": ordered[n // 2] / 1e3,
+        "p99_us": ordered[min(n - 1, int(n * 0.99))] / 1e3,
+        "mean_us": statistics.fmean(ordered) / 1e3,
+    }
+
+
+def _time(fn: Callable[[], object], iterations: int) -> list[int]:
+    clock = time.perf_counter_ns
+    samples = []
+    for _ in range(iterations):
+        start = clock()
+        fn()
+        samples.append(clock() - start)
+    return samples
+
+
+def _rest_request_bytes(model: str) -> bytes:
+    headers = [
+        (":method", "POST"),
+        (":path", f"/v2/models/{model}/infer"),
+        (":authority", "gateway"),
+        ("content-type", "application/json"),
+        ("content-length", "512"),
+        ("x-request-id", "8d3e2f0c-5a0e-4a53-9d0b-3c2b8e1f4a77"),
+    ]
+    message = ep.ProcessingRequest(
+        request_headers=ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers])
+        )
+    )
+    return bytes(message.SerializeToString())
+
+
+async def _one_stream(processor: Processor, payload: bytes) -> bytes:
+    async def requests() -> AsyncIterator[ep.ProcessingRequest]:
+        yield ep.ProcessingRequest.FromString(payload)
+
+    out = b""
+    async for response in processor.Process(requests(), None):  # type: ignore[arg-type]
+        out = response.SerializeToString()
+    return out
+
+
+def run(sizes: Sequence[int], iterations: int) -> list[dict[str, Any]]:
+    results = []
+    loop = asyncio.new_event_loop()
+    try:
+        for n in sizes:
+            fleet, store = synthetic_fleet(n)
+            scheduler = Scheduler(fleet, store)
+            processor = Processor(fleet, scheduler, PickerMetrics(store))
+            request = InferenceRequest(Protocol.HTTP, "mlp", size_bytes=512)
+            payload = _rest_request_bytes("mlp")
+            # Warm up, then reset the optimistic counters the warm-up added.
+            for _ in range(200):
+                scheduler.decide(request)
+                loop.run_until_complete(_one_stream(processor, payload))
+            decide = _time(lambda: scheduler.decide(request), iterations)
+            edge = _time(lambda: loop.run_until_complete(_one_stream(processor, payload)), iterations)
+            results.append({"hosts": n, "decide": _percentiles(decide), "edge": _percentiles(edge)})
+            print(f"  {n} hosts done", file=sys.stderr, flush=True)
+    finally:
+        loop.close()
+    return results
+
+
+def main(sizes: Sequence[int], iterations: int, json_out: str | None) -> int:
+    print(f"decision benchmark: {iterations} decisions per fleet size", file=sys.stderr)
+    results = run(sizes, iterations)
+    print(f"{'hosts':>6} | {'decide p50':>10} {'p99':>8} | {'edge p50':>9} {'p99':>8}  (µs)")
+    for r in results:
+        d, e = r["decide"], r["edge"]
+        print(f"{r['hosts']:>6} | {d['p50_us']:>10.1f} {d['p99_us']:>8.1f} | {e['p50_us']:>9.1f} {e['p99_us']:>8.1f}")
+    base = results[0]["decide"]["p99_us"]
+    for r in results[1:]:
+        print(f"decide p99 at {r['hosts']} hosts / at {results[0]['hosts']} hosts: {r['decide']['p99_us'] / base:.2f}x")
+    if json_out:
+        with open(json_out, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    return 0
