@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -95,23 +96,26 @@ async def _one_stream(processor: Processor, payload: bytes) -> bytes:
     return out
 
 
+def _measure(n_hosts: int, iterations: int, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+    fleet, store = synthetic_fleet(n_hosts)
+    scheduler = Scheduler(fleet, store)
+    processor = Processor(fleet, scheduler, PickerMetrics(store))
+    request = InferenceRequest(Protocol.HTTP, "mlp", size_bytes=512)
+    payload = _rest_request_bytes("mlp")
+    for _ in range(200):  # warm-up
+        scheduler.decide(request)
+        loop.run_until_complete(_one_stream(processor, payload))
+    decide = _time(lambda: scheduler.decide(request), iterations)
+    edge = _time(lambda: loop.run_until_complete(_one_stream(processor, payload)), iterations)
+    return {"hosts": n_hosts, "decide": _percentiles(decide), "edge": _percentiles(edge)}
+
+
 def run(sizes: Sequence[int], iterations: int) -> list[dict[str, Any]]:
     results = []
     loop = asyncio.new_event_loop()
     try:
         for n in sizes:
-            fleet, store = synthetic_fleet(n)
-            scheduler = Scheduler(fleet, store)
-            processor = Processor(fleet, scheduler, PickerMetrics(store))
-            request = InferenceRequest(Protocol.HTTP, "mlp", size_bytes=512)
-            payload = _rest_request_bytes("mlp")
-            # Warm up, then reset the optimistic counters the warm-up added.
-            for _ in range(200):
-                scheduler.decide(request)
-                loop.run_until_complete(_one_stream(processor, payload))
-            decide = _time(lambda: scheduler.decide(request), iterations)
-            edge = _time(lambda: loop.run_until_complete(_one_stream(processor, payload)), iterations)
-            results.append({"hosts": n, "decide": _percentiles(decide), "edge": _percentiles(edge)})
+            results.append(_measure(n, iterations, loop))
             print(f"  {n} hosts done", file=sys.stderr, flush=True)
     finally:
         loop.close()
@@ -129,6 +133,5 @@ def main(sizes: Sequence[int], iterations: int, json_out: str | None) -> int:
     for r in results[1:]:
         print(f"decide p99 at {r['hosts']} hosts / at {results[0]['hosts']} hosts: {r['decide']['p99_us'] / base:.2f}x")
     if json_out:
-        with open(json_out, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        Path(json_out).write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0
