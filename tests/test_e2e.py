@@ -132,7 +132,7 @@ def grpc_infer_host(stack: Stack, model: str, x: F32, metadata: tuple[tuple[str,
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         _, call = stub.ModelInfer.with_call(request, metadata=metadata, timeout=30)
         upstream = dict(call.initial_metadata())[UPSTREAM_HOST_HEADER]
-    grpc_to_name = {f"127.0.0.1:{h['grpc_port']}": h["name"] for h in stack.fleet["hosts"]}
+    grpc_to_name: dict[str, str] = {f"127.0.0.1:{h['grpc_port']}": h["name"] for h in stack.fleet["hosts"]}
     return grpc_to_name[str(upstream)]
 
 

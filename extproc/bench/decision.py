@@ -45,7 +45,7 @@ def synthetic_fleet(n_hosts: int) -> tuple[Fleet, Datastore]:
         host.envoy.active = i % 7
         host.load.service_ms = 2.0 + i % 3
         host.load.queue_ms = float(i % 5)
-        host.load.gpu_memory_used, host.load.gpu_memory_total = (i % 10) * 1e9, 80e9
+        host.load.gpu_memory_used, host.load.gpu_memory_total = (i % 10) * 10**9, 80 * 10**9
     return fleet, store
 
 

@@ -1,0 +1,12 @@
+"""Telemetry: poll loops that keep the Datastore current, entirely off the request path.
+
+- :mod:`.triton_metrics`: Triton's Prometheus page → typed snapshot → :class:`~extproc.datastore.TritonLoad`.
+- :mod:`.envoy_admin`: Envoy's ``/clusters?format=json`` → per-host :class:`~extproc.datastore.EnvoyView`.
+- :mod:`.repository`: Triton's repository index (gRPC) → which models each host has READY.
+- :mod:`.nvml`: GPU memory through NVML for the sidecar host.
+- :mod:`.collector`: :class:`TelemetryCollector`, the loops that run all of the above.
+"""
+
+from extproc.telemetry.collector import TelemetryCollector
+
+__all__ = ["TelemetryCollector"]

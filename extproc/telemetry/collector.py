@@ -1,0 +1,293 @@
+"""The poll loops that keep the :class:`~extproc.datastore.Datastore` current, off the request path.
+
+One :class:`TelemetryCollector` per picker process, on the picker's event loop:
+
+- per host, Triton's ``/metrics`` every ``poll.triton_metrics_ms`` → ``HostState.load``, ``metrics_at``;
+- per host, Triton's repository index (gRPC) every ``poll.repository_ms`` → ``ready``, ``known``,
+  ``index_at``;
+- Envoy's admin ``/clusters?format=json`` every ``poll.envoy_admin_ms`` → every host's ``envoy``,
+  ``envoy_at``, and ``picks_since_poll = 0``;
+- with ``picker.nvml_host`` set, NVML every ``poll.nvml_ms`` → that host's GPU memory (in a thread).
+
+Every request has a timeout of ``poll.request_timeout_ms``. A failed poll changes nothing, so the host's
+``*_at`` timestamp ages and the scheduler's staleness filter drops it after ``poll.stale_after_ms``.
+Failures are logged when a poll starts failing and when it recovers, not on every attempt.
+
+Each loop runs its polls one at a time on a fixed grid (``start + k x period``): a poll that overruns
+its period skips the ticks it missed instead of starting a second poll or bursting to catch up, and a
+slow poll does not shift the phase of later ones. Loops of one kind are spread over the period so that
+the hosts are not all scraped in the same millisecond.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from types import TracebackType
+from typing import Final, Self
+
+import aiohttp
+import structlog
+
+from extproc.config import Fleet
+from extproc.datastore import Datastore, HostState, TritonLoad
+from extproc.telemetry.envoy_admin import apply_envoy_view, parse_clusters
+from extproc.telemetry.nvml import GpuReading, NvmlReader
+from extproc.telemetry.repository import RepositoryClient, apply_index
+from extproc.telemetry.triton_metrics import TritonSnapshot, derive_load, parse_metrics
+
+log = structlog.get_logger(__name__)
+
+METRICS: Final = "triton_metrics"
+REPOSITORY: Final = "repository"
+ENVOY: Final = "envoy_admin"
+NVML: Final = "nvml"
+
+_MAX_ERROR_CHARS: Final = 300
+
+
+class PollError(Exception):
+    """A poll got an answer that is not usable (e.g. an HTTP status other than 200)."""
+
+
+class _Disabled(Exception):
+    """Raised by a poll whose source is permanently unavailable (NVML without a driver)."""
+
+
+@dataclass(eq=False)
+class _Job:
+    kind: str
+    target: str  # host name, or "envoy"
+    period_s: float
+    poll: Callable[[], Awaitable[None]]
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    ok: bool | None = None  # None until the first poll ends
+    failures: int = 0  # consecutive
+    stopped: bool = False
+
+
+@dataclass(eq=False)
+class _Host:
+    state: HostState
+    repository: RepositoryClient
+    snapshot: TritonSnapshot | None = None  # the last successful scrape
+
+
+def _endpoint(address: str, port: int) -> str:
+    if address in ("0.0.0.0", "::"):  # a wildcard listener is reachable on loopback
+        address = "127.0.0.1"
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
+
+
+class TelemetryCollector:
+    """Polls Triton, Envoy and NVML into ``datastore``.
+
+    Usage: ``await collector.refresh_once()`` (optional, fills the datastore before serving), then
+    ``task = asyncio.create_task(collector.run())``; at shutdown cancel the task and ``await
+    collector.aclose()``. Also an async context manager that closes on exit.
+    """
+
+    def __init__(self, fleet: Fleet, datastore: Datastore, *, nvml: NvmlReader | None = None) -> None:
+        poll = fleet.picker.poll
+        self._datastore = datastore
+        self._timeout_s = poll.request_timeout_ms / 1000
+        self._session: aiohttp.ClientSession | None = None
+        self._hosts = [_Host(state, RepositoryClient(state.spec.grpc_endpoint)) for state in datastore.hosts.values()]
+        admin = fleet.envoy.admin
+        self.envoy_url = f"http://{_endpoint(admin.address, admin.port)}/clusters?format=json"
+        self._envoy_missing: frozenset[str] = frozenset()
+
+        self._jobs: list[_Job] = []
+        for host in self._hosts:
+            self._jobs.append(
+                _Job(METRICS, host.state.name, poll.triton_metrics_ms / 1000, partial(self._poll_metrics, host))
+            )
+        for host in self._hosts:
+            self._jobs.append(
+                _Job(REPOSITORY, host.state.name, poll.repository_ms / 1000, partial(self._poll_repository, host))
+            )
+        self._jobs.append(_Job(ENVOY, "envoy", poll.envoy_admin_ms / 1000, self._poll_envoy))
+
+        self._nvml_host: HostState | None = None
+        self._nvml: NvmlReader | None = None
+        self._nvml_read: asyncio.Future[GpuReading | None] | None = None
+        self._gpu: GpuReading | None = None  # the last NVML reading while NVML works
+        if fleet.picker.nvml_host is not None:
+            self._nvml_host = datastore.hosts[fleet.picker.nvml_host]
+            self._nvml = nvml if nvml is not None else NvmlReader()
+            self._jobs.append(_Job(NVML, self._nvml_host.name, poll.nvml_ms / 1000, self._poll_nvml))
+        self._running = False
+        self._closed = False
+
+    # -- public API -----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run every poll loop until cancelled."""
+        if self._running:
+            raise RuntimeError("TelemetryCollector.run() is already running")
+        if self._closed:
+            raise RuntimeError("TelemetryCollector is closed")
+        self._running = True
+        try:
+            async with asyncio.TaskGroup() as group:
+                for job, offset in self._offsets():
+                    group.create_task(self._loop(job, offset), name=f"telemetry:{job.kind}:{job.target}")
+        finally:
+            self._running = False
+
+    async def refresh_once(self) -> None:
+        """Run one round of every poll now, concurrently; returns when all have ended (each within the
+        request timeout). Waits for a poll of the same source that is already under way to finish first."""
+        if self._closed:
+            raise RuntimeError("TelemetryCollector is closed")
+        await asyncio.gather(*(self._run_job(job) for job in self._jobs if not job.stopped))
+
+    def health(self) -> dict[str, bool | None]:
+        """``"kind/target"`` → whether its last poll succeeded (``None``: not polled yet or disabled)."""
+        return {f"{j.kind}/{j.target}": (None if j.stopped else j.ok) for j in self._jobs}
+
+    async def aclose(self) -> None:
+        """Close the HTTP session, the gRPC channels and NVML. Cancel :meth:`run` first."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        await asyncio.gather(*(host.repository.aclose() for host in self._hosts), return_exceptions=True)
+        if self._nvml is not None and (self._nvml_read is None or self._nvml_read.done()):
+            await asyncio.to_thread(self._nvml.close)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # -- scheduling -----------------------------------------------------------------------------------
+
+    def _offsets(self) -> list[tuple[_Job, float]]:
+        """Each job with its start delay: jobs of one kind spread evenly over their period."""
+        by_kind: dict[str, list[_Job]] = {}
+        for job in self._jobs:
+            if not job.stopped:
+                by_kind.setdefault(job.kind, []).append(job)
+        return [(job, job.period_s * i / len(jobs)) for jobs in by_kind.values() for i, job in enumerate(jobs)]
+
+    async def _loop(self, job: _Job, offset: float) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + offset
+        while not job.stopped:
+            delay = next_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self._run_job(job)
+            next_at += job.period_s
+            now = loop.time()
+            if next_at <= now:  # overran: skip the missed ticks, keep the grid
+                next_at += (math.floor((now - next_at) / job.period_s) + 1) * job.period_s
+
+    async def _run_job(self, job: _Job) -> None:
+        async with job.lock:
+            if job.stopped:
+                return
+            try:
+                # A safety net over the library timeouts each poll sets itself.
+                async with asyncio.timeout(self._timeout_s * 2 + 0.5):
+                    await job.poll()
+            except _Disabled:
+                job.stopped = True
+            except Exception as exc:
+                job.failures += 1
+                if job.ok is not False:
+                    log.warning("telemetry poll failing", source=job.kind, target=job.target, error=_describe(exc))
+                job.ok = False
+            else:
+                if job.ok is False:
+                    log.warning(
+                        "telemetry poll recovered", source=job.kind, target=job.target, failed_polls=job.failures
+                    )
+                job.ok = True
+                job.failures = 0
+
+    # -- the polls ------------------------------------------------------------------------------------
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+                connector=aiohttp.TCPConnector(limit=max(100, 2 * len(self._hosts) + 8)),
+            )
+        return self._session
+
+    async def _get(self, url: str) -> bytes:
+        async with self._http().get(url) as response:
+            if response.status != 200:
+                raise PollError(f"GET {url}: HTTP {response.status}")
+            return await response.read()
+
+    async def _poll_metrics(self, host: _Host) -> None:
+        body = await self._get(host.state.spec.metrics_url)
+        snapshot = parse_metrics(body.decode("utf-8", "replace"))
+        load = derive_load(host.snapshot, snapshot, host.state.load)
+        if host.state is self._nvml_host and self._gpu is not None:
+            _apply_gpu(load, self._gpu)
+        host.state.load = load
+        host.snapshot = snapshot
+        host.state.metrics_at = self._datastore.now()
+
+    async def _poll_repository(self, host: _Host) -> None:
+        index = await host.repository.index(self._timeout_s)
+        apply_index(host.state, index, self._datastore.now())
+
+    async def _poll_envoy(self) -> None:
+        body = await self._get(self.envoy_url)
+        endpoints = parse_clusters(json.loads(body))
+        missing = frozenset(apply_envoy_view(self._datastore, endpoints, self._datastore.now()))
+        if missing != self._envoy_missing:
+            if missing:
+                log.warning("hosts missing from Envoy's triton clusters", hosts=sorted(missing))
+            else:
+                log.warning("every host is in Envoy's triton clusters again")
+            self._envoy_missing = missing
+
+    async def _poll_nvml(self) -> None:
+        assert self._nvml is not None and self._nvml_host is not None
+        # A read that outlived its timeout is still running in its thread: wait for that one again
+        # rather than start a second thread (NVML calls cannot be interrupted).
+        if self._nvml_read is None:
+            self._nvml_read = asyncio.ensure_future(asyncio.to_thread(self._nvml.read))
+        try:
+            reading = await asyncio.wait_for(asyncio.shield(self._nvml_read), self._timeout_s)
+        except TimeoutError:
+            self._gpu = None
+            raise
+        except Exception:
+            self._nvml_read = None
+            self._gpu = None
+            raise
+        self._nvml_read = None
+        if reading is None:  # the reader disabled itself (no driver); it logged why
+            self._gpu = None
+            raise _Disabled
+        self._gpu = reading
+        _apply_gpu(self._nvml_host.load, reading)
+
+
+def _apply_gpu(load: TritonLoad, reading: GpuReading) -> None:
+    """NVML's reading replaces Triton's ``nv_gpu_*`` values for the sidecar host (NVML's are fresher)."""
+    load.gpu_memory_used = reading.memory_used
+    load.gpu_memory_total = reading.memory_total
+    if reading.utilization is not None:
+        load.gpu_utilization = reading.utilization

@@ -1,0 +1,150 @@
+"""Envoy's admin ``GET /clusters?format=json``: what Envoy has in flight to each Triton host, and whether it
+has ejected it or failed its health checks.
+
+Shape (Envoy 1.40, the JSON form of ``envoy.admin.v3.Clusters``)::
+
+    {"cluster_statuses": [{"name": "triton_gpu_http",
+                           "host_statuses": [{"address": {"socket_address": {"address": "10.0.0.7",
+                                                                             "port_value": 8000}},
+                                              "stats": [{"name": "cx_total", "value": "12"},
+                                                        {"type": "GAUGE", "name": "rq_active", "value": "3"},
+                                                        ...],
+                                              "health_status": {"failed_outlier_check": true,
+                                                                "failed_active_health_check": true,
+                                                                "eds_health_status": "HEALTHY"},
+                                              ...}]}, ...]}
+
+Proto3 JSON leaves out defaults: a stat whose value is 0 has no ``"value"``, a counter has no ``"type"``,
+and a false health flag is absent. 64-bit values are strings. Hosts with a ``pipe`` address (unix
+sockets, e.g. the picker's own cluster) have no ``socket_address`` and are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from extproc.datastore import Datastore, EnvoyView
+
+TRITON_CLUSTER_PREFIX: Final = "triton_"
+
+
+class EnvoyAdminError(ValueError):
+    """The document is not Envoy's ``/clusters?format=json``."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStatus:
+    """One ``ip:port`` as Envoy sees it, summed over the clusters it is a member of."""
+
+    rq_active: int = 0
+    rq_pending_active: int = 0
+    failed_outlier_check: bool = False
+    failed_active_health_check: bool = False
+
+    def merge(self, other: EndpointStatus) -> EndpointStatus:
+        return EndpointStatus(
+            rq_active=self.rq_active + other.rq_active,
+            rq_pending_active=self.rq_pending_active + other.rq_pending_active,
+            failed_outlier_check=self.failed_outlier_check or other.failed_outlier_check,
+            failed_active_health_check=self.failed_active_health_check or other.failed_active_health_check,
+        )
+
+
+def endpoint_key(address: str, port: int) -> str:
+    """``ip:port`` exactly as :class:`~extproc.config.HostSpec` spells it (``[v6]:port`` for IPv6)."""
+    if ":" in address:
+        with contextlib.suppress(ValueError):
+            address = str(ipaddress.ip_address(address))
+        return f"[{address}]:{port}"
+    return f"{address}:{port}"
+
+
+def _stat(value: Any) -> int:
+    # Proto3 JSON writes uint64 as a string; tolerate a number too.
+    if value is None:
+        return 0
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise EnvoyAdminError(f"stat value {value!r} is not an integer") from None
+
+
+def parse_clusters(doc: Any, prefix: str = TRITON_CLUSTER_PREFIX) -> dict[str, EndpointStatus]:
+    """Per-``ip:port`` status over the clusters whose name starts with ``prefix``.
+
+    ``doc`` is the decoded JSON. An endpoint that is a member of several such clusters (a host's REST
+    and gRPC ports are distinct endpoints, but a port may appear in more than one cluster) is summed.
+    """
+    if not isinstance(doc, dict):
+        raise EnvoyAdminError("expected a JSON object")
+    clusters = doc.get("cluster_statuses")
+    if clusters is None:
+        # An Envoy with no clusters at all writes ``{}``.
+        if doc:
+            raise EnvoyAdminError("no 'cluster_statuses' key: not /clusters?format=json")
+        return {}
+    if not isinstance(clusters, list):
+        raise EnvoyAdminError("'cluster_statuses' is not a list")
+    out: dict[str, EndpointStatus] = {}
+    for cluster in clusters:
+        if not isinstance(cluster, dict):
+            raise EnvoyAdminError("a cluster status is not an object")
+        name = cluster.get("name")
+        if not isinstance(name, str) or not name.startswith(prefix):
+            continue
+        for host in cluster.get("host_statuses") or ():
+            socket = (host.get("address") or {}).get("socket_address")
+            if socket is None:
+                continue  # pipe (unix socket) or internal address: never a Triton host
+            address = socket.get("address")
+            port = socket.get("port_value")
+            if not isinstance(address, str) or not isinstance(port, int):
+                raise EnvoyAdminError(f"cluster {name}: bad socket_address {socket!r}")
+            rq_active = rq_pending_active = 0
+            for stat in host.get("stats") or ():
+                stat_name = stat.get("name")
+                if stat_name == "rq_active":
+                    rq_active = _stat(stat.get("value"))
+                elif stat_name == "rq_pending_active":
+                    rq_pending_active = _stat(stat.get("value"))
+            health = host.get("health_status") or {}
+            status = EndpointStatus(
+                rq_active=rq_active,
+                rq_pending_active=rq_pending_active,
+                failed_outlier_check=bool(health.get("failed_outlier_check", False)),
+                failed_active_health_check=bool(health.get("failed_active_health_check", False)),
+            )
+            key = endpoint_key(address, port)
+            seen = out.get(key)
+            out[key] = status if seen is None else seen.merge(status)
+    return out
+
+
+def apply_envoy_view(datastore: Datastore, endpoints: Mapping[str, EndpointStatus], now: float) -> list[str]:
+    """Write Envoy's view into every host of ``datastore``; return the names of hosts Envoy does not list.
+
+    Per host: ``active`` is ``rq_active`` summed over its REST and gRPC endpoints, ``ejected`` /
+    ``unhealthy`` are set when either endpoint failed outlier detection / active health checking.
+    ``picks_since_poll`` goes back to 0 (Envoy's live count now includes those picks). ``envoy_at`` is set
+    for hosts Envoy lists; a host in none of the ``triton_*`` clusters gets an empty view and keeps its
+    old ``envoy_at``.
+    """
+    missing: list[str] = []
+    for host in datastore.hosts.values():
+        found = [s for key in (host.http_endpoint, host.grpc_endpoint) if (s := endpoints.get(key)) is not None]
+        host.picks_since_poll = 0
+        if not found:
+            host.envoy = EnvoyView()
+            missing.append(host.name)
+            continue
+        host.envoy = EnvoyView(
+            active=sum(s.rq_active for s in found),
+            ejected=any(s.failed_outlier_check for s in found),
+            unhealthy=any(s.failed_active_health_check for s in found),
+        )
+        host.envoy_at = now
+    return missing

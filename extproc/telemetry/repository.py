@@ -1,0 +1,89 @@
+"""Which models a Triton host has READY: its repository index, read over gRPC.
+
+``inference.GRPCInferenceService/RepositoryIndex`` lists every model of the host's repository with one
+entry per version, e.g. (Triton 2.51, explicit model control)::
+
+    models { name: "add_one"  version: "1"  state: "READY" }
+    models { name: "broken"  version: "1"  state: "UNAVAILABLE"  reason: "Internal: ..." }
+    models { name: "idle_model"  version: "1"  state: "UNLOADING" }
+    models { name: "never_loaded" }          # in the repository, never loaded: no version, no state
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import tritonclient.grpc.aio as triton_grpc
+
+from extproc.datastore import HostState
+
+READY: Final = "READY"
+
+# The index is small; what matters is that a restarted Triton is found again within a poll or two:
+# gRPC's default reconnect backoff grows to 120 s, during which every call fails at once.
+_CHANNEL_ARGS: Final[list[tuple[str, int]]] = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+class ModelIndexEntry(Protocol):
+    """The fields read from ``inference.RepositoryIndexResponse.ModelIndex``."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def state(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryIndex:
+    ready: dict[str, frozenset[str]]  # model → versions READY (strings, as Triton reports them)
+    known: frozenset[str]  # every model listed, in any state
+
+
+def index_from_models(models: Iterable[ModelIndexEntry]) -> RepositoryIndex:
+    ready: dict[str, set[str]] = {}
+    known: set[str] = set()
+    for model in models:
+        known.add(model.name)
+        if model.state == READY and model.version:
+            ready.setdefault(model.name, set()).add(model.version)
+    return RepositoryIndex(
+        ready={name: frozenset(versions) for name, versions in ready.items()},
+        known=frozenset(known),
+    )
+
+
+def apply_index(host: HostState, index: RepositoryIndex, now: float) -> None:
+    host.ready = index.ready
+    host.known = index.known
+    host.index_at = now
+
+
+class RepositoryClient:
+    """One host's gRPC channel, opened on first use (inside the running event loop)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._client: Any = None
+
+    async def index(self, timeout_s: float) -> RepositoryIndex:
+        """Read the index; raises (``InferenceServerException``) on an error or after ``timeout_s``."""
+        if self._client is None:
+            self._client = triton_grpc.InferenceServerClient(url=self.endpoint, channel_args=_CHANNEL_ARGS)
+        response = await self._client.get_model_repository_index(client_timeout=timeout_s)
+        return index_from_models(response.models)
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()

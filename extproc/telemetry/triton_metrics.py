@@ -1,0 +1,225 @@
+"""Triton's Prometheus metrics page: a typed snapshot of its counters, and the load derived between two.
+
+Triton serves ``/metrics`` on its metrics port (8002) in the Prometheus text format. The per-model
+series are cumulative counters labelled ``model``/``version`` (plus ``gpu_uuid`` for GPU instances);
+the GPU series (``nv_gpu_*``, labelled ``gpu_uuid``) exist only on GPU builds with visible GPUs.
+
+The parser is a small hand-written one, not ``prometheus_client.parser``: it reads only the few
+families this module needs and skips every other line after a prefix test, which makes it 25-30x
+cheaper: ~22 µs for a real three-model CPU page (61 lines), ~280 µs for 20 models on 2 GPUs (489 lines),
+against 0.6 and 8.9 ms (measured on the project's 2-core machine). It accepts what
+Triton writes: no timestamps are needed, values may be integers, ``1234.000000`` or ``1.5e+10``.
+
+How Triton accounts batches (checked on Triton 2.51 with a python-backend model batching 8 requests
+of batch size 1): ``nv_inference_compute_infer_duration_us`` is recorded *per request*, each request
+adding the full duration of the execution it was part of (64 requests in 8 executions of ~43.6 ms each
+added 64 x 43.6 ms, while ModelStatistics' per-batch ``batch_stats`` held 8 x 43.6 ms). So
+Δcompute_infer / Δrequest_success is the mean execution time a request took part in, not its share;
+the per-request share of the server's time is that mean times Δexec_count / Δrequest_success.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+from extproc.datastore import TritonLoad
+
+REQUEST_SUCCESS: Final = "nv_inference_request_success"
+INFERENCE_COUNT: Final = "nv_inference_count"
+EXEC_COUNT: Final = "nv_inference_exec_count"
+QUEUE_DURATION_US: Final = "nv_inference_queue_duration_us"
+COMPUTE_INFER_DURATION_US: Final = "nv_inference_compute_infer_duration_us"
+PENDING_REQUEST_COUNT: Final = "nv_inference_pending_request_count"
+GPU_MEMORY_USED: Final = "nv_gpu_memory_used_bytes"
+GPU_MEMORY_TOTAL: Final = "nv_gpu_memory_total_bytes"
+GPU_UTILIZATION: Final = "nv_gpu_utilization"
+
+
+class Counters(NamedTuple):
+    """Triton's cumulative per-model counters (one series, a sum of series, or a difference of two)."""
+
+    request_success: float = 0.0
+    inference_count: float = 0.0
+    exec_count: float = 0.0
+    queue_us: float = 0.0
+    compute_infer_us: float = 0.0
+
+
+# Family name → position in Counters; the parser's dispatch table.
+_COUNTER_INDEX: Final[dict[str, int]] = {
+    REQUEST_SUCCESS: 0,
+    INFERENCE_COUNT: 1,
+    EXEC_COUNT: 2,
+    QUEUE_DURATION_US: 3,
+    COMPUTE_INFER_DURATION_US: 4,
+}
+_N_COUNTERS: Final = len(Counters._fields)
+_PENDING: Final = -1
+_GPU_USED: Final = -2
+_GPU_TOTAL: Final = -3
+_GPU_UTIL: Final = -4
+_WANTED: Final[dict[str, int]] = {
+    **_COUNTER_INDEX,
+    PENDING_REQUEST_COUNT: _PENDING,
+    GPU_MEMORY_USED: _GPU_USED,
+    GPU_MEMORY_TOTAL: _GPU_TOTAL,
+    GPU_UTILIZATION: _GPU_UTIL,
+}
+
+
+class MetricsParseError(ValueError):
+    """A line of a family this module reads is malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class TritonSnapshot:
+    """One scrape of a Triton metrics page.
+
+    ``series`` maps each per-model series' label set (the text between the braces, e.g.
+    ``model="resnet50",version="1"``) to its counters, so that differences are taken per series: a model
+    unloaded between two scrapes drops its series instead of looking like a counter reset of the sum.
+    """
+
+    series: Mapping[str, Counters]
+    pending: int = 0
+    gpu_memory_used: int | None = None
+    gpu_memory_total: int | None = None
+    gpu_utilization: float | None = None  # mean over GPUs, 0-1
+
+    @property
+    def totals(self) -> Counters:
+        """The counters summed over models (and versions, and GPUs)."""
+        sums = [0.0] * _N_COUNTERS
+        for values in self.series.values():
+            for i, v in enumerate(values):
+                sums[i] += v
+        return Counters(*sums)
+
+
+def _value(rest: str, line: str) -> float:
+    # The slow path: ``rest`` (what follows the name or the closing brace) is not just " VALUE",
+    # e.g. " VALUE TIMESTAMP".
+    fields = rest.split()
+    try:
+        return float(fields[0])
+    except (ValueError, IndexError):
+        raise MetricsParseError(f"bad sample value in {line!r}") from None
+
+
+def parse_metrics(text: str) -> TritonSnapshot:
+    """Parse a Triton ``/metrics`` page (Prometheus text format) into a :class:`TritonSnapshot`."""
+    series: dict[str, list[float]] = {}
+    pending = 0.0
+    used = total = util = 0.0
+    n_used = n_total = n_util = 0
+    wanted = _WANTED
+    for line in text.split("\n"):
+        # Comments (# HELP/# TYPE), blank lines and non-Triton families fail this first, cheap test.
+        if not line.startswith("nv_"):
+            continue
+        brace = line.find("{")
+        if brace >= 0:
+            name = line[:brace]
+            kind = wanted.get(name)
+            if kind is None:
+                continue
+            close = line.rfind("}")
+            if close < brace:
+                raise MetricsParseError(f"unterminated labels in {line!r}")
+            labels = line[brace + 1 : close]
+            try:
+                value = float(line[close + 1 :])  # float() ignores the surrounding whitespace
+            except ValueError:
+                value = _value(line[close + 1 :], line)
+        else:
+            name, _, rest = line.partition(" ")
+            kind = wanted.get(name)
+            if kind is None:
+                continue
+            labels = ""
+            try:
+                value = float(rest)
+            except ValueError:
+                value = _value(rest, line)
+        if not math.isfinite(value):
+            continue  # NaN/Inf: no usable sample
+        if kind >= 0:
+            counters = series.get(labels)
+            if counters is None:
+                counters = series[labels] = [0.0] * _N_COUNTERS
+            counters[kind] = value
+        elif kind == _PENDING:
+            pending += value
+        elif kind == _GPU_USED:
+            used += value
+            n_used += 1
+        elif kind == _GPU_TOTAL:
+            total += value
+            n_total += 1
+        else:
+            util += value
+            n_util += 1
+    return TritonSnapshot(
+        series={labels: Counters(*values) for labels, values in series.items()},
+        pending=int(pending),
+        gpu_memory_used=int(used) if n_used else None,
+        gpu_memory_total=int(total) if n_total else None,
+        gpu_utilization=util / n_util if n_util else None,
+    )
+
+
+def counter_delta(previous: TritonSnapshot, current: TritonSnapshot) -> Counters:
+    """What the counters grew by between two scrapes, summed over series, never negative.
+
+    Per series: a series that is new, or any of whose counters went down (Triton restarted, or the model
+    was reloaded), counts from zero, as Prometheus' ``increase()`` does; a series that disappeared
+    (model unloaded) contributes nothing.
+    """
+    sums = [0.0] * _N_COUNTERS
+    before = previous.series
+    for labels, now in current.series.items():
+        then = before.get(labels)
+        if then is None or any(n < t for n, t in zip(now, then, strict=True)):
+            for i, n in enumerate(now):
+                sums[i] += n
+        else:
+            for i, (n, t) in enumerate(zip(now, then, strict=True)):
+                sums[i] += n - t
+    return Counters(*sums)
+
+
+def derive_load(previous: TritonSnapshot | None, current: TritonSnapshot, last: TritonLoad) -> TritonLoad:
+    """The host's load after scrape ``current``, given the scrape before it and the load derived then.
+
+    - ``pending`` and the GPU gauges come from ``current`` alone.
+    - ``queue_ms``: mean time a request completed in the interval waited in Triton's queue,
+      Δqueue_us / Δrequest_success.
+    - ``service_ms``: the share of the server's compute time one request costs, batch-aware:
+      (Δcompute_infer_us / Δrequest_success) x (Δexec_count / Δrequest_success). Triton adds a batch's
+      whole compute time once per request in it (see the module docstring), so the first factor is the
+      mean execution time and the second the executions per request (1/batch size; capped at 1).
+      This is exact when the interval's executions took similar times, and leans towards the larger
+      batches' times otherwise.
+    - No request completed in the interval (or no previous scrape): both estimates stay as in ``last``.
+    """
+    queue_ms = last.queue_ms
+    service_ms = last.service_ms
+    if previous is not None:
+        delta = counter_delta(previous, current)
+        done = delta.request_success
+        if done > 0:
+            queue_ms = delta.queue_us / done / 1000
+            if delta.exec_count > 0:
+                per_request_exec = min(1.0, delta.exec_count / done)
+                service_ms = delta.compute_infer_us / done * per_request_exec / 1000
+    return TritonLoad(
+        pending=current.pending,
+        queue_ms=queue_ms,
+        service_ms=service_ms,
+        gpu_memory_used=current.gpu_memory_used,
+        gpu_memory_total=current.gpu_memory_total,
+        gpu_utilization=current.gpu_utilization,
+    )

@@ -1,0 +1,878 @@
+"""Telemetry: the parsers on captured pages, the load maths, Envoy's view applied to a Datastore, NVML
+through a fake at the pynvml layer, and the collector against real local HTTP and gRPC servers.
+
+Fixtures in tests/data/:
+- triton_metrics_cpu_t0.txt, _t1.txt: two scrapes 50 ms apart of a real Triton 2.51 (nvidia-pytriton
+  wheel, CPU only) while 60 requests of batch size 1-3 were queued on a python-backend model that
+  batches up to 8 (``add_one``), with a second, idle model.
+- triton_metrics_gpu.txt: written by hand in the same format (HELP/TYPE lines and order as Triton
+  2.51 writes them) with the ``nv_gpu_*`` families of a GPU build: two GPUs, per-model series labelled
+  ``gpu_uuid`` as Triton labels instances that run on a GPU.
+- envoy_clusters.json: a real ``GET /clusters?format=json`` of Envoy 1.40 with clusters triton_cpu_http
+  (127.0.0.1:37621 with 3 requests in flight; 127.0.0.2:37622 failing its health check and ejected),
+  triton_cpu_grpc (two idle hosts) and extproc_picker (a unix-socket host).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pynvml
+import pytest
+import structlog
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from extproc.config import Fleet, parse_fleet
+from extproc.datastore import Datastore, HostState, TritonLoad
+from extproc.telemetry import collector as collector_module
+from extproc.telemetry import nvml as nvml_module
+from extproc.telemetry.collector import TelemetryCollector
+from extproc.telemetry.envoy_admin import (
+    EndpointStatus,
+    EnvoyAdminError,
+    apply_envoy_view,
+    endpoint_key,
+    parse_clusters,
+)
+from extproc.telemetry.nvml import NvmlReader, parse_visible_devices
+from extproc.telemetry.repository import RepositoryClient, index_from_models
+from extproc.telemetry.triton_metrics import (
+    Counters,
+    MetricsParseError,
+    TritonSnapshot,
+    counter_delta,
+    derive_load,
+    parse_metrics,
+)
+
+DATA = Path(__file__).parent / "data"
+
+LogList = list[MutableMapping[str, Any]]
+
+
+def read(name: str) -> str:
+    return (DATA / name).read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[LogList]:
+    """Structured log events of the telemetry modules. Fresh logger proxies, so that a logger cached by
+    an earlier ``extproc.logs.configure()`` in this session does not bypass the capture."""
+    with structlog.testing.capture_logs() as captured:
+        for module in (collector_module, nvml_module):
+            monkeypatch.setattr(module, "log", structlog.get_logger(module.__name__))
+        yield captured
+
+
+# -- a Triton page writer (the format of the captured pages) ----------------------------------------------
+
+_FAMILIES: tuple[tuple[str, str, str], ...] = (
+    ("nv_inference_request_success", "counter", "Number of successful inference requests, all batch sizes"),
+    ("nv_inference_request_failure", "counter", "Number of failed inference requests, all batch sizes"),
+    ("nv_inference_count", "counter", "Number of inferences performed (does not include cached requests)"),
+    ("nv_inference_exec_count", "counter", "Number of model executions performed (does not include cached requests)"),
+    (
+        "nv_inference_request_duration_us",
+        "counter",
+        "Cumulative inference request duration in microseconds (includes cached requests)",
+    ),
+    (
+        "nv_inference_queue_duration_us",
+        "counter",
+        "Cumulative inference queuing duration in microseconds (includes cached requests)",
+    ),
+    (
+        "nv_inference_compute_infer_duration_us",
+        "counter",
+        "Cumulative compute inference duration in microseconds (does not include cached requests)",
+    ),
+    (
+        "nv_inference_pending_request_count",
+        "gauge",
+        "Instantaneous number of pending requests awaiting execution per-model.",
+    ),
+)
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def triton_page(
+    series: Mapping[str, Counters],
+    pending: Mapping[str, int] | None = None,
+    gpus: Sequence[tuple[str, int, int, float]] = (),
+) -> str:
+    """A metrics page as Triton 2.51 writes it; ``series`` keys are label sets (``model="m",version="1"``),
+    ``gpus`` are (uuid, used bytes, total bytes, utilisation)."""
+    pending = pending or {}
+    lines: list[str] = []
+    for name, kind, help_text in _FAMILIES:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for labels, c in series.items():
+            if name == "nv_inference_request_failure":
+                model, _, version = labels.partition(",")
+                lines += [f"{name}{{{model},reason={r!r},{version}}} 0".replace("'", '"') for r in ("BACKEND", "OTHER")]
+                continue
+            value = {
+                "nv_inference_request_success": c.request_success,
+                "nv_inference_count": c.inference_count,
+                "nv_inference_exec_count": c.exec_count,
+                "nv_inference_request_duration_us": c.queue_us + c.compute_infer_us,
+                "nv_inference_queue_duration_us": c.queue_us,
+                "nv_inference_compute_infer_duration_us": c.compute_infer_us,
+                "nv_inference_pending_request_count": pending.get(labels, 0),
+            }[name]
+            lines.append(f"{name}{{{labels}}} {_num(value)}")
+    if gpus:
+        for name, help_text, values in (
+            ("nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0)", [g[3] for g in gpus]),
+            ("nv_gpu_memory_total_bytes", "GPU total memory, in bytes", [g[2] for g in gpus]),
+            ("nv_gpu_memory_used_bytes", "GPU used memory, in bytes", [g[1] for g in gpus]),
+        ):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+            lines += [f'{name}{{gpu_uuid="{g[0]}"}} {_num(v)}' for g, v in zip(gpus, values, strict=True)]
+    lines += [
+        "# HELP nv_cpu_utilization CPU utilization rate [0.0 - 1.0]",
+        "# TYPE nv_cpu_utilization gauge",
+        "nv_cpu_utilization 0.25",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+M1 = 'model="m1",version="1"'
+M2 = 'model="m2",version="1"'
+
+
+# -- parsing Triton's page --------------------------------------------------------------------------------
+
+
+def test_parse_real_cpu_page() -> None:
+    snap = parse_metrics(read("triton_metrics_cpu_t1.txt"))
+    assert snap.series.keys() == {'model="idle_model",version="1"', 'model="add_one",version="1"'}
+    assert snap.totals == Counters(
+        request_success=41, inference_count=81, exec_count=13, queue_us=2257757, compute_infer_us=312320
+    )
+    assert snap.pending == 19
+    # A CPU-only Triton has no nv_gpu_* series.
+    assert (snap.gpu_memory_used, snap.gpu_memory_total, snap.gpu_utilization) == (None, None, None)
+
+
+def test_parse_gpu_page() -> None:
+    snap = parse_metrics(read("triton_metrics_gpu.txt"))
+    # One series per (gpu_uuid, model, version): resnet50 runs on both GPUs.
+    assert len(snap.series) == 3
+    assert snap.totals == Counters(
+        request_success=10240 + 9728 + 512,
+        inference_count=20480 + 19456 + 512,
+        exec_count=1280 + 1216 + 128,
+        queue_us=30720000 + 28672000 + 1024000,
+        compute_infer_us=81920000 + 77824000 + 3020800,
+    )
+    assert snap.pending == 17 + 9
+    assert snap.gpu_memory_used == 21474836480 + 8589934592
+    assert snap.gpu_memory_total == 2 * 85520809984
+    assert snap.gpu_utilization == pytest.approx((0.91 + 0.63) / 2)
+
+
+@pytest.mark.parametrize("name", ["triton_metrics_cpu_t0.txt", "triton_metrics_cpu_t1.txt", "triton_metrics_gpu.txt"])
+def test_parse_agrees_with_prometheus_client(name: str) -> None:
+    text = read(name)
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            sums[family.name] = sums.get(family.name, 0.0) + sample.value
+    snap = parse_metrics(text)
+    t = snap.totals
+    assert t.request_success == sums["nv_inference_request_success"]
+    assert t.inference_count == sums["nv_inference_count"]
+    assert t.exec_count == sums["nv_inference_exec_count"]
+    assert t.queue_us == sums["nv_inference_queue_duration_us"]
+    assert t.compute_infer_us == sums["nv_inference_compute_infer_duration_us"]
+    assert snap.pending == sums["nv_inference_pending_request_count"]
+    assert snap.gpu_memory_used == sums.get("nv_gpu_memory_used_bytes")
+
+
+def test_parse_value_forms_and_unrelated_families() -> None:
+    text = (
+        "# TYPE nv_inference_request_success counter\n"
+        'nv_inference_request_success{model="a",version="1"} 116.000000\n'  # older Triton: fixed-point
+        'nv_inference_request_success{model="b",version="1"} 1.5e+03 1700000000000\n'  # with a timestamp
+        'nv_inference_request_success{model="c",version="1"} NaN\n'  # skipped
+        'nv_inference_request_summary_us_count{model="a",version="1"} 99\n'  # a different family
+        'nv_inference_request_success_total{model="a",version="1"} 99\n'
+        "nv_gpu_utilization 0.5\n"  # no labels
+        'nv_gpu_memory_used_bytes{gpu_uuid="GPU-x"} 1024'  # no final newline
+    )
+    snap = parse_metrics(text)
+    assert snap.totals.request_success == 116 + 1500
+    assert snap.gpu_utilization == 0.5
+    assert snap.gpu_memory_used == 1024
+    assert snap.gpu_memory_total is None
+    assert parse_metrics("").series == {}
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['nv_inference_count{model="a",version="1"} lots', "nv_inference_count", 'nv_inference_count{model="a" 3'],
+)
+def test_parse_rejects_malformed_lines_of_wanted_families(line: str) -> None:
+    with pytest.raises(MetricsParseError):
+        parse_metrics(line + "\n")
+
+
+# -- deriving the load ------------------------------------------------------------------------------------
+
+
+def test_derive_from_two_real_scrapes() -> None:
+    t0 = parse_metrics(read("triton_metrics_cpu_t0.txt"))
+    t1 = parse_metrics(read("triton_metrics_cpu_t1.txt"))
+    load = derive_load(t0, t1, TritonLoad())
+    # 30 requests completed in 10 executions; they waited 2021490 us in the queue in all; the
+    # executions they were part of took 158088 us summed per request.
+    assert load.queue_ms == pytest.approx(2021490 / 30 / 1000)
+    assert load.service_ms == pytest.approx(158088 / 30 * (10 / 30) / 1000)
+    assert load.pending == 19
+
+
+def test_service_time_is_the_per_request_share_of_a_batch() -> None:
+    # Measured on Triton 2.51: 64 requests (batch size 1 each) ran in 8 executions of 8 requests,
+    # each execution ~43.6 ms; Triton added 43.6 ms to compute_infer for every one of the 64 requests.
+    before = TritonSnapshot(series={M1: Counters()})
+    after = TritonSnapshot(
+        series={M1: Counters(request_success=64, inference_count=64, exec_count=8, compute_infer_us=64 * 43600)}
+    )
+    load = derive_load(before, after, TritonLoad())
+    assert load.service_ms == pytest.approx(43.6 / 8)
+    # Unbatched, the share is the whole execution.
+    after1 = TritonSnapshot(
+        series={M1: Counters(request_success=10, inference_count=10, exec_count=10, compute_infer_us=10 * 5000)}
+    )
+    assert derive_load(before, after1, TritonLoad()).service_ms == pytest.approx(5.0)
+
+
+def test_interval_without_completions_keeps_the_previous_estimate() -> None:
+    snap = parse_metrics(
+        triton_page({M1: Counters(100, 100, 25, 200_000, 400_000)}, pending={M1: 3}, gpus=[("GPU-a", 10, 100, 0.5)])
+    )
+    last = TritonLoad(queue_ms=7.5, service_ms=2.5)
+    load = derive_load(snap, snap, last)
+    assert (load.queue_ms, load.service_ms) == (7.5, 2.5)
+    # ... while the gauges are always the current ones.
+    assert load.pending == 3
+    assert (load.gpu_memory_used, load.gpu_memory_total, load.gpu_utilization) == (10, 100, 0.5)
+    # No previous scrape: nothing to take a difference of.
+    assert derive_load(None, snap, TritonLoad()).queue_ms is None
+    assert derive_load(None, snap, last).service_ms == 2.5
+
+
+def test_counter_reset_counts_from_zero_and_never_goes_negative() -> None:
+    before = parse_metrics(triton_page({M1: Counters(1000, 1000, 250, 5_000_000, 9_000_000)}))
+    # Triton restarted: every counter is lower than before.
+    after = parse_metrics(triton_page({M1: Counters(20, 20, 10, 100_000, 60_000)}))
+    delta = counter_delta(before, after)
+    assert delta == Counters(20, 20, 10, 100_000, 60_000)
+    load = derive_load(before, after, TritonLoad(queue_ms=99.0, service_ms=99.0))
+    assert load.queue_ms == pytest.approx(100_000 / 20 / 1000)
+    assert load.service_ms == pytest.approx(60_000 / 20 * (10 / 20) / 1000)
+    # Restarted and idle since: zero counters, no completions, previous estimate kept, nothing negative.
+    idle = parse_metrics(triton_page({M1: Counters()}))
+    assert counter_delta(before, idle) == Counters()
+    assert derive_load(before, idle, TritonLoad(queue_ms=4.0, service_ms=1.0)).queue_ms == 4.0
+
+
+def test_unloaded_and_new_models_are_handled_per_series() -> None:
+    before = parse_metrics(triton_page({M1: Counters(10, 10, 10, 1000, 10_000), M2: Counters(500, 500, 500, 0, 0)}))
+    # m2 was unloaded (its series vanish: the sum over models drops, which is not a restart of m1),
+    # and m3 was loaded and served 2 requests.
+    m3 = 'model="m3",version="1"'
+    after = parse_metrics(triton_page({M1: Counters(14, 14, 14, 1400, 14_000), m3: Counters(2, 2, 2, 200, 2000)}))
+    assert counter_delta(before, after) == Counters(6, 6, 6, 600, 6000)
+
+
+# -- Envoy admin ------------------------------------------------------------------------------------------
+
+
+def test_parse_real_envoy_clusters() -> None:
+    endpoints = parse_clusters(json.loads(read("envoy_clusters.json")))
+    # extproc_picker is not a triton_* cluster (and its host is a unix socket).
+    assert endpoints == {
+        "127.0.0.1:37621": EndpointStatus(rq_active=3),
+        "127.0.0.2:37622": EndpointStatus(failed_outlier_check=True, failed_active_health_check=True),
+        "127.0.0.1:37623": EndpointStatus(),
+        "127.0.0.2:37624": EndpointStatus(),
+    }
+    assert parse_clusters(json.loads(read("envoy_clusters.json")), prefix="extproc_") == {}
+
+
+def envoy_fleet(**picker: Any) -> Fleet:
+    return parse_fleet(
+        {
+            "hosts": [
+                {"name": "a", "address": "127.0.0.1", "http_port": 37621, "grpc_port": 37623, "tier": "cpu"},
+                {"name": "b", "address": "127.0.0.2", "http_port": 37622, "grpc_port": 37624, "tier": "cpu"},
+                {"name": "c", "address": "127.0.0.3", "tier": "gpu"},
+            ],
+            "envoy": {"fallback_tier": "cpu"},
+            "picker": picker,
+        }
+    )
+
+
+def test_apply_real_envoy_view_to_datastore() -> None:
+    store = Datastore(envoy_fleet())
+    for host in store.hosts.values():
+        host.picks_since_poll = 5
+    missing = apply_envoy_view(store, parse_clusters(json.loads(read("envoy_clusters.json"))), now=42.0)
+    a, b, c = store.hosts["a"], store.hosts["b"], store.hosts["c"]
+    assert (a.envoy.active, a.envoy.ejected, a.envoy.unhealthy, a.envoy_at) == (3, False, False, 42.0)
+    assert (b.envoy.active, b.envoy.ejected, b.envoy.unhealthy, b.envoy_at) == (0, True, True, 42.0)
+    # c is in no cluster: an empty view, its envoy_at not refreshed, and reported.
+    assert missing == ["c"]
+    assert c.envoy_at is None and c.envoy.active == 0
+    # The poll supersedes the picker's optimistic count.
+    assert [h.picks_since_poll for h in store.hosts.values()] == [0, 0, 0]
+
+
+def envoy_doc(hosts: Mapping[tuple[str, str, int], tuple[int, bool, bool]]) -> dict[str, Any]:
+    """``/clusters?format=json`` as Envoy writes it: {(cluster, ip, port): (rq_active, outlier, hc)}."""
+    clusters: dict[str, list[dict[str, Any]]] = {}
+    for (cluster, ip, port), (active, outlier, hc) in hosts.items():
+        health: dict[str, Any] = {"eds_health_status": "HEALTHY"}
+        if hc:
+            health["failed_active_health_check"] = True
+        if outlier:
+            health["failed_outlier_check"] = True
+        stats: list[dict[str, Any]] = [{"name": "cx_total", "value": "4"}, {"name": "rq_error"}]
+        stats.append({"type": "GAUGE", "name": "rq_active", **({"value": str(active)} if active else {})})
+        stats.append({"type": "GAUGE", "name": "rq_pending_active"})
+        clusters.setdefault(cluster, []).append(
+            {
+                "address": {"socket_address": {"address": ip, "port_value": port}},
+                "stats": stats,
+                "health_status": health,
+                "weight": 1,
+                "locality": {},
+            }
+        )
+    return {
+        "cluster_statuses": [
+            {"name": name, "host_statuses": hs, "observability_name": name} for name, hs in clusters.items()
+        ]
+    }
+
+
+def test_envoy_view_sums_rest_and_grpc_endpoints() -> None:
+    store = Datastore(envoy_fleet())
+    doc = envoy_doc(
+        {
+            ("triton_cpu_http", "127.0.0.1", 37621): (2, False, False),
+            ("triton_cpu_grpc", "127.0.0.1", 37623): (5, True, False),
+            ("triton_cpu_http", "127.0.0.2", 37622): (1, False, False),
+            ("triton_cpu_grpc", "127.0.0.2", 37624): (0, False, True),
+            ("other_cluster", "127.0.0.3", 8000): (9, True, True),  # not a triton_* cluster
+        }
+    )
+    assert apply_envoy_view(store, parse_clusters(doc), now=1.0) == ["c"]
+    a, b = store.hosts["a"], store.hosts["b"]
+    assert (a.envoy.active, a.envoy.ejected, a.envoy.unhealthy) == (7, True, False)
+    assert (b.envoy.active, b.envoy.ejected, b.envoy.unhealthy) == (1, False, True)
+
+
+def test_envoy_ipv6_endpoints_match_hostspec() -> None:
+    fleet = parse_fleet({"hosts": [{"name": "v6", "address": "::1", "tier": "gpu"}]})
+    store = Datastore(fleet)
+    assert endpoint_key("0:0::1", 8000) == store.hosts["v6"].http_endpoint == "[::1]:8000"
+    doc = envoy_doc({("triton_gpu_grpc", "::1", 8001): (4, False, False)})
+    apply_envoy_view(store, parse_clusters(doc), now=1.0)
+    assert store.hosts["v6"].envoy.active == 4
+
+
+def test_parse_clusters_rejects_other_documents() -> None:
+    assert parse_clusters({}) == {}  # an Envoy without clusters
+    bad: list[Any] = [[], {"stats": []}, {"cluster_statuses": {}}]
+    for doc in bad:
+        with pytest.raises(EnvoyAdminError):
+            parse_clusters(doc)
+
+
+# -- repository index -------------------------------------------------------------------------------------
+
+ModelIndex = service_pb2.RepositoryIndexResponse.ModelIndex
+
+
+def captured_index() -> list[Any]:
+    """RepositoryIndex as Triton 2.51 answered it (explicit model control; see repository.py)."""
+    return [
+        ModelIndex(name="add_one", version="1", state="READY"),
+        ModelIndex(name="broken", version="1", state="UNAVAILABLE", reason="Internal: RuntimeError: x"),
+        ModelIndex(name="idle_model", version="1", state="UNLOADING"),
+        ModelIndex(name="never_loaded"),
+        ModelIndex(name="sleep40", version="1", state="READY"),
+        ModelIndex(name="sleep40", version="2", state="READY"),
+        ModelIndex(name="sleep40", version="3", state="LOADING"),
+    ]
+
+
+def test_index_from_models() -> None:
+    index = index_from_models(captured_index())
+    assert index.ready == {"add_one": frozenset({"1"}), "sleep40": frozenset({"1", "2"})}
+    assert index.known == {"add_one", "broken", "idle_model", "never_loaded", "sleep40"}
+
+
+class FakeTritonGrpc(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """The lowest layer of the repository poll: a real gRPC server answering RepositoryIndex."""
+
+    def __init__(self, models: list[Any]) -> None:
+        self.models = models
+        self.fail = False
+        self.calls = 0
+
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        self.calls += 1
+        if self.fail:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model repository is being polled too hard")
+        return service_pb2.RepositoryIndexResponse(models=self.models)
+
+
+async def start_grpc(servicer: FakeTritonGrpc) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+async def test_repository_client_against_a_grpc_server() -> None:
+    fake = FakeTritonGrpc(captured_index())
+    server, port = await start_grpc(fake)
+    client = RepositoryClient(f"127.0.0.1:{port}")
+    try:
+        index = await client.index(timeout_s=2.0)
+        assert index.ready["add_one"] == {"1"}
+        fake.fail = True
+        with pytest.raises(Exception, match=r"UNAVAILABLE|being polled"):
+            await client.index(timeout_s=2.0)
+    finally:
+        await client.aclose()
+        await server.stop(None)
+
+
+# -- NVML (faked at the pynvml layer) ---------------------------------------------------------------------
+
+
+class FakeNvml:
+    """Stands in for libnvidia-ml behind pynvml's functions."""
+
+    def __init__(self, memory: list[tuple[int, int]], init_error: int | None = None) -> None:
+        self.memory = memory  # (used, total) per device index
+        self.init_error = init_error
+        self.inits = 0
+        self.lost: set[int] = set()
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(pynvml, "nvmlInit", self.init)
+        monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: len(self.memory))
+        monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", self.handle)
+        monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", self.memory_info)
+
+    def init(self) -> None:
+        self.inits += 1
+        if self.init_error is not None:
+            raise pynvml.NVMLError(self.init_error)
+
+    def handle(self, index: int) -> int:
+        if not 0 <= index < len(self.memory):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return index
+
+    def memory_info(self, handle: int) -> SimpleNamespace:
+        if handle in self.lost:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+        used, total = self.memory[handle]
+        return SimpleNamespace(used=used, total=total, free=total - used)
+
+
+GiB = 1024**3
+
+
+def test_nvml_sums_memory_over_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeNvml([(10 * GiB, 80 * GiB), (30 * GiB, 80 * GiB)])
+    fake.install(monkeypatch)
+    reader = NvmlReader(from_env=False)
+    reading = reader.read()
+    assert reading is not None
+    assert (reading.memory_used, reading.memory_total, reading.devices) == (40 * GiB, 160 * GiB, 2)
+    # Utilisation was not faked: pynvml's own function raises (no library), which only drops utilisation.
+    assert reading.utilization is None
+    fake.memory[0] = (20 * GiB, 80 * GiB)
+    again = reader.read()
+    assert again is not None and again.memory_used == 50 * GiB
+    assert fake.inits == 1  # nvmlInit once
+    reader.close()
+
+
+def test_nvml_utilization_when_the_driver_reports_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeNvml([(1, 2), (1, 2)]).install(monkeypatch)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", lambda h: SimpleNamespace(gpu=[90, 30][h], memory=0))
+    reading = NvmlReader(from_env=False).read()
+    assert reading is not None and reading.utilization == pytest.approx(0.6)
+
+
+def test_nvml_honours_a_visible_devices_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeNvml([(1 * GiB, 8 * GiB), (2 * GiB, 8 * GiB), (4 * GiB, 8 * GiB)]).install(monkeypatch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    reading = NvmlReader().read()
+    assert reading is not None and (reading.memory_used, reading.devices) == (5 * GiB, 2)
+
+
+def test_parse_visible_devices() -> None:
+    assert parse_visible_devices(None) is None
+    assert parse_visible_devices("") == []
+    assert parse_visible_devices(" 0, 3 ") == [0, 3]
+    assert parse_visible_devices("GPU-5e9c3b1a-7f4d,1") == ["GPU-5e9c3b1a-7f4d", 1]
+    assert parse_visible_devices("MIG-0f1e2d3c") is None  # not mapped: read every device
+
+
+def test_nvml_without_driver_logs_once_and_disables(monkeypatch: pytest.MonkeyPatch, logs: LogList) -> None:
+    fake = FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    fake.install(monkeypatch)
+    reader = NvmlReader(from_env=False)
+    assert reader.read() is None
+    assert reader.read() is None
+    assert reader.disabled and fake.inits == 1
+    events = [e for e in logs if e["event"].startswith("nvml")]
+    assert len(events) == 1 and events[0]["log_level"] == "info"
+    assert "Not Found" in events[0]["error"]
+
+
+def test_nvml_driver_not_loaded_and_no_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeNvml([], init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED).install(monkeypatch)
+    assert NvmlReader(from_env=False).read() is None
+    FakeNvml([]).install(monkeypatch)  # a driver but no GPU
+    reader = NvmlReader(from_env=False)
+    assert reader.read() is None and reader.disabled
+
+
+# -- the collector against local servers ------------------------------------------------------------------
+
+
+class FakeHttp:
+    """One HTTP server on 127.0.0.1 (ephemeral port) answering one path: ``ok``, ``error`` (500) or
+    ``hang`` (never answers until released)."""
+
+    def __init__(self, path: str, body: Callable[[], tuple[bytes, str]]) -> None:
+        self.path = path
+        self.body = body
+        self.mode = "ok"
+        self.requests = 0
+        self.hung = 0
+        self._release = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        if self.mode == "error":
+            return web.Response(status=500, text="internal error")
+        if self.mode == "hang":
+            self.hung += 1
+            await self._release.wait()
+        data, content_type = self.body()
+        return web.Response(body=data, content_type=content_type)
+
+    def set_mode(self, mode: str) -> None:
+        if self.mode == "hang":
+            self._release.set()
+            self._release = asyncio.Event()
+        self.mode = mode
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get(self.path, self.handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        self._release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+class FakeTriton:
+    """A Triton host's metrics: every scrape, 8 more requests done in one 40 ms execution, each having
+    waited 5 ms; 2 pending. ``gpu`` adds nv_gpu_* series."""
+
+    def __init__(self, gpu: tuple[int, int] | None = None) -> None:
+        self.done = 0
+        self.gpu = gpu
+        self.http = FakeHttp("/metrics", self.page)
+
+    def page(self) -> tuple[bytes, str]:
+        n = self.done
+        self.done += 8
+        series = {M1: Counters(n, n, n // 8, n * 5000, n * 40_000)}
+        gpus = [("GPU-5e9c3b1a", self.gpu[0], self.gpu[1], 0.5)] if self.gpu else []
+        return triton_page(series, pending={M1: 2}, gpus=gpus).encode(), "text/plain"
+
+
+class Stack:
+    def __init__(self, tritons: dict[str, FakeTriton], grpcs: dict[str, tuple[FakeTritonGrpc, int]], envoy: FakeHttp):
+        self.tritons = tritons
+        self.grpcs = grpcs
+        self.envoy = envoy
+
+    def fleet(self, **picker: Any) -> Fleet:
+        hosts = [
+            {
+                "name": name,
+                "address": "127.0.0.1",
+                "http_port": 1000 + i,
+                "grpc_port": self.grpcs[name][1],
+                "metrics_port": triton.http.port,
+                "tier": "cpu",
+            }
+            for i, (name, triton) in enumerate(self.tritons.items())
+        ]
+        poll = {"triton_metrics_ms": 50, "repository_ms": 60, "envoy_admin_ms": 50, "nvml_ms": 50}
+        return parse_fleet(
+            {
+                "hosts": hosts,
+                "picker": {"poll": {**poll, "request_timeout_ms": 200}, **picker},
+                "envoy": {"fallback_tier": "cpu", "admin": {"address": "127.0.0.1", "port": self.envoy.port}},
+            }
+        )
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    tritons = {"a": FakeTriton(), "b": FakeTriton(gpu=(3 * GiB, 16 * GiB))}
+    grpcs: dict[str, tuple[FakeTritonGrpc, int]] = {}
+    servers: list[grpc.aio.Server] = []
+    for name in tritons:
+        fake = FakeTritonGrpc([ModelIndex(name="m1", version="1", state="READY"), ModelIndex(name=f"only_{name}")])
+        server, port = await start_grpc(fake)
+        servers.append(server)
+        grpcs[name] = (fake, port)
+    ports: dict[str, int] = {}
+
+    def clusters() -> tuple[bytes, str]:
+        doc = envoy_doc(
+            {
+                ("triton_cpu_http", "127.0.0.1", 1000): (2, False, False),
+                ("triton_cpu_grpc", "127.0.0.1", ports["a"]): (1, False, False),
+                ("triton_cpu_grpc", "127.0.0.1", ports["b"]): (0, True, False),
+            }
+        )
+        return json.dumps(doc).encode(), "application/json"
+
+    envoy = FakeHttp("/clusters", clusters)
+    for triton in tritons.values():
+        await triton.http.start()
+    await envoy.start()
+    ports.update({name: port for name, (_, port) in grpcs.items()})
+    try:
+        yield Stack(tritons, grpcs, envoy)
+    finally:
+        for triton in tritons.values():
+            await triton.http.stop()
+        await envoy.stop()
+        for server in servers:
+            await server.stop(None)
+
+
+async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def stamps(*hosts: HostState) -> list[float]:
+    """Every host's metrics_at, index_at and envoy_at; -1 for never."""
+    return [-1.0 if t is None else t for h in hosts for t in (h.metrics_at, h.index_at, h.envoy_at)]
+
+
+def warnings(logs: LogList, event: str, source: str, target: str) -> int:
+    return sum(1 for e in logs if e["event"] == event and e.get("source") == source and e.get("target") == target)
+
+
+async def test_refresh_once_fills_the_datastore(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND).install(monkeypatch)
+    fleet = stack.fleet()
+    store = Datastore(fleet)
+    async with TelemetryCollector(fleet, store) as collector:
+        await collector.refresh_once()
+        a, b = store.hosts["a"], store.hosts["b"]
+        for host in (a, b):
+            assert None not in (host.metrics_at, host.index_at, host.envoy_at)
+            assert host.ready == {"m1": frozenset({"1"})}
+            assert host.known == {"m1", f"only_{host.name}"}
+            assert host.load.pending == 2
+            assert host.load.service_ms is None  # one scrape: no interval yet
+        assert (a.envoy.active, a.envoy.ejected) == (3, False)
+        assert (b.envoy.active, b.envoy.ejected) == (0, True)
+        assert b.load.gpu_memory_used == 3 * GiB and a.load.gpu_memory_used is None
+
+        await collector.refresh_once()
+        # 8 requests in one 40 ms execution, each waited 5 ms.
+        assert a.load.queue_ms == pytest.approx(5.0)
+        assert a.load.service_ms == pytest.approx(40.0 / 8)
+        assert collector.health() == {
+            "triton_metrics/a": True,
+            "triton_metrics/b": True,
+            "repository/a": True,
+            "repository/b": True,
+            "envoy_admin/envoy": True,
+        }
+
+
+async def test_collector_runs_through_errors_and_hangs(stack: Stack, logs: LogList) -> None:
+    fleet = stack.fleet()
+    store = Datastore(fleet)
+    collector = TelemetryCollector(fleet, store)
+    a, b = store.hosts["a"], store.hosts["b"]
+    task = asyncio.create_task(collector.run())
+    try:
+        # Every timestamp advances while the servers answer.
+        await until(lambda: min(stamps(a, b)) > 0)
+        marks = stamps(a, b)
+        await until(lambda: all(new > old for new, old in zip(stamps(a, b), marks, strict=True)))
+        assert a.load.service_ms == pytest.approx(5.0)
+
+        # The loops keep their period: about 10 scrapes of a host in 0.5 s at 50 ms, never a burst.
+        before = stack.tritons["a"].http.requests
+        await asyncio.sleep(0.5)
+        assert 5 <= stack.tritons["a"].http.requests - before <= 12
+
+        # b's metrics answer 500: its metrics_at freezes, a's does not, the collector runs on,
+        # and the failure is logged once however many polls fail.
+        b_http = stack.tritons["b"].http
+        b_http.set_mode("error")
+        await until(lambda: b_http.requests > 0 and collector.health()["triton_metrics/b"] is False)
+        frozen, a_mark, errors = b.metrics_at, a.metrics_at, b_http.requests
+        await until(lambda: b_http.requests >= errors + 4)
+        assert b.metrics_at == frozen
+        assert a.metrics_at is not None and a_mark is not None and a.metrics_at > a_mark
+        assert warnings(logs, "telemetry poll failing", "triton_metrics", "b") == 1
+
+        # b hangs: each poll waits out the 200 ms timeout; no new poll starts while one is waiting.
+        b_http.set_mode("hang")
+        hung_before = b_http.hung
+        await asyncio.sleep(1.0)
+        hangs = b_http.hung - hung_before
+        assert 2 <= hangs <= 6  # 1.0 s / 0.2 s timeout, not 1.0 s / 50 ms period
+        assert b.metrics_at == frozen
+        assert not task.done()
+        assert warnings(logs, "telemetry poll failing", "triton_metrics", "b") == 1  # still the same outage
+
+        # b recovers: one "recovered" line, and its timestamp moves again.
+        b_http.set_mode("ok")
+        await until(lambda: b.metrics_at is not None and frozen is not None and b.metrics_at > frozen)
+        await until(lambda: warnings(logs, "telemetry poll recovered", "triton_metrics", "b") == 1)
+
+        # Envoy's admin fails: envoy_at freezes; the repository of a fails: a's index_at freezes.
+        stack.envoy.set_mode("error")
+        stack.grpcs["a"][0].fail = True
+        await until(lambda: collector.health()["envoy_admin/envoy"] is False)
+        await until(lambda: collector.health()["repository/a"] is False)
+        envoy_mark, index_mark, calls = a.envoy_at, a.index_at, stack.grpcs["a"][0].calls
+        await until(lambda: stack.grpcs["a"][0].calls >= calls + 3 and stack.envoy.requests >= 3)
+        assert (a.envoy_at, a.index_at) == (envoy_mark, index_mark)
+        assert warnings(logs, "telemetry poll failing", "envoy_admin", "envoy") == 1
+        assert warnings(logs, "telemetry poll failing", "repository", "a") == 1
+        assert not task.done()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await collector.aclose()
+
+
+async def test_refresh_once_does_not_overlap_a_running_poll(stack: Stack) -> None:
+    fleet = stack.fleet()
+    store = Datastore(fleet)
+    async with TelemetryCollector(fleet, store) as collector:
+        b_http = stack.tritons["b"].http
+        b_http.set_mode("hang")
+        first = asyncio.create_task(collector.refresh_once())
+        second = asyncio.create_task(collector.refresh_once())
+        start = time.monotonic()
+        await asyncio.gather(first, second)
+        # The second round waited for the first's hung scrape (200 ms timeout) before scraping b again.
+        assert time.monotonic() - start >= 0.35
+        assert b_http.hung == 2
+        assert store.hosts["b"].metrics_at is None and store.hosts["a"].metrics_at is not None
+
+
+async def test_nvml_overrides_triton_gpu_memory_for_the_sidecar_host(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeNvml([(5 * GiB, 80 * GiB), (7 * GiB, 80 * GiB)])
+    fake.install(monkeypatch)
+    fleet = stack.fleet(nvml_host="b")
+    store = Datastore(fleet)
+    b = store.hosts["b"]
+    async with TelemetryCollector(fleet, store, nvml=NvmlReader(from_env=False)) as collector:
+        await collector.refresh_once()
+        await collector.refresh_once()  # whichever of the two polls ends last, NVML's values stand
+        assert (b.load.gpu_memory_used, b.load.gpu_memory_total) == (12 * GiB, 160 * GiB)
+        assert b.load.service_ms is not None  # the rest of the load is still Triton's
+        # A GPU lost: NVML fails, and Triton's nv_gpu_* values are used again.
+        fake.lost.add(1)
+        await collector.refresh_once()
+        await collector.refresh_once()
+        assert collector.health()["nvml/b"] is False
+        assert b.load.gpu_memory_used == 3 * GiB
+
+
+async def test_collector_without_nvml_driver_keeps_running(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, logs: LogList
+) -> None:
+    fake = FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    fake.install(monkeypatch)
+    fleet = stack.fleet(nvml_host="b")
+    store = Datastore(fleet)
+    collector = TelemetryCollector(fleet, store)
+    task = asyncio.create_task(collector.run())
+    try:
+        b = store.hosts["b"]
+        await until(lambda: b.metrics_at is not None and b.load.gpu_memory_used == 3 * GiB)
+        mark = b.metrics_at
+        await until(lambda: b.metrics_at is not None and mark is not None and b.metrics_at > mark)
+        assert collector.health()["nvml/b"] is None
+        assert fake.inits == 1
+        assert [e["log_level"] for e in logs if e["event"].startswith("nvml")] == ["info"]
+        assert not task.done()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await collector.aclose()
+
+
+async def test_wildcard_admin_address_and_closed_collector(stack: Stack) -> None:
+    data = stack.fleet().model_dump(mode="json", exclude={"source"})
+    data["envoy"]["admin"]["address"] = "0.0.0.0"
+    fleet = parse_fleet(data)
+    store = Datastore(fleet)
+    async with TelemetryCollector(fleet, store) as collector:
+        # Envoy's admin on a wildcard address is polled on loopback.
+        assert collector.envoy_url == f"http://127.0.0.1:{stack.envoy.port}/clusters?format=json"
+        await collector.refresh_once()
+        assert store.hosts["a"].envoy_at is not None
+    with pytest.raises(RuntimeError):
+        await collector.refresh_once()
