@@ -67,6 +67,7 @@ class Picker:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics_page)
         app.router.add_get("/ready", self._ready_page)
+        app.router.add_get("/status", self._status_page)
         self._web = web.AppRunner(app, access_log=None)
         await self._web.setup()
         site = web.TCPSite(self._web, self.fleet.picker.metrics_address, self.fleet.picker.metrics_port)
@@ -77,6 +78,9 @@ class Picker:
 
     async def _ready_page(self, _: web.Request) -> web.Response:
         return web.Response(status=200 if self.ready else 503, text="ready\n" if self.ready else "starting\n")
+
+    async def _status_page(self, _: web.Request) -> web.Response:
+        return web.json_response({"ready": self.ready, "hosts": self.datastore.status()})
 
     async def stop(self) -> None:
         self.ready = False

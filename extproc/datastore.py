@@ -83,6 +83,28 @@ class HostState:
         return all(at is not None and now - at <= max_age_s for at in (self.metrics_at, self.index_at))
 
 
+def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, object]:
+    """One host as JSON-friendly data, for the picker's ``/status`` endpoint."""
+
+    def age(at: float | None) -> float | None:
+        return None if at is None else round(now - at, 3)
+
+    return {
+        "tier": host.tier.value,
+        "fresh": host.fresh(now, max_age_s),
+        "ready": {model: sorted(versions) for model, versions in sorted(host.ready.items())},
+        "in_flight": host.in_flight(),
+        "pending": host.load.pending,
+        "service_ms": host.load.service_ms,
+        "queue_ms": host.load.queue_ms,
+        "gpu_memory_used": host.load.gpu_memory_used,
+        "gpu_memory_total": host.load.gpu_memory_total,
+        "ejected": host.envoy.ejected,
+        "unhealthy": host.envoy.unhealthy,
+        "age_s": {"metrics": age(host.metrics_at), "index": age(host.index_at), "envoy": age(host.envoy_at)},
+    }
+
+
 class Datastore:
     """All hosts of one fleet, by name and by tier."""
 
@@ -103,3 +125,7 @@ class Datastore:
 
     def now(self) -> float:
         return time.monotonic()
+
+    def status(self) -> dict[str, dict[str, object]]:
+        now = self.now()
+        return {name: host_status(h, now, self.stale_after_s) for name, h in self.hosts.items()}

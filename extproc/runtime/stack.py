@@ -126,8 +126,10 @@ class Stack:
         checks: list[tuple[str, Callable[[], bool]]] = [
             (f"Triton {h.name}", _ready_check(f"http://{h.http_endpoint}/v2/health/ready")) for h in launched
         ]
+        picker_url = f"http://{picker.metrics_address}:{picker.metrics_port}"
         checks += [
-            ("picker", _ready_check(f"http://{picker.metrics_address}:{picker.metrics_port}/ready")),
+            ("picker", _ready_check(f"{picker_url}/ready")),
+            ("the picker's view of every host", lambda: _picker_sees(f"{picker_url}/status", launched)),
             ("Envoy", _ready_check(f"http://{envoy.admin.address}:{envoy.admin.port}/ready")),
             ("the gateway", _ready_check(f"{gateway}/v2/health/ready")),
         ]
@@ -171,6 +173,21 @@ class Stack:
     def stop(self) -> None:
         _progress("stopping")
         self.supervisor.stop()
+
+
+def _picker_sees(status_url: str, launched: list[HostSpec]) -> bool:
+    """Every launched host is fresh in the picker's telemetry, with each of its models READY."""
+    try:
+        with urllib.request.urlopen(status_url, timeout=1.0) as response:
+            hosts = json.load(response)["hosts"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return False
+    for host in launched:
+        assert host.launch is not None
+        view = hosts.get(host.name, {})
+        if not view.get("fresh") or not set(host.launch.models) <= set(view.get("ready", {})):
+            return False
+    return True
 
 
 def _ready_check(url: str) -> Callable[[], bool]:
