@@ -89,9 +89,12 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
     def age(at: float | None) -> float | None:
         return None if at is None else round(now - at, 3)
 
+    fresh = host.fresh(now, max_age_s)
     return {
         "tier": host.tier.value,
-        "fresh": host.fresh(now, max_age_s),
+        "fresh": fresh,
+        # What the scheduler's filters require of a candidate (besides having the model READY).
+        "routable": fresh and not host.envoy.ejected and not host.envoy.unhealthy and host.envoy_at is not None,
         "ready": {model: sorted(versions) for model, versions in sorted(host.ready.items())},
         "in_flight": host.in_flight(),
         "pending": host.load.pending,

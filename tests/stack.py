@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,13 @@ class Stack:
     def pids(self) -> dict[str, int]:
         data = json.loads((self.run_dir / "processes.json").read_text())
         return {str(k): int(v) for k, v in data.items()}
+
+    def picker_status(self) -> dict[str, Any]:
+        """The picker's own view of the fleet (``/status``), for failure messages."""
+        url = self.metrics_url.replace("/metrics", "/status")
+        with urllib.request.urlopen(url, timeout=5) as response:
+            status: dict[str, Any] = json.load(response)
+        return status
 
     def log(self, name: str) -> str:
         return (self.run_dir / "logs" / f"{name}.log").read_text(errors="replace")

@@ -176,7 +176,8 @@ class Stack:
 
 
 def _picker_sees(status_url: str, launched: list[HostSpec]) -> bool:
-    """Every launched host is fresh in the picker's telemetry, with each of its models READY."""
+    """Every launched host is routable in the picker's view (fresh telemetry, healthy and not ejected in
+    Envoy's), with each of its models READY."""
     try:
         with urllib.request.urlopen(status_url, timeout=1.0) as response:
             hosts = json.load(response)["hosts"]
@@ -185,7 +186,7 @@ def _picker_sees(status_url: str, launched: list[HostSpec]) -> bool:
     for host in launched:
         assert host.launch is not None
         view = hosts.get(host.name, {})
-        if not view.get("fresh") or not set(host.launch.models) <= set(view.get("ready", {})):
+        if not view.get("routable") or not set(host.launch.models) <= set(view.get("ready", {})):
             return False
     return True
 
