@@ -105,6 +105,8 @@ class ModelSpec(_Strict):
     rules: tuple[TierRule, ...] = ()
     # Whether a client's tier hint header may choose among ``tiers``.
     allow_hint: bool = True
+    # Overrides the picker's (and the tier's) scheduling profile for this model.
+    profile: Profile | None = None
 
     @model_validator(mode="after")
     def _rules_within_tiers(self) -> Self:
@@ -130,15 +132,54 @@ class PollSpec(_Strict):
     request_timeout_ms: PositiveMs = 1000
 
 
-class Weights(_Strict):
-    expected_wait: float = Field(default=1.0, ge=0)
-    gpu_memory: float = Field(default=0.2, ge=0)
+class FilterName(StrEnum):
+    MODEL_READY = "model_ready"  # the model (and version) is READY on the host
+    HEALTHY = "healthy"  # Envoy has not ejected it nor failed its active health check
+    FRESH = "fresh"  # its telemetry is younger than poll.stale_after_ms
+
+
+class ScorerName(StrEnum):
+    EXPECTED_COMPLETION = "expected_completion"  # (in flight + 1) x measured service time + queue time
+    PENDING_QUEUE = "pending_queue"  # Triton's queued requests
+    IN_FLIGHT = "in_flight"  # requests in flight (Envoy's count + the picker's picks since)
+    GPU_MEMORY = "gpu_memory"  # used fraction of GPU memory (0 where there is no GPU)
+
+
+class PickerName(StrEnum):
+    ARGMAX = "argmax"  # lowest cost
+    POWER_OF_TWO = "power_of_two"  # lower cost of two random candidates
+    WEIGHTED_RANDOM = "weighted_random"  # random, weighted towards low cost
+    ROUND_ROBIN = "round_robin"  # ignores scores; for comparison
+
+
+class Profile(_Strict):
+    """How one model's (or tier's) candidates are filtered, scored and picked."""
+
+    filters: tuple[FilterName, ...] = (FilterName.MODEL_READY, FilterName.HEALTHY, FilterName.FRESH)
+    scorers: dict[ScorerName, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: {ScorerName.EXPECTED_COMPLETION: 1.0, ScorerName.GPU_MEMORY: 0.2}
+    )
+    picker: PickerName = PickerName.ARGMAX
+    # When the classified tier has no candidate (or is saturated), try the model's other tiers.
+    spillover: bool = True
 
     @model_validator(mode="after")
-    def _not_all_zero(self) -> Self:
-        if self.expected_wait == 0 and self.gpu_memory == 0:
-            raise ValueError("at least one scoring weight must be above 0")
+    def _sound(self) -> Self:
+        if FilterName.MODEL_READY not in self.filters:
+            raise ValueError("filters must include model_ready: a request must never reach a host without its model")
+        if len(set(self.filters)) != len(self.filters):
+            raise ValueError("filters repeat a filter")
+        if self.picker is not PickerName.ROUND_ROBIN and not any(self.scorers.values()):
+            raise ValueError("at least one scorer weight must be above 0")
         return self
+
+
+class SaturationSpec(_Strict):
+    """When every candidate of a tier is this busy, the tier is saturated: spill over if allowed, shed
+    sheddable requests (429), and send the rest to the least-bad host."""
+
+    max_in_flight: int = Field(default=64, ge=1)  # per host
+    max_queue_ms: float = Field(default=1000.0, gt=0)  # expected completion time, per host
 
 
 class PickerSpec(_Strict):
@@ -148,7 +189,10 @@ class PickerSpec(_Strict):
     metrics_address: str = "127.0.0.1"
     metrics_port: Port = 9090
     poll: PollSpec = PollSpec()
-    weights: Weights = Weights()
+    # The default scheduling profile; ``tiers`` and each model's ``profile`` override it.
+    profile: Profile = Profile()
+    tiers: dict[Tier, Profile] = Field(default_factory=dict)
+    saturation: SaturationSpec = SaturationSpec()
     # How many ranked hosts the picker hands to Envoy for retries.
     max_hosts: int = Field(default=3, ge=1, le=8)
     # Envoy waits this long for the picker before failing open to the fallback load balancer.
@@ -233,6 +277,12 @@ class Fleet(_Strict):
         if not fallback_hosts:
             raise ValueError(f"envoy.fallback_tier {self.envoy.fallback_tier.value!r} has no hosts")
         return self
+
+    def profile(self, model: ModelSpec | None, tier: Tier) -> Profile:
+        """The scheduling profile for ``model`` on ``tier``: the model's, else the tier's, else the default."""
+        if model is not None and model.profile is not None:
+            return model.profile
+        return self.picker.tiers.get(tier, self.picker.profile)
 
     def model(self, name: str) -> ModelSpec | None:
         for spec in self.models:

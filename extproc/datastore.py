@@ -66,10 +66,17 @@ class HostState:
     def tier(self) -> Tier:
         return self.spec.tier
 
-    def in_flight(self) -> int:
-        """Best estimate of requests on this host now: Envoy's live count plus our picks since, or Triton's
-        queue if that is larger (requests that did not pass through this Envoy)."""
-        return max(self.envoy.active + self.picks_since_poll, self.load.pending)
+    def in_flight(self, now: float) -> float:
+        """Best estimate of requests on this host now.
+
+        Envoy's live count at its last poll plus our picks since, less what the host has completed since
+        at its measured service rate (a busy host finishes one request per ``service_ms``); or Triton's
+        queue, if larger (requests that did not come through this Envoy).
+        """
+        estimate = float(self.envoy.active + self.picks_since_poll)
+        if self.envoy_at is not None and self.load.service_ms:
+            estimate = max(0.0, estimate - (now - self.envoy_at) * 1000.0 / self.load.service_ms)
+        return max(estimate, float(self.load.pending))
 
     def serves(self, model: str, version: str | None) -> bool:
         versions = self.ready.get(model)
@@ -96,7 +103,7 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
         # What the scheduler's filters require of a candidate (besides having the model READY).
         "routable": fresh and not host.envoy.ejected and not host.envoy.unhealthy and host.envoy_at is not None,
         "ready": {model: sorted(versions) for model, versions in sorted(host.ready.items())},
-        "in_flight": host.in_flight(),
+        "in_flight": round(host.in_flight(now), 2),
         "pending": host.load.pending,
         "service_ms": host.load.service_ms,
         "queue_ms": host.load.queue_ms,
@@ -118,6 +125,24 @@ class Datastore:
             tier: tuple(s for s in self.hosts.values() if s.tier is tier) for tier in Tier
         }
         self.stale_after_s = fleet.picker.poll.stale_after_ms / 1000
+        # (tier, model) → hosts where the model is READY: the model-ready filter without a scan.
+        self.serving: dict[tuple[Tier, str], tuple[HostState, ...]] = {}
+
+    def update_index(
+        self, host: HostState, ready: dict[str, frozenset[str]], known: frozenset[str], now: float
+    ) -> None:
+        """Apply one host's repository index; rebuilds the (tier, model) index only when READY sets change."""
+        changed = ready.keys() != host.ready.keys()
+        host.ready, host.known, host.index_at = ready, known, now
+        if changed:
+            self._reindex()
+
+    def _reindex(self) -> None:
+        serving: dict[tuple[Tier, str], list[HostState]] = {}
+        for host in self.hosts.values():
+            for model in host.ready:
+                serving.setdefault((host.tier, model), []).append(host)
+        self.serving = {key: tuple(hosts) for key, hosts in serving.items()}
 
     def model_known(self, model: str) -> bool:
         """Whether any host lists the model at all (loaded or not)."""

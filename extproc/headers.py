@@ -9,7 +9,10 @@ ROUTING_HEADERS: Final = (TIER_HEADER, HOSTS_HEADER)
 
 # Sent by clients.
 TIER_HINT_HEADER: Final = "x-triton-tier-hint"  # optional: "cpu" or "gpu", honoured where the model allows
-PRIORITY_HEADER: Final = "x-triton-priority"
+PRIORITY_HEADER: Final = "x-triton-priority"  # "critical", "standard" (default) or "sheddable"
+# Correlation id of a Triton sequence, for REST clients (gRPC clients' ModelInferRequest.parameters
+# ["sequence_id"] is read from the body).
+SEQUENCE_HEADER: Final = "x-triton-sequence-id"
 
 # Added to responses when envoy.expose_upstream_host is on: the upstream that served the request.
 UPSTREAM_HOST_HEADER: Final = "x-triton-host"

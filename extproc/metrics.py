@@ -57,6 +57,6 @@ class _TelemetryAge(Collector):
             for source, at in (("metrics", host.metrics_at), ("index", host.index_at), ("envoy", host.envoy_at)):
                 if at is not None:
                     age.add_metric([host.name, source], now - at)
-            in_flight.add_metric([host.name], host.in_flight())
+            in_flight.add_metric([host.name], host.in_flight(now))
         yield age
         yield in_flight

@@ -171,6 +171,45 @@ def test_tier_hint_is_honoured_where_allowed(stack: Stack) -> None:
     assert status == 200 and served_by(stack, headers) in {"triton-a", "triton-b"}
 
 
+def test_grpc_sequences_stay_on_their_host(stack: Stack) -> None:
+    """Interleaved sequences of seq_accumulate (on triton-a and triton-b): a request landing on another host
+    than its sequence's first would be rejected by Triton, and the running sums would be wrong."""
+    client = grpcclient.InferenceServerClient(stack.http_url)
+    sequences = {1000 + i: 0.0 for i in range(8)}
+    for step in range(4):
+        for sequence_id in sequences:
+            value = np.array([[float(step + 1)]], dtype=np.float32)
+            inputs = [grpcclient.InferInput("INPUT", [1, 1], "FP32")]
+            inputs[0].set_data_from_numpy(value)
+            result = client.infer(
+                "seq_accumulate", inputs, sequence_id=sequence_id, sequence_start=step == 0, sequence_end=step == 3
+            )
+            sequences[sequence_id] += step + 1
+            assert result.as_numpy("OUTPUT")[0][0] == sequences[sequence_id]
+    client.close()
+    homes = {
+        json.loads(line)["sequence_id"]: tuple(json.loads(line)["hosts"][:1])
+        for line in stack.log("picker").splitlines()
+        if '"sequence"' in line
+    }
+    assert len(set(homes.values())) == 2, "eight sequences should spread over both hosts"
+
+
+def test_rest_sequence_header_pins_the_host(stack: Stack) -> None:
+    headers = {"x-triton-sequence-id": "77"}
+    hosts = set()
+    for step in range(5):
+        body = {
+            "parameters": {"sequence_id": 77, "sequence_start": step == 0, "sequence_end": step == 4},
+            "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}],
+        }
+        status, response, raw = rest(stack, "/v2/models/seq_accumulate/infer", body, headers)
+        assert status == 200, raw
+        assert json.loads(raw)["outputs"][0]["data"] == [step + 1.0]
+        hosts.add(served_by(stack, response))
+    assert len(hosts) == 1
+
+
 def test_unknown_model_is_404_with_json_error(stack: Stack) -> None:
     status, headers, body = rest(stack, "/v2/models/no_such_model/infer", mlp_body(rows(1)))
     assert status == 404

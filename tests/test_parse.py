@@ -146,3 +146,29 @@ def test_fuzz_grpc_roundtrip(model: str, tensor_bytes: int) -> None:
         return
     parsed = parse_grpc_frame(frame(infer_request(model, tensor_bytes=tensor_bytes)), None, complete=True)
     assert parsed is not None and parsed.target.model == model
+
+
+def sequence_request(sequence_id: int | str, start: bool = True) -> bytes:
+    request = service_pb2.ModelInferRequest(model_name="seq_accumulate", id="r")
+    if isinstance(sequence_id, int):
+        request.parameters["sequence_id"].int64_param = sequence_id
+    else:
+        request.parameters["sequence_id"].string_param = sequence_id
+    request.parameters["sequence_start"].bool_param = start
+    request.raw_input_contents.append(b"\0" * 4096)
+    return bytes(request.SerializeToString())
+
+
+@pytest.mark.parametrize(("sequence_id", "expected"), [(42, "42"), (-7, "-7"), ("user-9", "user-9"), (0, None)])
+def test_grpc_sequence_id_from_parameters(sequence_id: int | str, expected: str | None) -> None:
+    data = frame(sequence_request(sequence_id))
+    parsed = parse_grpc_frame(data[:200], None, complete=False)
+    assert parsed is not None and parsed.target == Target("seq_accumulate")
+    assert parsed.sequence_id == expected
+
+
+def test_grpc_uint64_sequence_id() -> None:
+    request = service_pb2.ModelInferRequest(model_name="m")
+    request.parameters["sequence_id"].uint64_param = 2**63 + 5
+    parsed = parse_grpc_frame(frame(request.SerializeToString()), None, complete=True)
+    assert parsed is not None and parsed.sequence_id == str(2**63 + 5)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
 from typing import Any
 
 import pytest
 
-from extproc.config import Fleet, Tier, parse_fleet
+from extproc.config import Fleet, PickerName, Tier, parse_fleet
 from extproc.datastore import Datastore, HostState
 from extproc.scheduling.classify import classify
 from extproc.scheduling.scheduler import Scheduler
-from extproc.scheduling.types import InferenceRequest, Protocol, Reject, Route
+from extproc.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
 
 
 def fleet(**overrides: Any) -> Fleet:
@@ -34,9 +36,9 @@ def live(store: Datastore, models: dict[str, list[str]], service_ms: float = 2.0
     """Mark hosts fresh with the given models READY (version "1")."""
     now = store.now()
     for name, host in store.hosts.items():
-        host.ready = {m: frozenset({"1"}) for m in models.get(name, [])}
-        host.known = frozenset(host.ready)
-        host.metrics_at = host.index_at = host.envoy_at = now
+        ready = {m: frozenset({"1"}) for m in models.get(name, [])}
+        store.update_index(host, ready, frozenset(ready), now)
+        host.metrics_at = host.envoy_at = now
         host.load.service_ms = service_ms
 
 
@@ -146,8 +148,8 @@ def test_requests_without_model_go_to_the_fallback_or_hinted_tier(store: Datasto
 
 
 def test_model_not_in_fleet_file_served_where_loaded(store: Datastore) -> None:
-    store.hosts["c1"].ready["extra"] = frozenset({"1"})
-    store.hosts["c1"].known = frozenset(store.hosts["c1"].ready)
+    c1 = store.hosts["c1"]
+    store.update_index(c1, {**c1.ready, "extra": frozenset({"1"})}, frozenset({*c1.known, "extra"}), store.now())
     decision = route(Scheduler(store.fleet, store).decide(http("extra")))
     assert decision.tier is Tier.CPU and names(decision) == ["c1"]
 
@@ -162,6 +164,154 @@ def test_max_hosts_bounds_the_retry_list() -> None:
 def test_in_flight_estimate_uses_triton_queue_when_larger() -> None:
     host = HostState(fleet().hosts[0])
     host.envoy.active, host.picks_since_poll, host.load.pending = 2, 1, 7
-    assert host.in_flight() == 7
+    assert host.in_flight(0.0) == 7
     host.load.pending = 0
-    assert host.in_flight() == 3
+    assert host.in_flight(0.0) == 3
+
+
+def test_in_flight_estimate_drains_at_the_measured_service_rate() -> None:
+    host = HostState(fleet().hosts[0])
+    host.envoy.active, host.picks_since_poll, host.envoy_at = 4, 6, 100.0
+    host.load.service_ms = 5.0
+    assert host.in_flight(100.0) == 10
+    assert host.in_flight(100.02) == pytest.approx(6)  # 20 ms at 5 ms a request: 4 done
+    assert host.in_flight(101.0) == 0
+
+
+# --- profiles, pickers, saturation, sequences ------------------------------------------------------------
+
+
+def firsts(scheduler: Scheduler, request: InferenceRequest, n: int) -> Counter[str]:
+    return Counter(names(scheduler.decide(request))[0] for _ in range(n))
+
+
+def test_profile_resolution_model_then_tier_then_default() -> None:
+    f = fleet(
+        picker={"profile": {"picker": "argmax"}, "tiers": {"gpu": {"picker": "round_robin"}}},
+        models=[
+            {"name": "mlp", "tiers": ["cpu", "gpu"]},
+            {"name": "embed", "tiers": ["gpu"], "profile": {"picker": "power_of_two"}},
+        ],
+    )
+    mlp, embed = f.model("mlp"), f.model("embed")
+    assert f.profile(embed, Tier.GPU).picker is PickerName.POWER_OF_TWO
+    assert f.profile(mlp, Tier.GPU).picker is PickerName.ROUND_ROBIN
+    assert f.profile(mlp, Tier.CPU).picker is PickerName.ARGMAX
+
+
+@pytest.mark.parametrize("picker", list(PickerName))
+def test_every_picker_routes_only_to_candidates(picker: PickerName) -> None:
+    f = fleet(picker={"profile": {"picker": picker.value}})
+    s = Datastore(f)
+    live(s, {"g1": ["embed"], "g2": ["embed"], "g3": ["mlp"]})
+    s.hosts["g2"].envoy.ejected = True
+    scheduler = Scheduler(f, s, random.Random(1))
+    assert firsts(scheduler, http("embed"), 50) == {"g1": 50}
+
+
+def test_round_robin_ignores_load() -> None:
+    f = fleet(picker={"profile": {"picker": "round_robin"}})
+    s = Datastore(f)
+    live(s, {"g1": ["embed"], "g2": ["embed"], "g3": ["embed"]})
+    s.hosts["g1"].envoy.active = 50
+    assert set(firsts(Scheduler(f, s), http("embed"), 30).values()) == {10}
+
+
+def test_power_of_two_and_weighted_random_prefer_idle_hosts() -> None:
+    for picker in ("power_of_two", "weighted_random"):
+        f = fleet(picker={"profile": {"picker": picker}})
+        s = Datastore(f)
+        live(s, {"g1": ["embed"], "g2": ["embed"], "g3": ["embed"]})
+        s.hosts["g1"].envoy.active = 40
+        s.hosts["g2"].envoy.active = 40
+        scheduler, counts = Scheduler(f, s, random.Random(7)), Counter[str]()
+        for _ in range(300):
+            counts[names(scheduler.decide(http("embed")))[0]] += 1
+            for host in s.hosts.values():
+                host.picks_since_poll = 0  # as if Envoy's poll came in after every pick
+        # Each host is idle or busy for the whole run: the idle one should win most of the time.
+        assert counts["g3"] > 200, (picker, counts)
+
+
+def test_power_of_two_on_a_large_fleet_filters_lazily_but_correctly() -> None:
+    hosts = [{"name": f"h{i}", "address": f"10.1.{i // 256}.{i % 256}", "tier": "gpu"} for i in range(200)]
+    f = parse_fleet({"hosts": hosts, "models": [{"name": "m"}], "picker": {"profile": {"picker": "power_of_two"}}})
+    s = Datastore(f)
+    live(s, {f"h{i}": ["m"] for i in range(200)})
+    for i in range(0, 200, 2):
+        s.hosts[f"h{i}"].envoy.ejected = True
+    scheduler = Scheduler(f, s, random.Random(3))
+    chosen = {h for _ in range(300) for h in names(scheduler.decide(http("m")))}
+    assert chosen and all(int(h[1:]) % 2 == 1 for h in chosen)
+
+
+def test_scorer_weights_change_the_order(store: Datastore) -> None:
+    store.hosts["g1"].load.pending = 9
+    store.hosts["g2"].envoy.active = 9
+    in_flight = fleet(picker={"profile": {"scorers": {"in_flight": 1}}})
+    pending = fleet(picker={"profile": {"scorers": {"pending_queue": 1}}})
+    # in_flight counts Triton's queue too (it is in flight), so g1 and g2 are both busy there.
+    assert names(Scheduler(in_flight, store).decide(http("embed")))[0] == "g3"
+    assert names(Scheduler(pending, store).decide(http("embed")))[-1] == "g1"
+
+
+def saturated_store(**picker: Any) -> tuple[Fleet, Datastore]:
+    f = fleet(picker={"saturation": {"max_in_flight": 4}, **picker})
+    s = Datastore(f)
+    live(s, {"g1": ["embed", "mlp"], "g2": ["embed"], "c1": ["mlp"]})
+    for name in ("g1", "g2", "c1"):
+        s.hosts[name].envoy.active = 5
+    return f, s
+
+
+def test_saturation_sheds_sheddable_requests_only() -> None:
+    f, s = saturated_store()
+    scheduler = Scheduler(f, s)
+    shed = scheduler.decide(InferenceRequest(Protocol.HTTP, "embed", priority=Priority.SHEDDABLE))
+    assert isinstance(shed, Reject) and shed.status == 429 and shed.retry_after
+    standard = route(scheduler.decide(http("embed")))
+    assert standard.reason == "saturated" and standard.hosts
+    critical = scheduler.decide(InferenceRequest(Protocol.HTTP, "embed", priority=Priority.CRITICAL))
+    assert isinstance(critical, Route)
+
+
+def test_saturated_tier_spills_over_to_a_free_one() -> None:
+    f, s = saturated_store()
+    s.hosts["g1"].envoy.active = 0
+    decision = route(Scheduler(f, s).decide(http("mlp", size=10)))  # classified cpu, c1 is saturated
+    assert decision.tier is Tier.GPU and decision.reason == "spillover" and names(decision) == ["g1"]
+
+
+def test_spillover_can_be_turned_off() -> None:
+    f, s = saturated_store(profile={"spillover": False})
+    s.hosts["g1"].envoy.active = 0
+    decision = route(Scheduler(f, s).decide(http("mlp", size=10)))
+    assert decision.tier is Tier.CPU and decision.reason == "saturated"
+
+
+def sequence(model: str, sequence_id: str) -> InferenceRequest:
+    return InferenceRequest(Protocol.GRPC, model, sequence_id=sequence_id)
+
+
+def test_sequences_stay_on_one_host_whatever_the_load(store: Datastore) -> None:
+    scheduler = Scheduler(store.fleet, store)
+    homes = {}
+    for seq in map(str, range(40)):
+        homes[seq] = names(scheduler.decide(sequence("embed", seq)))[0]
+    assert len(set(homes.values())) == 3  # spread over the hosts
+    for name in ("g1", "g2", "g3"):
+        store.hosts[name].envoy.active = 30 if name == homes["0"] else 0
+    for seq, home in homes.items():
+        assert names(scheduler.decide(sequence("embed", seq)))[0] == home
+    # Another picker process (another replica) agrees without shared state.
+    assert names(Scheduler(store.fleet, store).decide(sequence("embed", "0")))[0] == homes["0"]
+
+
+def test_sequences_move_only_when_their_host_dies(store: Datastore) -> None:
+    scheduler = Scheduler(store.fleet, store)
+    homes = {seq: names(scheduler.decide(sequence("embed", seq)))[0] for seq in map(str, range(60))}
+    store.hosts["g2"].envoy.ejected = True
+    after = {seq: names(scheduler.decide(sequence("embed", seq)))[0] for seq in homes}
+    moved = {seq for seq in homes if after[seq] != homes[seq]}
+    assert moved == {seq for seq, home in homes.items() if home == "g2"}
+    assert "g2" not in after.values()

@@ -39,9 +39,9 @@ def synthetic_fleet(n_hosts: int) -> tuple[Fleet, Datastore]:
     store = Datastore(fleet)
     now = store.now()
     for i, host in enumerate(store.hosts.values()):
-        host.ready = {m: frozenset({"1"}) for j, m in enumerate(MODELS) if (i + j) % 4}
-        host.known = frozenset(host.ready)
-        host.metrics_at = host.index_at = host.envoy_at = now + 3600  # stays fresh for the whole run
+        ready = {m: frozenset({"1"}) for j, m in enumerate(MODELS) if (i + j) % 4}
+        store.update_index(host, ready, frozenset(ready), now + 3600)
+        host.metrics_at = host.envoy_at = now + 3600  # stays fresh for the whole run
         host.envoy.active = i % 7
         host.load.service_ms = 2.0 + i % 3
         host.load.queue_ms = float(i % 5)

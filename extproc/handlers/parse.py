@@ -6,6 +6,7 @@ Pure functions over bytes and strings, so they can be unit- and fuzz-tested with
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -82,6 +83,8 @@ class GrpcFrame:
 
     target: Target
     message_bytes: int  # the length prefix: the size of the (possibly compressed) message
+    # ModelInferRequest.parameters["sequence_id"], as tritonclient sends it (int64, uint64 or string).
+    sequence_id: str | None = None
 
 
 def parse_grpc_frame(data: bytes, encoding: str | None, *, complete: bool) -> GrpcFrame | None:
@@ -102,17 +105,17 @@ def parse_grpc_frame(data: bytes, encoding: str | None, *, complete: bool) -> Gr
     whole = len(payload) == length
     if flag == 1:
         payload = _decompress_prefix(payload, encoding)
-    fields = _string_fields(payload)
-    model = fields.get(1)
+    fields = _request_fields(payload)
+    model = fields.model
     if model is None and not whole and not complete:
         return None
     if model is None:
         return GrpcFrame(NO_MODEL, length)
     _check_name(model, "model name")
-    version = fields.get(2) or None
+    version = fields.version or None
     if version is not None:
         _check_name(version, "model version")
-    return GrpcFrame(Target(model, version), length)
+    return GrpcFrame(Target(model, version), length, fields.sequence_id)
 
 
 def _decompress_prefix(payload: bytes, encoding: str | None) -> bytes:
@@ -126,22 +129,80 @@ def _decompress_prefix(payload: bytes, encoding: str | None) -> bytes:
         raise MalformedRequest("the compressed gRPC message is corrupt") from None
 
 
-def _string_fields(buf: bytes) -> dict[int, str]:
-    """Fields 1 and 2 of a protobuf message when they are length-delimited UTF-8; stops early once both
-    are found or at the first truncated field (the rest of the message may not have arrived)."""
-    found: dict[int, str] = {}
+@dataclass(slots=True)
+class _Fields:
+    model: str | None = None
+    version: str | None = None
+    sequence_id: str | None = None
+
+
+# Fields up to ModelInferRequest.parameters (4); real encoders write fields in number order, so the
+# tensors (5 and up) come after everything we need.
+_LAST_FIELD = 4
+
+
+def _request_fields(buf: bytes) -> _Fields:
+    """Fields 1 (model), 2 (version) and the ``sequence_id`` parameter of a request message, as far as the
+    bytes go: parsing stops at the first truncated field (the rest has not arrived)."""
+    found = _Fields()
+    for number, value in _fields(buf, stop_after=_LAST_FIELD):
+        if number in (1, 2) and isinstance(value, bytes):
+            text = _utf8(value, f"protobuf field {number}")
+            if number == 1:
+                found.model = text
+            else:
+                found.version = text
+        elif number == 4 and isinstance(value, bytes):
+            found.sequence_id = _sequence_parameter(value) or found.sequence_id
+    return found
+
+
+def _sequence_parameter(entry: bytes) -> str | None:
+    """One ``map<string, InferParameter>`` entry: key (1) and value (2); the value's int64 (2), string (3)
+    or uint64 (5) form, for the key ``sequence_id``."""
+    key: bytes | None = None
+    parameter: bytes | None = None
+    for number, value in _fields(entry):
+        if number == 1 and isinstance(value, bytes):
+            key = value
+        elif number == 2 and isinstance(value, bytes):
+            parameter = value
+    if key != b"sequence_id" or parameter is None:
+        return None
+    for number, value in _fields(parameter):
+        if number in (2, 5) and isinstance(value, int):
+            # int64 is two's complement in a varint; 0 means "not a sequence" to Triton.
+            signed = value - (1 << 64) if number == 2 and value >= 1 << 63 else value
+            return str(signed) if signed else None
+        if number == 3 and isinstance(value, bytes):
+            return _utf8(value, "sequence_id") or None
+    return None
+
+
+def _utf8(value: bytes, what: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedRequest(f"{what} is not valid UTF-8") from None
+
+
+def _fields(buf: bytes, stop_after: int | None = None) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, varint or bytes) for each complete field; fixed-width fields are skipped."""
     pos, end = 0, len(buf)
-    while pos < end and len(found) < 2:
+    while pos < end:
         tag, pos = _varint(buf, pos)
         if tag is None:
-            break
+            return
         number, wire = tag >> 3, tag & 7
         if number == 0:
             raise MalformedRequest("invalid protobuf field number 0")
+        if stop_after is not None and number > stop_after:
+            return
         if wire == 0:
             value, pos = _varint(buf, pos)
             if value is None:
-                break
+                return
+            yield number, value
         elif wire == 1:
             pos += 8
         elif wire == 5:
@@ -149,16 +210,11 @@ def _string_fields(buf: bytes) -> dict[int, str]:
         elif wire == 2:
             size, pos = _varint(buf, pos)
             if size is None or pos + size > end:
-                break
-            if number in (1, 2):
-                try:
-                    found[number] = buf[pos : pos + size].decode("utf-8")
-                except UnicodeDecodeError:
-                    raise MalformedRequest(f"protobuf field {number} is not valid UTF-8") from None
+                return
+            yield number, buf[pos : pos + size]
             pos += size
         else:
             raise MalformedRequest(f"unsupported protobuf wire type {wire}")
-    return found
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int | None, int]:

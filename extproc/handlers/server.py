@@ -26,16 +26,22 @@ from extproc.config import Fleet, Tier
 from extproc.handlers.parse import (
     NO_MODEL,
     MalformedRequest,
-    Target,
     grpc_method,
     grpc_names_model,
     parse_grpc_frame,
     parse_rest_path,
 )
-from extproc.headers import HOSTS_HEADER, ROUTING_HEADERS, TIER_HEADER, TIER_HINT_HEADER
+from extproc.headers import (
+    HOSTS_HEADER,
+    PRIORITY_HEADER,
+    ROUTING_HEADERS,
+    SEQUENCE_HEADER,
+    TIER_HEADER,
+    TIER_HINT_HEADER,
+)
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.scheduler import Scheduler
-from extproc.scheduling.types import Decision, InferenceRequest, Protocol, Reject, Route
+from extproc.scheduling.types import Decision, InferenceRequest, Priority, Protocol, Reject, Route
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +49,7 @@ log = structlog.get_logger(__name__)
 _MAX_PEEK_BYTES = 64 * 1024
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _TIERS = {t.value: t for t in Tier}
+_PRIORITIES = {p.value: p for p in Priority}
 # HTTP status → gRPC status for answers to gRPC clients (grpc-status, as Triton itself would send).
 _GRPC_STATUS = {400: 3, 404: 5, 413: 8, 429: 8, 503: 14}
 _BODY_ACK = ep.ProcessingResponse(request_body=ep.BodyResponse())
@@ -83,7 +90,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             if method is None:
                 request = self._rest_request(path, headers)
             elif first.request_headers.end_of_stream or not grpc_names_model(method):
-                request = InferenceRequest(Protocol.GRPC, tier_hint=_hint(headers))
+                request = InferenceRequest(Protocol.GRPC, tier_hint=_hint(headers), priority=_priority(headers))
             else:
                 request, pending = await self._grpc_request(method, headers, stream)
             decision = self._scheduler.decide(request)
@@ -103,7 +110,13 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
     def _rest_request(self, path: str, headers: dict[str, str]) -> InferenceRequest:
         target = parse_rest_path(path)
         return InferenceRequest(
-            Protocol.HTTP, target.model, target.version, _content_length(headers), _hint(headers)
+            Protocol.HTTP,
+            target.model,
+            target.version,
+            _content_length(headers),
+            _hint(headers),
+            _priority(headers),
+            _sequence_id(headers),
         )
 
     async def _grpc_request(
@@ -125,16 +138,19 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             target = frame.target
             if target is NO_MODEL and method in ("ModelInfer", "ModelStreamInfer"):
                 raise MalformedRequest(f"{method} request names no model")
-            return self._grpc_inference(target, frame.message_bytes, headers), pending
+            request = InferenceRequest(
+                Protocol.GRPC,
+                target.model,
+                target.version,
+                frame.message_bytes,
+                _hint(headers),
+                _priority(headers),
+                frame.sequence_id or _sequence_id(headers),
+            )
+            return request, pending
         raise MalformedRequest("the gRPC request ended before its first message")
 
-    @staticmethod
-    def _grpc_inference(target: Target, size: int, headers: dict[str, str]) -> InferenceRequest:
-        return InferenceRequest(Protocol.GRPC, target.model, target.version, size, _hint(headers))
-
-    def _answer(
-        self, decision: Decision, request: InferenceRequest, headers: dict[str, str]
-    ) -> ep.ProcessingResponse:
+    def _answer(self, decision: Decision, request: InferenceRequest, headers: dict[str, str]) -> ep.ProcessingResponse:
         if isinstance(decision, Route):
             endpoints = ",".join(
                 h.grpc_endpoint if request.protocol is Protocol.GRPC else h.http_endpoint for h in decision.hosts
@@ -165,9 +181,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             immediate.body = json.dumps({"error": reject.message}).encode()
         return ep.ProcessingResponse(immediate_response=immediate)
 
-    def _record(
-        self, decision: Decision, request: InferenceRequest, headers: dict[str, str], started: float
-    ) -> None:
+    def _record(self, decision: Decision, request: InferenceRequest, headers: dict[str, str], started: float) -> None:
         elapsed = time.perf_counter() - started
         self._metrics.decision_seconds.observe(elapsed)
         model = request.model or ""
@@ -184,6 +198,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                     tier=decision.tier.value,
                     hosts=[h.name for h in decision.hosts],
                     reason=decision.reason,
+                    sequence_id=request.sequence_id,
                     decision_us=round(elapsed * 1e6, 1),
                 )
         else:
@@ -212,6 +227,17 @@ def _header_map(values: Iterable[Any]) -> dict[str, str]:
 def _content_length(headers: dict[str, str]) -> int | None:
     value = headers.get("content-length")
     return int(value) if value is not None and value.isdigit() else None
+
+
+def _priority(headers: dict[str, str]) -> Priority:
+    value = headers.get(PRIORITY_HEADER)
+    return _PRIORITIES.get(value.strip().lower(), Priority.STANDARD) if value else Priority.STANDARD
+
+
+def _sequence_id(headers: dict[str, str]) -> str | None:
+    value = headers.get(SEQUENCE_HEADER, "").strip()
+    # Triton treats 0 (or empty) as "no sequence"; an absurdly long id is not one a client meant.
+    return value if value and value != "0" and len(value) <= 256 else None
 
 
 def _hint(headers: dict[str, str]) -> Tier | None:

@@ -1,26 +1,37 @@
-"""Filters: which hosts may take a request at all."""
+"""Filters: which hosts may take a request at all. Each keeps the hosts that pass, in order."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+from extproc.config import FilterName
 from extproc.datastore import HostState
 
 
-def serving(hosts: Iterable[HostState], model: str | None, version: str | None) -> list[HostState]:
-    """Hosts where the model (and version) is READY, per Triton's repository index. Requests that name no
-    model may go to any host whose index we have."""
-    if model is None:
-        return [h for h in hosts if h.index_at is not None]
-    return [h for h in hosts if h.serves(model, version)]
+def with_version(hosts: Iterable[HostState], model: str, version: str | None) -> list[HostState]:
+    """model_ready: the model (and version) is READY per Triton's repository index. The datastore keeps
+    the hosts per (tier, model), so only a version needs checking here."""
+    if version is None:
+        return list(hosts)
+    return [h for h in hosts if version in h.ready.get(model, ())]
 
 
-def healthy(hosts: Iterable[HostState]) -> list[HostState]:
-    """Drop hosts Envoy has ejected (outlier detection) or found unhealthy (active health check).
-    override_host would use a named host even if ejected, so this filter is what keeps Envoy's verdict."""
-    return [h for h in hosts if not (h.envoy.ejected or h.envoy.unhealthy)]
+def healthy(host: HostState) -> bool:
+    """Not ejected by Envoy's outlier detection, not failing its active health check. override_host would
+    use a named host even if ejected, so this filter is what carries Envoy's verdict into the pick."""
+    return not (host.envoy.ejected or host.envoy.unhealthy)
 
 
-def fresh(hosts: Iterable[HostState], now: float, max_age_s: float) -> list[HostState]:
-    """Drop hosts whose telemetry stopped refreshing: we cannot tell whether they are loaded or alive."""
-    return [h for h in hosts if h.fresh(now, max_age_s)]
+def fresh(host: HostState, now: float, max_age_s: float) -> bool:
+    """Telemetry still refreshing: otherwise we cannot tell whether the host is loaded, or even alive."""
+    return host.fresh(now, max_age_s)
+
+
+def passes(host: HostState, filters: Sequence[FilterName], now: float, max_age_s: float) -> bool:
+    """The per-host filters (model_ready is applied through the datastore's index, before this)."""
+    for name in filters:
+        if name is FilterName.HEALTHY and not healthy(host):
+            return False
+        if name is FilterName.FRESH and not fresh(host, now, max_age_s):
+            return False
+    return True

@@ -1,30 +1,46 @@
-"""Scorers: a cost per candidate host, lower is better, each normalised to [0, 1] over the candidates."""
+"""Scorers: a cost per candidate host, lower is better. The scheduler normalises each scorer's costs to
+[0, 1] over the candidates it compares and adds them up with the profile's weights."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from extproc.config import ScorerName
 from extproc.datastore import HostState
 
-# Per-request service time assumed for a host nobody has measured yet, relative to the measured ones.
+Scorer = Callable[[Sequence[HostState], float], list[float]]
+
+# Per-request service time assumed when no host has been measured yet.
 _UNMEASURED_SERVICE_MS = 1.0
 
 
-def expected_wait_ms(hosts: Sequence[HostState]) -> list[float]:
-    """Time a new request would wait and run on each host: everything in flight there plus itself, times
-    the host's measured per-request service time, plus the queue time Triton observed recently."""
+def expected_completion_ms(hosts: Sequence[HostState], now: float) -> list[float]:
+    """When a new request would finish on each host: everything in flight there plus itself, times the
+    host's measured per-request service time, plus the queue time Triton observed recently.
+
+    ``service_ms`` is a batch's time divided by its size, so a host that batches well is cheap per request
+    (batch-aware); a slow host's requests cost more by the same factor."""
     measured = [h.load.service_ms for h in hosts if h.load.service_ms is not None]
-    # An unmeasured host is assumed as fast as the fastest measured one, so new hosts get tried.
+    # An unmeasured host is assumed as fast as the fastest measured one, so a new host gets tried.
     default_ms = min(measured) if measured else _UNMEASURED_SERVICE_MS
     out = []
     for h in hosts:
         service = h.load.service_ms if h.load.service_ms is not None else default_ms
-        queue = h.load.queue_ms or 0.0
-        out.append((h.in_flight() + 1) * service + queue)
+        out.append((h.in_flight(now) + 1.0) * service + (h.load.queue_ms or 0.0))
     return out
 
 
-def gpu_memory_pressure(hosts: Sequence[HostState]) -> list[float]:
+def pending_queue(hosts: Sequence[HostState], now: float) -> list[float]:
+    """Requests waiting in Triton's queues (all models), as Triton last reported."""
+    return [float(h.load.pending) for h in hosts]
+
+
+def in_flight(hosts: Sequence[HostState], now: float) -> list[float]:
+    """Requests in flight: Envoy's live count, plus the picker's picks since, less estimated completions."""
+    return [h.in_flight(now) for h in hosts]
+
+
+def gpu_memory(hosts: Sequence[HostState], now: float) -> list[float]:
     """Fraction of GPU memory in use (0 where unknown, e.g. CPU hosts): less headroom, higher cost."""
     out = []
     for h in hosts:
@@ -33,6 +49,23 @@ def gpu_memory_pressure(hosts: Sequence[HostState]) -> list[float]:
     return out
 
 
+SCORERS: dict[ScorerName, Scorer] = {
+    ScorerName.EXPECTED_COMPLETION: expected_completion_ms,
+    ScorerName.PENDING_QUEUE: pending_queue,
+    ScorerName.IN_FLIGHT: in_flight,
+    ScorerName.GPU_MEMORY: gpu_memory,
+}
+
+
 def normalise(values: list[float]) -> list[float]:
     top = max(values, default=0.0)
     return [v / top for v in values] if top > 0 else [0.0] * len(values)
+
+
+def cost(hosts: Sequence[HostState], weights: dict[ScorerName, float], now: float) -> list[float]:
+    total = [0.0] * len(hosts)
+    for name, weight in weights.items():
+        if weight:
+            for i, value in enumerate(normalise(SCORERS[name](hosts, now))):
+                total[i] += weight * value
+    return total

@@ -14,6 +14,14 @@ class Protocol(StrEnum):
     GRPC = "grpc"
 
 
+class Priority(StrEnum):
+    """From the client's ``x-triton-priority`` header; absent or unknown means standard."""
+
+    CRITICAL = "critical"
+    STANDARD = "standard"
+    SHEDDABLE = "sheddable"  # may get 429 when its tier is saturated
+
+
 @dataclass(frozen=True, slots=True)
 class InferenceRequest:
     """One request as the picker understands it, parsed from Envoy's headers (and, for gRPC, the first body
@@ -22,8 +30,11 @@ class InferenceRequest:
     protocol: Protocol
     model: str | None = None
     version: str | None = None
-    size_bytes: int | None = None  # content-length, when the client sent one
+    size_bytes: int | None = None  # content-length, or the gRPC message length
     tier_hint: Tier | None = None
+    priority: Priority = Priority.STANDARD
+    # Triton correlation id: every request of the sequence must reach the same host.
+    sequence_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +48,7 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    """Answer the client directly: 404 (no such model), 503 (nothing ready), 400 (malformed)."""
+    """Answer the client directly: 404 (no such model), 503 (nothing ready), 429 (shed), 400 (malformed)."""
 
     status: int
     message: str

@@ -249,7 +249,7 @@ class TelemetryCollector:
 
     async def _poll_repository(self, host: _Host) -> None:
         index = await host.repository.index(self._timeout_s)
-        apply_index(host.state, index, self._datastore.now())
+        apply_index(self._datastore, host.state, index, self._datastore.now())
 
     async def _poll_envoy(self) -> None:
         body = await self._get(self.envoy_url)

@@ -17,7 +17,7 @@ from typing import Any, Final, Protocol
 
 import tritonclient.grpc.aio as triton_grpc
 
-from extproc.datastore import HostState
+from extproc.datastore import Datastore, HostState
 
 READY: Final = "READY"
 
@@ -63,10 +63,8 @@ def index_from_models(models: Iterable[ModelIndexEntry]) -> RepositoryIndex:
     )
 
 
-def apply_index(host: HostState, index: RepositoryIndex, now: float) -> None:
-    host.ready = index.ready
-    host.known = index.known
-    host.index_at = now
+def apply_index(datastore: Datastore, host: HostState, index: RepositoryIndex, now: float) -> None:
+    datastore.update_index(host, index.ready, index.known, now)
 
 
 class RepositoryClient:
