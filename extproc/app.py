@@ -40,9 +40,7 @@ class Picker:
         self.scheduler = Scheduler(fleet, self.datastore)
         self.collector = TelemetryCollector(fleet, self.datastore)
         self._server = grpc.aio.server(options=_GRPC_OPTIONS)
-        ep_grpc.add_ExternalProcessorServicer_to_server(
-            Processor(fleet, self.scheduler, self.metrics), self._server
-        )
+        ep_grpc.add_ExternalProcessorServicer_to_server(Processor(fleet, self.scheduler, self.metrics), self._server)
         self._web: web.AppRunner | None = None
         self._telemetry: asyncio.Task[None] | None = None
         self.ready = False
@@ -68,6 +66,8 @@ class Picker:
         app.router.add_get("/metrics", self._metrics_page)
         app.router.add_get("/ready", self._ready_page)
         app.router.add_get("/status", self._status_page)
+        app.router.add_post("/hosts/{name}/drain", self._drain)
+        app.router.add_post("/hosts/{name}/undrain", self._drain)
         self._web = web.AppRunner(app, access_log=None)
         await self._web.setup()
         site = web.TCPSite(self._web, self.fleet.picker.metrics_address, self.fleet.picker.metrics_port)
@@ -81,6 +81,16 @@ class Picker:
 
     async def _status_page(self, _: web.Request) -> web.Response:
         return web.json_response({"ready": self.ready, "hosts": self.datastore.status()})
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        """Stop (or resume) sending new requests to a host; sequences pinned there move."""
+        name = request.match_info["name"]
+        host = self.datastore.hosts.get(name)
+        if host is None:
+            return web.json_response({"error": f"no host named {name!r} in this fleet"}, status=404)
+        host.draining = request.path.endswith("/drain")
+        log.info("host_draining" if host.draining else "host_undrained", host=name)
+        return web.json_response({"host": name, "draining": host.draining})
 
     async def stop(self) -> None:
         self.ready = False

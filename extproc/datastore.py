@@ -47,6 +47,8 @@ class HostState:
     # Picks made since Envoy's in-flight count was last read: the optimistic part of the in-flight estimate,
     # so a burst between two polls does not all land on the host that looked best at the last poll.
     picks_since_poll: int = 0
+    # Set by an operator (``POST /hosts/NAME/drain``): no new requests, e.g. before unloading a model.
+    draining: bool = False
     metrics_at: float | None = None
     index_at: float | None = None
     envoy_at: float | None = None
@@ -101,7 +103,11 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
         "tier": host.tier.value,
         "fresh": fresh,
         # What the scheduler's filters require of a candidate (besides having the model READY).
-        "routable": fresh and not host.envoy.ejected and not host.envoy.unhealthy and host.envoy_at is not None,
+        "routable": fresh
+        and not host.draining
+        and not host.envoy.ejected
+        and not host.envoy.unhealthy
+        and host.envoy_at is not None,
         "ready": {model: sorted(versions) for model, versions in sorted(host.ready.items())},
         "in_flight": round(host.in_flight(now), 2),
         "pending": host.load.pending,
@@ -109,6 +115,7 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
         "queue_ms": host.load.queue_ms,
         "gpu_memory_used": host.load.gpu_memory_used,
         "gpu_memory_total": host.load.gpu_memory_total,
+        "draining": host.draining,
         "ejected": host.envoy.ejected,
         "unhealthy": host.envoy.unhealthy,
         "age_s": {"metrics": age(host.metrics_at), "index": age(host.index_at), "envoy": age(host.envoy_at)},

@@ -210,6 +210,26 @@ def test_rest_sequence_header_pins_the_host(stack: Stack) -> None:
     assert len(hosts) == 1
 
 
+def test_drained_host_gets_no_new_requests(stack: Stack) -> None:
+    picker = stack.metrics_url.removesuffix("/metrics")
+
+    def post(path: str) -> dict[str, Any]:
+        with urllib.request.urlopen(urllib.request.Request(picker + path, method="POST"), timeout=5) as response:
+            result: dict[str, Any] = json.load(response)
+        return result
+
+    body = {"inputs": [{"name": "INPUT", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
+    assert post("/hosts/triton-b/drain") == {"host": "triton-b", "draining": True}
+    try:
+        served = Counter(served_by(stack, rest(stack, "/v2/models/embed_normalize/infer", body)[1]) for _ in range(12))
+        assert served == {"triton-a": 12}
+    finally:
+        assert post("/hosts/triton-b/undrain")["draining"] is False
+    with pytest.raises(urllib.error.HTTPError) as info:
+        post("/hosts/nope/drain")
+    assert info.value.code == 404
+
+
 def test_unknown_model_is_404_with_json_error(stack: Stack) -> None:
     status, headers, body = rest(stack, "/v2/models/no_such_model/infer", mlp_body(rows(1)))
     assert status == 404

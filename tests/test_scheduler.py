@@ -315,3 +315,11 @@ def test_sequences_move_only_when_their_host_dies(store: Datastore) -> None:
     moved = {seq for seq in homes if after[seq] != homes[seq]}
     assert moved == {seq for seq, home in homes.items() if home == "g2"}
     assert "g2" not in after.values()
+
+
+def test_draining_host_gets_nothing_new_whatever_the_profile(store: Datastore) -> None:
+    store.hosts["g1"].draining = True
+    for profile in ({}, {"filters": ["model_ready"]}):
+        f = fleet(picker={"profile": profile})
+        assert "g1" not in {h for _ in range(20) for h in names(Scheduler(f, store).decide(http("embed")))}
+        assert "g1" not in names(Scheduler(f, store).decide(sequence("embed", "5")))

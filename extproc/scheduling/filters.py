@@ -28,7 +28,10 @@ def fresh(host: HostState, now: float, max_age_s: float) -> bool:
 
 
 def passes(host: HostState, filters: Sequence[FilterName], now: float, max_age_s: float) -> bool:
-    """The per-host filters (model_ready is applied through the datastore's index, before this)."""
+    """The per-host filters (model_ready is applied through the datastore's index, before this). A host an
+    operator is draining never passes, whatever the profile."""
+    if host.draining:
+        return False
     for name in filters:
         if name is FilterName.HEALTHY and not healthy(host):
             return False
