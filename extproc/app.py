@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from pathlib import Path
 
 import grpc
 import structlog
@@ -14,7 +15,7 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from extproc.config import Fleet
+from extproc.config import ConfigError, Fleet, load_fleet
 from extproc.datastore import Datastore
 from extproc.handlers.server import Processor
 from extproc.metrics import PickerMetrics
@@ -22,6 +23,9 @@ from extproc.scheduling.scheduler import Scheduler
 from extproc.telemetry.collector import TelemetryCollector
 
 log = structlog.get_logger(__name__)
+
+# How often the picker looks at its fleet file's modification time.
+_CONFIG_POLL_S = 1.0
 
 _GRPC_OPTIONS = [
     # Envoy opens one stream per request over a few connections; do not let gRPC cap them.
@@ -40,7 +44,8 @@ class Picker:
         self.scheduler = Scheduler(fleet, self.datastore)
         self.collector = TelemetryCollector(fleet, self.datastore)
         self._server = grpc.aio.server(options=_GRPC_OPTIONS)
-        ep_grpc.add_ExternalProcessorServicer_to_server(Processor(fleet, self.scheduler, self.metrics), self._server)
+        self.processor = Processor(fleet, self.scheduler, self.metrics)
+        ep_grpc.add_ExternalProcessorServicer_to_server(self.processor, self._server)
         self._web: web.AppRunner | None = None
         self._telemetry: asyncio.Task[None] | None = None
         self.ready = False
@@ -92,6 +97,34 @@ class Picker:
         log.info("host_draining" if host.draining else "host_undrained", host=name)
         return web.json_response({"host": name, "draining": host.draining})
 
+    async def reload(self, fleet: Fleet) -> None:
+        """Apply a new fleet without dropping a request: build the new datastore (keeping the live state of
+        unchanged hosts), scheduler and telemetry, then switch over between two requests."""
+        fixed = ("listen", "metrics_address", "metrics_port")
+        needs_restart = [
+            f"picker.{key}" for key in fixed if getattr(fleet.picker, key) != getattr(self.fleet.picker, key)
+        ]
+        if needs_restart:
+            log.warning("config_reload_needs_restart", keys=needs_restart, note="kept the running values")
+            fleet = fleet.model_copy(
+                update={"picker": fleet.picker.model_copy(update={k: getattr(self.fleet.picker, k) for k in fixed})}
+            )
+        datastore = Datastore(fleet)
+        datastore.adopt(self.datastore)
+        scheduler = Scheduler(fleet, datastore)
+        collector = TelemetryCollector(fleet, datastore)
+        old_collector, old_task = self.collector, self._telemetry
+        self.fleet, self.datastore, self.scheduler, self.collector = fleet, datastore, scheduler, collector
+        self.processor.configure(fleet, scheduler)
+        self.metrics.use(datastore)
+        self._telemetry = asyncio.create_task(collector.run(), name="telemetry")
+        if old_task is not None:
+            old_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await old_task
+        await old_collector.aclose()
+        log.info("config_reloaded", source=fleet.source, hosts=len(fleet.hosts), models=len(fleet.models))
+
     async def stop(self) -> None:
         self.ready = False
         await self._server.stop(grace=1.0)
@@ -104,22 +137,57 @@ class Picker:
             await self._web.cleanup()
 
 
-async def serve(fleet: Fleet) -> None:
-    """Run the picker until SIGTERM or SIGINT."""
+async def _watch_config(picker: Picker, path: Path, reload_now: asyncio.Event) -> None:
+    """Reload on SIGHUP (``reload_now``) or when the file changes; an invalid file keeps the running config."""
+
+    def stamp() -> tuple[float, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_mtime, st.st_size
+
+    seen = stamp()
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reload_now.wait(), timeout=_CONFIG_POLL_S)
+        current = stamp()
+        if not reload_now.is_set() and current == seen:
+            continue
+        reload_now.clear()
+        seen = current
+        try:
+            fleet = load_fleet(path)
+        except ConfigError as exc:
+            log.error(
+                "config_reload_rejected", problems=str(exc).splitlines(), note="still serving the previous config"
+            )
+            continue
+        await picker.reload(fleet)
+
+
+async def serve(fleet: Fleet, config_path: Path | None = None) -> None:
+    """Run the picker until SIGTERM or SIGINT; reload ``config_path`` on SIGHUP or change."""
     picker = Picker(fleet)
-    stop = asyncio.Event()
+    stop, reload_now = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
     await picker.start()
+    watcher = asyncio.create_task(_watch_config(picker, config_path, reload_now)) if config_path else None
     try:
         await stop.wait()
     finally:
         log.info("picker_stopping")
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         await picker.stop()
 
 
-def run(fleet: Fleet) -> None:
+def run(fleet: Fleet, config_path: Path | None = None) -> None:
     socket_path = fleet.picker.unix_socket
     if socket_path is not None:
         socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +197,7 @@ def run(fleet: Fleet) -> None:
         old_umask = os.umask(0o077)
     try:
         # uvloop: ~20% more ext_proc streams per second than the default loop (facts file).
-        uvloop.run(serve(fleet))
+        uvloop.run(serve(fleet, config_path))
     finally:
         if socket_path is not None:
             os.umask(old_umask)

@@ -65,7 +65,7 @@ def _run(args: argparse.Namespace, fleet: Fleet) -> int:
 
         if args.log_level:
             fleet = fleet.model_copy(update={"picker": fleet.picker.model_copy(update={"log_level": args.log_level})})
-        app.run(fleet)
+        app.run(fleet, args.config)
         return 0
     if args.command == "up":
         from extproc.runtime.stack import up

@@ -135,6 +135,20 @@ class Datastore:
         # (tier, model) → hosts where the model is READY: the model-ready filter without a scan.
         self.serving: dict[tuple[Tier, str], tuple[HostState, ...]] = {}
 
+    def adopt(self, old: Datastore) -> None:
+        """Carry live state over from the datastore of the previous config (reload): hosts with the same name
+        and endpoints keep their telemetry, Envoy view and draining flag; new hosts start unknown."""
+        for name, host in self.hosts.items():
+            before = old.hosts.get(name)
+            if before is None or before.spec.model_dump(exclude={"labels", "launch"}) != host.spec.model_dump(
+                exclude={"labels", "launch"}
+            ):
+                continue
+            host.load, host.envoy, host.draining = before.load, before.envoy, before.draining
+            host.ready, host.known, host.picks_since_poll = before.ready, before.known, before.picks_since_poll
+            host.metrics_at, host.index_at, host.envoy_at = before.metrics_at, before.index_at, before.envoy_at
+        self._reindex()
+
     def update_index(
         self, host: HostState, ready: dict[str, frozenset[str]], known: frozenset[str], now: float
     ) -> None:

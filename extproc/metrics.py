@@ -34,14 +34,19 @@ class PickerMetrics:
             buckets=(25e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3),
             registry=self.registry,
         )
-        self.registry.register(_TelemetryAge(datastore))
+        self._telemetry = _TelemetryAge(datastore)
+        self.registry.register(self._telemetry)
+
+    def use(self, datastore: Datastore) -> None:
+        """Report on a new datastore (config reload); the decision counters carry on."""
+        self._telemetry.store = datastore
 
 
 class _TelemetryAge(Collector):
     """Per host, seconds since each telemetry source last refreshed (read at scrape time)."""
 
     def __init__(self, datastore: Datastore) -> None:
-        self._store = datastore
+        self.store = datastore
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         age = GaugeMetricFamily(
@@ -52,8 +57,8 @@ class _TelemetryAge(Collector):
         in_flight = GaugeMetricFamily(
             "extproc_host_in_flight", "The picker's estimate of requests in flight per host.", labels=["host"]
         )
-        now = self._store.now()
-        for host in self._store.hosts.values():
+        now = self.store.now()
+        for host in self.store.hosts.values():
             for source, at in (("metrics", host.metrics_at), ("index", host.index_at), ("envoy", host.envoy_at)):
                 if at is not None:
                     age.add_metric([host.name, source], now - at)

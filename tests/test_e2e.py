@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +300,37 @@ def test_routing_decisions_are_logged(stack: Stack) -> None:
     routed = [json.loads(line) for line in stack.log("picker").splitlines() if '"routed"' in line]
     assert routed, "the picker logs each decision at debug level"
     assert {"model", "tier", "hosts", "request_id", "decision_us"} <= set(routed[-1])
+
+
+def test_config_reload_applies_valid_files_and_rejects_invalid_ones(stack: Stack) -> None:
+    config = stack.run_dir / "fleet.yaml"
+    original = config.read_text()
+    large = mlp_body(rows(64))
+
+    def large_goes_to(host: str) -> bool:
+        status, headers, _ = rest(stack, "/v2/models/mlp_classifier/infer", large)
+        return status == 200 and served_by(stack, headers) == host
+
+    def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if check():
+                return True
+            time.sleep(0.2)
+        return False
+
+    try:
+        config.write_text(original.replace("min_bytes: 4096", "min_bytes: -5"))  # invalid
+        assert eventually(lambda: "config_reload_rejected" in stack.log("picker"))
+        assert "models[0].rules[0].min_bytes" in stack.log("picker")
+        assert large_goes_to("triton-a"), "the previous config keeps serving"
+
+        config.write_text(original.replace("min_bytes: 4096", "min_bytes: 100000000"))
+        assert eventually(lambda: large_goes_to("triton-c")), "large requests now classify to the CPU tier"
+        assert "config_reloaded" in stack.log("picker")
+    finally:
+        config.write_text(original)
+    assert eventually(lambda: large_goes_to("triton-a"))
 
 
 def test_fail_open_when_the_picker_dies(stack: Stack) -> None:

@@ -63,10 +63,15 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds-protos ships no stubs
     def __init__(self, fleet: Fleet, scheduler: Scheduler, metrics: PickerMetrics) -> None:
-        self._scheduler = scheduler
         self._metrics = metrics
-        self._retry_after = str(fleet.picker.retry_after_s)
         self._tier_headers = {t: _header(TIER_HEADER, t.value) for t in Tier}
+        self.configure(fleet, scheduler)
+
+    def configure(self, fleet: Fleet, scheduler: Scheduler) -> None:
+        """Use a new fleet and scheduler from the next request on (config reload); streams in progress
+        finish with what they started with."""
+        self._scheduler = scheduler
+        self._retry_after = str(fleet.picker.retry_after_s)
         self._debug = fleet.picker.log_level == "debug"
 
     async def Process(
