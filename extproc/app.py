@@ -15,7 +15,7 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from extproc.config import ConfigError, Fleet, load_fleet
+from extproc.config import ConfigError, Fleet, file_stamp, load_fleet
 from extproc.datastore import Datastore
 from extproc.handlers.server import Processor
 from extproc.metrics import PickerMetrics
@@ -139,19 +139,11 @@ class Picker:
 
 async def _watch_config(picker: Picker, path: Path, reload_now: asyncio.Event) -> None:
     """Reload on SIGHUP (``reload_now``) or when the file changes; an invalid file keeps the running config."""
-
-    def stamp() -> tuple[float, int] | None:
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        return st.st_mtime, st.st_size
-
-    seen = stamp()
+    seen = file_stamp(path)
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(reload_now.wait(), timeout=_CONFIG_POLL_S)
-        current = stamp()
+        current = file_stamp(path)
         if not reload_now.is_set() and current == seen:
             continue
         reload_now.clear()

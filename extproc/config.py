@@ -231,6 +231,16 @@ class TlsSpec(_Strict):
     key_file: str = ".run/tls/server.key"
     # Generate a self-signed certificate at start-up when the files do not exist (local use only).
     self_signed: bool = True
+    # PEM bundle of the CAs whose client certificates are accepted. Set alone: a client may present a
+    # certificate (it must then verify); with require_client_certificate: every client must (mutual TLS).
+    client_ca_file: str | None = None
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _client_ca(self) -> Self:
+        if self.require_client_certificate and self.client_ca_file is None:
+            raise ValueError("require_client_certificate needs client_ca_file (the CAs that sign client certificates)")
+        return self
 
 
 class EnvoySpec(_Strict):
@@ -245,6 +255,9 @@ class EnvoySpec(_Strict):
     route_timeout_s: float = Field(default=0, ge=0)
     # Per-try timeout so a stalled host is retried elsewhere; 0 disables it.
     per_try_timeout_s: float = Field(default=0, ge=0)
+    # Largest request body Envoy accepts (bytes). A larger content-length is answered 413 before the body is
+    # read; a REST body without content-length (chunked) is buffered up to this size, then 413.
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**32 - 1)
     concurrency: int = Field(default=1, ge=1, le=256)
     base_id: int = Field(default=0, ge=0)
 
@@ -343,3 +356,12 @@ def load_fleet(path: str | Path) -> Fleet:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_fleet(data, str(path))
+
+
+def file_stamp(path: Path) -> tuple[float, int] | None:
+    """Modification time and size of a fleet file, to notice edits (None while it is missing)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime, st.st_size

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
+import datetime as dt
 import json
+import math
 import os
 import selectors
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +70,8 @@ class Stack:
     run_dir: Path
     process: subprocess.Popen[str]
     output: list[str] = field(default_factory=list)
+    # Processes the test started itself (restarts, hosts outside `extproc up`), by name; see spawn().
+    spawned: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
     def http_url(self) -> str:
@@ -129,9 +140,17 @@ def start_stack(run_dir: Path, fleet: dict[str, Any]) -> Stack:
             break
         stack.output.append(line.rstrip())
         if line.startswith("READY "):
+            # Keep reading, so `extproc up` never blocks on a full pipe, and tests can see its progress.
+            threading.Thread(target=_collect, args=(process, stack.output), daemon=True).start()
             return stack
     stop_stack(stack)
     raise RuntimeError("extproc up did not print READY:\n" + "\n".join(stack.output[-40:]))
+
+
+def _collect(process: subprocess.Popen[str], output: list[str]) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        output.append(line.rstrip())
 
 
 def alive(pid: int) -> bool:
@@ -154,3 +173,484 @@ def stop_stack(stack: Stack) -> int:
     except subprocess.TimeoutExpired:
         stack.process.kill()
         return stack.process.wait()
+    finally:
+        stop_spawned(stack)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fault injection: restarting a process with its own command line, test-launched Triton hosts, a TCP proxy
+# that can be cut, an open-loop load in a child process, and the picker's decisions from its debug log.
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.1) -> float:
+    """Poll ``predicate`` until it holds; returns the seconds it took. Raises AssertionError naming ``what``."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+    return time.monotonic() - started
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """How a process was started, read back from /proc: enough to start it again the same way."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    cwd: str
+
+
+def process_spec(pid: int) -> ProcessSpec:
+    proc = Path(f"/proc/{pid}")
+    argv = tuple(a.decode() for a in proc.joinpath("cmdline").read_bytes().split(b"\0") if a)
+    env: dict[str, str] = {}
+    for item in proc.joinpath("environ").read_bytes().split(b"\0"):
+        key, sep, value = item.decode(errors="surrogateescape").partition("=")
+        if sep:
+            env[key] = value
+    return ProcessSpec(argv, env, str(proc.joinpath("cwd").readlink()))
+
+
+def _die_with_test() -> None:
+    """In the child before exec: SIGTERM when the test process dies, as ``extproc up`` does for its children."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn(stack: Stack, name: str, spec: ProcessSpec) -> subprocess.Popen[bytes]:
+    """Start ``spec`` as ``name`` (its log appended to the stack's ``logs/NAME.log``), in its own process group.
+
+    The process belongs to the test, not to ``extproc up``: :func:`stop_stack` stops it."""
+    with (stack.run_dir / "logs" / f"{name}.log").open("ab") as log:
+        process = subprocess.Popen(
+            list(spec.argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=spec.env,
+            cwd=spec.cwd,
+            start_new_session=True,
+            preexec_fn=_die_with_test,
+        )
+    stack.spawned[name] = process
+    return process
+
+
+def pid_of(stack: Stack, name: str) -> int:
+    """The live process of ``name``: the test's own restart of it if there is one, else ``extproc up``'s."""
+    process = stack.spawned.get(name)
+    if process is not None and process.poll() is None:
+        return process.pid
+    return stack.pids()[name]
+
+
+def kill_and_wait(pid: int, sig: int = signal.SIGKILL, timeout_s: float = 10.0) -> None:
+    os.kill(pid, sig)
+    wait_for(lambda: not alive(pid), timeout_s, f"process {pid} to die", interval_s=0.02)
+
+
+def stop_spawned(stack: Stack) -> None:
+    """Stop the processes the test started itself (their whole process groups: Triton's backend stubs)."""
+    for process in stack.spawned.values():
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+                os.killpg(process.pid, signal.SIGTERM)
+    for process in stack.spawned.values():
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def triton_spec(stack_run_dir: Path, host: dict[str, Any], models: Sequence[str], metrics_port: int) -> ProcessSpec:
+    """The command line ``extproc up`` would use for ``host``, but with its metrics on ``metrics_port``."""
+    from extproc.runtime.triton import prepare_backend_dir, triton_command, triton_env
+
+    argv = triton_command(
+        model_repository=REPOSITORY,
+        backend_dir=prepare_backend_dir(stack_run_dir),
+        http_port=int(host["http_port"]),
+        grpc_port=int(host["grpc_port"]),
+        metrics_port=metrics_port,
+        models=list(models),
+        address=str(host["address"]),
+    )
+    return ProcessSpec(tuple(argv), triton_env(1.0), str(REPO))
+
+
+def http_status(url: str, timeout_s: float = 2.0, method: str = "GET") -> int | None:
+    """The HTTP status of ``url`` (None when there is no answer)."""
+    request = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+class TcpProxy:
+    """A loopback TCP forwarder that a test can cut (listener closed, connections reset) and restore."""
+
+    def __init__(self, listen_port: int, target_port: int) -> None:
+        self.listen_port = listen_port
+        self.target_port = target_port
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            assert self._listener is None
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.listen_port))
+            listener.listen(64)
+            listener.settimeout(0.2)
+            self._listener = listener
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._accept, args=(listener,), daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Close the listener and every forwarded connection: connects are refused from now on."""
+        with self._lock:
+            self._stop.set()
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if listener is not None:
+            listener.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=2)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            client.settimeout(None)
+            with self._lock:
+                self._conns += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+
+# ---------------------------------------------------------------------------------------- the picker's view
+
+
+def picker_view(stack: Stack, host: str) -> dict[str, Any]:
+    try:
+        view: dict[str, Any] = stack.picker_status()["hosts"][host]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return view
+
+
+def routable(stack: Stack, host: str, models: Sequence[str] = ()) -> bool:
+    """The picker would route to ``host`` now (fresh, healthy, not ejected) and has ``models`` READY there."""
+    view = picker_view(stack, host)
+    return bool(view.get("routable")) and set(models) <= set(view.get("ready", {}))
+
+
+@dataclass(frozen=True)
+class Pick:
+    at: float  # wall-clock seconds (the picker's log timestamp)
+    model: str
+    hosts: tuple[str, ...]
+
+
+def picks(stack: Stack, since: float = 0.0) -> list[Pick]:
+    """The picker's routing decisions from its debug log (``picker.log_level: debug``), at or after ``since``."""
+    out = []
+    for line in stack.log("picker").splitlines():
+        if '"routed"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+            at = dt.datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        if record.get("event") == "routed" and at >= since:
+            out.append(Pick(at, str(record.get("model") or ""), tuple(record.get("hosts") or ())))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the load
+
+
+@dataclass(frozen=True)
+class MixEntry:
+    """One kind of request in a load: a model over REST (``http``) or gRPC with one FP32 input."""
+
+    protocol: str
+    model: str
+    input: str
+    shape: tuple[int, ...]
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}/{self.protocol}"
+
+
+OK_STATUSES = frozenset({"http 200", "grpc OK"})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    entry: int  # index into the mix
+    sent: float  # wall-clock seconds
+    done: float
+    status: str  # "http 200", "grpc UNAVAILABLE", "lost: ..." (no answer at all)
+    host: str  # x-triton-host of the answer, "" if none
+
+    @property
+    def ok(self) -> bool:
+        return self.status in OK_STATUSES
+
+    @property
+    def lost(self) -> bool:
+        return self.status.startswith("lost")
+
+
+@dataclass
+class LoadResult:
+    mix: tuple[MixEntry, ...]
+    start: float
+    outcomes: list[Outcome]
+
+    @property
+    def sent(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def failed(self) -> int:
+        """Requests that got an answer other than success."""
+        return sum(1 for o in self.outcomes if not o.ok and not o.lost)
+
+    @property
+    def lost(self) -> int:
+        """Requests that got no answer at all (client timeout, connection closed without a response)."""
+        return sum(1 for o in self.outcomes if o.lost)
+
+    @property
+    def rate(self) -> float:
+        times = [o.sent for o in self.outcomes]
+        return len(times) / (max(times) - min(times)) if len(times) > 1 else 0.0
+
+    def not_ok(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+    def statuses(self) -> Counter[str]:
+        return Counter(o.status for o in self.outcomes)
+
+    def served(self, since: float = 0.0, until: float = math.inf) -> Counter[str]:
+        """Which upstream (``ip:port``) served the requests sent in [since, until)."""
+        return Counter(o.host for o in self.outcomes if since <= o.sent < until and o.ok)
+
+    def row(self, fault: str) -> str:
+        protocols = Counter(self.mix[o.entry].protocol for o in self.outcomes)
+        return (
+            f"| {fault} | {self.sent} ({protocols['http']} REST, {protocols['grpc']} gRPC, {self.rate:.0f}/s) "
+            f"| {self.failed} | {self.lost} |"
+        )
+
+    def describe(self, limit: int = 10) -> str:
+        bad = self.not_ok()
+        lines = [f"sent {self.sent} failed {self.failed} lost {self.lost}: {dict(self.statuses())}"]
+        lines += [
+            f"  {self.mix[o.entry].label} sent at +{o.sent - self.start:.2f}s: {o.status} ({o.host})"
+            for o in bad[:limit]
+        ]
+        return "\n".join(lines)
+
+
+class Load:
+    """An open-loop load at a fixed rate, in a child process (its own interpreter and event loop), cycling
+    through ``mix``. Each request has ``timeout_s`` to be answered."""
+
+    def __init__(
+        self,
+        stack: Stack,
+        mix: Sequence[MixEntry],
+        rate_rps: float,
+        duration_s: float,
+        timeout_s: float = 15.0,
+    ) -> None:
+        self.mix = tuple(mix)
+        self._out = stack.run_dir / f"load-{time.monotonic_ns()}.json"
+        spec = {
+            "http": f"http://{stack.http_url}",
+            "grpc": stack.http_url,
+            "rate": rate_rps,
+            "duration": duration_s,
+            "timeout": timeout_s,
+            "mix": [
+                {"protocol": m.protocol, "model": m.model, "input": m.input, "shape": m.shape, "headers": m.headers}
+                for m in self.mix
+            ],
+        }
+        spec_file = self._out.with_suffix(".spec.json")
+        spec_file.write_text(json.dumps(spec))
+        self._process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys, tests.stack as s; sys.exit(s.load_main(sys.argv[1:]))",
+                str(spec_file),
+                str(self._out),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line.startswith("START "):
+            self._process.kill()
+            raise RuntimeError(f"the load generator did not start: {line!r}")
+        self.start = float(line.split()[1])
+        self.end = self.start + duration_s
+
+    def sleep_until(self, offset_s: float) -> None:
+        """Sleep until ``offset_s`` seconds after the load started."""
+        delay = self.start + offset_s - time.time()
+        if delay > 0:
+            time.sleep(delay)
+
+    def result(self, timeout_s: float = 120.0) -> LoadResult:
+        try:
+            self._process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            raise
+        assert self._process.returncode == 0, f"load generator exited with {self._process.returncode}"
+        data = json.loads(self._out.read_text())
+        return LoadResult(self.mix, data["start"], [Outcome(*r) for r in data["outcomes"]])
+
+    def kill(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+
+def _request_bodies(mix: list[dict[str, Any]]) -> list[bytes]:
+    import numpy as np
+    from tritonclient.grpc import service_pb2
+
+    bodies = []
+    for i, m in enumerate(mix):
+        data = np.random.default_rng(i).standard_normal(m["shape"]).astype(np.float32)
+        if m["protocol"] == "http":
+            tensor = {"name": m["input"], "shape": m["shape"], "datatype": "FP32", "data": data.ravel().tolist()}
+            bodies.append(json.dumps({"inputs": [tensor]}).encode())
+        else:
+            request = service_pb2.ModelInferRequest(model_name=m["model"])
+            request.inputs.add(name=m["input"], datatype="FP32", shape=m["shape"])
+            request.raw_input_contents.append(data.tobytes())
+            bodies.append(bytes(request.SerializeToString()))
+    return bodies
+
+
+async def _run_load(spec: dict[str, Any]) -> tuple[float, list[tuple[int, float, float, str, str]]]:
+    import aiohttp
+    import grpc
+
+    mix: list[dict[str, Any]] = spec["mix"]
+    bodies = _request_bodies(mix)
+    timeout_s = float(spec["timeout"])
+    count = int(spec["rate"] * spec["duration"])
+    gap = 1.0 / float(spec["rate"])
+    outcomes: list[tuple[int, float, float, str, str]] = []
+    channel = grpc.aio.insecure_channel(spec["grpc"])
+    infer: Any = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+
+        async def one(k: int) -> None:
+            m = mix[k]
+            sent = time.time()
+            host = ""
+            try:
+                if m["protocol"] == "http":
+                    headers = {"content-type": "application/json", **dict(m["headers"])}
+                    url = f"{spec['http']}/v2/models/{m['model']}/infer"
+                    async with session.post(url, data=bodies[k], headers=headers) as response:
+                        await response.read()
+                        status = f"http {response.status}"
+                        host = response.headers.get("x-triton-host", "")
+                else:
+                    call = infer(bodies[k], timeout=timeout_s, metadata=tuple(map(tuple, m["headers"])))
+                    try:
+                        await call
+                        code = grpc.StatusCode.OK
+                    except grpc.aio.AioRpcError as exc:
+                        code = exc.code()
+                    status = "lost: deadline" if code is grpc.StatusCode.DEADLINE_EXCEEDED else f"grpc {code.name}"
+                    with contextlib.suppress(Exception):
+                        host = dict(await call.initial_metadata() or ()).get("x-triton-host", "")
+            except TimeoutError:
+                status = "lost: timeout"
+            except aiohttp.ClientError as exc:
+                status = f"lost: {type(exc).__name__}"
+            outcomes.append((k, sent, time.time(), status, str(host)))
+
+        loop = asyncio.get_running_loop()
+        start_wall = time.time() + 0.1
+        start = loop.time() + 0.1
+        print(f"START {start_wall}", flush=True)
+        tasks = set()
+        for i in range(count):
+            delay = start + i * gap - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(i % len(mix)))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(set(tasks))
+    await channel.close()
+    return start_wall, outcomes
+
+
+def load_main(argv: Sequence[str]) -> int:
+    """``python -c 'import tests.stack as s; s.load_main([SPEC, OUT])'``: run one load, write its outcomes."""
+    import uvloop
+
+    spec = json.loads(Path(argv[0]).read_text())
+    start, outcomes = uvloop.run(_run_load(spec))
+    Path(argv[1]).write_text(json.dumps({"start": start, "outcomes": outcomes}))
+    return 0

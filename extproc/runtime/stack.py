@@ -13,11 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from extproc.config import Fleet, HostSpec
+from extproc.config import ConfigError, Fleet, HostSpec, file_stamp, load_fleet
 from extproc.envoy_config import render_yaml
 from extproc.runtime.process import Supervisor
 from extproc.runtime.triton import prepare_backend_dir, triton_command, triton_env
 from extproc.tls import ensure_self_signed
+
+# Seconds an Envoy replaced by a hot restart keeps serving the requests it has.
+_ENVOY_DRAIN_S = 5
 
 # Triton loads python-backend models in a few seconds; on 2 shared cores three hosts can take a while.
 _START_TIMEOUT_S = 180.0
@@ -58,6 +61,10 @@ class Stack:
         self.config_path = config_path
         self.runtime_dir = Path(fleet.runtime_dir)
         self.supervisor = Supervisor(self.runtime_dir / "logs")
+        self._envoy_epoch = 0
+        self._envoy_yaml = ""
+        # Envoys replaced by a hot restart: they drain and exit by themselves.
+        self._retired: set[int] = set()
 
     def start(self) -> None:
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
@@ -95,19 +102,27 @@ class Stack:
         tls = self.fleet.envoy.tls
         if tls is not None and tls.self_signed and ensure_self_signed(Path(tls.cert_file), Path(tls.key_file)):
             _progress(f"generated a self-signed certificate: {tls.cert_file}")
-        path = self.runtime_dir / "envoy.yaml"
-        path.write_text(render_yaml(self.fleet), encoding="utf-8")
+        self._envoy_yaml = render_yaml(self.fleet)
+        path = self.runtime_dir / f"envoy-{self._envoy_epoch}.yaml"
+        path.write_text(self._envoy_yaml, encoding="utf-8")
         return path
 
     def _start_envoy(self, config: Path) -> None:
         envoy = self.fleet.envoy
-        _progress(f"starting Envoy on {envoy.listener.address}:{envoy.listener.port}")
+        _progress(f"starting Envoy on {envoy.listener.address}:{envoy.listener.port} (epoch {self._envoy_epoch})")
         argv = [
             find_envoy(),
             "-c",
             str(config),
             "--base-id",
             str(envoy.base_id),
+            # Hot restart: a new epoch takes over the listeners while the old one finishes its requests.
+            "--restart-epoch",
+            str(self._envoy_epoch),
+            "--drain-time-s",
+            str(_ENVOY_DRAIN_S),
+            "--parent-shutdown-time-s",
+            str(_ENVOY_DRAIN_S * 2),
             "--concurrency",
             str(envoy.concurrency),
             "--log-level",
@@ -161,14 +176,39 @@ class Stack:
 
     def supervise(self) -> None:
         """Block until SIGINT/SIGTERM, reporting children that exit (the rest keep serving: Envoy fails
-        open without the picker, and routes around a dead Triton host)."""
-        reported: set[str] = set()
+        open without the picker, and routes around a dead Triton host), and applying fleet-file changes."""
+        reported: set[int] = set()
+        seen = file_stamp(self.config_path)
         while True:
             for child in self.supervisor.exited():
-                if child.name not in reported:
-                    reported.add(child.name)
+                pid = child.process.pid
+                if pid not in reported and pid not in self._retired:
+                    reported.add(pid)
                     _progress(f"{child.name} exited with code {child.process.returncode}; see {child.log_file}")
-            time.sleep(0.2)
+            current = file_stamp(self.config_path)
+            if current != seen:
+                seen = current
+                self.apply_config_change()
+            time.sleep(0.5)
+
+    def apply_config_change(self) -> None:
+        """Hot-restart Envoy on the new fleet file's config if it changed; the picker reloads by itself.
+        An invalid file changes nothing."""
+        try:
+            fleet = load_fleet(self.config_path)
+        except ConfigError as exc:
+            _progress(f"fleet file change rejected, still serving the previous config:\n{exc}")
+            return
+        if [h.launch for h in fleet.hosts] != [h.launch for h in self.fleet.hosts]:
+            _progress("note: launch sections changed; restart `extproc up` to start or stop Triton hosts")
+        self.fleet = fleet
+        if render_yaml(fleet) == self._envoy_yaml:
+            return
+        previous = [c for c in self.supervisor.children if c.name == "envoy" and c.process.poll() is None]
+        self._envoy_epoch += 1
+        self._start_envoy(self._write_envoy_config())
+        self._retired.update(c.process.pid for c in previous)
+        self._write_pids()
 
     def stop(self) -> None:
         _progress("stopping")
