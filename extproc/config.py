@@ -107,6 +107,9 @@ class ModelSpec(_Strict):
     allow_hint: bool = True
     # Overrides the picker's (and the tier's) scheduling profile for this model.
     profile: Profile | None = None
+    # A sequence-batched model: Envoy streams its REST bodies to the picker, which reads the correlation id
+    # from the JSON ``parameters`` (gRPC requests are read for every model).
+    sequence: bool = False
 
     @model_validator(mode="after")
     def _rules_within_tiers(self) -> Self:

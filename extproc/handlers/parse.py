@@ -5,6 +5,7 @@ Pure functions over bytes and strings, so they can be unit- and fuzz-tested with
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,6 +76,20 @@ def grpc_method(path: str) -> str | None:
 
 def grpc_names_model(method: str) -> bool:
     return method in _MODEL_METHODS
+
+
+def rest_sequence_id(json_header: bytes) -> str | None:
+    """``parameters.sequence_id`` of a REST inference request's JSON (the part before any binary tensors)."""
+    try:
+        body = json.loads(json_header)
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedRequest("the request body is not valid JSON") from None
+    parameters = body.get("parameters") if isinstance(body, dict) else None
+    value = parameters.get("sequence_id") if isinstance(parameters, dict) else None
+    # Triton accepts unsigned integers and strings; 0 and "" mean "not a sequence".
+    if isinstance(value, bool) or not isinstance(value, int | str) or value in (0, ""):
+        return None
+    return str(value)
 
 
 @dataclass(frozen=True, slots=True)

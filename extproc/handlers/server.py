@@ -10,6 +10,7 @@ Only this module knows protobuf. One stream is one HTTP request:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -18,6 +19,7 @@ from typing import Any
 import grpc
 import structlog
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
@@ -30,6 +32,7 @@ from extproc.handlers.parse import (
     grpc_names_model,
     parse_grpc_frame,
     parse_rest_path,
+    rest_sequence_id,
 )
 from extproc.headers import (
     HOSTS_HEADER,
@@ -53,6 +56,7 @@ _PRIORITIES = {p.value: p for p in Priority}
 # HTTP status → gRPC status for answers to gRPC clients (grpc-status, as Triton itself would send).
 _GRPC_STATUS = {400: 3, 404: 5, 413: 8, 429: 8, 503: 14}
 _BODY_ACK = ep.ProcessingResponse(request_body=ep.BodyResponse())
+_STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -71,6 +75,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         """Use a new fleet and scheduler from the next request on (config reload); streams in progress
         finish with what they started with."""
         self._scheduler = scheduler
+        self._sequence_models = frozenset(m.name for m in fleet.models if m.sequence)
         self._retry_after = str(fleet.picker.retry_after_s)
         self._debug = fleet.picker.log_level == "debug"
 
@@ -94,6 +99,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         try:
             if method is None:
                 request = self._rest_request(path, headers)
+                if self._needs_rest_body(request, first):
+                    request, pending = await self._rest_sequence(request, headers, stream)
             elif first.request_headers.end_of_stream or not grpc_names_model(method):
                 request = InferenceRequest(Protocol.GRPC, tier_hint=_hint(headers), priority=_priority(headers))
             else:
@@ -123,6 +130,37 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             _priority(headers),
             _sequence_id(headers),
         )
+
+    def _needs_rest_body(self, request: InferenceRequest, first: ep.ProcessingRequest) -> bool:
+        """A sequence model's REST call whose body Envoy streams to us (the route says so in
+        ``protocol_config``) and whose correlation id is not already in a header."""
+        return (
+            request.model in self._sequence_models
+            and request.sequence_id is None
+            and not first.request_headers.end_of_stream
+            and first.protocol_config.request_body_mode == _STREAMED
+        )
+
+    async def _rest_sequence(
+        self, request: InferenceRequest, headers: dict[str, str], stream: AsyncIterator[ep.ProcessingRequest]
+    ) -> tuple[InferenceRequest, list[ep.ProcessingRequest]]:
+        """Read the JSON part of a REST body (tritonclient puts ``parameters`` there, before any binary
+        tensor) and take the correlation id from it."""
+        header_length = headers.get("inference-header-content-length", "")
+        json_length = int(header_length) if header_length.isdigit() else request.size_bytes
+        pending: list[ep.ProcessingRequest] = []
+        data = b""
+        async for message in stream:
+            if not message.HasField("request_body"):
+                continue
+            pending.append(message)
+            data += message.request_body.body
+            if message.request_body.end_of_stream or (json_length is not None and len(data) >= json_length):
+                break
+            if len(data) > _MAX_PEEK_BYTES:
+                return request, pending  # a huge JSON tensor: routed without affinity rather than buffered
+        sequence_id = rest_sequence_id(data[:json_length] if json_length is not None else data)
+        return dataclasses.replace(request, sequence_id=sequence_id), pending
 
     async def _grpc_request(
         self, method: str, headers: dict[str, str], stream: AsyncIterator[ep.ProcessingRequest]
