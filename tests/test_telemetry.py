@@ -876,3 +876,19 @@ async def test_wildcard_admin_address_and_closed_collector(stack: Stack) -> None
         assert store.hosts["a"].envoy_at is not None
     with pytest.raises(RuntimeError):
         await collector.refresh_once()
+
+
+async def test_picks_do_not_pile_up_while_envoy_admin_is_unreachable(stack: Stack) -> None:
+    fleet = stack.fleet()
+    store = Datastore(fleet)
+    async with TelemetryCollector(fleet, store) as collector:
+        await collector.refresh_once()
+        a = store.hosts["a"]
+        a.picks_since_poll = 40
+        await collector.refresh_once()
+        assert a.picks_since_poll == 0  # Envoy's poll superseded them
+        await stack.envoy.stop()
+        a.envoy_at = store.now() - 60  # Envoy's view has gone stale
+        a.picks_since_poll = 40
+        await collector.refresh_once()
+        assert a.picks_since_poll == 0, "a Triton metrics poll resets them once Envoy's view is stale"

@@ -245,7 +245,12 @@ class TelemetryCollector:
             _apply_gpu(load, self._gpu)
         host.state.load = load
         host.snapshot = snapshot
-        host.state.metrics_at = self._datastore.now()
+        now = host.state.metrics_at = self._datastore.now()
+        envoy_at = host.state.envoy_at
+        if envoy_at is None or now - envoy_at > self._datastore.stale_after_s:
+            # Envoy's admin is unreachable: Triton's counts are the live view now, and our picks since the
+            # last Envoy poll would otherwise pile up for ever.
+            host.state.picks_since_poll = 0
 
     async def _poll_repository(self, host: _Host) -> None:
         index = await host.repository.index(self._timeout_s)
