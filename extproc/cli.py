@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     render = command("envoy-config", "Render the Envoy bootstrap for the fleet file.")
     render.add_argument("--output", "-o", type=Path, help="write here instead of stdout")
     command("check", "Validate the fleet file and exit.")
+    _ops_parsers(sub)
     bench = sub.add_parser("bench", help="On-demand benchmarks that print numbers.")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     decision = bench_sub.add_parser("decision", help="In-process decision time over synthetic fleets.")
@@ -60,6 +61,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, fleet: Fleet) -> int:
+    if args.command in {"models", "status"}:
+        return _ops(args, fleet)
     if args.command == "serve":
         from extproc import app
 
@@ -82,3 +85,59 @@ def _run(args: argparse.Namespace, fleet: Fleet) -> int:
         return 0
     print(f"{args.config}: valid ({len(fleet.hosts)} hosts, {len(fleet.models)} models)")
     return 0
+
+
+def _ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``extproc models {list,load,unload,place,reload}`` and ``extproc status`` (extproc/ops/)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", type=Path, default=Path(DEFAULT_CONFIG), help="fleet file (YAML)")
+    common.add_argument("--picker", action="append", metavar="URL", help="picker HTTP endpoint (repeat for replicas)")
+    common.add_argument("--envoy", action="append", metavar="URL", help="Envoy admin endpoint (repeatable)")
+    common.add_argument("--timeout", type=float, default=5.0, help="seconds per repository/status call")
+    models = sub.add_parser("models", help="Triton model repository operations across the fleet.")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+
+    def op(name: str, help_text: str) -> argparse.ArgumentParser:
+        return models_sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+
+    listing = op("list", "Which model is READY where (asks every Triton host).")
+    listing.add_argument("model", nargs="*", help="only these models")
+    listing.add_argument("--json", action="store_true")
+    load = op("load", "Load a model on hosts (by name, by tier, or the best --count of them).")
+    place = op("place", "Make a model READY on --count hosts of its tiers, choosing by GPU memory headroom.")
+    unload = op("unload", "Unload a model host by host, draining each host in the picker first.")
+    reload = op("reload", "Rolling reload: per host drain, wait, unload, load, wait READY, undrain.")
+    for p in (load, place, unload, reload):
+        p.add_argument("model")
+        p.add_argument("--tier", choices=["cpu", "gpu"])
+        p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+        p.add_argument("--force", action="store_true", help="go ahead despite the plan's problems")
+    for p in (load, unload, reload):
+        p.add_argument("--hosts", action="append", metavar="A,B", help="these hosts")
+        p.add_argument("--all", action="store_true", help="every host of the model's tiers (load) or with it")
+    for p in (load, place, reload):
+        p.add_argument("--load-timeout", type=float, metavar="S", help="seconds per load (default 300)")
+    for p in (load, place):
+        p.add_argument("--no-wait", action="store_true", help="do not wait until the picker sees it READY")
+    load.add_argument("--count", type=int, help="only the best N hosts")
+    place.add_argument("--count", type=int, required=True, help="hosts the model should be READY on in all")
+    for p in (unload, reload):
+        p.add_argument("--drain-timeout", type=float, metavar="S", help="seconds to wait for in-flight (60)")
+        p.add_argument("--no-drain", action="store_true", help="do not drain first (requests may fail)")
+    status = sub.add_parser(
+        "status", help="Live table of hosts, tiers, models, queues, GPU memory and ejections.", parents=[common]
+    )
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS", help="refresh (default 2 s)")
+    status.add_argument("--once", action="store_true", help="print once (the default when not on a terminal)")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--no-envoy", action="store_true", help="do not ask Envoy's admin endpoint")
+
+
+def _ops(args: argparse.Namespace, fleet: Fleet) -> int:
+    if args.command == "status":
+        from extproc.ops import status
+
+        return status.run_cli(args, fleet)
+    from extproc.ops import models
+
+    return models.run_cli(args, fleet)

@@ -110,6 +110,8 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
         and host.envoy_at is not None,
         "ready": {model: sorted(versions) for model, versions in sorted(host.ready.items())},
         "in_flight": round(host.in_flight(now), 2),
+        "envoy_active": host.envoy.active,
+        "picks_since_poll": host.picks_since_poll,
         "pending": host.load.pending,
         "service_ms": host.load.service_ms,
         "queue_ms": host.load.queue_ms,
