@@ -8,6 +8,7 @@ runs on one event loop, so plain attribute updates are consistent without locks.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from extproc.config import Fleet, HostSpec, Tier
@@ -21,6 +22,8 @@ class TritonLoad:
     # Mean queue wait and per-request service time over the last scrape interval, in ms; None until measured.
     queue_ms: float | None = None
     service_ms: float | None = None
+    # Mean execution (batch) time in ms: what a request takes on this host even when nothing is queued.
+    exec_ms: float | None = None
     gpu_memory_used: int | None = None
     gpu_memory_total: int | None = None
     gpu_utilization: float | None = None
@@ -115,6 +118,7 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
         "pending": host.load.pending,
         "service_ms": host.load.service_ms,
         "queue_ms": host.load.queue_ms,
+        "exec_ms": host.load.exec_ms,
         "gpu_memory_used": host.load.gpu_memory_used,
         "gpu_memory_total": host.load.gpu_memory_total,
         "draining": host.draining,
@@ -127,8 +131,9 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
 class Datastore:
     """All hosts of one fleet, by name and by tier."""
 
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Fleet, clock: Callable[[], float] = time.monotonic) -> None:
         self.fleet = fleet
+        self.now = clock
         self.hosts: dict[str, HostState] = {h.name: HostState(h) for h in fleet.hosts}
         self.by_tier: dict[Tier, tuple[HostState, ...]] = {
             tier: tuple(s for s in self.hosts.values() if s.tier is tier) for tier in Tier
@@ -173,9 +178,6 @@ class Datastore:
 
     def tiers_serving(self, model: str, version: str | None) -> set[Tier]:
         return {h.tier for h in self.hosts.values() if h.serves(model, version)}
-
-    def now(self) -> float:
-        return time.monotonic()
 
     def status(self) -> dict[str, dict[str, object]]:
         now = self.now()

@@ -48,9 +48,14 @@ def http(
     return InferenceRequest(Protocol.HTTP, model, version, size, hint)
 
 
+def frozen() -> float:
+    """The tests' clock: time stands still, so in-flight estimates do not drain while a test runs."""
+    return 1000.0
+
+
 @pytest.fixture
 def store() -> Datastore:
-    s = Datastore(fleet())
+    s = Datastore(fleet(), clock=frozen)
     live(s, {"g1": ["embed", "mlp"], "g2": ["embed"], "g3": ["embed"], "c1": ["mlp"]})
     return s
 
@@ -156,7 +161,7 @@ def test_model_not_in_fleet_file_served_where_loaded(store: Datastore) -> None:
 
 def test_max_hosts_bounds_the_retry_list() -> None:
     f = fleet(picker={"max_hosts": 2})
-    s = Datastore(f)
+    s = Datastore(f, clock=frozen)
     live(s, {"g1": ["embed"], "g2": ["embed"], "g3": ["embed"]})
     assert len(names(Scheduler(f, s).decide(http("embed")))) == 2
 
@@ -202,7 +207,7 @@ def test_profile_resolution_model_then_tier_then_default() -> None:
 @pytest.mark.parametrize("picker", list(PickerName))
 def test_every_picker_routes_only_to_candidates(picker: PickerName) -> None:
     f = fleet(picker={"profile": {"picker": picker.value}})
-    s = Datastore(f)
+    s = Datastore(f, clock=frozen)
     live(s, {"g1": ["embed"], "g2": ["embed"], "g3": ["mlp"]})
     s.hosts["g2"].envoy.ejected = True
     scheduler = Scheduler(f, s, random.Random(1))
@@ -211,7 +216,7 @@ def test_every_picker_routes_only_to_candidates(picker: PickerName) -> None:
 
 def test_round_robin_ignores_load() -> None:
     f = fleet(picker={"profile": {"picker": "round_robin"}})
-    s = Datastore(f)
+    s = Datastore(f, clock=frozen)
     live(s, {"g1": ["embed"], "g2": ["embed"], "g3": ["embed"]})
     s.hosts["g1"].envoy.active = 50
     assert set(firsts(Scheduler(f, s), http("embed"), 30).values()) == {10}
@@ -220,7 +225,7 @@ def test_round_robin_ignores_load() -> None:
 def test_power_of_two_and_weighted_random_prefer_idle_hosts() -> None:
     for picker in ("power_of_two", "weighted_random"):
         f = fleet(picker={"profile": {"picker": picker}})
-        s = Datastore(f)
+        s = Datastore(f, clock=frozen)
         live(s, {"g1": ["embed"], "g2": ["embed"], "g3": ["embed"]})
         s.hosts["g1"].envoy.active = 40
         s.hosts["g2"].envoy.active = 40
@@ -236,7 +241,7 @@ def test_power_of_two_and_weighted_random_prefer_idle_hosts() -> None:
 def test_power_of_two_on_a_large_fleet_filters_lazily_but_correctly() -> None:
     hosts = [{"name": f"h{i}", "address": f"10.1.{i // 256}.{i % 256}", "tier": "gpu"} for i in range(200)]
     f = parse_fleet({"hosts": hosts, "models": [{"name": "m"}], "picker": {"profile": {"picker": "power_of_two"}}})
-    s = Datastore(f)
+    s = Datastore(f, clock=frozen)
     live(s, {f"h{i}": ["m"] for i in range(200)})
     for i in range(0, 200, 2):
         s.hosts[f"h{i}"].envoy.ejected = True
@@ -257,7 +262,7 @@ def test_scorer_weights_change_the_order(store: Datastore) -> None:
 
 def saturated_store(**picker: Any) -> tuple[Fleet, Datastore]:
     f = fleet(picker={"saturation": {"max_in_flight": 4}, **picker})
-    s = Datastore(f)
+    s = Datastore(f, clock=frozen)
     live(s, {"g1": ["embed", "mlp"], "g2": ["embed"], "c1": ["mlp"]})
     for name in ("g1", "g2", "c1"):
         s.hosts[name].envoy.active = 5

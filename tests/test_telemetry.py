@@ -46,6 +46,7 @@ from extproc.telemetry.envoy_admin import (
 from extproc.telemetry.nvml import NvmlReader, parse_visible_devices
 from extproc.telemetry.repository import RepositoryClient, index_from_models
 from extproc.telemetry.triton_metrics import (
+    SMOOTHING,
     Counters,
     MetricsParseError,
     TritonSnapshot,
@@ -275,15 +276,25 @@ def test_interval_without_completions_keeps_the_previous_estimate() -> None:
     assert derive_load(None, snap, last).service_ms == 2.5
 
 
+def test_service_estimates_are_smoothed_over_intervals() -> None:
+    before = parse_metrics(triton_page({M1: Counters(0, 0, 0, 0, 0)}))
+    # 20 requests in 10 executions of 6 ms: 6 ms a batch, 3 ms a request.
+    after = parse_metrics(triton_page({M1: Counters(20, 20, 10, 0, 20 * 6_000)}))
+    load = derive_load(before, after, TritonLoad(service_ms=1.0, exec_ms=2.0))
+    assert load.service_ms == pytest.approx(SMOOTHING * 3.0 + (1 - SMOOTHING) * 1.0)
+    assert load.exec_ms == pytest.approx(SMOOTHING * 6.0 + (1 - SMOOTHING) * 2.0)
+
+
 def test_counter_reset_counts_from_zero_and_never_goes_negative() -> None:
     before = parse_metrics(triton_page({M1: Counters(1000, 1000, 250, 5_000_000, 9_000_000)}))
     # Triton restarted: every counter is lower than before.
     after = parse_metrics(triton_page({M1: Counters(20, 20, 10, 100_000, 60_000)}))
     delta = counter_delta(before, after)
     assert delta == Counters(20, 20, 10, 100_000, 60_000)
-    load = derive_load(before, after, TritonLoad(queue_ms=99.0, service_ms=99.0))
+    load = derive_load(before, after, TritonLoad(queue_ms=99.0))
     assert load.queue_ms == pytest.approx(100_000 / 20 / 1000)
     assert load.service_ms == pytest.approx(60_000 / 20 * (10 / 20) / 1000)
+    assert load.exec_ms == pytest.approx(60_000 / 20 / 1000)
     # Restarted and idle since: zero counters, no completions, previous estimate kept, nothing negative.
     idle = parse_metrics(triton_page({M1: Counters()}))
     assert counter_delta(before, idle) == Counters()

@@ -15,18 +15,21 @@ _UNMEASURED_SERVICE_MS = 1.0
 
 
 def expected_completion_ms(hosts: Sequence[HostState], now: float) -> list[float]:
-    """When a new request would finish on each host: everything in flight there plus itself, times the
-    host's measured per-request service time, plus the queue time Triton observed recently.
+    """When a new request would finish on each host: one execution of its own (the host's mean batch
+    time) after the requests in flight there have drained at the host's per-request service time.
 
-    ``service_ms`` is a batch's time divided by its size, so a host that batches well is cheap per request
-    (batch-aware); a slow host's requests cost more by the same factor."""
+    ``service_ms`` is a batch's time divided by its size, so the queue drains faster on a host that batches
+    well (batch-aware), while ``exec_ms`` keeps a slow host from looking cheap when idle. Triton's observed
+    queue time is not added: queued requests are already in the in-flight count, and the observation is up
+    to a scrape old, which would herd traffic away from whichever host queued last."""
     measured = [h.load.service_ms for h in hosts if h.load.service_ms is not None]
     # An unmeasured host is assumed as fast as the fastest measured one, so a new host gets tried.
     default_ms = min(measured) if measured else _UNMEASURED_SERVICE_MS
     out = []
     for h in hosts:
         service = h.load.service_ms if h.load.service_ms is not None else default_ms
-        out.append((h.in_flight(now) + 1.0) * service + (h.load.queue_ms or 0.0))
+        execution = h.load.exec_ms if h.load.exec_ms is not None else service
+        out.append(execution + h.in_flight(now) * service)
     return out
 
 

@@ -191,6 +191,14 @@ def counter_delta(previous: TritonSnapshot, current: TritonSnapshot) -> Counters
     return Counters(*sums)
 
 
+# Weight of the newest scrape interval in the smoothed service-time estimates.
+SMOOTHING = 0.5
+
+
+def _smooth(previous: float | None, sample: float) -> float:
+    return sample if previous is None else SMOOTHING * sample + (1 - SMOOTHING) * previous
+
+
 def derive_load(previous: TritonSnapshot | None, current: TritonSnapshot, last: TritonLoad) -> TritonLoad:
     """The host's load after scrape ``current``, given the scrape before it and the load derived then.
 
@@ -203,22 +211,28 @@ def derive_load(previous: TritonSnapshot | None, current: TritonSnapshot, last: 
       mean execution time and the second the executions per request (1/batch size; capped at 1).
       This is exact when the interval's executions took similar times, and leans towards the larger
       batches' times otherwise.
-    - No request completed in the interval (or no previous scrape): both estimates stay as in ``last``.
+    - ``exec_ms``: the mean execution (batch) time, Δcompute_infer_us / Δrequest_success: the least a new
+      request takes even on an idle host.
+    - ``exec_ms`` and ``service_ms`` are smoothed (``SMOOTHING`` of the new interval's value), so one
+      noisy scrape interval does not swing every decision until the next.
+    - No request completed in the interval (or no previous scrape): the estimates stay as in ``last``.
     """
-    queue_ms = last.queue_ms
-    service_ms = last.service_ms
+    queue_ms, service_ms, exec_ms = last.queue_ms, last.service_ms, last.exec_ms
     if previous is not None:
         delta = counter_delta(previous, current)
         done = delta.request_success
         if done > 0:
             queue_ms = delta.queue_us / done / 1000
             if delta.exec_count > 0:
+                batch_ms = delta.compute_infer_us / done / 1000
                 per_request_exec = min(1.0, delta.exec_count / done)
-                service_ms = delta.compute_infer_us / done * per_request_exec / 1000
+                exec_ms = _smooth(exec_ms, batch_ms)
+                service_ms = _smooth(service_ms, batch_ms * per_request_exec)
     return TritonLoad(
         pending=current.pending,
         queue_ms=queue_ms,
         service_ms=service_ms,
+        exec_ms=exec_ms,
         gpu_memory_used=current.gpu_memory_used,
         gpu_memory_total=current.gpu_memory_total,
         gpu_utilization=current.gpu_utilization,
