@@ -5,27 +5,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import sys
 from pathlib import Path
+from typing import Literal
 
 import grpc
 import structlog
 import uvloop
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from extproc.config import ConfigError, Fleet, file_stamp, load_fleet
 from extproc.datastore import Datastore
 from extproc.handlers.server import Processor
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.scheduler import Scheduler
+from extproc.sharing import Publisher, Subscriber
 from extproc.telemetry.collector import TelemetryCollector
 
 log = structlog.get_logger(__name__)
 
 # How often the picker looks at its fleet file's modification time.
 _CONFIG_POLL_S = 1.0
+# How long a new worker waits for the leader's first telemetry before serving (on empty data: 503s).
+_FIRST_SNAPSHOT_S = 10.0
 
 _GRPC_OPTIONS = [
     # Envoy opens one stream per request over a few connections; do not let gRPC cap them.
@@ -34,34 +41,60 @@ _GRPC_OPTIONS = [
 ]
 
 
-class Picker:
-    """One picker process: the ext_proc gRPC server, its telemetry and its metrics/readiness endpoint."""
+Role = Literal["single", "leader", "worker"]
 
-    def __init__(self, fleet: Fleet) -> None:
+
+class Picker:
+    """One picker process. ``single``: the ext_proc gRPC server, its telemetry and its HTTP endpoint
+    (metrics, readiness, status, drain). With ``picker.workers > 1`` a ``leader`` keeps the telemetry and
+    the HTTP endpoint and shares the telemetry with ``worker`` processes, which serve ext_proc."""
+
+    def __init__(self, fleet: Fleet, role: Role = "single", worker: int = 0) -> None:
+        self.role = role
         self.fleet = fleet
         self.datastore = Datastore(fleet)
-        self.metrics = PickerMetrics(self.datastore)
-        self.scheduler = Scheduler(fleet, self.datastore)
-        self.collector = TelemetryCollector(fleet, self.datastore)
-        self._server = grpc.aio.server(options=_GRPC_OPTIONS)
+        self.metrics = PickerMetrics(self.datastore, decisions=role != "leader")
+        self.scheduler = self._scheduler(fleet, self.datastore)
+        self.collector = TelemetryCollector(fleet, self.datastore) if role != "worker" else None
+        share = Path(fleet.runtime_dir) / "telemetry.sock"
+        self.publisher = Publisher(self.datastore, share) if role == "leader" else None
+        self.subscriber = Subscriber(self.datastore, share) if role == "worker" else None
         self.processor = Processor(fleet, self.scheduler, self.metrics)
-        ep_grpc.add_ExternalProcessorServicer_to_server(self.processor, self._server)
+        self._server: grpc.aio.Server | None = None
+        if role != "leader":
+            self._server = grpc.aio.server(options=_GRPC_OPTIONS)
+            ep_grpc.add_ExternalProcessorServicer_to_server(self.processor, self._server)
+            self._server.add_insecure_port(fleet.picker.listen_addresses[worker])
         self._web: web.AppRunner | None = None
         self._telemetry: asyncio.Task[None] | None = None
+        self.workers: WorkerPool | None = None
         self.ready = False
 
+    def _scheduler(self, fleet: Fleet, datastore: Datastore) -> Scheduler:
+        # A worker sees 1/N of the picks between two Envoy polls; count each as N (see Scheduler).
+        return Scheduler(fleet, datastore, pick_weight=fleet.picker.workers if self.role == "worker" else 1)
+
     async def start(self) -> None:
-        listen = self.fleet.picker.listen
-        self._server.add_insecure_port(listen)
-        await self._server.start()
-        await self._start_http()
-        # One round of telemetry before we call ourselves ready, so the first requests are routed on data.
-        await self.collector.refresh_once()
-        self._telemetry = asyncio.create_task(self.collector.run(), name="telemetry")
+        if self._server is not None:
+            await self._server.start()
+        if self.role != "worker":
+            await self._start_http()
+        if self.collector is not None:
+            # One round of telemetry before we call ourselves ready, so the first requests are routed on data.
+            await self.collector.refresh_once()
+            self._telemetry = asyncio.create_task(self.collector.run(), name="telemetry")
+        if self.publisher is not None:
+            await self.publisher.start()
+        if self.subscriber is not None:
+            self._telemetry = asyncio.create_task(self.subscriber.run(), name="telemetry-subscriber")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.subscriber.received.wait(), timeout=_FIRST_SNAPSHOT_S)
         self.ready = True
         log.info(
             "picker_started",
-            listen=listen,
+            role=self.role,
+            listen=self.fleet.picker.listen,
+            workers=self.fleet.picker.workers,
             metrics=f"http://{self.fleet.picker.metrics_address}:{self.fleet.picker.metrics_port}/metrics",
             hosts=len(self.fleet.hosts),
         )
@@ -79,16 +112,24 @@ class Picker:
         await site.start()
 
     async def _metrics_page(self, _: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body = generate_latest(self.metrics.registry)
+        if self.workers is not None:
+            body += self.workers.metrics()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def is_ready(self) -> bool:
+        return self.ready and (self.workers is None or self.workers.ready())
 
     async def _ready_page(self, _: web.Request) -> web.Response:
-        return web.Response(status=200 if self.ready else 503, text="ready\n" if self.ready else "starting\n")
+        ready = self.is_ready()
+        return web.Response(status=200 if ready else 503, text="ready\n" if ready else "starting\n")
 
     async def _status_page(self, _: web.Request) -> web.Response:
-        return web.json_response({"ready": self.ready, "hosts": self.datastore.status()})
+        return web.json_response({"ready": self.is_ready(), "hosts": self.datastore.status()})
 
     async def _drain(self, request: web.Request) -> web.Response:
-        """Stop (or resume) sending new requests to a host; sequences pinned there move."""
+        """Stop (or resume) sending new requests to a host; sequences pinned there move. Workers learn it
+        from the next snapshot."""
         name = request.match_info["name"]
         host = self.datastore.hosts.get(name)
         if host is None:
@@ -100,7 +141,7 @@ class Picker:
     async def reload(self, fleet: Fleet) -> None:
         """Apply a new fleet without dropping a request: build the new datastore (keeping the live state of
         unchanged hosts), scheduler and telemetry, then switch over between two requests."""
-        fixed = ("listen", "metrics_address", "metrics_port")
+        fixed = ("listen", "workers", "metrics_address", "metrics_port")
         needs_restart = [
             f"picker.{key}" for key in fixed if getattr(fleet.picker, key) != getattr(self.fleet.picker, key)
         ]
@@ -111,30 +152,107 @@ class Picker:
             )
         datastore = Datastore(fleet)
         datastore.adopt(self.datastore)
-        scheduler = Scheduler(fleet, datastore)
-        collector = TelemetryCollector(fleet, datastore)
-        old_collector, old_task = self.collector, self._telemetry
-        self.fleet, self.datastore, self.scheduler, self.collector = fleet, datastore, scheduler, collector
+        scheduler = self._scheduler(fleet, datastore)
+        self.fleet, self.datastore, self.scheduler = fleet, datastore, scheduler
         self.processor.configure(fleet, scheduler)
         self.metrics.use(datastore)
-        self._telemetry = asyncio.create_task(collector.run(), name="telemetry")
-        if old_task is not None:
-            old_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await old_task
-        await old_collector.aclose()
+        if self.publisher is not None:
+            self.publisher.datastore = datastore
+        if self.subscriber is not None:
+            self.subscriber.datastore = datastore
+        if self.collector is not None:
+            old_collector, old_task = self.collector, self._telemetry
+            self.collector = TelemetryCollector(fleet, datastore)
+            self._telemetry = asyncio.create_task(self.collector.run(), name="telemetry")
+            if old_task is not None:
+                old_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await old_task
+            await old_collector.aclose()
         log.info("config_reloaded", source=fleet.source, hosts=len(fleet.hosts), models=len(fleet.models))
 
     async def stop(self) -> None:
         self.ready = False
-        await self._server.stop(grace=1.0)
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
         if self._telemetry is not None:
             self._telemetry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._telemetry
-        await self.collector.aclose()
+        if self.collector is not None:
+            await self.collector.aclose()
+        if self.publisher is not None:
+            await self.publisher.stop()
         if self._web is not None:
             await self._web.cleanup()
+
+
+class WorkerPool:
+    """The leader's worker processes: started with the same fleet file, restarted if one dies, and sharing a
+    Prometheus multiprocess directory so the leader's ``/metrics`` sums their decisions."""
+
+    def __init__(self, fleet: Fleet, config_path: Path, log_format: str) -> None:
+        self._fleet = fleet
+        self._config_path = config_path
+        self._log_format = log_format
+        self._metrics_dir = Path(fleet.runtime_dir) / "picker-metrics"
+        self._processes: list[asyncio.subprocess.Process | None] = [None] * fleet.picker.workers
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        self._metrics_dir.mkdir(parents=True)
+        for index in range(len(self._processes)):
+            await self._spawn(index)
+        self._task = asyncio.create_task(self._supervise(), name="workers")
+
+    async def _spawn(self, index: int) -> None:
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self._metrics_dir)}
+        argv = ["-m", "extproc", "--log-format", self._log_format, "serve", "--config", str(self._config_path)]
+        self._processes[index] = await asyncio.create_subprocess_exec(
+            sys.executable, *argv, "--worker", str(index), env=env
+        )
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(0.5)
+            for index, process in enumerate(self._processes):
+                if process is not None and process.returncode is not None and not self._stopping:
+                    log.warning("picker_worker_exited", worker=index, code=process.returncode, note="restarting")
+                    await self._spawn(index)
+
+    def ready(self) -> bool:
+        """Every worker runs and, on Unix sockets, listens."""
+        addresses = self._fleet.picker.listen_addresses
+        for index, process in enumerate(self._processes):
+            if process is None or process.returncode is not None:
+                return False
+            if addresses[index].startswith("unix:") and not Path(addresses[index].removeprefix("unix:")).exists():
+                return False
+        return True
+
+    def metrics(self) -> bytes:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self._metrics_dir))  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for process in self._processes:
+            if process is not None and process.returncode is None:
+                process.terminate()
+        for process in self._processes:
+            if process is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), timeout=10)
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
 
 
 async def _watch_config(picker: Picker, path: Path, reload_now: asyncio.Event) -> None:
@@ -158,39 +276,55 @@ async def _watch_config(picker: Picker, path: Path, reload_now: asyncio.Event) -
         await picker.reload(fleet)
 
 
-async def serve(fleet: Fleet, config_path: Path | None = None) -> None:
+async def serve(
+    fleet: Fleet, config_path: Path | None = None, worker: int | None = None, log_format: str = "auto"
+) -> None:
     """Run the picker until SIGTERM or SIGINT; reload ``config_path`` on SIGHUP or change."""
-    picker = Picker(fleet)
+    role: Role = "single" if fleet.picker.workers == 1 else "worker" if worker is not None else "leader"
+    picker = Picker(fleet, role, worker or 0)
     stop, reload_now = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    if role == "leader":
+        if config_path is None:
+            raise ValueError("several workers need the fleet file's path, to start them with it")
+        # Before our own gRPC clients start threads: forking then makes gRPC skip its fork handlers.
+        picker.workers = WorkerPool(fleet, config_path, log_format)
+        await picker.workers.start()
     await picker.start()
     watcher = asyncio.create_task(_watch_config(picker, config_path, reload_now)) if config_path else None
     try:
         await stop.wait()
     finally:
-        log.info("picker_stopping")
+        log.info("picker_stopping", role=role)
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        if picker.workers is not None:
+            await picker.workers.stop()
         await picker.stop()
 
 
-def run(fleet: Fleet, config_path: Path | None = None) -> None:
-    socket_path = fleet.picker.unix_socket
-    if socket_path is not None:
-        socket_path.parent.mkdir(parents=True, exist_ok=True)
+def run(fleet: Fleet, config_path: Path | None = None, worker: int | None = None, log_format: str = "auto") -> None:
+    """The ``extproc serve`` process: a single picker, a leader (``picker.workers > 1``), or worker ``worker``."""
+    sockets = [Path(a.removeprefix("unix:")) for a in set(fleet.picker.listen_addresses) if a.startswith("unix:")]
+    if worker is not None:
+        sockets = [s for s in sockets if str(s) == fleet.picker.listen_addresses[worker].removeprefix("unix:")]
+    elif fleet.picker.workers > 1:
+        sockets = []  # each worker owns its socket
+    for path in sockets:
+        path.parent.mkdir(parents=True, exist_ok=True)
         # A socket file left by a previous run would make bind fail.
-        socket_path.unlink(missing_ok=True)
-        # Only this user (and so the local Envoy) may connect: the socket inherits the umask.
-        old_umask = os.umask(0o077)
+        path.unlink(missing_ok=True)
+    # Only this user (and so the local Envoy) may connect: sockets inherit the umask.
+    old_umask = os.umask(0o077)
     try:
         # uvloop: ~20% more ext_proc streams per second than the default loop (facts file).
-        uvloop.run(serve(fleet, config_path))
+        uvloop.run(serve(fleet, config_path, worker, log_format))
     finally:
-        if socket_path is not None:
-            os.umask(old_umask)
-            socket_path.unlink(missing_ok=True)
+        os.umask(old_umask)
+        for path in sockets:
+            path.unlink(missing_ok=True)

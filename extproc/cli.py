@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     command("up", "Start the Triton hosts the fleet file launches, the picker and Envoy; print READY.")
     serve = command("serve", "Run the picker (the ext_proc gRPC service).")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides the file")
+    # Internal: a leader (picker.workers > 1) starts its workers with their index.
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     render = command("envoy-config", "Render the Envoy bootstrap for the fleet file.")
     render.add_argument("--output", "-o", type=Path, help="write here instead of stdout")
     command("check", "Validate the fleet file and exit.")
@@ -68,7 +70,7 @@ def _run(args: argparse.Namespace, fleet: Fleet) -> int:
 
         if args.log_level:
             fleet = fleet.model_copy(update={"picker": fleet.picker.model_copy(update={"log_level": args.log_level})})
-        app.run(fleet, args.config)
+        app.run(fleet, args.config, args.worker, args.log_format)
         return 0
     if args.command == "up":
         from extproc.runtime.stack import up

@@ -189,6 +189,10 @@ class PickerSpec(_Strict):
     # gRPC listen address of the ext_proc service: ``unix:PATH`` (default; not reachable from the network)
     # or ``HOST:PORT``.
     listen: str = "unix:.run/picker.sock"
+    # Processes answering ext_proc streams. With more than one, a leader process gathers telemetry once and
+    # shares it; on a Unix socket each worker listens on ``PATH.N`` and Envoy balances over them, on TCP
+    # they share the port (SO_REUSEPORT).
+    workers: int = Field(default=1, ge=1, le=64)
     metrics_address: str = "127.0.0.1"
     metrics_port: Port = 9090
     poll: PollSpec = PollSpec()
@@ -221,6 +225,13 @@ class PickerSpec(_Strict):
     @property
     def unix_socket(self) -> Path | None:
         return Path(self.listen.removeprefix("unix:")) if self.listen.startswith("unix:") else None
+
+    @property
+    def listen_addresses(self) -> tuple[str, ...]:
+        """Where each worker listens (index = worker number); Envoy's picker cluster lists each once."""
+        if self.workers == 1 or not self.listen.startswith("unix:"):
+            return (self.listen,) * self.workers
+        return tuple(f"{self.listen}.{i}" for i in range(self.workers))
 
 
 class Listener(_Strict):

@@ -37,6 +37,7 @@ from envoy_data_plane.envoy.config.endpoint import v3 as endpoint
 from envoy_data_plane.envoy.config.listener import v3 as listener
 from envoy_data_plane.envoy.config.overload import v3 as overload
 from envoy_data_plane.envoy.config.route import v3 as route
+from envoy_data_plane.envoy.extensions.filters.http.buffer import v3 as buffer
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc import v3 as ext_proc
 from envoy_data_plane.envoy.extensions.filters.http.header_mutation import v3 as header_mutation
 from envoy_data_plane.envoy.extensions.filters.http.router import v3 as router
@@ -53,7 +54,7 @@ from envoy_data_plane.envoy.type import v3 as type_v3
 from envoy_data_plane.envoy.type.matcher import v3 as matcher
 from envoy_data_plane.google.protobuf import Any as PbAny
 
-from extproc.config import Fleet, HostSpec, Tier
+from extproc.config import Fleet, HostSpec, Tier, TlsSpec
 from extproc.headers import (
     HOSTS_HEADER,
     PICKER_CLUSTER,
@@ -73,6 +74,7 @@ HTTPS_LISTENER = "https"
 # Filter names: the HCM looks up per-route configs (typed_per_filter_config) by these.
 HEADER_MUTATION_FILTER = "envoy.filters.http.header_mutation"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+BUFFER_FILTER = "envoy.filters.http.buffer"
 ROUTER_FILTER = "envoy.filters.http.router"
 
 GRPC_PREFIX = "/inference.GRPCInferenceService/"
@@ -85,6 +87,9 @@ UPSTREAM_HOST_FORMAT = "%UPSTREAM_HOST%"
 _NOT_FOUND_BODY = json.dumps(
     {"error": f"no route for this path (Triton REST: {REST_PREFIX}/..., gRPC: {GRPC_PREFIX}...)"}
 )
+# gRPC status NOT_FOUND, as Triton sends it (trailers-only, so in the response headers) for a model it does
+# not have (any more): see the retry policy.
+_GRPC_NOT_FOUND = "5"
 
 # Modern TLS 1.2 suites only (ECDHE, AEAD); TLS 1.3 suites are fixed by BoringSSL. ECDSA first: the
 # self-signed certificate is EC P-256. RSA suites stay for operators who bring an RSA certificate.
@@ -152,7 +157,7 @@ def build_bootstrap(fleet: Fleet) -> bootstrap.Bootstrap:
                 fleet.envoy.listener.address,
                 fleet.envoy.tls.port,
                 shared_hcm,
-                transport_socket=_downstream_tls(fleet.envoy.tls.cert_file, fleet.envoy.tls.key_file),
+                transport_socket=_downstream_tls(fleet.envoy.tls),
             )
         )
     clusters = [_picker_cluster(fleet)]
@@ -204,7 +209,8 @@ def _listener(
     )
 
 
-def _downstream_tls(cert_file: str, key_file: str) -> core.TransportSocket:
+def _downstream_tls(spec: TlsSpec) -> core.TransportSocket:
+    cert_file, key_file = spec.cert_file, spec.key_file
     context = tls.DownstreamTlsContext(
         common_tls_context=tls.CommonTlsContext(
             tls_params=tls.TlsParameters(
@@ -222,7 +228,15 @@ def _downstream_tls(cert_file: str, key_file: str) -> core.TransportSocket:
             ],
             # Without ALPN a TLS client cannot negotiate HTTP/2, and gRPC over TLS needs it.
             alpn_protocols=["h2", "http/1.1"],
-        )
+            # Client certificates: verified against client_ca_file when one is presented; with
+            # require_client_certificate a client without one fails the handshake (mutual TLS).
+            validation_context=(
+                tls.CertificateValidationContext(trusted_ca=core.DataSource(filename=spec.client_ca_file))
+                if spec.client_ca_file is not None
+                else None
+            ),
+        ),
+        require_client_certificate=spec.require_client_certificate or None,
     )
     return core.TransportSocket(name="envoy.transport_sockets.tls", typed_config=PbAny.pack(context))
 
@@ -284,6 +298,13 @@ def _http_filters(fleet: Fleet) -> list[hcm.HttpFilter]:
         # First: nothing a client sends may reach the route or the load balancer as a routing header.
         hcm.HttpFilter(name=HEADER_MUTATION_FILTER, typed_config=PbAny.pack(strip_routing_headers)),
         hcm.HttpFilter(name=EXT_PROC_FILTER, typed_config=PbAny.pack(picker)),
+        # Off except on the REST routes for bodies without a content-length (see _route_configuration): there
+        # it is the only way to cap the body size, everything else streams.
+        hcm.HttpFilter(
+            name=BUFFER_FILTER,
+            typed_config=PbAny.pack(buffer.Buffer(max_request_bytes=fleet.envoy.max_request_bytes)),
+            disabled=True,
+        ),
         hcm.HttpFilter(name=ROUTER_FILTER, typed_config=PbAny.pack(router.Router())),
     ]
 
@@ -314,12 +335,36 @@ _NO_EXT_PROC = ext_proc.ExtProcPerRoute(disabled=True)
 
 
 def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
-    routes: list[route.Route] = []
+    limit = fleet.envoy.max_request_bytes
+    # First: a body announced larger than the limit is refused before Envoy reads it or asks the picker.
+    routes: list[route.Route] = [
+        route.Route(
+            name="too_large",
+            match=route.RouteMatch(
+                prefix="/",
+                headers=[
+                    route.HeaderMatcher(
+                        name="content-length", range_match=type_v3.Int64Range(start=limit + 1, end=2**63 - 1)
+                    )
+                ],
+            ),
+            direct_response=route.DirectResponseAction(
+                status=413,
+                body=core.DataSource(
+                    inline_string=json.dumps({"error": f"the request body is larger than {limit} bytes"})
+                ),
+            ),
+            response_headers_to_add=[_set_header("content-type", "application/json")],
+            typed_per_filter_config={EXT_PROC_FILTER: PbAny.pack(_NO_EXT_PROC)},
+        )
+    ]
     for tier in fleet.tiers:
         routes.append(_cluster_route(fleet, "grpc", tier))
+        routes.append(_cluster_route(fleet, "http", tier, sized=False))
         routes.append(_cluster_route(fleet, "http", tier))
     # Fail open: no tier header (the picker did not answer, or the request reached Envoy before it did).
     routes.append(_cluster_route(fleet, "grpc", None))
+    routes.append(_cluster_route(fleet, "http", None, sized=False))
     routes.append(_cluster_route(fleet, "http", None))
     routes.append(
         route.Route(
@@ -336,14 +381,21 @@ def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
     )
 
 
-def _cluster_route(fleet: Fleet, protocol: str, tier: Tier | None) -> route.Route:
-    """The route for one protocol and tier; ``tier=None`` is the fallback route (no tier header)."""
+def _cluster_route(fleet: Fleet, protocol: str, tier: Tier | None, *, sized: bool = True) -> route.Route:
+    """The route for one protocol and tier; ``tier=None`` is the fallback route (no tier header).
+
+    ``sized=False``: the REST route for requests without a content-length (chunked bodies, and GETs). Their
+    size is unknown until the end, so the buffer filter collects them up to ``envoy.max_request_bytes`` and
+    answers 413 beyond; every other route streams bodies.
+    """
     target = tier if tier is not None else fleet.envoy.fallback_tier
     headers = (
         [route.HeaderMatcher(name=TIER_HEADER, string_match=matcher.StringMatcher(exact=tier.value))]
         if tier is not None
         else []
     )
+    if not sized:
+        headers.append(route.HeaderMatcher(name="content-length", present_match=False))
     if protocol == "grpc":
         match = route.RouteMatch(
             prefix=GRPC_PREFIX,
@@ -355,8 +407,18 @@ def _cluster_route(fleet: Fleet, protocol: str, tier: Tier | None) -> route.Rout
     else:
         # path_separated_prefix: /v2 and /v2/... but not /v2foo, which is no Triton path.
         match = route.RouteMatch(path_separated_prefix=REST_PREFIX, headers=headers)
-        per_filter = {}
+        per_filter = (
+            {}
+            if sized
+            else {
+                BUFFER_FILTER: PbAny.pack(
+                    buffer.BufferPerRoute(buffer=buffer.Buffer(max_request_bytes=fleet.envoy.max_request_bytes))
+                )
+            }
+        )
     name = f"{protocol}_{tier.value}" if tier is not None else f"{protocol}_fallback"
+    if not sized:
+        name += "_unsized"
     return route.Route(
         name=name,
         match=match,
@@ -371,9 +433,14 @@ def _cluster_route(fleet: Fleet, protocol: str, tier: Tier | None) -> route.Rout
 
 def _route_action(fleet: Fleet, protocol: str, target_cluster: str) -> route.RouteAction:
     retry_on = ["connect-failure", "reset", "refused-stream", "retriable-status-codes"]
+    retriable_headers = []
     if protocol == "grpc":
-        # A trailers-only grpc-status UNAVAILABLE (what Triton answers when it cannot serve) is retried too.
-        retry_on.append("unavailable")
+        # A trailers-only grpc-status UNAVAILABLE (what Triton answers when it cannot serve) is retried too,
+        # and so is NOT_FOUND: see 404 below.
+        retry_on += ["unavailable", "retriable-headers"]
+        retriable_headers.append(
+            route.HeaderMatcher(name="grpc-status", string_match=matcher.StringMatcher(exact=_GRPC_NOT_FOUND))
+        )
     per_try = fleet.envoy.per_try_timeout_s
     return route.RouteAction(
         cluster=target_cluster,
@@ -384,7 +451,11 @@ def _route_action(fleet: Fleet, protocol: str, target_cluster: str) -> route.Rou
             # Retry only where the request cannot have been served (no connection, reset, refused stream) or
             # the host said it cannot serve it now (503): the next attempt goes to another host.
             retry_on=",".join(retry_on),
-            retriable_status_codes=[503],
+            # 404: the picker only routes a model to hosts whose repository index says READY and answers 404
+            # itself for models no host has, so a 404 from Triton means the model left that host since the
+            # picker's last poll (unloaded, or the server is shutting down): another host may have it.
+            retriable_status_codes=[503, 404],
+            retriable_headers=retriable_headers,
             # Envoy's default is 1; the picker ranks up to picker.max_hosts (default 3) hosts, so 2 retries
             # let a request try each of them.
             num_retries=2,
@@ -526,6 +597,11 @@ def _outlier_detection() -> cluster.OutlierDetection:
         # Envoy's default is 5; a host that fails 3 requests in a row is out. 5xx and gateway failures here
         # count only responses the host sent (see split_external_local_origin_errors).
         consecutive_5xx=3,
+        # ...but a 500 alone does not eject: Triton answers 500 to a malformed request (a JSON body it cannot
+        # parse, a 'data' array that does not match its 'shape'), so any client could eject every healthy
+        # host, one after the other, with a few bad requests. Gateway failures (502/503/504), connect
+        # failures, resets and timeouts still eject.
+        enforcing_consecutive_5xx=0,
         # Envoy's default enforcement for gateway failures (502/503/504) is 0 %, i.e. only counted.
         consecutive_gateway_failure=3,
         enforcing_consecutive_gateway_failure=100,
@@ -569,7 +645,9 @@ def _circuit_breakers(
 
 
 def _picker_cluster(fleet: Fleet) -> cluster.Cluster:
-    address, discovery = _picker_address(fleet.picker.listen)
+    # One endpoint per picker worker socket (a TCP port shared by the workers is listed once).
+    addresses = [_picker_address(listen) for listen in dict.fromkeys(fleet.picker.listen_addresses)]
+    discovery = addresses[0][1]
     return cluster.Cluster(
         name=PICKER_CLUSTER,
         type=discovery,
@@ -580,7 +658,9 @@ def _picker_cluster(fleet: Fleet) -> cluster.Cluster:
             cluster_name=PICKER_CLUSTER,
             endpoints=[
                 endpoint.LocalityLbEndpoints(
-                    lb_endpoints=[endpoint.LbEndpoint(endpoint=endpoint.Endpoint(address=address))]
+                    lb_endpoints=[
+                        endpoint.LbEndpoint(endpoint=endpoint.Endpoint(address=address)) for address, _ in addresses
+                    ]
                 )
             ],
         ),

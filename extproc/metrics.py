@@ -14,25 +14,28 @@ from extproc.datastore import Datastore
 class PickerMetrics:
     """All series live in one registry owned by this object (no process-wide globals)."""
 
-    def __init__(self, datastore: Datastore) -> None:
+    def __init__(self, datastore: Datastore, *, decisions: bool = True) -> None:
+        """``decisions=False`` for a leader process, whose workers' decision series it sums instead."""
         self.registry = CollectorRegistry()
+        # A leader keeps its (unused) decision series out of its own registry: they come from the workers.
+        decision_registry = self.registry if decisions else CollectorRegistry()
         self.decisions = Counter(
             "extproc_decisions",
             "Requests routed, by model, tier, first-choice host and reason.",
             ["model", "tier", "host", "reason"],
-            registry=self.registry,
+            registry=decision_registry,
         )
         self.rejections = Counter(
             "extproc_rejections",
             "Requests answered by the picker itself, by HTTP status and reason.",
             ["status", "reason"],
-            registry=self.registry,
+            registry=decision_registry,
         )
         self.decision_seconds = Histogram(
             "extproc_decision_seconds",
             "Time from the request's headers (or first gRPC body chunk) to the picker's answer.",
             buckets=(25e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3),
-            registry=self.registry,
+            registry=decision_registry,
         )
         self._telemetry = _TelemetryAge(datastore)
         self.registry.register(self._telemetry)

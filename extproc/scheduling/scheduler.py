@@ -26,7 +26,12 @@ _LAZY_FILTER_MIN_HOSTS = 16
 class Scheduler:
     """Decides one request at a time; cheap enough to run inline on the picker's event loop."""
 
-    def __init__(self, fleet: Fleet, datastore: Datastore, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, fleet: Fleet, datastore: Datastore, rng: random.Random | None = None, pick_weight: int = 1
+    ) -> None:
+        """``pick_weight``: how many requests one pick stands for in the optimistic in-flight count; a
+        worker process that sees 1/N of the traffic counts each of its picks N times."""
+        self._pick_weight = pick_weight
         self._fleet = fleet
         self._store = datastore
         self._specs = {m.name: m for m in fleet.models}
@@ -123,7 +128,7 @@ class Scheduler:
 
     def _commit(self, route: Route) -> Route:
         # Optimistic accounting until Envoy's next in-flight poll reconciles it.
-        route.hosts[0].picks_since_poll += 1
+        route.hosts[0].picks_since_poll += self._pick_weight
         return route
 
     def _any_host(self, request: InferenceRequest) -> Decision:

@@ -1,0 +1,133 @@
+"""Telemetry shared from one leader process to the picker's worker processes (``picker.workers > 1``).
+
+The leader runs the only telemetry collector, so Triton and Envoy are scraped once per host whatever the
+number of workers, and pushes a snapshot of every host's live state to each worker over a Unix socket
+(owner-only, in the runtime directory) every ``PUSH_INTERVAL_S``. Workers apply it to their own datastore
+and keep their own picks-since-poll accounting between Envoy polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pickle
+import struct
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from extproc.datastore import Datastore, EnvoyView, TritonLoad
+
+log = structlog.get_logger(__name__)
+
+PUSH_INTERVAL_S = 0.05
+_LENGTH = struct.Struct(">I")
+
+
+def snapshot(datastore: Datastore) -> bytes:
+    state = {
+        name: (
+            host.load,
+            host.envoy,
+            host.ready,
+            host.known,
+            host.draining,
+            host.metrics_at,
+            host.index_at,
+            host.envoy_at,
+        )
+        for name, host in datastore.hosts.items()
+    }
+    return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def apply_snapshot(datastore: Datastore, data: bytes) -> None:
+    # Only our own leader writes to this socket (owner-only permissions), so unpickling is safe.
+    state: dict[str, tuple[Any, ...]] = pickle.loads(data)
+    for name, (load, envoy, ready, known, draining, metrics_at, index_at, envoy_at) in state.items():
+        host = datastore.hosts.get(name)
+        if host is None:  # a host our (older or newer) fleet file does not have
+            continue
+        assert isinstance(load, TritonLoad) and isinstance(envoy, EnvoyView)
+        if envoy_at != host.envoy_at:
+            host.picks_since_poll = 0  # Envoy's new count includes them
+        host.load, host.envoy, host.draining = load, envoy, draining
+        host.metrics_at, host.envoy_at = metrics_at, envoy_at
+        if index_at != host.index_at:
+            datastore.update_index(host, ready, known, index_at)
+
+
+class Publisher:
+    """The leader's side: accepts worker connections and pushes snapshots to all of them."""
+
+    def __init__(self, datastore: Datastore, path: Path) -> None:
+        self.datastore = datastore
+        self._path = path
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._path.unlink(missing_ok=True)
+        self._server = await asyncio.start_unix_server(self._accept, path=str(self._path))
+        self._path.chmod(0o600)
+        self._task = asyncio.create_task(self._push_forever(), name="telemetry-publisher")
+
+    async def _accept(self, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        with contextlib.suppress(ConnectionError):
+            await self._push(writer, snapshot(self.datastore))
+
+    async def _push(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        try:
+            writer.write(_LENGTH.pack(len(data)) + data)
+            await writer.drain()
+        except ConnectionError:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _push_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PUSH_INTERVAL_S)
+            if self._writers:
+                data = snapshot(self.datastore)
+                await asyncio.gather(*(self._push(w, data) for w in list(self._writers)))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self._path.unlink(missing_ok=True)
+
+
+class Subscriber:
+    """A worker's side: keeps its datastore in step with the leader's, reconnecting if the leader restarts."""
+
+    def __init__(self, datastore: Datastore, path: Path) -> None:
+        self.datastore = datastore
+        self._path = path
+        self.received = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(self._path))
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                while True:
+                    (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+                    apply_snapshot(self.datastore, await reader.readexactly(length))
+                    self.received.set()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                log.warning("telemetry_leader_lost", note="reconnecting; routing on the last snapshot meanwhile")
+            finally:
+                writer.close()
