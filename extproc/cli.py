@@ -37,7 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     decision = bench_sub.add_parser("decision", help="In-process decision time over synthetic fleets.")
     decision.add_argument("--hosts", type=int, nargs="+", default=[10, 100, 1000])
     decision.add_argument("--iterations", type=int, default=20000)
+    decision.add_argument("--pickers", nargs="+", default=["argmax", "power_of_two"], help="profiles to time")
     decision.add_argument("--json", help="also write the results here")
+    routing = bench_sub.add_parser("routing", help="Picker vs Envoy ROUND_ROBIN / LEAST_REQUEST on a real fleet.")
+    routing.add_argument("--scenario", "-s", type=Path, required=True, help="scenario file (deploy/bench/*.yaml)")
+    routing.add_argument("--output", "-o", type=Path, help="JSON (default bench-results/routing-NAME-TIME.json)")
+    routing.add_argument("--plot", type=Path, help="CDF PNG (default: the JSON path with .png)")
+    routing.add_argument("--policies", nargs="+", choices=["round_robin", "least_request", "picker"])
+    routing.add_argument("--keep-dir", type=Path, help="keep logs/configs here instead of a deleted temp dir")
     return parser
 
 
@@ -57,9 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     configure("warning", args.log_format)
+    if args.bench == "routing":
+        from extproc.bench import routing as bench_routing
+
+        return bench_routing.run_from_args(args)
     from extproc.bench import decision
 
-    return decision.main(args.hosts, args.iterations, args.json)
+    return decision.main(args.hosts, args.iterations, args.pickers, args.json)
 
 
 def _run(args: argparse.Namespace, fleet: Fleet) -> int:

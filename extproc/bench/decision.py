@@ -29,13 +29,16 @@ from extproc.scheduling.types import InferenceRequest, Protocol
 MODELS = ("resnet", "bert", "mlp", "embed")
 
 
-def synthetic_fleet(n_hosts: int) -> tuple[Fleet, Datastore]:
-    """``n_hosts`` GPU hosts, each with three of the four models READY and some load."""
+def synthetic_fleet(n_hosts: int, picker: str = "argmax") -> tuple[Fleet, Datastore]:
+    """``n_hosts`` GPU hosts, each with three of the four models READY and some load, scheduled with the
+    ``picker`` of the default profile."""
     hosts = [
         {"name": f"h{i}", "address": f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", "tier": "gpu"}
         for i in range(n_hosts)
     ]
-    fleet = parse_fleet({"hosts": hosts, "models": [{"name": m} for m in MODELS]})
+    fleet = parse_fleet(
+        {"hosts": hosts, "models": [{"name": m} for m in MODELS], "picker": {"profile": {"picker": picker}}}
+    )
     store = Datastore(fleet)
     now = store.now()
     for i, host in enumerate(store.hosts.values()):
@@ -96,8 +99,8 @@ async def _one_stream(processor: Processor, payload: bytes) -> bytes:
     return out
 
 
-def _measure(n_hosts: int, iterations: int, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
-    fleet, store = synthetic_fleet(n_hosts)
+def _measure(n_hosts: int, iterations: int, picker: str, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+    fleet, store = synthetic_fleet(n_hosts, picker)
     scheduler = Scheduler(fleet, store)
     processor = Processor(fleet, scheduler, PickerMetrics(store))
     request = InferenceRequest(Protocol.HTTP, "mlp", size_bytes=512)
@@ -107,31 +110,38 @@ def _measure(n_hosts: int, iterations: int, loop: asyncio.AbstractEventLoop) -> 
         loop.run_until_complete(_one_stream(processor, payload))
     decide = _time(lambda: scheduler.decide(request), iterations)
     edge = _time(lambda: loop.run_until_complete(_one_stream(processor, payload)), iterations)
-    return {"hosts": n_hosts, "decide": _percentiles(decide), "edge": _percentiles(edge)}
+    return {"hosts": n_hosts, "picker": picker, "decide": _percentiles(decide), "edge": _percentiles(edge)}
 
 
-def run(sizes: Sequence[int], iterations: int) -> list[dict[str, Any]]:
+def run(sizes: Sequence[int], iterations: int, pickers: Sequence[str]) -> list[dict[str, Any]]:
     results = []
     loop = asyncio.new_event_loop()
     try:
-        for n in sizes:
-            results.append(_measure(n, iterations, loop))
-            print(f"  {n} hosts done", file=sys.stderr, flush=True)
+        for picker in pickers:
+            for n in sizes:
+                results.append(_measure(n, iterations, picker, loop))
+                print(f"  {picker}: {n} hosts done", file=sys.stderr, flush=True)
     finally:
         loop.close()
     return results
 
 
-def main(sizes: Sequence[int], iterations: int, json_out: str | None) -> int:
-    print(f"decision benchmark: {iterations} decisions per fleet size", file=sys.stderr)
-    results = run(sizes, iterations)
-    print(f"{'hosts':>6} | {'decide p50':>10} {'p99':>8} | {'edge p50':>9} {'p99':>8}  (µs)")
+def main(sizes: Sequence[int], iterations: int, pickers: Sequence[str], json_out: str | None) -> int:
+    print(f"decision benchmark: {iterations} decisions per fleet size and picker", file=sys.stderr)
+    results = run(sizes, iterations, pickers)
+    print(f"{'picker':>13} {'hosts':>6} | {'decide p50':>10} {'p99':>8} | {'edge p50':>9} {'p99':>8}  (µs)")
     for r in results:
         d, e = r["decide"], r["edge"]
-        print(f"{r['hosts']:>6} | {d['p50_us']:>10.1f} {d['p99_us']:>8.1f} | {e['p50_us']:>9.1f} {e['p99_us']:>8.1f}")
-    base = results[0]["decide"]["p99_us"]
-    for r in results[1:]:
-        print(f"decide p99 at {r['hosts']} hosts / at {results[0]['hosts']} hosts: {r['decide']['p99_us'] / base:.2f}x")
+        print(
+            f"{r['picker']:>13} {r['hosts']:>6} | {d['p50_us']:>10.1f} {d['p99_us']:>8.1f} |"
+            f" {e['p50_us']:>9.1f} {e['p99_us']:>8.1f}"
+        )
+    for picker in pickers:
+        rows = [r for r in results if r["picker"] == picker]
+        base = rows[0]
+        for r in rows[1:]:
+            ratio = r["decide"]["p99_us"] / base["decide"]["p99_us"]
+            print(f"{picker}: decide p99 at {r['hosts']} hosts / at {base['hosts']} hosts: {ratio:.2f}x")
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0

@@ -317,7 +317,7 @@ async def run_load(spec: RunSpec) -> tuple[Records, dict[str, float]]:
                     )
             except TimeoutError:
                 status = TIMEOUT
-            except aiohttp.ClientError as exc:
+            except (aiohttp.ClientError, OSError) as exc:
                 status = f"client {type(exc).__name__}"
             done = loop.time() - start
             records.done[i] = done

@@ -185,7 +185,8 @@ def latency_cdf_png(
     height: int = 600,
 ) -> bytes:
     """The PNG of the latency CDFs of ``series`` (policy name → latencies in ms, any order)."""
-    canvas = Canvas(width, height)
+    # The legend goes under the chart, one row per series, so it never hides a line.
+    canvas = Canvas(width, height + 24 * len(series))
     left, right, top, bottom = 90, width - 30, 60, height - 80
     data = {name: sorted(v for v in values if v > 0 and math.isfinite(v)) for name, values in series.items()}
     everything = [v for values in data.values() for v in values]
@@ -228,7 +229,7 @@ def latency_cdf_png(
     canvas.text((left + right - Canvas.text_width(x_label)) // 2, bottom + 40, x_label)
 
     # One line per series: the empirical CDF, q = (i + 1) / n at the i-th smallest latency.
-    legend_y = top + 10
+    legends = []
     for k, (name, values) in enumerate(data.items()):
         color = POLICY_COLORS.get(name, PALETTE[k % len(PALETTE)])
         n = len(values)
@@ -241,9 +242,11 @@ def latency_cdf_png(
             elif last is None:
                 last = point
         p99 = values[min(n, max(1, math.ceil(0.99 * n))) - 1] if n else math.nan
-        canvas.rect(left + 15, legend_y + 5, left + 45, legend_y + 8, color)
-        canvas.text(left + 55, legend_y, f"{name}  p99 {p99:.1f} ms  n={n}")
-        legend_y += 24
+        legends.append((color, f"{name}  p99 {p99:.1f} ms  n={n}"))
+    for k, (color, text) in enumerate(legends):
+        y = height + 24 * k - 8
+        canvas.rect(left + 10, y + 5, left + 40, y + 8, color)
+        canvas.text(left + 50, y, text)
     return canvas.png()
 
 

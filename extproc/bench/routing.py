@@ -27,12 +27,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import datetime as dt
 import ipaddress
+import itertools
 import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +48,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal
 
 import yaml
@@ -57,7 +61,7 @@ from extproc.config import ConfigError, Fleet, HostSpec, parse_fleet
 from extproc.envoy_config import EXT_PROC_FILTER, render_bootstrap, render_yaml
 from extproc.headers import PICKER_CLUSTER, cluster_name
 from extproc.runtime.process import Supervisor
-from extproc.runtime.stack import StartupError, find_envoy
+from extproc.runtime.stack import StartupError, _picker_sees, find_envoy
 from extproc.runtime.triton import prepare_backend_dir, triton_command, triton_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -394,6 +398,62 @@ def _envoy_clusters(admin: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _envoy_ext_proc_stats(admin: str) -> dict[str, float]:
+    """Envoy's ``ext_proc`` counters (streams, timeouts, fail-open), by stat name."""
+    status, body = _http_get(f"{admin}/stats?format=json&filter=ext_proc")
+    if status != 200:
+        return {}
+    out = {}
+    for stat in json.loads(body).get("stats", []):
+        if "name" in stat and isinstance(stat.get("value"), int | float):
+            out[str(stat["name"])] = float(stat["value"])
+    return out
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_table() -> dict[int, tuple[int, float]]:
+    """Every process on the machine: pid → (parent pid, CPU seconds used so far), from ``/proc``."""
+    table: dict[int, tuple[int, float]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()
+            # After "pid (comm) ": state, ppid, ..., utime (12th), stime (13th).
+            table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+    return table
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all processes of the machine have used (``/proc/stat``: everything but idle and iowait)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return 0.0
+    ticks = [int(x) for x in fields[:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / _CLK_TCK
+
+
+def tree_cpu_s(table: Mapping[int, tuple[int, float]], root: int) -> float:
+    """CPU seconds of ``root`` and all its descendants alive now (Triton's python backend stubs)."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, (ppid, _) in table.items():
+        children[ppid].append(pid)
+    total, stack = 0.0, [root]
+    while stack:
+        pid = stack.pop()
+        if pid in table:
+            total += table[pid][1]
+        stack.extend(children.get(pid, ()))
+    return total
+
+
 # -------------------------------------------------------------------------------------------- summaries
 
 
@@ -406,6 +466,10 @@ class PolicyResult:
     envoy_requests: dict[str, float]  # host → upstream requests (all attempts)
     drained_s: float
     notes: list[str] = field(default_factory=list)
+    # CPU cores each part used while the load ran (CPU seconds / wall seconds), and a 1 s timeline.
+    cpu_cores: dict[str, float] = field(default_factory=dict)
+    cpu_timeline: list[dict[str, float]] = field(default_factory=list)
+    ext_proc: dict[str, float] = field(default_factory=dict)
 
 
 def latency_summary(latencies_ms: Sequence[float]) -> dict[str, float]:
@@ -460,7 +524,10 @@ def summarize(
     per_entry: dict[str, Any] = {}
     for k, entry in enumerate(load.mix):
         idx = [i for i in ok if rec.entry[i] == k]
-        entry_hosts = Counter(endpoint_names.get(rec.host[i], "?") for i in idx)
+        # Where this kind of request went (every measured response that names a host, errors included).
+        entry_hosts = Counter(
+            endpoint_names[rec.host[i]] for i in measured if rec.entry[i] == k and rec.host[i] in endpoint_names
+        )
         per_entry[entry.label] = {
             "requests": sum(1 for i in measured if rec.entry[i] == k),
             "ok": len(idx),
@@ -503,12 +570,24 @@ def summarize(
             **result.generator,
         },
         "drained_s": result.drained_s,
+        "cpu_cores": {
+            **result.cpu_cores,
+            "tritons": sum(result.cpu_cores.get(h.name, 0.0) for h in fleet.hosts),
+        },
+        "cpu_timeline": result.cpu_timeline,
+        "envoy_ext_proc": result.ext_proc,
         "notes": result.notes,
     }
 
 
 def _fmt(value: float, digits: int = 1) -> str:
     return "-" if value != value else f"{value:.{digits}f}"  # NaN → "-"
+
+
+# Envoy ext_proc counters that mean a request was not routed by the picker as intended.
+_EXT_PROC_TROUBLE = frozenset(
+    {"failure_mode_allowed", "message_timeouts", "streams_failed", "rejected_header_mutations", "stream_msgs_failed"}
+)
 
 
 def format_table(summaries: Sequence[Mapping[str, Any]], host_names: Sequence[str]) -> str:
@@ -538,6 +617,24 @@ def format_table(summaries: Sequence[Mapping[str, Any]], host_names: Sequence[st
             )
         for note in s["notes"]:
             lines.append(f"  {s['policy']}: {note}")
+    if summaries and summaries[0].get("cpu_cores"):
+        lines.append(f"CPU cores used during the load (this machine has {os.cpu_count() or '?'}):")
+        for s in summaries:
+            cpu = s["cpu_cores"]
+            parts = {n: cpu[n] for n in ("envoy", "picker", "tritons", "loadgen") if n in cpu}
+            listed = ", ".join(f"{n} {v:.2f}" for n, v in parts.items())
+            other = cpu.get("machine", math.nan) - sum(parts.values())
+            lines.append(
+                f"  {s['policy']:<14} {listed}; whole machine {_fmt(cpu.get('machine', math.nan), 2)}"
+                f" (other processes {_fmt(other, 2)})"
+            )
+    for s in summaries:
+        ext = s.get("envoy_ext_proc") or {}
+        bad = {k.rsplit(".", 1)[-1]: v for k, v in ext.items() if v and k.rsplit(".", 1)[-1] in _EXT_PROC_TROUBLE}
+        if bad:
+            lines.append(
+                f"  {s['policy']}: Envoy ext_proc " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(bad.items()))
+            )
     entries = list(summaries[0]["per_entry"]) if summaries else []
     if len(entries) > 1:
         lines.append("")
@@ -563,6 +660,34 @@ def comparisons(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------------------- the run
+
+
+def cpu_usage(
+    samples: Sequence[tuple[float, Mapping[str, float]]],
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Cores used per part between the first and the last sample, and per sampling interval."""
+    if len(samples) < 2:
+        return {}, []
+    timeline = []
+    for (t0, a), (t1, b) in itertools.pairwise(samples):
+        if t1 > t0:
+            timeline.append({"t": round(t1, 2), **{n: round((b[n] - a.get(n, 0.0)) / (t1 - t0), 3) for n in b}})
+    (t_first, first), (t_last, last) = samples[0], samples[-1]
+    span = t_last - t_first
+    return ({n: (last[n] - first.get(n, 0.0)) / span for n in last} if span > 0 else {}), timeline
+
+
+def _die_with_parent() -> None:
+    """In the load generator's process before exec: SIGTERM when this process dies (as Supervisor does)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, _: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
 
 
 def _progress(message: str) -> None:
@@ -697,12 +822,18 @@ class RoutingBench:
                 ("Envoy's health checks", lambda: (c := _envoy_clusters(admin)) is not None and envoy_all_healthy(c)),
                 ("the gateway", _ok(f"{gateway}/v2/health/ready")),
             ]
+            if policy is Policy.PICKER:
+                # As `extproc up` waits: every host routable in the picker's view, with its models READY.
+                status_url = f"http://{fleet.picker.metrics_address}:{fleet.picker.metrics_port}/status"
+                checks.append(("the picker's view of every host", lambda: _picker_sees(status_url, list(fleet.hosts))))
             self._wait(checks, front)
             time.sleep(SETTLE_S)
             before = self.triton_snapshot()
             envoy_before = envoy_host_requests(_envoy_clusters(admin) or {}, self.endpoint_names)
-            records, generator = self._load(policy, gateway, policy_dir)
+            parts = {c.name: c.process.pid for c in [*front.children, *self.tritons.children]}
+            records, generator, cpu_cores, timeline = self._load(policy, gateway, policy_dir, parts)
             drained = self.drain()
+            ext_proc = _envoy_ext_proc_stats(admin) if policy is Policy.PICKER else {}
             after = self.triton_snapshot()
             envoy_after = envoy_host_requests(_envoy_clusters(admin) or {}, self.endpoint_names)
             notes = [f"{c.name} exited during the run (code {c.process.returncode})" for c in front.exited()]
@@ -719,9 +850,13 @@ class RoutingBench:
             for name in after
         }
         envoy_delta = {n: envoy_after.get(n, 0.0) - envoy_before.get(n, 0.0) for n in self.endpoint_names.values()}
-        return PolicyResult(policy.value, records, generator, delta, envoy_delta, drained, notes)
+        return PolicyResult(
+            policy.value, records, generator, delta, envoy_delta, drained, notes, cpu_cores, timeline, ext_proc
+        )
 
-    def _load(self, policy: Policy, gateway: str, policy_dir: Path) -> tuple[Records, dict[str, float]]:
+    def _load(
+        self, policy: Policy, gateway: str, policy_dir: Path, parts: Mapping[str, int]
+    ) -> tuple[Records, dict[str, float], dict[str, float], list[dict[str, float]]]:
         load = self.scenario.load
         spec = RunSpec(
             label=policy.value,
@@ -738,13 +873,24 @@ class RoutingBench:
             [sys.executable, "-m", "extproc.bench.loadgen", str(spec_path), str(out_path)],
             stdin=subprocess.DEVNULL,
             cwd=REPO_ROOT,
+            preexec_fn=_die_with_parent,
         )
+        pids = {**parts, "loadgen": process.pid}
+        started = time.monotonic()
+        deadline = started + load.total_s + load.timeout_s + 120
+        samples: list[tuple[float, dict[str, float]]] = []
         try:
-            code = process.wait(timeout=load.total_s + load.timeout_s + 120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise StartupError(f"{policy.value}: the load generator did not finish") from None
+            while process.poll() is None:
+                table = process_table()
+                sample = {n: tree_cpu_s(table, pid) for n, pid in pids.items()}
+                # Everything on the machine: what is left after our parts is someone else's load.
+                sample["machine"] = machine_busy_s()
+                samples.append((time.monotonic() - started, sample))
+                if time.monotonic() > deadline:
+                    raise StartupError(f"{policy.value}: the load generator did not finish")
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=1.0)
+            code = process.returncode
         finally:
             if process.poll() is None:
                 process.kill()
@@ -753,7 +899,11 @@ class RoutingBench:
             raise StartupError(f"{policy.value}: the load generator exited with code {code}")
         out = json.loads(out_path.read_text(encoding="utf-8"))
         generator = {str(k): float(v) for k, v in out["generator"].items()}
-        return Records.from_json(out["records"]), generator
+        cores, timeline = cpu_usage(samples)
+        if "cpu_share" in generator:
+            # Its own rusage: the sampled total also holds its start-up (imports, building the trace).
+            cores["loadgen"] = generator["cpu_share"]
+        return Records.from_json(out["records"]), generator, cores, timeline
 
     def stop(self) -> None:
         self.tritons.stop()
@@ -841,11 +991,18 @@ def main(
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = Path(output) if output else DEFAULT_RESULTS_DIR / f"routing-{parsed.name}-{stamp}.json"
     png_path = Path(plot) if plot else json_path.with_suffix(".png")
+    # SIGTERM unwinds like Ctrl-C, so every child (Triton, Envoy, picker, load generator) is stopped.
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         report = run_scenario(parsed, chosen, Path(keep_dir) if keep_dir else None)
     except (StartupError, OSError) as exc:
         print(f"extproc bench routing: {exc}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, _Stop):
+        print("extproc bench routing: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     latencies = report.pop("_latencies_ms")
     write_latency_cdf(png_path, latencies, f"{parsed.name}: latency cdf, {parsed.load.rate_rps:g} req/s")
     report["plot"] = str(png_path)
