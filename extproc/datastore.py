@@ -14,6 +14,14 @@ from dataclasses import dataclass, field
 from extproc.config import Fleet, HostSpec, Tier
 
 
+@dataclass(frozen=True, slots=True)
+class ModelTimes:
+    """One model's smoothed per-request service time and execution (batch) time on a host, in ms."""
+
+    service_ms: float | None = None
+    exec_ms: float | None = None
+
+
 @dataclass(slots=True)
 class TritonLoad:
     """Derived from Triton's metrics endpoint: the counters are turned into rates between two scrapes."""
@@ -24,6 +32,8 @@ class TritonLoad:
     service_ms: float | None = None
     # Mean execution (batch) time in ms: what a request takes on this host even when nothing is queued.
     exec_ms: float | None = None
+    # The same two times per model: a host's models can differ by orders of magnitude.
+    models: dict[str, ModelTimes] = field(default_factory=dict)
     gpu_memory_used: int | None = None
     gpu_memory_total: int | None = None
     gpu_utilization: float | None = None
@@ -47,9 +57,12 @@ class HostState:
     ready: dict[str, frozenset[str]] = field(default_factory=dict)
     # Every model the host's repository index lists, in any state.
     known: frozenset[str] = frozenset()
-    # Picks made since Envoy's in-flight count was last read: the optimistic part of the in-flight estimate,
-    # so a burst between two polls does not all land on the host that looked best at the last poll.
-    picks_since_poll: int = 0
+    # The in-flight estimate between two reads of Envoy's count: a queue that each pick adds to (so a burst
+    # between two polls does not all land on the host that looked best at the last poll) and that drains
+    # at the host's measured service rate while it holds work. ``estimate`` is its value at ``estimate_at``.
+    estimate: float = 0.0
+    estimate_at: float | None = None
+    picks_since_poll: int = 0  # for /status: picks counted since the estimate was last reset
     # Set by an operator (``POST /hosts/NAME/drain``): no new requests, e.g. before unloading a model.
     draining: bool = False
     metrics_at: float | None = None
@@ -71,17 +84,26 @@ class HostState:
     def tier(self) -> Tier:
         return self.spec.tier
 
-    def in_flight(self, now: float) -> float:
-        """Best estimate of requests on this host now.
+    def _drained(self, now: float) -> float:
+        if self.estimate_at is None or not self.load.service_ms:
+            return self.estimate
+        # A busy host finishes one request per service_ms; an empty one finishes nothing.
+        return max(0.0, self.estimate - (now - self.estimate_at) * 1000.0 / self.load.service_ms)
 
-        Envoy's live count at its last poll plus our picks since, less what the host has completed since
-        at its measured service rate (a busy host finishes one request per ``service_ms``); or Triton's
-        queue, if larger (requests that did not come through this Envoy).
-        """
-        estimate = float(self.envoy.active + self.picks_since_poll)
-        if self.envoy_at is not None and self.load.service_ms:
-            estimate = max(0.0, estimate - (now - self.envoy_at) * 1000.0 / self.load.service_ms)
-        return max(estimate, float(self.load.pending))
+    def in_flight(self, now: float) -> float:
+        """Best estimate of requests on this host now: the estimate queue (Envoy's last count, plus our
+        picks since, drained at the measured rate), or Triton's queue if larger (requests that did not come
+        through this Envoy)."""
+        return max(self._drained(now), float(self.load.pending))
+
+    def record_pick(self, now: float, weight: int = 1) -> None:
+        self.estimate = self._drained(now) + weight
+        self.estimate_at = now
+        self.picks_since_poll += weight
+
+    def reset_estimate(self, in_flight: int, now: float) -> None:
+        """A fresh count of requests in flight (Envoy's poll) replaces the estimate."""
+        self.estimate, self.estimate_at, self.picks_since_poll = float(in_flight), now, 0
 
     def serves(self, model: str, version: str | None) -> bool:
         versions = self.ready.get(model)
@@ -152,7 +174,9 @@ class Datastore:
             ):
                 continue
             host.load, host.envoy, host.draining = before.load, before.envoy, before.draining
-            host.ready, host.known, host.picks_since_poll = before.ready, before.known, before.picks_since_poll
+            host.ready, host.known = before.ready, before.known
+            host.estimate, host.estimate_at = before.estimate, before.estimate_at
+            host.picks_since_poll = before.picks_since_poll
             host.metrics_at, host.index_at, host.envoy_at = before.metrics_at, before.index_at, before.envoy_at
         self._reindex()
 

@@ -50,9 +50,9 @@ def apply_snapshot(datastore: Datastore, data: bytes) -> None:
         if host is None:  # a host our (older or newer) fleet file does not have
             continue
         assert isinstance(load, TritonLoad) and isinstance(envoy, EnvoyView)
-        if envoy_at != host.envoy_at:
-            host.picks_since_poll = 0  # Envoy's new count includes them
         host.load, host.envoy, host.draining = load, envoy, draining
+        if envoy_at != host.envoy_at and envoy_at is not None:
+            host.reset_estimate(envoy.active, envoy_at)  # Envoy's new count includes our picks
         host.metrics_at, host.envoy_at = metrics_at, envoy_at
         if index_at != host.index_at:
             datastore.update_index(host, ready, known, index_at)

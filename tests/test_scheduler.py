@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from extproc.config import Fleet, PickerName, Tier, parse_fleet
-from extproc.datastore import Datastore, HostState
+from extproc.datastore import Datastore, HostState, ModelTimes
 from extproc.scheduling.classify import classify
 from extproc.scheduling.scheduler import Scheduler
 from extproc.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
@@ -46,6 +46,12 @@ def http(
     model: str | None, size: int | None = None, hint: Tier | None = None, version: str | None = None
 ) -> InferenceRequest:
     return InferenceRequest(Protocol.HTTP, model, version, size, hint)
+
+
+def busy(host: HostState, in_flight: int) -> None:
+    """As if Envoy's last poll counted ``in_flight`` requests on ``host``."""
+    host.envoy.active = in_flight
+    host.reset_estimate(in_flight, frozen())
 
 
 def frozen() -> float:
@@ -89,16 +95,16 @@ def test_model_only_where_loaded(store: Datastore) -> None:
 
 
 def test_least_expected_wait_first_and_ranked(store: Datastore) -> None:
-    store.hosts["g1"].envoy.active = 10
-    store.hosts["g2"].envoy.active = 0
-    store.hosts["g3"].envoy.active = 4
+    busy(store.hosts["g1"], 10)
+    busy(store.hosts["g2"], 0)
+    busy(store.hosts["g3"], 4)
     assert names(Scheduler(store.fleet, store).decide(http("embed"))) == ["g2", "g3", "g1"]
 
 
 def test_slow_host_avoided_by_service_time(store: Datastore) -> None:
     store.hosts["g1"].load.service_ms = 8.0
     for h in ("g1", "g2", "g3"):
-        store.hosts[h].envoy.active = 2
+        busy(store.hosts[h], 2)
     first = names(Scheduler(store.fleet, store).decide(http("embed")))[0]
     assert first in {"g2", "g3"}
 
@@ -168,7 +174,9 @@ def test_max_hosts_bounds_the_retry_list() -> None:
 
 def test_in_flight_estimate_uses_triton_queue_when_larger() -> None:
     host = HostState(fleet().hosts[0])
-    host.envoy.active, host.picks_since_poll, host.load.pending = 2, 1, 7
+    host.reset_estimate(2, 0.0)
+    host.record_pick(0.0)
+    host.load.pending = 7
     assert host.in_flight(0.0) == 7
     host.load.pending = 0
     assert host.in_flight(0.0) == 3
@@ -176,11 +184,17 @@ def test_in_flight_estimate_uses_triton_queue_when_larger() -> None:
 
 def test_in_flight_estimate_drains_at_the_measured_service_rate() -> None:
     host = HostState(fleet().hosts[0])
-    host.envoy.active, host.picks_since_poll, host.envoy_at = 4, 6, 100.0
     host.load.service_ms = 5.0
+    host.reset_estimate(4, 100.0)
+    host.record_pick(100.0, weight=6)
     assert host.in_flight(100.0) == 10
     assert host.in_flight(100.02) == pytest.approx(6)  # 20 ms at 5 ms a request: 4 done
     assert host.in_flight(101.0) == 0
+    # An idle host drains nothing: new picks count from zero, not from a debt of past idle time.
+    host.record_pick(101.0)
+    host.record_pick(101.0)
+    assert host.in_flight(101.0) == 2
+    assert host.in_flight(101.005) == pytest.approx(1)
 
 
 # --- profiles, pickers, saturation, sequences ------------------------------------------------------------
@@ -218,7 +232,7 @@ def test_round_robin_ignores_load() -> None:
     f = fleet(picker={"profile": {"picker": "round_robin"}})
     s = Datastore(f, clock=frozen)
     live(s, {"g1": ["embed"], "g2": ["embed"], "g3": ["embed"]})
-    s.hosts["g1"].envoy.active = 50
+    busy(s.hosts["g1"], 50)
     assert set(firsts(Scheduler(f, s), http("embed"), 30).values()) == {10}
 
 
@@ -227,13 +241,13 @@ def test_power_of_two_and_weighted_random_prefer_idle_hosts() -> None:
         f = fleet(picker={"profile": {"picker": picker}})
         s = Datastore(f, clock=frozen)
         live(s, {"g1": ["embed"], "g2": ["embed"], "g3": ["embed"]})
-        s.hosts["g1"].envoy.active = 40
-        s.hosts["g2"].envoy.active = 40
+        busy(s.hosts["g1"], 40)
+        busy(s.hosts["g2"], 40)
         scheduler, counts = Scheduler(f, s, random.Random(7)), Counter[str]()
         for _ in range(300):
             counts[names(scheduler.decide(http("embed")))[0]] += 1
             for host in s.hosts.values():
-                host.picks_since_poll = 0  # as if Envoy's poll came in after every pick
+                busy(host, host.envoy.active)  # as if Envoy's poll came in after every pick
         # Each host is idle or busy for the whole run: the idle one should win most of the time.
         assert counts["g3"] > 200, (picker, counts)
 
@@ -252,7 +266,7 @@ def test_power_of_two_on_a_large_fleet_filters_lazily_but_correctly() -> None:
 
 def test_scorer_weights_change_the_order(store: Datastore) -> None:
     store.hosts["g1"].load.pending = 9
-    store.hosts["g2"].envoy.active = 9
+    busy(store.hosts["g2"], 9)
     in_flight = fleet(picker={"profile": {"scorers": {"in_flight": 1}}})
     pending = fleet(picker={"profile": {"scorers": {"pending_queue": 1}}})
     # in_flight counts Triton's queue too (it is in flight), so g1 and g2 are both busy there.
@@ -265,7 +279,7 @@ def saturated_store(**picker: Any) -> tuple[Fleet, Datastore]:
     s = Datastore(f, clock=frozen)
     live(s, {"g1": ["embed", "mlp"], "g2": ["embed"], "c1": ["mlp"]})
     for name in ("g1", "g2", "c1"):
-        s.hosts[name].envoy.active = 5
+        busy(s.hosts[name], 5)
     return f, s
 
 
@@ -282,14 +296,14 @@ def test_saturation_sheds_sheddable_requests_only() -> None:
 
 def test_saturated_tier_spills_over_to_a_free_one() -> None:
     f, s = saturated_store()
-    s.hosts["g1"].envoy.active = 0
+    busy(s.hosts["g1"], 0)
     decision = route(Scheduler(f, s).decide(http("mlp", size=10)))  # classified cpu, c1 is saturated
     assert decision.tier is Tier.GPU and decision.reason == "spillover" and names(decision) == ["g1"]
 
 
 def test_spillover_can_be_turned_off() -> None:
     f, s = saturated_store(profile={"spillover": False})
-    s.hosts["g1"].envoy.active = 0
+    busy(s.hosts["g1"], 0)
     decision = route(Scheduler(f, s).decide(http("mlp", size=10)))
     assert decision.tier is Tier.CPU and decision.reason == "saturated"
 
@@ -305,7 +319,7 @@ def test_sequences_stay_on_one_host_whatever_the_load(store: Datastore) -> None:
         homes[seq] = names(scheduler.decide(sequence("embed", seq)))[0]
     assert len(set(homes.values())) == 3  # spread over the hosts
     for name in ("g1", "g2", "g3"):
-        store.hosts[name].envoy.active = 30 if name == homes["0"] else 0
+        busy(store.hosts[name], 30 if name == homes["0"] else 0)
     for seq, home in homes.items():
         assert names(scheduler.decide(sequence("embed", seq)))[0] == home
     # Another picker process (another replica) agrees without shared state.
@@ -328,3 +342,14 @@ def test_draining_host_gets_nothing_new_whatever_the_profile(store: Datastore) -
         f = fleet(picker={"profile": profile})
         assert "g1" not in {h for _ in range(20) for h in names(Scheduler(f, store).decide(http("embed")))}
         assert "g1" not in names(Scheduler(f, store).decide(sequence("embed", "5")))
+
+
+def test_expected_completion_uses_the_models_own_times(store: Datastore) -> None:
+    """g1 is quick on average (its other models are fast) but slow for embed; g2 is the reverse."""
+    g1, g2 = store.hosts["g1"], store.hosts["g2"]
+    g1.load.service_ms, g1.load.exec_ms = 1.0, 1.0
+    g2.load.service_ms, g2.load.exec_ms = 10.0, 10.0
+    g1.load.models = {"embed": ModelTimes(service_ms=40.0, exec_ms=40.0)}
+    g2.load.models = {"embed": ModelTimes(service_ms=5.0, exec_ms=5.0)}
+    busy(store.hosts["g3"], 50)
+    assert names(Scheduler(store.fleet, store).decide(http("embed")))[0] == "g2"

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from extproc.config import Fleet, parse_fleet
-from extproc.datastore import Datastore, HostState, TritonLoad
+from extproc.datastore import Datastore, HostState, ModelTimes, TritonLoad
 from extproc.telemetry import collector as collector_module
 from extproc.telemetry import nvml as nvml_module
 from extproc.telemetry.collector import TelemetryCollector
@@ -342,7 +342,7 @@ def envoy_fleet(**picker: Any) -> Fleet:
 def test_apply_real_envoy_view_to_datastore() -> None:
     store = Datastore(envoy_fleet())
     for host in store.hosts.values():
-        host.picks_since_poll = 5
+        host.record_pick(41.0, weight=5)
     missing = apply_envoy_view(store, parse_clusters(json.loads(read("envoy_clusters.json"))), now=42.0)
     a, b, c = store.hosts["a"], store.hosts["b"], store.hosts["c"]
     assert (a.envoy.active, a.envoy.ejected, a.envoy.unhealthy, a.envoy_at) == (3, False, False, 42.0)
@@ -350,8 +350,9 @@ def test_apply_real_envoy_view_to_datastore() -> None:
     # c is in no cluster: an empty view, its envoy_at not refreshed, and reported.
     assert missing == ["c"]
     assert c.envoy_at is None and c.envoy.active == 0
-    # The poll supersedes the picker's optimistic count.
+    # The poll supersedes the picker's optimistic count: the estimate restarts from Envoy's.
     assert [h.picks_since_poll for h in store.hosts.values()] == [0, 0, 0]
+    assert [(h.estimate, h.estimate_at) for h in store.hosts.values()] == [(3.0, 42.0), (0.0, 42.0), (0.0, 42.0)]
 
 
 def envoy_doc(hosts: Mapping[tuple[str, str, int], tuple[int, bool, bool]]) -> dict[str, Any]:
@@ -895,11 +896,26 @@ async def test_picks_do_not_pile_up_while_envoy_admin_is_unreachable(stack: Stac
     async with TelemetryCollector(fleet, store) as collector:
         await collector.refresh_once()
         a = store.hosts["a"]
-        a.picks_since_poll = 40
+        a.record_pick(store.now(), weight=40)
         await collector.refresh_once()
-        assert a.picks_since_poll == 0  # Envoy's poll superseded them
+        assert a.picks_since_poll == 0 and a.estimate == 3  # Envoy's poll superseded them
         await stack.envoy.stop()
         a.envoy_at = store.now() - 60  # Envoy's view has gone stale
-        a.picks_since_poll = 40
+        a.record_pick(store.now(), weight=40)
         await collector.refresh_once()
         assert a.picks_since_poll == 0, "a Triton metrics poll resets them once Envoy's view is stale"
+        assert a.estimate == a.load.pending
+
+
+def test_service_times_per_model() -> None:
+    m2 = 'model="slow",version="1"'
+    before = parse_metrics(triton_page({M1: Counters(), m2: Counters()}))
+    # M1: 20 requests in 10 executions of 6 ms; slow: 4 requests, one at a time, 50 ms each.
+    after = parse_metrics(triton_page({M1: Counters(20, 20, 10, 0, 20 * 6_000), m2: Counters(4, 4, 4, 0, 4 * 50_000)}))
+    load = derive_load(before, after, TritonLoad())
+    fast_name = M1.split('"')[1]
+    assert load.models[fast_name] == ModelTimes(service_ms=3.0, exec_ms=6.0)
+    assert load.models["slow"] == ModelTimes(service_ms=50.0, exec_ms=50.0)
+    # A model with no completions in the next interval keeps its times.
+    again = derive_load(after, after, load)
+    assert again.models == load.models

@@ -69,9 +69,9 @@ class Scheduler:
             candidates = self._candidates(self._loaded(candidate_tier, model, version), profile, now)
             if not candidates:
                 continue
-            ranked = self._ranker.rank(profile.picker, candidates, profile.scorers, now)
+            ranked = self._ranker.rank(profile.picker, candidates, profile.scorers, now, model)
             reason = "classified" if candidate_tier is tiers[0] else "spillover"
-            if not self._is_saturated(ranked[0], now):
+            if not self._is_saturated(ranked[0], now, model):
                 return Route(candidate_tier, tuple(ranked), reason)
             saturated = saturated or Route(candidate_tier, tuple(ranked), "saturated")
         if saturated is not None and request.priority is Priority.SHEDDABLE:
@@ -120,15 +120,15 @@ class Scheduler:
                 return passing
         return [h for h in hosts if filters.passes(h, profile.filters, now, max_age)]
 
-    def _is_saturated(self, best: HostState, now: float) -> bool:
+    def _is_saturated(self, best: HostState, now: float, model: str) -> bool:
         """The best candidate is over a limit, so every candidate is (for argmax; nearly so for samples)."""
         if best.in_flight(now) >= self._saturation.max_in_flight:
             return True
-        return expected_completion_ms([best], now)[0] >= self._saturation.max_queue_ms
+        return expected_completion_ms([best], now, model)[0] >= self._saturation.max_queue_ms
 
     def _commit(self, route: Route) -> Route:
         # Optimistic accounting until Envoy's next in-flight poll reconciles it.
-        route.hosts[0].picks_since_poll += self._pick_weight
+        route.hosts[0].record_pick(self._store.now(), self._pick_weight)
         return route
 
     def _any_host(self, request: InferenceRequest) -> Decision:

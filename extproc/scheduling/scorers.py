@@ -8,42 +8,52 @@ from collections.abc import Callable, Sequence
 from extproc.config import ScorerName
 from extproc.datastore import HostState
 
-Scorer = Callable[[Sequence[HostState], float], list[float]]
+# (candidates, now, the request's model or None) → a cost per candidate.
+Scorer = Callable[[Sequence[HostState], float, str | None], list[float]]
 
 # Per-request service time assumed when no host has been measured yet.
 _UNMEASURED_SERVICE_MS = 1.0
 
 
-def expected_completion_ms(hosts: Sequence[HostState], now: float) -> list[float]:
+def _times(host: HostState, model: str | None) -> tuple[float | None, float | None]:
+    """(service_ms, exec_ms) of the model on the host, else the host's over all its models."""
+    times = host.load.models.get(model) if model is not None else None
+    if times is not None and times.service_ms is not None:
+        return times.service_ms, times.exec_ms
+    return host.load.service_ms, host.load.exec_ms
+
+
+def expected_completion_ms(hosts: Sequence[HostState], now: float, model: str | None = None) -> list[float]:
     """When a new request would finish on each host: one execution of its own (the host's mean batch
     time) after the requests in flight there have drained at the host's per-request service time.
 
     ``service_ms`` is a batch's time divided by its size, so the queue drains faster on a host that batches
     well (batch-aware), while ``exec_ms`` keeps a slow host from looking cheap when idle. Triton's observed
     queue time is not added: queued requests are already in the in-flight count, and the observation is up
-    to a scrape old, which would herd traffic away from whichever host queued last."""
-    measured = [h.load.service_ms for h in hosts if h.load.service_ms is not None]
+    to a scrape old, which would herd traffic away from whichever host queued last. The times are the
+    request's model's on that host where measured."""
+    times = [_times(h, model) for h in hosts]
+    measured = [service for service, _ in times if service is not None]
     # An unmeasured host is assumed as fast as the fastest measured one, so a new host gets tried.
     default_ms = min(measured) if measured else _UNMEASURED_SERVICE_MS
     out = []
-    for h in hosts:
-        service = h.load.service_ms if h.load.service_ms is not None else default_ms
-        execution = h.load.exec_ms if h.load.exec_ms is not None else service
-        out.append(execution + h.in_flight(now) * service)
+    for h, (service, execution) in zip(hosts, times, strict=True):
+        service = service if service is not None else default_ms
+        out.append((execution if execution is not None else service) + h.in_flight(now) * service)
     return out
 
 
-def pending_queue(hosts: Sequence[HostState], now: float) -> list[float]:
+def pending_queue(hosts: Sequence[HostState], now: float, model: str | None = None) -> list[float]:
     """Requests waiting in Triton's queues (all models), as Triton last reported."""
     return [float(h.load.pending) for h in hosts]
 
 
-def in_flight(hosts: Sequence[HostState], now: float) -> list[float]:
+def in_flight(hosts: Sequence[HostState], now: float, model: str | None = None) -> list[float]:
     """Requests in flight: Envoy's live count, plus the picker's picks since, less estimated completions."""
     return [h.in_flight(now) for h in hosts]
 
 
-def gpu_memory(hosts: Sequence[HostState], now: float) -> list[float]:
+def gpu_memory(hosts: Sequence[HostState], now: float, model: str | None = None) -> list[float]:
     """Fraction of GPU memory in use (0 where unknown, e.g. CPU hosts): less headroom, higher cost."""
     out = []
     for h in hosts:
@@ -65,10 +75,12 @@ def normalise(values: list[float]) -> list[float]:
     return [v / top for v in values] if top > 0 else [0.0] * len(values)
 
 
-def cost(hosts: Sequence[HostState], weights: dict[ScorerName, float], now: float) -> list[float]:
+def cost(
+    hosts: Sequence[HostState], weights: dict[ScorerName, float], now: float, model: str | None = None
+) -> list[float]:
     total = [0.0] * len(hosts)
     for name, weight in weights.items():
         if weight:
-            for i, value in enumerate(normalise(SCORERS[name](hosts, now))):
+            for i, value in enumerate(normalise(SCORERS[name](hosts, now, model))):
                 total[i] += weight * value
     return total

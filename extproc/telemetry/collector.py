@@ -6,7 +6,7 @@ One :class:`TelemetryCollector` per picker process, on the picker's event loop:
 - per host, Triton's repository index (gRPC) every ``poll.repository_ms`` → ``ready``, ``known``,
   ``index_at``;
 - Envoy's admin ``/clusters?format=json`` every ``poll.envoy_admin_ms`` → every host's ``envoy``,
-  ``envoy_at``, and ``picks_since_poll = 0``;
+  ``envoy_at``, and restarts each host's in-flight estimate from Envoy's count;
 - with ``picker.nvml_host`` set, NVML every ``poll.nvml_ms`` → that host's GPU memory (in a thread).
 
 Every request has a timeout of ``poll.request_timeout_ms``. A failed poll changes nothing, so the host's
@@ -248,9 +248,9 @@ class TelemetryCollector:
         now = host.state.metrics_at = self._datastore.now()
         envoy_at = host.state.envoy_at
         if envoy_at is None or now - envoy_at > self._datastore.stale_after_s:
-            # Envoy's admin is unreachable: Triton's counts are the live view now, and our picks since the
+            # Envoy's admin is unreachable: Triton's queue is the live view now, and our picks since the
             # last Envoy poll would otherwise pile up for ever.
-            host.state.picks_since_poll = 0
+            host.state.reset_estimate(load.pending, now)
 
     async def _poll_repository(self, host: _Host) -> None:
         index = await host.repository.index(self._timeout_s)

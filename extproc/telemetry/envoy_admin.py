@@ -129,16 +129,16 @@ def apply_envoy_view(datastore: Datastore, endpoints: Mapping[str, EndpointStatu
 
     Per host: ``active`` is ``rq_active`` summed over its REST and gRPC endpoints, ``ejected`` /
     ``unhealthy`` are set when either endpoint failed outlier detection / active health checking.
-    ``picks_since_poll`` goes back to 0 (Envoy's live count now includes those picks). ``envoy_at`` is set
-    for hosts Envoy lists; a host in none of the ``triton_*`` clusters gets an empty view and keeps its
-    old ``envoy_at``.
+    The host's in-flight estimate restarts from Envoy's live count, which includes the picks made since.
+    ``envoy_at`` is set for hosts Envoy lists; a host in none of the ``triton_*`` clusters gets an empty
+    view and keeps its old ``envoy_at``.
     """
     missing: list[str] = []
     for host in datastore.hosts.values():
         found = [s for key in (host.http_endpoint, host.grpc_endpoint) if (s := endpoints.get(key)) is not None]
-        host.picks_since_poll = 0
         if not found:
             host.envoy = EnvoyView()
+            host.reset_estimate(0, now)
             missing.append(host.name)
             continue
         host.envoy = EnvoyView(
@@ -147,4 +147,5 @@ def apply_envoy_view(datastore: Datastore, endpoints: Mapping[str, EndpointStatu
             unhealthy=any(s.failed_active_health_check for s in found),
         )
         host.envoy_at = now
+        host.reset_estimate(host.envoy.active, now)
     return missing

@@ -21,11 +21,12 @@ the per-request share of the server's time is that mean times Δexec_count / Δr
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
-from extproc.datastore import TritonLoad
+from extproc.datastore import ModelTimes, TritonLoad
 
 REQUEST_SUCCESS: Final = "nv_inference_request_success"
 INFERENCE_COUNT: Final = "nv_inference_count"
@@ -179,16 +180,36 @@ def counter_delta(previous: TritonSnapshot, current: TritonSnapshot) -> Counters
     (model unloaded) contributes nothing.
     """
     sums = [0.0] * _N_COUNTERS
+    for delta in _series_deltas(previous, current).values():
+        for i, d in enumerate(delta):
+            sums[i] += d
+    return Counters(*sums)
+
+
+def model_deltas(previous: TritonSnapshot, current: TritonSnapshot) -> dict[str, Counters]:
+    """As :func:`counter_delta`, per model (summed over its versions)."""
+    sums: dict[str, list[float]] = {}
+    for labels, delta in _series_deltas(previous, current).items():
+        match = _MODEL_LABEL.search(labels)
+        totals = sums.setdefault(match.group(1) if match else "", [0.0] * _N_COUNTERS)
+        for i, d in enumerate(delta):
+            totals[i] += d
+    return {model: Counters(*totals) for model, totals in sums.items()}
+
+
+_MODEL_LABEL: Final = re.compile(r'(?:^|,)model="((?:[^"\\]|\\.)*)"')
+
+
+def _series_deltas(previous: TritonSnapshot, current: TritonSnapshot) -> dict[str, tuple[float, ...]]:
+    out: dict[str, tuple[float, ...]] = {}
     before = previous.series
     for labels, now in current.series.items():
         then = before.get(labels)
         if then is None or any(n < t for n, t in zip(now, then, strict=True)):
-            for i, n in enumerate(now):
-                sums[i] += n
+            out[labels] = tuple(now)
         else:
-            for i, (n, t) in enumerate(zip(now, then, strict=True)):
-                sums[i] += n - t
-    return Counters(*sums)
+            out[labels] = tuple(n - t for n, t in zip(now, then, strict=True))
+    return out
 
 
 # Weight of the newest scrape interval in the smoothed service-time estimates.
@@ -197,6 +218,15 @@ SMOOTHING = 0.5
 
 def _smooth(previous: float | None, sample: float) -> float:
     return sample if previous is None else SMOOTHING * sample + (1 - SMOOTHING) * previous
+
+
+def _times(last: ModelTimes, delta: Counters) -> ModelTimes:
+    done = delta.request_success
+    if done <= 0 or delta.exec_count <= 0:
+        return last
+    batch_ms = delta.compute_infer_us / done / 1000
+    per_request_exec = min(1.0, delta.exec_count / done)
+    return ModelTimes(_smooth(last.service_ms, batch_ms * per_request_exec), _smooth(last.exec_ms, batch_ms))
 
 
 def derive_load(previous: TritonSnapshot | None, current: TritonSnapshot, last: TritonLoad) -> TritonLoad:
@@ -215,24 +245,26 @@ def derive_load(previous: TritonSnapshot | None, current: TritonSnapshot, last: 
       request takes even on an idle host.
     - ``exec_ms`` and ``service_ms`` are smoothed (``SMOOTHING`` of the new interval's value), so one
       noisy scrape interval does not swing every decision until the next.
+    - ``models``: ``exec_ms`` and ``service_ms`` of each model alone, since one host's models can differ
+      by orders of magnitude.
     - No request completed in the interval (or no previous scrape): the estimates stay as in ``last``.
     """
-    queue_ms, service_ms, exec_ms = last.queue_ms, last.service_ms, last.exec_ms
+    queue_ms = last.queue_ms
+    totals = ModelTimes(last.service_ms, last.exec_ms)
+    models = dict(last.models)
     if previous is not None:
         delta = counter_delta(previous, current)
-        done = delta.request_success
-        if done > 0:
-            queue_ms = delta.queue_us / done / 1000
-            if delta.exec_count > 0:
-                batch_ms = delta.compute_infer_us / done / 1000
-                per_request_exec = min(1.0, delta.exec_count / done)
-                exec_ms = _smooth(exec_ms, batch_ms)
-                service_ms = _smooth(service_ms, batch_ms * per_request_exec)
+        if delta.request_success > 0:
+            queue_ms = delta.queue_us / delta.request_success / 1000
+        totals = _times(totals, delta)
+        for model, model_delta in model_deltas(previous, current).items():
+            models[model] = _times(models.get(model, ModelTimes()), model_delta)
     return TritonLoad(
         pending=current.pending,
         queue_ms=queue_ms,
-        service_ms=service_ms,
-        exec_ms=exec_ms,
+        service_ms=totals.service_ms,
+        exec_ms=totals.exec_ms,
+        models=models,
         gpu_memory_used=current.gpu_memory_used,
         gpu_memory_total=current.gpu_memory_total,
         gpu_utilization=current.gpu_utilization,
