@@ -163,6 +163,8 @@ class Datastore:
         self.stale_after_s = fleet.picker.poll.stale_after_ms / 1000
         # (tier, model) → hosts where the model is READY: the model-ready filter without a scan.
         self.serving: dict[tuple[Tier, str], tuple[HostState, ...]] = {}
+        # Every model any host lists (in any state): tells an unknown model (404) from an unready one.
+        self.known_models: frozenset[str] = frozenset()
 
     def adopt(self, old: Datastore) -> None:
         """Carry live state over from the datastore of the previous config (reload): hosts with the same name
@@ -184,7 +186,7 @@ class Datastore:
         self, host: HostState, ready: dict[str, frozenset[str]], known: frozenset[str], now: float
     ) -> None:
         """Apply one host's repository index; rebuilds the (tier, model) index only when READY sets change."""
-        changed = ready.keys() != host.ready.keys()
+        changed = ready.keys() != host.ready.keys() or known != host.known
         host.ready, host.known, host.index_at = ready, known, now
         if changed:
             self._reindex()
@@ -195,10 +197,11 @@ class Datastore:
             for model in host.ready:
                 serving.setdefault((host.tier, model), []).append(host)
         self.serving = {key: tuple(hosts) for key, hosts in serving.items()}
+        self.known_models = frozenset().union(*(h.known for h in self.hosts.values()))
 
     def model_known(self, model: str) -> bool:
         """Whether any host lists the model at all (loaded or not)."""
-        return any(model in h.known for h in self.hosts.values())
+        return model in self.known_models
 
     def tiers_serving(self, model: str, version: str | None) -> set[Tier]:
         return {h.tier for h in self.hosts.values() if h.serves(model, version)}

@@ -135,7 +135,8 @@ def test_unknown_model_is_404_and_known_unready_503(store: Datastore) -> None:
     scheduler = Scheduler(store.fleet, store)
     unknown = scheduler.decide(http("nope"))
     assert isinstance(unknown, Reject) and unknown.status == 404 and "nope" in unknown.message
-    store.hosts["g2"].known = frozenset({"embed", "sleepy"})  # listed, never READY
+    g2 = store.hosts["g2"]
+    store.update_index(g2, g2.ready, frozenset({"embed", "sleepy"}), store.now())  # listed, never READY
     unready = scheduler.decide(http("sleepy"))
     assert isinstance(unready, Reject) and unready.status == 503
 
