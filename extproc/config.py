@@ -257,6 +257,25 @@ class TlsSpec(_Strict):
         return self
 
 
+class UpstreamTlsSpec(_Strict):
+    """TLS from Envoy to the Triton hosts (their HTTP and gRPC ports; health checks included)."""
+
+    # PEM bundle of the CAs that sign the Triton hosts' certificates: an unverifiable host gets no requests.
+    ca_file: str
+    # Sent as SNI, and every host's certificate must carry it as a DNS subjectAltName (hosts are addressed
+    # by IP, so the name cannot come from the address).
+    server_name: str = Field(min_length=1, max_length=253)
+    # Envoy's client certificate, for Triton hosts (or their TLS sidecars) that require mutual TLS.
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class EnvoySpec(_Strict):
     listener: Listener = Listener(port=8080)
     tls: TlsSpec | None = TlsSpec()
@@ -272,6 +291,9 @@ class EnvoySpec(_Strict):
     # Largest request body Envoy accepts (bytes). A larger content-length is answered 413 before the body is
     # read; a REST body without content-length (chunked) is buffered up to this size, then 413.
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**32 - 1)
+    # TLS to the Triton hosts; null: plaintext (a trusted network). The picker's own telemetry (metrics,
+    # repository index) still connects in plaintext.
+    upstream_tls: UpstreamTlsSpec | None = None
     concurrency: int = Field(default=1, ge=1, le=256)
     base_id: int = Field(default=0, ge=0)
 

@@ -7,8 +7,13 @@ configs are packed with ``Any.pack``, so a misspelt field fails here rather than
 
 What the config does, in request order:
 
-1. ``header_mutation`` strips the routing headers (:data:`~extproc.headers.ROUTING_HEADERS`) from the client's
-   request, so only the picker can choose a tier or a host, even when the picker fails open.
+0. A request whose ``content-length`` is over ``envoy.max_request_bytes`` is answered 413 at once (route
+   ``too_large``); a REST body without one (chunked) is buffered up to that size by the ``buffer`` filter,
+   then 413. Every other body streams.
+1. The HTTP connection manager's early header mutation strips the routing headers
+   (:data:`~extproc.headers.ROUTING_HEADERS`) from the client's request before the route is selected, so only
+   the picker can choose a tier or a host, even when the picker fails open; the ``header_mutation`` filter
+   strips them again.
 2. ``ext_proc`` asks the picker (cluster :data:`~extproc.headers.PICKER_CLUSTER`), which answers with the tier
    header (selects the route, hence the tier's cluster) and the hosts header (read by the cluster's
    ``override_host`` load-balancing policy). If the picker does not answer, the request goes on unchanged
@@ -42,6 +47,7 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc import v3 as ext_pr
 from envoy_data_plane.envoy.extensions.filters.http.header_mutation import v3 as header_mutation
 from envoy_data_plane.envoy.extensions.filters.http.router import v3 as router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager import v3 as hcm
+from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation import v3 as early_mutation
 from envoy_data_plane.envoy.extensions.load_balancing_policies.least_request import v3 as least_request
 from envoy_data_plane.envoy.extensions.load_balancing_policies.override_host import v3 as override_host
 from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections import (
@@ -54,7 +60,7 @@ from envoy_data_plane.envoy.type import v3 as type_v3
 from envoy_data_plane.envoy.type.matcher import v3 as matcher
 from envoy_data_plane.google.protobuf import Any as PbAny
 
-from extproc.config import Fleet, HostSpec, Tier, TlsSpec
+from extproc.config import Fleet, HostSpec, Tier, TlsSpec, UpstreamTlsSpec
 from extproc.headers import (
     HOSTS_HEADER,
     PICKER_CLUSTER,
@@ -163,8 +169,8 @@ def build_bootstrap(fleet: Fleet) -> bootstrap.Bootstrap:
     clusters = [_picker_cluster(fleet)]
     for tier in fleet.tiers:
         hosts = [h for h in fleet.hosts if h.tier is tier]
-        clusters.append(_triton_cluster(tier, "http", hosts))
-        clusters.append(_triton_cluster(tier, "grpc", hosts))
+        clusters.append(_triton_cluster(tier, "http", hosts, fleet.envoy.upstream_tls))
+        clusters.append(_triton_cluster(tier, "grpc", hosts, fleet.envoy.upstream_tls))
     return bootstrap.Bootstrap(
         admin=bootstrap.Admin(address=_socket_address(fleet.envoy.admin.address, fleet.envoy.admin.port)),
         static_resources=bootstrap.BootstrapStaticResources(listeners=listeners, clusters=clusters),
@@ -268,6 +274,20 @@ def _http_connection_manager(fleet: Fleet) -> hcm.HttpConnectionManager:
         stream_idle_timeout=dt.timedelta(seconds=300),
         # Default true, spelt out: the x-request-id ties Envoy's, the picker's and Triton's logs together.
         generate_request_id=True,
+        # The client's copies of the routing headers go before anything looks at the request: Envoy may
+        # select the route before the first HTTP filter runs (and keeps that choice unless the picker clears
+        # the route cache), so with only the header_mutation filter a client's x-triton-lb-tier chose the
+        # tier whenever the picker failed open.
+        early_header_mutation_extensions=[
+            core.TypedExtensionConfig(
+                name="envoy.http.early_header_mutation.header_mutation",
+                typed_config=PbAny.pack(
+                    early_mutation.HeaderMutation(
+                        mutations=[mutation_rules.HeaderMutation(remove=name) for name in ROUTING_HEADERS]
+                    )
+                ),
+            )
+        ],
     )
 
 
@@ -297,14 +317,17 @@ def _http_filters(fleet: Fleet) -> list[hcm.HttpFilter]:
     return [
         # First: nothing a client sends may reach the route or the load balancer as a routing header.
         hcm.HttpFilter(name=HEADER_MUTATION_FILTER, typed_config=PbAny.pack(strip_routing_headers)),
-        hcm.HttpFilter(name=EXT_PROC_FILTER, typed_config=PbAny.pack(picker)),
         # Off except on the REST routes for bodies without a content-length (see _route_configuration): there
-        # it is the only way to cap the body size, everything else streams.
+        # it is the only way to cap the body size, everything else streams. Before the picker: its per-route
+        # config must come from the route matched on arrival (the picker's answer changes the route, and body
+        # bytes that arrive while the picker thinks would otherwise pass unbuffered), and the picker is asked
+        # only about bodies that fit.
         hcm.HttpFilter(
             name=BUFFER_FILTER,
             typed_config=PbAny.pack(buffer.Buffer(max_request_bytes=fleet.envoy.max_request_bytes)),
             disabled=True,
         ),
+        hcm.HttpFilter(name=EXT_PROC_FILTER, typed_config=PbAny.pack(picker)),
         hcm.HttpFilter(name=ROUTER_FILTER, typed_config=PbAny.pack(router.Router())),
     ]
 
@@ -485,7 +508,9 @@ def _set_header(key: str, value: str) -> core.HeaderValueOption:
 # ----------------------------------------------------------------------------------------------- clusters
 
 
-def _triton_cluster(tier: Tier, protocol: str, hosts: list[HostSpec]) -> cluster.Cluster:
+def _triton_cluster(
+    tier: Tier, protocol: str, hosts: list[HostSpec], upstream_tls: UpstreamTlsSpec | None = None
+) -> cluster.Cluster:
     name = cluster_name(tier.value, protocol)
     grpc = protocol == "grpc"
     if grpc:
@@ -536,6 +561,7 @@ def _triton_cluster(tier: Tier, protocol: str, hosts: list[HostSpec]) -> cluster
                 )
             )
         },
+        transport_socket=_upstream_tls(upstream_tls, grpc) if upstream_tls is not None else None,
         load_balancing_policy=_override_host_policy(),
         health_checks=[health_check],
         outlier_detection=_outlier_detection(),
@@ -555,6 +581,42 @@ def _triton_cluster(tier: Tier, protocol: str, hosts: list[HostSpec]) -> cluster
             max_retries=1_000,
         ),
     )
+
+
+def _upstream_tls(spec: UpstreamTlsSpec, grpc: bool) -> core.TransportSocket:
+    """TLS to Triton: the host's certificate must chain to ``ca_file`` and name ``server_name``."""
+    context = tls.UpstreamTlsContext(
+        common_tls_context=tls.CommonTlsContext(
+            tls_params=tls.TlsParameters(
+                tls_minimum_protocol_version=tls.TlsParametersTlsProtocol.TLSv1_2,
+                cipher_suites=list(_CIPHER_SUITES),
+            ),
+            tls_certificates=(
+                [
+                    tls.TlsCertificate(
+                        certificate_chain=core.DataSource(filename=spec.cert_file),
+                        private_key=core.DataSource(filename=spec.key_file),
+                    )
+                ]
+                if spec.cert_file is not None and spec.key_file is not None
+                else []
+            ),
+            validation_context=tls.CertificateValidationContext(
+                trusted_ca=core.DataSource(filename=spec.ca_file),
+                # Envoy checks only the chain unless told which name to expect.
+                match_typed_subject_alt_names=[
+                    tls.SubjectAltNameMatcher(
+                        san_type=tls.SubjectAltNameMatcherSanType.DNS,
+                        matcher=matcher.StringMatcher(exact=spec.server_name),
+                    )
+                ],
+            ),
+            # Triton's gRPC port speaks HTTP/2 only; its REST port HTTP/1.1.
+            alpn_protocols=["h2"] if grpc else ["http/1.1"],
+        ),
+        sni=spec.server_name,
+    )
+    return core.TransportSocket(name="envoy.transport_sockets.tls", typed_config=PbAny.pack(context))
 
 
 def _lb_endpoint(address: str, port: int) -> endpoint.LbEndpoint:

@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import ctypes
 import datetime as dt
+import functools
 import json
 import math
 import os
 import selectors
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -213,10 +215,12 @@ def process_spec(pid: int) -> ProcessSpec:
     return ProcessSpec(argv, env, str(proc.joinpath("cwd").readlink()))
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not between fork and exec
+
+
 def _die_with_test() -> None:
     """In the child before exec: SIGTERM when the test process dies, as ``extproc up`` does for its children."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def spawn(stack: Stack, name: str, spec: ProcessSpec) -> subprocess.Popen[bytes]:
@@ -249,6 +253,48 @@ def pid_of(stack: Stack, name: str) -> int:
 def kill_and_wait(pid: int, sig: int = signal.SIGKILL, timeout_s: float = 10.0) -> None:
     os.kill(pid, sig)
     wait_for(lambda: not alive(pid), timeout_s, f"process {pid} to die", interval_s=0.02)
+
+
+_SHM_PREFIX = "triton_python_backend_shm_region_"
+
+
+def triton_shm_regions(pid: int) -> list[Path]:
+    """The shared-memory regions of Triton ``pid``'s python-backend stubs (named on their command lines).
+    A Triton that dies by SIGKILL or abort leaves them in /dev/shm."""
+    regions = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat_file.read_text().rsplit(") ", 1)[1].split()[1]) != pid:
+                continue
+            argv = stat_file.with_name("cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        regions += [Path("/dev/shm", a.decode()) for a in argv if a.startswith(_SHM_PREFIX.encode())]
+    return regions
+
+
+def remove_orphaned(regions: Sequence[Path]) -> None:
+    """Unlink those of ``regions`` that no live process maps any more."""
+    for region in regions:
+        try:
+            wait_for(functools.partial(_unmapped, region), 10, f"{region} to be unmapped", interval_s=0.2)
+        except AssertionError:
+            continue
+        region.unlink(missing_ok=True)
+
+
+def _unmapped(region: Path) -> bool:
+    return not _mapped(region)
+
+
+def _mapped(region: Path) -> bool:
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            if str(region) in maps.read_text():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def stop_spawned(stack: Stack) -> None:
@@ -297,11 +343,14 @@ def http_status(url: str, timeout_s: float = 2.0, method: str = "GET") -> int | 
 
 
 class TcpProxy:
-    """A loopback TCP forwarder that a test can cut (listener closed, connections reset) and restore."""
+    """A loopback TCP forwarder that a test can cut (listener closed, connections reset) and restore. With
+    ``tls`` (a server-side context) it terminates TLS in front of the target, like a TLS sidecar."""
 
-    def __init__(self, listen_port: int, target_port: int) -> None:
+    def __init__(self, listen_port: int, target_port: int, tls: ssl.SSLContext | None = None) -> None:
         self.listen_port = listen_port
         self.target_port = target_port
+        self.tls = tls
+        self.handshakes = 0  # TLS handshakes completed
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
@@ -344,17 +393,24 @@ class TcpProxy:
                 continue
             except OSError:
                 return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=2)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            client.settimeout(None)
-            with self._lock:
-                self._conns += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        try:
+            if self.tls is not None:
+                client.settimeout(5)
+                client = self.tls.wrap_socket(client, server_side=True)
+                self.handshakes += 1
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=2)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        client.settimeout(None)
+        with self._lock:
+            self._conns += [client, upstream]
+        for src, dst in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
 
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket) -> None:
@@ -436,6 +492,7 @@ class Outcome:
     done: float
     status: str  # "http 200", "grpc UNAVAILABLE", "lost: ..." (no answer at all)
     host: str  # x-triton-host of the answer, "" if none
+    detail: str = ""  # for an answer other than success: the start of its body, or the gRPC details
 
     @property
     def ok(self) -> bool:
@@ -481,18 +538,19 @@ class LoadResult:
         """Which upstream (``ip:port``) served the requests sent in [since, until)."""
         return Counter(o.host for o in self.outcomes if since <= o.sent < until and o.ok)
 
-    def row(self, fault: str) -> str:
+    def row(self, fault: str, note: str = "") -> str:
+        """A row of the README's fault table: fault | sent | failed | lost | what else was measured."""
         protocols = Counter(self.mix[o.entry].protocol for o in self.outcomes)
         return (
             f"| {fault} | {self.sent} ({protocols['http']} REST, {protocols['grpc']} gRPC, {self.rate:.0f}/s) "
-            f"| {self.failed} | {self.lost} |"
+            f"| {self.failed} | {self.lost} | {note} |"
         )
 
     def describe(self, limit: int = 10) -> str:
         bad = self.not_ok()
         lines = [f"sent {self.sent} failed {self.failed} lost {self.lost}: {dict(self.statuses())}"]
         lines += [
-            f"  {self.mix[o.entry].label} sent at +{o.sent - self.start:.2f}s: {o.status} ({o.host})"
+            f"  {self.mix[o.entry].label} sent at +{o.sent - self.start:.2f}s: {o.status} ({o.host}) {o.detail}"
             for o in bad[:limit]
         ]
         return "\n".join(lines)
@@ -585,7 +643,7 @@ def _request_bodies(mix: list[dict[str, Any]]) -> list[bytes]:
     return bodies
 
 
-async def _run_load(spec: dict[str, Any]) -> tuple[float, list[tuple[int, float, float, str, str]]]:
+async def _run_load(spec: dict[str, Any]) -> tuple[float, list[tuple[int, float, float, str, str, str]]]:
     import aiohttp
     import grpc
 
@@ -594,7 +652,7 @@ async def _run_load(spec: dict[str, Any]) -> tuple[float, list[tuple[int, float,
     timeout_s = float(spec["timeout"])
     count = int(spec["rate"] * spec["duration"])
     gap = 1.0 / float(spec["rate"])
-    outcomes: list[tuple[int, float, float, str, str]] = []
+    outcomes: list[tuple[int, float, float, str, str, str]] = []
     channel = grpc.aio.insecure_channel(spec["grpc"])
     infer: Any = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -603,15 +661,17 @@ async def _run_load(spec: dict[str, Any]) -> tuple[float, list[tuple[int, float,
         async def one(k: int) -> None:
             m = mix[k]
             sent = time.time()
-            host = ""
+            host = detail = ""
             try:
                 if m["protocol"] == "http":
                     headers = {"content-type": "application/json", **dict(m["headers"])}
                     url = f"{spec['http']}/v2/models/{m['model']}/infer"
                     async with session.post(url, data=bodies[k], headers=headers) as response:
-                        await response.read()
+                        answer = await response.read()
                         status = f"http {response.status}"
                         host = response.headers.get("x-triton-host", "")
+                        if response.status != 200:
+                            detail = answer[:200].decode(errors="replace")
                 else:
                     call = infer(bodies[k], timeout=timeout_s, metadata=tuple(map(tuple, m["headers"])))
                     try:
@@ -619,6 +679,7 @@ async def _run_load(spec: dict[str, Any]) -> tuple[float, list[tuple[int, float,
                         code = grpc.StatusCode.OK
                     except grpc.aio.AioRpcError as exc:
                         code = exc.code()
+                        detail = str(exc.details())[:200]
                     status = "lost: deadline" if code is grpc.StatusCode.DEADLINE_EXCEEDED else f"grpc {code.name}"
                     with contextlib.suppress(Exception):
                         host = dict(await call.initial_metadata() or ()).get("x-triton-host", "")
@@ -626,7 +687,7 @@ async def _run_load(spec: dict[str, Any]) -> tuple[float, list[tuple[int, float,
                 status = "lost: timeout"
             except aiohttp.ClientError as exc:
                 status = f"lost: {type(exc).__name__}"
-            outcomes.append((k, sent, time.time(), status, str(host)))
+            outcomes.append((k, sent, time.time(), status, str(host), detail))
 
         loop = asyncio.get_running_loop()
         start_wall = time.time() + 0.1
@@ -654,3 +715,36 @@ def load_main(argv: Sequence[str]) -> int:
     start, outcomes = uvloop.run(_run_load(spec))
     Path(argv[1]).write_text(json.dumps({"start": start, "outcomes": outcomes}))
     return 0
+
+
+# ------------------------------------------------------------------------------------------ a lone Envoy
+
+
+def start_envoy(run_dir: Path, fleet: dict[str, Any]) -> subprocess.Popen[bytes]:
+    """Envoy alone (no picker, no Triton of its own) on the bootstrap ``extproc envoy-config`` renders for
+    ``fleet``; returns once its admin endpoint says it is live. The caller stops it."""
+    from extproc.config import parse_fleet
+    from extproc.envoy_config import render_yaml
+    from extproc.runtime.stack import find_envoy
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "envoy.yaml"
+    config.write_text(render_yaml(parse_fleet(fleet, str(run_dir / "fleet.yaml"))))
+    envoy = fleet["envoy"]
+    with (run_dir / "envoy.log").open("ab") as log:
+        process = subprocess.Popen(
+            [find_envoy(), "-c", str(config), "--base-id", str(envoy["base_id"]), "--concurrency", "1"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_test,
+        )
+    admin = f"http://127.0.0.1:{envoy['admin']['port']}/ready"
+    try:
+        wait_for(lambda: process.poll() is not None or http_status(admin) == 200, 60, "a lone Envoy to start")
+    except AssertionError:
+        process.kill()
+        raise
+    assert process.poll() is None, (run_dir / "envoy.log").read_text(errors="replace")[-3000:]
+    return process

@@ -17,6 +17,7 @@ from cryptography import x509
 
 from extproc.config import Fleet, load_fleet, parse_fleet
 from extproc.envoy_config import (
+    BUFFER_FILTER,
     EXT_PROC_FILTER,
     HEADER_MUTATION_FILTER,
     ROUTER_FILTER,
@@ -89,6 +90,11 @@ def _routes(config: dict[str, Any]) -> list[dict[str, Any]]:
     assert vhost["domains"] == ["*"]
     routes: list[dict[str, Any]] = vhost["routes"]
     return routes
+
+
+def _cluster_routes(routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The routes to Triton clusters (not the direct responses ``too_large`` and ``not_found``)."""
+    return [r for r in routes if "route" in r]
 
 
 def _clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -181,7 +187,7 @@ def test_envoy_validates_variant_config(tmp_path: Path) -> None:
 def test_client_routing_headers_are_stripped_before_the_picker(local_fleet: Fleet) -> None:
     config = render_bootstrap(local_fleet)
     names = [f["name"] for f in _hcm(config)["http_filters"]]
-    assert names == [HEADER_MUTATION_FILTER, EXT_PROC_FILTER, ROUTER_FILTER]
+    assert names == [HEADER_MUTATION_FILTER, BUFFER_FILTER, EXT_PROC_FILTER, ROUTER_FILTER]
     mutations = _http_filter(config, HEADER_MUTATION_FILTER)["mutations"]["request_mutations"]
     assert {m["remove"] for m in mutations} == set(ROUTING_HEADERS) == {TIER_HEADER, HOSTS_HEADER}
 
@@ -241,11 +247,15 @@ def test_routes(local_fleet: Fleet) -> None:
     routes = _routes(render_bootstrap(local_fleet))
     by_name = {r["name"]: r for r in routes}
     assert list(by_name) == [
+        "too_large",
         "grpc_cpu",
+        "http_cpu_unsized",
         "http_cpu",
         "grpc_gpu",
+        "http_gpu_unsized",
         "http_gpu",
         "grpc_fallback",
+        "http_fallback_unsized",
         "http_fallback",
         "not_found",
     ]
@@ -261,13 +271,14 @@ def test_routes(local_fleet: Fleet) -> None:
         assert "headers" not in fallback["match"]
         assert fallback["route"]["cluster"] == cluster_name(local_fleet.envoy.fallback_tier.value, protocol)
 
-    for r in routes[:-1]:
+    for r in _cluster_routes(routes):
         action = r["route"]
         assert action["timeout"] == "0s"  # Envoy's 15 s default must not apply
         assert "per_try_timeout" not in action["retry_policy"]
         retry = action["retry_policy"]
         assert retry["num_retries"] == 2
-        assert retry["retriable_status_codes"] == [503]
+        # 404: the model left the host since the picker's last repository poll (tests/test_faults.py).
+        assert retry["retriable_status_codes"] == [503, 404]
         assert [p["name"] for p in retry["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
         on = retry["retry_on"].split(",")
         assert {"connect-failure", "reset", "refused-stream", "retriable-status-codes"} <= set(on)
@@ -300,7 +311,7 @@ def test_grpc_routes_stream_the_body_to_the_picker(local_fleet: Fleet) -> None:
 
 def test_upstream_host_header_only_when_exposed(local_fleet: Fleet) -> None:
     assert local_fleet.envoy.expose_upstream_host
-    for r in _routes(render_bootstrap(local_fleet))[:-1]:
+    for r in _cluster_routes(_routes(render_bootstrap(local_fleet))):
         (added,) = r["response_headers_to_add"]
         assert added["header"] == {"key": UPSTREAM_HOST_HEADER, "value": "%UPSTREAM_HOST%"}
         assert added["append_action"] == "OVERWRITE_IF_EXISTS_OR_ADD"
@@ -310,7 +321,7 @@ def test_upstream_host_header_only_when_exposed(local_fleet: Fleet) -> None:
 
 def test_timeouts_from_the_fleet_file() -> None:
     routes = _routes(render_bootstrap(_fleet(route_timeout_s=30, per_try_timeout_s=2.5)))
-    for r in routes[:-1]:
+    for r in _cluster_routes(routes):
         assert r["route"]["timeout"] == "30s"
         assert r["route"]["retry_policy"]["per_try_timeout"] == "2.500s"
 
