@@ -75,12 +75,10 @@ class Picker:
         return Scheduler(fleet, datastore, pick_weight=fleet.picker.workers if self.role == "worker" else 1)
 
     async def start(self) -> None:
-        if self._server is not None:
-            await self._server.start()
         if self.role != "worker":
             await self._start_http()
+        # Telemetry first, so the first requests are routed on data (until then, streams fail open).
         if self.collector is not None:
-            # One round of telemetry before we call ourselves ready, so the first requests are routed on data.
             await self.collector.refresh_once()
             self._telemetry = asyncio.create_task(self.collector.run(), name="telemetry")
         if self.publisher is not None:
@@ -89,6 +87,8 @@ class Picker:
             self._telemetry = asyncio.create_task(self.subscriber.run(), name="telemetry-subscriber")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.subscriber.received.wait(), timeout=_FIRST_SNAPSHOT_S)
+        if self._server is not None:
+            await self._server.start()
         self.ready = True
         log.info(
             "picker_started",

@@ -677,12 +677,6 @@ def test_bad_requests_do_not_eject_hosts(stack: Stack) -> None:
         assert routable(stack, host), stack.picker_status()["hosts"][host]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gRPC bodies carry no content-length and are streamed, so Envoy cannot refuse one over "
-    "envoy.max_request_bytes; the picker reads the gRPC length prefix but does not enforce the limit "
-    "(RESOURCE_EXHAUSTED) yet",
-)
 def test_grpc_message_over_the_limit_is_refused(stack: Stack) -> None:
     width = (MAX_REQUEST_BYTES + 1024) // 4
     request = service_pb2.ModelInferRequest(model_name="embed_normalize")

@@ -356,12 +356,6 @@ def test_picker_sigkill_fails_open_then_recovers(healthy: FaultStack) -> None:
     assert_picker_alive(fleet)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the picker serves ext_proc before its first telemetry round is in (extproc/app.py starts the gRPC "
-    "server before collector.refresh_once()), and with no repository index yet the scheduler answers "
-    "'model ... is not served by any host of this fleet' (404) instead of letting the request fail open",
-)
 def test_restarted_picker_answers_only_with_telemetry(healthy: FaultStack) -> None:
     """Deterministic form of the bug above: while the picker starts, every Triton server is stopped for a
     moment (so its first telemetry round takes a while); requests sent as soon as its socket accepts must

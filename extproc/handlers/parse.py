@@ -20,8 +20,22 @@ _MODEL_METHODS = frozenset(
 _MAX_NAME_BYTES = 1024
 
 
-class MalformedRequest(ValueError):
-    """The request cannot be a valid Triton call; the message is safe to show the client."""
+class RequestRejected(ValueError):
+    """A request the picker answers itself; the message is safe to show the client."""
+
+    status = 400
+    reason = "malformed"
+
+
+class MalformedRequest(RequestRejected):
+    """The request cannot be a valid Triton call."""
+
+
+class RequestTooLarge(RequestRejected):
+    """A gRPC message over ``envoy.max_request_bytes`` (Envoy caps REST bodies by content-length itself)."""
+
+    status = 413
+    reason = "too_large"
 
 
 @dataclass(frozen=True, slots=True)

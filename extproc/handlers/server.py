@@ -28,6 +28,8 @@ from extproc.config import Fleet, Tier
 from extproc.handlers.parse import (
     NO_MODEL,
     MalformedRequest,
+    RequestRejected,
+    RequestTooLarge,
     grpc_method,
     grpc_names_model,
     parse_grpc_frame,
@@ -75,6 +77,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         """Use a new fleet and scheduler from the next request on (config reload); streams in progress
         finish with what they started with."""
         self._scheduler = scheduler
+        self._max_request_bytes = fleet.envoy.max_request_bytes
         self._sequence_models = frozenset(m.name for m in fleet.models if m.sequence)
         self._retry_after = str(fleet.picker.retry_after_s)
         self._debug = fleet.picker.log_level == "debug"
@@ -91,6 +94,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             # Only request headers are configured to reach us first; anything else is a config mismatch.
             log.warning("unexpected_first_message", kind=first.WhichOneof("request"))
             return
+        if not self._scheduler.has_telemetry():
+            # Just started: no repository index yet, so every model would look unknown (404). Failing the
+            # stream makes Envoy fail open to its own load balancer until the first telemetry is in.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the picker has no telemetry yet")
         started = time.perf_counter()
         headers = _header_map(first.request_headers.headers.headers)
         path = headers.get(":path", "")
@@ -106,9 +113,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             else:
                 request, pending = await self._grpc_request(method, headers, stream)
             decision = self._scheduler.decide(request)
-        except MalformedRequest as exc:
+        except RequestRejected as exc:
             request = InferenceRequest(Protocol.GRPC if method else Protocol.HTTP)
-            decision = Reject(400, str(exc), "malformed")
+            decision = Reject(exc.status, str(exc), exc.reason)
         yield self._answer(decision, request, headers)
         self._record(decision, request, headers, started)
         if isinstance(decision, Reject):
@@ -181,6 +188,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             target = frame.target
             if target is NO_MODEL and method in ("ModelInfer", "ModelStreamInfer"):
                 raise MalformedRequest(f"{method} request names no model")
+            if frame.message_bytes > self._max_request_bytes:
+                raise RequestTooLarge(
+                    f"the gRPC message of {frame.message_bytes} bytes is over the limit of {self._max_request_bytes}"
+                )
             request = InferenceRequest(
                 Protocol.GRPC,
                 target.model,

@@ -39,6 +39,10 @@ class Scheduler:
         self._rng = rng or random.Random()
         self._ranker = Ranker(fleet.picker.max_hosts, self._rng)
 
+    def has_telemetry(self) -> bool:
+        """Whether any host's repository index has arrived; before that every model would look unknown."""
+        return bool(self._store.known_models)
+
     def decide(self, request: InferenceRequest) -> Decision:
         model = request.model
         if model is None:

@@ -1,0 +1,164 @@
+"""The two ext_proc processors of ``extproc bench overhead``, each run as its own process.
+
+``python -m extproc.bench.overhead_server bare --listen unix:PATH``
+    The floor: the same grpc.aio server (options, uvloop) as the picker, whose servicer answers every
+    request-headers message with one constant, precomputed ProcessingResponse (an empty CommonResponse) and
+    does nothing else. No Python-level ext_proc service can be much cheaper than this.
+
+``python -m extproc.bench.overhead_server picker --listen unix:PATH --config FLEET``
+    The real picker's request path: :class:`~extproc.handlers.server.Processor` +
+    :class:`~extproc.scheduling.scheduler.Scheduler` + :class:`~extproc.metrics.PickerMetrics` over a
+    :class:`~extproc.datastore.Datastore`, wired as :class:`extproc.app.Picker` wires them, on the same
+    grpc.aio server under uvloop. Every request gets a real decision: classify, filter (READY, healthy,
+    fresh), score (expected wait, GPU memory) and rank over the fleet's hosts.
+
+    There is no Triton behind the benchmark, so there is no telemetry collector: a small task plays its
+    part, stamping every host's telemetry fresh and resetting ``picks_since_poll`` (as each Envoy admin poll
+    does) every :data:`TOUCH_INTERVAL_S`. The real collector's HTTP scrapes run on the same loop in
+    production, but off the request path and at a fixed rate (a few per second), not per request; their
+    cost is excluded from this benchmark.
+
+Both print ``READY`` on stdout once they serve, and stop on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import uvloop
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+# The picker's own server options, so both processors run on exactly the server `extproc serve` runs.
+from extproc.app import _GRPC_OPTIONS
+from extproc.bench.overhead import READY_LINE
+from extproc.config import Fleet, load_fleet
+from extproc.datastore import Datastore
+from extproc.handlers.server import Processor
+from extproc.logs import configure
+from extproc.metrics import PickerMetrics
+from extproc.scheduling.scheduler import Scheduler
+
+# How often the stand-in for the telemetry collector refreshes the datastore (the Envoy admin poll's
+# default period, the fastest of the real poll loops).
+TOUCH_INTERVAL_S = 0.2
+
+# The bare processor's one answer: continue, change nothing.
+CONSTANT_RESPONSE = ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse()))
+
+
+class BareProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds-protos ships no stubs
+    """Answers each request-headers message with :data:`CONSTANT_RESPONSE`; reads the stream to its end,
+    as the real processor does."""
+
+    async def Process(
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        async for message in request_iterator:
+            if message.HasField("request_headers"):
+                yield CONSTANT_RESPONSE
+
+
+def fill_datastore(store: Datastore, now: float) -> None:
+    """Every host serves every model of the fleet (version 1), with some load and fresh telemetry.
+
+    Hosts differ in service time (2, 3, 4 ms, ...) and GPU memory use, so scoring has something to rank.
+    """
+    models = [m.name for m in store.fleet.models]
+    # Newer datastores keep a (tier, model) → hosts index that only update_index maintains.
+    update_index = getattr(store, "update_index", None)
+    for i, host in enumerate(store.hosts.values()):
+        ready = {m: frozenset({"1"}) for m in models}
+        if update_index is not None:
+            update_index(host, ready, frozenset(models), now)
+        else:
+            host.ready, host.known = ready, frozenset(models)
+        host.load.service_ms = 2.0 + i % 3
+        host.load.queue_ms = float(i % 2)
+        host.load.pending = 0
+        host.load.gpu_memory_used, host.load.gpu_memory_total = (1 + i % 5) * 10**9, 80 * 10**9
+        host.envoy.active = 0
+    touch_datastore(store, now)
+
+
+def touch_datastore(store: Datastore, now: float) -> None:
+    """What a successful round of telemetry polls leaves behind: fresh timestamps, picks counted afresh."""
+    for host in store.hosts.values():
+        host.metrics_at = host.index_at = host.envoy_at = now
+        host.picks_since_poll = 0
+
+
+async def _keep_fresh(store: Datastore) -> None:
+    while True:
+        await asyncio.sleep(TOUCH_INTERVAL_S)
+        touch_datastore(store, store.now())
+
+
+def picker_servicer(fleet: Fleet) -> tuple[Processor, Datastore]:
+    store = Datastore(fleet)
+    fill_datastore(store, store.now())
+    processor = Processor(fleet, Scheduler(fleet, store), PickerMetrics(store))
+    return processor, store
+
+
+async def serve(mode: str, listen: str, config: Path | None) -> None:
+    server = grpc.aio.server(options=_GRPC_OPTIONS)
+    refresher: asyncio.Task[None] | None = None
+    if mode == "picker":
+        if config is None:
+            raise SystemExit("picker mode needs --config")
+        processor, store = picker_servicer(load_fleet(config))
+        ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+        refresher = asyncio.create_task(_keep_fresh(store), name="keep-fresh")
+    else:
+        ep_grpc.add_ExternalProcessorServicer_to_server(BareProcessor(), server)
+    server.add_insecure_port(listen)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(READY_LINE, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+        await server.stop(grace=0.5)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m extproc.bench.overhead_server", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("mode", choices=["bare", "picker"])
+    parser.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT")
+    parser.add_argument("--config", type=Path, help="fleet file (picker mode)")
+    args = parser.parse_args(argv)
+    # As `extproc serve` at its default level: routed requests log nothing.
+    configure("info", "json")
+    socket_path = Path(args.listen.removeprefix("unix:")) if args.listen.startswith("unix:") else None
+    if socket_path is not None:
+        socket_path.unlink(missing_ok=True)
+        os.umask(0o077)  # owner-only socket, as the picker's
+    try:
+        uvloop.run(serve(args.mode, args.listen, args.config))
+    finally:
+        if socket_path is not None:
+            socket_path.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
