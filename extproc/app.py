@@ -34,7 +34,7 @@ _CONFIG_POLL_S = 1.0
 # How long a new worker waits for the leader's first telemetry before serving (on empty data: 503s).
 _FIRST_SNAPSHOT_S = 10.0
 
-_GRPC_OPTIONS = [
+GRPC_OPTIONS = [
     # Envoy opens one stream per request over a few connections; do not let gRPC cap them.
     ("grpc.max_concurrent_streams", 100_000),
     ("grpc.so_reuseport", 1),
@@ -62,7 +62,7 @@ class Picker:
         self.processor = Processor(fleet, self.scheduler, self.metrics)
         self._server: grpc.aio.Server | None = None
         if role != "leader":
-            self._server = grpc.aio.server(options=_GRPC_OPTIONS)
+            self._server = grpc.aio.server(options=GRPC_OPTIONS)
             ep_grpc.add_ExternalProcessorServicer_to_server(self.processor, self._server)
             self._server.add_insecure_port(fleet.picker.listen_addresses[worker])
         self._web: web.AppRunner | None = None

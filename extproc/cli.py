@@ -39,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     decision.add_argument("--iterations", type=int, default=20000)
     decision.add_argument("--pickers", nargs="+", default=["argmax", "power_of_two"], help="profiles to time")
     decision.add_argument("--json", help="also write the results here")
+    from extproc.bench import overhead as overhead_bench
+
+    overhead = bench_sub.add_parser(
+        "overhead",
+        help="Picker overhead vs plain Envoy and a bare ext_proc processor.",
+        description=(overhead_bench.__doc__ or "").splitlines()[0],
+    )
+    overhead_bench.add_arguments(overhead)
     routing = bench_sub.add_parser("routing", help="Picker vs Envoy ROUND_ROBIN / LEAST_REQUEST on a real fleet.")
     routing.add_argument("--scenario", "-s", type=Path, required=True, help="scenario file (deploy/bench/*.yaml)")
     routing.add_argument("--output", "-o", type=Path, help="JSON (default bench-results/routing-NAME-TIME.json)")
@@ -64,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     configure("warning", args.log_format)
+    if args.bench == "overhead":
+        from extproc.bench import overhead
+
+        return overhead.run_from_args(args)
     if args.bench == "routing":
         from extproc.bench import routing as bench_routing
 

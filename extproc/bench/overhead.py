@@ -27,23 +27,29 @@ Phases:
 1. **Maximum sustained req/s**: ``wrk`` (closed loop, ``--connections`` connections, one thread) posting a
    small REST inference request to ``/v2/models/<model>/infer``, ``--rounds`` rounds of ``--max-duration``
    seconds per variant. Reported: the median over rounds, and the picker/bare ratio (median of the per-round
-   ratios: each round's two runs are minutes apart at most). Skipped, with a hint, when ``wrk`` is missing.
+   ratios: a round's runs are back to back, seconds apart). Skipped, with a hint, when ``wrk`` is missing.
 2. **Latency at fixed rates** (``--rates``, default 200, 500 and 1000 req/s): an open-loop, constant-rate
    generator (:class:`OpenLoop`: a sender thread with precise sleeps, a receiver thread on epoll, raw
    HTTP/1.1 keep-alive connections) measuring each request's latency from its *intended* send time, so a
    stalled system cannot hide queueing (coordinated omission). The generator's own scheduling lag (actual -
-   intended send time) is reported next to the latencies. Added latency = variant - plain, per percentile.
-   A rate above 95 % of a variant's maximum is not run for it ("not reachable"), and a run that fell behind
-   (errors, fail-open, achieved rate < 95 % of the offered rate) is flagged "not sustained".
+   intended send time) is reported next to the latencies. Per variant the headline p50/p99 is the median
+   over rounds of each round's percentile; added latency is the median over rounds of (variant - plain) in
+   the same round (a noise burst spoils one pair, not the result); pooled percentiles are in the JSON too.
+   A rate above 95 % of a variant's best maximum-throughput round is not run for it ("not reachable"), and
+   a run that fell behind (errors, fail-open, achieved rate < 95 % of the offered rate) is flagged "not
+   sustained".
 3. **CPU per request**: ``utime + stime`` of each process from ``/proc/<pid>/stat`` (all threads) over each
-   phase, divided by the requests completed in it; the processor's is the "picker CPU µs/request".
+   phase, divided by the requests completed in it; the processor's is the "picker CPU µs/request". Each
+   phase also records how many cores the machine spent on work that is not this benchmark (``/proc/stat``
+   minus our processes): the "other" column, to judge how noisy a shared machine was.
 
 Fail-open is watched: the gateway's ``http.ingress.ext_proc.*`` counters are read before and after every
 phase, and a phase where the processor timed out or failed (Envoy then routes without it) is reported.
 
-``--soak N`` runs a different mode: only the real picker's gateway, N requests (wrk at full speed, or the
-open-loop generator at ``--soak-rate`` without wrk), the picker's RSS sampled about every 50k requests;
-prints the series and its max/min ratio.
+``--soak N`` runs a different mode: only the real picker's gateway (``--soak-variant bare`` for the bare
+processor's), N requests (wrk at full speed, or the open-loop generator at ``--soak-rate`` without wrk), the
+processor's RSS sampled about every 50k requests; prints the series, its max/min ratio and the growth in
+bytes per request (least squares).
 
 Progress goes to stderr, the table to stdout, the JSON to ``--output``.
 """

@@ -13,7 +13,7 @@
     fresh), score (expected wait, GPU memory) and rank over the fleet's hosts.
 
     There is no Triton behind the benchmark, so there is no telemetry collector: a small task plays its
-    part, stamping every host's telemetry fresh and resetting ``picks_since_poll`` (as each Envoy admin poll
+    part, stamping every host's telemetry fresh and restarting the in-flight estimates (as each Envoy admin poll
     does) every :data:`TOUCH_INTERVAL_S`. The real collector's HTTP scrapes run on the same loop in
     production, but off the request path and at a fixed rate (a few per second), not per request; their
     cost is excluded from this benchmark.
@@ -39,7 +39,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 # The picker's own server options, so both processors run on exactly the server `extproc serve` runs.
-from extproc.app import _GRPC_OPTIONS
+from extproc.app import GRPC_OPTIONS
 from extproc.bench.overhead import READY_LINE
 from extproc.config import Fleet, load_fleet
 from extproc.datastore import Datastore
@@ -74,14 +74,8 @@ def fill_datastore(store: Datastore, now: float) -> None:
     Hosts differ in service time (2, 3, 4 ms, ...) and GPU memory use, so scoring has something to rank.
     """
     models = [m.name for m in store.fleet.models]
-    # Newer datastores keep a (tier, model) → hosts index that only update_index maintains.
-    update_index = getattr(store, "update_index", None)
     for i, host in enumerate(store.hosts.values()):
-        ready = {m: frozenset({"1"}) for m in models}
-        if update_index is not None:
-            update_index(host, ready, frozenset(models), now)
-        else:
-            host.ready, host.known = ready, frozenset(models)
+        store.update_index(host, {m: frozenset({"1"}) for m in models}, frozenset(models), now)
         host.load.service_ms = 2.0 + i % 3
         host.load.queue_ms = float(i % 2)
         host.load.pending = 0
@@ -94,7 +88,7 @@ def touch_datastore(store: Datastore, now: float) -> None:
     """What a successful round of telemetry polls leaves behind: fresh timestamps, picks counted afresh."""
     for host in store.hosts.values():
         host.metrics_at = host.index_at = host.envoy_at = now
-        host.picks_since_poll = 0
+        host.reset_estimate(host.envoy.active, now)
 
 
 async def _keep_fresh(store: Datastore) -> None:
@@ -111,7 +105,7 @@ def picker_servicer(fleet: Fleet) -> tuple[Processor, Datastore]:
 
 
 async def serve(mode: str, listen: str, config: Path | None) -> None:
-    server = grpc.aio.server(options=_GRPC_OPTIONS)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
     refresher: asyncio.Task[None] | None = None
     if mode == "picker":
         if config is None:
