@@ -20,6 +20,9 @@ class ModelTimes:
 
     service_ms: float | None = None
     exec_ms: float | None = None
+    # The lowest per-request time seen lately (largest batches): how fast a deep queue drains, since the
+    # dynamic batcher forms bigger batches as the queue grows.
+    drain_ms: float | None = None
 
 
 @dataclass(slots=True)
@@ -32,6 +35,7 @@ class TritonLoad:
     service_ms: float | None = None
     # Mean execution (batch) time in ms: what a request takes on this host even when nothing is queued.
     exec_ms: float | None = None
+    drain_ms: float | None = None  # see ModelTimes
     # The same two times per model: a host's models can differ by orders of magnitude.
     models: dict[str, ModelTimes] = field(default_factory=dict)
     gpu_memory_used: int | None = None

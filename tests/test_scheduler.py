@@ -354,3 +354,14 @@ def test_expected_completion_uses_the_models_own_times(store: Datastore) -> None
     g2.load.models = {"embed": ModelTimes(service_ms=5.0, exec_ms=5.0)}
     busy(store.hosts["g3"], 50)
     assert names(Scheduler(store.fleet, store).decide(http("embed")))[0] == "g2"
+
+
+def test_a_deep_queue_on_a_batching_host_drains_at_its_best_rate(store: Datastore) -> None:
+    """g1 batches well under load (3 ms a request at full batches, 10 ms now at small ones): with 6 in flight
+    it still beats an idle host whose single execution takes 40 ms."""
+    g1, g2 = store.hosts["g1"], store.hosts["g2"]
+    g1.load.models = {"embed": ModelTimes(service_ms=10.0, exec_ms=12.0, drain_ms=3.0)}
+    g2.load.models = {"embed": ModelTimes(service_ms=40.0, exec_ms=40.0, drain_ms=40.0)}
+    busy(g1, 6)
+    busy(store.hosts["g3"], 100)
+    assert names(Scheduler(store.fleet, store).decide(http("embed")))[0] == "g1"

@@ -46,6 +46,7 @@ from extproc.telemetry.envoy_admin import (
 from extproc.telemetry.nvml import NvmlReader, parse_visible_devices
 from extproc.telemetry.repository import RepositoryClient, index_from_models
 from extproc.telemetry.triton_metrics import (
+    DRAIN_DRIFT,
     SMOOTHING,
     Counters,
     MetricsParseError,
@@ -283,6 +284,18 @@ def test_service_estimates_are_smoothed_over_intervals() -> None:
     load = derive_load(before, after, TritonLoad(service_ms=1.0, exec_ms=2.0))
     assert load.service_ms == pytest.approx(SMOOTHING * 3.0 + (1 - SMOOTHING) * 1.0)
     assert load.exec_ms == pytest.approx(SMOOTHING * 6.0 + (1 - SMOOTHING) * 2.0)
+
+
+def test_drain_time_remembers_the_best_batching_and_drifts_back() -> None:
+    t0 = parse_metrics(triton_page({M1: Counters()}))
+    # 40 requests in 5 full batches of 24 ms (3 ms a request), then 10 alone at 10 ms each.
+    t1 = parse_metrics(triton_page({M1: Counters(40, 40, 5, 0, 40 * 24_000)}))
+    t2 = parse_metrics(triton_page({M1: Counters(50, 50, 15, 0, 40 * 24_000 + 10 * 10_000)}))
+    first = derive_load(t0, t1, TritonLoad())
+    second = derive_load(t1, t2, first)
+    assert first.drain_ms == pytest.approx(3.0)
+    assert second.service_ms == pytest.approx(SMOOTHING * 10.0 + (1 - SMOOTHING) * 3.0)
+    assert second.drain_ms == pytest.approx(3.0 * DRAIN_DRIFT)
 
 
 def test_counter_reset_counts_from_zero_and_never_goes_negative() -> None:
@@ -914,8 +927,8 @@ def test_service_times_per_model() -> None:
     after = parse_metrics(triton_page({M1: Counters(20, 20, 10, 0, 20 * 6_000), m2: Counters(4, 4, 4, 0, 4 * 50_000)}))
     load = derive_load(before, after, TritonLoad())
     fast_name = M1.split('"')[1]
-    assert load.models[fast_name] == ModelTimes(service_ms=3.0, exec_ms=6.0)
-    assert load.models["slow"] == ModelTimes(service_ms=50.0, exec_ms=50.0)
+    assert load.models[fast_name] == ModelTimes(service_ms=3.0, exec_ms=6.0, drain_ms=3.0)
+    assert load.models["slow"] == ModelTimes(service_ms=50.0, exec_ms=50.0, drain_ms=50.0)
     # A model with no completions in the next interval keeps its times.
     again = derive_load(after, after, load)
     assert again.models == load.models

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from extproc.config import ScorerName
-from extproc.datastore import HostState
+from extproc.datastore import HostState, ModelTimes
 
 # (candidates, now, the request's model or None) → a cost per candidate.
 Scorer = Callable[[Sequence[HostState], float, str | None], list[float]]
@@ -16,16 +16,20 @@ _UNMEASURED_SERVICE_MS = 1.0
 
 
 def _times(host: HostState, model: str | None) -> tuple[float | None, float | None]:
-    """(service_ms, exec_ms) of the model on the host, else the host's over all its models."""
+    """(per-request drain time, exec_ms) of the model on the host, else the host's over all its models.
+    A queue drains at the best recent per-request time: the batcher forms bigger batches as it grows."""
     times = host.load.models.get(model) if model is not None else None
-    if times is not None and times.service_ms is not None:
-        return times.service_ms, times.exec_ms
-    return host.load.service_ms, host.load.exec_ms
+    if times is None or times.service_ms is None:
+        times = ModelTimes(host.load.service_ms, host.load.exec_ms, host.load.drain_ms)
+    if times.service_ms is None:
+        return None, times.exec_ms
+    return min(times.service_ms, times.drain_ms or times.service_ms), times.exec_ms
 
 
 def expected_completion_ms(hosts: Sequence[HostState], now: float, model: str | None = None) -> list[float]:
     """When a new request would finish on each host: one execution of its own (the host's mean batch
-    time) after the requests in flight there have drained at the host's per-request service time.
+    time) after the requests in flight there have drained at the host's per-request time (the best seen
+    lately, since a deep queue is served in full batches).
 
     ``service_ms`` is a batch's time divided by its size, so the queue drains faster on a host that batches
     well (batch-aware), while ``exec_ms`` keeps a slow host from looking cheap when idle. Triton's observed

@@ -220,13 +220,19 @@ def _smooth(previous: float | None, sample: float) -> float:
     return sample if previous is None else SMOOTHING * sample + (1 - SMOOTHING) * previous
 
 
+# How fast the remembered best per-request time drifts back up per scrape interval, so a host that became
+# slower (or stopped batching) is not credited with an old best for long.
+DRAIN_DRIFT = 1.02
+
+
 def _times(last: ModelTimes, delta: Counters) -> ModelTimes:
     done = delta.request_success
     if done <= 0 or delta.exec_count <= 0:
         return last
     batch_ms = delta.compute_infer_us / done / 1000
-    per_request_exec = min(1.0, delta.exec_count / done)
-    return ModelTimes(_smooth(last.service_ms, batch_ms * per_request_exec), _smooth(last.exec_ms, batch_ms))
+    sample = batch_ms * min(1.0, delta.exec_count / done)
+    drain = sample if last.drain_ms is None else min(sample, last.drain_ms * DRAIN_DRIFT)
+    return ModelTimes(_smooth(last.service_ms, sample), _smooth(last.exec_ms, batch_ms), drain)
 
 
 def derive_load(previous: TritonSnapshot | None, current: TritonSnapshot, last: TritonLoad) -> TritonLoad:
@@ -250,7 +256,7 @@ def derive_load(previous: TritonSnapshot | None, current: TritonSnapshot, last: 
     - No request completed in the interval (or no previous scrape): the estimates stay as in ``last``.
     """
     queue_ms = last.queue_ms
-    totals = ModelTimes(last.service_ms, last.exec_ms)
+    totals = ModelTimes(last.service_ms, last.exec_ms, last.drain_ms)
     models = dict(last.models)
     if previous is not None:
         delta = counter_delta(previous, current)
@@ -264,6 +270,7 @@ def derive_load(previous: TritonSnapshot | None, current: TritonSnapshot, last: 
         queue_ms=queue_ms,
         service_ms=totals.service_ms,
         exec_ms=totals.exec_ms,
+        drain_ms=totals.drain_ms,
         models=models,
         gpu_memory_used=current.gpu_memory_used,
         gpu_memory_total=current.gpu_memory_total,
