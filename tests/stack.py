@@ -171,7 +171,7 @@ def stop_stack(stack: Stack) -> int:
     if stack.process.poll() is None:
         stack.process.send_signal(signal.SIGTERM)
     try:
-        return stack.process.wait(timeout=30)
+        return stack.process.wait(timeout=60)
     except subprocess.TimeoutExpired:
         stack.process.kill()
         return stack.process.wait()

@@ -63,19 +63,25 @@ class Supervisor:
     def exited(self) -> list[Child]:
         return [c for c in self.children if c.process.poll() is not None]
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        for child in reversed(self.children):
-            if child.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.process.pid, signal.SIGTERM)
+    def stop(self, timeout_s: float = 10.0, first: str = "envoy") -> None:
+        """Stop the children named ``first`` (Envoy), then all the others at once, killing whatever is left
+        after ``timeout_s``. Envoy goes first so its upstream connections close: Triton waits for open HTTP
+        connections on SIGTERM. Each child's process group is killed at the end, because Triton's python
+        backend stubs are grandchildren in the same group."""
         deadline = time.monotonic() + timeout_s
-        for child in reversed(self.children):
-            try:
-                child.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.process.pid, signal.SIGKILL)
-                child.process.wait()
-            # Triton's python backend stubs are grandchildren in the same process group.
+        leading = [c for c in self.children if c.name == first]
+        rest = [c for c in reversed(self.children) if c.name != first]
+        for group in (leading, rest):
+            for child in group:
+                if child.process.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.process.pid, signal.SIGTERM)
+            for child in group:
+                try:
+                    child.process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
+        for child in self.children:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.process.pid, signal.SIGKILL)
