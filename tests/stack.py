@@ -28,22 +28,11 @@ from typing import Any
 
 import yaml
 
+from extproc.runtime.ports import free_ports
+
 REPO = Path(__file__).resolve().parent.parent
 REPOSITORY = REPO / "triton_models"
 READY_TIMEOUT_S = 240.0
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def local_fleet(run_dir: Path, **picker: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from extproc.bench import overhead as ov
 from extproc.bench.overhead_server import CONSTANT_RESPONSE, BareProcessor, picker_servicer, touch_datastore
 from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, ROUTER_FILTER, render_bootstrap
 from extproc.headers import HOSTS_HEADER, PICKER_CLUSTER, TIER_HEADER
+from extproc.runtime.ports import free_ports
 
 UPSTREAM = [18001, 18002, 18003]
 SPARE = [18101, 18102, 18103, 18104, 18105, 18106]
@@ -489,7 +490,7 @@ def test_open_loop_generator_sends_on_schedule(tiny_server: int) -> None:
 
 
 def test_open_loop_generator_fails_loudly_when_nothing_listens() -> None:
-    port = ov.free_ports(1)[0]
+    port = free_ports(1)[0]
     with pytest.raises(OSError):
         ov.OpenLoop(port, ov.request_bytes(port), initial_connections=1).run([0.0])
 

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from extproc.runtime.ports import free_ports
 from tests.stack import (
     Load,
     LoadResult,
@@ -35,7 +36,6 @@ from tests.stack import (
     Stack,
     TcpProxy,
     alive,
-    free_ports,
     http_status,
     kill_and_wait,
     local_fleet,

@@ -33,10 +33,10 @@ from tritonclient.grpc import service_pb2
 from extproc.config import EnvoySpec, PickerSpec, parse_fleet
 from extproc.envoy_config import render_bootstrap
 from extproc.headers import HOSTS_HEADER, TIER_HEADER, UPSTREAM_HOST_HEADER
+from extproc.runtime.ports import free_ports
 from tests.stack import (
     Stack,
     TcpProxy,
-    free_ports,
     local_fleet,
     pid_of,
     start_envoy,

@@ -26,6 +26,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from extproc.runtime.ports import free_ports
 from extproc.runtime.triton import (
     TritonNotInstalledError,
     find_tritonserver,
@@ -34,7 +35,6 @@ from extproc.runtime.triton import (
     triton_env,
 )
 from tests.models import F32, mlp_expected
-from tests.stack import free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +42,6 @@ REPOSITORY = Path(__file__).resolve().parent.parent / "triton_models"
 ALL_MODELS = ("mlp_classifier", "embed_normalize", "timed_batch", "seq_accumulate")
 READY_DEADLINE_S = 60.0
 PROTOCOLS = ("http", "grpc")
-
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ import yaml
 # the runtime are imported where they are used.
 from extproc.config import Fleet, parse_fleet
 from extproc.headers import HOSTS_HEADER, PICKER_CLUSTER
+from extproc.runtime.ports import free_ports
 from extproc.runtime.process import Child, Supervisor
 
 VARIANTS: Final = ("plain", "bare", "picker")
@@ -137,20 +138,6 @@ def _progress(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ configuration
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on loopback right now."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def bench_fleet(

@@ -36,7 +36,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,7 @@ from extproc.bench.plot import write_latency_cdf
 from extproc.config import ConfigError, Fleet, HostSpec, parse_fleet
 from extproc.envoy_config import EXT_PROC_FILTER, render_bootstrap, render_yaml
 from extproc.headers import PICKER_CLUSTER, cluster_name
+from extproc.runtime.ports import free_ports
 from extproc.runtime.process import Supervisor
 from extproc.runtime.stack import StartupError, _picker_sees, find_envoy
 from extproc.runtime.triton import prepare_backend_dir, triton_command, triton_env
@@ -189,20 +189,6 @@ def load_scenario(path: str | Path) -> Scenario:
 
 
 # ------------------------------------------------------------------------------------------ fleet files
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on loopback right now."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def localize_hosts(fleet: Mapping[str, Any], ports: Iterator[int]) -> dict[str, Any]:
