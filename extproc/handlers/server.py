@@ -23,6 +23,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
+from prometheus_client import Counter
 
 from extproc.config import Fleet, Tier
 from extproc.handlers.parse import (
@@ -70,6 +71,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds-protos ships no stubs
     def __init__(self, fleet: Fleet, scheduler: Scheduler, metrics: PickerMetrics) -> None:
         self._metrics = metrics
+        self._decision_counters: dict[tuple[str, str, str, str], Counter] = {}
         self._tier_headers = {t: _header(TIER_HEADER, t.value) for t in Tier}
         self.configure(fleet, scheduler)
 
@@ -118,7 +120,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             decision = Reject(exc.status, str(exc), exc.reason)
         yield self._answer(decision, request, headers)
         self._record(decision, request, headers, started)
-        if isinstance(decision, Reject):
+        if isinstance(decision, Reject) or first.protocol_config.request_body_mode != _STREAMED:
+            # Nothing more will come on this stream (Envoy only streams bodies on routes set to): end it
+            # now instead of waiting for Envoy to close it, which saves a wake-up per request.
             return
         for _ in pending:
             yield _BODY_ACK
@@ -241,7 +245,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         model = request.model or ""
         if isinstance(decision, Route):
             first = decision.hosts[0].name
-            self._metrics.decisions.labels(model, decision.tier.value, first, decision.reason).inc()
+            key = (model, decision.tier.value, first, decision.reason)
+            counter = self._decision_counters.get(key)
+            if counter is None:
+                # labels() costs a lock and a dict lookup per call; the label sets are few and fixed.
+                counter = self._decision_counters[key] = self._metrics.decisions.labels(*key)
+            counter.inc()
             if self._debug:
                 log.debug(
                     "routed",
