@@ -350,7 +350,7 @@ def _processing_mode(request_body: ext_proc.ProcessingModeBodySendMode) -> ext_p
 # request body, STREAMED (chunk by chunk, never buffered whole; the picker reads the first chunk only).
 # Note that ext_proc takes its per-route config from the route matched *before* the picker answers, i.e. a
 # fallback route (the tier header is stripped), so the fallback gRPC route must carry it too.
-_GRPC_EXT_PROC = ext_proc.ExtProcPerRoute(
+_GRPC_EXT_PROC = ext_proc.ExtProcPerRoute(  # also on sequence models' REST routes
     overrides=ext_proc.ExtProcOverrides(processing_mode=_processing_mode(ext_proc.ProcessingModeBodySendMode.STREAMED))
 )
 # Unknown paths are answered by Envoy itself; asking the picker first would only cost a round trip.
@@ -381,14 +381,13 @@ def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
             typed_per_filter_config={EXT_PROC_FILTER: PbAny.pack(_NO_EXT_PROC)},
         )
     ]
-    for tier in fleet.tiers:
+    sequence_models = [m.name for m in fleet.models if m.sequence]
+    # None: fail open, no tier header (the picker did not answer, or the request reached Envoy before it did).
+    for tier in (*fleet.tiers, None):
         routes.append(_cluster_route(fleet, "grpc", tier))
         routes.append(_cluster_route(fleet, "http", tier, sized=False))
+        routes.extend(_cluster_route(fleet, "http", tier, sequence_model=m) for m in sequence_models)
         routes.append(_cluster_route(fleet, "http", tier))
-    # Fail open: no tier header (the picker did not answer, or the request reached Envoy before it did).
-    routes.append(_cluster_route(fleet, "grpc", None))
-    routes.append(_cluster_route(fleet, "http", None, sized=False))
-    routes.append(_cluster_route(fleet, "http", None))
     routes.append(
         route.Route(
             name="not_found",
@@ -404,12 +403,17 @@ def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
     )
 
 
-def _cluster_route(fleet: Fleet, protocol: str, tier: Tier | None, *, sized: bool = True) -> route.Route:
+def _cluster_route(
+    fleet: Fleet, protocol: str, tier: Tier | None, *, sized: bool = True, sequence_model: str | None = None
+) -> route.Route:
     """The route for one protocol and tier; ``tier=None`` is the fallback route (no tier header).
 
     ``sized=False``: the REST route for requests without a content-length (chunked bodies, and GETs). Their
     size is unknown until the end, so the buffer filter collects them up to ``envoy.max_request_bytes`` and
     answers 413 beyond; every other route streams bodies.
+
+    ``sequence_model``: the REST route of a sequence model, whose body is streamed to the picker like a gRPC
+    body, because REST clients put the correlation id in the JSON (``parameters.sequence_id``).
     """
     target = tier if tier is not None else fleet.envoy.fallback_tier
     headers = (
@@ -429,9 +433,12 @@ def _cluster_route(fleet: Fleet, protocol: str, tier: Tier | None, *, sized: boo
         per_filter = {EXT_PROC_FILTER: PbAny.pack(_GRPC_EXT_PROC)}
     else:
         # path_separated_prefix: /v2 and /v2/... but not /v2foo, which is no Triton path.
-        match = route.RouteMatch(path_separated_prefix=REST_PREFIX, headers=headers)
+        prefix = REST_PREFIX if sequence_model is None else f"{REST_PREFIX}/models/{sequence_model}"
+        match = route.RouteMatch(path_separated_prefix=prefix, headers=headers)
         per_filter = (
-            {}
+            {EXT_PROC_FILTER: PbAny.pack(_GRPC_EXT_PROC)}
+            if sequence_model is not None
+            else {}
             if sized
             else {
                 BUFFER_FILTER: PbAny.pack(
@@ -442,6 +449,8 @@ def _cluster_route(fleet: Fleet, protocol: str, tier: Tier | None, *, sized: boo
     name = f"{protocol}_{tier.value}" if tier is not None else f"{protocol}_fallback"
     if not sized:
         name += "_unsized"
+    if sequence_model is not None:
+        name += f"_sequence_{sequence_model}"
     return route.Route(
         name=name,
         match=match,

@@ -211,6 +211,27 @@ def test_grpc_sequences_stay_on_their_host(stack: Stack) -> None:
     assert len(set(homes.values())) == 2, "eight sequences should spread over both hosts"
 
 
+def test_rest_sequences_from_tritonclient_stay_on_their_host(stack: Stack) -> None:
+    """tritonclient.http puts the correlation id in the JSON body's parameters; seq_accumulate is marked
+    ``sequence: true``, so its REST bodies are streamed to the picker, which reads it from there."""
+    client = httpclient.InferenceServerClient(stack.http_url)
+    sequences = {2000 + i: 0.0 for i in range(6)}
+    for step in range(3):
+        for sequence_id in sequences:
+            value = np.array([[float(step + 1)]], dtype=np.float32)
+            inputs = [httpclient.InferInput("INPUT", [1, 1], "FP32")]
+            inputs[0].set_data_from_numpy(value)
+            result = client.infer(
+                "seq_accumulate", inputs, sequence_id=sequence_id, sequence_start=step == 0, sequence_end=step == 2
+            )
+            sequences[sequence_id] += step + 1
+            assert result.as_numpy("OUTPUT")[0][0] == sequences[sequence_id]
+    client.close()
+    routed = [json.loads(line) for line in stack.log("picker").splitlines() if '"routed"' in line]
+    rest_ids = {r["sequence_id"] for r in routed if r["protocol"] == "http" and r["model"] == "seq_accumulate"}
+    assert {str(i) for i in sequences} <= rest_ids
+
+
 def test_rest_sequence_header_pins_the_host(stack: Stack) -> None:
     headers = {"x-triton-sequence-id": "77"}
     hosts = set()

@@ -250,15 +250,23 @@ def test_routes(local_fleet: Fleet) -> None:
         "too_large",
         "grpc_cpu",
         "http_cpu_unsized",
+        "http_cpu_sequence_seq_accumulate",
         "http_cpu",
         "grpc_gpu",
         "http_gpu_unsized",
+        "http_gpu_sequence_seq_accumulate",
         "http_gpu",
         "grpc_fallback",
         "http_fallback_unsized",
+        "http_fallback_sequence_seq_accumulate",
         "http_fallback",
         "not_found",
     ]
+    # A sequence model's REST bodies are streamed to the picker (it reads parameters.sequence_id).
+    sequence = by_name["http_gpu_sequence_seq_accumulate"]
+    assert sequence["match"]["path_separated_prefix"] == "/v2/models/seq_accumulate"
+    assert sequence["route"]["cluster"] == cluster_name("gpu", "http")
+    assert sequence["typed_per_filter_config"] == by_name["grpc_gpu"]["typed_per_filter_config"]
     for tier in ("cpu", "gpu"):
         for protocol in ("grpc", "http"):
             tier_route = by_name[f"{protocol}_{tier}"]
@@ -298,6 +306,10 @@ def test_grpc_routes_stream_the_body_to_the_picker(local_fleet: Fleet) -> None:
     assert len(grpc_routes) == 3  # cpu, gpu, fallback: the fallback route is the one matched before the picker
     for r in grpc_routes:
         assert r["match"]["grpc"] == {}
+    # Sequence models' REST routes stream too; every other route leaves the body out of the picker.
+    streamed = grpc_routes + [r for r in routes if "_sequence_" in r["name"]]
+    assert len(streamed) == 6
+    for r in streamed:
         per_route = r["typed_per_filter_config"][EXT_PROC_FILTER]
         assert per_route["@type"].endswith("envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute")
         mode = per_route["overrides"]["processing_mode"]
@@ -305,7 +317,7 @@ def test_grpc_routes_stream_the_body_to_the_picker(local_fleet: Fleet) -> None:
         assert mode["request_header_mode"] == "SEND"
         assert mode["response_header_mode"] == "SKIP"
     for r in routes:
-        if r not in grpc_routes and "route" in r:
+        if r not in streamed and "route" in r:
             assert EXT_PROC_FILTER not in r.get("typed_per_filter_config", {})
 
 
