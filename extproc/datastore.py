@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from extproc.batch_cost import BatchCost, BatchFit, Batching
 from extproc.config import Fleet, HostSpec, Tier
 
 
@@ -23,6 +24,9 @@ class ModelTimes:
     # The lowest per-request time seen lately (largest batches): how fast a deep queue drains, since the
     # dynamic batcher forms bigger batches as the queue grows.
     drain_ms: float | None = None
+    # exec(batch) fitted over the scrape intervals (see extproc.batch_cost); None until batch sizes varied.
+    fit: BatchFit = field(default_factory=BatchFit)
+    cost: BatchCost | None = None
 
 
 @dataclass(slots=True)
@@ -61,6 +65,8 @@ class HostState:
     ready: dict[str, frozenset[str]] = field(default_factory=dict)
     # Every model the host's repository index lists, in any state.
     known: frozenset[str] = frozenset()
+    # How each READY model batches, from its model config (read once per load).
+    batching: dict[str, Batching] = field(default_factory=dict)
     # The in-flight estimate between two reads of Envoy's count: a queue that each pick adds to (so a burst
     # between two polls does not all land on the host that looked best at the last poll) and that drains
     # at the host's measured service rate while it holds work. ``estimate`` is its value at ``estimate_at``.
@@ -138,6 +144,14 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
         and not host.envoy.unhealthy
         and host.envoy_at is not None,
         "ready": {model: sorted(versions) for model, versions in sorted(host.ready.items())},
+        "batching": {
+            model: {"max_batch": b.max_batch, "instances": b.instances} for model, b in sorted(host.batching.items())
+        },
+        "batch_cost_ms": {
+            model: {"fixed": round(t.cost.fixed_ms, 3), "per_item": round(t.cost.item_ms, 3)}
+            for model, t in sorted(host.load.models.items())
+            if t.cost is not None
+        },
         "in_flight": round(host.in_flight(now), 2),
         "envoy_active": host.envoy.active,
         "picks_since_poll": host.picks_since_poll,
@@ -180,7 +194,7 @@ class Datastore:
             ):
                 continue
             host.load, host.envoy, host.draining = before.load, before.envoy, before.draining
-            host.ready, host.known = before.ready, before.known
+            host.ready, host.known, host.batching = before.ready, before.known, before.batching
             host.estimate, host.estimate_at = before.estimate, before.estimate_at
             host.picks_since_poll = before.picks_since_poll
             host.metrics_at, host.index_at, host.envoy_at = before.metrics_at, before.index_at, before.envoy_at

@@ -32,6 +32,7 @@ def snapshot(datastore: Datastore) -> bytes:
             host.envoy,
             host.ready,
             host.known,
+            host.batching,
             host.draining,
             host.metrics_at,
             host.index_at,
@@ -45,12 +46,12 @@ def snapshot(datastore: Datastore) -> bytes:
 def apply_snapshot(datastore: Datastore, data: bytes) -> None:
     # Only our own leader writes to this socket (owner-only permissions), so unpickling is safe.
     state: dict[str, tuple[Any, ...]] = pickle.loads(data)
-    for name, (load, envoy, ready, known, draining, metrics_at, index_at, envoy_at) in state.items():
+    for name, (load, envoy, ready, known, batching, draining, metrics_at, index_at, envoy_at) in state.items():
         host = datastore.hosts.get(name)
         if host is None:  # a host our (older or newer) fleet file does not have
             continue
         assert isinstance(load, TritonLoad) and isinstance(envoy, EnvoyView)
-        host.load, host.envoy, host.draining = load, envoy, draining
+        host.load, host.envoy, host.batching, host.draining = load, envoy, batching, draining
         if envoy_at != host.envoy_at and envoy_at is not None:
             host.reset_estimate(envoy.active, envoy_at)  # Envoy's new count includes our picks
         host.metrics_at, host.envoy_at = metrics_at, envoy_at

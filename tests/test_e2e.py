@@ -267,6 +267,27 @@ def test_drained_host_gets_no_new_requests(stack: Stack) -> None:
     assert info.value.code == 404
 
 
+def test_picker_reads_each_models_batching_from_triton(stack: Stack) -> None:
+    # From the model configs in triton_models/: max_batch_size with a dynamic or sequence batcher, one
+    # KIND_CPU instance each.
+    expected = {
+        "embed_normalize": {"max_batch": 32, "instances": 1},
+        "mlp_classifier": {"max_batch": 64, "instances": 1},
+        "seq_accumulate": {"max_batch": 8, "instances": 1},
+        "timed_batch": {"max_batch": 8, "instances": 1},
+    }
+    deadline = time.monotonic() + 10
+    while True:
+        hosts = stack.picker_status()["hosts"]
+        seen = {name: host["batching"] for name, host in hosts.items()}
+        wanted = {name: {m: expected[m] for m in host["ready"]} for name, host in hosts.items()}
+        if seen == wanted or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert seen == wanted
+    assert all(wanted.values())
+
+
 def test_unknown_model_is_404_with_json_error(stack: Stack) -> None:
     status, headers, body = rest(stack, "/v2/models/no_such_model/infer", mlp_body(rows(1)))
     assert status == 404

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from extproc.batch_cost import BatchCost, Batching
 from extproc.config import Fleet, PickerName, Tier, parse_fleet
 from extproc.datastore import Datastore, HostState, ModelTimes
 from extproc.scheduling.classify import classify
@@ -365,3 +366,22 @@ def test_a_deep_queue_on_a_batching_host_drains_at_its_best_rate(store: Datastor
     busy(g1, 6)
     busy(store.hosts["g3"], 100)
     assert names(Scheduler(store.fleet, store).decide(http("embed")))[0] == "g1"
+
+
+def test_a_short_queue_joins_the_next_batch_on_a_fitted_host(store: Datastore) -> None:
+    """With exec(b) = 8 + 2b ms and batches of up to 8, a request behind 8 others finishes in ~22 ms (the
+    running batch half done, then a batch of one): sooner than alone on a 4x slower idle host (40 ms),
+    although 8 x the per-request average would say otherwise. Without the fit or the model config the
+    scorer falls back to the per-request estimate and prefers the idle host."""
+    g1, g2 = store.hosts["g1"], store.hosts["g2"]
+    fast, slow = BatchCost(8.0, 2.0), BatchCost(32.0, 8.0)
+    g1.load.models = {"embed": ModelTimes(service_ms=4.0, exec_ms=16.0, drain_ms=3.0, cost=fast)}
+    g2.load.models = {"embed": ModelTimes(service_ms=40.0, exec_ms=40.0, drain_ms=40.0, cost=slow)}
+    busy(g1, 8)
+    busy(store.hosts["g3"], 100)
+    decide = Scheduler(store.fleet, store).decide
+    assert names(decide(http("embed")))[0] == "g2", "no model config read yet: per-request estimate"
+    g1.batching = g2.batching = {"embed": Batching(max_batch=8, instances=1)}
+    assert names(decide(http("embed")))[0] == "g1"
+    busy(g1, 24)  # three full batches ahead: now the idle slow host is sooner
+    assert names(decide(http("embed")))[0] == "g2"

@@ -927,8 +927,9 @@ def test_service_times_per_model() -> None:
     after = parse_metrics(triton_page({M1: Counters(20, 20, 10, 0, 20 * 6_000), m2: Counters(4, 4, 4, 0, 4 * 50_000)}))
     load = derive_load(before, after, TritonLoad())
     fast_name = M1.split('"')[1]
-    assert load.models[fast_name] == ModelTimes(service_ms=3.0, exec_ms=6.0, drain_ms=3.0)
-    assert load.models["slow"] == ModelTimes(service_ms=50.0, exec_ms=50.0, drain_ms=50.0)
+    fast, slow = load.models[fast_name], load.models["slow"]
+    assert (fast.service_ms, fast.exec_ms, fast.drain_ms) == (3.0, 6.0, 3.0)
+    assert (slow.service_ms, slow.exec_ms, slow.drain_ms) == (50.0, 50.0, 50.0)
     # A model with no completions in the next interval keeps its times.
     again = derive_load(after, after, load)
     assert again.models == load.models

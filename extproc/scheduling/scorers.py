@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from extproc.batch_cost import completion_ms
 from extproc.config import ScorerName
 from extproc.datastore import HostState, ModelTimes
 
@@ -15,35 +16,47 @@ Scorer = Callable[[Sequence[HostState], float, str | None], list[float]]
 _UNMEASURED_SERVICE_MS = 1.0
 
 
-def _times(host: HostState, model: str | None) -> tuple[float | None, float | None]:
-    """(per-request drain time, exec_ms) of the model on the host, else the host's over all its models.
-    A queue drains at the best recent per-request time: the batcher forms bigger batches as it grows."""
+def _times(host: HostState, model: str | None) -> ModelTimes:
+    """The model's times on the host where measured, else the host's over all its models."""
     times = host.load.models.get(model) if model is not None else None
     if times is None or times.service_ms is None:
-        times = ModelTimes(host.load.service_ms, host.load.exec_ms, host.load.drain_ms)
-    if times.service_ms is None:
-        return None, times.exec_ms
-    return min(times.service_ms, times.drain_ms or times.service_ms), times.exec_ms
+        return ModelTimes(host.load.service_ms, host.load.exec_ms, host.load.drain_ms)
+    return times
+
+
+def _drain_ms(times: ModelTimes) -> float:
+    """A queue drains at the best recent per-request time: the batcher forms bigger batches as it grows."""
+    assert times.service_ms is not None
+    return min(times.service_ms, times.drain_ms or times.service_ms)
 
 
 def expected_completion_ms(hosts: Sequence[HostState], now: float, model: str | None = None) -> list[float]:
-    """When a new request would finish on each host: one execution of its own (the host's mean batch
-    time) after the requests in flight there have drained at the host's per-request time (the best seen
-    lately, since a deep queue is served in full batches).
+    """When a new request would finish on each host.
 
-    ``service_ms`` is a batch's time divided by its size, so the queue drains faster on a host that batches
-    well (batch-aware), while ``exec_ms`` keeps a slow host from looking cheap when idle. Triton's observed
-    queue time is not added: queued requests are already in the in-flight count, and the observation is up
-    to a scrape old, which would herd traffic away from whichever host queued last. The times are the
-    request's model's on that host where measured."""
+    Where the model's batch cost on the host is fitted and its batching known (model config), from the
+    batch structure: running batches, queued full batches, and the batch the request joins (see
+    :func:`extproc.batch_cost.completion_ms`): a host with a short queue costs a request little, since
+    the batcher adds it to the next batch.
+
+    Otherwise one execution of its own (the host's mean batch time) after the requests in flight have
+    drained at the host's per-request time (the best seen lately, since a deep queue is served in full
+    batches): ``service_ms`` is a batch's time divided by its size, so the queue drains faster on a host
+    that batches well, while ``exec_ms`` keeps a slow host from looking cheap when idle.
+
+    Triton's observed queue time is not added: queued requests are already in the in-flight count, and
+    the observation is up to a scrape old, which would herd traffic away from whichever host queued last."""
     times = [_times(h, model) for h in hosts]
-    measured = [service for service, _ in times if service is not None]
+    measured = [_drain_ms(t) for t in times if t.service_ms is not None]
     # An unmeasured host is assumed as fast as the fastest measured one, so a new host gets tried.
     default_ms = min(measured) if measured else _UNMEASURED_SERVICE_MS
     out = []
-    for h, (service, execution) in zip(hosts, times, strict=True):
-        service = service if service is not None else default_ms
-        out.append((execution if execution is not None else service) + h.in_flight(now) * service)
+    for h, t in zip(hosts, times, strict=True):
+        batching = h.batching.get(model) if t.cost is not None and model is not None else None
+        if t.cost is not None and batching is not None:
+            out.append(completion_ms(t.cost, batching, h.in_flight(now)))
+            continue
+        service = default_ms if t.service_ms is None else _drain_ms(t)
+        out.append((t.exec_ms if t.exec_ms is not None else service) + h.in_flight(now) * service)
     return out
 
 

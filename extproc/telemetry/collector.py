@@ -32,6 +32,7 @@ from typing import Final, Self
 
 import aiohttp
 import structlog
+from tritonclient.utils import InferenceServerException
 
 from extproc.config import Fleet
 from extproc.datastore import Datastore, HostState, TritonLoad
@@ -75,6 +76,8 @@ class _Host:
     state: HostState
     repository: RepositoryClient
     snapshot: TritonSnapshot | None = None  # the last successful scrape
+    # The READY versions each ``state.batching`` entry was read for: a reload with new versions re-reads.
+    config_versions: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 def _endpoint(address: str, port: int) -> str:
@@ -255,6 +258,22 @@ class TelemetryCollector:
     async def _poll_repository(self, host: _Host) -> None:
         index = await host.repository.index(self._timeout_s)
         apply_index(self._datastore, host.state, index, self._datastore.now())
+        await self._read_batching(host)
+
+    async def _read_batching(self, host: _Host) -> None:
+        """Read the batching of models that became READY (once per load); forget unloaded ones. Until it
+        is read, the scorers use their batch-agnostic estimate for that model."""
+        state, seen = host.state, host.config_versions
+        batching = {model: b for model, b in state.batching.items() if seen.get(model) == state.ready.get(model)}
+        for model, versions in state.ready.items():
+            if model not in batching:
+                try:
+                    batching[model] = await host.repository.batching(model, self._timeout_s)
+                except InferenceServerException as exc:
+                    log.debug("model config unreadable", host=state.name, model=model, error=_describe(exc))
+                    continue
+                seen[model] = versions
+        state.batching = batching
 
     async def _poll_envoy(self) -> None:
         body = await self._get(self.envoy_url)

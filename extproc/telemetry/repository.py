@@ -17,6 +17,7 @@ from typing import Any, Final, Protocol
 
 import tritonclient.grpc.aio as triton_grpc
 
+from extproc.batch_cost import Batching
 from extproc.datastore import Datastore, HostState
 
 READY: Final = "READY"
@@ -63,6 +64,18 @@ def index_from_models(models: Iterable[ModelIndexEntry]) -> RepositoryIndex:
     )
 
 
+def batching_from_config(config: Any) -> Batching:
+    """How a model batches, from its ``inference.ModelConfig`` (as Triton returns it, auto-completed).
+
+    Without a dynamic or sequence batcher Triton executes each request on its own, whatever
+    ``max_batch_size`` says. A KIND_GPU instance group with ``gpus`` listed runs ``count`` instances on
+    each of them."""
+    batcher = config.HasField("dynamic_batching") or config.HasField("sequence_batching")
+    max_batch = config.max_batch_size if batcher and config.max_batch_size > 0 else 1
+    instances = sum(group.count * max(1, len(group.gpus)) for group in config.instance_group)
+    return Batching(max_batch=max_batch, instances=max(1, instances))
+
+
 def apply_index(datastore: Datastore, host: HostState, index: RepositoryIndex, now: float) -> None:
     datastore.update_index(host, index.ready, index.known, now)
 
@@ -80,6 +93,13 @@ class RepositoryClient:
             self._client = triton_grpc.InferenceServerClient(url=self.endpoint, channel_args=_CHANNEL_ARGS)
         response = await self._client.get_model_repository_index(client_timeout=timeout_s)
         return index_from_models(response.models)
+
+    async def batching(self, model: str, timeout_s: float) -> Batching:
+        """Read the model's config; raises as :meth:`index` does."""
+        if self._client is None:
+            self._client = triton_grpc.InferenceServerClient(url=self.endpoint, channel_args=_CHANNEL_ARGS)
+        response = await self._client.get_model_config(model, client_timeout=timeout_s)
+        return batching_from_config(response.config)
 
     async def aclose(self) -> None:
         client, self._client = self._client, None

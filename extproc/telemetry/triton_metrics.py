@@ -230,9 +230,11 @@ def _times(last: ModelTimes, delta: Counters) -> ModelTimes:
     if done <= 0 or delta.exec_count <= 0:
         return last
     batch_ms = delta.compute_infer_us / done / 1000
-    sample = batch_ms * min(1.0, delta.exec_count / done)
+    batch = max(1.0, done / delta.exec_count)
+    sample = batch_ms / batch
     drain = sample if last.drain_ms is None else min(sample, last.drain_ms * DRAIN_DRIFT)
-    return ModelTimes(_smooth(last.service_ms, sample), _smooth(last.exec_ms, batch_ms), drain)
+    fit = last.fit.add(batch, batch_ms)
+    return ModelTimes(_smooth(last.service_ms, sample), _smooth(last.exec_ms, batch_ms), drain, fit, fit.cost())
 
 
 def derive_load(previous: TritonSnapshot | None, current: TritonSnapshot, last: TritonLoad) -> TritonLoad:

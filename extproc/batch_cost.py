@@ -1,0 +1,95 @@
+"""The batch cost model: how long Triton takes to execute a batch, and when a new request would finish.
+
+Triton's dynamic batcher runs queued requests together, so a request that joins a queue costs the host far
+less than a request executed alone: on a model whose execution takes ``fixed_ms + item_ms x batch``
+(launch overhead plus per-item work, the shape of most GPU and CPU models), the marginal request costs
+``item_ms``. A per-request average (batch time / batch size) over-charges a host with a moderate queue and
+sends traffic to a slower, idle host; this module predicts completion from the batch structure instead.
+
+``exec(b) = fixed_ms + item_ms x b`` is fitted per (host, model) by least squares over Triton's scrape
+intervals (each gives one mean batch size and mean batch time, see :mod:`extproc.telemetry.triton_metrics`),
+with exponential forgetting so a host that changes speed is followed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+# Weight kept by the older intervals at each new one: about 20 intervals (5 s at the default 250 ms scrape).
+FORGET: Final = 0.95
+# Below this spread of mean batch sizes (variance, in requests²) the intervals cannot separate the fixed
+# from the per-item time, and the fit is not used.
+MIN_BATCH_VARIANCE: Final = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class BatchCost:
+    """One execution of ``batch`` requests takes ``fixed_ms + item_ms x batch``."""
+
+    fixed_ms: float
+    item_ms: float
+
+    def exec_ms(self, batch: float) -> float:
+        return self.fixed_ms + self.item_ms * batch
+
+
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """How a model on a host batches, from its Triton model config."""
+
+    max_batch: int = 1  # requests per execution: max_batch_size with a dynamic/sequence batcher, else 1
+    instances: int = 1  # executions that run at once (instance_group counts)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFit:
+    """Exponentially weighted moments of (mean batch size, mean batch time) over scrape intervals."""
+
+    weight: float = 0.0
+    b: float = 0.0
+    bb: float = 0.0
+    t: float = 0.0
+    bt: float = 0.0
+
+    def add(self, batch: float, batch_ms: float) -> BatchFit:
+        k = FORGET
+        return BatchFit(
+            k * self.weight + 1.0,
+            k * self.b + batch,
+            k * self.bb + batch * batch,
+            k * self.t + batch_ms,
+            k * self.bt + batch * batch_ms,
+        )
+
+    def cost(self) -> BatchCost | None:
+        """The least-squares line, or None while the batch sizes seen are too alike to fit one, or the fit
+        is not physical (negative fixed or per-item time)."""
+        if self.weight <= 0:
+            return None
+        mean_b, mean_t = self.b / self.weight, self.t / self.weight
+        variance = self.bb / self.weight - mean_b * mean_b
+        if variance < MIN_BATCH_VARIANCE:
+            return None
+        item = (self.bt / self.weight - mean_b * mean_t) / variance
+        fixed = mean_t - item * mean_b
+        if item <= 0 or fixed < 0:
+            return None
+        return BatchCost(fixed, item)
+
+
+def completion_ms(cost: BatchCost, batching: Batching, in_flight: float) -> float:
+    """When a request sent now finishes on a host with ``in_flight`` requests of this model ahead of it.
+
+    With a free instance it executes at once, alone. Otherwise the instances' running batches are half
+    done on average; the queued requests ahead run in full batches, spread over the instances; the new
+    request runs in the batch formed by whatever is left of the queue, itself included.
+    """
+    instances, max_batch = batching.instances, batching.max_batch
+    if in_flight < instances:
+        return cost.exec_ms(1)
+    running = min(in_flight, instances * max_batch)
+    remaining = cost.exec_ms(running / instances) / 2
+    queued = int(in_flight - running)
+    full_batches, left = divmod(queued, max_batch)
+    return remaining + (full_batches // instances) * cost.exec_ms(max_batch) + cost.exec_ms(left + 1)

@@ -1,0 +1,113 @@
+"""The batch cost model: fitting exec(b) = fixed + per-item x b from scrape intervals, and completion times."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from tritonclient.grpc import model_config_pb2
+
+from extproc.batch_cost import BatchCost, BatchFit, Batching, completion_ms
+from extproc.datastore import TritonLoad
+from extproc.telemetry.repository import batching_from_config
+from extproc.telemetry.triton_metrics import Counters, TritonSnapshot, derive_load
+
+
+def test_fit_recovers_a_linear_batch_cost() -> None:
+    fit = BatchFit()
+    rng = random.Random(1)
+    for _ in range(40):
+        b = rng.uniform(1.5, 6.0)
+        fit = fit.add(b, 8.0 + 2.0 * b + rng.gauss(0, 0.2))
+    cost = fit.cost()
+    assert cost is not None
+    assert cost.fixed_ms == pytest.approx(8.0, abs=0.5)
+    assert cost.item_ms == pytest.approx(2.0, abs=0.15)
+
+
+def test_no_fit_from_alike_batches_or_unphysical_lines() -> None:
+    fit = BatchFit()
+    for _ in range(10):
+        fit = fit.add(1.0, 40.0)
+    assert fit.cost() is None, "every interval at batch 1: fixed and per-item time cannot be told apart"
+    falling = BatchFit().add(1.0, 10.0).add(4.0, 4.0).add(2.0, 8.0)
+    assert falling.cost() is None, "a batch time that falls with the batch size is noise, not a cost"
+    assert BatchFit().cost() is None
+
+
+def test_fit_forgets_an_old_speed() -> None:
+    fit = BatchFit()
+    for i in range(100):
+        b = 1.0 + i % 4
+        fit = fit.add(b, 8.0 + 2.0 * b)
+    for i in range(100):
+        b = 1.0 + i % 4
+        fit = fit.add(b, 4 * (8.0 + 2.0 * b))  # the host became 4x slower
+    cost = fit.cost()
+    assert cost is not None and cost.item_ms == pytest.approx(8.0, rel=0.05)
+
+
+def test_completion_follows_the_batch_structure() -> None:
+    cost, one = BatchCost(8.0, 2.0), Batching(max_batch=8, instances=1)
+    assert completion_ms(cost, one, 0) == 10.0  # alone, at once
+    assert completion_ms(cost, one, 1) == 5.0 + 10.0  # a running batch of 1 half done, then alone
+    assert completion_ms(cost, one, 8) == 12.0 + 10.0  # a running full batch, then alone
+    assert completion_ms(cost, one, 12) == 12.0 + (8.0 + 2.0 * 5)  # joins the 4 queued
+    assert completion_ms(cost, one, 24) == 12.0 + 2 * 24.0 + 10.0  # two full batches queued ahead
+    unbatched = Batching(max_batch=1, instances=1)
+    assert completion_ms(cost, unbatched, 3) == 5.0 + 2 * 10.0 + 10.0
+    two = Batching(max_batch=8, instances=2)
+    assert completion_ms(cost, two, 1) == 10.0, "a free instance starts it at once"
+    assert completion_ms(cost, two, 16) == 12.0 + 10.0
+    assert completion_ms(cost, two, 32) == 12.0 + 24.0 + 10.0, "two queued batches run side by side"
+
+
+def test_derive_load_fits_the_models_batch_cost() -> None:
+    labels = 'model="m",version="1"'
+    totals = Counters()
+    previous = TritonSnapshot(series={labels: totals})
+    load = TritonLoad()
+    for batch in (1, 2, 4, 8, 3, 6):
+        execs, done = 5, 5 * batch
+        ms = 8.0 + 2.0 * batch
+        totals = Counters(
+            totals.request_success + done,
+            totals.request_success + done,
+            totals.exec_count + execs,
+            totals.queue_us,
+            totals.compute_infer_us + done * ms * 1000,  # Triton adds a batch's time once per request
+        )
+        current = TritonSnapshot(series={labels: totals})
+        load = derive_load(previous, current, load)
+        previous = current
+    cost = load.models["m"].cost
+    assert cost is not None
+    assert cost.fixed_ms == pytest.approx(8.0)
+    assert cost.item_ms == pytest.approx(2.0)
+
+
+def _config(max_batch: int, batcher: str | None = None, groups: tuple[tuple[int, int], ...] = ()) -> object:
+    """A ModelConfig as Triton returns it; ``groups``: (count, number of GPUs listed) per instance group."""
+    mc = model_config_pb2
+    config = mc.ModelConfig(max_batch_size=max_batch)
+    if batcher == "dynamic":
+        config.dynamic_batching.CopyFrom(mc.ModelDynamicBatching())
+    elif batcher == "sequence":
+        config.sequence_batching.CopyFrom(mc.ModelSequenceBatching())
+    for count, gpus in groups:
+        config.instance_group.append(mc.ModelInstanceGroup(count=count, gpus=list(range(gpus))))
+    return config
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (_config(8, "dynamic"), Batching(8, 1)),
+        (_config(8), Batching(1, 1)),  # no batcher: each request runs alone
+        (_config(0, "dynamic"), Batching(1, 1)),
+        (_config(4, "sequence", ((1, 0),)), Batching(4, 1)),
+        (_config(16, "dynamic", ((2, 2), (1, 0))), Batching(16, 5)),  # 2 on each of 2 GPUs, 1 on the CPU
+    ],
+)
+def test_batching_from_model_config(config: object, expected: Batching) -> None:
+    assert batching_from_config(config) == expected
