@@ -13,6 +13,7 @@ from extproc.config import Fleet, PickerName, Tier, parse_fleet
 from extproc.datastore import Datastore, HostState, ModelTimes
 from extproc.scheduling.classify import classify
 from extproc.scheduling.scheduler import Scheduler
+from extproc.scheduling.scorers import expected_completion_ms
 from extproc.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
 
 
@@ -378,10 +379,31 @@ def test_a_short_queue_joins_the_next_batch_on_a_fitted_host(store: Datastore) -
     g1.load.models = {"embed": ModelTimes(service_ms=4.0, exec_ms=16.0, drain_ms=3.0, cost=fast)}
     g2.load.models = {"embed": ModelTimes(service_ms=40.0, exec_ms=40.0, drain_ms=40.0, cost=slow)}
     busy(g1, 8)
+    store.hosts["g3"].load.models = dict(g2.load.models)
     busy(store.hosts["g3"], 100)
     decide = Scheduler(store.fleet, store).decide
     assert names(decide(http("embed")))[0] == "g2", "no model config read yet: per-request estimate"
-    g1.batching = g2.batching = {"embed": Batching(max_batch=8, instances=1)}
+    for host in store.hosts.values():
+        host.batching = {"embed": Batching(max_batch=8, instances=1)}
     assert names(decide(http("embed")))[0] == "g1"
     busy(g1, 24)  # three full batches ahead: now the idle slow host is sooner
     assert names(decide(http("embed")))[0] == "g2"
+
+
+def test_an_unfitted_host_gets_the_fitted_shape_scaled_to_its_speed(store: Datastore) -> None:
+    """g2 only ever ran batches of one (40 ms): no fit of its own. Scaled from g1's shape (fixed = 4 x
+    per-item) it is 4x slower in both parts, so it is used only once g1 has a full batch queued."""
+    g1, g2 = store.hosts["g1"], store.hosts["g2"]
+    g1.load.models = {"embed": ModelTimes(service_ms=4.0, exec_ms=16.0, drain_ms=3.0, cost=BatchCost(8.0, 2.0))}
+    g2.load.models = {"embed": ModelTimes(service_ms=40.0, exec_ms=40.0, drain_ms=40.0)}
+    for host in store.hosts.values():
+        host.batching = {"embed": Batching(max_batch=8, instances=1)}
+    store.hosts["g3"].load.models = dict(g2.load.models)
+    busy(store.hosts["g3"], 100)
+    decide = Scheduler(store.fleet, store).decide
+    busy(g1, 12)  # a running batch of 8 (24 ms, half done), then a batch of 5: 30 ms
+    assert names(decide(http("embed")))[0] == "g1"
+    busy(g1, 16)  # ... then a full batch, then alone: 46 ms
+    assert names(decide(http("embed")))[0] == "g2"
+    costs = expected_completion_ms([g1, g2], frozen(), "embed")
+    assert costs[1] == pytest.approx(20.0 + 40.0), "the request just sent there, half done, then its own"

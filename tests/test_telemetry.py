@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from extproc.config import Fleet, parse_fleet
-from extproc.datastore import Datastore, HostState, ModelTimes, TritonLoad
+from extproc.datastore import Datastore, HostState, TritonLoad
 from extproc.telemetry import collector as collector_module
 from extproc.telemetry import nvml as nvml_module
 from extproc.telemetry.collector import TelemetryCollector

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from extproc.batch_cost import completion_ms
+from extproc.batch_cost import BatchCost, completion_ms
 from extproc.config import ScorerName
 from extproc.datastore import HostState, ModelTimes
 
@@ -33,30 +33,54 @@ def _drain_ms(times: ModelTimes) -> float:
 def expected_completion_ms(hosts: Sequence[HostState], now: float, model: str | None = None) -> list[float]:
     """When a new request would finish on each host.
 
-    Where the model's batch cost on the host is fitted and its batching known (model config), from the
-    batch structure: running batches, queued full batches, and the batch the request joins (see
-    :func:`extproc.batch_cost.completion_ms`): a host with a short queue costs a request little, since
-    the batcher adds it to the next batch.
+    Where the model's batching is known on every host (model config) and its batch cost fitted on at
+    least one, from the batch structure: running batches, queued full batches, and the batch the request
+    joins (see :func:`extproc.batch_cost.completion_ms`): a host with a short queue costs a request
+    little, since the batcher adds it to the next batch. A host without a fit of its own (too little
+    traffic to vary its batch sizes) is given the fitted hosts' shape, scaled to its own mean batch time
+    at its mean batch size: a slower GPU is slower at both the fixed and the per-item part.
 
     Otherwise one execution of its own (the host's mean batch time) after the requests in flight have
     drained at the host's per-request time (the best seen lately, since a deep queue is served in full
     batches): ``service_ms`` is a batch's time divided by its size, so the queue drains faster on a host
     that batches well, while ``exec_ms`` keeps a slow host from looking cheap when idle.
 
+    The hosts are compared with one of the two estimates, never a mix: the batch-aware one is the
+    cheaper for a host with a queue, so mixing would herd requests onto the fitted hosts.
+
     Triton's observed queue time is not added: queued requests are already in the in-flight count, and
     the observation is up to a scrape old, which would herd traffic away from whichever host queued last."""
     times = [_times(h, model) for h in hosts]
+    costs = _batch_costs(hosts, times, model)
+    if costs is not None and model is not None:
+        return [completion_ms(cost, h.batching[model], h.in_flight(now)) for h, cost in zip(hosts, costs, strict=True)]
     measured = [_drain_ms(t) for t in times if t.service_ms is not None]
     # An unmeasured host is assumed as fast as the fastest measured one, so a new host gets tried.
     default_ms = min(measured) if measured else _UNMEASURED_SERVICE_MS
     out = []
     for h, t in zip(hosts, times, strict=True):
-        batching = h.batching.get(model) if t.cost is not None and model is not None else None
-        if t.cost is not None and batching is not None:
-            out.append(completion_ms(t.cost, batching, h.in_flight(now)))
-            continue
         service = default_ms if t.service_ms is None else _drain_ms(t)
         out.append((t.exec_ms if t.exec_ms is not None else service) + h.in_flight(now) * service)
+    return out
+
+
+def _batch_costs(hosts: Sequence[HostState], times: list[ModelTimes], model: str | None) -> list[BatchCost] | None:
+    """Each host's batch cost for the model, or None where the batch-aware estimate cannot cover them all."""
+    if model is None or any(model not in h.batching for h in hosts):
+        return None
+    fitted = [t.cost for t in times if t.cost is not None]
+    if not fitted:
+        return None
+    ratio = sum(c.fixed_ms / c.item_ms for c in fitted) / len(fitted)  # fixed time in per-item units
+    out = []
+    for t in times:
+        if t.cost is not None:
+            out.append(t.cost)
+        elif t.exec_ms is None or not t.service_ms:
+            return None  # never measured: nothing to scale the shape to
+        else:
+            item_ms = t.exec_ms / (ratio + t.exec_ms / t.service_ms)  # exec_ms / service_ms: mean batch size
+            out.append(BatchCost(ratio * item_ms, item_ms))
     return out
 
 
