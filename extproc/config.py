@@ -142,7 +142,7 @@ class FilterName(StrEnum):
 
 
 class ScorerName(StrEnum):
-    EXPECTED_COMPLETION = "expected_completion"  # mean batch time + in flight x per-request service time
+    EXPECTED_COMPLETION = "expected_completion"  # when a request would finish under Triton batching (batch_cost)
     PENDING_QUEUE = "pending_queue"  # Triton's queued requests
     IN_FLIGHT = "in_flight"  # requests in flight (Envoy's count + the picker's picks since)
     GPU_MEMORY = "gpu_memory"  # used fraction of GPU memory (0 where there is no GPU)
