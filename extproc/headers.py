@@ -14,6 +14,21 @@ PRIORITY_HEADER: Final = "x-triton-priority"  # "critical", "standard" (default)
 # ["sequence_id"] is read from the body).
 SEQUENCE_HEADER: Final = "x-triton-sequence-id"
 
+# Every request header the picker reads; the others are not even decoded (and Envoy does not send them,
+# see the ext_proc filter's forward_rules).
+READ_HEADERS: Final = frozenset(
+    {
+        ":path",
+        "content-length",
+        "grpc-encoding",
+        "inference-header-content-length",  # REST: the JSON part's length when tensors follow in binary
+        "x-request-id",
+        TIER_HINT_HEADER,
+        PRIORITY_HEADER,
+        SEQUENCE_HEADER,
+    }
+)
+
 # Added to responses when envoy.expose_upstream_host is on: the upstream that served the request.
 UPSTREAM_HOST_HEADER: Final = "x-triton-host"
 

@@ -40,7 +40,7 @@ from extproc.handlers.parse import (
 from extproc.headers import (
     HOSTS_HEADER,
     PRIORITY_HEADER,
-    ROUTING_HEADERS,
+    READ_HEADERS,
     SEQUENCE_HEADER,
     TIER_HEADER,
     TIER_HINT_HEADER,
@@ -60,6 +60,9 @@ _PRIORITIES = {p.value: p for p in Priority}
 _GRPC_STATUS = {400: 3, 404: 5, 413: 8, 429: 8, 503: 14}
 _BODY_ACK = ep.ProcessingResponse(request_body=ep.BodyResponse())
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+# Routing answers are reused per (tier, host list); the number of distinct lists is bounded by the fleet's
+# size and max_hosts, but with many hosts it can be large, so the cache starts over when full.
+_MAX_CACHED_ANSWERS = 4096
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -73,6 +76,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         self._metrics = metrics
         self._decision_counters: dict[tuple[str, str, str, str], Counter] = {}
         self._tier_headers = {t: _header(TIER_HEADER, t.value) for t in Tier}
+        self._answers: dict[tuple[Tier, str], ep.ProcessingResponse] = {}
         self.configure(fleet, scheduler)
 
     def configure(self, fleet: Fleet, scheduler: Scheduler) -> None:
@@ -210,17 +214,24 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
 
     def _answer(self, decision: Decision, request: InferenceRequest, headers: dict[str, str]) -> ep.ProcessingResponse:
         if isinstance(decision, Route):
-            endpoints = ",".join(
-                h.grpc_endpoint if request.protocol is Protocol.GRPC else h.http_endpoint for h in decision.hosts
-            )
-            mutation = ep.HeaderMutation(
-                set_headers=[self._tier_headers[decision.tier], _header(HOSTS_HEADER, endpoints)]
-            )
-            return ep.ProcessingResponse(
-                request_headers=ep.HeadersResponse(
-                    response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+            if request.protocol is Protocol.GRPC:
+                endpoints = ",".join([h.grpc_endpoint for h in decision.hosts])
+            else:
+                endpoints = ",".join([h.http_endpoint for h in decision.hosts])
+            key = (decision.tier, endpoints)
+            answer = self._answers.get(key)
+            if answer is None:
+                if len(self._answers) >= _MAX_CACHED_ANSWERS:
+                    self._answers.clear()
+                mutation = ep.HeaderMutation(
+                    set_headers=[self._tier_headers[decision.tier], _header(HOSTS_HEADER, endpoints)]
                 )
-            )
+                answer = self._answers[key] = ep.ProcessingResponse(
+                    request_headers=ep.HeadersResponse(
+                        response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+                    )
+                )
+            return answer
         return self._immediate(decision, request)
 
     def _immediate(self, reject: Reject, request: InferenceRequest) -> ep.ProcessingResponse:
@@ -277,13 +288,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
 
 
 def _header_map(values: Iterable[Any]) -> dict[str, str]:
-    """Envoy sends header values in ``raw_value``; latin-1 keeps any byte sequence decodable."""
+    """The headers the picker reads (never our routing headers: Envoy strips client copies before us, and
+    one that got through is not read). Envoy sends values in ``raw_value``; latin-1 keeps any byte
+    sequence decodable."""
     out: dict[str, str] = {}
     for h in values:
         key = h.key
-        if key in ROUTING_HEADERS:
-            continue  # Envoy strips client copies before us; never trust one that got through
-        out[key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+        if key in READ_HEADERS:
+            out[key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
     return out
 
 
