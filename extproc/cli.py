@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace, fleet: Fleet) -> int:
         else:
             args.output.write_text(text, encoding="utf-8")
         return 0
-    print(f"{args.config}: valid ({len(fleet.hosts)} hosts, {len(fleet.models)} models)")
+    print(f"{args.config}: valid ({len(fleet.hosts)} hosts, {len(fleet.pools)} pools, {len(fleet.models)} models)")
     return 0
 
 
