@@ -21,7 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from extproc.config import ConfigError, Fleet, HostSpec, file_stamp, load_fleet
 from extproc.datastore import Datastore
-from extproc.discovery import Discovery
+from extproc.discovery import Discovery, effective_fleet
 from extproc.handlers.server import Processor
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.scheduler import Scheduler
@@ -59,7 +59,7 @@ class Picker:
         self.config = config
         self.discovery = discovery
         self.discovered = discovery.hosts if discovery is not None else ()
-        self.fleet = fleet = self._effective()
+        self.fleet = fleet = effective_fleet(self.config, self.discovered)
         self.datastore = Datastore(fleet)
         self.metrics = PickerMetrics(self.datastore, decisions=role != "leader")
         self.metrics.use_discovery(discovery)
@@ -81,12 +81,6 @@ class Picker:
         self._telemetry: asyncio.Task[None] | None = None
         self.workers: WorkerPool | None = None
         self.ready = False
-
-    def _effective(self) -> Fleet:
-        """The fleet routed over: the file's static hosts and the pools' discovered hosts."""
-        if not self.discovered:
-            return self.config
-        return self.config.model_copy(update={"hosts": (*self.config.hosts, *self.discovered)})
 
     def _scheduler(self, fleet: Fleet, datastore: Datastore) -> Scheduler:
         # A worker sees 1/N of the picks between two Envoy polls; count each as N (see Scheduler).
@@ -201,7 +195,7 @@ class Picker:
     async def _switch(self) -> None:
         """Route over the current config and discovered hosts: build the new datastore (keeping the live state
         of unchanged hosts), scheduler and telemetry, then switch over between two requests."""
-        fleet = self._effective()
+        fleet = effective_fleet(self.config, self.discovered)
         datastore = Datastore(fleet)
         datastore.adopt(self.datastore)
         scheduler = self._scheduler(fleet, datastore)

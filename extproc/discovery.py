@@ -169,3 +169,19 @@ class Discovery:
 
 def _sorted(addresses: frozenset[str]) -> list[str]:
     return sorted(addresses, key=ipaddress.ip_address)
+
+
+def effective_fleet(config: Fleet, discovered: tuple[HostSpec, ...]) -> Fleet:
+    """The fleet routed over: the file's static hosts, then the pools' discovered hosts."""
+    if not discovered:
+        return config
+    return config.model_copy(update={"hosts": (*config.hosts, *discovered)})
+
+
+async def resolve_pools(fleet: Fleet) -> Fleet:
+    """``fleet`` with its pools resolved once into hosts, for one-shot commands (``extproc models``, ``status``)."""
+    if not fleet.pools:
+        return fleet
+    discovery = Discovery(fleet)
+    await discovery.refresh_once()
+    return effective_fleet(fleet, discovery.hosts)

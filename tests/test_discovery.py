@@ -5,12 +5,16 @@ host sets and their changes, failures that keep the last set, config reloads, th
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
+import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,7 +22,7 @@ from extproc import discovery as discovery_module
 from extproc.app import Picker
 from extproc.config import Fleet, parse_fleet
 from extproc.datastore import Datastore
-from extproc.discovery import Discovery, DiscoveryError, _resolver, resolve
+from extproc.discovery import Discovery, DiscoveryError, _resolver, resolve, resolve_pools
 from extproc.metrics import PickerMetrics
 from extproc.runtime.ports import free_ports
 from extproc.sharing import apply_snapshot, read_snapshot, snapshot
@@ -229,3 +233,29 @@ def pool_gauge(metrics: PickerMetrics) -> dict[str, float]:
     text = generate_latest(metrics.registry).decode()
     (family,) = [f for f in text_string_to_metric_families(text) if f.name == "extproc_pool_hosts"]
     return {s.labels["pool"]: s.value for s in family.samples}
+
+
+async def test_resolve_pools_for_one_shot_commands(server: DnsServer) -> None:
+    config = fleet(server)
+    resolved = await resolve_pools(config)
+    assert [h.name for h in resolved.hosts] == ["cpu-a", "gpu-10-0-0-5", "gpu-10-0-0-7"]
+    assert resolved.pools == config.pools
+    no_pools = parse_fleet({"hosts": fleet_data(server)["hosts"], "envoy": {"fallback_tier": "cpu"}})
+    assert await resolve_pools(no_pools) is no_pools
+
+
+def test_extproc_models_talks_to_the_pools_hosts(server: DnsServer, tmp_path: Path) -> None:
+    server.set(NAME, ["127.0.0.2"])
+    data = fleet_data(server)
+    data["pools"][0].update(http_port=free_ports(1)[0])  # nothing listens there
+    config = tmp_path / "fleet.yaml"
+    config.write_text(yaml.safe_dump(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "models", "list", "--json", "--config", str(config), "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    hosts = json.loads(result.stdout)["hosts"]
+    assert set(hosts) == {"cpu-a", "gpu-127-0-0-2"}
+    assert "127.0.0.2:8001" in hosts["gpu-127-0-0-2"]["error"]
