@@ -73,10 +73,17 @@ def triton_ready(url: str) -> bool:
     return http_status(url) == 200
 
 
-@pytest.fixture(scope="module")
+# One picker process, and a leader that resolves the pools for two workers (which get the hosts with the
+# telemetry snapshots).
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-picker", "two-workers"])
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, ports: dict[str, int], tritons: None
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    dns: DnsServer,
+    ports: dict[str, int],
+    tritons: None,
 ) -> Iterator[Stack]:
+    dns.set(NAME, [A])
     run_dir = tmp_path_factory.mktemp("pool-stack")
     picker_metrics, listener, admin = free_ports(3)
     fleet: dict[str, Any] = {
@@ -89,6 +96,7 @@ def stack(
             "listen": f"unix:{run_dir}/picker.sock",
             "metrics_port": picker_metrics,
             "log_level": "debug",
+            "workers": request.param,
             # Spread over every candidate, so that "both serve" does not depend on the scorers' ties.
             "profile": {"picker": "round_robin"},
         },
@@ -125,7 +133,7 @@ def test_hosts_join_and_leave_through_dns_under_load(stack: Stack, dns: DnsServe
     host_a, host_b = f"gpu-{A.replace('.', '-')}", f"gpu-{B.replace('.', '-')}"
     served_a, served_b = f"{A}:{ports['http_port']}", f"{B}:{ports['http_port']}"
     assert set(stack.picker_status()["hosts"]) == {host_a}
-    load = Load(stack, [MixEntry("http", MODEL, "INPUT", (1, 4))], rate_rps=30, duration_s=30)
+    load = Load(stack, [MixEntry("http", MODEL, "INPUT", (1, 4))], rate_rps=30, duration_s=24)
     try:
         load.sleep_until(6)
         added = time.time()
