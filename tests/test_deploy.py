@@ -54,6 +54,7 @@ from prometheus_client import generate_latest
 
 from extproc.config import Fleet, HostSpec, PoolSpec, Tier, load_fleet, parse_fleet
 from extproc.datastore import Datastore
+from extproc.discovery import Discovery
 from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, render_bootstrap, render_yaml
 from extproc.headers import cluster_name
 from extproc.metrics import PickerMetrics
@@ -1197,6 +1198,7 @@ def _picker_series() -> dict[str, set[str]]:
     for host in datastore.hosts.values():
         host.metrics_at = host.index_at = host.envoy_at = datastore.now()
     metrics = PickerMetrics(datastore)
+    metrics.use_discovery(Discovery(fleet))
     metrics.decisions.labels("m", "gpu", "h", "default").inc()
     metrics.rejections.labels("404", "unknown_model").inc()
     metrics.decision_seconds.observe(0.001)
