@@ -106,7 +106,7 @@ class PoolSpec(_Ports):
     @field_validator("dns")
     @classmethod
     def _dns_name(cls, value: str) -> str:
-        if _is_ip(value):
+        if is_ip(value):
             raise ValueError(f"{value!r} is an IP address: list it under hosts")
         if not _DNS_NAME.match(value) or value.replace(".", "").isdigit():
             raise ValueError(f"{value!r} is not a DNS name")
@@ -129,7 +129,7 @@ class PoolSpec(_Ports):
         return re.fullmatch(rf"{re.escape(self.name)}(-\d{{1,3}}){{4}}", host) is not None
 
 
-def _is_ip(value: str) -> bool:
+def is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value)
     except ValueError:
@@ -426,7 +426,7 @@ def resolver_address(value: str) -> tuple[str, int]:
             host, port = host.removesuffix("]"), "53"
     elif value.count(":") == 1:
         host, port = value.split(":")
-    if not _is_ip(host) or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not is_ip(host) or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not IP[:PORT]")
     return str(ipaddress.ip_address(host)), int(port)
 
