@@ -64,7 +64,7 @@ async def resolve(resolver: dns.asyncresolver.Resolver, name: str) -> frozenset[
         answer = await resolver.resolve(name, "A", lifetime=_TIMEOUT_S, search=True, raise_on_no_answer=False)
     except dns.resolver.NXDOMAIN:
         return frozenset()
-    except dns.exception.DNSException as exc:
+    except (dns.exception.DNSException, OSError) as exc:  # OSError: e.g. no route to the DNS server
         raise DiscoveryError(f"{type(exc).__name__}: {exc}") from None
     return frozenset(record.address for record in answer.rrset or ())
 
