@@ -19,8 +19,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from extproc.config import ConfigError, Fleet, file_stamp, load_fleet
+from extproc.config import ConfigError, Fleet, HostSpec, file_stamp, load_fleet
 from extproc.datastore import Datastore
+from extproc.discovery import Discovery, effective_fleet
 from extproc.handlers.server import Processor
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.scheduler import Scheduler
@@ -49,16 +50,27 @@ class Picker:
     (metrics, readiness, status, drain). With ``picker.workers > 1`` a ``leader`` keeps the telemetry and
     the HTTP endpoint and shares the telemetry with ``worker`` processes, which serve ext_proc."""
 
-    def __init__(self, fleet: Fleet, role: Role = "single", worker: int = 0) -> None:
+    def __init__(
+        self, config: Fleet, role: Role = "single", worker: int = 0, discovery: Discovery | None = None
+    ) -> None:
+        """``config``: the fleet file. ``discovery`` (not for a worker, which learns the pools' hosts from its
+        leader) resolves its pools; the picker routes over the file's hosts plus the pools' current hosts."""
         self.role = role
-        self.fleet = fleet
+        self.config = config
+        self.discovery = discovery
+        self.discovered = discovery.hosts if discovery is not None else ()
+        self.fleet = fleet = effective_fleet(self.config, self.discovered)
         self.datastore = Datastore(fleet)
         self.metrics = PickerMetrics(self.datastore, decisions=role != "leader")
+        self.metrics.use_discovery(discovery)
         self.scheduler = self._scheduler(fleet, self.datastore)
         self.collector = TelemetryCollector(fleet, self.datastore) if role != "worker" else None
         share = Path(fleet.runtime_dir) / "telemetry.sock"
-        self.publisher = Publisher(self.datastore, share) if role == "leader" else None
-        self.subscriber = Subscriber(self.datastore, share) if role == "worker" else None
+        self.publisher = Publisher(self.datastore, share, self.discovered) if role == "leader" else None
+        self.subscriber = Subscriber(self.datastore, share, self._use_discovered) if role == "worker" else None
+        # One switch of fleet at a time: a config reload and a change of the pools' hosts may race.
+        self._switching = asyncio.Lock()
+        self._discovering: asyncio.Task[None] | None = None
         self.processor = Processor(fleet, self.scheduler, self.metrics)
         self._server: grpc.aio.Server | None = None
         if role != "leader":
@@ -87,6 +99,8 @@ class Picker:
             self._telemetry = asyncio.create_task(self.subscriber.run(), name="telemetry-subscriber")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.subscriber.received.wait(), timeout=_FIRST_SNAPSHOT_S)
+        if self.discovery is not None:
+            self._discovering = asyncio.create_task(self.discovery.run(self._rediscovered), name="discovery")
         if self._server is not None:
             await self._server.start()
         self.ready = True
@@ -97,6 +111,7 @@ class Picker:
             workers=self.fleet.picker.workers,
             metrics=f"http://{self.fleet.picker.metrics_address}:{self.fleet.picker.metrics_port}/metrics",
             hosts=len(self.fleet.hosts),
+            pools=len(self.config.pools),
         )
 
     async def _start_http(self) -> None:
@@ -139,17 +154,48 @@ class Picker:
         return web.json_response({"host": name, "draining": host.draining})
 
     async def reload(self, fleet: Fleet) -> None:
-        """Apply a new fleet without dropping a request: build the new datastore (keeping the live state of
-        unchanged hosts), scheduler and telemetry, then switch over between two requests."""
+        """Apply a new fleet file without dropping a request; the pools keep their hosts (see :meth:`_switch`)."""
         fixed = ("listen", "workers", "metrics_address", "metrics_port")
         needs_restart = [
-            f"picker.{key}" for key in fixed if getattr(fleet.picker, key) != getattr(self.fleet.picker, key)
+            f"picker.{key}" for key in fixed if getattr(fleet.picker, key) != getattr(self.config.picker, key)
         ]
         if needs_restart:
             log.warning("config_reload_needs_restart", keys=needs_restart, note="kept the running values")
             fleet = fleet.model_copy(
-                update={"picker": fleet.picker.model_copy(update={k: getattr(self.fleet.picker, k) for k in fixed})}
+                update={"picker": fleet.picker.model_copy(update={k: getattr(self.config.picker, k) for k in fixed})}
             )
+        async with self._switching:
+            self.config = fleet
+            if self.role != "worker":
+                await _cancel(self._discovering)
+                self._discovering = None
+                self.discovery = Discovery(fleet, self.discovery) if fleet.pools else None
+                self.metrics.use_discovery(self.discovery)
+                self.discovered = self.discovery.hosts if self.discovery is not None else ()
+                if self.discovery is not None:
+                    self._discovering = asyncio.create_task(self.discovery.run(self._rediscovered), name="discovery")
+            await self._switch()
+        log.info("config_reloaded", source=fleet.source, hosts=len(self.fleet.hosts), models=len(fleet.models))
+
+    async def _rediscovered(self) -> None:
+        """The pools' hosts changed (discovery, in a single picker or a leader)."""
+        assert self.discovery is not None
+        async with self._switching:
+            self.discovered = self.discovery.hosts
+            await self._switch()
+
+    async def _use_discovered(self, hosts: tuple[HostSpec, ...]) -> None:
+        """The leader's pools' hosts, with each snapshot (a worker)."""
+        if hosts == self.discovered:
+            return
+        async with self._switching:
+            self.discovered = hosts
+            await self._switch()
+
+    async def _switch(self) -> None:
+        """Route over the current config and discovered hosts: build the new datastore (keeping the live state
+        of unchanged hosts), scheduler and telemetry, then switch over between two requests."""
+        fleet = effective_fleet(self.config, self.discovered)
         datastore = Datastore(fleet)
         datastore.adopt(self.datastore)
         scheduler = self._scheduler(fleet, datastore)
@@ -157,34 +203,35 @@ class Picker:
         self.processor.configure(fleet, scheduler)
         self.metrics.use(datastore)
         if self.publisher is not None:
-            self.publisher.datastore = datastore
+            self.publisher.datastore, self.publisher.discovered = datastore, self.discovered
         if self.subscriber is not None:
             self.subscriber.datastore = datastore
         if self.collector is not None:
             old_collector, old_task = self.collector, self._telemetry
             self.collector = TelemetryCollector(fleet, datastore)
             self._telemetry = asyncio.create_task(self.collector.run(), name="telemetry")
-            if old_task is not None:
-                old_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await old_task
+            await _cancel(old_task)
             await old_collector.aclose()
-        log.info("config_reloaded", source=fleet.source, hosts=len(fleet.hosts), models=len(fleet.models))
 
     async def stop(self) -> None:
         self.ready = False
         if self._server is not None:
             await self._server.stop(grace=1.0)
-        if self._telemetry is not None:
-            self._telemetry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._telemetry
+        await _cancel(self._discovering)
+        await _cancel(self._telemetry)
         if self.collector is not None:
             await self.collector.aclose()
         if self.publisher is not None:
             await self.publisher.stop()
         if self._web is not None:
             await self._web.cleanup()
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class WorkerPool:
@@ -281,7 +328,11 @@ async def serve(
 ) -> None:
     """Run the picker until SIGTERM or SIGINT; reload ``config_path`` on SIGHUP or change."""
     role: Role = "single" if fleet.picker.workers == 1 else "worker" if worker is not None else "leader"
-    picker = Picker(fleet, role, worker or 0)
+    discovery = Discovery(fleet) if fleet.pools and role != "worker" else None
+    if discovery is not None:
+        # Before serving, so the first requests are routed over the pools' hosts too.
+        await discovery.refresh_once()
+    picker = Picker(fleet, role, worker or 0, discovery)
     stop, reload_now = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

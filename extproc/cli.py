@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,7 +109,7 @@ def _run(args: argparse.Namespace, fleet: Fleet) -> int:
         else:
             args.output.write_text(text, encoding="utf-8")
         return 0
-    print(f"{args.config}: valid ({len(fleet.hosts)} hosts, {len(fleet.models)} models)")
+    print(f"{args.config}: valid ({len(fleet.hosts)} hosts, {len(fleet.pools)} pools, {len(fleet.models)} models)")
     return 0
 
 
@@ -159,6 +160,10 @@ def _ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _ops(args: argparse.Namespace, fleet: Fleet) -> int:
+    from extproc.discovery import resolve_pools
+
+    # The pools' hosts as they resolve now: these commands talk to every host themselves.
+    fleet = asyncio.run(resolve_pools(fleet))
     if args.command == "status":
         from extproc.ops import status
 

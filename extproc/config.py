@@ -8,6 +8,7 @@ names the file, the key and the problem, so every command can refuse to start wi
 from __future__ import annotations
 
 import ipaddress
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -38,32 +39,40 @@ class LaunchSpec(_Strict):
     service_time_factor: float = Field(default=1.0, gt=0, le=100)
 
 
-class HostSpec(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-    address: str
+class _Ports(_Strict):
+    """What a static host and a pool's hosts have in common: their tier, ports and labels."""
+
     http_port: Port = 8000
     grpc_port: Port = 8001
     metrics_port: Port = 8002
     tier: Tier
     labels: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Self:
+        if len(set(self.ports)) != 3:
+            raise ValueError(f"http_port, grpc_port and metrics_port must differ, got {self.ports}")
+        return self
+
+    @property
+    def ports(self) -> tuple[int, int, int]:
+        return self.http_port, self.grpc_port, self.metrics_port
+
+
+class HostSpec(_Ports):
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+    address: str
     launch: LaunchSpec | None = None
 
     @field_validator("address")
     @classmethod
     def _ip_literal(cls, value: str) -> str:
         # Envoy's override_host matches the header against the cluster members' resolved addresses, so the
-        # picker must name hosts exactly as Envoy sees them: an IP literal.
+        # picker must name hosts exactly as Envoy sees them: an IP literal. DNS names go in ``pools``.
         try:
             return str(ipaddress.ip_address(value))
         except ValueError:
-            raise ValueError(f"{value!r} is not an IP address (hostnames are not supported yet)") from None
-
-    @model_validator(mode="after")
-    def _distinct_ports(self) -> Self:
-        ports = (self.http_port, self.grpc_port, self.metrics_port)
-        if len(set(ports)) != 3:
-            raise ValueError(f"http_port, grpc_port and metrics_port must differ, got {ports}")
-        return self
+            raise ValueError(f"{value!r} is not an IP address (for a DNS name, use pools)") from None
 
     @property
     def http_endpoint(self) -> str:
@@ -76,6 +85,56 @@ class HostSpec(_Strict):
     @property
     def metrics_url(self) -> str:
         return f"http://{_endpoint(self.address, self.metrics_port)}/metrics"
+
+
+# A DNS name: dot-separated labels of letters, digits, '-' and '_' (SRV-style names), at most 253 characters;
+# a trailing dot makes it absolute (no search domains).
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DNS_NAME = re.compile(rf"^(?=.{{1,253}}\.?$){_LABEL}(\.{_LABEL})*\.?$")
+
+
+class PoolSpec(_Ports):
+    """Hosts discovered by DNS: every A record of ``dns`` is a host of ``tier`` with these ports and labels,
+    named ``<name>-<address with dashes>`` (e.g. ``gpu-10-0-0-7``). Envoy and the picker both re-resolve the
+    name every ``refresh_s``: a Kubernetes headless Service's name gives its ready pods."""
+
+    # Short enough that the longest host name (``-255-255-255-255`` appended) is still a valid host name.
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,45}[a-z0-9])?$")
+    dns: str
+    refresh_s: float = Field(default=5.0, ge=0.1, le=3600)
+
+    @field_validator("dns")
+    @classmethod
+    def _dns_name(cls, value: str) -> str:
+        if is_ip(value):
+            raise ValueError(f"{value!r} is an IP address: list it under hosts")
+        if not _DNS_NAME.match(value) or value.replace(".", "").isdigit():
+            raise ValueError(f"{value!r} is not a DNS name")
+        return value
+
+    def host(self, address: str) -> HostSpec:
+        """The host of one A record."""
+        return HostSpec(
+            name=f"{self.name}-{address.replace('.', '-')}",
+            address=address,
+            http_port=self.http_port,
+            grpc_port=self.grpc_port,
+            metrics_port=self.metrics_port,
+            tier=self.tier,
+            labels=self.labels,
+        )
+
+    def named(self, host: str) -> bool:
+        """Whether ``host`` has the form of a name this pool gives its hosts."""
+        return re.fullmatch(rf"{re.escape(self.name)}(-\d{{1,3}}){{4}}", host) is not None
+
+
+def is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _endpoint(address: str, port: int) -> str:
@@ -301,7 +360,12 @@ class EnvoySpec(_Strict):
 class Fleet(_Strict):
     """The whole fleet file. ``source`` is the file it came from, for messages."""
 
-    hosts: tuple[HostSpec, ...] = Field(min_length=1)
+    hosts: tuple[HostSpec, ...] = ()
+    # Hosts discovered by DNS, re-resolved while running (see PoolSpec).
+    pools: tuple[PoolSpec, ...] = ()
+    # ``ip[:port]`` of the DNS servers that Envoy and the picker ask for the pools' names; absent: the
+    # system's resolver (/etc/resolv.conf, with its search domains).
+    dns_resolvers: tuple[str, ...] | None = Field(default=None, min_length=1)
     models: tuple[ModelSpec, ...] = ()
     picker: PickerSpec = PickerSpec()
     envoy: EnvoySpec = EnvoySpec()
@@ -310,21 +374,28 @@ class Fleet(_Strict):
     runtime_dir: str = ".run"
     source: str = Field(default="<memory>", exclude=True)
 
+    @field_validator("dns_resolvers")
+    @classmethod
+    def _resolvers(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else tuple(_endpoint(*resolver_address(r)) for r in value)
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if not self.hosts and not self.pools:
+            raise ValueError("the fleet has neither hosts nor pools")
         _unique("hosts", [h.name for h in self.hosts])
+        _check_pools(self.pools, self.hosts)
         _unique("models", [m.name for m in self.models])
         seen: dict[tuple[str, int], str] = {}
         for host in self.hosts:
-            for port in (host.http_port, host.grpc_port, host.metrics_port):
+            for port in host.ports:
                 other = seen.setdefault((host.address, port), host.name)
                 if other != host.name:
                     raise ValueError(f"hosts {other!r} and {host.name!r} both use {host.address}:{port}")
         if self.picker.nvml_host is not None and self.picker.nvml_host not in {h.name for h in self.hosts}:
             raise ValueError(f"picker.nvml_host {self.picker.nvml_host!r} is not a host of this fleet")
-        fallback_hosts = [h for h in self.hosts if h.tier is self.envoy.fallback_tier]
-        if not fallback_hosts:
-            raise ValueError(f"envoy.fallback_tier {self.envoy.fallback_tier.value!r} has no hosts")
+        if self.envoy.fallback_tier not in self.tiers:
+            raise ValueError(f"envoy.fallback_tier {self.envoy.fallback_tier.value!r} has no hosts and no pools")
         return self
 
     def profile(self, model: ModelSpec | None, tier: Tier) -> Profile:
@@ -341,9 +412,35 @@ class Fleet(_Strict):
 
     @property
     def tiers(self) -> tuple[Tier, ...]:
-        """The tiers that have hosts, in a stable order."""
-        present = {h.tier for h in self.hosts}
+        """The tiers that have hosts or pools, in a stable order."""
+        present = {h.tier for h in (*self.hosts, *self.pools)}
         return tuple(t for t in Tier if t in present)
+
+
+def resolver_address(value: str) -> tuple[str, int]:
+    """``ip``, ``ip:port`` or ``[ipv6]:port`` of a DNS server → (ip, port); port 53 when not given."""
+    host, port = value, "53"
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            host, port = host.removesuffix("]"), "53"
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    if not is_ip(host) or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not IP[:PORT]")
+    return str(ipaddress.ip_address(host)), int(port)
+
+
+def _check_pools(pools: tuple[PoolSpec, ...], hosts: tuple[HostSpec, ...]) -> None:
+    _unique("pools", [p.name for p in pools])
+    for i, pool in enumerate(pools):
+        clash = [h.name for h in hosts if pool.named(h.name)]
+        if clash:
+            raise ValueError(f"hosts {clash} are named like the hosts of pool {pool.name!r} ({pool.name}-A-B-C-D)")
+        for other in pools[:i]:
+            shared = set(pool.ports) & set(other.ports)
+            if other.dns.rstrip(".") == pool.dns.rstrip(".") and shared:
+                raise ValueError(f"pools {other.name!r} and {pool.name!r} both use {pool.dns} port {min(shared)}")
 
 
 def _unique(what: str, names: list[str]) -> None:

@@ -42,6 +42,8 @@ from envoy_data_plane.envoy.config.endpoint import v3 as endpoint
 from envoy_data_plane.envoy.config.listener import v3 as listener
 from envoy_data_plane.envoy.config.overload import v3 as overload
 from envoy_data_plane.envoy.config.route import v3 as route
+from envoy_data_plane.envoy.extensions.clusters.common.dns import v3 as dns_common
+from envoy_data_plane.envoy.extensions.clusters.dns import v3 as dns_cluster
 from envoy_data_plane.envoy.extensions.filters.http.buffer import v3 as buffer
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc import v3 as ext_proc
 from envoy_data_plane.envoy.extensions.filters.http.header_mutation import v3 as header_mutation
@@ -50,6 +52,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager i
 from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation import v3 as early_mutation
 from envoy_data_plane.envoy.extensions.load_balancing_policies.least_request import v3 as least_request
 from envoy_data_plane.envoy.extensions.load_balancing_policies.override_host import v3 as override_host
+from envoy_data_plane.envoy.extensions.network.dns_resolver.cares import v3 as cares
 from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections import (
     v3 as downstream_connections,
 )
@@ -60,7 +63,7 @@ from envoy_data_plane.envoy.type import v3 as type_v3
 from envoy_data_plane.envoy.type.matcher import v3 as matcher
 from envoy_data_plane.google.protobuf import Any as PbAny
 
-from extproc.config import Fleet, HostSpec, Tier, TlsSpec, UpstreamTlsSpec
+from extproc.config import Fleet, PoolSpec, Tier, TlsSpec, UpstreamTlsSpec, resolver_address
 from extproc.headers import (
     HOSTS_HEADER,
     PICKER_CLUSTER,
@@ -168,9 +171,8 @@ def build_bootstrap(fleet: Fleet) -> bootstrap.Bootstrap:
         )
     clusters = [_picker_cluster(fleet)]
     for tier in fleet.tiers:
-        hosts = [h for h in fleet.hosts if h.tier is tier]
-        clusters.append(_triton_cluster(tier, "http", hosts, fleet.envoy.upstream_tls))
-        clusters.append(_triton_cluster(tier, "grpc", hosts, fleet.envoy.upstream_tls))
+        clusters.append(_triton_cluster(fleet, tier, "http"))
+        clusters.append(_triton_cluster(fleet, tier, "grpc"))
     return bootstrap.Bootstrap(
         admin=bootstrap.Admin(address=_socket_address(fleet.envoy.admin.address, fleet.envoy.admin.port)),
         static_resources=bootstrap.BootstrapStaticResources(listeners=listeners, clusters=clusters),
@@ -517,11 +519,12 @@ def _set_header(key: str, value: str) -> core.HeaderValueOption:
 # ----------------------------------------------------------------------------------------------- clusters
 
 
-def _triton_cluster(
-    tier: Tier, protocol: str, hosts: list[HostSpec], upstream_tls: UpstreamTlsSpec | None = None
-) -> cluster.Cluster:
+def _triton_cluster(fleet: Fleet, tier: Tier, protocol: str) -> cluster.Cluster:
     name = cluster_name(tier.value, protocol)
     grpc = protocol == "grpc"
+    hosts = [h for h in fleet.hosts if h.tier is tier]
+    pools = [p for p in fleet.pools if p.tier is tier]
+    upstream_tls = fleet.envoy.upstream_tls
     if grpc:
         # Triton's gRPC port speaks HTTP/2 only (h2c); the health check is grpc.health.v1.Health/Check,
         # SERVING iff Triton is ready.
@@ -542,9 +545,8 @@ def _triton_cluster(
     # Envoy's admin API and a Triton that starts after Envoy must be seen within a second, traffic or not.
     health_check.no_traffic_interval = dt.timedelta(seconds=1)
 
-    return cluster.Cluster(
+    triton = cluster.Cluster(
         name=name,
-        type=cluster.ClusterDiscoveryType.STATIC,
         # Envoy's default is 5 s; Triton hosts are on the local network, and a connect failure is retried
         # on another host, so fail fast.
         connect_timeout=dt.timedelta(seconds=1),
@@ -552,7 +554,9 @@ def _triton_cluster(
             cluster_name=name,
             endpoints=[
                 endpoint.LocalityLbEndpoints(
+                    # A pool's name becomes one endpoint per A record: the addresses the picker names.
                     lb_endpoints=[_lb_endpoint(h.address, h.grpc_port if grpc else h.http_port) for h in hosts]
+                    + [_lb_endpoint(p.dns, p.grpc_port if grpc else p.http_port) for p in pools]
                 )
             ],
         ),
@@ -590,6 +594,39 @@ def _triton_cluster(
             max_retries=1_000,
         ),
     )
+    if pools:
+        # Static IP hosts of the tier stay in the same cluster: an IP literal resolves to itself.
+        triton.cluster_type = _dns_cluster(pools, fleet.dns_resolvers)
+    else:
+        triton.type = cluster.ClusterDiscoveryType.STATIC
+    return triton
+
+
+def _dns_cluster(pools: list[PoolSpec], resolvers: tuple[str, ...] | None) -> cluster.ClusterCustomClusterType:
+    """Strict DNS: every A record of a pool's name is an endpoint, re-resolved every ``refresh_s``.
+
+    A name that does not exist or has no address empties its endpoints (as in the picker); a failed
+    resolution keeps them. An endpoint that leaves DNS but still passes its health check stays until it
+    fails one (Envoy's eventually consistent discovery): requests in flight to it finish, and the picker no
+    longer names it.
+    """
+    dns = dns_cluster.DnsCluster(
+        # One clock per cluster: the tier's most frequent pool's. respect_dns_ttl stays off (the default):
+        # the picker re-resolves every refresh_s too, so both follow the same clock whatever the TTL.
+        dns_refresh_rate=dt.timedelta(seconds=min(p.refresh_s for p in pools)),
+        # The picker reads A records only (the pool's hosts are IPv4 addresses); AUTO would prefer AAAA.
+        dns_lookup_family=dns_common.DnsLookupFamily.V4_ONLY,
+    )
+    if resolvers is not None:
+        cares_config = cares.CaresDnsResolverConfig(
+            resolvers=[_socket_address(*resolver_address(r)) for r in resolvers],
+            # The picker asks these servers and ignores /etc/resolv.conf: no search domains here either.
+            dns_resolver_options=core.DnsResolverOptions(no_default_search_domain=True),
+        )
+        dns.typed_dns_resolver_config = core.TypedExtensionConfig(
+            name="envoy.network.dns_resolver.cares", typed_config=PbAny.pack(cares_config)
+        )
+    return cluster.ClusterCustomClusterType(name="envoy.clusters.dns", typed_config=PbAny.pack(dns))
 
 
 def _upstream_tls(spec: UpstreamTlsSpec, grpc: bool) -> core.TransportSocket:

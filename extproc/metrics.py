@@ -9,6 +9,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from extproc.datastore import Datastore
+from extproc.discovery import Discovery
 
 
 class PickerMetrics:
@@ -39,10 +40,16 @@ class PickerMetrics:
         )
         self._telemetry = _TelemetryAge(datastore)
         self.registry.register(self._telemetry)
+        self._pools = _PoolHosts()
+        self.registry.register(self._pools)
 
     def use(self, datastore: Datastore) -> None:
         """Report on a new datastore (config reload); the decision counters carry on."""
         self._telemetry.store = datastore
+
+    def use_discovery(self, discovery: Discovery | None) -> None:
+        """Report the hosts of this discovery's pools (None: no pools, or a worker whose leader reports them)."""
+        self._pools.discovery = discovery
 
 
 class _TelemetryAge(Collector):
@@ -68,3 +75,19 @@ class _TelemetryAge(Collector):
             in_flight.add_metric([host.name], host.in_flight(now))
         yield age
         yield in_flight
+
+
+class _PoolHosts(Collector):
+    """Per pool, the hosts its DNS name resolved to last (read at scrape time)."""
+
+    def __init__(self) -> None:
+        self.discovery: Discovery | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        hosts = GaugeMetricFamily(
+            "extproc_pool_hosts", "Hosts discovered by DNS per pool (the fleet file's pools:).", labels=["pool"]
+        )
+        if self.discovery is not None:
+            for pool, count in self.discovery.counts.items():
+                hosts.add_metric([pool], count)
+        yield hosts

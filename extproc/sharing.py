@@ -3,7 +3,8 @@
 The leader runs the only telemetry collector, so Triton and Envoy are scraped once per host whatever the
 number of workers, and pushes a snapshot of every host's live state to each worker over a Unix socket
 (owner-only, in the runtime directory) every ``PUSH_INTERVAL_S``. Workers apply it to their own datastore
-and keep their own picks-since-poll accounting between Envoy polls.
+and keep their own picks-since-poll accounting between Envoy polls. The leader alone resolves the fleet's
+pools; each snapshot carries the hosts they resolved to, so that every worker routes over the same hosts.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import asyncio
 import contextlib
 import pickle
 import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from extproc.config import HostSpec
 from extproc.datastore import Datastore, EnvoyView, TritonLoad
 
 log = structlog.get_logger(__name__)
@@ -25,7 +28,10 @@ PUSH_INTERVAL_S = 0.05
 _LENGTH = struct.Struct(">I")
 
 
-def snapshot(datastore: Datastore) -> bytes:
+Discovered = tuple[HostSpec, ...]
+
+
+def snapshot(datastore: Datastore, discovered: Discovered) -> bytes:
     state = {
         name: (
             host.load,
@@ -40,12 +46,17 @@ def snapshot(datastore: Datastore) -> bytes:
         )
         for name, host in datastore.hosts.items()
     }
-    return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps((discovered, state), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def apply_snapshot(datastore: Datastore, data: bytes) -> None:
+def read_snapshot(data: bytes) -> tuple[Discovered, dict[str, tuple[Any, ...]]]:
     # Only our own leader writes to this socket (owner-only permissions), so unpickling is safe.
-    state: dict[str, tuple[Any, ...]] = pickle.loads(data)
+    discovered, state = pickle.loads(data)
+    assert all(isinstance(h, HostSpec) for h in discovered)
+    return discovered, state
+
+
+def apply_snapshot(datastore: Datastore, state: dict[str, tuple[Any, ...]]) -> None:
     for name, (load, envoy, ready, known, batching, draining, metrics_at, index_at, envoy_at) in state.items():
         host = datastore.hosts.get(name)
         if host is None:  # a host our (older or newer) fleet file does not have
@@ -62,8 +73,9 @@ def apply_snapshot(datastore: Datastore, data: bytes) -> None:
 class Publisher:
     """The leader's side: accepts worker connections and pushes snapshots to all of them."""
 
-    def __init__(self, datastore: Datastore, path: Path) -> None:
+    def __init__(self, datastore: Datastore, path: Path, discovered: Discovered) -> None:
         self.datastore = datastore
+        self.discovered = discovered
         self._path = path
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
@@ -78,7 +90,7 @@ class Publisher:
     async def _accept(self, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         with contextlib.suppress(ConnectionError):
-            await self._push(writer, snapshot(self.datastore))
+            await self._push(writer, snapshot(self.datastore, self.discovered))
 
     async def _push(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         try:
@@ -92,7 +104,7 @@ class Publisher:
         while True:
             await asyncio.sleep(PUSH_INTERVAL_S)
             if self._writers:
-                data = snapshot(self.datastore)
+                data = snapshot(self.datastore, self.discovered)
                 await asyncio.gather(*(self._push(w, data) for w in list(self._writers)))
 
     async def stop(self) -> None:
@@ -109,11 +121,13 @@ class Publisher:
 
 
 class Subscriber:
-    """A worker's side: keeps its datastore in step with the leader's, reconnecting if the leader restarts."""
+    """A worker's side: keeps its datastore in step with the leader's, reconnecting if the leader restarts.
+    ``on_hosts`` gets the discovered hosts of each snapshot first, and may replace :attr:`datastore`."""
 
-    def __init__(self, datastore: Datastore, path: Path) -> None:
+    def __init__(self, datastore: Datastore, path: Path, on_hosts: Callable[[Discovered], Awaitable[None]]) -> None:
         self.datastore = datastore
         self._path = path
+        self._on_hosts = on_hosts
         self.received = asyncio.Event()
 
     async def run(self) -> None:
@@ -126,7 +140,9 @@ class Subscriber:
             try:
                 while True:
                     (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-                    apply_snapshot(self.datastore, await reader.readexactly(length))
+                    discovered, state = read_snapshot(await reader.readexactly(length))
+                    await self._on_hosts(discovered)
+                    apply_snapshot(self.datastore, state)
                     self.received.set()
             except (asyncio.IncompleteReadError, ConnectionError):
                 log.warning("telemetry_leader_lost", note="reconnecting; routing on the last snapshot meanwhile")

@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from extproc.config import is_ip
+
 # Long enough that a local stack never trips over it, short enough to stay within what browsers and
 # TLS libraries accept for leaf certificates (398 days).
 VALIDITY = dt.timedelta(days=365)
@@ -39,7 +41,7 @@ def ensure_self_signed(cert_file: Path, key_file: Path, hosts: Sequence[str] = (
 
     key = ec.generate_private_key(ec.SECP256R1())
     names = list(dict.fromkeys([*hosts, *_LOOPBACK_NAMES]))  # ordered, without repeats
-    common_name = next((n for n in names if not _is_ip(n)), "localhost")
+    common_name = next((n for n in names if not is_ip(n)), "localhost")
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
     cert = (
@@ -81,16 +83,8 @@ def ensure_self_signed(cert_file: Path, key_file: Path, hosts: Sequence[str] = (
     return True
 
 
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
 def _san(name: str) -> x509.GeneralName:
-    if _is_ip(name):
+    if is_ip(name):
         return x509.IPAddress(ipaddress.ip_address(name))
     return x509.DNSName(name)
 

@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,12 +212,12 @@ def _die_with_test() -> None:
     _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def spawn(stack: Stack, name: str, spec: ProcessSpec) -> subprocess.Popen[bytes]:
-    """Start ``spec`` as ``name`` (its log appended to the stack's ``logs/NAME.log``), in its own process group.
-
-    The process belongs to the test, not to ``extproc up``: :func:`stop_stack` stops it."""
-    with (stack.run_dir / "logs" / f"{name}.log").open("ab") as log:
-        process = subprocess.Popen(
+def launch(spec: ProcessSpec, log_file: Path) -> subprocess.Popen[bytes]:
+    """Start ``spec`` in its own process group, its output appended to ``log_file``; it gets SIGTERM if the
+    test process dies. The caller stops it (:func:`stop_processes`)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as log:
+        return subprocess.Popen(
             list(spec.argv),
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -227,6 +227,13 @@ def spawn(stack: Stack, name: str, spec: ProcessSpec) -> subprocess.Popen[bytes]
             start_new_session=True,
             preexec_fn=_die_with_test,
         )
+
+
+def spawn(stack: Stack, name: str, spec: ProcessSpec) -> subprocess.Popen[bytes]:
+    """Start ``spec`` as ``name`` (its log appended to the stack's ``logs/NAME.log``), in its own process group.
+
+    The process belongs to the test, not to ``extproc up``: :func:`stop_stack` stops it."""
+    process = launch(spec, stack.run_dir / "logs" / f"{name}.log")
     stack.spawned[name] = process
     return process
 
@@ -287,13 +294,19 @@ def _mapped(region: Path) -> bool:
 
 
 def stop_spawned(stack: Stack) -> None:
-    """Stop the processes the test started itself (their whole process groups: Triton's backend stubs)."""
-    for process in stack.spawned.values():
+    """Stop the processes the test started itself."""
+    stop_processes(stack.spawned.values())
+
+
+def stop_processes(processes: Iterable[subprocess.Popen[bytes]]) -> None:
+    """Stop processes started by :func:`launch` (their whole process groups: Triton's backend stubs)."""
+    processes = list(processes)
+    for process in processes:
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
                 os.killpg(process.pid, signal.SIGTERM)
-    for process in stack.spawned.values():
+    for process in processes:
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -720,15 +733,8 @@ def start_envoy(run_dir: Path, fleet: dict[str, Any]) -> subprocess.Popen[bytes]
     config = run_dir / "envoy.yaml"
     config.write_text(render_yaml(parse_fleet(fleet, str(run_dir / "fleet.yaml"))))
     envoy = fleet["envoy"]
-    with (run_dir / "envoy.log").open("ab") as log:
-        process = subprocess.Popen(
-            [find_envoy(), "-c", str(config), "--base-id", str(envoy["base_id"]), "--concurrency", "1"],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_test,
-        )
+    argv = (find_envoy(), "-c", str(config), "--base-id", str(envoy["base_id"]), "--concurrency", "1")
+    process = launch(ProcessSpec(argv, dict(os.environ), str(Path.cwd())), run_dir / "envoy.log")
     admin = f"http://127.0.0.1:{envoy['admin']['port']}/ready"
     try:
         wait_for(lambda: process.poll() is not None or http_status(admin) == 200, 60, "a lone Envoy to start")

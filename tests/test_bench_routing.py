@@ -130,6 +130,10 @@ def test_scenario_ports_in_the_file_do_not_matter() -> None:
         (lambda d: d["fleet"]["hosts"][0].update(tier="tpu"), "s.yaml: key fleet.hosts[0].tier"),
         (lambda d: d["fleet"]["hosts"][1].pop("launch"), "key fleet.hosts[1].launch: the benchmark starts"),
         (lambda d: d["fleet"]["hosts"][1].update(address="10.0.0.1"), "10.0.0.1 is not a loopback address"),
+        (
+            lambda d: d["fleet"].update(pools=[{"name": "p", "dns": "triton.local", "tier": "gpu"}]),
+            "key fleet.pools: the benchmark starts every host itself",
+        ),
         (lambda d: d["load"]["mix"][0].update(model="nope"), "key load.mix[0].model: 'nope' is loaded on no host"),
         (lambda d: d["load"]["mix"][1].update(name="timed_batch/http/1x4"), "mix entries need distinct names"),
     ],

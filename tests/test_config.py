@@ -46,7 +46,7 @@ def test_local_fleet_loads() -> None:
         (lambda d: d["picker"]["profile"].update(filters=["fresh"]), "picker.profile", "include model_ready"),
         (lambda d: d["picker"]["profile"].update(picker="best"), "picker.profile.picker", "'argmax'"),
         (lambda d: d["picker"]["profile"].update(scorers={"speed": 1}), "picker.profile.scorers.speed", "Input"),
-        (lambda d: d.update(hosts=[]), "hosts", "at least 1 item"),
+        (lambda d: d.update(hosts=[]), "(top level)", "neither hosts nor pools"),
         (lambda d: d["envoy"].update(fallback_tier="cpu", foo=1), "envoy.foo", "Extra inputs"),
         (lambda d: d["picker"].update(nvml_host="nope"), "(top level)", "not a host of this fleet"),
     ],
@@ -54,11 +54,91 @@ def test_local_fleet_loads() -> None:
 def test_invalid_fleet_names_file_key_and_problem(mutate: Any, key: str, problem: str) -> None:
     data = local_data()
     mutate(data)
+    assert_refused(data, key, problem)
+
+
+def assert_refused(data: dict[str, Any], key: str, problem: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_fleet(data, "fleet.yaml")
     message = str(info.value)
     assert f"fleet.yaml: key {key}:" in message
     assert problem in message
+
+
+def pool_fleet(**pool: Any) -> dict[str, Any]:
+    """A fleet whose GPU tier is one DNS pool (no static GPU hosts)."""
+    return {
+        "hosts": [{"name": "cpu-a", "address": "10.0.0.1", "tier": "cpu"}],
+        "pools": [{"name": "gpu", "dns": "triton-gpu.inference.svc.cluster.local", "tier": "gpu", **pool}],
+    }
+
+
+def test_a_tier_may_be_a_pool_alone() -> None:
+    fleet = parse_fleet({**pool_fleet(refresh_s=2, labels={"speed": "fast"}), "dns_resolvers": ["10.96.0.10"]})
+    assert fleet.tiers == (Tier.CPU, Tier.GPU) and fleet.envoy.fallback_tier is Tier.GPU
+    (pool,) = fleet.pools
+    assert (pool.http_port, pool.grpc_port, pool.metrics_port, pool.refresh_s) == (8000, 8001, 8002, 2)
+    host = pool.host("10.0.0.7")
+    assert (host.name, host.address, host.tier, host.labels) == (
+        "gpu-10-0-0-7",
+        "10.0.0.7",
+        Tier.GPU,
+        {"speed": "fast"},
+    )
+    assert pool.named("gpu-10-0-0-7") and not pool.named("gpu-a") and not pool.named("gpus-10-0-0-7")
+    assert fleet.dns_resolvers == ("10.96.0.10:53",)
+    only_pools = parse_fleet({"pools": pool_fleet()["pools"]})
+    assert only_pools.hosts == () and only_pools.tiers == (Tier.GPU,)
+    resolvers = ["127.0.0.1:5353", "[::1]:53", "::1", "[fd00::1]"]
+    assert parse_fleet({**pool_fleet(), "dns_resolvers": resolvers}).dns_resolvers == (
+        "127.0.0.1:5353",
+        "[::1]:53",
+        "[::1]:53",
+        "[fd00::1]:53",
+    )
+
+
+def second_pool(data: dict[str, Any], **pool: Any) -> None:
+    data["pools"].append({**data["pools"][0], "name": "gpu-b", **pool})
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "problem"),
+    [
+        (lambda d: d["pools"][0].update(dns="10.0.0.9"), "pools[0].dns", "is an IP address: list it under hosts"),
+        (lambda d: d["pools"][0].update(dns="triton gpu"), "pools[0].dns", "not a DNS name"),
+        (lambda d: d["pools"][0].update(dns="a..b"), "pools[0].dns", "not a DNS name"),
+        (lambda d: d["pools"][0].update(dns="x" * 64 + ".svc"), "pools[0].dns", "not a DNS name"),
+        (lambda d: d["pools"][0].update(name="GPU"), "pools[0].name", "should match pattern"),
+        (lambda d: d["pools"][0].update(name="p" * 48), "pools[0].name", "should match pattern"),
+        (lambda d: d["pools"][0].update(refresh_s=0), "pools[0].refresh_s", "greater than or equal to 0.1"),
+        (lambda d: d["pools"][0].update(tier="tpu"), "pools[0].tier", "'cpu' or 'gpu'"),
+        (lambda d: d["pools"][0].update(grpc_port=8000), "pools[0]", "must differ"),
+        (lambda d: d["pools"][0].update(address="10.0.0.1"), "pools[0].address", "Extra inputs are not permitted"),
+        (lambda d: d["pools"][0].pop("dns"), "pools[0].dns", "Field required"),
+        (lambda d: second_pool(d, name="gpu"), "(top level)", "pools: names must be unique"),
+        (lambda d: second_pool(d, dns="triton-gpu.inference.svc.cluster.local."), "(top level)", "both use"),
+        (
+            lambda d: d["hosts"].append({"name": "gpu-10-0-0-9", "address": "10.0.0.9", "tier": "gpu"}),
+            "(top level)",
+            "named like the hosts of pool 'gpu'",
+        ),
+        (lambda d: d.update(dns_resolvers=["resolver.local"]), "dns_resolvers", "not IP[:PORT]"),
+        (lambda d: d.update(dns_resolvers=["10.0.0.1:99999"]), "dns_resolvers", "not IP[:PORT]"),
+        (lambda d: d.update(dns_resolvers=[]), "dns_resolvers", "at least 1 item"),
+        (lambda d: d.update(pools=[]), "(top level)", "'gpu' has no hosts and no pools"),
+    ],
+)
+def test_invalid_pools_name_file_key_and_problem(mutate: Any, key: str, problem: str) -> None:
+    data = pool_fleet()
+    mutate(data)
+    assert_refused(data, key, problem)
+
+
+def test_pools_of_one_name_on_other_ports_are_fine() -> None:
+    data = pool_fleet()
+    second_pool(data, http_port=9000, grpc_port=9001, metrics_port=9002)
+    assert [p.name for p in parse_fleet(data).pools] == ["gpu", "gpu-b"]
 
 
 def test_not_yaml_and_missing_file(tmp_path: Path) -> None:

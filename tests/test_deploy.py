@@ -12,9 +12,10 @@ What is checked:
 - the restricted Pod Security Standard basics, resources, image pins, on every container;
 - cross-references: Service selectors and target ports, ConfigMaps, Secrets, ServiceAccounts, volumes,
   probes, Prometheus annotations, PodDisruptionBudgets, NetworkPolicy ports, StatefulSet serviceNames;
-- agreement with the fleet files: per-pod Service addresses and ports, replicas per tier, Triton's ports and
-  models, the picker's and Envoy's ports, Envoy's concurrency and config paths; the ConfigMaps' Envoy
-  bootstraps are exactly ``extproc envoy-config`` of their fleet files, and Envoy accepts them;
+- agreement with the fleet files: the pools' DNS names are the headless Services of the Triton StatefulSets
+  (the sidecar variant: per-pod Service addresses), their ports, Triton's ports and models, the picker's and
+  Envoy's ports, Envoy's concurrency and config paths; the ConfigMaps' Envoy bootstraps are exactly
+  ``extproc envoy-config`` of their fleet files, and Envoy accepts them;
 - the Istio EnvoyFilter: its shape, every patch value loaded through envoy-data-plane's typed classes, equal
   to the gateway's rendered config where it must be, applied to a sidecar-shaped bootstrap that Envoy
   validates, and ext_proc running on the Triton virtual host only (a short Envoy run on loopback);
@@ -51,13 +52,15 @@ from envoy_data_plane.envoy.config.route import v3 as route_v3
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager import v3 as hcm_v3
 from prometheus_client import generate_latest
 
-from extproc.config import Fleet, Tier, load_fleet, parse_fleet
+from extproc.config import Fleet, HostSpec, PoolSpec, Tier, load_fleet, parse_fleet
 from extproc.datastore import Datastore
+from extproc.discovery import Discovery
 from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, render_bootstrap, render_yaml
 from extproc.headers import cluster_name
 from extproc.metrics import PickerMetrics
 from extproc.telemetry import triton_metrics
 from extproc.tls import ensure_self_signed
+from tests.dns_server import DnsServer
 
 Resource = dict[str, Any]
 
@@ -444,11 +447,38 @@ def test_network_policies_name_real_ports_and_pods(kustomization: str) -> None:
 # ------------------------------------------------------------------------------- agreement with the fleet
 
 
+def _check_triton(sts: Resource, spec: HostSpec | PoolSpec) -> set[str]:
+    """The StatefulSet's Triton serves on the ports of a host (or a pool's hosts) of the fleet, in its tier;
+    returns the models it loads."""
+    assert _pod_labels(sts).get("app.kubernetes.io/component") == f"triton-{spec.tier.value}"
+    triton = _container(sts, "triton")
+    args: list[str] = triton["args"]
+    assert _arg_value(args, "--http-port") == str(spec.http_port)
+    assert _arg_value(args, "--grpc-port") == str(spec.grpc_port)
+    assert _arg_value(args, "--metrics-port") == str(spec.metrics_port)
+    ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
+    assert ports == {"http": spec.http_port, "grpc": spec.grpc_port, "metrics": spec.metrics_port}
+    assert "--model-control-mode=explicit" in args
+    loaded = set(_arg_values(args, "--load-model"))
+    assert loaded, f"{sts['metadata']['name']}: no --load-model"
+    for model in loaded:
+        assert (TRITON_MODELS / model / "config.pbtxt").is_file(), f"{model} is not in triton_models/"
+    return loaded
+
+
+def _check_models(fleet: Fleet, models_by_tier: dict[Tier, set[str]]) -> None:
+    for spec in fleet.models:
+        for tier in spec.tiers:
+            if tier in fleet.tiers:
+                assert spec.name in models_by_tier[tier], f"{spec.name} is allowed on {tier.value} but loaded on none"
+
+
 def _check_hosts_and_triton(resources: tuple[Resource, ...], fleet: Fleet) -> None:
-    """Per-pod Services, StatefulSets and Triton's command line against the fleet's hosts and models."""
+    """Per-pod Services, StatefulSets and Triton's command line against the fleet's static hosts and models."""
     sts_pods = _statefulset_pods(resources)
     fleet_names = {h.name for h in fleet.hosts}
     assert {pod for (_, pod) in sts_pods} == fleet_names, "StatefulSet pods and fleet hosts differ"
+    models_by_tier: dict[Tier, set[str]] = {}
     for host in fleet.hosts:
         svc = _named(resources, "Service", host.name)
         assert svc["spec"]["clusterIP"] == host.address, f"{host.name}: clusterIP is not the fleet's address"
@@ -456,27 +486,31 @@ def _check_hosts_and_triton(resources: tuple[Resource, ...], fleet: Fleet) -> No
         svc_ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
         assert svc_ports == {"http": host.http_port, "grpc": host.grpc_port, "metrics": host.metrics_port}
         sts = next(s for (_, pod), s in sts_pods.items() if pod == host.name)
-        assert _pod_labels(sts).get("app.kubernetes.io/component") == f"triton-{host.tier.value}"
-        triton = _container(sts, "triton")
-        args: list[str] = triton["args"]
-        assert _arg_value(args, "--http-port") == str(host.http_port)
-        assert _arg_value(args, "--grpc-port") == str(host.grpc_port)
-        assert _arg_value(args, "--metrics-port") == str(host.metrics_port)
-        ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
-        assert ports == {"http": host.http_port, "grpc": host.grpc_port, "metrics": host.metrics_port}
-        assert "--model-control-mode=explicit" in args
+        models_by_tier.setdefault(host.tier, set()).update(_check_triton(sts, host))
+    _check_models(fleet, models_by_tier)
+
+
+def _check_pools_and_triton(resources: tuple[Resource, ...], fleet: Fleet) -> None:
+    """Each pool's DNS name is a headless Service (of ready pods only) over one StatefulSet of its tier, on the
+    pool's ports; every Triton StatefulSet is some pool's; the fleet's models are loaded on their tiers."""
+    assert not fleet.hosts, "the Triton hosts come from the pools"
     models_by_tier: dict[Tier, set[str]] = {}
-    for host in fleet.hosts:
-        sts = next(s for (_, pod), s in sts_pods.items() if pod == host.name)
-        loaded = set(_arg_values(_container(sts, "triton")["args"], "--load-model"))
-        assert loaded, f"{host.name}: no --load-model"
-        for model in loaded:
-            assert (TRITON_MODELS / model / "config.pbtxt").is_file(), f"{model} is not in triton_models/"
-        models_by_tier.setdefault(host.tier, set()).update(loaded)
-    for spec in fleet.models:
-        for tier in spec.tiers:
-            if any(h.tier is tier for h in fleet.hosts):
-                assert spec.name in models_by_tier[tier], f"{spec.name} is allowed on {tier.value} but loaded on none"
+    pooled = []
+    for pool in fleet.pools:
+        name, namespace, domain = pool.dns.split(".", 2)
+        assert domain == "svc.cluster.local", f"{pool.name}: {pool.dns} is not a Service's cluster DNS name"
+        svc = _named(resources, "Service", name)
+        assert _ns(svc) == namespace, f"{pool.name}: {pool.dns} names another namespace than its Service's"
+        assert svc["spec"]["clusterIP"] == "None", f"{name}: headless, so that its name resolves to the pod IPs"
+        assert svc["spec"]["publishNotReadyAddresses"] is False, f"{name}: a pod is a host once it is ready"
+        svc_ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+        assert svc_ports == {"http": pool.http_port, "grpc": pool.grpc_port, "metrics": pool.metrics_port}
+        (sts,) = _selected_workloads(resources, namespace, svc["spec"]["selector"])
+        assert sts["kind"] == "StatefulSet" and sts["spec"]["serviceName"] == name
+        pooled.append(sts["metadata"]["name"])
+        models_by_tier.setdefault(pool.tier, set()).update(_check_triton(sts, pool))
+    assert sorted(pooled) == sorted(s["metadata"]["name"] for s in _of_kind(resources, "StatefulSet"))
+    _check_models(fleet, models_by_tier)
 
 
 def _check_envoy_container(resources: tuple[Resource, ...], workload: Resource, fleet: Fleet, fleet_path: str) -> None:
@@ -533,7 +567,7 @@ def _check_picker_container(resources: tuple[Resource, ...], workload: Resource,
 def test_base_agrees_with_its_fleet_files() -> None:
     resources = _rendered(K8S_BASE)
     fleet, picker_fleet = _fleet(BASE_FLEET), _fleet(BASE_PICKER_FLEET)
-    _check_hosts_and_triton(resources, fleet)
+    _check_pools_and_triton(resources, fleet)
     gateway = _named(resources, "Deployment", "extproc-gateway")
     _check_envoy_container(resources, gateway, fleet, BASE_FLEET)
     picker = _named(resources, "Deployment", "extproc-picker")
@@ -770,19 +804,19 @@ def test_istio_routing_matches_the_envoy_filter_and_the_fleet() -> None:
     assert _selected_workloads(resources, ns, picker_svc["spec"]["selector"]) == [
         _named(resources, "Deployment", "extproc-picker")
     ]
-    # Each tier's ServiceEntry lists exactly the fleet's hosts of that tier, on the fleet's ports; the
-    # EnvoyFilter patches the clusters of every ServiceEntry the routes use.
+    # Each tier's ServiceEntry resolves exactly the fleet's pools of that tier (Istio: a STRICT_DNS cluster,
+    # whose members are the addresses the pickers resolve), on their ports; the EnvoyFilter patches the
+    # clusters of every ServiceEntry the routes use.
     entries = {se["spec"]["hosts"][0]: se for se in _of_kind(resources, "ServiceEntry")}
     assert {p["match"]["cluster"]["service"] for p in _patches("CLUSTER")} == set(entries)
+    assert not fleet.hosts
     for tier in fleet.tiers:
         se = entries[f"triton-{tier.value}-hosts.triton-lb.internal"]
-        hosts = [h for h in fleet.hosts if h.tier is tier]
-        assert se["spec"]["resolution"] == "STATIC"
-        assert [e["address"] for e in se["spec"]["endpoints"]] == [h.address for h in hosts]
-        assert {p["number"] for p in se["spec"]["ports"]} == {hosts[0].http_port, hosts[0].grpc_port}
-        assert {h.http_port for h in hosts} == {hosts[0].http_port} and {h.grpc_port for h in hosts} == {
-            hosts[0].grpc_port
-        }
+        pools = [p for p in fleet.pools if p.tier is tier]
+        assert se["spec"]["resolution"] == "DNS"
+        assert [e["address"] for e in se["spec"]["endpoints"]] == [p.dns for p in pools]
+        assert {p["number"] for p in se["spec"]["ports"]} == {p.http_port for p in pools} | {p.grpc_port for p in pools}
+        assert len({p.http_port for p in pools}) == len({p.grpc_port for p in pools}) == 1
     # Routes: per port, one route per tier on the tier header, then the fallback tier.
     for port, protocol in ((8000, "http"), (8001, "grpc")):
         routes = [r for r in vs["spec"]["http"] if r["match"][0]["port"] == port]
@@ -1156,11 +1190,15 @@ def _exposition_labels(text: str) -> dict[str, set[str]]:
 
 
 def _picker_series() -> dict[str, set[str]]:
-    """The picker's /metrics series (name → labels): its registry, with one sample of every labelled series."""
-    datastore = Datastore(_fleet(BASE_PICKER_FLEET))
+    """The picker's /metrics series (name → labels): its registry, with one sample of every labelled series
+    (one host discovered in each pool)."""
+    fleet = _fleet(BASE_PICKER_FLEET)
+    discovered = tuple(pool.host(f"10.0.0.{i}") for i, pool in enumerate(fleet.pools, start=1))
+    datastore = Datastore(fleet.model_copy(update={"hosts": discovered}))
     for host in datastore.hosts.values():
         host.metrics_at = host.index_at = host.envoy_at = datastore.now()
     metrics = PickerMetrics(datastore)
+    metrics.use_discovery(Discovery(fleet))
     metrics.decisions.labels("m", "gpu", "h", "default").inc()
     metrics.rejections.labels("404", "unknown_model").inc()
     metrics.decision_seconds.observe(0.001)
@@ -1171,17 +1209,20 @@ def _picker_series() -> dict[str, set[str]]:
 def envoy_series(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set[str]]]:
     """Envoy's /stats/prometheus series (name → labels) for the gateway config, after one routed request.
 
-    The gateway's fleet with every address on loopback: the hosts point at a local stand-in for Triton (one of
-    them answers), the picker socket does not exist (ext_proc fails open), no TLS."""
+    The gateway's fleet with every address on loopback: its pools' names resolve to 127.0.0.1 (a DNS server of
+    the test), where a local stand-in for Triton answers on the first pool's REST port; the picker socket does
+    not exist (ext_proc fails open), no TLS."""
     envoy = _envoy()
     tmp_path = tmp_path_factory.mktemp("envoy-stats")
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeTriton)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     data = _yaml_file(BASE_FLEET)
-    for host in data["hosts"]:
-        host.update(address="127.0.0.1", http_port=_free_port(), grpc_port=_free_port(), metrics_port=_free_port())
-    data["hosts"][0]["http_port"] = server.server_address[1]
+    dns = DnsServer({pool["dns"]: ["127.0.0.1"] for pool in data["pools"]})
+    data["dns_resolvers"] = [dns.address]
+    for pool in data["pools"]:
+        pool.update(http_port=_free_port(), grpc_port=_free_port(), metrics_port=_free_port())
+    data["pools"][0]["http_port"] = server.server_address[1]
     data["picker"]["listen"] = f"unix:{tmp_path / 'no-picker.sock'}"
     listener, admin_port = _free_port(), _free_port()
     data["envoy"].update(
@@ -1225,6 +1266,7 @@ def envoy_series(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
         process.wait(timeout=10)
         server.shutdown()
         server.server_close()
+        dns.close()
 
 
 def _triton_series() -> dict[str, set[str]]:

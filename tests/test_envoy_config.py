@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import shutil
 import ssl
 import stat
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from extproc.headers import (
     UPSTREAM_HOST_HEADER,
     cluster_name,
 )
+from extproc.runtime.ports import free_ports
 from extproc.tls import ensure_self_signed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -458,3 +461,133 @@ def test_ensure_self_signed_extra_hosts(tmp_path: Path) -> None:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"triton-lb.example", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
     assert ipaddress.ip_address("10.1.2.3") in san.get_values_for_type(x509.IPAddress)
+
+
+# ------------------------------------------------------------------------------------------------- pools
+
+
+def _pool_fleet(**fleet: Any) -> Fleet:
+    """GPU tier: a static host and two DNS pools; CPU tier: a static host."""
+    return parse_fleet(
+        {
+            "hosts": [
+                {"name": "g1", "address": "10.0.0.1", "tier": "gpu"},
+                {"name": "c1", "address": "10.0.0.3", "tier": "cpu"},
+            ],
+            "pools": [
+                {"name": "gpu", "dns": "triton-gpu.inference.svc.cluster.local", "tier": "gpu", "refresh_s": 2},
+                {
+                    "name": "gpu-big",
+                    "dns": "big",
+                    "tier": "gpu",
+                    "http_port": 9000,
+                    "grpc_port": 9001,
+                    "refresh_s": 0.5,
+                },
+            ],
+            "envoy": {"tls": None},
+            **fleet,
+        }
+    )
+
+
+def _dns_config(cluster: dict[str, Any]) -> dict[str, Any]:
+    custom = cluster["cluster_type"]
+    assert custom["name"] == "envoy.clusters.dns"
+    typed: dict[str, Any] = custom["typed_config"]
+    assert typed.pop("@type") == "type.googleapis.com/envoy.extensions.clusters.dns.v3.DnsCluster"
+    return typed
+
+
+def test_a_tier_with_pools_is_a_strict_dns_cluster_otherwise_unchanged() -> None:
+    clusters = _triton_clusters(render_bootstrap(_pool_fleet()))
+    static = _triton_clusters(render_bootstrap(_fleet(tls=None)))
+    for protocol, ports in (("http", (8000, 9000)), ("grpc", (8001, 9001))):
+        gpu = clusters[cluster_name("gpu", protocol)]
+        assert "type" not in gpu
+        # One clock per cluster, the most frequent pool's; no TTL; the picker reads A records only.
+        assert _dns_config(gpu) == {"dns_refresh_rate": "0.500s", "dns_lookup_family": "V4_ONLY"}
+        endpoints = [
+            e["endpoint"]["address"]["socket_address"] for e in gpu["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        ]
+        assert endpoints == [
+            {"address": "10.0.0.1", "port_value": ports[0]},
+            {"address": "triton-gpu.inference.svc.cluster.local", "port_value": ports[0]},
+            {"address": "big", "port_value": ports[1]},
+        ]
+        # Health checks, outlier detection, override_host, circuit breakers...: as for a static tier.
+        different = {"type", "cluster_type", "load_assignment"}
+        static_gpu = static[cluster_name("gpu", protocol)]
+        assert {k: v for k, v in gpu.items() if k not in different} == {
+            k: v for k, v in static_gpu.items() if k not in different
+        }
+        assert clusters[cluster_name("cpu", protocol)]["type"] == "STATIC"
+
+
+def test_dns_resolvers_go_to_c_ares_without_search_domains() -> None:
+    fleet = _pool_fleet(dns_resolvers=["127.0.0.1:5353", "10.96.0.10"])
+    for protocol in ("http", "grpc"):
+        resolver = _dns_config(_triton_clusters(render_bootstrap(fleet))[cluster_name("gpu", protocol)])[
+            "typed_dns_resolver_config"
+        ]
+        assert resolver["name"] == "envoy.network.dns_resolver.cares"
+        assert resolver["typed_config"] == {
+            "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+            "resolvers": [
+                {"socket_address": {"address": "127.0.0.1", "port_value": 5353}},
+                {"socket_address": {"address": "10.96.0.10", "port_value": 53}},
+            ],
+            "dns_resolver_options": {"no_default_search_domain": True},
+        }
+
+
+@pytest.mark.parametrize("resolvers", [None, ["127.0.0.1:5353"]])
+def test_envoy_validates_pool_config_without_deprecated_fields(tmp_path: Path, resolvers: list[str] | None) -> None:
+    fleet = _pool_fleet(dns_resolvers=resolvers)
+    config_file = tmp_path / "envoy.yaml"
+    config_file.write_text(render_yaml(fleet), encoding="utf-8")
+    result = _validate(config_file, fleet, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Cluster.dns_refresh_rate and friends are deprecated in 1.40: the DnsCluster extension replaces them.
+    assert "Deprecated" not in result.stdout + result.stderr
+
+
+@pytest.mark.e2e
+def test_strict_dns_cluster_members_follow_the_records(tmp_path: Path) -> None:
+    """A real Envoy: the static IP host and every A record are members; a new record joins within a refresh
+    or two; records that leave DNS leave the cluster (these fail their health checks: nothing listens)."""
+    from tests.dns_server import dns_server
+    from tests.stack import start_envoy, wait_for
+
+    http_port, grpc_port, metrics_port, listener, admin = free_ports(5)
+    with dns_server({"pool.test": ["127.0.0.2"]}) as dns:
+        ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
+        fleet = {
+            "hosts": [{"name": "static", "address": "127.0.0.4", "tier": "gpu", **ports}],
+            "pools": [{"name": "gpu", "dns": "pool.test", "tier": "gpu", "refresh_s": 0.5, **ports}],
+            "dns_resolvers": [dns.address],
+            "picker": {"listen": f"unix:{tmp_path}/picker.sock"},
+            "envoy": {
+                "listener": {"port": listener},
+                "admin": {"port": admin},
+                "tls": None,
+                "base_id": 300 + os.getpid() % 1000,
+            },
+        }
+        envoy = start_envoy(tmp_path, fleet)
+        try:
+
+            def members() -> set[str]:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/clusters?format=json", timeout=5) as response:
+                    doc = json.load(response)
+                (cluster,) = [c for c in doc["cluster_statuses"] if c["name"] == cluster_name("gpu", "http")]
+                return {h["address"]["socket_address"]["address"] for h in cluster.get("host_statuses", [])}
+
+            wait_for(lambda: members() == {"127.0.0.4", "127.0.0.2"}, 10, "the static host and the first record")
+            dns.set("pool.test", ["127.0.0.2", "127.0.0.3"])
+            wait_for(lambda: members() == {"127.0.0.4", "127.0.0.2", "127.0.0.3"}, 3, "the new record to join")
+            dns.set("pool.test", [])
+            wait_for(lambda: members() == {"127.0.0.4"}, 5, "the records to leave")
+        finally:
+            envoy.terminate()
+            envoy.wait(timeout=30)

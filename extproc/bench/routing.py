@@ -167,6 +167,8 @@ def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
             loaded.update(host.launch.models)
         if not ipaddress.ip_address(host.address).is_loopback:
             problems.append(f"{source}: key fleet.hosts[{i}].address: {host.address} is not a loopback address")
+    if fleet.pools:
+        problems.append(f"{source}: key fleet.pools: the benchmark starts every host itself; list them under hosts")
     for i, entry in enumerate(scenario.load.mix):
         if entry.model not in loaded:
             problems.append(f"{source}: key load.mix[{i}].model: {entry.model!r} is loaded on no host")
