@@ -67,6 +67,7 @@ from extproc.config import Fleet, PoolSpec, Tier, TlsSpec, UpstreamTlsSpec, reso
 from extproc.headers import (
     HOSTS_HEADER,
     PICKER_CLUSTER,
+    READ_HEADERS,
     ROUTING_HEADERS,
     TIER_HEADER,
     UPSTREAM_HOST_HEADER,
@@ -315,6 +316,12 @@ def _http_filters(fleet: Fleet) -> list[hcm.HttpFilter]:
         # answer to the headers: the picker holds that answer until it has read the model name from the
         # ModelInfer body, so Envoy never buffers the (possibly large) request.
         send_body_without_waiting_for_header_response=True,
+        # Only the headers the picker reads: fewer bytes to encode, send and parse on every request.
+        forward_rules=ext_proc.HeaderForwardingRules(
+            allowed_headers=matcher.ListStringMatcher(
+                patterns=[matcher.StringMatcher(exact=name) for name in sorted(READ_HEADERS)]
+            )
+        ),
     )
     return [
         # First: nothing a client sends may reach the route or the load balancer as a routing header.
