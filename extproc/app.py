@@ -16,6 +16,7 @@ import structlog
 import uvloop
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -34,6 +35,8 @@ log = structlog.get_logger(__name__)
 _CONFIG_POLL_S = 1.0
 # How long a new worker waits for the leader's first telemetry before serving (on empty data: 503s).
 _FIRST_SNAPSHOT_S = 10.0
+# Health-checked service names: the server as a whole ("") and the ext_proc service.
+_HEALTH_SERVICES = ("", "envoy.service.ext_proc.v3.ExternalProcessor")
 
 GRPC_OPTIONS = [
     # Envoy opens one stream per request over a few connections; do not let gRPC cap them.
@@ -76,6 +79,10 @@ class Picker:
         if role != "leader":
             self._server = grpc.aio.server(options=GRPC_OPTIONS)
             ep_grpc.add_ExternalProcessorServicer_to_server(self.processor, self._server)
+            # The standard gRPC health service (Kubernetes gRPC probes, grpc-health-probe, Envoy's gRPC
+            # health checks): NOT_SERVING until the picker serves, and again from the start of a shutdown.
+            self._health = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
             self._server.add_insecure_port(fleet.picker.listen_addresses[worker])
         self._web: web.AppRunner | None = None
         self._telemetry: asyncio.Task[None] | None = None
@@ -103,6 +110,8 @@ class Picker:
             self._discovering = asyncio.create_task(self.discovery.run(self._rediscovered), name="discovery")
         if self._server is not None:
             await self._server.start()
+            for service in _HEALTH_SERVICES:
+                await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.ready = True
         log.info(
             "picker_started",
@@ -216,6 +225,7 @@ class Picker:
     async def stop(self) -> None:
         self.ready = False
         if self._server is not None:
+            await self._health.enter_graceful_shutdown()
             await self._server.stop(grace=1.0)
         await _cancel(self._discovering)
         await _cancel(self._telemetry)

@@ -558,8 +558,13 @@ def _check_picker_container(resources: tuple[Resource, ...], workload: Resource,
     assert picker_fleet.picker.metrics_address == "0.0.0.0", "probes and Prometheus reach the pod IP"
     assert picker_fleet.picker.metrics_port in ports.values()
     for probe_kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-        probe = picker[probe_kind]["httpGet"]
-        assert probe["path"] == "/ready" and ports[probe["port"]] == picker_fleet.picker.metrics_port
+        probe = picker[probe_kind]
+        if picker_fleet.picker.unix_socket is None:
+            # The kubelet's gRPC probe (grpc.health.v1, which the picker serves) on the ext_proc port.
+            assert probe["grpc"]["port"] == ports["grpc"], probe_kind
+        else:  # a Unix socket is out of the kubelet's reach: the HTTP endpoint says the same
+            assert probe["httpGet"]["path"] == "/ready", probe_kind
+            assert ports[probe["httpGet"]["port"]] == picker_fleet.picker.metrics_port, probe_kind
     if picker_fleet.picker.unix_socket is None:
         assert int(picker_fleet.picker.listen.rpartition(":")[2]) == ports["grpc"]
 

@@ -24,6 +24,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -286,6 +287,17 @@ def test_picker_reads_each_models_batching_from_triton(stack: Stack) -> None:
         time.sleep(0.2)
     assert seen == wanted
     assert all(wanted.values())
+
+
+def test_picker_answers_the_grpc_health_service(stack: Stack) -> None:
+    with grpc.insecure_channel(stack.fleet["picker"]["listen"]) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+            answer = check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as unknown:
+            check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+        assert unknown.value.code() is grpc.StatusCode.NOT_FOUND
 
 
 def test_unknown_model_is_404_with_json_error(stack: Stack) -> None:
