@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from extproc.batch_cost import BatchCost, completion_ms
 from extproc.config import ScorerName
-from extproc.datastore import HostState, ModelTimes
+from extproc.datastore import HostState
 
 # (candidates, now, the request's model or None) → a cost per candidate.
 Scorer = Callable[[Sequence[HostState], float, str | None], list[float]]
@@ -16,18 +16,22 @@ Scorer = Callable[[Sequence[HostState], float, str | None], list[float]]
 _UNMEASURED_SERVICE_MS = 1.0
 
 
-def _times(host: HostState, model: str | None) -> ModelTimes:
+# (service_ms, exec_ms, drain_ms, cost) as in ModelTimes; a tuple, since it is built per host per decision.
+_Times = tuple[float | None, float | None, float | None, BatchCost | None]
+
+
+def _times(host: HostState, model: str | None) -> _Times:
     """The model's times on the host where measured, else the host's over all its models."""
     times = host.load.models.get(model) if model is not None else None
     if times is None or times.service_ms is None:
-        return ModelTimes(host.load.service_ms, host.load.exec_ms, host.load.drain_ms)
-    return times
+        load = host.load
+        return load.service_ms, load.exec_ms, load.drain_ms, None
+    return times.service_ms, times.exec_ms, times.drain_ms, times.cost
 
 
-def _drain_ms(times: ModelTimes) -> float:
+def _drain_ms(service_ms: float, drain_ms: float | None) -> float:
     """A queue drains at the best recent per-request time: the batcher forms bigger batches as it grows."""
-    assert times.service_ms is not None
-    return min(times.service_ms, times.drain_ms or times.service_ms)
+    return min(service_ms, drain_ms or service_ms)
 
 
 def expected_completion_ms(hosts: Sequence[HostState], now: float, model: str | None = None) -> list[float]:
@@ -54,32 +58,30 @@ def expected_completion_ms(hosts: Sequence[HostState], now: float, model: str | 
     costs = _batch_costs(hosts, times, model)
     if costs is not None and model is not None:
         return [completion_ms(cost, h.batching[model], h.in_flight(now)) for h, cost in zip(hosts, costs, strict=True)]
-    measured = [_drain_ms(t) for t in times if t.service_ms is not None]
+    measured = [_drain_ms(service, drain) for service, _, drain, _ in times if service is not None]
     # An unmeasured host is assumed as fast as the fastest measured one, so a new host gets tried.
     default_ms = min(measured) if measured else _UNMEASURED_SERVICE_MS
     out = []
-    for h, t in zip(hosts, times, strict=True):
-        service = default_ms if t.service_ms is None else _drain_ms(t)
-        out.append((t.exec_ms if t.exec_ms is not None else service) + h.in_flight(now) * service)
+    for h, (service_ms, exec_ms, drain_ms, _) in zip(hosts, times, strict=True):
+        service = default_ms if service_ms is None else _drain_ms(service_ms, drain_ms)
+        out.append((exec_ms if exec_ms is not None else service) + h.in_flight(now) * service)
     return out
 
 
-def _batch_costs(hosts: Sequence[HostState], times: list[ModelTimes], model: str | None) -> list[BatchCost] | None:
+def _batch_costs(hosts: Sequence[HostState], times: list[_Times], model: str | None) -> list[BatchCost] | None:
     """Each host's batch cost for the model, or None where the batch-aware estimate cannot cover them all."""
-    if model is None or any(model not in h.batching for h in hosts):
-        return None
-    fitted = [t.cost for t in times if t.cost is not None]
-    if not fitted:
+    fitted = [t[3] for t in times if t[3] is not None]
+    if not fitted or model is None or any(model not in h.batching for h in hosts):
         return None
     ratio = sum(c.fixed_ms / c.item_ms for c in fitted) / len(fitted)  # fixed time in per-item units
     out = []
-    for t in times:
-        if t.cost is not None:
-            out.append(t.cost)
-        elif t.exec_ms is None or not t.service_ms:
+    for service_ms, exec_ms, _, cost in times:
+        if cost is not None:
+            out.append(cost)
+        elif exec_ms is None or not service_ms:
             return None  # never measured: nothing to scale the shape to
         else:
-            item_ms = t.exec_ms / (ratio + t.exec_ms / t.service_ms)  # exec_ms / service_ms: mean batch size
+            item_ms = exec_ms / (ratio + exec_ms / service_ms)  # exec_ms / service_ms: mean batch size
             out.append(BatchCost(ratio * item_ms, item_ms))
     return out
 
