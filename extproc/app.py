@@ -106,8 +106,7 @@ class Picker:
             self._telemetry = asyncio.create_task(self.subscriber.run(), name="telemetry-subscriber")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.subscriber.received.wait(), timeout=_FIRST_SNAPSHOT_S)
-        if self.discovery is not None:
-            self._discovering = asyncio.create_task(self.discovery.run(self._rediscovered), name="discovery")
+        self._start_discovering()
         if self._server is not None:
             await self._server.start()
             for service in _HEALTH_SERVICES:
@@ -181,10 +180,14 @@ class Picker:
                 self.discovery = Discovery(fleet, self.discovery) if fleet.pools else None
                 self.metrics.use_discovery(self.discovery)
                 self.discovered = self.discovery.hosts if self.discovery is not None else ()
-                if self.discovery is not None:
-                    self._discovering = asyncio.create_task(self.discovery.run(self._rediscovered), name="discovery")
+                self._start_discovering()
             await self._switch()
         log.info("config_reloaded", source=fleet.source, hosts=len(self.fleet.hosts), models=len(fleet.models))
+
+    def _start_discovering(self) -> None:
+        """Re-resolve the pools in the background, switching the fleet when their hosts change."""
+        if self.discovery is not None:
+            self._discovering = asyncio.create_task(self.discovery.run(self._rediscovered), name="discovery")
 
     async def _rediscovered(self) -> None:
         """The pools' hosts changed (discovery, in a single picker or a leader)."""

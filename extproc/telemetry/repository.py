@@ -87,18 +87,19 @@ class RepositoryClient:
         self.endpoint = endpoint
         self._client: Any = None
 
-    async def index(self, timeout_s: float) -> RepositoryIndex:
-        """Read the index; raises (``InferenceServerException``) on an error or after ``timeout_s``."""
+    def _connected(self) -> Any:
         if self._client is None:
             self._client = triton_grpc.InferenceServerClient(url=self.endpoint, channel_args=_CHANNEL_ARGS)
-        response = await self._client.get_model_repository_index(client_timeout=timeout_s)
+        return self._client
+
+    async def index(self, timeout_s: float) -> RepositoryIndex:
+        """Read the index; raises (``InferenceServerException``) on an error or after ``timeout_s``."""
+        response = await self._connected().get_model_repository_index(client_timeout=timeout_s)
         return index_from_models(response.models)
 
     async def batching(self, model: str, timeout_s: float) -> Batching:
         """Read the model's config; raises as :meth:`index` does."""
-        if self._client is None:
-            self._client = triton_grpc.InferenceServerClient(url=self.endpoint, channel_args=_CHANNEL_ARGS)
-        response = await self._client.get_model_config(model, client_timeout=timeout_s)
+        response = await self._connected().get_model_config(model, client_timeout=timeout_s)
         return batching_from_config(response.config)
 
     async def aclose(self) -> None:
