@@ -62,6 +62,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http import v3 as upstream_http
 from envoy_data_plane.envoy.type import v3 as type_v3
 from envoy_data_plane.envoy.type.matcher import v3 as matcher
 from envoy_data_plane.google.protobuf import Any as PbAny
+from envoy_data_plane.google.protobuf import Struct
 
 from extproc.config import Fleet, PoolSpec, Tier, TlsSpec, UpstreamTlsSpec, resolver_address
 from extproc.headers import (
@@ -113,6 +114,13 @@ _CIPHER_SUITES = (
 )
 
 _UPSTREAM_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+# Envoy's runtime flags, set in the bootstrap's static layer. By default Envoy ends each ext_proc stream with a
+# half-close *and* a reset, so the picker sees every stream CANCELLED; grpc.aio leaks a failed or cancelled
+# batch's op array on that path (grpc/grpc#43360: ~116 bytes a request measured for a processor that reads
+# its stream to the end, RSS +19 % over 200k requests). With the graceful close Envoy half-closes and waits
+# for the picker's status: a clean end, RSS flat (1.4 bytes a request).
+RUNTIME_FLAGS = {"envoy.reloadable_features.ext_proc_graceful_grpc_close": True}
 
 
 def _proto_field_name(name: str) -> str:
@@ -177,6 +185,13 @@ def build_bootstrap(fleet: Fleet) -> bootstrap.Bootstrap:
     return bootstrap.Bootstrap(
         admin=bootstrap.Admin(address=_socket_address(fleet.envoy.admin.address, fleet.envoy.admin.port)),
         static_resources=bootstrap.BootstrapStaticResources(listeners=listeners, clusters=clusters),
+        layered_runtime=bootstrap.LayeredRuntime(
+            layers=[
+                bootstrap.RuntimeLayer(name="static", static_layer=Struct.from_dict(RUNTIME_FLAGS)),
+                # Kept as Envoy has it without a layered_runtime: /runtime_modify still overrides a flag.
+                bootstrap.RuntimeLayer(name="admin", admin_layer=bootstrap.RuntimeLayerAdminLayer()),
+            ]
+        ),
         overload_manager=overload.OverloadManager(
             resource_monitors=[
                 # A global cap on downstream connections: without one Envoy accepts connections until it runs

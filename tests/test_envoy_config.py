@@ -591,3 +591,84 @@ def test_strict_dns_cluster_members_follow_the_records(tmp_path: Path) -> None:
         finally:
             envoy.terminate()
             envoy.wait(timeout=30)
+
+
+@pytest.mark.e2e
+def test_envoy_ends_ext_proc_streams_cleanly(tmp_path: Path) -> None:
+    """A real Envoy and a grpc.aio processor: every ext_proc stream ends with Envoy's half-close, which the
+    processor answers with its status, not with Envoy's reset (a CANCELLED stream per request, on which
+    grpc.aio leaks native memory: see RUNTIME_FLAGS)."""
+    import asyncio
+    import threading
+    from collections.abc import AsyncIterator
+
+    import grpc
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+    from tests.stack import http_status, start_envoy, wait_for
+
+    requests = 10
+    ends: list[str] = []
+    answer = ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse()))
+
+    class Recorder(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds-protos ships no stubs
+        async def Process(self, stream: AsyncIterator[ep.ProcessingRequest], context: Any) -> AsyncIterator[Any]:
+            try:
+                async for message in stream:
+                    if message.HasField("request_headers"):
+                        yield answer
+            except asyncio.CancelledError:
+                ends.append("cancelled")
+                raise
+            ends.append("half-closed")
+
+    socket = tmp_path / "picker.sock"
+    loop = asyncio.new_event_loop()
+    server_ready = threading.Event()
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        ep_grpc.add_ExternalProcessorServicer_to_server(Recorder(), server)
+        server.add_insecure_port(f"unix:{socket}")
+        await server.start()
+        server_ready.set()
+        await stop.wait()
+        await server.stop(grace=None)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert server_ready.wait(10)
+    http_port, grpc_port, metrics_port, listener, admin = free_ports(5)
+    fleet = {
+        "hosts": [
+            {
+                "name": "g1",
+                "address": "127.0.0.1",
+                "tier": "gpu",
+                "http_port": http_port,
+                "grpc_port": grpc_port,
+                "metrics_port": metrics_port,
+            }
+        ],
+        "picker": {"listen": f"unix:{socket}"},
+        "envoy": {
+            "listener": {"port": listener},
+            "admin": {"port": admin},
+            "tls": None,
+            "base_id": 400 + os.getpid() % 1000,
+        },
+    }
+    envoy = start_envoy(tmp_path, fleet)
+    try:
+        for _ in range(requests):
+            # Nothing listens on the host: Envoy answers 503 itself, after the picker's answer.
+            assert http_status(f"http://127.0.0.1:{listener}/v2/models/m/infer", method="POST") == 503
+        wait_for(lambda: len(ends) >= requests, 10, "every ext_proc stream to end")
+        assert ends == ["half-closed"] * requests
+    finally:
+        envoy.terminate()
+        envoy.wait(timeout=30)
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=10)
