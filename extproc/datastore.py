@@ -124,7 +124,13 @@ class HostState:
     def fresh(self, now: float, max_age_s: float) -> bool:
         """Both the metrics and the repository index must be recent. Envoy's view is not required: the
         picker must keep routing well if Envoy's admin endpoint is unreachable."""
-        return all(at is not None and now - at <= max_age_s for at in (self.metrics_at, self.index_at))
+        metrics_at, index_at = self.metrics_at, self.index_at
+        return (
+            metrics_at is not None
+            and index_at is not None
+            and now - metrics_at <= max_age_s
+            and now - index_at <= max_age_s
+        )
 
 
 def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, object]:

@@ -22,19 +22,12 @@ def healthy(host: HostState) -> bool:
     return not (host.envoy.ejected or host.envoy.unhealthy)
 
 
-def fresh(host: HostState, now: float, max_age_s: float) -> bool:
-    """Telemetry still refreshing: otherwise we cannot tell whether the host is loaded, or even alive."""
-    return host.fresh(now, max_age_s)
-
-
 def passes(host: HostState, filters: Sequence[FilterName], now: float, max_age_s: float) -> bool:
     """The per-host filters (model_ready is applied through the datastore's index, before this). A host an
-    operator is draining never passes, whatever the profile."""
+    operator is draining never passes, whatever the profile. ``fresh``: telemetry still refreshing, since
+    otherwise we cannot tell whether the host is loaded, or even alive."""
     if host.draining:
         return False
-    for name in filters:
-        if name is FilterName.HEALTHY and not healthy(host):
-            return False
-        if name is FilterName.FRESH and not fresh(host, now, max_age_s):
-            return False
-    return True
+    if FilterName.HEALTHY in filters and not healthy(host):
+        return False
+    return FilterName.FRESH not in filters or host.fresh(now, max_age_s)

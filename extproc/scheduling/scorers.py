@@ -58,12 +58,13 @@ def expected_completion_ms(hosts: Sequence[HostState], now: float, model: str | 
     costs = _batch_costs(hosts, times, model)
     if costs is not None and model is not None:
         return [completion_ms(cost, h.batching[model], h.in_flight(now)) for h, cost in zip(hosts, costs, strict=True)]
-    measured = [_drain_ms(service, drain) for service, _, drain, _ in times if service is not None]
+    drains = [None if service is None else _drain_ms(service, drain) for service, _, drain, _ in times]
+    measured = [d for d in drains if d is not None]
     # An unmeasured host is assumed as fast as the fastest measured one, so a new host gets tried.
     default_ms = min(measured) if measured else _UNMEASURED_SERVICE_MS
     out = []
-    for h, (service_ms, exec_ms, drain_ms, _) in zip(hosts, times, strict=True):
-        service = default_ms if service_ms is None else _drain_ms(service_ms, drain_ms)
+    for h, (_, exec_ms, _, _), drain in zip(hosts, times, drains, strict=True):
+        service = default_ms if drain is None else drain
         out.append((exec_ms if exec_ms is not None else service) + h.in_flight(now) * service)
     return out
 
@@ -113,17 +114,17 @@ SCORERS: dict[ScorerName, Scorer] = {
 }
 
 
-def normalise(values: list[float]) -> list[float]:
-    top = max(values, default=0.0)
-    return [v / top for v in values] if top > 0 else [0.0] * len(values)
-
-
 def cost(
     hosts: Sequence[HostState], weights: dict[ScorerName, float], now: float, model: str | None = None
 ) -> list[float]:
+    """Each scorer's costs normalised to [0, 1] (divided by the highest; all 0 if none is above 0), weighted
+    and summed."""
     total = [0.0] * len(hosts)
     for name, weight in weights.items():
         if weight:
-            for i, value in enumerate(normalise(SCORERS[name](hosts, now, model))):
-                total[i] += weight * value
+            values = SCORERS[name](hosts, now, model)
+            top = max(values, default=0.0)
+            if top > 0:
+                scale = weight / top
+                total = [t + v * scale for t, v in zip(total, values, strict=True)]
     return total
