@@ -94,8 +94,12 @@ async def _one_stream(processor: Processor, payload: bytes) -> bytes:
         yield ep.ProcessingRequest.FromString(payload)
 
     out = b""
-    async for response in processor.Process(requests(), None):  # type: ignore[arg-type]
+    incoming = requests()
+    async for response in processor.Process(incoming, None):  # type: ignore[arg-type]
         out = response.SerializeToString()
+    # The processor ends the stream after its answer, as it does with Envoy; closing the request side here
+    # keeps asyncio from finalising it later (and warning about the pending task at exit).
+    await incoming.aclose()
     return out
 
 

@@ -116,12 +116,22 @@ class Scheduler:
     def _candidates(self, hosts: tuple[HostState, ...], profile: Profile, now: float) -> list[HostState]:
         max_age = self._store.stale_after_s
         if profile.picker is PickerName.POWER_OF_TWO and len(hosts) >= _LAZY_FILTER_MIN_HOSTS:
-            # Filter only a random sample: enough for the two-choice pick and the retry list.
+            # Draw hosts at random until enough pass for the two-choice pick and the retry list: the first
+            # that pass are a uniform sample of those that pass, and a large fleet costs no more than a small
+            # one. Too many failures (a mostly ejected or stale tier): filter them all.
             want = max(2, self._fleet.picker.max_hosts)
-            sample = self._rng.sample(hosts, min(len(hosts), 4 * want))
-            passing = [h for h in sample if filters.passes(h, profile.filters, now, max_age)]
-            if len(passing) >= want:
-                return passing
+            n, randbelow = len(hosts), self._rng.randrange
+            passing: list[HostState] = []
+            tried: set[int] = set()
+            for _ in range(4 * want):
+                i = randbelow(n)
+                if i in tried:
+                    continue
+                tried.add(i)
+                if filters.passes(hosts[i], profile.filters, now, max_age):
+                    passing.append(hosts[i])
+                    if len(passing) == want:
+                        return passing
         return [h for h in hosts if filters.passes(h, profile.filters, now, max_age)]
 
     def _is_saturated(self, best: HostState, now: float, model: str) -> bool:
