@@ -12,7 +12,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ def _rest_request_bytes(model: str) -> bytes:
 
 
 async def _one_stream(processor: Processor, payload: bytes) -> bytes:
-    async def requests() -> AsyncIterator[ep.ProcessingRequest]:
+    async def requests() -> AsyncGenerator[ep.ProcessingRequest, None]:
         yield ep.ProcessingRequest.FromString(payload)
 
     out = b""
