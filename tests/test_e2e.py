@@ -358,6 +358,9 @@ def test_tls_listener_serves_tritonclient(stack: Stack) -> None:
 
 
 def test_picker_metrics_count_decisions(stack: Stack) -> None:
+    # One decision of each kind, so the test stands alone (the series exist once counted).
+    assert rest(stack, "/v2/models/mlp_classifier/infer", mlp_body(rows(1)))[0] == 200
+    assert rest(stack, "/v2/models/no_such_model/infer", mlp_body(rows(1)))[0] == 404
     with urllib.request.urlopen(stack.metrics_url, timeout=5) as response:
         text = response.read().decode()
     assert 'extproc_decisions_total{host="triton-c",model="mlp_classifier",reason="classified",tier="cpu"}' in text
