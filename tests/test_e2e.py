@@ -492,6 +492,24 @@ def process_group_members(groups: set[int]) -> list[int]:
     return members
 
 
+def test_supervising_ends_when_a_stop_is_requested(tmp_path: Path) -> None:
+    """The stop event alone ends supervision: the signal handler's raise can be lost (printed as "Exception
+    ignored") when it lands in a finaliser, which once left `extproc up` running after SIGTERM."""
+    from extproc.config import load_fleet
+    from extproc.runtime.stack import Stack as RuntimeStack
+
+    config = tmp_path / "fleet.yaml"
+    config.write_text(yaml.safe_dump({"hosts": [{"name": "a", "address": "127.0.0.1", "tier": "gpu"}]}))
+    stop = threading.Event()
+    supervising = threading.Thread(target=RuntimeStack(load_fleet(config), config).supervise, args=(stop,))
+    supervising.start()
+    time.sleep(0.2)
+    assert supervising.is_alive()
+    stop.set()
+    supervising.join(timeout=5)
+    assert not supervising.is_alive()
+
+
 def test_stop_leaves_no_process_behind(stack: Stack) -> None:
     groups = set(stack.pids().values())
     assert process_group_members(groups), "the stack's processes should be running before the stop"

@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -174,12 +175,13 @@ class Stack:
         parts.append(f"metrics=http://{picker.metrics_address}:{picker.metrics_port}/metrics")
         return " ".join(parts)
 
-    def supervise(self) -> None:
-        """Block until SIGINT/SIGTERM, reporting children that exit (the rest keep serving: Envoy fails
-        open without the picker, and routes around a dead Triton host), and applying fleet-file changes."""
+    def supervise(self, stop: threading.Event) -> None:
+        """Block until ``stop`` is set (SIGINT/SIGTERM), reporting children that exit (the rest keep serving:
+        Envoy fails open without the picker, and routes around a dead Triton host), and applying fleet-file
+        changes."""
         reported: set[int] = set()
         seen = file_stamp(self.config_path)
-        while True:
+        while not stop.is_set():
             for child in self.supervisor.exited():
                 pid = child.process.pid
                 if pid not in reported and pid not in self._retired:
@@ -239,19 +241,23 @@ class _StopRequested(Exception):
     pass
 
 
-def _raise_stop(signum: int, _: FrameType | None) -> None:
-    raise _StopRequested(signal.Signals(signum).name)
-
-
 def up(fleet: Fleet, config_path: Path) -> int:
     """Start the stack, print READY, and run until SIGINT/SIGTERM; every child is stopped on the way out."""
-    signal.signal(signal.SIGINT, _raise_stop)
-    signal.signal(signal.SIGTERM, _raise_stop)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _: FrameType | None) -> None:
+        stop.set()
+        # The raise interrupts start-up wherever it waits. A raise that lands in a finaliser (a subprocess'
+        # __del__, say) is printed as "Exception ignored" and lost, so supervise() watches the event too.
+        raise _StopRequested(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     stack = Stack(fleet, config_path)
     try:
         stack.start()
         print(f"READY {stack.urls()}", flush=True)
-        stack.supervise()
+        stack.supervise(stop)
     except _StopRequested:
         return 0
     except StartupError as exc:
