@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -11,6 +12,7 @@ import stat
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -552,12 +554,29 @@ def test_envoy_validates_pool_config_without_deprecated_fields(tmp_path: Path, r
     assert "Deprecated" not in result.stdout + result.stderr
 
 
+@contextlib.contextmanager
+def _lone_envoy(
+    run_dir: Path, fleet: dict[str, Any], picker_listen: str, listener: int, admin: int, base_id: int
+) -> Iterator[None]:
+    """A real Envoy alone (tests.stack.start_envoy) on ``fleet``'s hosts and pools, its picker at
+    ``picker_listen``, no TLS; stopped on the way out."""
+    from tests.stack import start_envoy
+
+    envoy_section = {"listener": {"port": listener}, "admin": {"port": admin}, "tls": None, "base_id": base_id}
+    envoy = start_envoy(run_dir, {**fleet, "picker": {"listen": picker_listen}, "envoy": envoy_section})
+    try:
+        yield
+    finally:
+        envoy.terminate()
+        envoy.wait(timeout=30)
+
+
 @pytest.mark.e2e
 def test_strict_dns_cluster_members_follow_the_records(tmp_path: Path) -> None:
     """A real Envoy: the static IP host and every A record are members; a new record joins within a refresh
     or two; records that leave DNS leave the cluster (these fail their health checks: nothing listens)."""
     from tests.dns_server import dns_server
-    from tests.stack import start_envoy, wait_for
+    from tests.stack import wait_for
 
     http_port, grpc_port, metrics_port, listener, admin = free_ports(5)
     with dns_server({"pool.test": ["127.0.0.2"]}) as dns:
@@ -566,16 +585,8 @@ def test_strict_dns_cluster_members_follow_the_records(tmp_path: Path) -> None:
             "hosts": [{"name": "static", "address": "127.0.0.4", "tier": "gpu", **ports}],
             "pools": [{"name": "gpu", "dns": "pool.test", "tier": "gpu", "refresh_s": 0.5, **ports}],
             "dns_resolvers": [dns.address],
-            "picker": {"listen": f"unix:{tmp_path}/picker.sock"},
-            "envoy": {
-                "listener": {"port": listener},
-                "admin": {"port": admin},
-                "tls": None,
-                "base_id": 300 + os.getpid() % 1000,
-            },
         }
-        envoy = start_envoy(tmp_path, fleet)
-        try:
+        with _lone_envoy(tmp_path, fleet, f"unix:{tmp_path}/picker.sock", listener, admin, 300 + os.getpid() % 1000):
 
             def members() -> set[str]:
                 with urllib.request.urlopen(f"http://127.0.0.1:{admin}/clusters?format=json", timeout=5) as response:
@@ -588,9 +599,6 @@ def test_strict_dns_cluster_members_follow_the_records(tmp_path: Path) -> None:
             wait_for(lambda: members() == {"127.0.0.4", "127.0.0.2", "127.0.0.3"}, 3, "the new record to join")
             dns.set("pool.test", [])
             wait_for(lambda: members() == {"127.0.0.4"}, 5, "the records to leave")
-        finally:
-            envoy.terminate()
-            envoy.wait(timeout=30)
 
 
 @pytest.mark.e2e
@@ -606,7 +614,7 @@ def test_envoy_ends_ext_proc_streams_cleanly(tmp_path: Path) -> None:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-    from tests.stack import http_status, start_envoy, wait_for
+    from tests.stack import http_status, wait_for
 
     requests = 10
     ends: list[str] = []
@@ -641,34 +649,21 @@ def test_envoy_ends_ext_proc_streams_cleanly(tmp_path: Path) -> None:
     thread.start()
     assert server_ready.wait(10)
     http_port, grpc_port, metrics_port, listener, admin = free_ports(5)
-    fleet = {
-        "hosts": [
-            {
-                "name": "g1",
-                "address": "127.0.0.1",
-                "tier": "gpu",
-                "http_port": http_port,
-                "grpc_port": grpc_port,
-                "metrics_port": metrics_port,
-            }
-        ],
-        "picker": {"listen": f"unix:{socket}"},
-        "envoy": {
-            "listener": {"port": listener},
-            "admin": {"port": admin},
-            "tls": None,
-            "base_id": 400 + os.getpid() % 1000,
-        },
+    host = {
+        "name": "g1",
+        "address": "127.0.0.1",
+        "tier": "gpu",
+        "http_port": http_port,
+        "grpc_port": grpc_port,
+        "metrics_port": metrics_port,
     }
-    envoy = start_envoy(tmp_path, fleet)
     try:
-        for _ in range(requests):
-            # Nothing listens on the host: Envoy answers 503 itself, after the picker's answer.
-            assert http_status(f"http://127.0.0.1:{listener}/v2/models/m/infer", method="POST") == 503
-        wait_for(lambda: len(ends) >= requests, 10, "every ext_proc stream to end")
-        assert ends == ["half-closed"] * requests
+        with _lone_envoy(tmp_path, {"hosts": [host]}, f"unix:{socket}", listener, admin, 400 + os.getpid() % 1000):
+            for _ in range(requests):
+                # Nothing listens on the host: Envoy answers 503 itself, after the picker's answer.
+                assert http_status(f"http://127.0.0.1:{listener}/v2/models/m/infer", method="POST") == 503
+            wait_for(lambda: len(ends) >= requests, 10, "every ext_proc stream to end")
+            assert ends == ["half-closed"] * requests
     finally:
-        envoy.terminate()
-        envoy.wait(timeout=30)
         loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=10)
