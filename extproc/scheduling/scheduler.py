@@ -120,11 +120,11 @@ class Scheduler:
             # that pass are a uniform sample of those that pass, and a large fleet costs no more than a small
             # one. Too many failures (a mostly ejected or stale tier): filter them all.
             want = max(2, self._fleet.picker.max_hosts)
-            n, randbelow = len(hosts), self._rng.randrange
+            n, draw = len(hosts), self._rng.randrange
             passing: list[HostState] = []
             tried: set[int] = set()
             for _ in range(4 * want):
-                i = randbelow(n)
+                i = draw(n)
                 if i in tried:
                     continue
                 tried.add(i)
