@@ -158,6 +158,7 @@ class Picker:
         if host is None:
             return web.json_response({"error": f"no host named {name!r} in this fleet"}, status=404)
         host.draining = request.path.endswith("/drain")
+        self.datastore.changed()
         log.info("host_draining" if host.draining else "host_undrained", host=name)
         return web.json_response({"host": name, "draining": host.draining})
 

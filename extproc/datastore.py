@@ -189,6 +189,14 @@ class Datastore:
         self.serving: dict[tuple[Tier, str], tuple[HostState, ...]] = {}
         # Every model any host lists (in any state): tells an unknown model (404) from an unready one.
         self.known_models: frozenset[str] = frozenset()
+        # Counts the changes to the hosts' telemetry and flags: what a scheduler prepared from them before
+        # a change is out of date after it (see :meth:`changed`).
+        self.generation = 0
+
+    def changed(self) -> None:
+        """Say that some host's telemetry, Envoy view, batching or draining flag was just written. Every
+        writer calls this; only the in-flight estimate (read live by every decision) is exempt."""
+        self.generation += 1
 
     def adopt(self, old: Datastore) -> None:
         """Carry live state over from the datastore of the previous config (reload): hosts with the same name
@@ -214,6 +222,7 @@ class Datastore:
         host.ready, host.known, host.index_at = ready, known, now
         if changed:
             self._reindex()
+        self.changed()
 
     def _reindex(self) -> None:
         serving: dict[tuple[Tier, str], list[HostState]] = {}
@@ -222,6 +231,7 @@ class Datastore:
                 serving.setdefault((host.tier, model), []).append(host)
         self.serving = {key: tuple(hosts) for key, hosts in serving.items()}
         self.known_models = frozenset().union(*(h.known for h in self.hosts.values()))
+        self.changed()
 
     def model_known(self, model: str) -> bool:
         """Whether any host lists the model at all (loaded or not)."""

@@ -68,6 +68,7 @@ def apply_snapshot(datastore: Datastore, state: dict[str, tuple[Any, ...]]) -> N
         host.metrics_at, host.envoy_at = metrics_at, envoy_at
         if index_at != host.index_at:
             datastore.update_index(host, ready, known, index_at)
+    datastore.changed()
 
 
 class Publisher:

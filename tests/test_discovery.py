@@ -203,7 +203,9 @@ async def test_workers_take_the_discovered_hosts_from_the_leaders_snapshot(serve
         discovered, state = read_snapshot(snapshot(leader.datastore, leader.discovered))
         assert set(worker.datastore.hosts) == {"cpu-a"}
         await worker._use_discovered(discovered)
+        generation = worker.datastore.generation
         apply_snapshot(worker.datastore, state)
+        assert worker.datastore.generation > generation, "the worker's scheduler must see the leader's telemetry"
         assert set(worker.datastore.hosts) == set(leader.datastore.hosts)
         assert worker.datastore.hosts["gpu-10-0-0-5"].draining
         assert worker.datastore.hosts["gpu-10-0-0-5"].metrics_at == 12.5

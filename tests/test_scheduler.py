@@ -13,7 +13,7 @@ from extproc.config import Fleet, PickerName, Tier, parse_fleet
 from extproc.datastore import Datastore, HostState, ModelTimes
 from extproc.scheduling.classify import classify
 from extproc.scheduling.scheduler import Scheduler
-from extproc.scheduling.scorers import expected_completion_ms
+from extproc.scheduling.scorers import prepare
 from extproc.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
 
 
@@ -175,6 +175,25 @@ def test_max_hosts_bounds_the_retry_list() -> None:
     assert len(names(Scheduler(f, s).decide(http("embed")))) == 2
 
 
+def test_prepared_candidates_follow_datastore_changes_and_telemetry_age() -> None:
+    """The scheduler prepares a model's candidates once per datastore change: a write the datastore is
+    told of reaches the next decision, and a host whose telemetry ages past stale_after drops out as time
+    passes, with no write at all."""
+    clock = [1000.0]
+    f = fleet()
+    s = Datastore(f, clock=lambda: clock[0])
+    live(s, {"g1": ["embed"], "g2": ["embed"], "g3": ["embed"]})
+    s.hosts["g2"].metrics_at = clock[0] - s.stale_after_s / 2
+    s.changed()
+    scheduler = Scheduler(f, s)
+    assert sorted(names(scheduler.decide(http("embed")))) == ["g1", "g2", "g3"]
+    s.hosts["g1"].envoy.ejected = True
+    s.changed()
+    assert sorted(names(scheduler.decide(http("embed")))) == ["g2", "g3"]
+    clock[0] += s.stale_after_s * 0.75  # g2's metrics are now 1.25 x stale_after old, g3's 0.75 x
+    assert names(scheduler.decide(http("embed"))) == ["g3"]
+
+
 def test_in_flight_estimate_uses_triton_queue_when_larger() -> None:
     host = HostState(fleet().hosts[0])
     host.reset_estimate(2, 0.0)
@@ -333,6 +352,7 @@ def test_sequences_move_only_when_their_host_dies(store: Datastore) -> None:
     scheduler = Scheduler(store.fleet, store)
     homes = {seq: names(scheduler.decide(sequence("embed", seq)))[0] for seq in map(str, range(60))}
     store.hosts["g2"].envoy.ejected = True
+    store.changed()  # as Envoy's poll does
     after = {seq: names(scheduler.decide(sequence("embed", seq)))[0] for seq in homes}
     moved = {seq for seq in homes if after[seq] != homes[seq]}
     assert moved == {seq for seq, home in homes.items() if home == "g2"}
@@ -385,6 +405,7 @@ def test_a_short_queue_joins_the_next_batch_on_a_fitted_host(store: Datastore) -
     assert names(decide(http("embed")))[0] == "g2", "no model config read yet: per-request estimate"
     for host in store.hosts.values():
         host.batching = {"embed": Batching(max_batch=8, instances=1)}
+    store.changed()  # as the collector does after reading model configs
     assert names(decide(http("embed")))[0] == "g1"
     busy(g1, 24)  # three full batches ahead: now the idle slow host is sooner
     assert names(decide(http("embed")))[0] == "g2"
@@ -405,5 +426,5 @@ def test_an_unfitted_host_gets_the_fitted_shape_scaled_to_its_speed(store: Datas
     assert names(decide(http("embed")))[0] == "g1"
     busy(g1, 16)  # ... then a full batch, then alone: 46 ms
     assert names(decide(http("embed")))[0] == "g2"
-    costs = expected_completion_ms([g1, g2], frozen(), "embed")
+    costs = [c.completion_ms(c.host.in_flight(frozen())) for c in prepare([g1, g2], "embed")]
     assert costs[1] == pytest.approx(20.0 + 40.0), "the request just sent there, half done, then its own"

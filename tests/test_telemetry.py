@@ -765,6 +765,22 @@ async def test_refresh_once_fills_the_datastore(stack: Stack, monkeypatch: pytes
         }
 
 
+async def test_every_poll_says_the_datastore_changed(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler keeps the candidates it prepared until the datastore's generation moves: a poll that
+    wrote without moving it would leave decisions on the telemetry from before."""
+    FakeNvml([(5 * GiB, 80 * GiB)]).install(monkeypatch)
+    fleet = stack.fleet(nvml_host="b")
+    store = Datastore(fleet)
+    async with TelemetryCollector(fleet, store, nvml=NvmlReader(from_env=False)) as collector:
+        kinds = set()
+        for job in collector._jobs:
+            before = store.generation
+            await job.poll()
+            assert store.generation > before, f"{job.kind}/{job.target}"
+            kinds.add(job.kind)
+        assert kinds == {"triton_metrics", "repository", "envoy_admin", "nvml"}
+
+
 async def test_collector_runs_through_errors_and_hangs(stack: Stack, logs: LogList) -> None:
     fleet = stack.fleet()
     store = Datastore(fleet)

@@ -49,6 +49,7 @@ def synthetic_fleet(n_hosts: int, picker: str = "argmax") -> tuple[Fleet, Datast
         host.load.service_ms = 2.0 + i % 3
         host.load.queue_ms = float(i % 5)
         host.load.gpu_memory_used, host.load.gpu_memory_total = (i % 10) * 10**9, 80 * 10**9
+    store.changed()
     return fleet, store
 
 

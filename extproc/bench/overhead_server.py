@@ -90,6 +90,7 @@ def touch_datastore(store: Datastore, now: float) -> None:
     for host in store.hosts.values():
         host.metrics_at = host.index_at = host.envoy_at = now
         host.reset_estimate(host.envoy.active, now)
+    store.changed()
 
 
 async def _keep_fresh(store: Datastore) -> None:

@@ -4,23 +4,40 @@ Per request: the model's tier comes from the fleet file's rules; the scheduling 
 weighted scorers, picker) from the model, else its tier, else the picker's default. A tier with no
 candidate, or a saturated one, spills over to the model's other tiers where it is loaded. When every
 allowed tier is saturated, sheddable requests get 429 and the others go to the least-bad host.
+
+Most of a decision only changes when telemetry does: which hosts pass the filters, their measured times,
+batch costs, GPU memory. The scheduler prepares that once per (tier, model, version) and datastore
+generation, as a plan of candidates; per request it reads only the hosts' in-flight counts (which every
+pick moves), scores and picks.
 """
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from extproc.config import Fleet, ModelSpec, PickerName, Profile, ScorerName, Tier
+from extproc.config import FilterName, Fleet, ModelSpec, PickerName, Profile, ScorerName, Tier
 from extproc.datastore import Datastore, HostState
 from extproc.scheduling import filters
 from extproc.scheduling.affinity import rendezvous
 from extproc.scheduling.classify import classify
 from extproc.scheduling.pickers import Ranker
-from extproc.scheduling.scorers import expected_completion_ms
+from extproc.scheduling.scorers import Candidate, prepare
 from extproc.scheduling.types import Decision, InferenceRequest, Priority, Reject, Route
 
 # Above this many hosts, power_of_two filters a random sample instead of the whole list.
 _LAZY_FILTER_MIN_HOSTS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The candidates of one (tier, model, version), valid until the datastore changes or ``stale_at``,
+    when the first of them would fail the freshness filter (the others only pass through a change)."""
+
+    candidates: tuple[Candidate, ...]
+    stale_at: float
 
 
 class Scheduler:
@@ -38,6 +55,8 @@ class Scheduler:
         self._saturation = fleet.picker.saturation
         self._rng = rng or random.Random()
         self._ranker = Ranker(fleet.picker.max_hosts, self._rng)
+        self._plans: dict[tuple[Tier, str, str | None], _Plan] = {}
+        self._plans_generation = -1
 
     def has_telemetry(self) -> bool:
         """Whether any host's repository index has arrived; before that every model would look unknown."""
@@ -70,14 +89,15 @@ class Scheduler:
         saturated: Route | None = None
         for candidate_tier in tiers:
             profile = self._fleet.profile(spec, candidate_tier)
-            candidates = self._candidates(self._loaded(candidate_tier, model, version), profile, now)
+            candidates = self._candidates(candidate_tier, model, version, profile, now)
             if not candidates:
                 continue
-            ranked = self._ranker.rank(profile.picker, candidates, profile.scorers, now, model)
+            ranked = self._ranker.rank(profile.picker, candidates, profile.scorers, now)
+            hosts = tuple([c.host for c in ranked])
             reason = "classified" if candidate_tier is tiers[0] else "spillover"
-            if not self._is_saturated(ranked[0], now, model):
-                return Route(candidate_tier, tuple(ranked), reason)
-            saturated = saturated or Route(candidate_tier, tuple(ranked), "saturated")
+            if not self._is_saturated(ranked[0], now):
+                return Route(candidate_tier, hosts, reason)
+            saturated = saturated or Route(candidate_tier, hosts, "saturated")
         if saturated is not None and request.priority is Priority.SHEDDABLE:
             return Reject(429, f"model '{model}' is saturated; sheddable request refused", "shed", retry_after=True)
         return saturated
@@ -89,11 +109,9 @@ class Scheduler:
         model, sequence_id = request.model or "", request.sequence_id or ""
         for candidate_tier in tiers:
             profile = self._fleet.profile(spec, candidate_tier)
-            loaded = self._loaded(candidate_tier, model, request.version)
-            max_age = self._store.stale_after_s
-            candidates = [h for h in loaded if filters.passes(h, profile.filters, now, max_age)]
+            candidates = self._plan(candidate_tier, model, request.version, profile, now)
             if candidates:
-                ranked = rendezvous(candidates, model, sequence_id)[: self._fleet.picker.max_hosts]
+                ranked = rendezvous([c.host for c in candidates], model, sequence_id)[: self._fleet.picker.max_hosts]
                 return Route(candidate_tier, tuple(ranked), "sequence")
         return None
 
@@ -113,32 +131,64 @@ class Scheduler:
         loaded = self._store.serving.get((tier, model), ())
         return loaded if version is None else tuple(filters.with_version(loaded, model, version))
 
-    def _candidates(self, hosts: tuple[HostState, ...], profile: Profile, now: float) -> list[HostState]:
+    def _plan(self, tier: Tier, model: str, version: str | None, profile: Profile, now: float) -> tuple[Candidate, ...]:
+        """Every host of ``tier`` with the model (version) that passes the profile's filters, prepared."""
+        if self._plans_generation != self._store.generation:
+            self._plans.clear()
+            self._plans_generation = self._store.generation
+        key = (tier, model, version)
+        plan = self._plans.get(key)
+        if plan is not None and now <= plan.stale_at:
+            return plan.candidates
+        loaded = self._loaded(tier, model, version)
+        if not loaded:
+            return ()  # not kept: clients choose the versions they ask for, so these keys are unbounded
         max_age = self._store.stale_after_s
-        if profile.picker is PickerName.POWER_OF_TWO and len(hosts) >= _LAZY_FILTER_MIN_HOSTS:
-            # Draw hosts at random until enough pass for the two-choice pick and the retry list: the first
-            # that pass are a uniform sample of those that pass, and a large fleet costs no more than a small
-            # one. Too many failures (a mostly ejected or stale tier): filter them all.
-            want = max(2, self._fleet.picker.max_hosts)
-            n, draw = len(hosts), self._rng.randrange
-            passing: list[HostState] = []
-            tried: set[int] = set()
-            for _ in range(4 * want):
-                i = draw(n)
-                if i in tried:
-                    continue
-                tried.add(i)
-                if filters.passes(hosts[i], profile.filters, now, max_age):
-                    passing.append(hosts[i])
-                    if len(passing) == want:
-                        return passing
+        passing = [h for h in loaded if filters.passes(h, profile.filters, now, max_age)]
+        stale_at = math.inf
+        if passing and FilterName.FRESH in profile.filters:
+            stale_at = min(min(h.metrics_at or 0.0, h.index_at or 0.0) for h in passing) + max_age
+        candidates = tuple(prepare(passing, model))
+        self._plans[key] = _Plan(candidates, stale_at)
+        return candidates
+
+    def _candidates(
+        self, tier: Tier, model: str, version: str | None, profile: Profile, now: float
+    ) -> Sequence[Candidate]:
+        if profile.picker is PickerName.POWER_OF_TWO:
+            loaded = self._loaded(tier, model, version)
+            if len(loaded) >= _LAZY_FILTER_MIN_HOSTS:
+                return prepare(self._sample(loaded, profile, now), model)
+        return self._plan(tier, model, version, profile, now)
+
+    def _sample(self, hosts: tuple[HostState, ...], profile: Profile, now: float) -> list[HostState]:
+        """Draw hosts at random until enough pass for the two-choice pick and the retry list: the first that
+        pass are a uniform sample of those that pass, and a large fleet costs no more than a small one (a
+        plan of every host would be rebuilt after each of their scrapes). Too many failures (a mostly ejected
+        or stale tier): filter them all."""
+        max_age = self._store.stale_after_s
+        want = max(2, self._fleet.picker.max_hosts)
+        n, draw = len(hosts), self._rng.randrange
+        passing: list[HostState] = []
+        tried: set[int] = set()
+        for _ in range(4 * want):
+            i = draw(n)
+            if i in tried:
+                continue
+            tried.add(i)
+            if filters.passes(hosts[i], profile.filters, now, max_age):
+                passing.append(hosts[i])
+                if len(passing) == want:
+                    return passing
         return [h for h in hosts if filters.passes(h, profile.filters, now, max_age)]
 
-    def _is_saturated(self, best: HostState, now: float, model: str) -> bool:
+    def _is_saturated(self, best: Candidate, now: float) -> bool:
         """The best candidate is over a limit, so every candidate is (for argmax; nearly so for samples)."""
-        if best.in_flight(now) >= self._saturation.max_in_flight:
-            return True
-        return expected_completion_ms([best], now, model)[0] >= self._saturation.max_queue_ms
+        in_flight = best.host.in_flight(now)
+        return (
+            in_flight >= self._saturation.max_in_flight
+            or best.completion_ms(in_flight) >= self._saturation.max_queue_ms
+        )
 
     def _commit(self, route: Route) -> Route:
         # Optimistic accounting until Envoy's next in-flight poll reconciles it.
@@ -150,11 +200,11 @@ class Scheduler:
         tier = request.tier_hint or self._fleet.envoy.fallback_tier
         now, max_age = self._store.now(), self._store.stale_after_s
         profile = self._fleet.profile(None, tier)
-        candidates = [h for h in self._store.by_tier[tier] if filters.passes(h, profile.filters, now, max_age)]
-        if not candidates:
+        passing = [h for h in self._store.by_tier[tier] if filters.passes(h, profile.filters, now, max_age)]
+        if not passing:
             return Reject(503, f"no {tier.value} host is ready right now", "no_ready_host", retry_after=True)
-        ranked = self._ranker.rank(PickerName.ARGMAX, candidates, {ScorerName.IN_FLIGHT: 1.0}, now)
-        return self._commit(Route(tier, tuple(ranked), "no_model"))
+        ranked = self._ranker.rank(PickerName.ARGMAX, prepare(passing, None), {ScorerName.IN_FLIGHT: 1.0}, now)
+        return self._commit(Route(tier, tuple([c.host for c in ranked]), "no_model"))
 
     def _implicit_spec(self, model: str) -> ModelSpec:
         """A model the fleet file does not list is served from whichever tiers have it loaded."""

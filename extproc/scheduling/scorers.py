@@ -1,22 +1,47 @@
 """Scorers: a cost per candidate host, lower is better. The scheduler normalises each scorer's costs to
-[0, 1] over the candidates it compares and adds them up with the profile's weights."""
+[0, 1] over the candidates it compares and adds them up with the profile's weights.
+
+A scorer reads a :class:`Candidate`: the host with what its telemetry says resolved once (see
+:func:`prepare`), plus the host's in-flight count at the moment of the decision, the one input that moves
+with every pick.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from extproc.batch_cost import BatchCost, completion_ms
+from extproc.batch_cost import BatchCost, Batching, completion_ms
 from extproc.config import ScorerName
 from extproc.datastore import HostState
-
-# (candidates, now, the request's model or None) → a cost per candidate.
-Scorer = Callable[[Sequence[HostState], float, str | None], list[float]]
 
 # Per-request service time assumed when no host has been measured yet.
 _UNMEASURED_SERVICE_MS = 1.0
 
 
-# (service_ms, exec_ms, drain_ms, cost) as in ModelTimes; a tuple, since it is built per host per decision.
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A host that passed the filters, with the telemetry its scores need, as of the last datastore change.
+
+    ``batch`` and ``batching`` are set when the batch-aware estimate covers every candidate compared with
+    this one; otherwise a request finishes after ``base_ms`` plus ``drain_ms`` per request in flight."""
+
+    host: HostState
+    base_ms: float
+    drain_ms: float
+    batch: BatchCost | None = None
+    batching: Batching | None = None
+    pending: float = 0.0
+    gpu_memory: float = 0.0
+
+    def completion_ms(self, in_flight: float) -> float:
+        """When a request sent now would finish here, with ``in_flight`` requests ahead of it."""
+        if self.batch is not None and self.batching is not None:
+            return completion_ms(self.batch, self.batching, in_flight)
+        return self.base_ms + in_flight * self.drain_ms
+
+
+# (service_ms, exec_ms, drain_ms, cost) as in ModelTimes.
 _Times = tuple[float | None, float | None, float | None, BatchCost | None]
 
 
@@ -34,38 +59,49 @@ def _drain_ms(service_ms: float, drain_ms: float | None) -> float:
     return min(service_ms, drain_ms or service_ms)
 
 
-def expected_completion_ms(hosts: Sequence[HostState], now: float, model: str | None = None) -> list[float]:
-    """When a new request would finish on each host.
+def prepare(hosts: Sequence[HostState], model: str | None) -> list[Candidate]:
+    """The hosts as candidates to be compared with one another for ``model``.
 
-    Where the model's batching is known on every host (model config) and its batch cost fitted on at
-    least one, from the batch structure: running batches, queued full batches, and the batch the request
-    joins (see :func:`extproc.batch_cost.completion_ms`): a host with a short queue costs a request
-    little, since the batcher adds it to the next batch. A host without a fit of its own (too little
-    traffic to vary its batch sizes) is given the fitted hosts' shape, scaled to its own mean batch time
-    at its mean batch size: a slower GPU is slower at both the fixed and the per-item part.
+    The expected completion time is estimated in one of two ways, the same for every candidate, never a
+    mix: the batch-aware estimate is the cheaper for a host with a queue, so mixing would herd requests
+    onto the fitted hosts.
+
+    Where the model's batching is known on every host (model config) and its batch cost fitted on at least
+    one, from the batch structure: running batches, queued full batches, and the batch the request joins
+    (see :func:`extproc.batch_cost.completion_ms`): a host with a short queue costs a request little, since
+    the batcher adds it to the next batch. A host without a fit of its own (too little traffic to vary its
+    batch sizes) is given the fitted hosts' shape, scaled to its own mean batch time at its mean batch size:
+    a slower GPU is slower at both the fixed and the per-item part.
 
     Otherwise one execution of its own (the host's mean batch time) after the requests in flight have
     drained at the host's per-request time (the best seen lately, since a deep queue is served in full
     batches): ``service_ms`` is a batch's time divided by its size, so the queue drains faster on a host
-    that batches well, while ``exec_ms`` keeps a slow host from looking cheap when idle.
+    that batches well, while ``exec_ms`` keeps a slow host from looking cheap when idle. An unmeasured
+    host is assumed as fast as the fastest measured one, so a new host gets tried.
 
-    The hosts are compared with one of the two estimates, never a mix: the batch-aware one is the
-    cheaper for a host with a queue, so mixing would herd requests onto the fitted hosts.
-
-    Triton's observed queue time is not added: queued requests are already in the in-flight count, and
-    the observation is up to a scrape old, which would herd traffic away from whichever host queued last."""
+    Triton's observed queue time is not used: queued requests are already in the in-flight count, and the
+    observation is up to a scrape old, which would herd traffic away from whichever host queued last."""
     times = [_times(h, model) for h in hosts]
     costs = _batch_costs(hosts, times, model)
-    if costs is not None and model is not None:
-        return [completion_ms(cost, h.batching[model], h.in_flight(now)) for h, cost in zip(hosts, costs, strict=True)]
     drains = [None if service is None else _drain_ms(service, drain) for service, _, drain, _ in times]
     measured = [d for d in drains if d is not None]
-    # An unmeasured host is assumed as fast as the fastest measured one, so a new host gets tried.
     default_ms = min(measured) if measured else _UNMEASURED_SERVICE_MS
     out = []
-    for h, (_, exec_ms, _, _), drain in zip(hosts, times, drains, strict=True):
-        service = default_ms if drain is None else drain
-        out.append((exec_ms if exec_ms is not None else service) + h.in_flight(now) * service)
+    for i, host in enumerate(hosts):
+        exec_ms, drain = times[i][1], drains[i]
+        drain_ms = default_ms if drain is None else drain
+        used, total = host.load.gpu_memory_used, host.load.gpu_memory_total
+        out.append(
+            Candidate(
+                host,
+                exec_ms if exec_ms is not None else drain_ms,
+                drain_ms,
+                None if costs is None else costs[i],
+                None if costs is None or model is None else host.batching[model],
+                float(host.load.pending),
+                used / total if used is not None and total else 0.0,
+            )
+        )
     return out
 
 
@@ -87,42 +123,46 @@ def _batch_costs(hosts: Sequence[HostState], times: list[_Times], model: str | N
     return out
 
 
-def pending_queue(hosts: Sequence[HostState], now: float, model: str | None = None) -> list[float]:
+# (candidates, their in-flight counts now) → a cost per candidate.
+Scorer = Callable[[Sequence[Candidate], list[float]], list[float]]
+
+
+def expected_completion(candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+    """When a new request would finish on each host (see :func:`prepare` for the estimate)."""
+    return [c.completion_ms(n) for c, n in zip(candidates, in_flight, strict=True)]
+
+
+def pending_queue(candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
     """Requests waiting in Triton's queues (all models), as Triton last reported."""
-    return [float(h.load.pending) for h in hosts]
+    return [c.pending for c in candidates]
 
 
-def in_flight(hosts: Sequence[HostState], now: float, model: str | None = None) -> list[float]:
+def requests_in_flight(candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
     """Requests in flight: Envoy's live count, plus the picker's picks since, less estimated completions."""
-    return [h.in_flight(now) for h in hosts]
+    return in_flight
 
 
-def gpu_memory(hosts: Sequence[HostState], now: float, model: str | None = None) -> list[float]:
+def gpu_memory(candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
     """Fraction of GPU memory in use (0 where unknown, e.g. CPU hosts): less headroom, higher cost."""
-    out = []
-    for h in hosts:
-        used, total = h.load.gpu_memory_used, h.load.gpu_memory_total
-        out.append(used / total if used is not None and total else 0.0)
-    return out
+    return [c.gpu_memory for c in candidates]
 
 
 SCORERS: dict[ScorerName, Scorer] = {
-    ScorerName.EXPECTED_COMPLETION: expected_completion_ms,
+    ScorerName.EXPECTED_COMPLETION: expected_completion,
     ScorerName.PENDING_QUEUE: pending_queue,
-    ScorerName.IN_FLIGHT: in_flight,
+    ScorerName.IN_FLIGHT: requests_in_flight,
     ScorerName.GPU_MEMORY: gpu_memory,
 }
 
 
-def cost(
-    hosts: Sequence[HostState], weights: dict[ScorerName, float], now: float, model: str | None = None
-) -> list[float]:
+def cost(candidates: Sequence[Candidate], weights: dict[ScorerName, float], now: float) -> list[float]:
     """Each scorer's costs normalised to [0, 1] (divided by the highest; all 0 if none is above 0), weighted
     and summed."""
-    total = [0.0] * len(hosts)
+    in_flight = [c.host.in_flight(now) for c in candidates]
+    total = [0.0] * len(candidates)
     for name, weight in weights.items():
         if weight:
-            values = SCORERS[name](hosts, now, model)
+            values = SCORERS[name](candidates, in_flight)
             top = max(values, default=0.0)
             if top > 0:
                 scale = weight / top

@@ -254,6 +254,7 @@ class TelemetryCollector:
             # Envoy's admin is unreachable: Triton's queue is the live view now, and our picks since the
             # last Envoy poll would otherwise pile up for ever.
             host.state.reset_estimate(load.pending, now)
+        self._datastore.changed()
 
     async def _poll_repository(self, host: _Host) -> None:
         index = await host.repository.index(self._timeout_s)
@@ -274,6 +275,7 @@ class TelemetryCollector:
                     continue
                 seen[model] = versions
         state.batching = batching
+        self._datastore.changed()
 
     async def _poll_envoy(self) -> None:
         body = await self._get(self.envoy_url)
@@ -307,6 +309,7 @@ class TelemetryCollector:
             raise _Disabled
         self._gpu = reading
         _apply_gpu(self._nvml_host.load, reading)
+        self._datastore.changed()
 
 
 def _apply_gpu(load: TritonLoad, reading: GpuReading) -> None:

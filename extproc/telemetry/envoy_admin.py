@@ -148,4 +148,5 @@ def apply_envoy_view(datastore: Datastore, endpoints: Mapping[str, EndpointStatu
         )
         host.envoy_at = now
         host.reset_estimate(host.envoy.active, now)
+    datastore.changed()
     return missing
