@@ -19,6 +19,7 @@ import yaml
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from extproc.bench import decision
 from extproc.bench import overhead as ov
 from extproc.bench.overhead_server import CONSTANT_RESPONSE, BareProcessor, picker_servicer, touch_datastore
 from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, ROUTER_FILTER, render_bootstrap
@@ -537,6 +538,13 @@ async def test_picker_servicer_makes_real_decisions() -> None:
     assert len(seen) > 1, "the picks of one poll interval should spread over the hosts"
     touch_datastore(store, store.now())
     assert all(h.picks_since_poll == 0 and h.estimate_at == h.envoy_at for h in store.hosts.values())
+
+
+def test_decision_benchmark_times_each_path() -> None:
+    for result in decision.run([10, 20], 30, ["argmax", "power_of_two"]):
+        for path in ("decide", "decide_after_change", "edge"):
+            timing = result[path]
+            assert 0 < timing["p50_us"] <= timing["p99_us"], (result["picker"], result["hosts"], path)
 
 
 # ---------------------------------------------------------------------------------------------- the run

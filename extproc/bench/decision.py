@@ -1,8 +1,10 @@
 """``extproc bench decision``: the picker's in-process decision time over synthetic fleets.
 
-Times two things per fleet size, in one process, side by side: ``Scheduler.decide`` alone, and the whole
-per-request path of the ext_proc edge (parse Envoy's ProcessingRequest bytes, decide, build and serialise
-the ProcessingResponse), which is what one request costs the picker apart from gRPC itself.
+Times three things per fleet size, in one process, side by side: ``Scheduler.decide`` alone; the same
+right after a telemetry change (the datastore told of a write before every decision, so the scheduler
+prepares the model's candidates again each time, as it does for the first request after each poll); and the
+whole per-request path of the ext_proc edge (parse Envoy's ProcessingRequest bytes, decide, build and
+serialise the ProcessingResponse), which is what one request costs the picker apart from gRPC itself.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from extproc.datastore import Datastore
 from extproc.handlers.server import Processor
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.scheduler import Scheduler
-from extproc.scheduling.types import InferenceRequest, Protocol
+from extproc.scheduling.types import InferenceRequest, Protocol, Route
 
 MODELS = ("resnet", "bert", "mlp", "embed")
 
@@ -113,9 +115,23 @@ def _measure(n_hosts: int, iterations: int, picker: str, loop: asyncio.AbstractE
     for _ in range(200):  # warm-up
         scheduler.decide(request)
         loop.run_until_complete(_one_stream(processor, payload))
+    if not isinstance(scheduler.decide(request), Route):
+        raise RuntimeError(f"the synthetic fleet of {n_hosts} hosts does not route {request.model!r}")
+
+    def after_change() -> None:
+        store.changed()
+        scheduler.decide(request)
+
     decide = _time(lambda: scheduler.decide(request), iterations)
+    changed = _time(after_change, iterations)
     edge = _time(lambda: loop.run_until_complete(_one_stream(processor, payload)), iterations)
-    return {"hosts": n_hosts, "picker": picker, "decide": _percentiles(decide), "edge": _percentiles(edge)}
+    return {
+        "hosts": n_hosts,
+        "picker": picker,
+        "decide": _percentiles(decide),
+        "decide_after_change": _percentiles(changed),
+        "edge": _percentiles(edge),
+    }
 
 
 def run(sizes: Sequence[int], iterations: int, pickers: Sequence[str]) -> list[dict[str, Any]]:
@@ -134,12 +150,15 @@ def run(sizes: Sequence[int], iterations: int, pickers: Sequence[str]) -> list[d
 def main(sizes: Sequence[int], iterations: int, pickers: Sequence[str], json_out: str | None) -> int:
     print(f"decision benchmark: {iterations} decisions per fleet size and picker", file=sys.stderr)
     results = run(sizes, iterations, pickers)
-    print(f"{'picker':>13} {'hosts':>6} | {'decide p50':>10} {'p99':>8} | {'edge p50':>9} {'p99':>8}  (µs)")
+    print(
+        f"{'picker':>13} {'hosts':>6} | {'decide p50':>10} {'p99':>8} | {'after change p50':>16} {'p99':>8} |"
+        f" {'edge p50':>9} {'p99':>8}  (µs)"
+    )
     for r in results:
-        d, e = r["decide"], r["edge"]
+        d, c, e = r["decide"], r["decide_after_change"], r["edge"]
         print(
             f"{r['picker']:>13} {r['hosts']:>6} | {d['p50_us']:>10.1f} {d['p99_us']:>8.1f} |"
-            f" {e['p50_us']:>9.1f} {e['p99_us']:>8.1f}"
+            f" {c['p50_us']:>16.1f} {c['p99_us']:>8.1f} | {e['p50_us']:>9.1f} {e['p99_us']:>8.1f}"
         )
     for picker in pickers:
         rows = [r for r in results if r["picker"] == picker]
