@@ -19,7 +19,7 @@ from extproc.datastore import HostState
 _UNMEASURED_SERVICE_MS = 1.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every host at each change, and a frozen init costs 3x
 class Candidate:
     """A host that passed the filters, with the telemetry its scores need, as of the last datastore change.
 
