@@ -274,12 +274,13 @@ def test_power_of_two_and_weighted_random_prefer_idle_hosts() -> None:
         assert counts["g3"] > 200, (picker, counts)
 
 
-def test_power_of_two_on_a_large_fleet_filters_lazily_but_correctly() -> None:
-    hosts = [{"name": f"h{i}", "address": f"10.1.{i // 256}.{i % 256}", "tier": "gpu"} for i in range(200)]
+@pytest.mark.parametrize("n", [5, 200])
+def test_power_of_two_draws_its_sample_lazily_but_correctly(n: int) -> None:
+    hosts = [{"name": f"h{i}", "address": f"10.1.{i // 256}.{i % 256}", "tier": "gpu"} for i in range(n)]
     f = parse_fleet({"hosts": hosts, "models": [{"name": "m"}], "picker": {"profile": {"picker": "power_of_two"}}})
     s = Datastore(f, clock=frozen)
-    live(s, {f"h{i}": ["m"] for i in range(200)})
-    for i in range(0, 200, 2):
+    live(s, {f"h{i}": ["m"] for i in range(n)})
+    for i in range(0, n, 2):
         s.hosts[f"h{i}"].envoy.ejected = True
     scheduler = Scheduler(f, s, random.Random(3))
     chosen = {h for _ in range(300) for h in names(scheduler.decide(http("m")))}
