@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -58,6 +57,7 @@ from extproc.discovery import Discovery
 from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, render_bootstrap, render_yaml
 from extproc.headers import cluster_name
 from extproc.metrics import PickerMetrics
+from extproc.runtime.ports import free_ports
 from extproc.telemetry import triton_metrics
 from extproc.tls import ensure_self_signed
 from tests.dns_server import DnsServer
@@ -1040,13 +1040,6 @@ def test_envoy_validates_a_sidecar_with_the_envoy_filter(tmp_path: Path) -> None
     _validate(yaml.safe_dump(bootstrap, sort_keys=False), tmp_path)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def run_envoy(tmp_path: Path) -> Iterator[Any]:
     """Start Envoy on a loopback-only config; yields a function (config, admin_port) → admin base URL."""
@@ -1116,13 +1109,13 @@ def test_ext_proc_runs_on_the_triton_virtual_host_only(run_envoy: Any) -> None:
     # The sidecar-shaped bootstrap with the EnvoyFilter, run on loopback (every address rewritten to
     # 127.0.0.1, the picker's port closed): a request for Triton goes through ext_proc (which fails open), a
     # request for another service on the same port does not.
-    closed = _free_port()
+    # Chosen together: ports picked one by one can repeat, and Envoy then fails to bind its listener.
+    closed, rest, admin_port, other = free_ports(4)
 
     def address(key: str, port: int) -> tuple[str, int]:
         return ("127.0.0.1", closed)  # every upstream, the picker included: loopback, nothing listening
 
-    rest, admin_port = _free_port(), _free_port()
-    bootstrap = _istio_like_bootstrap(_rendered(ISTIO), {8000: rest, 8001: _free_port()}, address, admin_port)
+    bootstrap = _istio_like_bootstrap(_rendered(ISTIO), {8000: rest, 8001: other}, address, admin_port)
     _apply_envoy_filter(bootstrap, _envoy_filter())
     admin = run_envoy(bootstrap, admin_port)
     prefix = "http.outbound_0.0.0.0_8000.ext_proc."
@@ -1225,11 +1218,12 @@ def envoy_series(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     data = _yaml_file(BASE_FLEET)
     dns = DnsServer({pool["dns"]: ["127.0.0.1"] for pool in data["pools"]})
     data["dns_resolvers"] = [dns.address]
+    ports = iter(free_ports(3 * len(data["pools"]) + 2))  # chosen together, so none repeats
     for pool in data["pools"]:
-        pool.update(http_port=_free_port(), grpc_port=_free_port(), metrics_port=_free_port())
+        pool.update(http_port=next(ports), grpc_port=next(ports), metrics_port=next(ports))
     data["pools"][0]["http_port"] = server.server_address[1]
     data["picker"]["listen"] = f"unix:{tmp_path / 'no-picker.sock'}"
-    listener, admin_port = _free_port(), _free_port()
+    listener, admin_port = next(ports), next(ports)
     data["envoy"].update(
         listener={"address": "127.0.0.1", "port": listener},
         tls=None,
