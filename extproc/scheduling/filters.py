@@ -31,3 +31,8 @@ def passes(host: HostState, filters: Sequence[FilterName], now: float, max_age_s
     if FilterName.HEALTHY in filters and not healthy(host):
         return False
     return FilterName.FRESH not in filters or host.fresh(now, max_age_s)
+
+
+def passing(hosts: Iterable[HostState], filters: Sequence[FilterName], now: float, max_age_s: float) -> list[HostState]:
+    """The hosts that pass (see :func:`passes`), in order."""
+    return [h for h in hosts if passes(h, filters, now, max_age_s)]

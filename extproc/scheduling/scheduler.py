@@ -144,7 +144,7 @@ class Scheduler:
         if not loaded:
             return ()  # not kept: clients choose the versions they ask for, so these keys are unbounded
         max_age = self._store.stale_after_s
-        passing = [h for h in loaded if filters.passes(h, profile.filters, now, max_age)]
+        passing = filters.passing(loaded, profile.filters, now, max_age)
         stale_at = math.inf
         if passing and FilterName.FRESH in profile.filters:
             # Every host that passed has both timestamps (fresh); map and attrgetter keep a large tier quick.
@@ -181,7 +181,7 @@ class Scheduler:
                 passing.append(hosts[i])
                 if len(passing) == want:
                     return passing
-        return [h for h in hosts if filters.passes(h, profile.filters, now, max_age)]
+        return filters.passing(hosts, profile.filters, now, max_age)
 
     def _is_saturated(self, best: Candidate, now: float) -> bool:
         """The best candidate is over a limit, so every candidate is (for argmax; nearly so for samples)."""
@@ -201,7 +201,7 @@ class Scheduler:
         tier = request.tier_hint or self._fleet.envoy.fallback_tier
         now, max_age = self._store.now(), self._store.stale_after_s
         profile = self._fleet.profile(None, tier)
-        passing = [h for h in self._store.by_tier[tier] if filters.passes(h, profile.filters, now, max_age)]
+        passing = filters.passing(self._store.by_tier[tier], profile.filters, now, max_age)
         if not passing:
             return Reject(503, f"no {tier.value} host is ready right now", "no_ready_host", retry_after=True)
         ranked = self._ranker.rank(PickerName.ARGMAX, prepare(passing, None), {ScorerName.IN_FLIGHT: 1.0}, now)
