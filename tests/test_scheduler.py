@@ -221,6 +221,21 @@ def test_in_flight_estimate_drains_at_the_measured_service_rate() -> None:
 
 # --- profiles, pickers, saturation, sequences ------------------------------------------------------------
 
+@pytest.mark.parametrize("service_ms", [None, 0.0, 5.0])
+@pytest.mark.parametrize("pending", [0, 3])
+def test_a_candidate_reads_the_same_in_flight_as_its_host(service_ms: float | None, pending: int) -> None:
+    """Candidates resolve the drain rate and Triton's queue once; the live estimate must read the same."""
+    host = HostState(fleet().hosts[0])
+    host.load.service_ms, host.load.pending = service_ms, pending
+    (candidate,) = prepare([host], "embed", {})
+    at = [100.0, 100.001, 100.01, 100.05, 101.0]
+    assert [candidate.in_flight(t) for t in at] == [host.in_flight(t) for t in at], "no estimate yet"
+    host.reset_estimate(4, 100.0)
+    for t in at:
+        host.record_pick(t, weight=2)
+        assert candidate.in_flight(t + 0.002) == pytest.approx(host.in_flight(t + 0.002)), t
+
+
 
 def firsts(scheduler: Scheduler, request: InferenceRequest, n: int) -> Counter[str]:
     return Counter(names(scheduler.decide(request))[0] for _ in range(n))
@@ -427,5 +442,5 @@ def test_an_unfitted_host_gets_the_fitted_shape_scaled_to_its_speed(store: Datas
     assert names(decide(http("embed")))[0] == "g1"
     busy(g1, 16)  # ... then a full batch, then alone: 46 ms
     assert names(decide(http("embed")))[0] == "g2"
-    costs = [c.completion_ms(c.host.in_flight(frozen())) for c in prepare([g1, g2], "embed")]
+    costs = [c.completion_ms(c.in_flight(frozen())) for c in prepare([g1, g2], "embed", {})]
     assert costs[1] == pytest.approx(20.0 + 40.0), "the request just sent there, half done, then its own"

@@ -15,15 +15,14 @@ class Ranker:
 
     def __init__(self, max_hosts: int, rng: random.Random | None = None) -> None:
         self.max_hosts = max_hosts
-        # power_of_two's sample: two for the choice, and enough for the retry list.
-        self.sample_size = max(2, max_hosts)
         self._rng = rng or random.Random()
         self._turn = 0
         self._pickers: dict[
             PickerName, Callable[[Sequence[Candidate], dict[ScorerName, float], float], list[Candidate]]
         ] = {
             PickerName.ARGMAX: self.argmax,
-            PickerName.POWER_OF_TWO: self.power_of_two,
+            # The scheduler draws power_of_two's sample (see Scheduler._sample); the best of it wins.
+            PickerName.POWER_OF_TWO: self.argmax,
             PickerName.WEIGHTED_RANDOM: self.weighted_random,
             PickerName.ROUND_ROBIN: self.round_robin,
         }
@@ -51,19 +50,6 @@ class Ranker:
         # Sorting is stable: listing the hosts from this turn's start breaks the ties in turn.
         order = sorted([*range(start, n), *range(start)], key=costs.__getitem__)
         return [hosts[i] for i in order[: self.max_hosts]]
-
-    def power_of_two(self, hosts: Sequence[Candidate], weights: dict[ScorerName, float], now: float) -> list[Candidate]:
-        """Best of a random sample of ``max(2, max_hosts)``: cost is computed for the sample only, so the
-        decision costs the same for 10 hosts or 10,000, and stale scores cannot herd a burst."""
-        size = self.sample_size
-        if len(hosts) <= size:
-            # The sample would be every candidate (or the scheduler already drew them at random): the best
-            # of them all, ties taken in turn.
-            return self.argmax(hosts, weights, now)
-        sample = self._rng.sample(hosts, size)
-        costs = cost(sample, weights, now)
-        order = sorted(range(len(sample)), key=costs.__getitem__)
-        return [sample[i] for i in order]
 
     def weighted_random(
         self, hosts: Sequence[Candidate], weights: dict[ScorerName, float], now: float

@@ -55,6 +55,8 @@ class Scheduler:
         self._saturation = fleet.picker.saturation
         self._rng = rng or random.Random()
         self._ranker = Ranker(fleet.picker.max_hosts, self._rng)
+        # power_of_two's sample: two for the choice, and enough for the retry list.
+        self._sample_size = max(2, fleet.picker.max_hosts)
         self._plans: dict[tuple[Tier, str, str | None], _Plan] = {}
         self._plans_generation = -1
 
@@ -149,7 +151,7 @@ class Scheduler:
         if passing and FilterName.FRESH in profile.filters:
             # Every host that passed has both timestamps (fresh); map and attrgetter keep a large tier quick.
             stale_at = min(min(map(_METRICS_AT, passing)), min(map(_INDEX_AT, passing))) + max_age
-        candidates = tuple(prepare(passing, model))
+        candidates = tuple(prepare(passing, model, profile.scorers))
         self._plans[key] = _Plan(candidates, stale_at)
         return candidates
 
@@ -158,17 +160,17 @@ class Scheduler:
     ) -> Sequence[Candidate]:
         if profile.picker is PickerName.POWER_OF_TWO:
             loaded = self._loaded(tier, model, version)
-            if len(loaded) > self._ranker.sample_size:
-                return prepare(self._sample(loaded, profile, now), model)
+            if len(loaded) > self._sample_size:
+                return prepare(self._sample(loaded, profile, now), model, profile.scorers)
         return self._plan(tier, model, version, profile, now)
 
     def _sample(self, hosts: tuple[HostState, ...], profile: Profile, now: float) -> list[HostState]:
         """power_of_two's sample: draw hosts at random until enough pass; the first that pass are a uniform
         sample of those that pass, so a large fleet costs no more than a small one (and no plan of every host
         is prepared, which a large tier would need again after each host's scrape). Too many failures (a
-        mostly ejected or stale tier): filter them all."""
+        mostly ejected or stale tier): filter them all and draw from those that pass."""
         max_age = self._store.stale_after_s
-        want = self._ranker.sample_size
+        want = self._sample_size
         n, draw = len(hosts), self._rng.random
         passing: list[HostState] = []
         tried: set[int] = set()
@@ -181,11 +183,12 @@ class Scheduler:
                 passing.append(hosts[i])
                 if len(passing) == want:
                     return passing
-        return filters.passing(hosts, profile.filters, now, max_age)
+        passing = filters.passing(hosts, profile.filters, now, max_age)
+        return passing if len(passing) <= want else self._rng.sample(passing, want)
 
     def _is_saturated(self, best: Candidate, now: float) -> bool:
         """The best candidate is over a limit, so every candidate is (for argmax; nearly so for samples)."""
-        in_flight = best.host.in_flight(now)
+        in_flight = best.in_flight(now)
         return (
             in_flight >= self._saturation.max_in_flight
             or best.completion_ms(in_flight) >= self._saturation.max_queue_ms
@@ -204,7 +207,8 @@ class Scheduler:
         passing = filters.passing(self._store.by_tier[tier], profile.filters, now, max_age)
         if not passing:
             return Reject(503, f"no {tier.value} host is ready right now", "no_ready_host", retry_after=True)
-        ranked = self._ranker.rank(PickerName.ARGMAX, prepare(passing, None), {ScorerName.IN_FLIGHT: 1.0}, now)
+        weights = {ScorerName.IN_FLIGHT: 1.0}
+        ranked = self._ranker.rank(PickerName.ARGMAX, prepare(passing, None, weights), weights, now)
         return self._commit(Route(tier, tuple([c.host for c in ranked]), "no_model"))
 
     def _implicit_spec(self, model: str) -> ModelSpec:

@@ -33,6 +33,19 @@ class Candidate:
     batching: Batching | None = None
     pending: float = 0.0
     gpu_memory: float = 0.0
+    # Requests the host's in-flight estimate drains per second (1000 / its service_ms; 0 when unmeasured).
+    drain_per_s: float = 0.0
+    # The weighted, normalised sum of the static scorers (see :func:`prepare`).
+    static_cost: float = 0.0
+
+    def in_flight(self, now: float) -> float:
+        """:meth:`HostState.in_flight` from the telemetry resolved here: the one input read live, in one
+        step, since every candidate of every decision needs it."""
+        host = self.host
+        at = host.estimate_at
+        n = host.estimate if at is None else host.estimate - (now - at) * self.drain_per_s
+        # pending >= 0, so this is also the drained estimate's floor of 0.
+        return n if n > self.pending else self.pending
 
     def completion_ms(self, in_flight: float) -> float:
         """When a request sent now would finish here, with ``in_flight`` requests ahead of it."""
@@ -59,8 +72,10 @@ def _drain_ms(service_ms: float, drain_ms: float | None) -> float:
     return min(service_ms, drain_ms or service_ms)
 
 
-def prepare(hosts: Sequence[HostState], model: str | None) -> list[Candidate]:
-    """The hosts as candidates to be compared with one another for ``model``.
+def prepare(hosts: Sequence[HostState], model: str | None, weights: dict[ScorerName, float]) -> list[Candidate]:
+    """The hosts as candidates to be compared with one another for ``model``, with the costs of the static
+    scorers among ``weights`` summed in ``static_cost`` (normalised over ``hosts``, so these candidates must
+    be compared as one set, as :func:`cost` does).
 
     The expected completion time is estimated in one of two ways, the same for every candidate, never a
     mix: the batch-aware estimate is the cheaper for a host with a queue, so mixing would herd requests
@@ -90,7 +105,8 @@ def prepare(hosts: Sequence[HostState], model: str | None) -> list[Candidate]:
     for i, host in enumerate(hosts):
         exec_ms, drain = times[i][1], drains[i]
         drain_ms = default_ms if drain is None else drain
-        used, total = host.load.gpu_memory_used, host.load.gpu_memory_total
+        load = host.load
+        used, total = load.gpu_memory_used, load.gpu_memory_total
         out.append(
             Candidate(
                 host,
@@ -98,10 +114,12 @@ def prepare(hosts: Sequence[HostState], model: str | None) -> list[Candidate]:
                 drain_ms,
                 None if costs is None else costs[i],
                 None if costs is None or model is None else host.batching[model],
-                float(host.load.pending),
+                float(load.pending),
                 used / total if used is not None and total else 0.0,
+                1000.0 / load.service_ms if load.service_ms else 0.0,
             )
         )
+    _add_static_costs(out, weights)
     return out
 
 
@@ -123,7 +141,9 @@ def _batch_costs(hosts: Sequence[HostState], times: list[_Times], model: str | N
     return out
 
 
-# (candidates, their in-flight counts now) → a cost per candidate.
+# Scorers of what moves only with telemetry: a value per candidate, read once when it is prepared.
+StaticScorer = Callable[[Candidate], float]
+# Scorers of what every pick moves: (candidates, their in-flight counts now) → a cost per candidate.
 Scorer = Callable[[Sequence[Candidate], list[float]], list[float]]
 
 
@@ -132,39 +152,57 @@ def expected_completion(candidates: Sequence[Candidate], in_flight: list[float])
     return [c.completion_ms(n) for c, n in zip(candidates, in_flight, strict=True)]
 
 
-def pending_queue(candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
-    """Requests waiting in Triton's queues (all models), as Triton last reported."""
-    return [c.pending for c in candidates]
-
-
 def requests_in_flight(candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
     """Requests in flight: Envoy's live count, plus the picker's picks since, less estimated completions."""
     return in_flight
 
 
-def gpu_memory(candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+def pending_queue(candidate: Candidate) -> float:
+    """Requests waiting in Triton's queues (all models), as Triton last reported."""
+    return candidate.pending
+
+
+def gpu_memory(candidate: Candidate) -> float:
     """Fraction of GPU memory in use (0 where unknown, e.g. CPU hosts): less headroom, higher cost."""
-    return [c.gpu_memory for c in candidates]
+    return candidate.gpu_memory
 
 
 SCORERS: dict[ScorerName, Scorer] = {
     ScorerName.EXPECTED_COMPLETION: expected_completion,
-    ScorerName.PENDING_QUEUE: pending_queue,
     ScorerName.IN_FLIGHT: requests_in_flight,
+}
+STATIC_SCORERS: dict[ScorerName, StaticScorer] = {
+    ScorerName.PENDING_QUEUE: pending_queue,
     ScorerName.GPU_MEMORY: gpu_memory,
 }
 
 
+def _add_static_costs(candidates: list[Candidate], weights: dict[ScorerName, float]) -> None:
+    for name, weight in weights.items():
+        scorer = STATIC_SCORERS.get(name)
+        if scorer is None or not weight:
+            continue
+        values = [scorer(c) for c in candidates]
+        top = max(values, default=0.0)
+        if top > 0:
+            scale = weight / top
+            for c, v in zip(candidates, values, strict=True):
+                c.static_cost += v * scale
+
+
 def cost(candidates: Sequence[Candidate], weights: dict[ScorerName, float], now: float) -> list[float]:
     """Each scorer's costs normalised to [0, 1] (divided by the highest; all 0 if none is above 0), weighted
-    and summed."""
-    in_flight = [c.host.in_flight(now) for c in candidates]
-    total = [0.0] * len(candidates)
+    and summed. The static scorers' part was summed by :func:`prepare` over the candidates prepared
+    together, which are the ones compared here."""
+    in_flight = [c.in_flight(now) for c in candidates]
+    total = [c.static_cost for c in candidates]
     for name, weight in weights.items():
-        if weight:
-            values = SCORERS[name](candidates, in_flight)
-            top = max(values, default=0.0)
-            if top > 0:
-                scale = weight / top
-                total = [t + v * scale for t, v in zip(total, values, strict=True)]
+        scorer = SCORERS.get(name)
+        if scorer is None or not weight:
+            continue
+        values = scorer(candidates, in_flight)
+        top = max(values, default=0.0)
+        if top > 0:
+            scale = weight / top
+            total = [t + v * scale for t, v in zip(total, values, strict=True)]
     return total
