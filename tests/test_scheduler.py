@@ -221,6 +221,7 @@ def test_in_flight_estimate_drains_at_the_measured_service_rate() -> None:
 
 # --- profiles, pickers, saturation, sequences ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("service_ms", [None, 0.0, 5.0])
 @pytest.mark.parametrize("pending", [0, 3])
 def test_a_candidate_reads_the_same_in_flight_as_its_host(service_ms: float | None, pending: int) -> None:
@@ -234,7 +235,6 @@ def test_a_candidate_reads_the_same_in_flight_as_its_host(service_ms: float | No
     for t in at:
         host.record_pick(t, weight=2)
         assert candidate.in_flight(t + 0.002) == pytest.approx(host.in_flight(t + 0.002)), t
-
 
 
 def firsts(scheduler: Scheduler, request: InferenceRequest, n: int) -> Counter[str]:

@@ -295,7 +295,8 @@ def _header_map(values: Iterable[Any]) -> dict[str, str]:
     for h in values:
         key = h.key
         if key in READ_HEADERS:
-            out[key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+            raw = h.raw_value
+            out[key] = raw.decode("latin-1") if raw else h.value
     return out
 
 

@@ -59,6 +59,8 @@ class Scheduler:
         self._sample_size = max(2, fleet.picker.max_hosts)
         self._plans: dict[tuple[Tier, str, str | None], _Plan] = {}
         self._plans_generation = -1
+        # Per listed model and classified tier: the tiers to try, in order, each with its profile.
+        self._orders = {(m.name, tier): self._order(m, tier) for m in fleet.models for tier in m.tiers}
 
     def has_telemetry(self) -> bool:
         """Whether any host's repository index has arrived; before that every model would look unknown."""
@@ -70,33 +72,41 @@ class Scheduler:
             return self._any_host(request)
         if not self._store.model_known(model):
             return Reject(404, f"model '{model}' is not served by any host of this fleet", "unknown_model")
-        spec = self._specs.get(model) or self._implicit_spec(model)
+        spec = self._specs.get(model)
+        if spec is None:
+            spec = self._implicit_spec(model)
+            order = self._order(spec, classify(request, spec))
+        else:
+            order = self._orders[model, classify(request, spec)]
         now = self._store.now()
-        tier = classify(request, spec)
-        profile = self._fleet.profile(spec, tier)
-        tiers = (tier, *(t for t in spec.tiers if t is not tier)) if profile.spillover else (tier,)
         decision: Decision | None
         if request.sequence_id is not None:
-            decision = self._sequence(request, spec, tiers, now)
+            decision = self._sequence(request, order, now)
         else:
-            decision = self._balance(request, spec, tiers, now)
+            decision = self._balance(request, order, now)
         if decision is None:
             return self._no_route(request)
-        return self._commit(decision) if isinstance(decision, Route) else decision
+        return self._commit(decision, now) if isinstance(decision, Route) else decision
+
+    def _order(self, spec: ModelSpec, tier: Tier) -> tuple[tuple[Tier, Profile], ...]:
+        """The tiers a request of ``spec`` classified into ``tier`` may go to, in order, with their profiles:
+        its own, then (if its profile spills over) the model's other tiers."""
+        first = self._fleet.profile(spec, tier)
+        others = [t for t in spec.tiers if t is not tier] if first.spillover else []
+        return ((tier, first), *((t, self._fleet.profile(spec, t)) for t in others))
 
     def _balance(
-        self, request: InferenceRequest, spec: ModelSpec, tiers: tuple[Tier, ...], now: float
+        self, request: InferenceRequest, order: tuple[tuple[Tier, Profile], ...], now: float
     ) -> Decision | None:
         model, version = request.model or "", request.version
         saturated: Route | None = None
-        for candidate_tier in tiers:
-            profile = self._fleet.profile(spec, candidate_tier)
+        for candidate_tier, profile in order:
             candidates = self._candidates(candidate_tier, model, version, profile, now)
             if not candidates:
                 continue
             ranked = self._ranker.rank(profile.picker, candidates, profile.scorers, now)
             hosts = tuple([c.host for c in ranked])
-            reason = "classified" if candidate_tier is tiers[0] else "spillover"
+            reason = "classified" if candidate_tier is order[0][0] else "spillover"
             if not self._is_saturated(ranked[0], now):
                 return Route(candidate_tier, hosts, reason)
             saturated = saturated or Route(candidate_tier, hosts, "saturated")
@@ -104,13 +114,10 @@ class Scheduler:
             return Reject(429, f"model '{model}' is saturated; sheddable request refused", "shed", retry_after=True)
         return saturated
 
-    def _sequence(
-        self, request: InferenceRequest, spec: ModelSpec, tiers: tuple[Tier, ...], now: float
-    ) -> Route | None:
+    def _sequence(self, request: InferenceRequest, order: tuple[tuple[Tier, Profile], ...], now: float) -> Route | None:
         """The sequence's home among the first tier with candidates; load and saturation do not move it."""
         model, sequence_id = request.model or "", request.sequence_id or ""
-        for candidate_tier in tiers:
-            profile = self._fleet.profile(spec, candidate_tier)
+        for candidate_tier, profile in order:
             candidates = self._plan(candidate_tier, model, request.version, profile, now)
             if candidates:
                 ranked = rendezvous([c.host for c in candidates], model, sequence_id)[: self._fleet.picker.max_hosts]
@@ -194,9 +201,9 @@ class Scheduler:
             or best.completion_ms(in_flight) >= self._saturation.max_queue_ms
         )
 
-    def _commit(self, route: Route) -> Route:
+    def _commit(self, route: Route, now: float) -> Route:
         # Optimistic accounting until Envoy's next in-flight poll reconciles it.
-        route.hosts[0].record_pick(self._store.now(), self._pick_weight)
+        route.hosts[0].record_pick(now, self._pick_weight)
         return route
 
     def _any_host(self, request: InferenceRequest) -> Decision:
@@ -209,7 +216,7 @@ class Scheduler:
             return Reject(503, f"no {tier.value} host is ready right now", "no_ready_host", retry_after=True)
         weights = {ScorerName.IN_FLIGHT: 1.0}
         ranked = self._ranker.rank(PickerName.ARGMAX, prepare(passing, None, weights), weights, now)
-        return self._commit(Route(tier, tuple([c.host for c in ranked]), "no_model"))
+        return self._commit(Route(tier, tuple([c.host for c in ranked]), "no_model"), now)
 
     def _implicit_spec(self, model: str) -> ModelSpec:
         """A model the fleet file does not list is served from whichever tiers have it loaded."""

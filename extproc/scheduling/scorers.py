@@ -49,7 +49,7 @@ class Candidate:
 
     def completion_ms(self, in_flight: float) -> float:
         """When a request sent now would finish here, with ``in_flight`` requests ahead of it."""
-        if self.batch is not None and self.batching is not None:
+        if self.batching is not None and self.batch is not None:
             return completion_ms(self.batch, self.batching, in_flight)
         return self.base_ms + in_flight * self.drain_ms
 
@@ -149,7 +149,12 @@ Scorer = Callable[[Sequence[Candidate], list[float]], list[float]]
 
 def expected_completion(candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
     """When a new request would finish on each host (see :func:`prepare` for the estimate)."""
-    return [c.completion_ms(n) for c, n in zip(candidates, in_flight, strict=True)]
+    # Candidate.completion_ms, with its per-request branch inlined: a method call per candidate was most
+    # of this scorer's cost.
+    return [
+        c.base_ms + n * c.drain_ms if c.batching is None else c.completion_ms(n)
+        for c, n in zip(candidates, in_flight, strict=True)
+    ]
 
 
 def requests_in_flight(candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
@@ -195,14 +200,17 @@ def cost(candidates: Sequence[Candidate], weights: dict[ScorerName, float], now:
     and summed. The static scorers' part was summed by :func:`prepare` over the candidates prepared
     together, which are the ones compared here."""
     in_flight = [c.in_flight(now) for c in candidates]
-    total = [c.static_cost for c in candidates]
+    total: list[float] | None = None
     for name, weight in weights.items():
         scorer = SCORERS.get(name)
-        if scorer is None or not weight:
+        if scorer is None or not weight or not candidates:
             continue
         values = scorer(candidates, in_flight)
-        top = max(values, default=0.0)
+        top = max(values)  # max(..., default=) takes the slow, keyword path: 2x the cost here
         if top > 0:
             scale = weight / top
-            total = [t + v * scale for t, v in zip(total, values, strict=True)]
-    return total
+            if total is None:
+                total = [c.static_cost + v * scale for c, v in zip(candidates, values, strict=True)]
+            else:
+                total = [t + v * scale for t, v in zip(total, values, strict=True)]
+    return [c.static_cost for c in candidates] if total is None else total

@@ -22,7 +22,8 @@ class Priority(StrEnum):
     SHEDDABLE = "sheddable"  # may get 429 when its tier is saturated
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: built for every request, and a frozen init costs 3x (1.6 vs 0.6 µs with seven fields).
+@dataclass(slots=True)
 class InferenceRequest:
     """One request as the picker understands it, parsed from Envoy's headers (and, for gRPC, the first body
     chunk). ``model`` is None for requests that name no model (health, server metadata, repository)."""
@@ -37,7 +38,7 @@ class InferenceRequest:
     sequence_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, as InferenceRequest
 class Route:
     """Send the request to ``tier``'s cluster, trying ``hosts`` in order (best first)."""
 
