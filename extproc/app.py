@@ -35,6 +35,8 @@ log = structlog.get_logger(__name__)
 _CONFIG_POLL_S = 1.0
 # How long a new worker waits for the leader's first telemetry before serving (on empty data: 503s).
 _FIRST_SNAPSHOT_S = 10.0
+# How often a worker adds its decisions to the multiprocess directory the leader's /metrics reads.
+_WORKER_METRICS_FLUSH_S = 1.0
 # Health-checked service names: the server as a whole ("") and the ext_proc service.
 _HEALTH_SERVICES = ("", "envoy.service.ext_proc.v3.ExternalProcessor")
 
@@ -86,6 +88,7 @@ class Picker:
             self._server.add_insecure_port(fleet.picker.listen_addresses[worker])
         self._web: web.AppRunner | None = None
         self._telemetry: asyncio.Task[None] | None = None
+        self._flushing: asyncio.Task[None] | None = None
         self.workers: WorkerPool | None = None
         self.ready = False
 
@@ -107,6 +110,8 @@ class Picker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.subscriber.received.wait(), timeout=_FIRST_SNAPSHOT_S)
         self._start_discovering()
+        if self.role == "worker":
+            self._flushing = asyncio.create_task(self._flush_metrics(), name="metrics-flush")
         if self._server is not None:
             await self._server.start()
             for service in _HEALTH_SERVICES:
@@ -134,7 +139,13 @@ class Picker:
         site = web.TCPSite(self._web, self.fleet.picker.metrics_address, self.fleet.picker.metrics_port)
         await site.start()
 
+    async def _flush_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(_WORKER_METRICS_FLUSH_S)
+            self.metrics.flush()
+
     async def _metrics_page(self, _: web.Request) -> web.Response:
+        self.metrics.flush()
         body = generate_latest(self.metrics.registry)
         if self.workers is not None:
             body += self.workers.metrics()
@@ -233,6 +244,8 @@ class Picker:
             await self._server.stop(grace=1.0)
         await _cancel(self._discovering)
         await _cancel(self._telemetry)
+        await _cancel(self._flushing)
+        self.metrics.flush()
         if self.collector is not None:
             await self.collector.aclose()
         if self.publisher is not None:

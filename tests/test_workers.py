@@ -63,14 +63,20 @@ def test_both_workers_serve_and_metrics_are_summed(stack: Stack) -> None:
         assert status == 200, body
     counts = picker_endpoints(stack)
     assert len(counts) == 2 and all(n > 0 for n in counts.values()), counts
-    with urllib.request.urlopen(stack.metrics_url, timeout=5) as response:
-        text = response.read().decode()
-    decided = sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("extproc_decisions_total{") and 'model="embed_normalize"' in line
-    )
-    # More decisions than either worker handled streams: the leader's /metrics sums both workers'.
+    # Workers add their decisions to the shared directory once a second: wait up to a few flushes.
+    deadline = time.monotonic() + 5
+    while True:
+        with urllib.request.urlopen(stack.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        decided = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("extproc_decisions_total{") and 'model="embed_normalize"' in line
+        )
+        # More decisions than either worker handled streams: the leader's /metrics sums both workers'.
+        if decided > max(counts.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert decided > max(counts.values()), (decided, counts)
     assert 'extproc_telemetry_age_seconds{host="triton-a",source="metrics"}' in text
 

@@ -23,7 +23,6 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
-from prometheus_client import Counter
 
 from extproc.config import Fleet, Tier
 from extproc.handlers.parse import (
@@ -74,7 +73,6 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds-protos ships no stubs
     def __init__(self, fleet: Fleet, scheduler: Scheduler, metrics: PickerMetrics) -> None:
         self._metrics = metrics
-        self._decision_counters: dict[tuple[str, str, str, str], Counter] = {}
         self._tier_headers = {t: _header(TIER_HEADER, t.value) for t in Tier}
         self._answers: dict[tuple[Tier, str], ep.ProcessingResponse] = {}
         self.configure(fleet, scheduler)
@@ -252,16 +250,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
 
     def _record(self, decision: Decision, request: InferenceRequest, headers: dict[str, str], started: float) -> None:
         elapsed = time.perf_counter() - started
-        self._metrics.decision_seconds.observe(elapsed)
         model = request.model or ""
         if isinstance(decision, Route):
-            first = decision.hosts[0].name
-            key = (model, decision.tier.value, first, decision.reason)
-            counter = self._decision_counters.get(key)
-            if counter is None:
-                # labels() costs a lock and a dict lookup per call; the label sets are few and fixed.
-                counter = self._decision_counters[key] = self._metrics.decisions.labels(*key)
-            counter.inc()
+            # Tier is a StrEnum: its member is its label value, without the enum's slow .value lookup.
+            self._metrics.routed((model, decision.tier, decision.hosts[0].name, decision.reason), elapsed)
             if self._debug:
                 log.debug(
                     "routed",
@@ -276,6 +268,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                     decision_us=round(elapsed * 1e6, 1),
                 )
         else:
+            self._metrics.decision_seconds.observe(elapsed)
             self._metrics.rejections.labels(str(decision.status), decision.reason).inc()
             log.info(
                 "rejected",
