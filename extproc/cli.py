@@ -40,7 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     decision.add_argument("--iterations", type=int, default=20000)
     decision.add_argument("--pickers", nargs="+", default=["argmax", "power_of_two"], help="profiles to time")
     decision.add_argument("--json", help="also write the results here")
+    instructions = bench_sub.add_parser(
+        "instructions", help="The in-process request path in instructions per request (valgrind; noise-free)."
+    )
+    instructions.add_argument("--hosts", type=int, default=3)
+    instructions.add_argument("--iterations", type=int, default=1000, help="requests in the shorter of the two runs")
+    from extproc.bench import instructions as instructions_bench
     from extproc.bench import overhead as overhead_bench
+
+    instructions.add_argument(
+        "--parts", nargs="+", choices=instructions_bench.PARTS, default=list(instructions_bench.PARTS)
+    )
 
     overhead = bench_sub.add_parser(
         "overhead",
@@ -81,6 +91,10 @@ def _bench(args: argparse.Namespace) -> int:
         from extproc.bench import routing as bench_routing
 
         return bench_routing.run_from_args(args)
+    if args.bench == "instructions":
+        from extproc.bench import instructions as bench_instructions
+
+        return bench_instructions.main(args.parts, args.hosts, args.iterations)
     from extproc.bench import decision
 
     return decision.main(args.hosts, args.iterations, args.pickers, args.json)

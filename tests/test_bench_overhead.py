@@ -19,7 +19,7 @@ import yaml
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from extproc.bench import decision
+from extproc.bench import decision, instructions
 from extproc.bench import overhead as ov
 from extproc.bench.overhead_server import CONSTANT_RESPONSE, BareProcessor, picker_servicer, touch_datastore
 from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, ROUTER_FILTER, render_bootstrap
@@ -583,3 +583,17 @@ def test_overhead_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
         "added_p50_at_500_rps_ms",
         "added_p99_at_500_rps_ms",
     }
+
+
+@pytest.mark.parametrize("part", instructions.PARTS)
+def test_bench_instructions_runs_each_part_of_the_request_path(part: str) -> None:
+    run = instructions.part_runner(part, 3)
+    run(3)  # what valgrind counts; an error here would fail the benchmark's run
+
+
+def test_bench_instructions_reads_callgrinds_count() -> None:
+    output = "==1== Events    : Ir\n==1== Collected : 3051014446\n==1==\n==1== I   refs:      3,051,014,446\n"
+    assert instructions.parse_collected(output) == 3_051_014_446
+    assert instructions.per_request(3_000_000, 3_400_000, 4000) == 100
+    with pytest.raises(RuntimeError, match="no instruction count"):
+        instructions.parse_collected("valgrind: command not found")

@@ -75,7 +75,7 @@ def _time(fn: Callable[[], object], iterations: int) -> list[int]:
     return samples
 
 
-def _rest_request_bytes(model: str) -> bytes:
+def rest_request_bytes(model: str) -> bytes:
     headers = [
         (":method", "POST"),
         (":path", f"/v2/models/{model}/infer"),
@@ -111,7 +111,7 @@ def _measure(n_hosts: int, iterations: int, picker: str, loop: asyncio.AbstractE
     scheduler = Scheduler(fleet, store)
     processor = Processor(fleet, scheduler, PickerMetrics(store))
     request = InferenceRequest(Protocol.HTTP, "mlp", size_bytes=512)
-    payload = _rest_request_bytes("mlp")
+    payload = rest_request_bytes("mlp")
     for _ in range(200):  # warm-up
         scheduler.decide(request)
         loop.run_until_complete(_one_stream(processor, payload))
