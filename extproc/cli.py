@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     instructions.add_argument(
         "--parts", nargs="+", choices=instructions_bench.PARTS, default=list(instructions_bench.PARTS)
     )
+    instructions.add_argument(
+        "--processes", action="store_true", help="instead: the bare and the picker processor processes, over gRPC"
+    )
 
     overhead = bench_sub.add_parser(
         "overhead",
@@ -94,7 +97,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.bench == "instructions":
         from extproc.bench import instructions as bench_instructions
 
-        return bench_instructions.main(args.parts, args.hosts, args.iterations)
+        return bench_instructions.main(args.parts, args.hosts, args.iterations, args.processes)
     from extproc.bench import decision
 
     return decision.main(args.hosts, args.iterations, args.pickers, args.json)

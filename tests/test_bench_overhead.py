@@ -597,3 +597,10 @@ def test_bench_instructions_reads_callgrinds_count() -> None:
     assert instructions.per_request(3_000_000, 3_400_000, 4000) == 100
     with pytest.raises(RuntimeError, match="no instruction count"):
         instructions.parse_collected("valgrind: command not found")
+
+
+@pytest.mark.parametrize("variant", ["bare", "picker"])
+def test_bench_instructions_starts_drives_and_stops_each_processor(variant: str, tmp_path: Path) -> None:
+    # Without valgrind in front (an empty prefix) the run is the same but nothing counts instructions.
+    with pytest.raises(RuntimeError, match="no instruction count"):
+        instructions.count_process([], variant, 5, tmp_path)

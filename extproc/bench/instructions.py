@@ -10,6 +10,13 @@ The fleet is :func:`extproc.bench.decision.synthetic_fleet` (``--hosts`` hosts, 
 small REST inference request. Parts: ``edge`` (the whole ``Processor.Process`` of one request), ``headers``
 (the header map), ``request`` (the InferenceRequest from the path and headers), ``decide``, ``answer`` (the
 ProcessingResponse) and ``record`` (the decision's metrics).
+
+``--processes`` counts the two processors of ``extproc bench overhead`` instead (the bare constant-answer
+processor and the picker's request path, each its own grpc.aio server process under callgrind), driven one
+stream at a time by a gRPC client over a Unix socket: gRPC's and asyncio's work included, Envoy left out.
+Their ratio is the instruction-count analogue of the overhead benchmark's throughput ratio (kernel time is
+not counted). The picker's stand-in collector refreshes the datastore every 200 ms of wall time, which
+under valgrind's slowdown adds a little to each request.
 """
 
 from __future__ import annotations
@@ -17,9 +24,13 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Final
 
 PARTS: Final = ("edge", "headers", "request", "decide", "answer", "record")
@@ -97,8 +108,13 @@ def per_request(short: int, long: int, extra_requests: int) -> int:
     return round((long - short) / extra_requests)
 
 
+def callgrind(valgrind: str) -> list[str]:
+    """The command prefix that counts a program's instructions (and writes no profile)."""
+    return [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+
+
 def _count(valgrind: str, part: str, n: int, n_hosts: int) -> int:
-    argv = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m", __name__]
+    argv = [*callgrind(valgrind), sys.executable, "-m", __name__]
     result = subprocess.run(
         [*argv, "--run", part, str(n), str(n_hosts)], capture_output=True, text=True, check=False, timeout=1800
     )
@@ -107,11 +123,73 @@ def _count(valgrind: str, part: str, n: int, n_hosts: int) -> int:
     return parse_collected(result.stderr)
 
 
-def main(parts: Sequence[str], n_hosts: int, iterations: int) -> int:
+def _drive(listen: str, n: int) -> None:
+    """``n`` ext_proc streams of one request-headers message each, one after the other."""
+    import grpc
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+    from extproc.bench.decision import rest_request_bytes
+
+    first = ep.ProcessingRequest.FromString(rest_request_bytes("mlp"))
+    with grpc.insecure_channel(listen) as channel:
+        stub = ep_grpc.ExternalProcessorStub(channel)
+        for _ in range(n):
+            answers = list(stub.Process(iter([first]), timeout=120))
+            if len(answers) != 1 or not answers[0].HasField("request_headers"):
+                raise RuntimeError(f"unexpected answer from the processor: {answers}")
+
+
+def count_process(valgrind: Sequence[str], variant: str, n: int, workdir: Path) -> int:
+    """Instructions the processor ``variant`` ran, start to stop, serving ``n`` streams; ``valgrind`` is the
+    command line that counts them (see :func:`callgrind`)."""
+    from extproc.bench.overhead import READY_LINE, bench_fleet
+
+    listen = f"unix:{workdir / variant}.sock"
+    argv = [*valgrind, sys.executable, "-m", "extproc.bench.overhead_server", variant, "--listen", listen]
+    if variant == "picker":
+        # Three hosts on ports nobody serves: nothing is sent to them, the picker only decides.
+        fleet = bench_fleet([1, 2, 3], [4, 5, 6, 7, 8, 9], listen, 10, 11)
+        config = workdir / "fleet.yaml"
+        config.write_text(fleet.model_dump_json(), encoding="utf-8")
+        argv += ["--config", str(config)]
+    stderr = workdir / f"{variant}-{n}.err"
+    with stderr.open("w") as err:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()  # blocks until READY (minutes at most under valgrind) or exit
+            if line.strip() != READY_LINE:
+                raise RuntimeError(f"the {variant} processor did not start:\n{stderr.read_text()[-2000:]}")
+            _drive(listen, n)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=300)
+    return parse_collected(stderr.read_text())
+
+
+def processes(valgrind: str, iterations: int) -> int:
+    print(f"instructions per request, whole processor process (callgrind; x{iterations} and x{5 * iterations})")
+    counts: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="extproc-instructions-") as tmp:
+        for variant in ("bare", "picker"):
+            print(f"[bench instructions] {variant} processor ...", file=sys.stderr, flush=True)
+            started = time.monotonic()
+            short = count_process(callgrind(valgrind), variant, iterations, Path(tmp))
+            long = count_process(callgrind(valgrind), variant, 5 * iterations, Path(tmp))
+            counts[variant] = per_request(short, long, 4 * iterations)
+            print(f"{variant:>8} {counts[variant]:>9,}  ({time.monotonic() - started:.0f} s)", flush=True)
+    print(f"bare / picker: {counts['bare'] / counts['picker']:.3f}")
+    return 0
+
+
+def main(parts: Sequence[str], n_hosts: int, iterations: int, whole_processes: bool = False) -> int:
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         print(VALGRIND_HINT, file=sys.stderr)
         return 2
+    if whole_processes:
+        return processes(valgrind, iterations)
     print(f"instructions per request, in-process, {n_hosts} hosts (callgrind; x{iterations} and x{5 * iterations})")
     for part in parts:
         print(f"[bench instructions] {part} ...", file=sys.stderr, flush=True)
