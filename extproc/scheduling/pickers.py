@@ -46,8 +46,7 @@ class Ranker:
         """Lowest cost first. Equal costs rotate, so ties (e.g. an idle fleet) do not herd onto one host."""
         costs = cost(hosts, weights, now)
         n = len(hosts)
-        self._turn += 1
-        start = self._turn % n
+        start = self._next_turn() % n
         # Sorting is stable: listing the hosts from this turn's start breaks the ties in turn.
         order = sorted([*range(start, n), *range(start)], key=costs.__getitem__)
         return [hosts[i] for i in order[: self.max_hosts]]
