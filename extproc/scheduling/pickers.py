@@ -6,8 +6,11 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from extproc.config import PickerName, ScorerName
-from extproc.scheduling.scorers import Candidate, cost
+from extproc.config import PickerName
+from extproc.scheduling.scorers import Candidate, WeightedScorers, cost
+
+# A picker: (candidates, the profile's per-request scorers, now) → the candidates to try, best first.
+Picker = Callable[[Sequence[Candidate], WeightedScorers, float], list[Candidate]]
 
 
 class Ranker:
@@ -17,9 +20,7 @@ class Ranker:
         self.max_hosts = max_hosts
         self._rng = rng or random.Random()
         self._turn = 0
-        self._pickers: dict[
-            PickerName, Callable[[Sequence[Candidate], dict[ScorerName, float], float], list[Candidate]]
-        ] = {
+        self._pickers: dict[PickerName, Picker] = {
             PickerName.ARGMAX: self.argmax,
             # The scheduler draws power_of_two's sample (see Scheduler._sample); the best of it wins.
             PickerName.POWER_OF_TWO: self.argmax,
@@ -27,43 +28,35 @@ class Ranker:
             PickerName.ROUND_ROBIN: self.round_robin,
         }
 
-    def rank(
-        self,
-        picker: PickerName,
-        hosts: Sequence[Candidate],
-        weights: dict[ScorerName, float],
-        now: float,
-    ) -> list[Candidate]:
-        if len(hosts) == 1:
-            return [hosts[0]]
-        return self._pickers[picker](hosts, weights, now)
+    def picker(self, name: PickerName) -> Picker:
+        """The picker called ``name``; resolved once per profile, since every request needs one. Each takes
+        two or more candidates (a single candidate needs no ranking)."""
+        return self._pickers[name]
 
     def _next_turn(self) -> int:
         self._turn += 1
         return self._turn
 
-    def argmax(self, hosts: Sequence[Candidate], weights: dict[ScorerName, float], now: float) -> list[Candidate]:
+    def argmax(self, hosts: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[Candidate]:
         """Lowest cost first. Equal costs rotate, so ties (e.g. an idle fleet) do not herd onto one host."""
-        costs = cost(hosts, weights, now)
+        costs = cost(hosts, scorers, now)
         n = len(hosts)
         start = self._next_turn() % n
         # Sorting is stable: listing the hosts from this turn's start breaks the ties in turn.
         order = sorted([*range(start, n), *range(start)], key=costs.__getitem__)
         return [hosts[i] for i in order[: self.max_hosts]]
 
-    def weighted_random(
-        self, hosts: Sequence[Candidate], weights: dict[ScorerName, float], now: float
-    ) -> list[Candidate]:
+    def weighted_random(self, hosts: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[Candidate]:
         """First pick at random, with weight (1 - normalised cost) + 0.05 so no candidate starves; retries
         by cost."""
-        costs = cost(hosts, weights, now)
+        costs = cost(hosts, scorers, now)
         top = max(costs) or 1.0
         chances = [1.0 - c / top + 0.05 for c in costs]
         first = self._rng.choices(range(len(hosts)), weights=chances)[0]
         rest = sorted((i for i in range(len(hosts)) if i != first), key=costs.__getitem__)
         return [hosts[i] for i in [first, *rest][: self.max_hosts]]
 
-    def round_robin(self, hosts: Sequence[Candidate], weights: dict[ScorerName, float], now: float) -> list[Candidate]:
+    def round_robin(self, hosts: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[Candidate]:
         """Each candidate in turn, ignoring scores: the baseline the others are compared against."""
         n, start = len(hosts), self._next_turn()
         return [hosts[(start + k) % n] for k in range(min(n, self.max_hosts))]

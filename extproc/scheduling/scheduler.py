@@ -24,11 +24,16 @@ from extproc.datastore import Datastore, HostState
 from extproc.scheduling import filters
 from extproc.scheduling.affinity import rendezvous
 from extproc.scheduling.classify import classify
-from extproc.scheduling.pickers import Ranker
-from extproc.scheduling.scorers import Candidate, prepare
+from extproc.scheduling.pickers import Picker, Ranker
+from extproc.scheduling.scorers import Candidate, WeightedScorers, per_request, prepare
 from extproc.scheduling.types import Decision, InferenceRequest, Priority, Reject, Route
 
 _METRICS_AT, _INDEX_AT = attrgetter("metrics_at"), attrgetter("index_at")
+# Requests that name no model go to the live host with the fewest requests in flight.
+_ANY_HOST_WEIGHTS = {ScorerName.IN_FLIGHT: 1.0}
+_ANY_HOST_SCORERS = per_request(_ANY_HOST_WEIGHTS)
+# One tier a request may go to, with its profile, and the profile's picker and per-request scorers resolved.
+_Step = tuple[Tier, Profile, Picker, WeightedScorers]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +64,7 @@ class Scheduler:
         self._sample_size = max(2, fleet.picker.max_hosts)
         self._plans: dict[tuple[Tier, str, str | None], _Plan] = {}
         self._plans_generation = -1
+        self._argmax = self._ranker.picker(PickerName.ARGMAX)
         # Per listed model and classified tier: the tiers to try, in order, each with its profile.
         self._orders = {(m.name, tier): self._order(m, tier) for m in fleet.models for tier in m.tiers}
 
@@ -88,23 +94,24 @@ class Scheduler:
             return self._no_route(request)
         return self._commit(decision, now) if isinstance(decision, Route) else decision
 
-    def _order(self, spec: ModelSpec, tier: Tier) -> tuple[tuple[Tier, Profile], ...]:
+    def _order(self, spec: ModelSpec, tier: Tier) -> tuple[_Step, ...]:
         """The tiers a request of ``spec`` classified into ``tier`` may go to, in order, with their profiles:
         its own, then (if its profile spills over) the model's other tiers."""
         first = self._fleet.profile(spec, tier)
         others = [t for t in spec.tiers if t is not tier] if first.spillover else []
-        return ((tier, first), *((t, self._fleet.profile(spec, t)) for t in others))
+        return tuple(self._step(t, self._fleet.profile(spec, t)) for t in (tier, *others))
 
-    def _balance(
-        self, request: InferenceRequest, order: tuple[tuple[Tier, Profile], ...], now: float
-    ) -> Decision | None:
+    def _step(self, tier: Tier, profile: Profile) -> _Step:
+        return tier, profile, self._ranker.picker(profile.picker), per_request(profile.scorers)
+
+    def _balance(self, request: InferenceRequest, order: tuple[_Step, ...], now: float) -> Decision | None:
         model, version = request.model or "", request.version
         saturated: Route | None = None
-        for candidate_tier, profile in order:
+        for candidate_tier, profile, pick, scorers in order:
             candidates = self._candidates(candidate_tier, model, version, profile, now)
             if not candidates:
                 continue
-            ranked = self._ranker.rank(profile.picker, candidates, profile.scorers, now)
+            ranked = pick(candidates, scorers, now) if len(candidates) > 1 else candidates
             hosts = tuple([c.host for c in ranked])
             reason = "classified" if candidate_tier is order[0][0] else "spillover"
             if not self._is_saturated(ranked[0], now):
@@ -114,10 +121,10 @@ class Scheduler:
             return Reject(429, f"model '{model}' is saturated; sheddable request refused", "shed", retry_after=True)
         return saturated
 
-    def _sequence(self, request: InferenceRequest, order: tuple[tuple[Tier, Profile], ...], now: float) -> Route | None:
+    def _sequence(self, request: InferenceRequest, order: tuple[_Step, ...], now: float) -> Route | None:
         """The sequence's home among the first tier with candidates; load and saturation do not move it."""
         model, sequence_id = request.model or "", request.sequence_id or ""
-        for candidate_tier, profile in order:
+        for candidate_tier, profile, _, _ in order:
             candidates = self._plan(candidate_tier, model, request.version, profile, now)
             if candidates:
                 ranked = rendezvous([c.host for c in candidates], model, sequence_id)[: self._fleet.picker.max_hosts]
@@ -214,8 +221,8 @@ class Scheduler:
         passing = filters.passing(self._store.by_tier[tier], profile.filters, now, max_age)
         if not passing:
             return Reject(503, f"no {tier.value} host is ready right now", "no_ready_host", retry_after=True)
-        weights = {ScorerName.IN_FLIGHT: 1.0}
-        ranked = self._ranker.rank(PickerName.ARGMAX, prepare(passing, None, weights), weights, now)
+        candidates = prepare(passing, None, _ANY_HOST_WEIGHTS)
+        ranked = self._argmax(candidates, _ANY_HOST_SCORERS, now) if len(candidates) > 1 else candidates
         return self._commit(Route(tier, tuple([c.host for c in ranked]), "no_model"), now)
 
     def _implicit_spec(self, model: str) -> ModelSpec:

@@ -151,9 +151,10 @@ def expected_completion(candidates: Sequence[Candidate], in_flight: list[float])
     """When a new request would finish on each host (see :func:`prepare` for the estimate)."""
     # Candidate.completion_ms, with its per-request branch inlined: a method call per candidate was most
     # of this scorer's cost.
+    # zip without strict=: its keyword path costs a third of this loop, and the lengths match by construction.
     return [
         c.base_ms + n * c.drain_ms if c.batching is None else c.completion_ms(n)
-        for c, n in zip(candidates, in_flight, strict=True)
+        for c, n in zip(candidates, in_flight)  # noqa: B905
     ]
 
 
@@ -195,22 +196,30 @@ def _add_static_costs(candidates: list[Candidate], weights: dict[ScorerName, flo
                 c.static_cost += v * scale
 
 
-def cost(candidates: Sequence[Candidate], weights: dict[ScorerName, float], now: float) -> list[float]:
+# A profile's per-request scorers and their weights, resolved once per profile (see :func:`per_request`).
+WeightedScorers = tuple[tuple[Scorer, float], ...]
+
+
+def per_request(weights: dict[ScorerName, float]) -> WeightedScorers:
+    """The scorers among ``weights`` that :func:`cost` runs per request (the static ones are in
+    :attr:`Candidate.static_cost`), without those weighted 0."""
+    return tuple((SCORERS[name], weight) for name, weight in weights.items() if weight and name in SCORERS)
+
+
+def cost(candidates: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[float]:
     """Each scorer's costs normalised to [0, 1] (divided by the highest; all 0 if none is above 0), weighted
     and summed. The static scorers' part was summed by :func:`prepare` over the candidates prepared
     together, which are the ones compared here."""
     in_flight = [c.in_flight(now) for c in candidates]
     total: list[float] | None = None
-    for name, weight in weights.items():
-        scorer = SCORERS.get(name)
-        if scorer is None or not weight or not candidates:
-            continue
+    for scorer, weight in scorers:
         values = scorer(candidates, in_flight)
         top = max(values)  # max(..., default=) takes the slow, keyword path: 2x the cost here
         if top > 0:
             scale = weight / top
+            # zip without strict=, as in expected_completion: one value per candidate, by construction.
             if total is None:
-                total = [c.static_cost + v * scale for c, v in zip(candidates, values, strict=True)]
+                total = [c.static_cost + v * scale for c, v in zip(candidates, values)]  # noqa: B905
             else:
-                total = [t + v * scale for t, v in zip(total, values, strict=True)]
+                total = [t + v * scale for t, v in zip(total, values)]  # noqa: B905
     return [c.static_cost for c in candidates] if total is None else total
