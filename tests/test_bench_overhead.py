@@ -23,7 +23,7 @@ from extproc.bench import decision, instructions
 from extproc.bench import overhead as ov
 from extproc.bench.overhead_server import CONSTANT_RESPONSE, BareProcessor, picker_servicer, touch_datastore
 from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, ROUTER_FILTER, render_bootstrap
-from extproc.headers import HOSTS_HEADER, PICKER_CLUSTER, TIER_HEADER
+from extproc.headers import HOSTS_HEADER, PICKER_CLUSTER, READ_HEADERS, TIER_HEADER
 from extproc.runtime.ports import free_ports
 
 UPSTREAM = [18001, 18002, 18003]
@@ -545,6 +545,14 @@ def test_decision_benchmark_times_each_path() -> None:
         for path in ("decide", "decide_after_change", "edge"):
             timing = result[path]
             assert 0 < timing["p50_us"] <= timing["p99_us"], (result["picker"], result["hosts"], path)
+
+
+def test_in_process_benchmarks_send_only_headers_envoy_forwards() -> None:
+    # Envoy's forward_rules pass READ_HEADERS only (seen from a real Envoy in the overhead bench: :path,
+    # content-length, x-request-id); a header beyond them would count work the picker never does.
+    message = ep.ProcessingRequest.FromString(decision.rest_request_bytes("mlp"))
+    keys = [h.key for h in message.request_headers.headers.headers]
+    assert set(keys) <= READ_HEADERS and ":path" in keys, keys
 
 
 # ---------------------------------------------------------------------------------------------- the run

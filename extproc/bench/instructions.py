@@ -7,7 +7,8 @@ and reports the difference per request: start-up and imports cancel out. Instruc
 miss costs more than an add), but a change that removes instructions from the path removes time from it.
 
 The fleet is :func:`extproc.bench.decision.synthetic_fleet` (``--hosts`` hosts, argmax), and the request a
-small REST inference request. Parts: ``edge`` (the whole ``Processor.Process`` of one request), ``headers``
+small REST inference request with the headers Envoy forwards to the picker. Parts: ``edge`` (one ext_proc
+stream as gRPC runs it: the request bytes parsed, ``Processor.Process``, the answer serialised), ``headers``
 (the header map), ``request`` (the InferenceRequest from the path and headers), ``decide``, ``answer`` (the
 ProcessingResponse) and ``record`` (the decision's metrics).
 
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -38,27 +39,11 @@ _COLLECTED = re.compile(r"Collected : (\d+)")
 VALGRIND_HINT: Final = "valgrind is not installed: `apt-get install -y valgrind` (Debian/Ubuntu)"
 
 
-class _OneMessage:
-    """The request side of one ext_proc stream: its request-headers message, then the end."""
-
-    def __init__(self, message: object) -> None:
-        self._message: object | None = message
-
-    def __aiter__(self) -> _OneMessage:
-        return self
-
-    async def __anext__(self) -> object:
-        message, self._message = self._message, None
-        if message is None:
-            raise StopAsyncIteration
-        return message
-
-
 def part_runner(part: str, n_hosts: int) -> Callable[[int], None]:
     """A function that runs ``part`` of the request path n times."""
     from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-    from extproc.bench.decision import rest_request_bytes, synthetic_fleet
+    from extproc.bench.decision import one_stream, rest_request_bytes, synthetic_fleet
     from extproc.handlers import server
     from extproc.metrics import PickerMetrics
     from extproc.scheduling.scheduler import Scheduler
@@ -66,16 +51,15 @@ def part_runner(part: str, n_hosts: int) -> Callable[[int], None]:
     fleet, store = synthetic_fleet(n_hosts, "argmax")
     scheduler = Scheduler(fleet, store)
     processor = server.Processor(fleet, scheduler, PickerMetrics(store))
-    first = ep.ProcessingRequest.FromString(rest_request_bytes("mlp"))
+    payload = rest_request_bytes("mlp")
+    first = ep.ProcessingRequest.FromString(payload)
     headers = server._header_map(first.request_headers.headers.headers)
     request = processor._rest_request(headers[":path"], headers)
     decision = scheduler.decide(request)
 
     async def streams(n: int) -> None:
         for _ in range(n):
-            stream: AsyncIterator[object] = processor.Process(_OneMessage(first), None)  # type: ignore[arg-type]
-            async for _ in stream:
-                pass
+            await one_stream(processor, payload)
 
     once: dict[str, Callable[[], object]] = {
         "headers": lambda: server._header_map(first.request_headers.headers.headers),
