@@ -251,6 +251,27 @@ def kill_and_wait(pid: int, sig: int = signal.SIGKILL, timeout_s: float = 10.0) 
     wait_for(lambda: not alive(pid), timeout_s, f"process {pid} to die", interval_s=0.02)
 
 
+def kill_triton_host(pid: int) -> None:
+    """SIGKILL Triton ``pid`` and then its python-backend stubs, as a host going down takes them all. A stub
+    whose server was killed alone usually exits by itself, but once in CI one outlived the test run."""
+    stubs = _children(pid)
+    kill_and_wait(pid)
+    for stub in stubs:
+        with contextlib.suppress(ProcessLookupError):
+            kill_and_wait(stub)
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat_file.read_text().rsplit(") ", 1)[1].split()[1]) == pid:
+                children.append(int(stat_file.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return children
+
+
 _SHM_PREFIX = "triton_python_backend_shm_region_"
 
 
@@ -258,12 +279,10 @@ def triton_shm_regions(pid: int) -> list[Path]:
     """The shared-memory regions of Triton ``pid``'s python-backend stubs (named on their command lines).
     A Triton that dies by SIGKILL or abort leaves them in /dev/shm."""
     regions = []
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+    for child in _children(pid):
         try:
-            if int(stat_file.read_text().rsplit(") ", 1)[1].split()[1]) != pid:
-                continue
-            argv = stat_file.with_name("cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
             continue
         regions += [Path("/dev/shm", a.decode()) for a in argv if a.startswith(_SHM_PREFIX.encode())]
     return regions

@@ -38,6 +38,7 @@ from tests.stack import (
     alive,
     http_status,
     kill_and_wait,
+    kill_triton_host,
     local_fleet,
     picker_view,
     picks,
@@ -197,7 +198,7 @@ def test_sigkill_triton_host(healthy: FaultStack) -> None:
         spec = process_spec(pid)
         regions = triton_shm_regions(pid)
         killed_at = time.time()
-        kill_and_wait(pid)
+        kill_triton_host(pid)
         load.sleep_until(6)
         restarted_at = time.time()
         spawn(fleet.stack, victim, spec)
@@ -504,7 +505,7 @@ def test_whole_tier_down(healthy: FaultStack) -> None:
         spec = process_spec(pid)
         regions = triton_shm_regions(pid)
         killed_at = time.time()
-        kill_and_wait(pid)
+        kill_triton_host(pid)
         try:
             wait_for(lambda: not routable(fleet.stack, "triton-c"), 10, "triton-c out of the picker's view")
             time.sleep(0.5)
