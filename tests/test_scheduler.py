@@ -168,6 +168,20 @@ def test_model_not_in_fleet_file_served_where_loaded(store: Datastore) -> None:
     assert decision.tier is Tier.CPU and names(decision) == ["c1"]
 
 
+def test_model_not_in_fleet_file_follows_where_it_is_loaded(store: Datastore) -> None:
+    # The scheduler keeps an unlisted model's tiers between decisions; a change of where it is loaded must
+    # reach the next decision all the same.
+    scheduler = Scheduler(store.fleet, store)
+    c1, g2 = store.hosts["c1"], store.hosts["g2"]
+    store.update_index(c1, {**c1.ready, "extra": frozenset({"1"})}, frozenset({*c1.known, "extra"}), store.now())
+    assert names(scheduler.decide(http("extra"))) == ["c1"]
+    assert names(scheduler.decide(http("extra"))) == ["c1"]
+    store.update_index(g2, {**g2.ready, "extra": frozenset({"1"})}, frozenset({*g2.known, "extra"}), store.now())
+    store.update_index(c1, {"mlp": frozenset({"1"})}, frozenset({"mlp", "extra"}), store.now())
+    decision = route(scheduler.decide(http("extra")))
+    assert decision.tier is Tier.GPU and names(decision) == ["g2"]
+
+
 def test_max_hosts_bounds_the_retry_list() -> None:
     f = fleet(picker={"max_hosts": 2})
     s = Datastore(f, clock=frozen)

@@ -67,6 +67,10 @@ class Scheduler:
         self._argmax = self._ranker.picker(PickerName.ARGMAX)
         # Per listed model and classified tier: the tiers to try, in order, each with its profile.
         self._orders = {(m.name, tier): self._order(m, tier) for m in fleet.models for tier in m.tiers}
+        # The same for models the fleet file does not list, until the datastore changes (see _implicit_order).
+        self._implicit_orders: dict[tuple[str, Tier], tuple[_Step, ...]] = {}
+        self._implicit_specs: dict[str, ModelSpec] = {}
+        self._implicit_generation = -1
 
     def has_telemetry(self) -> bool:
         """Whether any host's repository index has arrived; before that every model would look unknown."""
@@ -79,11 +83,7 @@ class Scheduler:
         if not self._store.model_known(model):
             return Reject(404, f"model '{model}' is not served by any host of this fleet", "unknown_model")
         spec = self._specs.get(model)
-        if spec is None:
-            spec = self._implicit_spec(model)
-            order = self._order(spec, classify(request, spec))
-        else:
-            order = self._orders[model, classify(request, spec)]
+        order = self._implicit_order(model, request) if spec is None else self._orders[model, classify(request, spec)]
         now = self._store.now()
         decision: Decision | None
         if request.sequence_id is not None:
@@ -224,6 +224,23 @@ class Scheduler:
         candidates = prepare(passing, None, _ANY_HOST_WEIGHTS)
         ranked = self._argmax(candidates, _ANY_HOST_SCORERS, now) if len(candidates) > 1 else candidates
         return self._commit(Route(tier, tuple([c.host for c in ranked]), "no_model"), now)
+
+    def _implicit_order(self, model: str, request: InferenceRequest) -> tuple[_Step, ...]:
+        """The tiers to try for a model the fleet file does not list. Its spec depends on where it is loaded,
+        so spec and orders are kept until the datastore changes: building them took more than the rest of
+        the decision. Only models some host knows get here, so the repositories bound these keys."""
+        if self._implicit_generation != self._store.generation:
+            self._implicit_specs.clear()
+            self._implicit_orders.clear()
+            self._implicit_generation = self._store.generation
+        spec = self._implicit_specs.get(model)
+        if spec is None:
+            spec = self._implicit_specs[model] = self._implicit_spec(model)
+        key = (model, classify(request, spec))
+        order = self._implicit_orders.get(key)
+        if order is None:
+            order = self._implicit_orders[key] = self._order(spec, key[1])
+        return order
 
     def _implicit_spec(self, model: str) -> ModelSpec:
         """A model the fleet file does not list is served from whichever tiers have it loaded."""
