@@ -21,10 +21,18 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc.bench import decision, instructions
 from extproc.bench import overhead as ov
-from extproc.bench.overhead_server import CONSTANT_RESPONSE, BareProcessor, picker_servicer, touch_datastore
+from extproc.bench.overhead_server import (
+    CONSTANT_RESPONSE,
+    BareProcessor,
+    fleet_routing_answer,
+    picker_servicer,
+    touch_datastore,
+)
+from extproc.config import Tier
 from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, ROUTER_FILTER, render_bootstrap
 from extproc.headers import HOSTS_HEADER, PICKER_CLUSTER, READ_HEADERS, TIER_HEADER
 from extproc.runtime.ports import free_ports
+from extproc.scheduling.types import InferenceRequest, Protocol, Route
 
 UPSTREAM = [18001, 18002, 18003]
 SPARE = [18101, 18102, 18103, 18104, 18105, 18106]
@@ -522,6 +530,19 @@ async def test_bare_processor_answers_headers_with_the_constant() -> None:
     assert not CONSTANT_RESPONSE.request_headers.response.HasField("header_mutation")
 
 
+async def test_bare_processor_can_answer_as_the_picker_routes() -> None:
+    fleet = ov.bench_fleet(UPSTREAM, SPARE, "unix:/tmp/p.sock", 18080, 18090)
+    (response,) = await _stream(BareProcessor(fleet_routing_answer(fleet)), [_headers_message("/v2/models/m/infer")])
+    common = response.request_headers.response
+    headers = {h.header.key: h.header.raw_value.decode() for h in common.header_mutation.set_headers}
+    assert headers == {TIER_HEADER: "gpu", HOSTS_HEADER: ",".join(f"127.0.0.1:{p}" for p in UPSTREAM)}
+    assert common.clear_route_cache
+    # The picker's own answer for a route over the same hosts is this very message.
+    processor, _ = picker_servicer(fleet)
+    decision = Route(Tier.GPU, tuple(processor._scheduler._store.hosts.values()), "classified")
+    assert processor._answer(decision, InferenceRequest(Protocol.HTTP, ov.MODEL), {}) == response
+
+
 async def test_picker_servicer_makes_real_decisions() -> None:
     fleet = ov.bench_fleet(UPSTREAM, SPARE, "unix:/tmp/p.sock", 18080, 18090)
     processor, store = picker_servicer(fleet)
@@ -591,6 +612,19 @@ def test_overhead_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
         "added_p50_at_500_rps_ms",
         "added_p99_at_500_rps_ms",
     }
+
+
+@pytest.mark.e2e
+def test_overhead_bench_with_a_routing_bare_processor(tmp_path: Path) -> None:
+    """--bare-answer routing: start-up checks that the bare gateway now routes to the upstream hosts too."""
+    output = tmp_path / "overhead.json"
+    argv = ["--no-wrk", "--bare-answer", "routing", "--rates", "100", "--duration", "1", "--rounds", "1"]
+    assert ov.main([*argv, "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert report["settings"]["bare_answer"] == "routing"
+    bare = report["fixed_rate"][0]["variants"]["bare"]
+    assert bare["errors"] == 0 and bare["gateway"]["ext_proc_fail_open"] == 0
+    assert sum(bare["upstream_share"].values()) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("part", instructions.PARTS)

@@ -9,6 +9,9 @@ the same trivial upstream:
 ``bare``
     The gateway + a bare grpc.aio processor that answers every request with a constant, precomputed
     ProcessingResponse (see :mod:`extproc.bench.overhead_server`): the floor for any Python ext_proc service.
+    ``--bare-answer routing`` makes that answer the picker's kind (tier and hosts headers, route cache
+    cleared, naming every upstream host), so the bare gateway Envoy does the picker's routing work too and
+    only the processor differs.
 ``picker``
     The gateway + the real picker request path (Processor, Scheduler, PickerMetrics, a Datastore of the
     upstream hosts whose telemetry is kept fresh; the telemetry collector's polling is off the request path
@@ -833,6 +836,8 @@ class Settings:
     soak: int = 0
     soak_rate: float = 1000.0
     soak_variant: str = "picker"
+    # What the bare processor answers: "empty" (change nothing) or "routing" (the picker's kind of answer).
+    bare_answer: str = "empty"
     # Why there is no wrk (None: it was found).
     wrk_missing: str | None = None
 
@@ -912,7 +917,7 @@ class OverheadBench:
         for variant, listen in self.sockets.items():
             _progress(f"starting the {variant} processor on {listen}")
             argv = [sys.executable, "-m", "extproc.bench.overhead_server", variant, "--listen", listen]
-            if variant == "picker":
+            if variant == "picker" or self.settings.bare_answer == "routing":
                 argv += ["--config", str(fleet_path)]
             self.children[variant] = self.supervisor.start(f"processor-{variant}", argv)
         for k, variant in enumerate(self.variants, start=1):
@@ -940,14 +945,15 @@ class OverheadBench:
         )
 
     def _check_routing(self) -> None:
-        """The picker names upstream hosts (echoed back by the upstream); the others name none."""
+        """The picker (and a bare processor with the routing answer) names upstream hosts (echoed back by the
+        upstream); the others name none."""
         endpoints = {f"127.0.0.1:{p}" for p in self.upstream_ports}
         for variant in self.variants:
             status, headers = post(self.gateway_ports[variant])
             named = [h for h in headers.get(ECHO_HEADER, "").split(",") if h]
-            if variant == "picker":
+            if variant == "picker" or (variant == "bare" and self.settings.bare_answer == "routing"):
                 if status != 200 or not named or not set(named) <= endpoints:
-                    raise BenchError(f"the picker did not route (status {status}, hosts header {named!r})")
+                    raise BenchError(f"the {variant} processor did not route (status {status}, hosts {named!r})")
             elif named:
                 raise BenchError(f"the {variant} gateway sent a hosts header {named!r}")
         _progress("all gateways answer; the picker routes to the upstream hosts")
@@ -1536,6 +1542,7 @@ def _settings_json(s: Settings) -> dict[str, Any]:
         "soak": s.soak,
         "soak_rate": s.soak_rate if s.soak and s.wrk is None else None,
         "soak_variant": s.soak_variant if s.soak else None,
+        "bare_answer": s.bare_answer,
         "model": MODEL,
         "request_bytes": len(REQUEST_BODY),
     }
@@ -1576,6 +1583,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="picker",
         help="the processor the soak goes through (bare: is a growth grpc's or the picker's?)",
     )
+    parser.add_argument(
+        "--bare-answer",
+        choices=("empty", "routing"),
+        default="empty",
+        help="the bare processor's constant answer: change nothing (default), or route as the picker does,"
+        " naming every upstream host (then only the processor differs between bare and picker)",
+    )
     parser.add_argument("--keep-dir", type=Path, help="keep configs and logs here instead of a deleted temp dir")
 
 
@@ -1597,6 +1611,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         soak=args.soak,
         soak_rate=args.soak_rate,
         soak_variant=args.soak_variant,
+        bare_answer=args.bare_answer,
     )
 
 

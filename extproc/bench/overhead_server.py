@@ -1,9 +1,11 @@
 """The two ext_proc processors of ``extproc bench overhead``, each run as its own process.
 
-``python -m extproc.bench.overhead_server bare --listen unix:PATH``
+``python -m extproc.bench.overhead_server bare --listen unix:PATH [--config FLEET]``
     The floor: the same grpc.aio server (options, uvloop) as the picker, whose servicer answers every
-    request-headers message with one constant, precomputed ProcessingResponse (an empty CommonResponse) and
-    does nothing else. No Python-level ext_proc service can be much cheaper than this.
+    request-headers message with one constant, precomputed ProcessingResponse and does nothing else. No
+    Python-level ext_proc service can be much cheaper than this. The answer is an empty CommonResponse;
+    with ``--config``, the routing answer the picker gives, naming the fleet's hosts (so Envoy does the same
+    work with it as with the picker's: header mutation, route-cache clearing, override_host).
 
 ``python -m extproc.bench.overhead_server picker --listen unix:PATH --config FLEET``
     The real picker's request path: :class:`~extproc.handlers.server.Processor` +
@@ -43,7 +45,7 @@ from extproc.app import GRPC_OPTIONS
 from extproc.bench.overhead import READY_LINE
 from extproc.config import Fleet, load_fleet
 from extproc.datastore import Datastore
-from extproc.handlers.server import Processor
+from extproc.handlers.server import Processor, routing_answer
 from extproc.logs import configure
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.scheduler import Scheduler
@@ -57,16 +59,24 @@ CONSTANT_RESPONSE = ep.ProcessingResponse(request_headers=ep.HeadersResponse(res
 
 
 class BareProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds-protos ships no stubs
-    """Answers the request-headers message with :data:`CONSTANT_RESPONSE` and ends the stream, as the real
-    processor does on routes that stream no body to it (reading on to Envoy's half-close would cost the floor
-    another read per request that the picker does not pay)."""
+    """Answers the request-headers message with ``answer`` and ends the stream, as the real processor does on
+    routes that stream no body to it (reading on to Envoy's half-close would cost the floor another read per
+    request that the picker does not pay)."""
+
+    def __init__(self, answer: ep.ProcessingResponse = CONSTANT_RESPONSE) -> None:
+        self._answer = answer
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[ep.ProcessingResponse]:
         async for _ in request_iterator:
-            yield CONSTANT_RESPONSE
+            yield self._answer
             return
+
+
+def fleet_routing_answer(fleet: Fleet) -> ep.ProcessingResponse:
+    """The picker's kind of answer, constant: the first host's tier, every host of the fleet in order."""
+    return routing_answer(fleet.hosts[0].tier, ",".join(h.http_endpoint for h in fleet.hosts))
 
 
 def fill_datastore(store: Datastore, now: float) -> None:
@@ -116,7 +126,8 @@ async def serve(mode: str, listen: str, config: Path | None) -> None:
         ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
         refresher = asyncio.create_task(_keep_fresh(store), name="keep-fresh")
     else:
-        ep_grpc.add_ExternalProcessorServicer_to_server(BareProcessor(), server)
+        answer = CONSTANT_RESPONSE if config is None else fleet_routing_answer(load_fleet(config))
+        ep_grpc.add_ExternalProcessorServicer_to_server(BareProcessor(answer), server)
     server.add_insecure_port(listen)
     await server.start()
     stop = asyncio.Event()
@@ -140,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("mode", choices=["bare", "picker"])
     parser.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT")
-    parser.add_argument("--config", type=Path, help="fleet file (picker mode)")
+    parser.add_argument("--config", type=Path, help="fleet file (picker; bare: answer with its hosts)")
     args = parser.parse_args(argv)
     # As `extproc serve` at its default level: routed requests log nothing.
     configure("info", "json")

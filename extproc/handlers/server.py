@@ -70,10 +70,18 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
+def routing_answer(tier: Tier, endpoints: str) -> ep.ProcessingResponse:
+    """Envoy's answer for a routed request: the tier (which picks the route and cluster, hence the route
+    cache is cleared) and the hosts to try, best first (``ip:port`` list, for override_host)."""
+    mutation = ep.HeaderMutation(set_headers=[_header(TIER_HEADER, tier.value), _header(HOSTS_HEADER, endpoints)])
+    return ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True))
+    )
+
+
 class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds-protos ships no stubs
     def __init__(self, fleet: Fleet, scheduler: Scheduler, metrics: PickerMetrics) -> None:
         self._metrics = metrics
-        self._tier_headers = {t: _header(TIER_HEADER, t.value) for t in Tier}
         self._answers: dict[tuple[Tier, str], ep.ProcessingResponse] = {}
         self.configure(fleet, scheduler)
 
@@ -221,14 +229,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             if answer is None:
                 if len(self._answers) >= _MAX_CACHED_ANSWERS:
                     self._answers.clear()
-                mutation = ep.HeaderMutation(
-                    set_headers=[self._tier_headers[decision.tier], _header(HOSTS_HEADER, endpoints)]
-                )
-                answer = self._answers[key] = ep.ProcessingResponse(
-                    request_headers=ep.HeadersResponse(
-                        response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
-                    )
-                )
+                answer = self._answers[key] = routing_answer(decision.tier, endpoints)
             return answer
         return self._immediate(decision, request)
 
