@@ -63,14 +63,14 @@ class Scheduler:
         # power_of_two's sample: two for the choice, and enough for the retry list.
         self._sample_size = max(2, fleet.picker.max_hosts)
         self._plans: dict[tuple[Tier, str, str | None], _Plan] = {}
-        self._plans_generation = -1
         self._argmax = self._ranker.picker(PickerName.ARGMAX)
         # Per listed model and classified tier: the tiers to try, in order, each with its profile.
         self._orders = {(m.name, tier): self._order(m, tier) for m in fleet.models for tier in m.tiers}
         # The same for models the fleet file does not list, until the datastore changes (see _implicit_order).
         self._implicit_orders: dict[tuple[str, Tier], tuple[_Step, ...]] = {}
         self._implicit_specs: dict[str, ModelSpec] = {}
-        self._implicit_generation = -1
+        # The datastore generation the plans and the unlisted models' orders were made from.
+        self._generation = -1
 
     def has_telemetry(self) -> bool:
         """Whether any host's repository index has arrived; before that every model would look unknown."""
@@ -82,6 +82,11 @@ class Scheduler:
             return self._any_host(request)
         if not self._store.model_known(model):
             return Reject(404, f"model '{model}' is not served by any host of this fleet", "unknown_model")
+        if self._generation != self._store.generation:
+            self._plans.clear()
+            self._implicit_specs.clear()
+            self._implicit_orders.clear()
+            self._generation = self._store.generation
         spec = self._specs.get(model)
         order = self._implicit_order(model, request) if spec is None else self._orders[model, classify(request, spec)]
         now = self._store.now()
@@ -148,10 +153,8 @@ class Scheduler:
         return loaded if version is None else tuple(filters.with_version(loaded, model, version))
 
     def _plan(self, tier: Tier, model: str, version: str | None, profile: Profile, now: float) -> tuple[Candidate, ...]:
-        """Every host of ``tier`` with the model (version) that passes the profile's filters, prepared."""
-        if self._plans_generation != self._store.generation:
-            self._plans.clear()
-            self._plans_generation = self._store.generation
+        """Every host of ``tier`` with the model (version) that passes the profile's filters, prepared (kept
+        until the datastore changes, see :meth:`decide`, or the plan goes stale)."""
         key = (tier, model, version)
         plan = self._plans.get(key)
         if plan is not None and now <= plan.stale_at:
@@ -229,10 +232,6 @@ class Scheduler:
         """The tiers to try for a model the fleet file does not list. Its spec depends on where it is loaded,
         so spec and orders are kept until the datastore changes: building them took more than the rest of
         the decision. Only models some host knows get here, so the repositories bound these keys."""
-        if self._implicit_generation != self._store.generation:
-            self._implicit_specs.clear()
-            self._implicit_orders.clear()
-            self._implicit_generation = self._store.generation
         spec = self._implicit_specs.get(model)
         if spec is None:
             spec = self._implicit_specs[model] = self._implicit_spec(model)
