@@ -254,22 +254,24 @@ def kill_and_wait(pid: int, sig: int = signal.SIGKILL, timeout_s: float = 10.0) 
 def kill_triton_host(pid: int) -> None:
     """SIGKILL Triton ``pid`` and then its python-backend stubs, as a host going down takes them all. A stub
     whose server was killed alone usually exits by itself, but once in CI one outlived the test run."""
-    stubs = _children(pid)
+    stubs = children(pid)
     kill_and_wait(pid)
     for stub in stubs:
         with contextlib.suppress(ProcessLookupError):
             kill_and_wait(stub)
 
 
-def _children(pid: int) -> list[int]:
-    children = []
+def children(pid: int) -> list[int]:
+    """The live (not zombie) child processes of ``pid``."""
+    found = []
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat_file.read_text().rsplit(") ", 1)[1].split()[1]) == pid:
-                children.append(int(stat_file.parent.name))
+            fields = stat_file.read_text().rsplit(") ", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(stat_file.parent.name))
         except (OSError, IndexError, ValueError):
             continue
-    return children
+    return found
 
 
 _SHM_PREFIX = "triton_python_backend_shm_region_"
@@ -279,7 +281,7 @@ def triton_shm_regions(pid: int) -> list[Path]:
     """The shared-memory regions of Triton ``pid``'s python-backend stubs (named on their command lines).
     A Triton that dies by SIGKILL or abort leaves them in /dev/shm."""
     regions = []
-    for child in _children(pid):
+    for child in children(pid):
         try:
             argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
         except OSError:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.stack import Stack, local_fleet, start_stack, stop_stack
+from tests.stack import Stack, children, local_fleet, start_stack, stop_stack, wait_for
 from tests.test_e2e import rest
 
 pytestmark = pytest.mark.e2e
@@ -43,18 +43,7 @@ def picker_endpoints(stack: Stack) -> dict[str, int]:
 
 
 def worker_pids(stack: Stack) -> list[int]:
-    leader = stack.pids()["picker"]
-    children = []
-    for stat in os.scandir("/proc"):
-        if stat.name.isdigit():
-            try:
-                with open(f"/proc/{stat.name}/stat") as f:  # noqa: PTH123
-                    fields = f.read().rsplit(") ", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == leader and fields[0] != "Z":
-                children.append(int(stat.name))
-    return children
+    return children(stack.pids()["picker"])
 
 
 def test_both_workers_serve_and_metrics_are_summed(stack: Stack) -> None:
@@ -63,22 +52,21 @@ def test_both_workers_serve_and_metrics_are_summed(stack: Stack) -> None:
         assert status == 200, body
     counts = picker_endpoints(stack)
     assert len(counts) == 2 and all(n > 0 for n in counts.values()), counts
-    # Workers add their decisions to the shared directory once a second: wait up to a few flushes.
-    deadline = time.monotonic() + 5
-    while True:
+    pages: list[str] = []
+
+    def decided() -> float:
         with urllib.request.urlopen(stack.metrics_url, timeout=5) as response:
-            text = response.read().decode()
-        decided = sum(
+            pages.append(response.read().decode())
+        return sum(
             float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
+            for line in pages[-1].splitlines()
             if line.startswith("extproc_decisions_total{") and 'model="embed_normalize"' in line
         )
-        # More decisions than either worker handled streams: the leader's /metrics sums both workers'.
-        if decided > max(counts.values()) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert decided > max(counts.values()), (decided, counts)
-    assert 'extproc_telemetry_age_seconds{host="triton-a",source="metrics"}' in text
+
+    # More decisions than either worker handled streams: the leader's /metrics sums both workers'. Workers
+    # add their decisions to the shared directory once a second: wait up to a few flushes.
+    wait_for(lambda: decided() > max(counts.values()), 5, f"more than {counts} decisions in /metrics", interval_s=0.2)
+    assert 'extproc_telemetry_age_seconds{host="triton-a",source="metrics"}' in pages[-1]
 
 
 def test_only_the_leader_scrapes(stack: Stack) -> None:
