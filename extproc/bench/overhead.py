@@ -917,7 +917,7 @@ class OverheadBench:
         for variant, listen in self.sockets.items():
             _progress(f"starting the {variant} processor on {listen}")
             argv = [sys.executable, "-m", "extproc.bench.overhead_server", variant, "--listen", listen]
-            if variant == "picker" or self.settings.bare_answer == "routing":
+            if self._routes(variant):
                 argv += ["--config", str(fleet_path)]
             self.children[variant] = self.supervisor.start(f"processor-{variant}", argv)
         for k, variant in enumerate(self.variants, start=1):
@@ -944,6 +944,10 @@ class OverheadBench:
             processors={v: self.children[v].process.pid for v in self.sockets},
         )
 
+    def _routes(self, variant: str) -> bool:
+        """Whether ``variant``'s processor names upstream hosts: the picker's, and the bare one's routing answer."""
+        return variant == "picker" or (variant == "bare" and self.settings.bare_answer == "routing")
+
     def _check_routing(self) -> None:
         """The picker (and a bare processor with the routing answer) names upstream hosts (echoed back by the
         upstream); the others name none."""
@@ -951,7 +955,7 @@ class OverheadBench:
         for variant in self.variants:
             status, headers = post(self.gateway_ports[variant])
             named = [h for h in headers.get(ECHO_HEADER, "").split(",") if h]
-            if variant == "picker" or (variant == "bare" and self.settings.bare_answer == "routing"):
+            if self._routes(variant):
                 if status != 200 or not named or not set(named) <= endpoints:
                     raise BenchError(f"the {variant} processor did not route (status {status}, hosts {named!r})")
             elif named:
