@@ -540,7 +540,7 @@ async def test_bare_processor_can_answer_as_the_picker_routes() -> None:
     # The picker's own answer for a route over the same hosts is this very message.
     processor, _ = picker_servicer(fleet)
     decision = Route(Tier.GPU, tuple(processor._scheduler._store.hosts.values()), "classified")
-    assert processor._answer(decision, InferenceRequest(Protocol.HTTP, ov.MODEL), {}) == response
+    assert processor._responder.answer(decision, InferenceRequest(Protocol.HTTP, ov.MODEL)) == response
 
 
 async def test_picker_servicer_makes_real_decisions() -> None:

@@ -48,17 +48,22 @@ def part_runner(part: str, n_hosts: int) -> Callable[[int], None]:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
     from extproc.bench.decision import one_stream, rest_request_bytes, synthetic_fleet
-    from extproc.handlers import server
+    from extproc.handlers.request import header_map, rest_request
+    from extproc.handlers.response import Responder
+    from extproc.handlers.server import Processor
     from extproc.metrics import PickerMetrics
     from extproc.scheduling.scheduler import Scheduler
 
     fleet, store = synthetic_fleet(n_hosts, "argmax")
     scheduler = Scheduler(fleet, store)
-    processor = server.Processor(fleet, scheduler, PickerMetrics(store))
+    metrics = PickerMetrics(store)
+    processor = Processor(fleet, scheduler, metrics)
+    # The processor's own kind of responder, for the answer and record parts on their own.
+    responder = Responder(metrics, fleet.picker.retry_after_s, debug=False)
     payload = rest_request_bytes("mlp")
     first = ep.ProcessingRequest.FromString(payload)
-    headers = server._header_map(first.request_headers.headers.headers)
-    request = processor._rest_request(headers[":path"], headers)
+    headers = header_map(first.request_headers.headers.headers)
+    request = rest_request(headers[":path"], headers)
     decision = scheduler.decide(request)
 
     async def streams(n: int) -> None:
@@ -66,11 +71,11 @@ def part_runner(part: str, n_hosts: int) -> Callable[[int], None]:
             await one_stream(processor, payload)
 
     once: dict[str, Callable[[], object]] = {
-        "headers": lambda: server._header_map(first.request_headers.headers.headers),
-        "request": lambda: processor._rest_request(headers[":path"], headers),
+        "headers": lambda: header_map(first.request_headers.headers.headers),
+        "request": lambda: rest_request(headers[":path"], headers),
         "decide": lambda: scheduler.decide(request),
-        "answer": lambda: processor._answer(decision, request, headers),
-        "record": lambda: processor._record(decision, request, headers, 0.0),
+        "answer": lambda: responder.answer(decision, request),
+        "record": lambda: responder.record(decision, request, headers.get("x-request-id"), 0.0),
     }
     if part == "edge":
         loop = asyncio.new_event_loop()

@@ -45,7 +45,8 @@ from extproc.app import GRPC_OPTIONS
 from extproc.bench.overhead import READY_LINE
 from extproc.config import Fleet, load_fleet
 from extproc.datastore import Datastore
-from extproc.handlers.server import Processor, routing_answer
+from extproc.handlers.response import routing_answer
+from extproc.handlers.server import Processor
 from extproc.logs import configure
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.scheduler import Scheduler

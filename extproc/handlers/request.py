@@ -1,0 +1,66 @@
+"""Envoy's request headers → what the scheduler is asked (:class:`InferenceRequest`).
+
+Runs once per request on the picker's hot path, and is compiled with mypyc where a C compiler is found
+(see ``setup.py``), like the scheduler it feeds: keep it plain, fully typed Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from extproc.config import Tier
+from extproc.handlers.parse import parse_rest_path
+from extproc.headers import PRIORITY_HEADER, READ_HEADERS, SEQUENCE_HEADER, TIER_HINT_HEADER
+from extproc.scheduling.types import InferenceRequest, Priority, Protocol
+
+_TIERS = {t.value: t for t in Tier}
+_PRIORITIES = {p.value: p for p in Priority}
+
+
+def header_map(values: Iterable[Any]) -> dict[str, str]:
+    """The headers the picker reads (never our routing headers: Envoy strips client copies before us, and
+    one that got through is not read), from the request-headers message's ``HeaderValue`` list. Envoy
+    sends values in ``raw_value``; latin-1 keeps any byte sequence decodable."""
+    out: dict[str, str] = {}
+    for h in values:
+        key: str = h.key
+        if key in READ_HEADERS:
+            raw: bytes = h.raw_value
+            out[key] = raw.decode("latin-1") if raw else h.value
+    return out
+
+
+def rest_request(path: str, headers: dict[str, str]) -> InferenceRequest:
+    """A REST call: the model from the path, the rest from headers."""
+    target = parse_rest_path(path)
+    return InferenceRequest(
+        Protocol.HTTP,
+        target.model,
+        target.version,
+        content_length(headers),
+        hint(headers),
+        priority(headers),
+        sequence_id(headers),
+    )
+
+
+def content_length(headers: dict[str, str]) -> int | None:
+    value = headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def priority(headers: dict[str, str]) -> Priority:
+    value = headers.get(PRIORITY_HEADER)
+    return _PRIORITIES.get(value.strip().lower(), Priority.STANDARD) if value else Priority.STANDARD
+
+
+def sequence_id(headers: dict[str, str]) -> str | None:
+    value = headers.get(SEQUENCE_HEADER, "").strip()
+    # Triton treats 0 (or empty) as "no sequence"; an absurdly long id is not one a client meant.
+    return value if value and value != "0" and len(value) <= 256 else None
+
+
+def hint(headers: dict[str, str]) -> Tier | None:
+    value = headers.get(TIER_HINT_HEADER)
+    return _TIERS.get(value.strip().lower()) if value else None

@@ -1,0 +1,120 @@
+"""The scheduler's decision → Envoy's answer (a ProcessingResponse), and what the picker records of it.
+
+Runs once per request on the picker's hot path, and is compiled with mypyc where a C compiler is found
+(see ``setup.py``): keep it plain, fully typed Python.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import structlog
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.type.v3 import http_status_pb2
+
+from extproc.config import Tier
+from extproc.headers import HOSTS_HEADER, TIER_HEADER
+from extproc.metrics import PickerMetrics
+from extproc.scheduling.types import Decision, InferenceRequest, Protocol, Reject, Route
+
+log = structlog.get_logger(__name__)
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+# HTTP status → gRPC status for answers to gRPC clients (grpc-status, as Triton itself would send).
+_GRPC_STATUS = {400: 3, 404: 5, 413: 8, 429: 8, 503: 14}
+# Routing answers are reused per (tier, host list); the number of distinct lists is bounded by the fleet's
+# size and max_hosts, but with many hosts it can be large, so the cache starts over when full.
+_MAX_CACHED_ANSWERS = 4096
+
+
+def _header(key: str, value: str) -> Any:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+def routing_answer(tier: Tier, endpoints: str) -> Any:
+    """Envoy's answer for a routed request: the tier (which picks the route and cluster, hence the route
+    cache is cleared) and the hosts to try, best first (``ip:port`` list, for override_host)."""
+    mutation = ep.HeaderMutation(set_headers=[_header(TIER_HEADER, tier.value), _header(HOSTS_HEADER, endpoints)])
+    return ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True))
+    )
+
+
+class Responder:
+    """Answers and records decisions for one fleet config."""
+
+    def __init__(self, metrics: PickerMetrics, retry_after_s: int, debug: bool) -> None:
+        self._metrics = metrics
+        self._retry_after = str(retry_after_s)
+        self._debug = debug
+        self._answers: dict[tuple[Tier, str], Any] = {}
+
+    def answer(self, decision: Decision, request: InferenceRequest) -> Any:
+        """The ProcessingResponse for ``decision``: routing headers, or Envoy's own answer to the client."""
+        if isinstance(decision, Route):
+            if request.protocol is Protocol.GRPC:
+                endpoints = ",".join([h.grpc_endpoint for h in decision.hosts])
+            else:
+                endpoints = ",".join([h.http_endpoint for h in decision.hosts])
+            key = (decision.tier, endpoints)
+            answer = self._answers.get(key)
+            if answer is None:
+                if len(self._answers) >= _MAX_CACHED_ANSWERS:
+                    self._answers.clear()
+                answer = self._answers[key] = routing_answer(decision.tier, endpoints)
+            return answer
+        return self._immediate(decision, request)
+
+    def _immediate(self, reject: Reject, request: InferenceRequest) -> Any:
+        set_headers = [_header("content-type", "application/json")]
+        if reject.retry_after:
+            set_headers.append(_header("retry-after", self._retry_after))
+        immediate = ep.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=reject.status),
+            headers=ep.HeaderMutation(set_headers=set_headers),
+            details=reject.reason,
+        )
+        if request.protocol is Protocol.GRPC:
+            immediate.grpc_status.status = _GRPC_STATUS.get(reject.status, 2)
+            immediate.body = reject.message.encode()
+        else:
+            immediate.body = json.dumps({"error": reject.message}).encode()
+        return ep.ProcessingResponse(immediate_response=immediate)
+
+    def record(self, decision: Decision, request: InferenceRequest, request_id: str | None, started: float) -> None:
+        """Count the decision in the picker's metrics (and log it: every rejection, routes at debug);
+        ``started`` is when the request reached the picker (``time.perf_counter()``)."""
+        elapsed = time.perf_counter() - started
+        model = request.model or ""
+        if isinstance(decision, Route):
+            # Tier is a StrEnum: its member is its label value, without the enum's slow .value lookup.
+            self._metrics.routed((model, decision.tier, decision.hosts[0].name, decision.reason), elapsed)
+            if self._debug:
+                log.debug(
+                    "routed",
+                    request_id=request_id,
+                    model=model,
+                    version=request.version,
+                    protocol=request.protocol.value,
+                    tier=decision.tier.value,
+                    hosts=[h.name for h in decision.hosts],
+                    reason=decision.reason,
+                    sequence_id=request.sequence_id,
+                    decision_us=round(elapsed * 1e6, 1),
+                )
+        else:
+            self._metrics.decision_seconds.observe(elapsed)
+            self._metrics.rejections.labels(str(decision.status), decision.reason).inc()
+            log.info(
+                "rejected",
+                request_id=request_id,
+                model=model,
+                status=decision.status,
+                reason=decision.reason,
+                message=decision.message,
+            )
