@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from extproc.build import compiled
 from extproc.config import ConfigError, Fleet, HostSpec, file_stamp, load_fleet
 from extproc.datastore import Datastore
 from extproc.discovery import Discovery, effective_fleet
@@ -125,6 +126,7 @@ class Picker:
             metrics=f"http://{self.fleet.picker.metrics_address}:{self.fleet.picker.metrics_port}/metrics",
             hosts=len(self.fleet.hosts),
             pools=len(self.config.pools),
+            compiled=compiled(),
         )
 
     async def _start_http(self) -> None:

@@ -23,7 +23,9 @@ FORGET: Final = 0.95
 MIN_BATCH_VARIANCE: Final = 0.05
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once made: the leader pickles these to its workers (extproc.sharing),
+# and compiled by mypyc (setup.py) a frozen dataclass cannot be unpickled (its __setattr__ refuses).
+@dataclass(slots=True)
 class BatchCost:
     """One execution of ``batch`` requests takes ``fixed_ms + item_ms x batch``."""
 
@@ -34,7 +36,7 @@ class BatchCost:
         return self.fixed_ms + self.item_ms * batch
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see BatchCost
 class Batching:
     """How a model on a host batches, from its Triton model config."""
 
@@ -42,7 +44,7 @@ class Batching:
     instances: int = 1  # executions that run at once (instance_group counts)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see BatchCost
 class BatchFit:
     """Exponentially weighted moments of (mean batch size, mean batch time) over scrape intervals."""
 

@@ -15,7 +15,7 @@ from extproc.batch_cost import BatchCost, BatchFit, Batching
 from extproc.config import Fleet, HostSpec, Tier
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see extproc.batch_cost.BatchCost
 class ModelTimes:
     """One model's smoothed per-request service time and execution (batch) time on a host, in ms."""
 

@@ -167,7 +167,10 @@ def count_process(valgrind: Sequence[str], variant: str, n: int, workdir: Path) 
 
 
 def processes(valgrind: str, iterations: int) -> int:
-    print(f"instructions per request, whole processor process (callgrind; x{iterations} and x{5 * iterations})")
+    print(
+        f"instructions per request, whole processor process, {_build()}"
+        f" (callgrind; x{iterations} and x{5 * iterations})"
+    )
     counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="extproc-instructions-") as tmp:
         for variant in ("bare", "picker"):
@@ -181,6 +184,12 @@ def processes(valgrind: str, iterations: int) -> int:
     return 0
 
 
+def _build() -> str:
+    from extproc.build import compiled
+
+    return "compiled (mypyc)" if compiled() else "plain Python"
+
+
 def main(parts: Sequence[str], n_hosts: int, iterations: int, whole_processes: bool = False) -> int:
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -188,7 +197,10 @@ def main(parts: Sequence[str], n_hosts: int, iterations: int, whole_processes: b
         return 2
     if whole_processes:
         return processes(valgrind, iterations)
-    print(f"instructions per request, in-process, {n_hosts} hosts (callgrind; x{iterations} and x{5 * iterations})")
+    print(
+        f"instructions per request, in-process, {n_hosts} hosts, {_build()}"
+        f" (callgrind; x{iterations} and x{5 * iterations})"
+    )
     for part in parts:
         print(f"[bench instructions] {part} ...", file=sys.stderr, flush=True)
         short = _count(valgrind, part, iterations, n_hosts)

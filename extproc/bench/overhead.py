@@ -90,6 +90,7 @@ import yaml
 
 # Light imports only: the CLI imports this module to build its parser. envoy_config (envoy-data-plane) and
 # the runtime are imported where they are used.
+from extproc.build import compiled
 from extproc.config import Fleet, parse_fleet
 from extproc.headers import HOSTS_HEADER, PICKER_CLUSTER
 from extproc.runtime.ports import free_ports
@@ -1461,6 +1462,7 @@ def environment() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "python": platform.python_version(),
+        "compiled": compiled(),
         "envoy_version": _envoy_version(),
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }

@@ -11,6 +11,7 @@ import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 from urllib.parse import unquote
 
 GRPC_PREFIX = "/inference.GRPCInferenceService/"
@@ -27,8 +28,10 @@ _BAD_NAME_CHARS = re.compile(r"[/\x00-\x1f\x7f]")
 class RequestRejected(ValueError):
     """A request the picker answers itself; the message is safe to show the client."""
 
-    status = 400
-    reason = "malformed"
+    # ClassVar: compiled by mypyc (setup.py), a plain class attribute here would be an instance attribute
+    # that an exception's __init__ never sets.
+    status: ClassVar[int] = 400
+    reason: ClassVar[str] = "malformed"
 
 
 class MalformedRequest(RequestRejected):
@@ -38,8 +41,8 @@ class MalformedRequest(RequestRejected):
 class RequestTooLarge(RequestRejected):
     """A gRPC message over ``envoy.max_request_bytes`` (Envoy caps REST bodies by content-length itself)."""
 
-    status = 413
-    reason = "too_large"
+    status: ClassVar[int] = 413
+    reason: ClassVar[str] = "too_large"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,10 @@
 #   docker build -f deploy/k8s/images/picker.Dockerfile -t registry.example.com/extproc:0.1.0 .
 # Only the picker's own dependencies: no Envoy or Triton binaries (the `runtime` extra is for `extproc up`).
 FROM python:3.11-slim AS build
+# A C compiler for setup.py's mypyc build of the per-request modules (the runtime image needs none).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY extproc ./extproc
 RUN pip install --no-cache-dir --prefix=/install .
 
