@@ -7,13 +7,16 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from extproc.batch_cost import BatchCost, Batching
 from extproc.config import Fleet, PickerName, Tier, parse_fleet
 from extproc.datastore import Datastore, HostState, ModelTimes
 from extproc.scheduling.classify import classify
+from extproc.scheduling.pickers import Ranker
 from extproc.scheduling.scheduler import Scheduler
-from extproc.scheduling.scorers import prepare
+from extproc.scheduling.scorers import Candidate, prepare
 from extproc.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
 
 
@@ -458,3 +461,24 @@ def test_an_unfitted_host_gets_the_fitted_shape_scaled_to_its_speed(store: Datas
     assert names(decide(http("embed")))[0] == "g2"
     costs = [c.completion_ms(c.in_flight(frozen())) for c in prepare([g1, g2], "embed", {})]
     assert costs[1] == pytest.approx(20.0 + 40.0), "the request just sent there, half done, then its own"
+
+
+@given(
+    costs=st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0]), min_size=2, max_size=12),
+    turn=st.integers(min_value=0, max_value=50),
+    keep=st.integers(min_value=1, max_value=8),
+)
+def test_argmax_ranks_as_a_stable_sort_from_the_turns_host(costs: list[float], turn: int, keep: int) -> None:
+    """The cheapest ``max_hosts`` in order of cost, ties in turn order starting at this turn's host."""
+    store = Datastore(fleet())
+    host = store.hosts["g1"]
+    # Distinct base_ms only to tell the candidates apart (no scorer reads it: the costs are the static ones).
+    candidates = [Candidate(host, float(i), 1.0, static_cost=c) for i, c in enumerate(costs)]
+    ranker = Ranker(keep)
+    ranker._turn = turn
+    n = len(costs)
+    start = (turn + 1) % n
+    walk = [*range(start, n), *range(start)]
+    expected = sorted(walk, key=costs.__getitem__)[:keep]
+    ranked = ranker.argmax(candidates, (), 0.0)
+    assert [candidates.index(c) for c in ranked] == expected
