@@ -15,7 +15,6 @@ import grpc
 import structlog
 import uvloop
 from aiohttp import web
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -24,7 +23,7 @@ from extproc.build import compiled
 from extproc.config import ConfigError, Fleet, HostSpec, file_stamp, load_fleet
 from extproc.datastore import Datastore
 from extproc.discovery import Discovery, effective_fleet
-from extproc.handlers.server import Processor
+from extproc.handlers.server import Processor, add_to_server
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.scheduler import Scheduler
 from extproc.sharing import Publisher, Subscriber
@@ -81,7 +80,7 @@ class Picker:
         self._server: grpc.aio.Server | None = None
         if role != "leader":
             self._server = grpc.aio.server(options=GRPC_OPTIONS)
-            ep_grpc.add_ExternalProcessorServicer_to_server(self.processor, self._server)
+            add_to_server(self.processor, self._server)
             # The standard gRPC health service (Kubernetes gRPC probes, grpc-health-probe, Envoy's gRPC
             # health checks): NOT_SERVING until the picker serves, and again from the start of a shutdown.
             self._health = health.aio.HealthServicer()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -13,7 +14,7 @@ from extproc.datastore import Datastore
 from extproc.discovery import Discovery
 
 # Upper bounds of the decision-time histogram, in seconds.
-DECISION_BUCKETS = (25e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3)
+DECISION_BUCKETS: Final = (25e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3)
 # (model, tier, first-choice host, reason): the labels of extproc_decisions.
 RouteKey = tuple[str, str, str, str]
 

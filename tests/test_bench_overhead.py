@@ -30,6 +30,7 @@ from extproc.bench.overhead_server import (
 )
 from extproc.config import Tier
 from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, ROUTER_FILTER, render_bootstrap
+from extproc.handlers.server import Processor
 from extproc.headers import HOSTS_HEADER, PICKER_CLUSTER, READ_HEADERS, TIER_HEADER
 from extproc.runtime.ports import free_ports
 from extproc.scheduling.types import InferenceRequest, Protocol, Route
@@ -517,9 +518,13 @@ def _headers_message(path: str) -> ep.ProcessingRequest:
 
 
 async def _stream(servicer: Any, messages: list[ep.ProcessingRequest]) -> list[ep.ProcessingResponse]:
-    async def requests() -> AsyncIterator[ep.ProcessingRequest]:
+    """The servicer's answers to ``messages``: as parsed messages to the bare one, as bytes to the picker's
+    (each as its gRPC handler hands them over)."""
+    raw = isinstance(servicer, Processor)
+
+    async def requests() -> AsyncIterator[Any]:
         for m in messages:
-            yield m
+            yield m.SerializeToString() if raw else m
 
     return [r async for r in servicer.Process(requests(), None)]
 

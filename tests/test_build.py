@@ -14,7 +14,14 @@ from tests.conftest import stale_compiled_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 # The unit tests of the per-request modules, which need no server.
-UNIT_TESTS = ("tests/test_scheduler.py", "tests/test_parse.py", "tests/test_batch_cost.py", "tests/test_metrics.py")
+UNIT_TESTS = (
+    "tests/test_scheduler.py",
+    "tests/test_parse.py",
+    "tests/test_wire.py",
+    "tests/test_batch_cost.py",
+    "tests/test_metrics.py",
+    "tests/test_sharing.py",
+)
 
 
 def test_the_build_is_the_one_asked_for() -> None:

@@ -96,11 +96,11 @@ def rest_request_bytes(model: str) -> bytes:
 
 
 async def one_stream(processor: Processor, payload: bytes) -> bytes:
-    """One ext_proc stream of the request-headers message ``payload`` through ``processor``, as gRPC runs it:
-    parse the bytes, process, serialise the answer."""
+    """One ext_proc stream of the request-headers message ``payload`` through ``processor``, as gRPC runs it
+    (see :func:`extproc.handlers.server.add_to_server`): the bytes in, the answer serialised."""
 
-    async def requests() -> AsyncGenerator[ep.ProcessingRequest, None]:
-        yield ep.ProcessingRequest.FromString(payload)
+    async def requests() -> AsyncGenerator[bytes, None]:
+        yield payload
 
     out = b""
     incoming = requests()

@@ -46,7 +46,7 @@ from extproc.bench.overhead import READY_LINE
 from extproc.config import Fleet, load_fleet
 from extproc.datastore import Datastore
 from extproc.handlers.response import routing_answer
-from extproc.handlers.server import Processor
+from extproc.handlers.server import Processor, add_to_server
 from extproc.logs import configure
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.scheduler import Scheduler
@@ -124,7 +124,7 @@ async def serve(mode: str, listen: str, config: Path | None) -> None:
         if config is None:
             raise SystemExit("picker mode needs --config")
         processor, store = picker_servicer(load_fleet(config))
-        ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+        add_to_server(processor, server)
         refresher = asyncio.create_task(_keep_fresh(store), name="keep-fresh")
     else:
         answer = CONSTANT_RESPONSE if config is None else fleet_routing_answer(load_fleet(config))

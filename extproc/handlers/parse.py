@@ -11,18 +11,18 @@ import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Final
 from urllib.parse import unquote
 
-GRPC_PREFIX = "/inference.GRPCInferenceService/"
+GRPC_PREFIX: Final = "/inference.GRPCInferenceService/"
 
 # gRPC methods whose request message has the model name in field 1 and its version in field 2.
-_MODEL_METHODS = frozenset(
+_MODEL_METHODS: Final = frozenset(
     {"ModelInfer", "ModelStreamInfer", "ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics"}
 )
-_MAX_NAME_BYTES = 1024
+_MAX_NAME_BYTES: Final = 1024
 # What a Triton model name (a directory name) cannot contain: a slash or a control character.
-_BAD_NAME_CHARS = re.compile(r"[/\x00-\x1f\x7f]")
+_BAD_NAME_CHARS: Final = re.compile(r"[/\x00-\x1f\x7f]")
 
 
 class RequestRejected(ValueError):
@@ -53,7 +53,7 @@ class Target:
     version: str | None = None
 
 
-NO_MODEL = Target()
+NO_MODEL: Final = Target()
 
 
 # A fleet serves few models, so few distinct paths: parsing each once saves a few µs on every request.
@@ -176,7 +176,7 @@ class _Fields:
 
 # Fields up to ModelInferRequest.parameters (4); real encoders write fields in number order, so the
 # tensors (5 and up) come after everything we need.
-_LAST_FIELD = 4
+_LAST_FIELD: Final = 4
 
 
 def _request_fields(buf: bytes) -> _Fields:

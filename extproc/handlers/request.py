@@ -7,15 +7,15 @@ Runs once per request on the picker's hot path, and is compiled with mypyc where
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 from extproc.config import Tier
 from extproc.handlers.parse import parse_rest_path
 from extproc.headers import PRIORITY_HEADER, READ_HEADERS, SEQUENCE_HEADER, TIER_HINT_HEADER
 from extproc.scheduling.types import InferenceRequest, Priority, Protocol
 
-_TIERS = {t.value: t for t in Tier}
-_PRIORITIES = {p.value: p for p in Priority}
+_TIERS: Final = {t.value: t for t in Tier}
+_PRIORITIES: Final = {p.value: p for p in Priority}
 
 
 def header_map(values: Iterable[Any]) -> dict[str, str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from envoy.config.core.v3 import base_pb2
@@ -22,12 +22,12 @@ from extproc.scheduling.types import Decision, InferenceRequest, Protocol, Rejec
 
 log = structlog.get_logger(__name__)
 
-_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # HTTP status → gRPC status for answers to gRPC clients (grpc-status, as Triton itself would send).
-_GRPC_STATUS = {400: 3, 404: 5, 413: 8, 429: 8, 503: 14}
+_GRPC_STATUS: Final = {400: 3, 404: 5, 413: 8, 429: 8, 503: 14}
 # Routing answers are reused per (tier, host list); the number of distinct lists is bounded by the fleet's
 # size and max_hosts, but with many hosts it can be large, so the cache starts over when full.
-_MAX_CACHED_ANSWERS = 4096
+_MAX_CACHED_ANSWERS: Final = 4096
 
 
 def _header(key: str, value: str) -> Any:

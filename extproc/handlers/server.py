@@ -34,6 +34,7 @@ from extproc.handlers.parse import (
 )
 from extproc.handlers.request import header_map, hint, priority, rest_request, sequence_id
 from extproc.handlers.response import Responder
+from extproc.handlers.wire import RequestHeaders, read_request_headers
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.scheduler import Scheduler
 from extproc.scheduling.types import InferenceRequest, Protocol, Reject
@@ -44,6 +45,7 @@ log = structlog.get_logger(__name__)
 _MAX_PEEK_BYTES = 64 * 1024
 _BODY_ACK = ep.ProcessingResponse(request_body=ep.BodyResponse())
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds-protos ships no stubs
@@ -60,23 +62,22 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         self._responder = Responder(self._metrics, fleet.picker.retry_after_s, fleet.picker.log_level == "debug")
 
     async def Process(
-        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext[Any, Any]
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[ep.ProcessingResponse]:
+        """One HTTP request's stream; its messages arrive as bytes (see :func:`add_to_server`)."""
         stream = aiter(request_iterator)
         try:
-            first = await anext(stream)
+            first = _first_message(await anext(stream))
         except StopAsyncIteration:
             return
-        if not first.HasField("request_headers"):
-            # Only request headers are configured to reach us first; anything else is a config mismatch.
-            log.warning("unexpected_first_message", kind=first.WhichOneof("request"))
+        if first is None:
             return
         if not self._scheduler.has_telemetry():
             # Just started: no repository index yet, so every model would look unknown (404). Failing the
             # stream makes Envoy fail open to its own load balancer until the first telemetry is in.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the picker has no telemetry yet")
         started = time.perf_counter()
-        headers = header_map(first.request_headers.headers.headers)
+        headers = first.headers
         path = headers.get(":path", "")
         method = grpc_method(path)
         pending: list[ep.ProcessingRequest] = []
@@ -84,11 +85,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             if method is None:
                 request = rest_request(path, headers)
                 if self._needs_rest_body(request, first):
-                    request, pending = await self._rest_sequence(request, headers, stream)
-            elif first.request_headers.end_of_stream or not grpc_names_model(method):
+                    request, pending = await self._rest_sequence(request, headers, _messages(stream))
+            elif first.end_of_stream or not grpc_names_model(method):
                 request = InferenceRequest(Protocol.GRPC, tier_hint=hint(headers), priority=priority(headers))
             else:
-                request, pending = await self._grpc_request(method, headers, stream)
+                request, pending = await self._grpc_request(method, headers, _messages(stream))
             decision = self._scheduler.decide(request)
         except RequestRejected as exc:
             request = InferenceRequest(Protocol.GRPC if method else Protocol.HTTP)
@@ -96,24 +97,24 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         responder = self._responder
         yield responder.answer(decision, request)
         responder.record(decision, request, headers.get("x-request-id"), started)
-        if isinstance(decision, Reject) or first.protocol_config.request_body_mode != _STREAMED:
+        if isinstance(decision, Reject) or not first.streamed_body:
             # Nothing more will come on this stream (Envoy only streams bodies on routes set to): end it
             # now instead of waiting for Envoy to close it, which saves a wake-up per request.
             return
         for _ in pending:
             yield _BODY_ACK
-        async for message in stream:
+        async for message in _messages(stream):
             if message.HasField("request_body"):
                 yield _BODY_ACK
 
-    def _needs_rest_body(self, request: InferenceRequest, first: ep.ProcessingRequest) -> bool:
+    def _needs_rest_body(self, request: InferenceRequest, first: RequestHeaders) -> bool:
         """A sequence model's REST call whose body Envoy streams to us (the route says so in
         ``protocol_config``) and whose correlation id is not already in a header."""
         return (
             request.model in self._sequence_models
             and request.sequence_id is None
-            and not first.request_headers.end_of_stream
-            and first.protocol_config.request_body_mode == _STREAMED
+            and not first.end_of_stream
+            and first.streamed_body
         )
 
     async def _rest_sequence(
@@ -171,3 +172,39 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             )
             return request, pending
         raise MalformedRequest("the gRPC request ended before its first message")
+
+
+def add_to_server(processor: Processor, server: grpc.aio.Server) -> None:
+    """Serve ``processor`` as Envoy's ExternalProcessor on ``server``. Unlike the generated
+    ``add_ExternalProcessorServicer_to_server``, messages reach it as bytes: it reads the first one itself
+    (:mod:`extproc.handlers.wire`) and parses the others with protobuf."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Process": grpc.stream_stream_rpc_method_handler(
+            processor.Process, response_serializer=ep.ProcessingResponse.SerializeToString
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def _first_message(data: bytes) -> RequestHeaders | None:
+    """The stream's first message, which Envoy's config makes the request headers; None (logged) if not."""
+    first = read_request_headers(data)
+    if first is not None:
+        return first
+    # Anything the wire reader leaves: protobuf parses it (and raises DecodeError for bytes that are none).
+    message = ep.ProcessingRequest.FromString(data)
+    if not message.HasField("request_headers"):
+        log.warning("unexpected_first_message", kind=message.WhichOneof("request"))
+        return None
+    return RequestHeaders(
+        header_map(message.request_headers.headers.headers),
+        message.request_headers.end_of_stream,
+        message.protocol_config.request_body_mode == _STREAMED,
+    )
+
+
+async def _messages(stream: AsyncIterator[bytes]) -> AsyncIterator[ep.ProcessingRequest]:
+    """The stream's further messages (body chunks), parsed."""
+    async for data in stream:
+        yield ep.ProcessingRequest.FromString(data)

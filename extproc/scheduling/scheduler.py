@@ -18,6 +18,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import Final
 
 from extproc.config import FilterName, Fleet, ModelSpec, PickerName, Profile, ScorerName, Tier
 from extproc.datastore import Datastore, HostState
@@ -28,10 +29,11 @@ from extproc.scheduling.pickers import Picker, Ranker
 from extproc.scheduling.scorers import Candidate, WeightedScorers, per_request, prepare
 from extproc.scheduling.types import Decision, InferenceRequest, Priority, Reject, Route
 
-_METRICS_AT, _INDEX_AT = attrgetter("metrics_at"), attrgetter("index_at")
+_METRICS_AT: Final = attrgetter("metrics_at")
+_INDEX_AT: Final = attrgetter("index_at")
 # Requests that name no model go to the live host with the fewest requests in flight.
-_ANY_HOST_WEIGHTS = {ScorerName.IN_FLIGHT: 1.0}
-_ANY_HOST_SCORERS = per_request(_ANY_HOST_WEIGHTS)
+_ANY_HOST_WEIGHTS: Final = {ScorerName.IN_FLIGHT: 1.0}
+_ANY_HOST_SCORERS: Final = per_request(_ANY_HOST_WEIGHTS)
 # One tier a request may go to, with its profile, and the profile's picker and per-request scorers resolved.
 _Step = tuple[Tier, Profile, Picker, WeightedScorers]
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from extproc.batch_cost import BatchCost, Batching, completion_ms
 from extproc.config import ScorerName
 from extproc.datastore import HostState
 
 # Per-request service time assumed when no host has been measured yet.
-_UNMEASURED_SERVICE_MS = 1.0
+_UNMEASURED_SERVICE_MS: Final = 1.0
 
 
-@dataclass(slots=True)  # not frozen: built for every host at each change, and a frozen init costs 3x
+# Built for every host at each change (and per request for power_of_two's sample): not frozen (a frozen init
+# costs 3x), and with a written __init__ (see extproc.scheduling.types.InferenceRequest).
+@dataclass(slots=True, init=False)
 class Candidate:
     """A host that passed the filters, with the telemetry its scores need, as of the last datastore change.
 
@@ -29,14 +32,36 @@ class Candidate:
     host: HostState
     base_ms: float
     drain_ms: float
-    batch: BatchCost | None = None
-    batching: Batching | None = None
-    pending: float = 0.0
-    gpu_memory: float = 0.0
+    batch: BatchCost | None
+    batching: Batching | None
+    pending: float
+    gpu_memory: float
     # Requests the host's in-flight estimate drains per second (1000 / its service_ms; 0 when unmeasured).
-    drain_per_s: float = 0.0
+    drain_per_s: float
     # The weighted, normalised sum of the static scorers (see :func:`prepare`).
-    static_cost: float = 0.0
+    static_cost: float
+
+    def __init__(
+        self,
+        host: HostState,
+        base_ms: float,
+        drain_ms: float,
+        batch: BatchCost | None = None,
+        batching: Batching | None = None,
+        pending: float = 0.0,
+        gpu_memory: float = 0.0,
+        drain_per_s: float = 0.0,
+        static_cost: float = 0.0,
+    ) -> None:
+        self.host = host
+        self.base_ms = base_ms
+        self.drain_ms = drain_ms
+        self.batch = batch
+        self.batching = batching
+        self.pending = pending
+        self.gpu_memory = gpu_memory
+        self.drain_per_s = drain_per_s
+        self.static_cost = static_cost
 
     def in_flight(self, now: float) -> float:
         """:meth:`HostState.in_flight` from the telemetry resolved here: the one input read live, in one
