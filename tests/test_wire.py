@@ -3,6 +3,7 @@ every message Envoy could send, and None (never a wrong answer or an exception) 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -12,8 +13,11 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extproc.bench import overhead as ov
 from extproc.bench.decision import rest_request_bytes
+from extproc.bench.overhead_server import picker_servicer
 from extproc.handlers.request import header_map
+from extproc.handlers.server import Processor
 from extproc.handlers.wire import RequestHeaders, read_request_headers
 from extproc.headers import READ_HEADERS
 
@@ -101,3 +105,30 @@ def test_any_bytes_give_protobufs_answer_or_none(data: bytes) -> None:
 def test_damaged_messages_give_protobufs_answer_or_none(message: Any, cut: int, tail: bytes) -> None:
     data = message.SerializeToString()
     protobufs_answer_or_none(data[: max(0, len(data) - cut)] + tail)
+
+
+async def _answers(processor: Processor, data: bytes) -> list[Any]:
+    async def requests() -> AsyncIterator[bytes]:
+        yield data
+
+    return [r async for r in processor.Process(requests(), None)]  # type: ignore[arg-type]  # no context used
+
+
+async def test_the_picker_answers_what_the_reader_leaves_as_it_answers_the_rest() -> None:
+    fleet = ov.bench_fleet([18001], [18101, 18102], "unix:/tmp/w.sock", 18080, 18090)
+    processor, _ = picker_servicer(fleet)
+    headers = ep.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":path", raw_value=b"/v2/models/mlp/infer")])
+    )
+    usual = ep.ProcessingRequest(request_headers=headers).SerializeToString()
+    # Valid protobuf, but the protocol config ahead of the headers: Envoy never writes it so, the reader
+    # leaves it, and protobuf parses it.
+    config = ep.ProcessingRequest(protocol_config=ep.ProtocolConfiguration(request_body_mode=0))
+    unusual = config.SerializeToString() + usual
+    assert read_request_headers(usual) is not None and read_request_headers(unusual) is None
+    (routed,) = await _answers(processor, usual)
+    assert routed.request_headers.response.header_mutation.set_headers
+    assert await _answers(processor, unusual) == [routed]
+    # Not the request headers at all: no answer, the stream ends (and a warning is logged).
+    body = ep.ProcessingRequest(request_body=ep.HttpBody(body=b"{}")).SerializeToString()
+    assert await _answers(processor, body) == []

@@ -8,9 +8,9 @@ miss costs more than an add), but a change that removes instructions from the pa
 
 The fleet is :func:`extproc.bench.decision.synthetic_fleet` (``--hosts`` hosts, argmax), and the request a
 small REST inference request with the headers Envoy forwards to the picker. Parts: ``edge`` (one ext_proc
-stream as gRPC runs it: the request bytes parsed, ``Processor.Process``, the answer serialised), ``headers``
-(the header map), ``request`` (the InferenceRequest from the path and headers), ``decide``, ``answer`` (the
-ProcessingResponse) and ``record`` (the decision's metrics).
+stream as gRPC runs it: the request's bytes to ``Processor.Process``, the answer serialised), ``headers``
+(the request-headers message read from its bytes), ``request`` (the InferenceRequest from the path and
+headers), ``decide``, ``answer`` (the ProcessingResponse) and ``record`` (the decision's metrics).
 
 ``--processes`` counts the two processors of ``extproc bench overhead`` instead (the bare constant-answer
 processor and the picker's request path, each its own grpc.aio server process under callgrind), driven one
@@ -45,12 +45,11 @@ _ENV: Final = {**os.environ, "PYTHONHASHSEED": "0"}
 
 def part_runner(part: str, n_hosts: int) -> Callable[[int], None]:
     """A function that runs ``part`` of the request path n times."""
-    from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-
     from extproc.bench.decision import one_stream, rest_request_bytes, synthetic_fleet
-    from extproc.handlers.request import header_map, rest_request
+    from extproc.handlers.request import rest_request
     from extproc.handlers.response import Responder
     from extproc.handlers.server import Processor
+    from extproc.handlers.wire import read_request_headers
     from extproc.metrics import PickerMetrics
     from extproc.scheduling.scheduler import Scheduler
 
@@ -61,8 +60,9 @@ def part_runner(part: str, n_hosts: int) -> Callable[[int], None]:
     # The processor's own kind of responder, for the answer and record parts on their own.
     responder = Responder(metrics, fleet.picker.retry_after_s, debug=False)
     payload = rest_request_bytes("mlp")
-    first = ep.ProcessingRequest.FromString(payload)
-    headers = header_map(first.request_headers.headers.headers)
+    first = read_request_headers(payload)
+    assert first is not None
+    headers = first.headers
     request = rest_request(headers[":path"], headers)
     decision = scheduler.decide(request)
 
@@ -71,7 +71,7 @@ def part_runner(part: str, n_hosts: int) -> Callable[[int], None]:
             await one_stream(processor, payload)
 
     once: dict[str, Callable[[], object]] = {
-        "headers": lambda: header_map(first.request_headers.headers.headers),
+        "headers": lambda: read_request_headers(payload),
         "request": lambda: rest_request(headers[":path"], headers),
         "decide": lambda: scheduler.decide(request),
         "answer": lambda: responder.answer(decision, request),
