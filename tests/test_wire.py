@@ -16,23 +16,13 @@ from hypothesis import strategies as st
 from extproc.bench import overhead as ov
 from extproc.bench.decision import rest_request_bytes
 from extproc.bench.overhead_server import picker_servicer
-from extproc.handlers.request import header_map
-from extproc.handlers.server import Processor
-from extproc.handlers.wire import RequestHeaders, read_request_headers
+from extproc.handlers.server import Processor, request_headers_of
+from extproc.handlers.wire import read_request_headers
 from extproc.headers import READ_HEADERS
 
 # Header names the picker reads, and some it does not (Envoy's forward_rules keep those away, but the
 # reader must not depend on it).
 KEYS = [*sorted(READ_HEADERS), ":method", "content-type", "x-triton-lb-hosts", "user-agent"]
-
-
-def reference(message: Any) -> RequestHeaders:
-    """What the protobuf library says of a request-headers message."""
-    return RequestHeaders(
-        header_map(message.request_headers.headers.headers),
-        message.request_headers.end_of_stream,
-        message.protocol_config.request_body_mode == 1,  # STREAMED
-    )
 
 
 header_values = st.builds(
@@ -66,13 +56,13 @@ def request_headers(draw: st.DrawFn) -> Any:
 @given(request_headers())
 @settings(max_examples=300)
 def test_reads_request_headers_as_protobuf_does(message: Any) -> None:
-    assert read_request_headers(message.SerializeToString()) == reference(message)
+    assert read_request_headers(message.SerializeToString()) == request_headers_of(message)
 
 
 def test_reads_the_benchmarks_request_as_protobuf_does() -> None:
     data = rest_request_bytes("mlp")
     found = read_request_headers(data)
-    assert found is not None and found == reference(ep.ProcessingRequest.FromString(data))
+    assert found is not None and found == request_headers_of(ep.ProcessingRequest.FromString(data))
     assert found.headers[":path"] == "/v2/models/mlp/infer"
 
 
@@ -95,7 +85,7 @@ def protobufs_answer_or_none(data: bytes) -> None:
         message = ep.ProcessingRequest.FromString(data)
     except DecodeError:
         return
-    assert message.HasField("request_headers") and found == reference(message)
+    assert message.HasField("request_headers") and found == request_headers_of(message)
 
 
 @given(st.binary(max_size=200))

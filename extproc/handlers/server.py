@@ -201,6 +201,12 @@ def _first_message(data: bytes) -> RequestHeaders | None:
     if not message.HasField("request_headers"):
         log.warning("unexpected_first_message", kind=message.WhichOneof("request"))
         return None
+    return request_headers_of(message)
+
+
+def request_headers_of(message: ep.ProcessingRequest) -> RequestHeaders:
+    """What the picker reads of a request-headers message that protobuf parsed: the same as the wire reader
+    reads from its bytes (tests/test_wire.py holds them to it)."""
     return RequestHeaders(
         header_map(message.request_headers.headers.headers),
         message.request_headers.end_of_stream,

@@ -119,13 +119,11 @@ def _read(data: bytes) -> RequestHeaders | None:
             found = _http_headers(data, i, stop)
             i = stop
         elif number == _PROTOCOL_CONFIG and wire_type == _LEN:
+            if found is None:
+                raise _Unexpected  # the config before the headers: valid protobuf, not what Envoy writes
             length, i = _varint(data, i)
             stop = _within(data, i + length)
-            streamed = _streamed_body(data, i, stop)
-            if found is None:
-                # The config before the headers: valid protobuf, not what Envoy writes.
-                raise _Unexpected
-            found.streamed_body = streamed
+            found.streamed_body = _streamed_body(data, i, stop)
             i = stop
         elif _REQUEST_HEADERS <= number <= _LAST_REQUEST_KIND:
             # Another kind of message, or the headers twice (merged, in protobuf's rules): not ours to read.
