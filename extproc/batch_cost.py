@@ -42,6 +42,7 @@ class Batching:
 
     max_batch: int = 1  # requests per execution: max_batch_size with a dynamic/sequence batcher, else 1
     instances: int = 1  # executions that run at once (instance_group counts)
+    sequence: bool = False  # a sequence batcher: requests of one correlation id must stay on one host
 
 
 @dataclass(slots=True)  # not frozen: see BatchCost

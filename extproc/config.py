@@ -263,6 +263,14 @@ class PickerSpec(_Strict):
     max_hosts: int = Field(default=3, ge=1, le=8)
     # Envoy waits this long for the picker before failing open to the fallback load balancer.
     message_timeout_ms: PositiveMs = 100
+    # How long Envoy waits for a request body's first bytes when the picker must read them to route (gRPC,
+    # REST inference). The picker extends message_timeout_ms up to this only for a request whose body is
+    # late, so a slow client is routed by the picker instead of failing open onto a host that may lack the
+    # model.
+    body_timeout_ms: PositiveMs = 10_000
+    # Most tensor elements one inference request may carry (all inputs together); the picker answers 400
+    # above it, before any host sees the request.
+    max_tensor_elements: int = Field(default=64 * 1024 * 1024, ge=1)
     # Seconds a client should wait before retrying a 503/429 from the picker.
     retry_after_s: int = Field(default=1, ge=1, le=3600)
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
@@ -350,6 +358,19 @@ class EnvoySpec(_Strict):
     # Largest request body Envoy accepts (bytes). A larger content-length is answered 413 before the body is
     # read; a REST body without content-length (chunked) is buffered up to this size, then 413.
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**32 - 1)
+    # Request line plus headers (KiB); over it Envoy answers 431. Triton's HTTP server drops the connection
+    # without an answer once a request line or header passes ~16 KiB, which Envoy would count against the
+    # host (outlier ejection), so the cap stays below that.
+    max_request_headers_kb: int = Field(default=8, ge=1, le=15)
+    # Concurrent HTTP/2 streams per client connection (Envoy's default is 1024): every open stream holds
+    # memory in Envoy, the picker and Triton.
+    max_streams_per_connection: int = Field(default=100, ge=1, le=1024)
+    # Envoy's heap (MiB): at 95 % it stops accepting requests, from 90 % it resets the streams that buffer
+    # the most, so no client can grow the gateway until the kernel kills it.
+    max_heap_mb: int = Field(default=1024, ge=64)
+    # Serve Triton's statistics (REST /v2/models[/NAME]/stats, gRPC ModelStatistics) to clients. Off by
+    # default: they tell a client every model of the fleet and its traffic.
+    allow_statistics: bool = False
     # TLS to the Triton hosts; null: plaintext (a trusted network). The picker's own telemetry (metrics,
     # repository index) still connects in plaintext.
     upstream_tls: UpstreamTlsSpec | None = None

@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import re
 from pathlib import Path
 from typing import Any, cast
 
@@ -56,6 +57,7 @@ from envoy_data_plane.envoy.extensions.network.dns_resolver.cares import v3 as c
 from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections import (
     v3 as downstream_connections,
 )
+from envoy_data_plane.envoy.extensions.resource_monitors.fixed_heap import v3 as fixed_heap
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts import v3 as previous_hosts
 from envoy_data_plane.envoy.extensions.transport_sockets.tls import v3 as tls
 from envoy_data_plane.envoy.extensions.upstreams.http import v3 as upstream_http
@@ -192,18 +194,50 @@ def build_bootstrap(fleet: Fleet) -> bootstrap.Bootstrap:
                 bootstrap.RuntimeLayer(name="admin", admin_layer=bootstrap.RuntimeLayerAdminLayer()),
             ]
         ),
-        overload_manager=overload.OverloadManager(
-            resource_monitors=[
-                # A global cap on downstream connections: without one Envoy accepts connections until it runs
-                # out of file descriptors. Far above what a fleet needs.
-                overload.ResourceMonitor(
-                    name="envoy.resource_monitors.global_downstream_max_connections",
-                    typed_config=PbAny.pack(
-                        downstream_connections.DownstreamConnectionsConfig(max_active_downstream_connections=50_000)
-                    ),
-                )
-            ]
-        ),
+        overload_manager=_overload_manager(fleet),
+    )
+
+
+def _overload_manager(fleet: Fleet) -> overload.OverloadManager:
+    heap = "envoy.resource_monitors.fixed_heap"
+    return overload.OverloadManager(
+        # Streams are charged for the bytes they buffer from 1 MiB up, so the heap action below can find the
+        # streams that hold the most.
+        buffer_factory_config=overload.BufferFactoryConfig(minimum_account_to_track_power_of_two=20),
+        resource_monitors=[
+            # A global cap on downstream connections: without one Envoy accepts connections until it runs
+            # out of file descriptors. Far above what a fleet needs.
+            overload.ResourceMonitor(
+                name="envoy.resource_monitors.global_downstream_max_connections",
+                typed_config=PbAny.pack(
+                    downstream_connections.DownstreamConnectionsConfig(max_active_downstream_connections=50_000)
+                ),
+            ),
+            overload.ResourceMonitor(
+                name=heap,
+                typed_config=PbAny.pack(
+                    fixed_heap.FixedHeapConfig(max_heap_size_bytes=fleet.envoy.max_heap_mb * 1024 * 1024)
+                ),
+            ),
+        ],
+        actions=[
+            # Streams held open or bodies buffered by clients grow the heap; from 90 % the streams that buffer
+            # the most are reset (more of them as it fills), at 95 % new requests are refused (503) until
+            # memory is back, instead of Envoy growing until the kernel kills it.
+            overload.OverloadAction(
+                name="envoy.overload_actions.reset_high_memory_stream",
+                triggers=[
+                    overload.Trigger(
+                        name=heap,
+                        scaled=overload.ScaledTrigger(scaling_threshold=0.90, saturation_threshold=0.95),
+                    )
+                ],
+            ),
+            overload.OverloadAction(
+                name="envoy.overload_actions.stop_accepting_requests",
+                triggers=[overload.Trigger(name=heap, threshold=overload.ThresholdTrigger(value=0.95))],
+            ),
+        ],
     )
 
 
@@ -290,6 +324,11 @@ def _http_connection_manager(fleet: Fleet) -> hcm.HttpConnectionManager:
         request_timeout=dt.timedelta(0),
         # Envoy's default is 5 min; spelt out because it is the only limit left on a stalled stream.
         stream_idle_timeout=dt.timedelta(seconds=300),
+        # Envoy's default is 60 KiB; see envoy.max_request_headers_kb (431 above it).
+        max_request_headers_kb=fleet.envoy.max_request_headers_kb,
+        # Envoy's default is 1,024 streams per client connection, each holding memory here, in the picker and
+        # in Triton.
+        http2_protocol_options=core.Http2ProtocolOptions(max_concurrent_streams=fleet.envoy.max_streams_per_connection),
         # Default true, spelt out: the x-request-id ties Envoy's, the picker's and Triton's logs together.
         generate_request_id=True,
         # The client's copies of the routing headers go before anything looks at the request: Envoy may
@@ -323,9 +362,12 @@ def _http_filters(fleet: Fleet) -> list[hcm.HttpFilter]:
         # Envoy's default is 200 ms; the fleet file decides how long a request may wait for the picker
         # before failing open.
         message_timeout=dt.timedelta(milliseconds=fleet.picker.message_timeout_ms),
+        # The most the picker may extend one wait to (override_message_timeout): it does so only while a
+        # request's body, which it must read to route, has not arrived.
+        max_message_timeout=dt.timedelta(milliseconds=fleet.picker.body_timeout_ms),
         # One round trip per request: the picker only needs the request headers. Responses and trailers are
         # not sent (each enabled phase costs another round trip). gRPC routes override the body mode, see
-        # _GRPC_EXT_PROC.
+        # _STREAMED_EXT_PROC.
         processing_mode=_processing_mode(ext_proc.ProcessingModeBodySendMode.NONE),
         # With a STREAMED body (gRPC routes), send the first body chunk without waiting for the picker's
         # answer to the headers: the picker holds that answer until it has read the model name from the
@@ -370,24 +412,54 @@ def _processing_mode(request_body: ext_proc.ProcessingModeBodySendMode) -> ext_p
 
 # ------------------------------------------------------------------------------------------------- routes
 
-# gRPC ModelInfer names its model only inside the protobuf body, so on gRPC routes the picker also gets the
-# request body, STREAMED (chunk by chunk, never buffered whole; the picker reads the first chunk only).
-# Note that ext_proc takes its per-route config from the route matched *before* the picker answers, i.e. a
-# fallback route (the tier header is stripped), so the fallback gRPC route must carry it too.
-_GRPC_EXT_PROC = ext_proc.ExtProcPerRoute(  # also on sequence models' REST routes
+# On the routes where the picker reads the body (gRPC, REST inference) it gets it STREAMED: chunk by chunk,
+# never buffered whole; it reads the head only (the model name, the tensors' shapes), then acknowledges each
+# chunk. Note that ext_proc takes its per-route config from the route matched *before* the picker answers,
+# i.e. a fallback route (the tier header is stripped), so the fallback routes must carry it too.
+_STREAMED_EXT_PROC = ext_proc.ExtProcPerRoute(
     overrides=ext_proc.ExtProcOverrides(processing_mode=_processing_mode(ext_proc.ProcessingModeBodySendMode.STREAMED))
 )
-# Unknown paths are answered by Envoy itself; asking the picker first would only cost a round trip.
+# Routes answered by Envoy itself; asking the picker first would only cost a round trip.
 _NO_EXT_PROC = ext_proc.ExtProcPerRoute(disabled=True)
+
+# What a client may call: inference, metadata, readiness and (where the operator allows) statistics. Triton's
+# control APIs (model repository load/unload/index, shared memory registration, logging, tracing) are
+# refused before any host is picked: through them a client could unload models fleet-wide or load its own
+# code onto a host.
+GRPC_ALLOWED_METHODS = (
+    "ModelInfer",
+    "ModelStreamInfer",
+    "ModelMetadata",
+    "ModelConfig",
+    "ModelReady",
+    "ServerLive",
+    "ServerReady",
+    "ServerMetadata",
+)
+GRPC_STATISTICS_METHOD = "ModelStatistics"
+# Paths as Envoy matches them (the query string is not part of a regex match). A model or version segment
+# is anything but a slash; the picker checks the names themselves.
+_MODEL_PATH = r"/v2/models/[^/]+(/versions/[^/]+)?"
+REST_INFER_REGEX = f"^{_MODEL_PATH}/infer$"
+REST_OTHER_REGEX = f"^/v2(/health/(live|ready))?$|^{_MODEL_PATH}(/ready|/config)?$"
+REST_STATISTICS_REGEX = r"^/v2/models(/[^/]+(/versions/[^/]+)?)?/stats$"
+# Every REST call but inference carries no body worth the name; larger ones are refused (413) after this
+# much is buffered, so no client can stream megabytes to a metadata endpoint.
+_SMALL_BODY_BYTES = 64 * 1024
+
+_FORBIDDEN_BODY = json.dumps({"error": "this Triton API is not served through the gateway"})
+_ENCODING_BODY = json.dumps(
+    {"error": "compressed REST bodies (content-encoding) are not accepted; send the body uncompressed"}
+)
 
 
 def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
     limit = fleet.envoy.max_request_bytes
     # First: a body announced larger than the limit is refused before Envoy reads it or asks the picker.
     routes: list[route.Route] = [
-        route.Route(
-            name="too_large",
-            match=route.RouteMatch(
+        _direct_route(
+            "too_large",
+            route.RouteMatch(
                 prefix="/",
                 headers=[
                     route.HeaderMatcher(
@@ -395,91 +467,134 @@ def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
                     )
                 ],
             ),
-            direct_response=route.DirectResponseAction(
-                status=413,
-                body=core.DataSource(
-                    inline_string=json.dumps({"error": f"the request body is larger than {limit} bytes"})
-                ),
+            413,
+            json.dumps({"error": f"the request body is larger than {limit} bytes"}),
+        ),
+        # Triton inflates a compressed REST body whole and without a limit (a 2 MB gzip body became 2 GB of
+        # its memory, and kept it): refused here. gRPC compression is per message (grpc-encoding), and the
+        # picker bounds what it inflates.
+        _direct_route(
+            "compressed",
+            route.RouteMatch(
+                prefix="/",
+                headers=[
+                    route.HeaderMatcher(
+                        name="content-encoding",
+                        string_match=matcher.StringMatcher(exact="identity", ignore_case=True),
+                        invert_match=True,
+                    )
+                ],
             ),
-            response_headers_to_add=[_set_header("content-type", "application/json")],
-            typed_per_filter_config={EXT_PROC_FILTER: PbAny.pack(_NO_EXT_PROC)},
-        )
+            415,
+            _ENCODING_BODY,
+        ),
     ]
-    sequence_models = [m.name for m in fleet.models if m.sequence]
+    if not fleet.envoy.allow_statistics:
+        # Every model's statistics; the REST routes below would take it for the metadata of a model "stats".
+        routes.append(
+            _direct_route("forbidden_statistics", route.RouteMatch(path="/v2/models/stats"), 403, _FORBIDDEN_BODY)
+        )
     # None: fail open, no tier header (the picker did not answer, or the request reached Envoy before it did).
     for tier in (*fleet.tiers, None):
-        routes.append(_cluster_route(fleet, "grpc", tier))
-        routes.append(_cluster_route(fleet, "http", tier, sized=False))
-        routes.extend(_cluster_route(fleet, "http", tier, sequence_model=m) for m in sequence_models)
-        routes.append(_cluster_route(fleet, "http", tier))
-    routes.append(
-        route.Route(
-            name="not_found",
-            match=route.RouteMatch(prefix="/"),
-            direct_response=route.DirectResponseAction(status=404, body=core.DataSource(inline_string=_NOT_FOUND_BODY)),
-            response_headers_to_add=[_set_header("content-type", "application/json")],
-            typed_per_filter_config={EXT_PROC_FILTER: PbAny.pack(_NO_EXT_PROC)},
-        )
-    )
+        routes.append(_grpc_route(fleet, tier))
+        routes.append(_rest_route(fleet, tier, "infer", sized=False))
+        routes.append(_rest_route(fleet, tier, "infer"))
+        routes.append(_rest_route(fleet, tier, "other"))
+    routes += [
+        _direct_route("forbidden_grpc", route.RouteMatch(prefix=GRPC_PREFIX), 403, _FORBIDDEN_BODY),
+        _direct_route("forbidden", route.RouteMatch(path_separated_prefix=REST_PREFIX), 403, _FORBIDDEN_BODY),
+        _direct_route("not_found", route.RouteMatch(prefix="/"), 404, _NOT_FOUND_BODY),
+    ]
     return route.RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
         virtual_hosts=[route.VirtualHost(name="triton", domains=["*"], routes=routes)],
     )
 
 
-def _cluster_route(
-    fleet: Fleet, protocol: str, tier: Tier | None, *, sized: bool = True, sequence_model: str | None = None
-) -> route.Route:
-    """The route for one protocol and tier; ``tier=None`` is the fallback route (no tier header).
-
-    ``sized=False``: the REST route for requests without a content-length (chunked bodies, and GETs). Their
-    size is unknown until the end, so the buffer filter collects them up to ``envoy.max_request_bytes`` and
-    answers 413 beyond; every other route streams bodies.
-
-    ``sequence_model``: the REST route of a sequence model, whose body is streamed to the picker like a gRPC
-    body, because REST clients put the correlation id in the JSON (``parameters.sequence_id``).
-    """
-    target = tier if tier is not None else fleet.envoy.fallback_tier
-    headers = (
-        [route.HeaderMatcher(name=TIER_HEADER, string_match=matcher.StringMatcher(exact=tier.value))]
-        if tier is not None
-        else []
-    )
-    if not sized:
-        headers.append(route.HeaderMatcher(name="content-length", present_match=False))
-    if protocol == "grpc":
-        match = route.RouteMatch(
-            prefix=GRPC_PREFIX,
-            headers=headers,
-            # Only real gRPC (content-type application/grpc*) goes to the HTTP/2 gRPC cluster.
-            grpc=route.RouteMatchGrpcRouteMatchOptions(),
-        )
-        per_filter = {EXT_PROC_FILTER: PbAny.pack(_GRPC_EXT_PROC)}
-    else:
-        # path_separated_prefix: /v2 and /v2/... but not /v2foo, which is no Triton path.
-        prefix = REST_PREFIX if sequence_model is None else f"{REST_PREFIX}/models/{sequence_model}"
-        match = route.RouteMatch(path_separated_prefix=prefix, headers=headers)
-        per_filter = (
-            {EXT_PROC_FILTER: PbAny.pack(_GRPC_EXT_PROC)}
-            if sequence_model is not None
-            else {}
-            if sized
-            else {
-                BUFFER_FILTER: PbAny.pack(
-                    buffer.BufferPerRoute(buffer=buffer.Buffer(max_request_bytes=fleet.envoy.max_request_bytes))
-                )
-            }
-        )
-    name = f"{protocol}_{tier.value}" if tier is not None else f"{protocol}_fallback"
-    if not sized:
-        name += "_unsized"
-    if sequence_model is not None:
-        name += f"_sequence_{sequence_model}"
+def _direct_route(name: str, match: route.RouteMatch, status: int, body: str) -> route.Route:
+    """Envoy answers itself, with a JSON error (for a gRPC client Envoy turns the status into a grpc-status:
+    403 → PERMISSION_DENIED)."""
     return route.Route(
         name=name,
         match=match,
-        route=_route_action(fleet, protocol, cluster_name(target.value, protocol)),
+        direct_response=route.DirectResponseAction(status=status, body=core.DataSource(inline_string=body)),
+        response_headers_to_add=[_set_header("content-type", "application/json")],
+        typed_per_filter_config={EXT_PROC_FILTER: PbAny.pack(_NO_EXT_PROC)},
+    )
+
+
+def _tier_headers(tier: Tier | None) -> list[route.HeaderMatcher]:
+    if tier is None:
+        return []
+    return [route.HeaderMatcher(name=TIER_HEADER, string_match=matcher.StringMatcher(exact=tier.value))]
+
+
+def _route_name(protocol: str, tier: Tier | None) -> str:
+    return f"{protocol}_{tier.value}" if tier is not None else f"{protocol}_fallback"
+
+
+def _grpc_route(fleet: Fleet, tier: Tier | None) -> route.Route:
+    """The gRPC route of one tier (``tier=None``: the fallback route, no tier header), for the allowed
+    methods only; the picker reads the first message of the body (the model name)."""
+    methods = GRPC_ALLOWED_METHODS + ((GRPC_STATISTICS_METHOD,) if fleet.envoy.allow_statistics else ())
+    match = route.RouteMatch(
+        safe_regex=matcher.RegexMatcher(regex=f"^{re.escape(GRPC_PREFIX)}({'|'.join(methods)})$"),
+        headers=_tier_headers(tier),
+        # Only real gRPC (content-type application/grpc*) goes to the HTTP/2 gRPC cluster.
+        grpc=route.RouteMatchGrpcRouteMatchOptions(),
+    )
+    return _cluster_route(
+        fleet, tier, "grpc", _route_name("grpc", tier), match, {EXT_PROC_FILTER: PbAny.pack(_STREAMED_EXT_PROC)}
+    )
+
+
+def _rest_route(fleet: Fleet, tier: Tier | None, kind: str, *, sized: bool = True) -> route.Route:
+    """A REST route of one tier (``tier=None``: the fallback route).
+
+    ``kind="infer"``: inference, whose body the picker reads (the tensors' shapes and datatypes, a sequence
+    model's correlation id) before it answers. ``sized=False`` is the route for such bodies without a
+    content-length (chunked): their size is unknown until the end, so the buffer filter collects them up to
+    ``envoy.max_request_bytes`` (413 beyond) and the picker gets them whole.
+
+    ``kind="other"``: metadata, readiness and (if allowed) statistics: no body worth reading; one over
+    64 KiB is refused.
+    """
+    headers = _tier_headers(tier)
+    name = _route_name("http", tier)
+    if kind == "infer":
+        regex = REST_INFER_REGEX
+        name += "_infer"
+        per_filter = {EXT_PROC_FILTER: PbAny.pack(_STREAMED_EXT_PROC)}
+        if not sized:
+            headers.append(route.HeaderMatcher(name="content-length", present_match=False))
+            name += "_unsized"
+            per_filter[BUFFER_FILTER] = _buffer(fleet.envoy.max_request_bytes)
+    else:
+        regex = REST_OTHER_REGEX + (f"|{REST_STATISTICS_REGEX}" if fleet.envoy.allow_statistics else "")
+        per_filter = {BUFFER_FILTER: _buffer(_SMALL_BODY_BYTES)}
+    match = route.RouteMatch(safe_regex=matcher.RegexMatcher(regex=regex), headers=headers)
+    return _cluster_route(fleet, tier, "http", name, match, per_filter)
+
+
+def _buffer(limit: int) -> PbAny:
+    return PbAny.pack(buffer.BufferPerRoute(buffer=buffer.Buffer(max_request_bytes=limit)))
+
+
+def _cluster_route(
+    fleet: Fleet, tier: Tier | None, protocol: str, name: str, match: route.RouteMatch, per_filter: dict[str, PbAny]
+) -> route.Route:
+    target = tier if tier is not None else fleet.envoy.fallback_tier
+    return route.Route(
+        name=name,
+        match=match,
+        route=_route_action(
+            fleet, protocol, cluster_name(target.value, protocol), infer=protocol == "grpc" or "_infer" in name
+        ),
         typed_per_filter_config=per_filter,
+        # Triton 2.51's HTTP server crashes (SIGSEGV) on a form-encoded body of about 4 MB, whatever the path,
+        # and `curl -d` sends that content type by default. Triton reads REST bodies as they are and never
+        # needs the content type, so it does not get one.
+        request_headers_to_remove=["content-type"] if protocol == "http" else [],
         # OVERWRITE: a Triton (or anything behind it) cannot fake the header.
         response_headers_to_add=(
             [_set_header(UPSTREAM_HOST_HEADER, UPSTREAM_HOST_FORMAT)] if fleet.envoy.expose_upstream_host else []
@@ -487,13 +602,17 @@ def _cluster_route(
     )
 
 
-def _route_action(fleet: Fleet, protocol: str, target_cluster: str) -> route.RouteAction:
-    retry_on = ["connect-failure", "reset", "refused-stream", "retriable-status-codes"]
+def _route_action(fleet: Fleet, protocol: str, target_cluster: str, *, infer: bool) -> route.RouteAction:
+    # Retry only where the request cannot have reached the host (no connection, refused stream, reset before
+    # the request was sent) or the host said it cannot serve it now (503, gRPC UNAVAILABLE). Never after a
+    # reset once the request was sent: a request that crashed one host would crash the next (a query of
+    # death), and a client could take a whole tier down with one request.
+    retry_on = ["connect-failure", "refused-stream", "reset-before-request", "retriable-status-codes"]
     retriable_headers = []
     if protocol == "grpc":
-        # A trailers-only grpc-status UNAVAILABLE (what Triton answers when it cannot serve) is retried too,
-        # and so is NOT_FOUND: see 404 below.
         retry_on += ["unavailable", "retriable-headers"]
+        # NOT_FOUND, trailers-only as Triton sends it: see 404 below (inference is all the picker routes by
+        # model on the gRPC routes that carry one).
         retriable_headers.append(
             route.HeaderMatcher(name="grpc-status", string_match=matcher.StringMatcher(exact=_GRPC_NOT_FOUND))
         )
@@ -504,13 +623,13 @@ def _route_action(fleet: Fleet, protocol: str, target_cluster: str) -> route.Rou
         # fleet file decides; 0 disables it.
         timeout=dt.timedelta(seconds=fleet.envoy.route_timeout_s),
         retry_policy=route.RetryPolicy(
-            # Retry only where the request cannot have been served (no connection, reset, refused stream) or
-            # the host said it cannot serve it now (503): the next attempt goes to another host.
             retry_on=",".join(retry_on),
-            # 404: the picker only routes a model to hosts whose repository index says READY and answers 404
-            # itself for models no host has, so a 404 from Triton means the model left that host since the
-            # picker's last poll (unloaded, or the server is shutting down): another host may have it.
-            retriable_status_codes=[503, 404],
+            # 404 on inference: the picker only routes a model to hosts whose repository index says READY and
+            # answers 404 itself for models no host has, so a 404 from Triton means the model left that host
+            # since the picker's last poll (unloaded, or the server is shutting down): another host may have
+            # it. Elsewhere a 404 is the answer (a path Triton does not serve), and retrying it would only
+            # cost the hosts more requests and connections.
+            retriable_status_codes=[503, 404] if infer else [503],
             retriable_headers=retriable_headers,
             # Envoy's default is 1; the picker ranks up to picker.max_hosts (default 3) hosts, so 2 retries
             # let a request try each of them.

@@ -6,6 +6,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import ssl
 import stat
@@ -251,38 +252,29 @@ def test_no_tls_listener_without_tls() -> None:
 def test_routes(local_fleet: Fleet) -> None:
     routes = _routes(render_bootstrap(local_fleet))
     by_name = {r["name"]: r for r in routes}
+    per_tier = ["grpc_{}", "http_{}_infer_unsized", "http_{}_infer", "http_{}"]
     assert list(by_name) == [
         "too_large",
-        "grpc_cpu",
-        "http_cpu_unsized",
-        "http_cpu_sequence_seq_accumulate",
-        "http_cpu",
-        "grpc_gpu",
-        "http_gpu_unsized",
-        "http_gpu_sequence_seq_accumulate",
-        "http_gpu",
-        "grpc_fallback",
-        "http_fallback_unsized",
-        "http_fallback_sequence_seq_accumulate",
-        "http_fallback",
+        "compressed",
+        "forbidden_statistics",
+        *[name.format(tier) for tier in ("cpu", "gpu", "fallback") for name in per_tier],
+        "forbidden_grpc",
+        "forbidden",
         "not_found",
     ]
-    # A sequence model's REST bodies are streamed to the picker (it reads parameters.sequence_id).
-    sequence = by_name["http_gpu_sequence_seq_accumulate"]
-    assert sequence["match"]["path_separated_prefix"] == "/v2/models/seq_accumulate"
-    assert sequence["route"]["cluster"] == cluster_name("gpu", "http")
-    assert sequence["typed_per_filter_config"] == by_name["grpc_gpu"]["typed_per_filter_config"]
     for tier in ("cpu", "gpu"):
-        for protocol in ("grpc", "http"):
-            tier_route = by_name[f"{protocol}_{tier}"]
-            assert tier_route["match"]["headers"] == [{"name": TIER_HEADER, "string_match": {"exact": tier}}]
-            assert tier_route["route"]["cluster"] == cluster_name(tier, protocol)
-    assert by_name["grpc_gpu"]["match"]["prefix"] == "/inference.GRPCInferenceService/"
-    assert by_name["http_gpu"]["match"]["path_separated_prefix"] == "/v2"
-    for protocol in ("grpc", "http"):
-        fallback = by_name[f"{protocol}_fallback"]
-        assert "headers" not in fallback["match"]
-        assert fallback["route"]["cluster"] == cluster_name(local_fleet.envoy.fallback_tier.value, protocol)
+        for name in per_tier:
+            tier_route = by_name[name.format(tier)]
+            assert tier_route["match"]["headers"][0] == {"name": TIER_HEADER, "string_match": {"exact": tier}}
+            assert tier_route["route"]["cluster"] == cluster_name(tier, name[:4])
+    for name in per_tier:
+        fallback = by_name[name.format("fallback")]
+        assert TIER_HEADER not in json.dumps(fallback["match"])
+        assert fallback["route"]["cluster"] == cluster_name(local_fleet.envoy.fallback_tier.value, name[:4])
+    # Chunked inference bodies are buffered (up to the limit) and then given to the picker whole.
+    unsized = by_name["http_gpu_infer_unsized"]
+    assert unsized["match"]["headers"][1] == {"name": "content-length", "present_match": False}
+    assert set(unsized["typed_per_filter_config"]) == {EXT_PROC_FILTER, "envoy.filters.http.buffer"}
 
     for r in _cluster_routes(routes):
         action = r["route"]
@@ -290,30 +282,129 @@ def test_routes(local_fleet: Fleet) -> None:
         assert "per_try_timeout" not in action["retry_policy"]
         retry = action["retry_policy"]
         assert retry["num_retries"] == 2
-        # 404: the model left the host since the picker's last repository poll (tests/test_faults.py).
-        assert retry["retriable_status_codes"] == [503, 404]
+        # 404 on inference: the model left the host since the picker's last repository poll
+        # (tests/test_faults.py). Elsewhere a 404 is final.
+        infer = "_infer" in r["name"] or r["name"].startswith("grpc")
+        assert retry["retriable_status_codes"] == ([503, 404] if infer else [503])
         assert [p["name"] for p in retry["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
         on = retry["retry_on"].split(",")
-        assert {"connect-failure", "reset", "refused-stream", "retriable-status-codes"} <= set(on)
+        # Never "reset": a request that crashed its host is not replayed on the next one.
+        assert set(on) - {"unavailable", "retriable-headers"} == {
+            "connect-failure",
+            "reset-before-request",
+            "refused-stream",
+            "retriable-status-codes",
+        }
         assert ("unavailable" in on) == r["name"].startswith("grpc")
+        # Triton never needs a REST body's content type, and crashes on a large form-encoded one.
+        assert r.get("request_headers_to_remove", []) == ([] if r["name"].startswith("grpc") else ["content-type"])
 
-    not_found = routes[-1]
-    assert not_found["match"] == {"prefix": "/"}
-    assert not_found["direct_response"]["status"] == 404
-    assert "error" in json.loads(not_found["direct_response"]["body"]["inline_string"])
-    assert not_found["response_headers_to_add"][0]["header"] == {"key": "content-type", "value": "application/json"}
-    assert not_found["typed_per_filter_config"][EXT_PROC_FILTER]["disabled"] is True
+    for name, status in [("forbidden_grpc", 403), ("forbidden", 403), ("not_found", 404), ("compressed", 415)]:
+        direct = by_name[name]
+        assert direct["direct_response"]["status"] == status
+        assert "error" in json.loads(direct["direct_response"]["body"]["inline_string"])
+        assert direct["response_headers_to_add"][0]["header"] == {"key": "content-type", "value": "application/json"}
+        assert direct["typed_per_filter_config"][EXT_PROC_FILTER]["disabled"] is True
+    assert routes[-1]["match"] == {"prefix": "/"}
 
 
-def test_grpc_routes_stream_the_body_to_the_picker(local_fleet: Fleet) -> None:
+def _allowed(routes: list[dict[str, Any]], path: str, grpc: bool = False) -> str | None:
+    """The first route matching ``path`` by its path rule alone (headers aside), as Envoy would try them."""
+    for r in routes:
+        match = r["match"]
+        if "headers" in match and any(h["name"] == TIER_HEADER for h in match["headers"]):
+            continue  # the tier routes: the same paths as the fallback routes
+        if any(h["name"] in ("content-length", "content-encoding") for h in match.get("headers", [])):
+            continue
+        if "grpc" in match and not grpc:
+            continue
+        if "safe_regex" in match:
+            hit = re.search(match["safe_regex"]["regex"], path) is not None
+        elif "path" in match:
+            hit = match["path"] == path
+        elif "path_separated_prefix" in match:
+            prefix = match["path_separated_prefix"]
+            hit = path == prefix or path.startswith(prefix + "/")
+        else:
+            hit = path.startswith(match["prefix"])
+        if hit:
+            return str(r["name"])
+    return None
+
+
+@pytest.mark.parametrize(
+    ("path", "route"),
+    [
+        ("/v2", "http_fallback"),
+        ("/v2/health/ready", "http_fallback"),
+        ("/v2/health/live", "http_fallback"),
+        ("/v2/models/m", "http_fallback"),
+        ("/v2/models/m/versions/2", "http_fallback"),
+        ("/v2/models/m/ready", "http_fallback"),
+        ("/v2/models/m/config", "http_fallback"),
+        ("/v2/models/m/versions/2/config", "http_fallback"),
+        ("/v2/models/m/infer", "http_fallback_infer"),
+        ("/v2/models/m/versions/2/infer", "http_fallback_infer"),
+        # Triton's control APIs: never through the gateway.
+        ("/v2/repository/index", "forbidden"),
+        ("/v2/repository/models/m/load", "forbidden"),
+        ("/v2/repository/models/m/unload", "forbidden"),
+        ("/v2/logging", "forbidden"),
+        ("/v2/trace/setting", "forbidden"),
+        ("/v2/models/m/trace/setting", "forbidden"),
+        ("/v2/systemsharedmemory/region/r/register", "forbidden"),
+        ("/v2/cudasharedmemory/status", "forbidden"),
+        ("/v2/models/stats", "forbidden_statistics"),
+        ("/v2/models/m/stats", "forbidden"),
+        ("/v2/models/m/infer/x", "forbidden"),
+        ("/v2/models/m/generate", "forbidden"),
+        ("/metrics", "not_found"),
+    ],
+)
+def test_only_the_client_apis_are_routed(local_fleet: Fleet, path: str, route: str) -> None:
+    assert _allowed(_routes(render_bootstrap(local_fleet)), path) == route
+
+
+@pytest.mark.parametrize(
+    ("method", "allowed"),
+    [
+        ("ModelInfer", True),
+        ("ModelStreamInfer", True),
+        ("ModelMetadata", True),
+        ("ModelConfig", True),
+        ("ModelReady", True),
+        ("ServerLive", True),
+        ("ServerReady", True),
+        ("ServerMetadata", True),
+        ("ModelStatistics", False),
+        ("RepositoryIndex", False),
+        ("RepositoryModelLoad", False),
+        ("RepositoryModelUnload", False),
+        ("SystemSharedMemoryRegister", False),
+        ("CudaSharedMemoryStatus", False),
+        ("LogSettings", False),
+        ("TraceSetting", False),
+        ("ModelInferX", False),
+    ],
+)
+def test_only_the_client_grpc_methods_are_routed(local_fleet: Fleet, method: str, allowed: bool) -> None:
     routes = _routes(render_bootstrap(local_fleet))
-    grpc_routes = [r for r in routes if r["match"].get("prefix") == "/inference.GRPCInferenceService/"]
-    assert len(grpc_routes) == 3  # cpu, gpu, fallback: the fallback route is the one matched before the picker
-    for r in grpc_routes:
-        assert r["match"]["grpc"] == {}
-    # Sequence models' REST routes stream too; every other route leaves the body out of the picker.
-    streamed = grpc_routes + [r for r in routes if "_sequence_" in r["name"]]
-    assert len(streamed) == 6
+    path = f"/inference.GRPCInferenceService/{method}"
+    assert _allowed(routes, path, grpc=True) == ("grpc_fallback" if allowed else "forbidden_grpc")
+
+
+def test_statistics_when_the_operator_allows_them() -> None:
+    routes = _routes(render_bootstrap(_fleet(allow_statistics=True)))
+    assert "forbidden_statistics" not in {r["name"] for r in routes}
+    for path in ("/v2/models/stats", "/v2/models/m/stats", "/v2/models/m/versions/1/stats"):
+        assert _allowed(routes, path) == "http_fallback"
+    assert _allowed(routes, "/inference.GRPCInferenceService/ModelStatistics", grpc=True) == "grpc_fallback"
+
+
+def test_inference_and_grpc_routes_stream_the_body_to_the_picker(local_fleet: Fleet) -> None:
+    routes = _routes(render_bootstrap(local_fleet))
+    streamed = [r for r in routes if r["name"].startswith("grpc_") or "_infer" in r["name"]]
+    assert len(streamed) == 9  # (gRPC, REST inference sized and unsized) x (cpu, gpu, fallback)
     for r in streamed:
         per_route = r["typed_per_filter_config"][EXT_PROC_FILTER]
         assert per_route["@type"].endswith("envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute")
@@ -324,6 +415,23 @@ def test_grpc_routes_stream_the_body_to_the_picker(local_fleet: Fleet) -> None:
     for r in routes:
         if r not in streamed and "route" in r:
             assert EXT_PROC_FILTER not in r.get("typed_per_filter_config", {})
+            # Metadata, readiness: no body worth the name is let through.
+            buffered = r["typed_per_filter_config"]["envoy.filters.http.buffer"]
+            assert buffered["buffer"]["max_request_bytes"] == 64 * 1024
+
+
+def test_edge_limits_from_the_fleet_file() -> None:
+    config = render_bootstrap(_fleet(max_request_headers_kb=4, max_streams_per_connection=10, max_heap_mb=512))
+    manager = _listeners(config)[0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert manager["max_request_headers_kb"] == 4
+    assert manager["http2_protocol_options"]["max_concurrent_streams"] == 10
+    overload = config["overload_manager"]
+    (heap,) = [m for m in overload["resource_monitors"] if m["name"] == "envoy.resource_monitors.fixed_heap"]
+    assert int(heap["typed_config"]["max_heap_size_bytes"]) == 512 * 1024 * 1024
+    assert {a["name"] for a in overload["actions"]} == {
+        "envoy.overload_actions.reset_high_memory_stream",
+        "envoy.overload_actions.stop_accepting_requests",
+    }
 
 
 def test_upstream_host_header_only_when_exposed(local_fleet: Fleet) -> None:
@@ -619,6 +727,7 @@ def test_envoy_ends_ext_proc_streams_cleanly(tmp_path: Path) -> None:
     requests = 10
     ends: list[str] = []
     answer = ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse()))
+    body_answer = ep.ProcessingResponse(request_body=ep.BodyResponse())
 
     class Recorder(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds-protos ships no stubs
         async def Process(self, stream: AsyncIterator[ep.ProcessingRequest], context: Any) -> AsyncIterator[Any]:
@@ -626,6 +735,8 @@ def test_envoy_ends_ext_proc_streams_cleanly(tmp_path: Path) -> None:
                 async for message in stream:
                     if message.HasField("request_headers"):
                         yield answer
+                    elif message.HasField("request_body"):
+                        yield body_answer
             except asyncio.CancelledError:
                 ends.append("cancelled")
                 raise

@@ -30,7 +30,7 @@ def fleet(**overrides: Any) -> Fleet:
         ],
         "models": [
             {"name": "mlp", "tiers": ["cpu", "gpu"], "rules": [{"tier": "gpu", "min_bytes": 1000}]},
-            {"name": "embed", "tiers": ["gpu"]},
+            {"name": "embed", "tiers": ["gpu"], "sequence": True},
         ],
     }
     data.update(overrides)
@@ -390,6 +390,30 @@ def test_sequences_move_only_when_their_host_dies(store: Datastore) -> None:
     moved = {seq for seq in homes if after[seq] != homes[seq]}
     assert moved == {seq for seq, home in homes.items() if home == "g2"}
     assert "g2" not in after.values()
+
+
+def test_a_correlation_id_pins_only_sequence_models(store: Datastore) -> None:
+    """A client cannot choose the host of a model that keeps no sequence state by sending a correlation id:
+    such requests are balanced (and shed) like any other."""
+    scheduler = Scheduler(store.fleet, store)
+    for name in ("g1", "g2", "g3"):
+        busy(store.hosts[name], 0)
+    home = names(scheduler.decide(sequence("embed", "7")))[0]
+    busy(store.hosts[home], 40)
+    store.changed()
+    assert names(scheduler.decide(sequence("embed", "7")))[0] == home  # a sequence model: pinned
+    store.hosts["g1"].batching["mlp"] = Batching(max_batch=8)
+    busy(store.hosts["c1"], 40)
+    busy(store.hosts["g1"], 0)
+    store.changed()
+    f = fleet(models=[{"name": "mlp", "tiers": ["cpu", "gpu"]}])
+    mlp = InferenceRequest(Protocol.HTTP, "mlp", None, 10, sequence_id="7")
+    decision = route(Scheduler(f, store).decide(mlp))
+    assert decision.reason != "sequence"
+    # An unlisted model is a sequence model when a host serves it with a sequence batcher.
+    store.hosts["g1"].batching["mlp"] = Batching(max_batch=8, sequence=True)
+    store.changed()
+    assert route(Scheduler(f, store).decide(mlp)).reason == "sequence"
 
 
 def test_draining_host_gets_nothing_new_whatever_the_profile(store: Datastore) -> None:

@@ -71,6 +71,8 @@ class Scheduler:
         # The same for models the fleet file does not list, until the datastore changes (see _implicit_order).
         self._implicit_orders: dict[tuple[str, Tier], tuple[_Step, ...]] = {}
         self._implicit_specs: dict[str, ModelSpec] = {}
+        # Whether a model keeps a sequence on one host, until the datastore changes (see _is_sequence_model).
+        self._sequence_models: dict[str, bool] = {}
         # The datastore generation the plans and the unlisted models' orders were made from.
         self._generation = -1
 
@@ -88,18 +90,31 @@ class Scheduler:
             self._plans.clear()
             self._implicit_specs.clear()
             self._implicit_orders.clear()
+            self._sequence_models.clear()
             self._generation = self._store.generation
         spec = self._specs.get(model)
         order = self._implicit_order(model, request) if spec is None else self._orders[model, classify(request, spec)]
         now = self._store.now()
         decision: Decision | None
-        if request.sequence_id is not None:
+        if request.sequence_id is not None and self._is_sequence_model(model, spec):
             decision = self._sequence(request, order, now)
         else:
             decision = self._balance(request, order, now)
         if decision is None:
             return self._no_route(request)
         return self._commit(decision, now) if isinstance(decision, Route) else decision
+
+    def _is_sequence_model(self, model: str, spec: ModelSpec | None) -> bool:
+        """Marked ``sequence`` in the fleet file, or served with a sequence batcher by some host. Only such a
+        model's correlation id pins a request to a host: for any other model a client could otherwise pick
+        the host itself and skip load balancing, spillover and shedding."""
+        if spec is not None and spec.sequence:
+            return True
+        known = self._sequence_models.get(model)
+        if known is None:
+            batchings = [host.batching.get(model) for host in self._store.hosts.values()]
+            known = self._sequence_models[model] = any(b is not None and b.sequence for b in batchings)
+        return known
 
     def _order(self, spec: ModelSpec, tier: Tier) -> tuple[_Step, ...]:
         """The tiers a request of ``spec`` classified into ``tier`` may go to, in order, with their profiles:

@@ -73,7 +73,9 @@ def batching_from_config(config: Any) -> Batching:
     batcher = config.HasField("dynamic_batching") or config.HasField("sequence_batching")
     max_batch = config.max_batch_size if batcher and config.max_batch_size > 0 else 1
     instances = sum(group.count * max(1, len(group.gpus)) for group in config.instance_group)
-    return Batching(max_batch=max_batch, instances=max(1, instances))
+    return Batching(
+        max_batch=max_batch, instances=max(1, instances), sequence=config.HasField("sequence_batching")
+    )
 
 
 def apply_index(datastore: Datastore, host: HostState, index: RepositoryIndex, now: float) -> None:
