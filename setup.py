@@ -24,9 +24,11 @@ from setuptools.command.build_ext import build_ext
 COMPILED = [
     "extproc/batch_cost.py",
     "extproc/datastore.py",
+    "extproc/handlers/grpc_body.py",
     "extproc/handlers/parse.py",
     "extproc/handlers/request.py",
     "extproc/handlers/response.py",
+    "extproc/handlers/tensors.py",
     "extproc/handlers/wire.py",
     "extproc/headers.py",
     "extproc/metrics.py",

@@ -7,11 +7,14 @@ configs are packed with ``Any.pack``, so a misspelt field fails here rather than
 
 What the config does, in request order:
 
-0. A request whose ``content-length`` is over ``envoy.max_request_bytes`` is answered 413 at once (route
-   ``too_large``); a REST body without one (chunked) is buffered up to that size by the ``buffer`` filter,
-   then 413. Every other body streams.
-1. The HTTP connection manager's early header mutation strips the routing headers
-   (:data:`~extproc.headers.ROUTING_HEADERS`) from the client's request before the route is selected, so only
+0. Envoy answers itself, before any host is picked: 431 for headers over ``envoy.max_request_headers_kb``;
+   413 for a ``content-length`` over ``envoy.max_request_bytes`` (route ``too_large``; a REST inference body
+   without one, chunked, is buffered up to that size by the ``buffer`` filter, then 413; every other
+   inference body streams); 415 for a compressed REST body; 403 (gRPC: PERMISSION_DENIED) for anything but
+   the client APIs (inference, metadata, readiness, statistics if allowed: :data:`GRPC_ALLOWED_METHODS`,
+   :data:`REST_INFER_REGEX`, :data:`REST_OTHER_REGEX`); 404 outside Triton's API.
+1. The HTTP connection manager's early header mutation strips the routing headers and the admin key's
+   (:data:`~extproc.headers.STRIPPED_HEADERS`) from the client's request before the route is selected, so only
    the picker can choose a tier or a host, even when the picker fails open; the ``header_mutation`` filter
    strips them again.
 2. ``ext_proc`` asks the picker (cluster :data:`~extproc.headers.PICKER_CLUSTER`), which answers with the tier
@@ -19,7 +22,8 @@ What the config does, in request order:
    ``override_host`` load-balancing policy). If the picker does not answer, the request goes on unchanged
    (fail open) and takes the fallback routes to ``envoy.fallback_tier``, whose clusters balance by least
    request.
-3. The router sends it to the cluster of the matched route.
+3. The router sends it to the cluster of the matched route, without the REST body's content type, and
+   retries only where the request cannot have reached the host (or the host said it could not serve it).
 
 Settings that differ from Envoy's defaults carry a comment saying why.
 """
@@ -71,7 +75,7 @@ from extproc.headers import (
     HOSTS_HEADER,
     PICKER_CLUSTER,
     READ_HEADERS,
-    ROUTING_HEADERS,
+    STRIPPED_HEADERS,
     TIER_HEADER,
     UPSTREAM_HOST_HEADER,
     cluster_name,
@@ -340,7 +344,7 @@ def _http_connection_manager(fleet: Fleet) -> hcm.HttpConnectionManager:
                 name="envoy.http.early_header_mutation.header_mutation",
                 typed_config=PbAny.pack(
                     early_mutation.HeaderMutation(
-                        mutations=[mutation_rules.HeaderMutation(remove=name) for name in ROUTING_HEADERS]
+                        mutations=[mutation_rules.HeaderMutation(remove=name) for name in STRIPPED_HEADERS]
                     )
                 ),
             )
@@ -351,7 +355,7 @@ def _http_connection_manager(fleet: Fleet) -> hcm.HttpConnectionManager:
 def _http_filters(fleet: Fleet) -> list[hcm.HttpFilter]:
     strip_routing_headers = header_mutation.HeaderMutation(
         mutations=header_mutation.Mutations(
-            request_mutations=[mutation_rules.HeaderMutation(remove=name) for name in ROUTING_HEADERS]
+            request_mutations=[mutation_rules.HeaderMutation(remove=name) for name in STRIPPED_HEADERS]
         )
     )
     picker = ext_proc.ExternalProcessor(

@@ -6,6 +6,13 @@ from typing import Final
 TIER_HEADER: Final = "x-triton-lb-tier"  # which tier's cluster the route picks
 HOSTS_HEADER: Final = "x-triton-lb-hosts"  # override_host: ranked "ip:port,ip:port,..." list
 ROUTING_HEADERS: Final = (TIER_HEADER, HOSTS_HEADER)
+# The fleet's admin key (extproc.admin_key), as Triton's restricted REST and gRPC APIs read it. Only the
+# fleet's own tooling sends it, straight to the hosts; Envoy strips any client copy, so that a leaked key
+# still opens nothing through the gateway.
+ADMIN_KEY_HEADER: Final = "extproc-admin-key"
+ADMIN_KEY_GRPC_HEADER: Final = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
+# Every request header Envoy removes from what a client sends, before anything else looks at the request.
+STRIPPED_HEADERS: Final = (*ROUTING_HEADERS, ADMIN_KEY_HEADER, ADMIN_KEY_GRPC_HEADER)
 
 # Sent by clients.
 TIER_HINT_HEADER: Final = "x-triton-tier-hint"  # optional: "cpu" or "gpu", honoured where the model allows

@@ -39,6 +39,13 @@ class PickerMetrics:
             ["status", "reason"],
             registry=decision_registry,
         )
+        self.errors = Counter(
+            "extproc_errors",
+            "ext_proc streams the picker failed on (an exception it did not expect; Envoy fails them open), by "
+            "exception type.",
+            ["type"],
+            registry=decision_registry,
+        )
         self.decision_seconds = Histogram(
             "extproc_decision_seconds",
             "Time from the request's headers (or first gRPC body chunk) to the picker's answer.",

@@ -32,7 +32,7 @@ from extproc.envoy_config import (
 from extproc.headers import (
     HOSTS_HEADER,
     PICKER_CLUSTER,
-    ROUTING_HEADERS,
+    STRIPPED_HEADERS,
     TIER_HEADER,
     UPSTREAM_HOST_HEADER,
     cluster_name,
@@ -195,7 +195,13 @@ def test_client_routing_headers_are_stripped_before_the_picker(local_fleet: Flee
     names = [f["name"] for f in _hcm(config)["http_filters"]]
     assert names == [HEADER_MUTATION_FILTER, BUFFER_FILTER, EXT_PROC_FILTER, ROUTER_FILTER]
     mutations = _http_filter(config, HEADER_MUTATION_FILTER)["mutations"]["request_mutations"]
-    assert {m["remove"] for m in mutations} == set(ROUTING_HEADERS) == {TIER_HEADER, HOSTS_HEADER}
+    assert {m["remove"] for m in mutations} == set(STRIPPED_HEADERS)
+    assert set(STRIPPED_HEADERS) == {
+        TIER_HEADER,
+        HOSTS_HEADER,
+        "extproc-admin-key",
+        "triton-grpc-protocol-extproc-admin-key",
+    }
 
 
 def test_ext_proc_fails_open_on_headers_only(local_fleet: Fleet) -> None:

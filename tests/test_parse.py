@@ -17,7 +17,6 @@ from extproc.handlers.parse import (
     grpc_method,
     parse_grpc_frame,
     parse_rest_path,
-    rest_sequence_id,
 )
 
 
@@ -173,23 +172,3 @@ def test_grpc_uint64_sequence_id() -> None:
     request.parameters["sequence_id"].uint64_param = 2**63 + 5
     parsed = parse_grpc_frame(frame(request.SerializeToString()), None, complete=True)
     assert parsed is not None and parsed.sequence_id == str(2**63 + 5)
-
-
-@pytest.mark.parametrize(
-    ("body", "expected"),
-    [
-        (b'{"parameters": {"sequence_id": 12, "sequence_start": true}, "inputs": []}', "12"),
-        (b'{"parameters": {"sequence_id": "abc"}, "inputs": []}', "abc"),
-        (b'{"parameters": {"sequence_id": 0}}', None),
-        (b'{"parameters": {"sequence_id": true}}', None),
-        (b'{"inputs": []}', None),
-        (b"[1, 2]", None),
-    ],
-)
-def test_rest_sequence_id(body: bytes, expected: str | None) -> None:
-    assert rest_sequence_id(body) == expected
-
-
-def test_rest_sequence_id_rejects_broken_json() -> None:
-    with pytest.raises(MalformedRequest, match="not valid JSON"):
-        rest_sequence_id(b'{"parameters": {"sequence_id": ')

@@ -6,7 +6,6 @@ Pure functions over bytes and strings, so they can be unit- and fuzz-tested with
 from __future__ import annotations
 
 import functools
-import json
 import re
 import zlib
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ _MODEL_METHODS: Final = frozenset(
     {"ModelInfer", "ModelStreamInfer", "ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics"}
 )
 _MAX_NAME_BYTES: Final = 1024
+_MAX_CACHED_PATH: Final = 512
 # What a Triton model name (a directory name) cannot contain: a slash or a control character.
 _BAD_NAME_CHARS: Final = re.compile(r"[/\x00-\x1f\x7f]")
 
@@ -56,11 +56,15 @@ class Target:
 NO_MODEL: Final = Target()
 
 
-# A fleet serves few models, so few distinct paths: parsing each once saves a few µs on every request.
-@functools.lru_cache(maxsize=4096)
 def parse_rest_path(path: str) -> Target:
     """``/v2/models/{name}[/versions/{v}][/…]`` names a model; the other ``/v2`` paths do not."""
     path = path.split("?", 1)[0]
+    # A client chooses the path: only short ones (every real one) are cached, and by the path alone, so no
+    # client can fill the cache with long paths or query strings.
+    return _cached_parse(path) if len(path) <= _MAX_CACHED_PATH else _parse_path(path)
+
+
+def _parse_path(path: str) -> Target:
     parts = path.split("/")
     # ["", "v2", "models", name, ...]; "/v2/models/stats" is every model's statistics, not a model.
     if len(parts) < 4 or parts[1] != "v2" or parts[2] != "models" or (parts[3] == "stats" and len(parts) == 4):
@@ -70,6 +74,10 @@ def parse_rest_path(path: str) -> Target:
     if len(parts) >= 6 and parts[4] == "versions":
         version = _decode_segment(parts[5], "model version")
     return Target(model, version)
+
+
+# A fleet serves few models, so few distinct paths: parsing each once saves a few µs on every request.
+_cached_parse: Final = functools.lru_cache(maxsize=4096)(_parse_path)
 
 
 def _decode_segment(raw: str, what: str) -> str:
@@ -99,20 +107,6 @@ def grpc_method(path: str) -> str | None:
 
 def grpc_names_model(method: str) -> bool:
     return method in _MODEL_METHODS
-
-
-def rest_sequence_id(json_header: bytes) -> str | None:
-    """``parameters.sequence_id`` of a REST inference request's JSON (the part before any binary tensors)."""
-    try:
-        body = json.loads(json_header)
-    except (ValueError, UnicodeDecodeError):
-        raise MalformedRequest("the request body is not valid JSON") from None
-    parameters = body.get("parameters") if isinstance(body, dict) else None
-    value = parameters.get("sequence_id") if isinstance(parameters, dict) else None
-    # Triton accepts unsigned integers and strings; 0 and "" mean "not a sequence".
-    if isinstance(value, bool) or not isinstance(value, int | str) or value in (0, ""):
-        return None
-    return str(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,8 +46,15 @@ def rest_request(path: str, headers: dict[str, str]) -> InferenceRequest:
 
 
 def content_length(headers: dict[str, str]) -> int | None:
-    value = headers.get("content-length")
-    return int(value) if value is not None and value.isdigit() else None
+    return decimal_length(headers.get("content-length"))
+
+
+def decimal_length(value: str | None) -> int | None:
+    """A length header's value; None for anything but ASCII digits (``isdigit`` alone takes '²', which
+    ``int`` refuses), or for more of them than any body could need."""
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > 18:
+        return None
+    return int(value)
 
 
 def priority(headers: dict[str, str]) -> Priority:

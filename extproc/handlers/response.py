@@ -30,6 +30,40 @@ _GRPC_STATUS: Final = {400: 3, 404: 5, 413: 8, 429: 8, 503: 14}
 _MAX_CACHED_ANSWERS: Final = 4096
 
 
+_REJECTIONS_LOGGED_PER_S: Final = 10
+_MAX_LOGGED_TEXT: Final = 64
+_MAX_LOGGED_MESSAGE: Final = 160
+
+
+def clip(text: str | None, limit: int = _MAX_LOGGED_TEXT) -> str | None:
+    """A client-chosen string as it may appear in a log line."""
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit] + f"...({len(text)} chars)"
+
+
+class LogBudget:
+    """At most ``per_s`` log lines a second, with a burst of as many; the caller learns how many lines were
+    dropped since its last one."""
+
+    def __init__(self, per_s: int) -> None:
+        self._per_s = per_s
+        self._tokens = float(per_s)
+        self._at = 0.0
+        self._dropped = 0
+
+    def take(self, now: float) -> int:
+        """-1: drop this line; otherwise log it, with the number of lines dropped before it."""
+        self._tokens = min(float(self._per_s), self._tokens + (now - self._at) * self._per_s)
+        self._at = now
+        if self._tokens < 1.0:
+            self._dropped += 1
+            return -1
+        self._tokens -= 1.0
+        dropped, self._dropped = self._dropped, 0
+        return dropped
+
+
 def _header(key: str, value: str) -> Any:
     return base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
@@ -53,6 +87,7 @@ class Responder:
         self._retry_after = str(retry_after_s)
         self._debug = debug
         self._answers: dict[tuple[Tier, str], Any] = {}
+        self._log_budget = LogBudget(_REJECTIONS_LOGGED_PER_S)
 
     def answer(self, decision: Decision, request: InferenceRequest) -> Any:
         """The ProcessingResponse for ``decision``: routing headers, or Envoy's own answer to the client."""
@@ -110,11 +145,16 @@ class Responder:
         else:
             self._metrics.decision_seconds.observe(elapsed)
             self._metrics.rejections.labels(str(decision.status), decision.reason).inc()
-            log.info(
-                "rejected",
-                request_id=request_id,
-                model=model,
-                status=decision.status,
-                reason=decision.reason,
-                message=decision.message,
-            )
+            # Clients choose what is rejected, and how often: a short line, at most a few a second (the
+            # counter above counts them all), and never more of a client's text than a name needs.
+            suppressed = self._log_budget.take(time.monotonic())
+            if suppressed >= 0:
+                log.info(
+                    "rejected",
+                    request_id=clip(request_id),
+                    model=clip(model),
+                    status=decision.status,
+                    reason=decision.reason,
+                    message=clip(decision.message, _MAX_LOGGED_MESSAGE),
+                    suppressed_before=suppressed,
+                )

@@ -10,6 +10,7 @@ Only this module knows protobuf. One stream is one HTTP request:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -20,21 +21,22 @@ import structlog
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from google.protobuf import duration_pb2
 
 from extproc.build import compiled
 from extproc.config import Fleet
+from extproc.handlers.grpc_body import GrpcBodyGuard
 from extproc.handlers.parse import (
     NO_MODEL,
     MalformedRequest,
     RequestRejected,
-    RequestTooLarge,
     grpc_method,
     grpc_names_model,
     parse_grpc_frame,
-    rest_sequence_id,
 )
-from extproc.handlers.request import header_map, hint, priority, rest_request, sequence_id
-from extproc.handlers.response import Responder
+from extproc.handlers.request import decimal_length, header_map, hint, priority, rest_request, sequence_id
+from extproc.handlers.response import LogBudget, Responder, clip
+from extproc.handlers.tensors import TensorHeadReader
 from extproc.handlers.wire import RequestHeaders, read_request_headers
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.scheduler import Scheduler
@@ -55,6 +57,7 @@ _READ_WIRE = compiled()
 class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds-protos ships no stubs
     def __init__(self, fleet: Fleet, scheduler: Scheduler, metrics: PickerMetrics) -> None:
         self._metrics = metrics
+        self._error_log = LogBudget(1)
         self.configure(fleet, scheduler)
 
     def configure(self, fleet: Fleet, scheduler: Scheduler) -> None:
@@ -62,7 +65,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         finish with what they started with."""
         self._scheduler = scheduler
         self._max_request_bytes = fleet.envoy.max_request_bytes
-        self._sequence_models = frozenset(m.name for m in fleet.models if m.sequence)
+        self._max_tensor_elements = fleet.picker.max_tensor_elements
+        # How long the first body chunk may take before the picker asks Envoy to wait longer for its answer.
+        self._late_after_s = fleet.picker.message_timeout_ms / 2000
+        self._extend = ep.ProcessingResponse(
+            override_message_timeout=duration_pb2.Duration(
+                seconds=fleet.picker.body_timeout_ms // 1000, nanos=fleet.picker.body_timeout_ms % 1000 * 1_000_000
+            )
+        )
         self._responder = Responder(self._metrics, fleet.picker.retry_after_s, fleet.picker.log_level == "debug")
 
     async def Process(
@@ -84,20 +94,41 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         headers = first.headers
         path = headers.get(":path", "")
         method = grpc_method(path)
+        body = _messages(stream)
         pending: list[ep.ProcessingRequest] = []
+        guard: GrpcBodyGuard | None = None
+        reader: TensorHeadReader | None = None
         try:
             if method is None:
                 request = rest_request(path, headers)
-                if self._needs_rest_body(request, first):
-                    request, pending = await self._rest_sequence(request, headers, _messages(stream))
-            elif first.end_of_stream or not grpc_names_model(method):
-                request = InferenceRequest(Protocol.GRPC, tier_hint=hint(headers), priority=priority(headers))
+                reads_body = request.model is not None and self._scheduler.knows_model(request.model)
             else:
-                request, pending = await self._grpc_request(method, headers, _messages(stream))
+                request = InferenceRequest(Protocol.GRPC, tier_hint=hint(headers), priority=priority(headers))
+                reads_body = grpc_names_model(method)
+            if reads_body and first.streamed_body and not first.end_of_stream:
+                # Envoy sends the first body chunk without waiting for our answer, usually with the headers.
+                # A late one (a slow client) is waited for up to body_timeout_ms instead of letting Envoy
+                # fail open onto a host the picker did not choose.
+                read = asyncio.ensure_future(anext(body, None))
+                if not (await asyncio.wait((read,), timeout=self._late_after_s))[0]:
+                    yield self._extend
+                body = _prepend(await read, body)
+                if method is None:
+                    request, pending, reader = await self._rest_body(request, headers, body)
+                else:
+                    guard = GrpcBodyGuard(headers.get("grpc-encoding"), self._max_request_bytes)
+                    request, pending = await self._grpc_request(method, headers, body, guard)
             decision = self._scheduler.decide(request)
         except RequestRejected as exc:
             request = InferenceRequest(Protocol.GRPC if method else Protocol.HTTP)
             decision = Reject(exc.status, str(exc), exc.reason)
+        except Exception as exc:
+            # A bug, not the client's fault: counted and logged (a few a second at most), then the stream
+            # fails and Envoy fails the request open, as when the picker is down.
+            self._metrics.errors.labels(type(exc).__name__).inc()
+            if self._error_log.take(time.monotonic()) >= 0:
+                log.exception("picker_error", path=clip(path), error_type=type(exc).__name__)
+            raise
         responder = self._responder
         yield responder.answer(decision, request)
         responder.record(decision, request, headers.get("x-request-id"), started)
@@ -107,43 +138,73 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             return
         for _ in pending:
             yield _BODY_ACK
-        async for message in _messages(stream):
-            if message.HasField("request_body"):
-                yield _BODY_ACK
+        async for message in body:
+            if not message.HasField("request_body"):
+                continue
+            try:
+                if guard is not None:
+                    guard.feed(message.request_body.body)
+                elif (
+                    reader is not None
+                    and not reader.feed(message.request_body.body)
+                    and message.request_body.end_of_stream
+                ):
+                    reader.finish()
+            except RequestRejected as exc:
+                # Mid-body: Envoy answers the client and resets the upstream request. Triton acts on a
+                # request only once its body is complete, and the chunk that would complete it is the one
+                # refused here.
+                yield responder.answer(Reject(exc.status, str(exc), exc.reason), request)
+                return
+            yield _BODY_ACK
 
-    def _needs_rest_body(self, request: InferenceRequest, first: RequestHeaders) -> bool:
-        """A sequence model's REST call whose body Envoy streams to us (the route says so in
-        ``protocol_config``) and whose correlation id is not already in a header."""
-        return (
-            request.model in self._sequence_models
-            and request.sequence_id is None
-            and not first.end_of_stream
-            and first.streamed_body
-        )
-
-    async def _rest_sequence(
+    async def _rest_body(
         self, request: InferenceRequest, headers: dict[str, str], stream: AsyncIterator[ep.ProcessingRequest]
-    ) -> tuple[InferenceRequest, list[ep.ProcessingRequest]]:
-        """Read the JSON part of a REST body (tritonclient puts ``parameters`` there, before any binary
-        tensor) and take the correlation id from it."""
-        header_length = headers.get("inference-header-content-length", "")
-        json_length = int(header_length) if header_length.isdigit() else request.size_bytes
+    ) -> tuple[InferenceRequest, list[ep.ProcessingRequest], TensorHeadReader]:
+        """Start checking a REST inference body's tensor headers (what cannot be valid is refused before
+        Triton has the whole body: :class:`TensorHeadReader`), and read a sequence model's correlation id
+        from it.
+
+        The headers are answered after the first chunk, so that a large body is never held here: the rest is
+        checked chunk by chunk as it passes (see :meth:`Process`). A sequence model's body is read until its
+        ``parameters.sequence_id`` (tritonclient writes ``parameters`` after the tensors) or up to 64 KiB;
+        beyond that such a request is routed without affinity rather than buffered."""
+        header = headers.get("inference-header-content-length")
+        json_length = decimal_length(header)
+        if header is not None and json_length is None:
+            raise MalformedRequest("Inference-Header-Content-Length is not a decimal length")
+        reader = TensorHeadReader(
+            body_length=request.size_bytes, json_length=json_length, max_elements=self._max_tensor_elements
+        )
         pending: list[ep.ProcessingRequest] = []
-        data = b""
+        if reader.done:
+            return request, pending, reader
+        model = request.model or ""
+        wants_sequence = request.sequence_id is None and self._scheduler.is_sequence_model(model)
+        seen = 0
         async for message in stream:
             if not message.HasField("request_body"):
                 continue
             pending.append(message)
-            data += message.request_body.body
-            if message.request_body.end_of_stream or (json_length is not None and len(data) >= json_length):
+            chunk = message.request_body.body
+            seen += len(chunk)
+            if reader.feed(chunk):
                 break
-            if len(data) > _MAX_PEEK_BYTES:
-                return request, pending  # a huge JSON tensor: routed without affinity rather than buffered
-        correlation_id = rest_sequence_id(data[:json_length] if json_length is not None else data)
-        return dataclasses.replace(request, sequence_id=correlation_id), pending
+            if message.request_body.end_of_stream:
+                reader.finish()
+                break
+            if not wants_sequence or reader.sequence_id is not None or seen >= _MAX_PEEK_BYTES:
+                break
+        if not wants_sequence or reader.sequence_id is None:
+            return request, pending, reader
+        return dataclasses.replace(request, sequence_id=reader.sequence_id), pending, reader
 
     async def _grpc_request(
-        self, method: str, headers: dict[str, str], stream: AsyncIterator[ep.ProcessingRequest]
+        self,
+        method: str,
+        headers: dict[str, str],
+        stream: AsyncIterator[ep.ProcessingRequest],
+        guard: GrpcBodyGuard,
     ) -> tuple[InferenceRequest, list[ep.ProcessingRequest]]:
         """Read body chunks until the model name is known; return them too, they still need an answer."""
         pending: list[ep.ProcessingRequest] = []
@@ -153,7 +214,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             if not message.HasField("request_body"):
                 continue
             pending.append(message)
-            data += message.request_body.body
+            chunk = message.request_body.body
+            guard.feed(chunk)
+            data += chunk
             complete = message.request_body.end_of_stream or len(data) >= _MAX_PEEK_BYTES
             frame = parse_grpc_frame(data, encoding, complete=complete)
             if frame is None:
@@ -161,10 +224,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             target = frame.target
             if target is NO_MODEL and method in ("ModelInfer", "ModelStreamInfer"):
                 raise MalformedRequest(f"{method} request names no model")
-            if frame.message_bytes > self._max_request_bytes:
-                raise RequestTooLarge(
-                    f"the gRPC message of {frame.message_bytes} bytes is over the limit of {self._max_request_bytes}"
-                )
             request = InferenceRequest(
                 Protocol.GRPC,
                 target.model,
@@ -218,3 +277,13 @@ async def _messages(stream: AsyncIterator[bytes]) -> AsyncIterator[ep.Processing
     """The stream's further messages (body chunks), parsed."""
     async for data in stream:
         yield ep.ProcessingRequest.FromString(data)
+
+
+async def _prepend(
+    head: ep.ProcessingRequest | None, rest: AsyncIterator[ep.ProcessingRequest]
+) -> AsyncIterator[ep.ProcessingRequest]:
+    if head is None:
+        return
+    yield head
+    async for message in rest:
+        yield message

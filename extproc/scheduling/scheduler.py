@@ -71,7 +71,7 @@ class Scheduler:
         # The same for models the fleet file does not list, until the datastore changes (see _implicit_order).
         self._implicit_orders: dict[tuple[str, Tier], tuple[_Step, ...]] = {}
         self._implicit_specs: dict[str, ModelSpec] = {}
-        # Whether a model keeps a sequence on one host, until the datastore changes (see _is_sequence_model).
+        # Whether a model keeps a sequence on one host, until the datastore changes (see is_sequence_model).
         self._sequence_models: dict[str, bool] = {}
         # The datastore generation the plans and the unlisted models' orders were made from.
         self._generation = -1
@@ -80,23 +80,22 @@ class Scheduler:
         """Whether any host's repository index has arrived; before that every model would look unknown."""
         return bool(self._store.known_models)
 
+    def knows_model(self, model: str) -> bool:
+        """Some host lists the model (in any state); an unknown model is answered 404 whatever its body."""
+        return self._store.model_known(model)
+
     def decide(self, request: InferenceRequest) -> Decision:
         model = request.model
         if model is None:
             return self._any_host(request)
         if not self._store.model_known(model):
             return Reject(404, f"model '{model}' is not served by any host of this fleet", "unknown_model")
-        if self._generation != self._store.generation:
-            self._plans.clear()
-            self._implicit_specs.clear()
-            self._implicit_orders.clear()
-            self._sequence_models.clear()
-            self._generation = self._store.generation
+        self._follow_datastore()
         spec = self._specs.get(model)
         order = self._implicit_order(model, request) if spec is None else self._orders[model, classify(request, spec)]
         now = self._store.now()
         decision: Decision | None
-        if request.sequence_id is not None and self._is_sequence_model(model, spec):
+        if request.sequence_id is not None and self.is_sequence_model(model):
             decision = self._sequence(request, order, now)
         else:
             decision = self._balance(request, order, now)
@@ -104,12 +103,23 @@ class Scheduler:
             return self._no_route(request)
         return self._commit(decision, now) if isinstance(decision, Route) else decision
 
-    def _is_sequence_model(self, model: str, spec: ModelSpec | None) -> bool:
+    def _follow_datastore(self) -> None:
+        """Drop what was derived from an older datastore generation."""
+        if self._generation != self._store.generation:
+            self._plans.clear()
+            self._implicit_specs.clear()
+            self._implicit_orders.clear()
+            self._sequence_models.clear()
+            self._generation = self._store.generation
+
+    def is_sequence_model(self, model: str) -> bool:
         """Marked ``sequence`` in the fleet file, or served with a sequence batcher by some host. Only such a
         model's correlation id pins a request to a host: for any other model a client could otherwise pick
         the host itself and skip load balancing, spillover and shedding."""
+        spec = self._specs.get(model)
         if spec is not None and spec.sequence:
             return True
+        self._follow_datastore()
         known = self._sequence_models.get(model)
         if known is None:
             batchings = [host.batching.get(model) for host in self._store.hosts.values()]

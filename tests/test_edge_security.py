@@ -1,0 +1,522 @@
+"""The gateway's edge, as a hostile client sees it: the threat list, one test (or a few) per threat.
+
+Every test sends what an unauthenticated client could send through the gateway (the plain listener, and the
+TLS one where the answer could differ) to the real stack (Envoy, the picker, three Triton hosts), and checks
+that the client gets a clear refusal and that no Triton host died, lost a model, grew its memory or was
+ejected. The threats are those of the security review (2026-12); its ids are in the test names:
+
+- C1 Triton's control APIs (repository load/unload/index, shared memory, logging, trace): 403 /
+  PERMISSION_DENIED before any host is picked.
+- C2 a large form-encoded body (Triton 2.51 segfaults on ~4 MB): reaches Triton without that content type.
+- C3 compression bombs: REST content-encoding refused (415); a gRPC message that inflates past
+  ``envoy.max_request_bytes`` refused (RESOURCE_EXHAUSTED) before Triton has it whole.
+- H1 an over-long request line or header: 431 from Envoy, never a dropped connection that ejects a host.
+- H3 a gRPC stream or REST body that arrives late: still routed by the picker, not failed open.
+- H4 streams per connection capped.
+- M1 a correlation id pins only sequence models.
+- M2 crafted length headers and deep JSON: a clean 400 from the picker, no failed ext_proc stream.
+- M3 chunked REST bodies of a sequence model keep their sequence's host.
+- M4 rejections cost a short, rate-limited log line.
+- M7 a second model name after the tensors: refused.
+- Queries of death: a tensor shape whose element count the body cannot hold is refused (400) by the picker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import gzip
+import http.client
+import json
+import socket
+import ssl
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2
+
+from tests.stack import Stack, alive, local_fleet, pid_of, start_stack, stop_stack
+
+pytestmark = pytest.mark.e2e
+
+MAX_REQUEST_BYTES = 8 * 1024 * 1024  # envoy.max_request_bytes of this module's fleet
+TIMEOUT_S = 20.0
+TRITONS = ("triton-a", "triton-b", "triton-c")
+GRPC = "/inference.GRPCInferenceService/"
+TIMED_BATCH = json.dumps(
+    {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+).encode()
+MLP = json.dumps(
+    {"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": list(range(16))}]}
+).encode()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    run_dir = tmp_path_factory.mktemp("edge")
+    fleet = local_fleet(run_dir)
+    fleet["envoy"]["max_request_bytes"] = MAX_REQUEST_BYTES
+    stack = start_stack(run_dir, fleet)
+    try:
+        yield stack
+    finally:
+        stop_stack(stack)
+
+
+@pytest.fixture(autouse=True)
+def fleet_unharmed(stack: Stack) -> Iterator[None]:
+    """After every threat: every Triton host alive, none ejected, and its peak memory not 300 MB higher."""
+    pids = {name: pid_of(stack, name) for name in TRITONS}
+    peaks = {name: peak_rss_mb(pid) for name, pid in pids.items()}
+    ejected = envoy_stat(stack, "outlier_detection.ejections_enforced_total")
+    yield
+    dead = [name for name, pid in pids.items() if not alive(pid)]
+    assert not dead, f"Triton hosts died: {dead}"
+    grown = {name: peak_rss_mb(pid) - peaks[name] for name, pid in pids.items()}
+    assert max(grown.values()) < 300, f"Triton peak memory grew (MB): {grown}"
+    assert envoy_stat(stack, "outlier_detection.ejections_enforced_total") == ejected, "a host was ejected"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def envoy_stat(stack: Stack, suffix: str) -> int:
+    """The sum of Envoy's counters whose name ends with ``suffix``."""
+    with urllib.request.urlopen(f"{stack.admin_url}/stats?filter={suffix}", timeout=5) as response:
+        text = response.read().decode()
+    return sum(int(line.rsplit(":", 1)[1]) for line in text.splitlines() if line.split(":")[0].endswith(suffix))
+
+
+def request(
+    stack: Stack,
+    path: str,
+    body: bytes | None = None,
+    headers: Sequence[tuple[str, str]] = (),
+    method: str = "POST",
+    tls: bool = False,
+) -> tuple[int, dict[str, str], bytes]:
+    url = stack.tls_url if tls else stack.http_url
+    host, port = url.split(":")
+    conn: http.client.HTTPConnection
+    if tls:
+        context = ssl.create_default_context(cafile=stack.cert_file)
+        context.check_hostname = False
+        conn = http.client.HTTPSConnection(host, int(port), timeout=TIMEOUT_S, context=context)
+    else:
+        conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT_S)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for key, value in headers:
+            conn.putheader(key, value)
+        if body is not None and not any(k.lower() == "transfer-encoding" for k, _ in headers):
+            conn.putheader("content-length", str(len(body)))
+        conn.endheaders()
+        if body is not None:
+            if any(k.lower() == "transfer-encoding" for k, _ in headers):
+                conn.send(f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+            else:
+                conn.send(body)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def grpc_call(stack: Stack, method: str, message: bytes, tls: bool = False, **kwargs: object) -> grpc.StatusCode:
+    if tls:
+        credentials = grpc.ssl_channel_credentials(Path(stack.cert_file).read_bytes())
+        channel = grpc.secure_channel(
+            stack.tls_url, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
+        )
+    else:
+        channel = grpc.insecure_channel(stack.http_url, options=[("grpc.max_send_message_length", -1)])
+    with channel:
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(GRPC + method)
+        try:
+            call(message, timeout=TIMEOUT_S, **kwargs)  # type: ignore[arg-type]
+        except grpc.RpcError as exc:
+            assert isinstance(exc, grpc.Call)
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def direct(stack: Stack, host: str, path: str) -> int:
+    """A GET on a Triton host's own port (not through the gateway)."""
+    url = f"http://127.0.0.1:{stack.host(host)['http_port']}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def models_still_ready(stack: Stack) -> None:
+    for host in ("triton-a", "triton-b"):
+        assert direct(stack, host, "/v2/models/timed_batch/ready") == 200, host
+    assert direct(stack, "triton-c", "/v2/models/mlp_classifier/ready") == 200
+
+
+def served_by(stack: Stack, path: str, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> tuple[int, str]:
+    status, got, _ = request(stack, path, body, headers)
+    return status, got.get("x-triton-host", "")
+
+
+# ---------------------------------------------------------------------------------------- C1 control APIs
+
+CONTROL_PATHS = [
+    ("POST", "/v2/repository/models/timed_batch/unload", b"{}"),
+    ("POST", "/v2/repository/models/timed_batch/load", b"{}"),
+    # Triton's load with file overrides: a model with the client's own code (remote code execution).
+    (
+        "POST",
+        "/v2/repository/models/adv_probe/load",
+        json.dumps({"parameters": {"config": "{}", "file:1/model.py": "aW1wb3J0IG9z"}}).encode(),
+    ),
+    ("POST", "/v2/repository/index", b"{}"),
+    ("POST", "/v2/logging", b'{"log_verbose_level": 1}'),
+    ("GET", "/v2/logging", None),
+    ("POST", "/v2/trace/setting", b"{}"),
+    ("GET", "/v2/models/timed_batch/trace/setting", None),
+    ("GET", "/v2/systemsharedmemory/status", None),
+    ("POST", "/v2/systemsharedmemory/region/r/register", b'{"key": "/x", "offset": 0, "byte_size": 64}'),
+    ("GET", "/v2/cudasharedmemory/status", None),
+    ("GET", "/v2/models/stats", None),
+    ("GET", "/v2/models/timed_batch/stats", None),
+]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_c1_rest_control_apis_are_forbidden(stack: Stack, tls: bool) -> None:
+    for method, path, body in CONTROL_PATHS:
+        status, headers, answer = request(stack, path, body, method=method, tls=tls)
+        assert status == 403, (path, status, answer)
+        assert "x-triton-host" not in headers, path  # no host was picked
+        assert "error" in json.loads(answer)
+    models_still_ready(stack)
+    assert direct(stack, "triton-a", "/v2/models/adv_probe/ready") != 200
+
+
+GRPC_CONTROL = [
+    ("RepositoryModelUnload", service_pb2.RepositoryModelUnloadRequest(model_name="timed_batch")),
+    ("RepositoryModelLoad", service_pb2.RepositoryModelLoadRequest(model_name="timed_batch")),
+    ("RepositoryIndex", service_pb2.RepositoryIndexRequest()),
+    ("LogSettings", service_pb2.LogSettingsRequest()),
+    ("TraceSetting", service_pb2.TraceSettingRequest()),
+    ("SystemSharedMemoryStatus", service_pb2.SystemSharedMemoryStatusRequest()),
+    ("CudaSharedMemoryRegister", service_pb2.CudaSharedMemoryRegisterRequest(name="r")),
+    ("ModelStatistics", service_pb2.ModelStatisticsRequest(name="timed_batch")),
+]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_c1_grpc_control_methods_are_permission_denied(stack: Stack, tls: bool) -> None:
+    for method, message in GRPC_CONTROL:
+        assert grpc_call(stack, method, message.SerializeToString(), tls=tls) is grpc.StatusCode.PERMISSION_DENIED, (
+            method
+        )
+    models_still_ready(stack)
+    # What a client may call still works on both listeners.
+    ready = service_pb2.ModelReadyRequest(name="timed_batch").SerializeToString()
+    assert grpc_call(stack, "ModelReady", ready, tls=tls) is grpc.StatusCode.OK
+
+
+def test_c1_client_apis_still_served(stack: Stack) -> None:
+    for path in (
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/timed_batch",
+        "/v2/models/timed_batch/ready",
+    ):
+        assert request(stack, path, method="GET")[0] == 200, path
+    assert request(stack, "/v2/models/timed_batch/config", method="GET")[0] == 200
+    assert request(stack, "/v2/models/timed_batch/infer", TIMED_BATCH)[0] == 200
+
+
+# ----------------------------------------------------------------------------- C2 form-encoded body crash
+
+
+def test_c2_large_form_encoded_bodies_do_not_crash_triton(stack: Stack) -> None:
+    """``curl -d`` sends application/x-www-form-urlencoded; Triton 2.51 segfaults on ~4.19 MB of it, on
+    any path. Triton never needs a REST body's content type, so it never gets this one."""
+    form = b"a" * 4_300_000
+    headers = [("content-type", "application/x-www-form-urlencoded")]
+    for hint in ("gpu", "gpu", "cpu"):
+        status, _, _ = request(stack, "/v2/health/ready", form, [*headers, ("x-triton-tier-hint", hint)])
+        assert status in (200, 413), status
+    # A valid inference request of that size, sent the same way, is served.
+    n = 32 * 32 * 1024
+    big = json.dumps({"inputs": [{"name": "INPUT", "shape": [32, n // 32], "datatype": "FP32", "data": [1.5] * n}]})
+    assert len(big) > 4_300_000
+    assert request(stack, "/v2/models/embed_normalize/infer", big.encode(), headers)[0] == 200
+    # A JSON body sent the curl -d way is served as it always was.
+    assert request(stack, "/v2/models/timed_batch/infer", TIMED_BATCH, headers)[0] == 200
+    multipart = [("content-type", "multipart/form-data; boundary=x")]
+    assert request(stack, "/v2/models/timed_batch/infer", TIMED_BATCH, multipart)[0] == 200
+
+
+# --------------------------------------------------------------------------------------- C3 compression
+
+
+def test_c3_compressed_rest_bodies_are_refused(stack: Stack) -> None:
+    bomb = gzip.compress(b'{"inputs":[' + b" " * (64 * 1024 * 1024) + b"]}", compresslevel=9)
+    for encoding in ("gzip", "deflate", "br", "GZIP"):
+        status, _, answer = request(stack, "/v2/models/timed_batch/infer", bomb, [("content-encoding", encoding)])
+        assert status == 415, (encoding, answer)
+    assert request(stack, "/v2/models/timed_batch/infer", TIMED_BATCH, [("content-encoding", "identity")])[0] == 200
+
+
+def test_c3_grpc_message_inflating_past_the_limit_is_refused(stack: Stack) -> None:
+    width = 2 * MAX_REQUEST_BYTES // 4
+    bomb = service_pb2.ModelInferRequest(model_name="mlp_classifier")
+    bomb.inputs.add(name="INPUT0", datatype="FP32", shape=[width // 16, 16])
+    bomb.raw_input_contents.append(bytes(width * 4))
+    message = bomb.SerializeToString()
+    for _ in range(3):
+        code = grpc_call(stack, "ModelInfer", message, compression=grpc.Compression.Gzip)
+        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED, code
+    # Compression within the limit still works, for tritonclient as for any gRPC client.
+    client = grpcclient.InferenceServerClient(stack.http_url)
+    x = np.ones((64, 16), np.float32)
+    inputs = [grpcclient.InferInput("INPUT0", list(x.shape), "FP32")]
+    inputs[0].set_data_from_numpy(x)
+    result = client.infer("mlp_classifier", inputs, compression_algorithm="gzip")
+    assert result.as_numpy("PROBS").shape == (64, 4)
+
+
+# ------------------------------------------------------------------------------------ H1 long headers
+
+
+def test_h1_long_request_lines_and_headers_get_431_and_eject_nothing(stack: Stack) -> None:
+    long_query = "/v2/models/mlp_classifier/infer?q=" + "a" * 20_000
+    for _ in range(20):
+        assert request(stack, long_query, MLP)[0] == 431
+        assert request(stack, "/v2/models/mlp_classifier/infer", MLP, [("x-pad", "b" * 20_000)])[0] == 431
+    # The CPU tier's one host still serves its model (the fixture checks that nothing was ejected).
+    status, host = served_by(stack, "/v2/models/mlp_classifier/infer", MLP)
+    assert status == 200 and host.endswith(str(stack.host("triton-c")["http_port"]))
+
+
+# ------------------------------------------------------------------------------------ H3 late bodies
+
+
+def _collect(into: list[object], result: object, error: object) -> None:
+    into.append(error or result)
+
+
+def test_h3_a_stream_whose_first_request_comes_late_is_routed_by_the_picker(stack: Stack) -> None:
+    """tritonclient's start_stream() opens the stream at once and sends requests later; mlp_classifier is
+    on triton-a alone in the GPU tier, so a stream that failed open to the GPU tier would land on triton-b
+    half the time and fail."""
+    timeouts = envoy_stat(stack, "ext_proc.message_timeouts")
+    for _ in range(4):
+        results: list[object] = []
+        client = grpcclient.InferenceServerClient(stack.http_url)
+        client.start_stream(callback=functools.partial(_collect, results), headers={"x-triton-tier-hint": "gpu"})
+        time.sleep(0.3)
+        x = np.ones((1, 16), np.float32)
+        inputs = [grpcclient.InferInput("INPUT0", [1, 16], "FP32")]
+        inputs[0].set_data_from_numpy(x)
+        client.async_stream_infer("mlp_classifier", inputs)
+        deadline = time.time() + TIMEOUT_S
+        while not results and time.time() < deadline:
+            time.sleep(0.01)
+        client.stop_stream()
+        client.close()
+        assert results and not isinstance(results[0], Exception), results
+    assert envoy_stat(stack, "ext_proc.message_timeouts") == timeouts
+
+
+def test_h3_a_rest_sequence_body_that_lags_its_headers_keeps_its_host(stack: Stack) -> None:
+    def send(seq: int, start: bool, delay_s: float) -> tuple[int, str]:
+        body = json.dumps(
+            {
+                "parameters": {"sequence_id": seq, "sequence_start": start},
+                "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [1]}],
+            }
+        ).encode()
+        host, port = stack.http_url.split(":")
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
+            sock.sendall(
+                b"POST /v2/models/seq_accumulate/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+            )
+            time.sleep(delay_s)
+            sock.sendall(body)
+            data = b""
+            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        head = data.partition(b"\r\n\r\n")[0].decode()
+        served = [
+            line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.lower().startswith("x-triton-host")
+        ]
+        return int(head.split()[1]), served[0] if served else ""
+
+    for seq in range(7100, 7106):
+        status, home = send(seq, True, 0.0)
+        assert status == 200
+        assert send(seq, False, 0.3) == (200, home)
+
+
+# ------------------------------------------------------------------------------------ H4 stream caps
+
+
+def test_h4_streams_per_connection_are_capped(stack: Stack) -> None:
+    host, port = stack.http_url.split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
+        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        settings: dict[int, int] = {}
+        deadline = time.time() + TIMEOUT_S
+        while not settings and time.time() < deadline:
+            for event in conn.receive_data(sock.recv(65536)):
+                if isinstance(event, h2.events.RemoteSettingsChanged):
+                    settings = {k: v.new_value for k, v in event.changed_settings.items()}
+    assert settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] == 100
+
+
+# ------------------------------------------------------------------------------------ M1 sequence pins
+
+
+def sequence_picks(stack: Stack, model: str, since: float) -> list[str]:
+    """The reasons of the picker's decisions for ``model`` since ``since`` (its debug log)."""
+    reasons = []
+    for line in stack.log("picker").splitlines():
+        if '"routed"' in line and f'"model": "{model}"' in line:
+            record = json.loads(line)
+            at = dt.datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00")).timestamp()
+            if at >= since:
+                reasons.append(str(record["reason"]))
+    return reasons
+
+
+def test_m1_a_correlation_id_does_not_pin_other_models(stack: Stack) -> None:
+    since = time.time()
+    for _ in range(10):
+        assert request(stack, "/v2/models/timed_batch/infer", TIMED_BATCH, [("x-triton-sequence-id", "4")])[0] == 200
+    sequence = json.dumps(
+        {
+            "parameters": {"sequence_id": 4, "sequence_start": True, "sequence_end": True},
+            "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [1]}],
+        }
+    ).encode()
+    for _ in range(3):
+        assert request(stack, "/v2/models/seq_accumulate/infer", sequence)[0] == 200
+    time.sleep(0.5)  # the log is written after the answer
+    timed = sequence_picks(stack, "timed_batch", since)
+    assert len(timed) == 10 and "sequence" not in timed, timed  # balanced like any request
+    assert sequence_picks(stack, "seq_accumulate", since) == ["sequence"] * 3
+
+
+# ------------------------------------------------------------------------------- M2 crafted headers
+
+
+def test_m2_crafted_lengths_and_deep_json_get_400_not_a_failed_stream(stack: Stack) -> None:
+    start = json.dumps(
+        {
+            "parameters": {"sequence_id": 79, "sequence_start": True, "sequence_end": True},
+            "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [1]}],
+        }
+    ).encode()
+    failed = envoy_stat(stack, "ext_proc.streams_failed")
+    path = "/v2/models/seq_accumulate/infer"
+    host, port = stack.http_url.split(":")
+    # A latin-1 '²' that str.isdigit() accepts and int() refuses; http.client would refuse to send it.
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
+        sock.sendall(
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: \xb2\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(start) + start
+        )
+        assert sock.recv(65536).split(b" ")[1] == b"400"
+    assert request(stack, path, start, [("inference-header-content-length", "1" * 5000)])[0] in (400, 431)
+    assert request(stack, path, start, [("inference-header-content-length", "9" * 30)])[0] == 400
+    assert request(stack, path, b"[" * 3000 + b"]" * 3000)[0] == 400
+    assert request(stack, path, b'{"inputs":' + b"[" * 3000 + b"]" * 3000 + b"}")[0] == 400
+    assert envoy_stat(stack, "ext_proc.streams_failed") == failed
+
+
+# ------------------------------------------------------------------------------ M3 chunked sequences
+
+
+def test_m3_chunked_bodies_keep_their_sequence_host(stack: Stack) -> None:
+    path = "/v2/models/seq_accumulate/infer"
+    for seq in range(9101, 9105):
+        start = json.dumps(
+            {
+                "parameters": {"sequence_id": seq, "sequence_start": True},
+                "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [1]}],
+            }
+        ).encode()
+        status, home = served_by(stack, path, start)
+        assert status == 200
+        follow = start.replace(b'"sequence_start": true', b'"sequence_start": false')
+        for _ in range(3):
+            assert served_by(stack, path, follow, [("transfer-encoding", "chunked")]) == (200, home)
+
+
+# ------------------------------------------------------------------------------------ M4 log volume
+
+
+def test_m4_rejections_cost_a_short_rate_limited_log_line(stack: Stack) -> None:
+    log = stack.run_dir / "logs" / "picker.log"
+    before = log.stat().st_size
+    name = "m" * 1000
+    for _ in range(300):
+        assert request(stack, f"/v2/models/{name}/infer", b"{}")[0] == 404
+    grown = log.stat().st_size - before
+    # Ten lines a second at most, each with at most 64 characters of the client's model name.
+    lines = [line for line in log.read_text().splitlines()[-40:] if '"rejected"' in line]
+    assert lines and all(len(line) < 700 for line in lines), lines[-1]
+    assert grown < 300 * 100, grown
+
+
+# ---------------------------------------------------------------------------------- M7 repeated names
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+def test_m7_a_second_model_name_after_the_tensors_is_refused(stack: Stack) -> None:
+    tensor = _field(1, b"INPUT0") + _field(2, b"FP32") + _field(3, bytes([1, 4]))
+    message = _field(1, b"mlp_classifier") + _field(5, tensor) + _field(1, b"timed_batch") + _field(7, bytes(16))
+    assert grpc_call(stack, "ModelInfer", message) is grpc.StatusCode.INVALID_ARGUMENT
+    twice = _field(1, b"mlp_classifier") + _field(1, b"timed_batch") + _field(5, tensor) + _field(7, bytes(16))
+    assert grpc_call(stack, "ModelInfer", twice) is grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ------------------------------------------------------------------------------ queries of death
+
+
+def test_a_shape_the_body_cannot_hold_is_refused_before_triton(stack: Stack) -> None:
+    for shape in ([1, 1_000_000_000_000], [1_000_000, 1_000_000], [100_000, 100_000]):
+        body = json.dumps(
+            {"inputs": [{"name": "INPUT", "shape": shape, "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+        ).encode()
+        status, headers, answer = request(stack, "/v2/models/embed_normalize/infer", body)
+        assert status == 400 and "INPUT" in json.loads(answer)["error"], answer
+        assert "x-triton-host" not in headers
+
+
+def test_nothing_was_logged_as_a_picker_error(stack: Stack) -> None:
+    """Last: every threat above was answered on purpose, none by an exception in the picker."""
+    assert '"picker_error"' not in stack.log("picker")
