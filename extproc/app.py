@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from extproc.admin_key import read_admin_key
 from extproc.build import compiled
 from extproc.config import ConfigError, Fleet, HostSpec, file_stamp, load_fleet
 from extproc.datastore import Datastore
@@ -69,7 +70,12 @@ class Picker:
         self.metrics = PickerMetrics(self.datastore, decisions=role != "leader")
         self.metrics.use_discovery(discovery)
         self.scheduler = self._scheduler(fleet, self.datastore)
-        self.collector = TelemetryCollector(fleet, self.datastore) if role != "worker" else None
+        # Read at start and on reload, not by each collector: a change of the pools' hosts rebuilds the
+        # collector, and that must not fail on a key file.
+        self.admin_key = read_admin_key(config) if role != "worker" else None
+        self.collector = (
+            TelemetryCollector(fleet, self.datastore, admin_key=self.admin_key) if role != "worker" else None
+        )
         share = Path(fleet.runtime_dir) / "telemetry.sock"
         self.publisher = Publisher(self.datastore, share, self.discovered) if role == "leader" else None
         self.subscriber = Subscriber(self.datastore, share, self._use_discovered) if role == "worker" else None
@@ -185,8 +191,15 @@ class Picker:
             fleet = fleet.model_copy(
                 update={"picker": fleet.picker.model_copy(update={k: getattr(self.config.picker, k) for k in fixed})}
             )
+        try:
+            admin_key = read_admin_key(fleet) if self.role != "worker" else None
+        except ConfigError as exc:
+            log.warning(
+                "config_reload_rejected", problems=str(exc).splitlines(), note="still serving the previous config"
+            )
+            return
         async with self._switching:
-            self.config = fleet
+            self.config, self.admin_key = fleet, admin_key
             if self.role != "worker":
                 await _cancel(self._discovering)
                 self._discovering = None
@@ -233,7 +246,7 @@ class Picker:
             self.subscriber.datastore = datastore
         if self.collector is not None:
             old_collector, old_task = self.collector, self._telemetry
-            self.collector = TelemetryCollector(fleet, datastore)
+            self.collector = TelemetryCollector(fleet, datastore, admin_key=self.admin_key)
             self._telemetry = asyncio.create_task(self.collector.run(), name="telemetry")
             await _cancel(old_task)
             await old_collector.aclose()

@@ -81,7 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     level = getattr(args, "log_level", None) or fleet.picker.log_level
     configure(level, args.log_format)
-    return _run(args, fleet)
+    try:
+        return _run(args, fleet)
+    except ConfigError as exc:
+        # Files the fleet file names (admin_key_file) are read when a command starts, not with the file.
+        print(f"extproc: refusing to start:\n{exc}", file=sys.stderr)
+        return 2
 
 
 def _bench(args: argparse.Namespace) -> int:

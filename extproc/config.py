@@ -37,6 +37,9 @@ class LaunchSpec(_Strict):
     models: tuple[str, ...] = Field(min_length=1)
     # Multiplies the service time of models that emulate hardware speed (see triton_models/).
     service_time_factor: float = Field(default=1.0, gt=0, le=100)
+    # Restart the host when it exits (with backoff; left down after repeated crashes). Off: a crash is
+    # only reported, e.g. to keep a crashed host's state for a post-mortem.
+    restart: bool = True
 
 
 class _Ports(_Strict):
@@ -393,6 +396,10 @@ class Fleet(_Strict):
     # Where ``extproc up`` finds the model repository for hosts it launches, and keeps run-time files.
     model_repository: str = "triton_models"
     runtime_dir: str = ".run"
+    # A file holding the key that Triton's control APIs (model repository, shared memory, logging, trace)
+    # require; null: ``extproc up`` generates one into <runtime_dir>/admin.key. Read when a command starts,
+    # not here, so that rendering Envoy's config needs no secret (see extproc/admin_key.py).
+    admin_key_file: str | None = Field(default=None, min_length=1)
     source: str = Field(default="<memory>", exclude=True)
 
     @field_validator("dns_resolvers")

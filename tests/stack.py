@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,22 @@ class Stack:
 
     def log(self, name: str) -> str:
         return (self.run_dir / "logs" / f"{name}.log").read_text(errors="replace")
+
+    def admin_headers(self) -> dict[str, str]:
+        """The REST header that Triton's control APIs (model repository, logging, ...) need on this stack's hosts."""
+        from extproc.admin_key import HEADER
+
+        key = admin_key(self.run_dir)
+        assert key is not None, "extproc up generated no admin key"
+        return {HEADER: key}
+
+
+def admin_key(run_dir: Path) -> str | None:
+    """The key ``extproc up`` generated in ``run_dir`` for its Triton hosts, None before it did."""
+    from extproc.admin_key import generated_key_file
+
+    path = generated_key_file(run_dir)
+    return path.read_text().strip() if path.exists() else None
 
 
 def start_stack(run_dir: Path, fleet: dict[str, Any]) -> Stack:
@@ -349,13 +365,17 @@ def triton_spec(stack_run_dir: Path, host: dict[str, Any], models: Sequence[str]
         metrics_port=metrics_port,
         models=list(models),
         address=str(host["address"]),
+        admin_key=admin_key(stack_run_dir),
     )
     return ProcessSpec(tuple(argv), triton_env(1.0), str(REPO))
 
 
-def http_status(url: str, timeout_s: float = 2.0, method: str = "GET") -> int | None:
+def http_status(
+    url: str, timeout_s: float = 2.0, method: str = "GET", headers: Mapping[str, str] | None = None
+) -> int | None:
     """The HTTP status of ``url`` (None when there is no answer)."""
-    request = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None)
+    data = b"{}" if method == "POST" else None
+    request = urllib.request.Request(url, method=method, data=data, headers=dict(headers or {}))
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return int(response.status)

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, Protocol, TextIO
 
+from extproc.admin_key import GRPC_HEADER, read_admin_key
 from extproc.config import Fleet, HostSpec, Tier
 from extproc.ops import OpsError
 from extproc.ops.status import EnvoyApi, PickerApi, PickerHost, PickerStatus, envoy_hosts, format_table
@@ -85,9 +86,11 @@ class TritonApi(Protocol):
 
 
 class GrpcTriton:
-    """:class:`TritonApi` over ``tritonclient.grpc`` (sync), one client per host, safe across threads."""
+    """:class:`TritonApi` over ``tritonclient.grpc`` (sync), one client per host, safe across threads.
+    ``admin_key``: the fleet's key, which every call here (model-repository APIs) needs on restricted hosts."""
 
-    def __init__(self) -> None:
+    def __init__(self, admin_key: str | None = None) -> None:
+        self._headers = {GRPC_HEADER: admin_key} if admin_key is not None else None
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -111,15 +114,21 @@ class GrpcTriton:
 
     def index(self, host: HostSpec, timeout_s: float) -> Sequence[IndexEntry]:
         response = self._call(
-            host, "repository index", lambda c: c.get_model_repository_index(client_timeout=timeout_s)
+            host,
+            "repository index",
+            lambda c: c.get_model_repository_index(headers=self._headers, client_timeout=timeout_s),
         )
         return [IndexEntry(m.name, m.version, m.state, m.reason) for m in response.models]
 
     def load(self, host: HostSpec, model: str, timeout_s: float) -> None:
-        self._call(host, f"load {model}", lambda c: c.load_model(model, client_timeout=timeout_s))
+        self._call(
+            host, f"load {model}", lambda c: c.load_model(model, headers=self._headers, client_timeout=timeout_s)
+        )
 
     def unload(self, host: HostSpec, model: str, timeout_s: float) -> None:
-        self._call(host, f"unload {model}", lambda c: c.unload_model(model, client_timeout=timeout_s))
+        self._call(
+            host, f"unload {model}", lambda c: c.unload_model(model, headers=self._headers, client_timeout=timeout_s)
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -1077,7 +1086,7 @@ def run_cli(args: Any, fleet: Fleet, out: TextIO | None = None) -> int:
     """``extproc models list|load|unload|place|reload``. Exit status: 0 done (or nothing to do), 1 a host
     failed or a goal was not reached, 2 the plan was refused (problems, without ``--force``)."""
     out = out or sys.stdout
-    triton = GrpcTriton()
+    triton = GrpcTriton(read_admin_key(fleet))
     # Picks made just before the drain reach Envoy's rq_active within an admin poll or two.
     settle_s = max(1.0, 3 * fleet.picker.poll.envoy_admin_ms / 1000)
     timeouts = Timeouts(index_s=args.timeout, settle_s=settle_s)

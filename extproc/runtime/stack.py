@@ -11,13 +11,17 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+import structlog
+
+from extproc.admin_key import ensure_admin_key
 from extproc.config import ConfigError, Fleet, HostSpec, file_stamp, load_fleet
 from extproc.envoy_config import render_yaml
-from extproc.runtime.process import Supervisor
-from extproc.runtime.triton import prepare_backend_dir, triton_command, triton_env
+from extproc.runtime.process import Child, RestartPolicy, Supervisor, describe_exit, end_group, group_members
+from extproc.runtime.triton import prepare_backend_dir, stub_shm_regions, triton_command, triton_env
 from extproc.tls import ensure_self_signed
 
 # Seconds an Envoy replaced by a hot restart keeps serving the requests it has.
@@ -25,6 +29,8 @@ _ENVOY_DRAIN_S = 5
 
 # Triton loads python-backend models in a few seconds; on 2 shared cores three hosts can take a while.
 _START_TIMEOUT_S = 180.0
+
+log = structlog.get_logger(__name__)
 
 
 class StartupError(RuntimeError):
@@ -54,6 +60,15 @@ def find_envoy() -> str:
     return found
 
 
+@dataclass
+class _Restarts:
+    """The restarts of one launched Triton host."""
+
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    count: int = 0
+    due: float | None = None  # time.monotonic() of the pending restart
+
+
 class Stack:
     """Starts and supervises the local stack described by a fleet file."""
 
@@ -66,21 +81,23 @@ class Stack:
         self._envoy_yaml = ""
         # Envoys replaced by a hot restart: they drain and exit by themselves.
         self._retired: set[int] = set()
+        self._restarts: dict[str, _Restarts] = {}
 
     def start(self) -> None:
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         launched = [h for h in self.fleet.hosts if h.launch is not None]
         if launched:
+            admin_key = ensure_admin_key(self.fleet)
             backend_dir = prepare_backend_dir(self.runtime_dir)
             for host in launched:
-                self._start_triton(host, backend_dir)
+                self._start_triton(host, backend_dir, admin_key)
         self._start_picker()
         envoy_config = self._write_envoy_config()
         self._start_envoy(envoy_config)
         self._write_pids()
         self._wait_healthy(launched)
 
-    def _start_triton(self, host: HostSpec, backend_dir: Path) -> None:
+    def _start_triton(self, host: HostSpec, backend_dir: Path, admin_key: str) -> None:
         assert host.launch is not None
         _progress(f"starting Triton {host.name} ({host.tier.value}) on {host.http_endpoint}")
         argv = triton_command(
@@ -91,8 +108,11 @@ class Stack:
             metrics_port=host.metrics_port,
             models=host.launch.models,
             address=host.address,
+            admin_key=admin_key,
         )
         self.supervisor.start(host.name, argv, triton_env(host.launch.service_time_factor))
+        if host.launch.restart:
+            self._restarts[host.name] = _Restarts()
 
     def _start_picker(self) -> None:
         _progress(f"starting the picker on {self.fleet.picker.listen}")
@@ -133,7 +153,11 @@ class Stack:
 
     def _write_pids(self) -> None:
         pids = {c.name: c.process.pid for c in self.supervisor.children}
-        (self.runtime_dir / "processes.json").write_text(json.dumps(pids, indent=2), encoding="utf-8")
+        path = self.runtime_dir / "processes.json"
+        # Replaced, not rewritten in place: tools and tests read it while hosts restart.
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(json.dumps(pids, indent=2), encoding="utf-8")
+        partial.replace(path)
 
     def _wait_healthy(self, launched: list[HostSpec]) -> None:
         envoy = self.fleet.envoy
@@ -176,22 +200,75 @@ class Stack:
         return " ".join(parts)
 
     def supervise(self, stop: threading.Event) -> None:
-        """Block until ``stop`` is set (SIGINT/SIGTERM), reporting children that exit (the rest keep serving:
-        Envoy fails open without the picker, and routes around a dead Triton host), and applying fleet-file
-        changes."""
+        """Block until ``stop`` is set (SIGINT/SIGTERM), restarting Triton hosts that exit, reporting the
+        other children that exit (the rest keep serving: Envoy fails open without the picker), and applying
+        fleet-file changes."""
         reported: set[int] = set()
         seen = file_stamp(self.config_path)
         while not stop.is_set():
-            for child in self.supervisor.exited():
-                pid = child.process.pid
-                if pid not in reported and pid not in self._retired:
-                    reported.add(pid)
-                    _progress(f"{child.name} exited with code {child.process.returncode}; see {child.log_file}")
+            for child in list(self.supervisor.children):
+                restarts = self._restarts.get(child.name)
+                if restarts is None:
+                    pid = child.process.pid
+                    if child.process.poll() is not None and pid not in reported and pid not in self._retired:
+                        reported.add(pid)
+                        _progress(f"{child.name} exited with code {child.process.returncode}; see {child.log_file}")
+                elif child.process.returncode is None:
+                    if child.has_exited():
+                        self._triton_exited(child, restarts)
+                elif restarts.due is not None and restarts.due <= time.monotonic():
+                    self._restart_triton(child, restarts)
             current = file_stamp(self.config_path)
             if current != seen:
                 seen = current
                 self.apply_config_change()
             time.sleep(0.5)
+
+    def _triton_exited(self, child: Child, restarts: _Restarts) -> None:
+        """Clear what the exited Triton left behind, then schedule its restart or leave it down.
+
+        Its python-backend stubs outlive it, holding shared memory that only their command lines name: they
+        are read first, and the server is reaped last, so its pid (their process group) stays its own until
+        they are gone. The restart then starts from a clean /dev/shm and free ports."""
+        pid = child.process.pid
+        regions = stub_shm_regions(group_members(pid))
+        stuck = end_group(pid)
+        returncode = child.process.wait()
+        for region in regions:
+            region.unlink(missing_ok=True)
+        how = describe_exit(returncode)
+        if stuck:
+            log.warning("triton_leftovers_stuck", host=child.name, pid=pid, pids=stuck)
+        delay = restarts.policy.on_exit(time.monotonic())
+        if delay is None:
+            policy = restarts.policy
+            log.error(
+                "triton_left_down",
+                host=child.name,
+                pid=pid,
+                exit=how,
+                restarts=restarts.count,
+                reason=f"exited {len(policy.exits)} times within {policy.window_s:.0f} s; "
+                f"restart `extproc up` once it is fixed (see {child.log_file})",
+            )
+            return
+        restarts.due = time.monotonic() + delay
+        log.warning(
+            "triton_exited",
+            host=child.name,
+            pid=pid,
+            exit=how,
+            restarts=restarts.count,
+            restart_in_s=delay,
+            log_file=str(child.log_file),
+        )
+
+    def _restart_triton(self, child: Child, restarts: _Restarts) -> None:
+        restarts.due = None
+        new = self.supervisor.restart(child)
+        restarts.count += 1
+        self._write_pids()
+        log.info("triton_restarted", host=new.name, pid=new.process.pid, restarts=restarts.count)
 
     def apply_config_change(self) -> None:
         """Hot-restart Envoy on the new fleet file's config if it changed; the picker reloads by itself.
@@ -203,6 +280,8 @@ class Stack:
             return
         if [h.launch for h in fleet.hosts] != [h.launch for h in self.fleet.hosts]:
             _progress("note: launch sections changed; restart `extproc up` to start or stop Triton hosts")
+        if fleet.admin_key_file != self.fleet.admin_key_file:
+            _progress("note: admin_key_file changed; restart `extproc up` so its Triton hosts take the new key")
         self.fleet = fleet
         if render_yaml(fleet) == self._envoy_yaml:
             return

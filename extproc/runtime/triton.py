@@ -14,14 +14,19 @@ import os
 import sys
 import sysconfig
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from extproc.admin_key import triton_flags
 
 # Read by the emulated-hardware models in triton_models/ (e.g. timed_batch) in initialize().
 SERVICE_TIME_FACTOR_ENV = "EXTPROC_SERVICE_TIME_FACTOR"
 
 _BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 _STUB = "triton_python_backend_stub"
+# Each python-backend stub is started with the name of its shared-memory region (in /dev/shm) on its command
+# line. Triton unlinks the regions when it stops, so a Triton killed or aborted leaves them behind.
+_SHM_REGION_PREFIX = b"triton_python_backend_shm_region_"
 
 
 class TritonNotInstalledError(RuntimeError):
@@ -124,8 +129,10 @@ def triton_command(
     models: Sequence[str],
     address: str = "127.0.0.1",
     metrics_interval_ms: int = 250,
+    admin_key: str | None = None,
 ) -> list[str]:
-    """The ``tritonserver`` command line: explicit model control, the given models only, on ``address``."""
+    """The ``tritonserver`` command line: explicit model control, the given models only, on ``address``;
+    with ``admin_key``, its control APIs answer only requests that carry the key (extproc/admin_key.py)."""
     if not models:
         raise ValueError("models must name at least one model")
     return [
@@ -148,4 +155,19 @@ def triton_command(
         "--log-warning=true",
         "--log-error=true",
         "--log-verbose=0",
+        *(triton_flags(admin_key) if admin_key is not None else ()),
     ]
+
+
+def stub_shm_regions(pids: Iterable[int]) -> list[Path]:
+    """The shared-memory regions named on the command lines of ``pids`` (a Triton's python-backend stubs).
+
+    Read them before the stubs are gone: nothing else names a dead Triton's regions."""
+    regions = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        regions += [Path("/dev/shm", a.decode()) for a in argv if a.startswith(_SHM_REGION_PREFIX)]
+    return regions

@@ -99,12 +99,17 @@ class TelemetryCollector:
     collector.aclose()``. Also an async context manager that closes on exit.
     """
 
-    def __init__(self, fleet: Fleet, datastore: Datastore, *, nvml: NvmlReader | None = None) -> None:
+    def __init__(
+        self, fleet: Fleet, datastore: Datastore, *, nvml: NvmlReader | None = None, admin_key: str | None = None
+    ) -> None:
+        """``admin_key``: the fleet's key for Triton's restricted APIs (see extproc/admin_key.py)."""
         poll = fleet.picker.poll
         self._datastore = datastore
         self._timeout_s = poll.request_timeout_ms / 1000
         self._session: aiohttp.ClientSession | None = None
-        self._hosts = [_Host(state, RepositoryClient(state.spec.grpc_endpoint)) for state in datastore.hosts.values()]
+        self._hosts = [
+            _Host(state, RepositoryClient(state.spec.grpc_endpoint, admin_key)) for state in datastore.hosts.values()
+        ]
         admin = fleet.envoy.admin
         self.envoy_url = f"http://{_endpoint(admin.address, admin.port)}/clusters?format=json"
         self._envoy_missing: frozenset[str] = frozenset()

@@ -17,6 +17,7 @@ from typing import Any, Final, Protocol
 
 import tritonclient.grpc.aio as triton_grpc
 
+from extproc.admin_key import GRPC_HEADER
 from extproc.batch_cost import Batching
 from extproc.datastore import Datastore, HostState
 
@@ -73,9 +74,7 @@ def batching_from_config(config: Any) -> Batching:
     batcher = config.HasField("dynamic_batching") or config.HasField("sequence_batching")
     max_batch = config.max_batch_size if batcher and config.max_batch_size > 0 else 1
     instances = sum(group.count * max(1, len(group.gpus)) for group in config.instance_group)
-    return Batching(
-        max_batch=max_batch, instances=max(1, instances), sequence=config.HasField("sequence_batching")
-    )
+    return Batching(max_batch=max_batch, instances=max(1, instances), sequence=config.HasField("sequence_batching"))
 
 
 def apply_index(datastore: Datastore, host: HostState, index: RepositoryIndex, now: float) -> None:
@@ -83,10 +82,12 @@ def apply_index(datastore: Datastore, host: HostState, index: RepositoryIndex, n
 
 
 class RepositoryClient:
-    """One host's gRPC channel, opened on first use (inside the running event loop)."""
+    """One host's gRPC channel, opened on first use (inside the running event loop). ``admin_key``: the
+    fleet's key, which the index (a model-repository API) needs on hosts that restrict it."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, admin_key: str | None = None) -> None:
         self.endpoint = endpoint
+        self._admin_headers = {GRPC_HEADER: admin_key} if admin_key is not None else None
         self._client: Any = None
 
     def _connected(self) -> Any:
@@ -96,7 +97,9 @@ class RepositoryClient:
 
     async def index(self, timeout_s: float) -> RepositoryIndex:
         """Read the index; raises (``InferenceServerException``) on an error or after ``timeout_s``."""
-        response = await self._connected().get_model_repository_index(client_timeout=timeout_s)
+        response = await self._connected().get_model_repository_index(
+            headers=self._admin_headers, client_timeout=timeout_s
+        )
         return index_from_models(response.models)
 
     async def batching(self, model: str, timeout_s: float) -> Batching:
