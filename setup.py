@@ -36,6 +36,7 @@ COMPILED = [
     "extproc/scheduling/classify.py",
     "extproc/scheduling/filters.py",
     "extproc/scheduling/pickers.py",
+    "extproc/scheduling/quarantine.py",
     "extproc/scheduling/scheduler.py",
     "extproc/scheduling/scorers.py",
     "extproc/scheduling/types.py",

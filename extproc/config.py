@@ -247,6 +247,17 @@ class SaturationSpec(_Strict):
     max_queue_ms: float = Field(default=1000.0, gt=0)  # expected completion time, per host
 
 
+class QuarantineSpec(_Strict):
+    """Requests in flight on a host that went down (possible queries of death): see
+    extproc/scheduling/quarantine.py."""
+
+    # How long such a request is refused (503, retry-after); 0: never refused.
+    hold_s: float = Field(default=60.0, ge=0, le=86_400)
+    # How far back from a host going down a request counts as in flight there: Envoy's health checks need
+    # about 2 s to report a dead host, and its admin poll adds poll.envoy_admin_ms.
+    window_s: float = Field(default=5.0, gt=0, le=600)
+
+
 class PickerSpec(_Strict):
     # gRPC listen address of the ext_proc service: ``unix:PATH`` (default; not reachable from the network)
     # or ``HOST:PORT``.
@@ -274,6 +285,7 @@ class PickerSpec(_Strict):
     # Most tensor elements one inference request may carry (all inputs together); the picker answers 400
     # above it, before any host sees the request.
     max_tensor_elements: int = Field(default=64 * 1024 * 1024, ge=1)
+    quarantine: QuarantineSpec = QuarantineSpec()
     # Seconds a client should wait before retrying a 503/429 from the picker.
     retry_after_s: int = Field(default=1, ge=1, le=3600)
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")

@@ -46,6 +46,12 @@ class PickerMetrics:
             ["type"],
             registry=decision_registry,
         )
+        self.quarantined = Counter(
+            "extproc_quarantined",
+            "Request fingerprints refused for a while because the request was in flight on a host that went "
+            "down (a possible query of death).",
+            registry=decision_registry,
+        )
         self.decision_seconds = Histogram(
             "extproc_decision_seconds",
             "Time from the request's headers (or first gRPC body chunk) to the picker's answer.",

@@ -39,8 +39,9 @@ from extproc.handlers.response import LogBudget, Responder, clip
 from extproc.handlers.tensors import TensorHeadReader
 from extproc.handlers.wire import RequestHeaders, read_request_headers
 from extproc.metrics import PickerMetrics
+from extproc.scheduling.quarantine import Quarantine
 from extproc.scheduling.scheduler import Scheduler
-from extproc.scheduling.types import InferenceRequest, Protocol, Reject
+from extproc.scheduling.types import Decision, InferenceRequest, Protocol, Reject, Route
 
 log = structlog.get_logger(__name__)
 
@@ -58,12 +59,15 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
     def __init__(self, fleet: Fleet, scheduler: Scheduler, metrics: PickerMetrics) -> None:
         self._metrics = metrics
         self._error_log = LogBudget(1)
+        spec = fleet.picker.quarantine
+        self._quarantine = Quarantine(scheduler.datastore, metrics, spec.hold_s, spec.window_s)
         self.configure(fleet, scheduler)
 
     def configure(self, fleet: Fleet, scheduler: Scheduler) -> None:
         """Use a new fleet and scheduler from the next request on (config reload); streams in progress
         finish with what they started with."""
         self._scheduler = scheduler
+        self._quarantine.use(scheduler.datastore)
         self._max_request_bytes = fleet.envoy.max_request_bytes
         self._max_tensor_elements = fleet.picker.max_tensor_elements
         # How long the first body chunk may take before the picker asks Envoy to wait longer for its answer.
@@ -118,7 +122,20 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                 else:
                     guard = GrpcBodyGuard(headers.get("grpc-encoding"), self._max_request_bytes)
                     request, pending = await self._grpc_request(method, headers, body, guard)
-            decision = self._scheduler.decide(request)
+            fingerprint = _fingerprint(request, pending)
+            held = self._quarantine.refused_for(fingerprint) if fingerprint is not None else 0.0
+            if held:
+                decision: Decision = Reject(
+                    503,
+                    f"an identical request was in flight on a host that went down; it is refused for {held:.0f} s "
+                    "more (a possible query of death)",
+                    "quarantined",
+                    retry_after=True,
+                )
+            else:
+                decision = self._scheduler.decide(request)
+                if fingerprint is not None and isinstance(decision, Route):
+                    self._quarantine.routed(fingerprint, decision.hosts[0].name)
         except RequestRejected as exc:
             request = InferenceRequest(Protocol.GRPC if method else Protocol.HTTP)
             decision = Reject(exc.status, str(exc), exc.reason)
@@ -287,3 +304,11 @@ async def _prepend(
     yield head
     async for message in rest:
         yield message
+
+
+def _fingerprint(request: InferenceRequest, body: list[ep.ProcessingRequest]) -> int | None:
+    """What identifies a request for the quarantine: its model, version and first body bytes (the whole
+    body of most requests); None for a request without a body."""
+    if not body or request.model is None:
+        return None
+    return hash((request.model, request.version, body[0].request_body.body[:_MAX_PEEK_BYTES]))

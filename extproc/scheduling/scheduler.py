@@ -76,6 +76,10 @@ class Scheduler:
         # The datastore generation the plans and the unlisted models' orders were made from.
         self._generation = -1
 
+    @property
+    def datastore(self) -> Datastore:
+        return self._store
+
     def has_telemetry(self) -> bool:
         """Whether any host's repository index has arrived; before that every model would look unknown."""
         return bool(self._store.known_models)

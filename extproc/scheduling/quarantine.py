@@ -1,0 +1,114 @@
+"""Queries of death: a request that was in flight when its host died is not sent to another host.
+
+Envoy retries a request only where it cannot have reached its host, so a request that crashes a Triton
+host kills that one host, once, and its client gets a 503. What the gateway must also avoid is the client
+(or its retry loop) sending the same request again, to the next host. The picker cannot see which request
+crashed a host; it sees hosts go down (Envoy's health checks and outlier ejection, polled every
+``poll.envoy_admin_ms``) and it remembers which requests it sent where (a fingerprint of the request: the
+model, its version and a hash of the body's first bytes).
+
+When a host goes down, every fingerprint routed to it in the ``window_s`` before is a suspect, and is
+refused (503 with the reason and ``retry-after``) for ``hold_s``, unless the same fingerprint went to a
+host that is still up in the meantime: a request that ran elsewhere without killing that host is not a
+query of death (this keeps a fleet whose clients all send the same request serving when a host dies for
+another reason). A suspect whose host comes back is still refused until its hold ends.
+
+Plain, fully typed Python (compiled with mypyc where a C compiler is found, see ``setup.py``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Final
+
+import structlog
+
+from extproc.datastore import Datastore
+from extproc.metrics import PickerMetrics
+
+__all__ = ["Quarantine"]
+
+log = structlog.get_logger(__name__)
+
+# Fingerprints remembered (least recently routed forgotten first): far more than the requests a fleet
+# routes in ``window_s``; each costs a few hundred bytes.
+_REMEMBERED: Final = 50_000
+
+
+class Quarantine:
+    """Remembers where requests went; refuses those in flight on a host when it went down."""
+
+    def __init__(self, datastore: Datastore, metrics: PickerMetrics, hold_s: float, window_s: float) -> None:
+        self._store = datastore
+        self._metrics = metrics
+        self._hold_s = hold_s
+        self._window_s = window_s
+        # fingerprint → host name → when it was last routed there (monotonic, the datastore's clock).
+        self._routed: OrderedDict[int, dict[str, float]] = OrderedDict()
+        self._until: dict[int, float] = {}  # quarantined fingerprint → end of its hold
+        self._down: set[str] = set()
+        self._generation = -1
+
+    def use(self, datastore: Datastore) -> None:
+        """A new datastore (config reload): hosts that stay keep their names, so what is known stays valid."""
+        self._store = datastore
+        self._generation = -1
+
+    def refused_for(self, fingerprint: int) -> float:
+        """Seconds left of ``fingerprint``'s quarantine; 0 when it may be routed."""
+        self._follow_hosts()
+        until = self._until.get(fingerprint)
+        if until is None:
+            return 0.0
+        left = until - self._store.now()
+        if left <= 0:
+            del self._until[fingerprint]
+            return 0.0
+        return left
+
+    def routed(self, fingerprint: int, host: str) -> None:
+        """The request went to ``host`` (the first of the hosts handed to Envoy: the others get it only when
+        it could not reach that one)."""
+        hosts = self._routed.get(fingerprint)
+        if hosts is None:
+            if len(self._routed) >= _REMEMBERED:
+                self._routed.popitem(last=False)
+            hosts = self._routed[fingerprint] = {}
+        else:
+            self._routed.move_to_end(fingerprint)
+        hosts[host] = self._store.now()
+
+    def _follow_hosts(self) -> None:
+        """Notice hosts that went down since the datastore last changed (Envoy's poll writes it)."""
+        if self._generation == self._store.generation:
+            return
+        self._generation = self._store.generation
+        down = {name for name, host in self._store.hosts.items() if host.envoy.unhealthy or host.envoy.ejected}
+        for host in down - self._down:
+            self._went_down(host, down)
+        self._down = down
+
+    def _went_down(self, host: str, down: set[str]) -> None:
+        if self._hold_s <= 0:
+            return
+        now = self._store.now()
+        since = now - self._window_s
+        suspects = cleared = 0
+        for fingerprint, hosts in self._routed.items():
+            at = hosts.get(host)
+            if at is None or at < since:
+                continue
+            if any(other not in down and t >= since for other, t in hosts.items()):
+                cleared += 1
+                continue
+            self._until[fingerprint] = now + self._hold_s
+            suspects += 1
+        self._metrics.quarantined.inc(suspects)
+        if suspects or cleared:
+            log.warning(
+                "host_down_requests_quarantined",
+                host=host,
+                quarantined=suspects,
+                cleared=cleared,
+                hold_s=self._hold_s,
+            )
