@@ -39,6 +39,7 @@ COMPILED = [
     "extproc/scheduling/quarantine.py",
     "extproc/scheduling/scheduler.py",
     "extproc/scheduling/scorers.py",
+    "extproc/scheduling/sequences.py",
     "extproc/scheduling/types.py",
 ]
 

@@ -43,6 +43,10 @@ class Batching:
     max_batch: int = 1  # requests per execution: max_batch_size with a dynamic/sequence batcher, else 1
     instances: int = 1  # executions that run at once (instance_group counts)
     sequence: bool = False  # a sequence batcher: requests of one correlation id must stay on one host
+    # With a sequence batcher: how many sequences it runs at once (more wait in Triton's backlog), and how
+    # long it keeps an idle one before freeing its slot.
+    sequence_slots: int = 0
+    sequence_idle_s: float = 1.0
 
 
 @dataclass(slots=True)  # not frozen: see BatchCost

@@ -368,7 +368,8 @@ class EnvoySpec(_Strict):
     fallback_tier: Tier = Tier.GPU
     # Route timeout for inference; 0 disables it (Envoy's 15 s default is wrong for inference).
     route_timeout_s: float = Field(default=0, ge=0)
-    # Per-try timeout so a stalled host is retried elsewhere; 0 disables it.
+    # A try that takes longer is answered 504 (gRPC UNAVAILABLE) rather than left waiting on a stalled
+    # host; it is not sent elsewhere, since the request may be what stalls the host. 0 disables it.
     per_try_timeout_s: float = Field(default=0, ge=0)
     # Largest request body Envoy accepts (bytes). A larger content-length is answered 413 before the body is
     # read; a REST body without content-length (chunked) is buffered up to this size, then 413.

@@ -11,6 +11,7 @@ ejected. The threats are those of the security review (2026-12); its ids are in 
 - C3 compression bombs: REST content-encoding refused (415); a gRPC message that inflates past
   ``envoy.max_request_bytes`` refused (RESOURCE_EXHAUSTED) before Triton has it whole.
 - H1 an over-long request line or header: 431 from Envoy, never a dropped connection that ejects a host.
+- H2 sequences started and never ended: a start that would wait for a sequence slot gets 429 at once.
 - H3 a gRPC stream or REST body that arrives late: still routed by the picker, not failed open.
 - H4 streams per connection capped.
 - M1 a correlation id pins only sequence models.
@@ -23,6 +24,7 @@ ejected. The threats are those of the security review (2026-12); its ids are in 
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import functools
 import gzip
@@ -32,6 +34,7 @@ import socket
 import ssl
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -311,6 +314,48 @@ def test_h1_long_request_lines_and_headers_get_431_and_eject_nothing(stack: Stac
     # The CPU tier's one host still serves its model (the fixture checks that nothing was ejected).
     status, host = served_by(stack, "/v2/models/mlp_classifier/infer", MLP)
     assert status == 200 and host.endswith(str(stack.host("triton-c")["http_port"]))
+
+
+# ---------------------------------------------------------------------------- H2 sequence slots
+
+
+def sequence_body(seq: int, start: bool = False, end: bool = False) -> bytes:
+    return json.dumps(
+        {
+            "parameters": {"sequence_id": seq, "sequence_start": start, "sequence_end": end},
+            "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [1]}],
+        }
+    ).encode()
+
+
+def test_h2_sequences_that_never_end_get_429_not_a_hang(stack: Stack) -> None:
+    """seq_accumulate keeps 64 sequences per host (oldest strategy) and an idle one for 60 s; beyond that a
+    new sequence would wait in Triton's backlog. 140 starts that never end: the ones over the slots, and
+    then other clients' new sequences, are answered 429 with retry-after at once instead of hanging."""
+    path = "/v2/models/seq_accumulate/infer"
+
+    def start(seq: int) -> tuple[int, int, float]:
+        began = time.monotonic()
+        status, _, _ = request(stack, path, sequence_body(seq, start=True))
+        return seq, status, time.monotonic() - began
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        attack = list(pool.map(start, range(300_000, 300_140)))
+    try:
+        statuses = Counter(status for _, status, _ in attack)
+        assert set(statuses) <= {200, 429} and statuses[429] > 0, statuses
+        assert max(took for _, _, took in attack) < 5.0
+        for seq in range(400_000, 400_004):
+            began = time.monotonic()
+            status, headers, answer = request(stack, path, sequence_body(seq, start=True, end=True))
+            assert time.monotonic() - began < 2.0
+            assert status == 200 or (status == 429 and headers.get("retry-after") == "1"), (status, answer)
+    finally:
+        for seq, status, _ in attack:
+            if status == 200:
+                request(stack, path, sequence_body(seq, end=True))
+    # Ended sequences free their slots: a new one is served again.
+    assert request(stack, path, sequence_body(400_100, start=True, end=True))[0] == 200
 
 
 # ------------------------------------------------------------------------------------ H3 late bodies

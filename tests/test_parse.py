@@ -172,3 +172,15 @@ def test_grpc_uint64_sequence_id() -> None:
     request.parameters["sequence_id"].uint64_param = 2**63 + 5
     parsed = parse_grpc_frame(frame(request.SerializeToString()), None, complete=True)
     assert parsed is not None and parsed.sequence_id == str(2**63 + 5)
+
+
+def test_grpc_sequence_flags_from_parameters() -> None:
+    request = service_pb2.ModelInferRequest(model_name="m")
+    request.parameters["sequence_id"].int64_param = 5
+    request.parameters["sequence_start"].bool_param = True
+    request.parameters["sequence_end"].bool_param = False
+    parsed = parse_grpc_frame(frame(request.SerializeToString()), None, complete=True)
+    assert parsed is not None and (parsed.sequence_id, parsed.sequence_start, parsed.sequence_end) == ("5", True, False)
+    request.parameters["sequence_end"].bool_param = True
+    parsed = parse_grpc_frame(frame(request.SerializeToString()), None, complete=True)
+    assert parsed is not None and parsed.sequence_end

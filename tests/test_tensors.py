@@ -149,6 +149,20 @@ def test_binary_request_needs_only_its_json_part() -> None:
     assert heads(reader) == [("X", "FP32", (1, 1000), 1000)]
 
 
+def test_sequence_flags_are_read_with_the_id() -> None:
+    for flags, expected in (
+        ({"sequence_start": True}, (True, False)),
+        ({"sequence_start": True, "sequence_end": True}, (True, True)),
+        ({"sequence_end": 1}, (False, False)),  # Triton takes JSON booleans only
+        ({}, (False, False)),
+    ):
+        body = request([fp32()], parameters={"sequence_id": 5, **flags})
+        for text, _ in ways(body):
+            reader = read(text)
+            assert reader.parameters_read and reader.sequence_id == "5"
+            assert (reader.sequence_start, reader.sequence_end) == expected
+
+
 def test_the_body_that_kills_triton_is_refused() -> None:
     body = b'{"inputs":[{"name":"INPUT","shape":[1,1000000000000],"datatype":"FP32","data":[1,2,3,4]}]}'
     for text, _ in ways(body):

@@ -117,6 +117,9 @@ class GrpcFrame:
     message_bytes: int  # the length prefix: the size of the (possibly compressed) message
     # ModelInferRequest.parameters["sequence_id"], as tritonclient sends it (int64, uint64 or string).
     sequence_id: str | None = None
+    # parameters["sequence_start"] / ["sequence_end"] (bool_param).
+    sequence_start: bool = False
+    sequence_end: bool = False
 
 
 def parse_grpc_frame(data: bytes, encoding: str | None, *, complete: bool) -> GrpcFrame | None:
@@ -147,7 +150,7 @@ def parse_grpc_frame(data: bytes, encoding: str | None, *, complete: bool) -> Gr
     version = fields.version or None
     if version is not None:
         _check_name(version, "model version")
-    return GrpcFrame(Target(model, version), length, fields.sequence_id)
+    return GrpcFrame(Target(model, version), length, fields.sequence_id, fields.sequence_start, fields.sequence_end)
 
 
 def _decompress_prefix(payload: bytes, encoding: str | None) -> bytes:
@@ -166,6 +169,8 @@ class _Fields:
     model: str | None = None
     version: str | None = None
     sequence_id: str | None = None
+    sequence_start: bool = False
+    sequence_end: bool = False
 
 
 # Fields up to ModelInferRequest.parameters (4); real encoders write fields in number order, so the
@@ -185,13 +190,13 @@ def _request_fields(buf: bytes) -> _Fields:
             else:
                 found.version = text
         elif number == 4 and isinstance(value, bytes):
-            found.sequence_id = _sequence_parameter(value) or found.sequence_id
+            _sequence_parameter(value, found)
     return found
 
 
-def _sequence_parameter(entry: bytes) -> str | None:
-    """One ``map<string, InferParameter>`` entry: key (1) and value (2); the value's int64 (2), string (3)
-    or uint64 (5) form, for the key ``sequence_id``."""
+def _sequence_parameter(entry: bytes, found: _Fields) -> None:
+    """One ``map<string, InferParameter>`` entry: key (1) and value (2). ``sequence_id``: the value's int64
+    (2), string (3) or uint64 (5) form; ``sequence_start`` / ``sequence_end``: its bool (1)."""
     key: bytes | None = None
     parameter: bytes | None = None
     for number, value in _fields(entry):
@@ -199,16 +204,26 @@ def _sequence_parameter(entry: bytes) -> str | None:
             key = value
         elif number == 2 and isinstance(value, bytes):
             parameter = value
-    if key != b"sequence_id" or parameter is None:
-        return None
+    if parameter is None:
+        return
+    if key in (b"sequence_start", b"sequence_end"):
+        flag = any(number == 1 and isinstance(value, int) and value != 0 for number, value in _fields(parameter))
+        if key == b"sequence_start":
+            found.sequence_start = flag
+        else:
+            found.sequence_end = flag
+        return
+    if key != b"sequence_id":
+        return
     for number, value in _fields(parameter):
         if number in (2, 5) and isinstance(value, int):
             # int64 is two's complement in a varint; 0 means "not a sequence" to Triton.
             signed = value - (1 << 64) if number == 2 and value >= 1 << 63 else value
-            return str(signed) if signed else None
+            found.sequence_id = str(signed) if signed else None
+            return
         if number == 3 and isinstance(value, bytes):
-            return _utf8(value, "sequence_id") or None
-    return None
+            found.sequence_id = _utf8(value, "sequence_id") or None
+            return
 
 
 def _utf8(value: bytes, what: str) -> str:

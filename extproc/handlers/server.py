@@ -197,7 +197,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         if reader.done:
             return request, pending, reader
         model = request.model or ""
-        wants_sequence = request.sequence_id is None and self._scheduler.is_sequence_model(model)
+        wants_sequence = self._scheduler.is_sequence_model(model)
         seen = 0
         async for message in stream:
             if not message.HasField("request_body"):
@@ -210,11 +210,17 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             if message.request_body.end_of_stream:
                 reader.finish()
                 break
-            if not wants_sequence or reader.sequence_id is not None or seen >= _MAX_PEEK_BYTES:
+            if not wants_sequence or reader.parameters_read or seen >= _MAX_PEEK_BYTES:
                 break
-        if not wants_sequence or reader.sequence_id is None:
+        if not wants_sequence:
             return request, pending, reader
-        return dataclasses.replace(request, sequence_id=reader.sequence_id), pending, reader
+        sequence = dataclasses.replace(
+            request,
+            sequence_id=request.sequence_id or reader.sequence_id,
+            sequence_start=reader.sequence_start,
+            sequence_end=reader.sequence_end,
+        )
+        return sequence, pending, reader
 
     async def _grpc_request(
         self,
@@ -249,6 +255,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                 hint(headers),
                 priority(headers),
                 frame.sequence_id or sequence_id(headers),
+                frame.sequence_start,
+                frame.sequence_end,
             )
             return request, pending
         raise MalformedRequest("the gRPC request ended before its first message")

@@ -265,6 +265,9 @@ class TensorHeadReader:
         self.tensors: list[TensorHead] = []
         self.elements = 0
         self.sequence_id: str | None = None
+        self.sequence_start = False
+        self.sequence_end = False
+        self.parameters_read = False  # the request's parameters were seen (sequence_id and flags are final)
         self._body_length = body_length
         self._json_length = json_length
         # Without Inference-Header-Content-Length the JSON is the whole body; an empty JSON part (header 0, or
@@ -500,6 +503,10 @@ class TensorHeadReader:
             raise _repeated("the request's parameters", value)
         if not isinstance(value, dict):
             raise MalformedRequest("the request's parameters are not an object")
+        self.parameters_read = True
+        # Triton takes only JSON booleans for these.
+        self.sequence_start = value.get("sequence_start") is True
+        self.sequence_end = value.get("sequence_end") is True
         sequence_id = value.get("sequence_id")
         # As Triton reads it: an unsigned integer or a string; 0 and "" mean "not part of a sequence".
         if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str) or sequence_id in (0, ""):

@@ -27,6 +27,7 @@ from extproc.scheduling.affinity import rendezvous
 from extproc.scheduling.classify import classify
 from extproc.scheduling.pickers import Picker, Ranker
 from extproc.scheduling.scorers import Candidate, WeightedScorers, per_request, prepare
+from extproc.scheduling.sequences import OpenSequences
 from extproc.scheduling.types import Decision, InferenceRequest, Priority, Reject, Route
 
 _METRICS_AT: Final = attrgetter("metrics_at")
@@ -71,6 +72,7 @@ class Scheduler:
         # The same for models the fleet file does not list, until the datastore changes (see _implicit_order).
         self._implicit_orders: dict[tuple[str, Tier], tuple[_Step, ...]] = {}
         self._implicit_specs: dict[str, ModelSpec] = {}
+        self._open_sequences = OpenSequences(pick_weight)
         # Whether a model keeps a sequence on one host, until the datastore changes (see is_sequence_model).
         self._sequence_models: dict[str, bool] = {}
         # The datastore generation the plans and the unlisted models' orders were made from.
@@ -157,13 +159,17 @@ class Scheduler:
             return Reject(429, f"model '{model}' is saturated; sheddable request refused", "shed", retry_after=True)
         return saturated
 
-    def _sequence(self, request: InferenceRequest, order: tuple[_Step, ...], now: float) -> Route | None:
-        """The sequence's home among the first tier with candidates; load and saturation do not move it."""
+    def _sequence(self, request: InferenceRequest, order: tuple[_Step, ...], now: float) -> Decision | None:
+        """The sequence's home among the first tier with candidates; load and saturation do not move it, but
+        a new sequence is refused while every sequence slot of its home is taken."""
         model, sequence_id = request.model or "", request.sequence_id or ""
         for candidate_tier, profile, _, _ in order:
             candidates = self._plan(candidate_tier, model, request.version, profile, now)
             if candidates:
                 ranked = rendezvous([c.host for c in candidates], model, sequence_id)[: self._fleet.picker.max_hosts]
+                full = self._open_sequences.admit(ranked[0], request, now)
+                if full is not None:
+                    return Reject(429, full, "sequence_slots", retry_after=True)
                 return Route(candidate_tier, tuple(ranked), "sequence")
         return None
 

@@ -38,6 +38,9 @@ class InferenceRequest:
     priority: Priority
     # Triton correlation id: every request of the sequence must reach the same host.
     sequence_id: str | None
+    # The request's sequence_start / sequence_end flags (where the picker read them: the body's parameters).
+    sequence_start: bool
+    sequence_end: bool
 
     def __init__(
         self,
@@ -48,6 +51,8 @@ class InferenceRequest:
         tier_hint: Tier | None = None,
         priority: Priority = Priority.STANDARD,
         sequence_id: str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> None:
         self.protocol = protocol
         self.model = model
@@ -56,6 +61,8 @@ class InferenceRequest:
         self.tier_hint = tier_hint
         self.priority = priority
         self.sequence_id = sequence_id
+        self.sequence_start = sequence_start
+        self.sequence_end = sequence_end
 
 
 @dataclass(slots=True, init=False)  # as InferenceRequest

@@ -74,7 +74,19 @@ def batching_from_config(config: Any) -> Batching:
     batcher = config.HasField("dynamic_batching") or config.HasField("sequence_batching")
     max_batch = config.max_batch_size if batcher and config.max_batch_size > 0 else 1
     instances = sum(group.count * max(1, len(group.gpus)) for group in config.instance_group)
-    return Batching(max_batch=max_batch, instances=max(1, instances), sequence=config.HasField("sequence_batching"))
+    instances = max(1, instances)
+    if not config.HasField("sequence_batching"):
+        return Batching(max_batch=max_batch, instances=instances)
+    sequences = config.sequence_batching
+    # The direct strategy (the default) gives each instance one slot per batch row; the oldest strategy
+    # keeps max_candidate_sequences. Triton's default idle time is one second.
+    slots = max(1, config.max_batch_size) * instances
+    if sequences.HasField("oldest") and sequences.oldest.max_candidate_sequences > 0:
+        slots = sequences.oldest.max_candidate_sequences
+    idle_us = sequences.max_sequence_idle_microseconds or 1_000_000
+    return Batching(
+        max_batch=max_batch, instances=instances, sequence=True, sequence_slots=slots, sequence_idle_s=idle_us / 1e6
+    )
 
 
 def apply_index(datastore: Datastore, host: HostState, index: RepositoryIndex, now: float) -> None:

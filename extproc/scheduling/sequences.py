@@ -1,0 +1,69 @@
+"""Open sequences per host: a new sequence is refused (429) while its host's sequence slots are all taken.
+
+Triton's sequence batcher runs a model's sequences in a fixed number of slots (the direct strategy: one
+per batch row of each instance; the oldest strategy: ``max_candidate_sequences``) and keeps each until it
+ends or stays idle for ``max_sequence_idle_microseconds``. A sequence that finds every slot taken waits in
+Triton's backlog, without a timeout: a client that starts sequences and never ends them would make every
+other client's new sequence hang until its own expire. The picker sees every start and end in the requests'
+parameters, so it counts the sequences open on each host (forgetting those idle longer than Triton keeps
+them) and answers a start that would wait with 429 and ``retry-after`` instead.
+
+The count is this picker process's: with ``picker.workers`` N each worker sees about 1/N of the sequences
+and counts each N times; picker replicas each count their own share.
+
+Plain, fully typed Python (compiled with mypyc where a C compiler is found, see ``setup.py``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Final
+
+from extproc.datastore import HostState
+from extproc.scheduling.types import InferenceRequest
+
+__all__ = ["OpenSequences"]
+
+# Sequences remembered per (host, model) when the model's slots are not known: a bound on memory only.
+_MAX_TRACKED: Final = 100_000
+
+
+class OpenSequences:
+    """The sequences this picker saw start (or continue) on each host and not end yet, per model."""
+
+    def __init__(self, weight: int = 1) -> None:
+        """``weight``: how many sequences one seen here stands for (a worker sees 1/N of them)."""
+        self._weight = weight
+        # (host, model) → sequence id → when its last request was routed, oldest first.
+        self._open: dict[tuple[str, str], OrderedDict[str, float]] = {}
+
+    def admit(self, host: HostState, request: InferenceRequest, now: float) -> str | None:
+        """Count ``request`` (of a sequence, routed to ``host``); the reason to refuse it instead, if any."""
+        model, sequence = request.model or "", request.sequence_id or ""
+        batching = host.batching.get(model)
+        idle_s = batching.sequence_idle_s if batching is not None else 1.0
+        slots = batching.sequence_slots if batching is not None else 0
+        key = (host.name, model)
+        table = self._open.get(key)
+        if table is None:
+            table = self._open[key] = OrderedDict()
+        while table:
+            oldest, at = next(iter(table.items()))
+            if now - at <= idle_s:
+                break
+            del table[oldest]
+        if sequence in table:
+            if request.sequence_end:
+                del table[sequence]
+            else:
+                table[sequence] = now
+                table.move_to_end(sequence)
+            return None
+        if request.sequence_start and slots and len(table) * self._weight >= slots:
+            return (
+                f"all {slots} sequence slots of model '{model}' on the host of sequence {sequence[:64]} are in use; "
+                "a new sequence would wait for one"
+            )
+        if not request.sequence_end and len(table) < _MAX_TRACKED:
+            table[sequence] = now
+        return None

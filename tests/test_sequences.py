@@ -1,0 +1,87 @@
+"""Open-sequence accounting (extproc.scheduling.sequences) over hand-built hosts, and through the scheduler."""
+
+from __future__ import annotations
+
+from extproc.batch_cost import Batching
+from extproc.config import parse_fleet
+from extproc.datastore import Datastore, HostState
+from extproc.scheduling.scheduler import Scheduler
+from extproc.scheduling.sequences import OpenSequences
+from extproc.scheduling.types import InferenceRequest, Protocol, Reject, Route
+
+SLOTS = 4
+IDLE_S = 10.0
+
+
+def host() -> HostState:
+    fleet = parse_fleet({"hosts": [{"name": "g1", "address": "10.0.0.1", "tier": "gpu"}]})
+    state = Datastore(fleet).hosts["g1"]
+    state.batching["seq"] = Batching(8, 1, sequence=True, sequence_slots=SLOTS, sequence_idle_s=IDLE_S)
+    return state
+
+
+def seq(sequence_id: str, start: bool = False, end: bool = False) -> InferenceRequest:
+    return InferenceRequest(Protocol.GRPC, "seq", sequence_id=sequence_id, sequence_start=start, sequence_end=end)
+
+
+def test_new_sequences_are_refused_while_every_slot_is_taken() -> None:
+    g1, open_ = host(), OpenSequences()
+    for i in range(SLOTS):
+        assert open_.admit(g1, seq(str(i), start=True), 0.0) is None
+    refused = open_.admit(g1, seq("new", start=True), 1.0)
+    assert refused is not None and f"all {SLOTS} sequence slots" in refused
+    # Sequences already open go on; one that ends frees its slot.
+    assert open_.admit(g1, seq("2"), 1.0) is None
+    assert open_.admit(g1, seq("2", end=True), 1.0) is None
+    assert open_.admit(g1, seq("new", start=True), 1.0) is None
+
+
+def test_idle_sequences_free_their_slot_as_triton_does() -> None:
+    g1, open_ = host(), OpenSequences()
+    for i in range(SLOTS):
+        open_.admit(g1, seq(str(i), start=True), float(i))
+    assert open_.admit(g1, seq("new", start=True), IDLE_S) is not None
+    # Sequence 0 (last seen at 0) is idle past IDLE_S at IDLE_S + 0.5: its slot is free again.
+    assert open_.admit(g1, seq("new", start=True), IDLE_S + 0.5) is None
+
+
+def test_a_continuation_whose_start_was_not_seen_counts_too() -> None:
+    """Its start went through another picker (a restart, another replica): it holds a slot all the same."""
+    g1, open_ = host(), OpenSequences()
+    for i in range(SLOTS):
+        open_.admit(g1, seq(str(i)), 0.0)
+    assert open_.admit(g1, seq("new", start=True), 0.0) is not None
+
+
+def test_a_worker_counts_each_sequence_for_the_workers_it_stands_for() -> None:
+    g1, open_ = host(), OpenSequences(weight=2)
+    for i in range(SLOTS // 2):
+        open_.admit(g1, seq(str(i), start=True), 0.0)
+    assert open_.admit(g1, seq("new", start=True), 0.0) is not None
+
+
+def test_a_model_whose_slots_are_unknown_is_never_refused() -> None:
+    g1, open_ = host(), OpenSequences()
+    del g1.batching["seq"]
+    for i in range(100):
+        assert open_.admit(g1, seq(str(i), start=True), 0.0) is None
+
+
+def test_the_scheduler_answers_429_for_a_start_that_would_wait() -> None:
+    fleet = parse_fleet(
+        {
+            "hosts": [{"name": "g1", "address": "10.0.0.1", "tier": "gpu"}],
+            "models": [{"name": "seq", "tiers": ["gpu"], "sequence": True}],
+        }
+    )
+    store = Datastore(fleet, clock=lambda: 100.0)
+    g1 = store.hosts["g1"]
+    store.update_index(g1, {"seq": frozenset({"1"})}, frozenset({"seq"}), 100.0)
+    g1.metrics_at = g1.envoy_at = 100.0
+    g1.batching["seq"] = Batching(8, 1, sequence=True, sequence_slots=SLOTS, sequence_idle_s=IDLE_S)
+    scheduler = Scheduler(fleet, store)
+    for i in range(SLOTS):
+        assert isinstance(scheduler.decide(seq(str(i), start=True)), Route)
+    refused = scheduler.decide(seq("new", start=True))
+    assert isinstance(refused, Reject) and refused.status == 429 and refused.retry_after
+    assert isinstance(scheduler.decide(seq("1")), Route)
