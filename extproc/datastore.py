@@ -151,7 +151,8 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
         and host.envoy_at is not None,
         "ready": {model: sorted(versions) for model, versions in sorted(host.ready.items())},
         "batching": {
-            model: {"max_batch": b.max_batch, "instances": b.instances, "sequence": b.sequence}
+            model: {"max_batch": b.max_batch, "instances": b.instances}
+            | ({"sequence_slots": b.sequence_slots, "sequence_idle_s": b.sequence_idle_s} if b.sequence else {})
             for model, b in sorted(host.batching.items())
         },
         "batch_cost_ms": {

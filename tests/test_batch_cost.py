@@ -105,7 +105,8 @@ def _config(max_batch: int, batcher: str | None = None, groups: tuple[tuple[int,
         (_config(8, "dynamic"), Batching(8, 1)),
         (_config(8), Batching(1, 1)),  # no batcher: each request runs alone
         (_config(0, "dynamic"), Batching(1, 1)),
-        (_config(4, "sequence", ((1, 0),)), Batching(4, 1, sequence=True)),  # a correlation id pins it
+        # A correlation id pins it; the direct strategy runs one sequence per batch row, idle ones for 1 s.
+        (_config(4, "sequence", ((1, 0),)), Batching(4, 1, sequence=True, sequence_slots=4, sequence_idle_s=1.0)),
         (_config(16, "dynamic", ((2, 2), (1, 0))), Batching(16, 5)),  # 2 on each of 2 GPUs, 1 on the CPU
     ],
 )

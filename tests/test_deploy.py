@@ -781,7 +781,8 @@ def test_envoy_filter_carries_the_gateway_config() -> None:
         modes[patch["match"]["routeConfiguration"]["portNumber"]] = config["typed_per_filter_config"][EXT_PROC_FILTER]
     ext_proc_filter = rendered_filters[EXT_PROC_FILTER]["typed_config"]
     assert modes[8001] == grpc_route["typed_per_filter_config"][EXT_PROC_FILTER]  # STREAMED body
-    assert modes[8000]["overrides"]["processing_mode"] == ext_proc_filter["processing_mode"]  # headers only
+    assert modes[8000] == modes[8001]  # REST too: the picker checks inference bodies
+    assert "request_body_mode" not in ext_proc_filter["processing_mode"]  # elsewhere NONE: headers only
 
     for patch in _patches("CLUSTER"):
         config = _proto_json(cluster_v3.Cluster.from_dict(patch["patch"]["value"]))

@@ -274,7 +274,7 @@ def test_picker_reads_each_models_batching_from_triton(stack: Stack) -> None:
     expected = {
         "embed_normalize": {"max_batch": 32, "instances": 1},
         "mlp_classifier": {"max_batch": 64, "instances": 1},
-        "seq_accumulate": {"max_batch": 8, "instances": 1},
+        "seq_accumulate": {"max_batch": 8, "instances": 1, "sequence_slots": 64, "sequence_idle_s": 60.0},
         "timed_batch": {"max_batch": 8, "instances": 1},
     }
     deadline = time.monotonic() + 10
