@@ -85,3 +85,38 @@ def test_the_scheduler_answers_429_for_a_start_that_would_wait() -> None:
     refused = scheduler.decide(seq("new", start=True))
     assert isinstance(refused, Reject) and refused.status == 429 and refused.retry_after
     assert isinstance(scheduler.decide(seq("1")), Route)
+
+
+def test_a_sequence_whose_host_went_away_gets_a_clear_answer() -> None:
+    """Its state stayed on the old host: the next request says so rather than reaching a host that answers
+    "must specify the START flag"; a new start of the same id is served on the new host."""
+    fleet = parse_fleet({"hosts": [{"name": f"g{i}", "address": f"10.0.0.{i}", "tier": "gpu"} for i in (1, 2)]})
+    store = Datastore(fleet)
+    g1, g2 = store.hosts["g1"], store.hosts["g2"]
+    open_ = OpenSequences()
+    assert open_.admit(g1, seq("7", start=True), 0.0) is None
+    assert open_.admit(g1, seq("7"), 0.1) is None
+    moved = open_.admit(g2, seq("7"), 0.2)  # g1 is gone: rendezvous now names g2
+    assert moved is not None and "start it again" in moved
+    assert open_.admit(g2, seq("7", start=True), 0.3) is None
+    assert open_.admit(g2, seq("7"), 0.4) is None
+
+
+def test_the_scheduler_answers_409_for_a_sequence_that_moved() -> None:
+    fleet = parse_fleet(
+        {
+            "hosts": [{"name": f"g{i}", "address": f"10.0.0.{i}", "tier": "gpu"} for i in (1, 2)],
+            "models": [{"name": "seq", "tiers": ["gpu"], "sequence": True}],
+        }
+    )
+    store = Datastore(fleet, clock=lambda: 100.0)
+    for host in store.hosts.values():
+        store.update_index(host, {"seq": frozenset({"1"})}, frozenset({"seq"}), 100.0)
+        host.metrics_at = host.envoy_at = 100.0
+    scheduler = Scheduler(fleet, store)
+    first = scheduler.decide(seq("s", start=True))
+    assert isinstance(first, Route)
+    store.hosts[first.hosts[0].name].envoy.ejected = True
+    store.changed()
+    moved = scheduler.decide(seq("s"))
+    assert isinstance(moved, Reject) and moved.status == 409 and moved.reason == "sequence_moved"

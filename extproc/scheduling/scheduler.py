@@ -167,9 +167,11 @@ class Scheduler:
             candidates = self._plan(candidate_tier, model, request.version, profile, now)
             if candidates:
                 ranked = rendezvous([c.host for c in candidates], model, sequence_id)[: self._fleet.picker.max_hosts]
-                full = self._open_sequences.admit(ranked[0], request, now)
-                if full is not None:
-                    return Reject(429, full, "sequence_slots", retry_after=True)
+                refused = self._open_sequences.admit(ranked[0], request, now)
+                if refused is not None:
+                    if request.sequence_start:
+                        return Reject(429, refused, "sequence_slots", retry_after=True)
+                    return Reject(409, refused, "sequence_moved")
                 return Route(candidate_tier, tuple(ranked), "sequence")
         return None
 

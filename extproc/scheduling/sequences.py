@@ -36,6 +36,8 @@ class OpenSequences:
         self._weight = weight
         # (host, model) → sequence id → when its last request was routed, oldest first.
         self._open: dict[tuple[str, str], OrderedDict[str, float]] = {}
+        # (model, sequence id) → the host it is open on: where a sequence that moved lived.
+        self._homes: dict[tuple[str, str], str] = {}
 
     def admit(self, host: HostState, request: InferenceRequest, now: float) -> str | None:
         """Count ``request`` (of a sequence, routed to ``host``); the reason to refuse it instead, if any."""
@@ -52,18 +54,43 @@ class OpenSequences:
             if now - at <= idle_s:
                 break
             del table[oldest]
+            self._homes.pop((model, oldest), None)
         if sequence in table:
             if request.sequence_end:
                 del table[sequence]
+                del self._homes[model, sequence]
             else:
                 table[sequence] = now
                 table.move_to_end(sequence)
             return None
+        if not request.sequence_start:
+            moved = self._moved(model, sequence, host.name)
+            if moved is not None:
+                return moved
         if request.sequence_start and slots and len(table) * self._weight >= slots:
             return (
                 f"all {slots} sequence slots of model '{model}' on the host of sequence {sequence[:64]} are in use; "
                 "a new sequence would wait for one"
             )
         if not request.sequence_end and len(table) < _MAX_TRACKED:
+            self._forget(model, sequence)
             table[sequence] = now
+            self._homes[model, sequence] = host.name
         return None
+
+    def _moved(self, model: str, sequence: str, host: str) -> str | None:
+        """Why a sequence that was open on another host (which stopped being a candidate: down, ejected,
+        drained, the model unloaded) cannot go on here: its state stayed there."""
+        home = self._homes.get((model, sequence))
+        if home is None or home == host:
+            return None
+        self._forget(model, sequence)
+        return (
+            f"sequence {sequence[:64]} of model '{model}' was running on a host that is no longer available; its "
+            "state is lost: start it again (sequence_start)"
+        )
+
+    def _forget(self, model: str, sequence: str) -> None:
+        home = self._homes.pop((model, sequence), None)
+        if home is not None:
+            self._open.get((home, model), OrderedDict()).pop(sequence, None)
