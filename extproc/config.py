@@ -285,6 +285,10 @@ class PickerSpec(_Strict):
     # Most tensor elements one inference request may carry (all inputs together); the picker answers 400
     # above it, before any host sees the request.
     max_tensor_elements: int = Field(default=64 * 1024 * 1024, ge=1)
+    # Read every REST inference body's tensor headers and refuse what cannot be valid before Triton has it
+    # (Triton 2.51 aborts on some such requests). Off: the picker reads only sequence models' bodies, which
+    # spares an ext_proc message and its answer per REST request; for fleets whose REST clients are trusted.
+    check_rest_bodies: bool = True
     quarantine: QuarantineSpec = QuarantineSpec()
     # Seconds a client should wait before retrying a 503/429 from the picker.
     retry_after_s: int = Field(default=1, ge=1, le=3600)

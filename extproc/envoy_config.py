@@ -499,10 +499,15 @@ def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
             _direct_route("forbidden_statistics", route.RouteMatch(path="/v2/models/stats"), 403, _FORBIDDEN_BODY)
         )
     # None: fail open, no tier header (the picker did not answer, or the request reached Envoy before it did).
+    # Without the REST body checks only sequence models' bodies go to the picker (for their correlation ids).
+    streamed_models = (
+        [None] if fleet.picker.check_rest_bodies else [*(m.name for m in fleet.models if m.sequence), None]
+    )
     for tier in (*fleet.tiers, None):
         routes.append(_grpc_route(fleet, tier))
-        routes.append(_rest_route(fleet, tier, "infer", sized=False))
-        routes.append(_rest_route(fleet, tier, "infer"))
+        for model in streamed_models:
+            routes.append(_rest_route(fleet, tier, "infer", sized=False, model=model))
+            routes.append(_rest_route(fleet, tier, "infer", model=model))
         routes.append(_rest_route(fleet, tier, "other"))
     routes += [
         _direct_route("forbidden_grpc", route.RouteMatch(prefix=GRPC_PREFIX), 403, _FORBIDDEN_BODY),
@@ -552,30 +557,39 @@ def _grpc_route(fleet: Fleet, tier: Tier | None) -> route.Route:
     )
 
 
-def _rest_route(fleet: Fleet, tier: Tier | None, kind: str, *, sized: bool = True) -> route.Route:
+def _rest_route(
+    fleet: Fleet, tier: Tier | None, kind: str, *, sized: bool = True, model: str | None = None
+) -> route.Route:
     """A REST route of one tier (``tier=None``: the fallback route).
 
     ``kind="infer"``: inference, whose body the picker reads (the tensors' shapes and datatypes, a sequence
-    model's correlation id) before it answers. ``sized=False`` is the route for such bodies without a
-    content-length (chunked): their size is unknown until the end, so the buffer filter collects them up to
-    ``envoy.max_request_bytes`` (413 beyond) and the picker gets them whole.
+    model's correlation id) before it answers; with ``picker.check_rest_bodies`` off, only for ``model`` (a
+    sequence model's own route) and headers only on the route for every model. ``sized=False`` is the
+    route for bodies without a content-length (chunked): their size is unknown until the end, so the
+    buffer filter collects them up to ``envoy.max_request_bytes`` (413 beyond) and the picker gets them
+    whole.
 
     ``kind="other"``: metadata, readiness and (if allowed) statistics: no body worth reading; one over
     64 KiB is refused.
     """
     headers = _tier_headers(tier)
     name = _route_name("http", tier)
+    per_filter: dict[str, PbAny] = {}
     if kind == "infer":
         regex = REST_INFER_REGEX
         name += "_infer"
-        per_filter = {EXT_PROC_FILTER: PbAny.pack(_STREAMED_EXT_PROC)}
+        if model is not None:
+            regex = f"^/v2/models/{re.escape(model)}(/versions/[^/]+)?/infer$"
+            name += f"_sequence_{model}"
+        if model is not None or fleet.picker.check_rest_bodies:
+            per_filter[EXT_PROC_FILTER] = PbAny.pack(_STREAMED_EXT_PROC)
         if not sized:
             headers.append(route.HeaderMatcher(name="content-length", present_match=False))
             name += "_unsized"
             per_filter[BUFFER_FILTER] = _buffer(fleet.envoy.max_request_bytes)
     else:
         regex = REST_OTHER_REGEX + (f"|{REST_STATISTICS_REGEX}" if fleet.envoy.allow_statistics else "")
-        per_filter = {BUFFER_FILTER: _buffer(_SMALL_BODY_BYTES)}
+        per_filter[BUFFER_FILTER] = _buffer(_SMALL_BODY_BYTES)
     match = route.RouteMatch(safe_regex=matcher.RegexMatcher(regex=regex), headers=headers)
     return _cluster_route(fleet, tier, "http", name, match, per_filter)
 

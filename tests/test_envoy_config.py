@@ -426,6 +426,26 @@ def test_inference_and_grpc_routes_stream_the_body_to_the_picker(local_fleet: Fl
             assert buffered["buffer"]["max_request_bytes"] == 64 * 1024
 
 
+def test_without_rest_body_checks_only_sequence_models_stream_rest_bodies(local_fleet: Fleet) -> None:
+    fleet = local_fleet.model_copy(
+        update={"picker": local_fleet.picker.model_copy(update={"check_rest_bodies": False})}
+    )
+    routes = _routes(render_bootstrap(fleet))
+    by_name = {r["name"]: r for r in routes}
+    for tier in ("gpu", "fallback"):
+        sequence = by_name[f"http_{tier}_infer_sequence_seq_accumulate"]
+        assert re.search(sequence["match"]["safe_regex"]["regex"], "/v2/models/seq_accumulate/versions/1/infer")
+        assert not re.search(sequence["match"]["safe_regex"]["regex"], "/v2/models/timed_batch/infer")
+        mode = sequence["typed_per_filter_config"][EXT_PROC_FILTER]["overrides"]["processing_mode"]
+        assert mode["request_body_mode"] == "STREAMED"
+        assert f"http_{tier}_infer_sequence_seq_accumulate_unsized" in by_name
+        # Every other model's inference: headers only (the filter's own mode).
+        assert EXT_PROC_FILTER not in by_name[f"http_{tier}_infer"].get("typed_per_filter_config", {})
+        assert list(by_name).index(f"http_{tier}_infer_sequence_seq_accumulate") < list(by_name).index(
+            f"http_{tier}_infer"
+        )
+
+
 def test_edge_limits_from_the_fleet_file() -> None:
     config = render_bootstrap(_fleet(max_request_headers_kb=4, max_streams_per_connection=10, max_heap_mb=512))
     manager = _listeners(config)[0]["filter_chains"][0]["filters"][0]["typed_config"]

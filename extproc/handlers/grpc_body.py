@@ -120,9 +120,15 @@ class GrpcBodyGuard:
         self._prefix = b""
         self._remaining = 0  # bytes of the current message still to come; 0 between messages
         self._in_message = False
+        self._messages = 0  # passed whole
         self._scanner = _FieldScanner()
         self._inflater: zlib._Decompress | None = None
         self._inflated = 0
+
+    @property
+    def between_messages(self) -> bool:
+        """At least one message has passed whole and no other has begun."""
+        return self._messages > 0 and not self._in_message and not self._prefix
 
     def feed(self, chunk: bytes) -> None:
         """Check the next chunk of the body; raises RequestRejected before a chunk Triton must not get."""
@@ -187,5 +193,6 @@ class GrpcBodyGuard:
 
     def _end_message(self) -> None:
         self._scanner.finish()
+        self._messages += 1
         self._in_message = False
         self._inflater = None

@@ -155,6 +155,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             return
         for _ in pending:
             yield _BODY_ACK
+        if _checked(reader, guard, method):
+            # Nothing left to check: ending the stream now spares a message and its answer per request
+            # (Envoy then passes the rest of the body without asking).
+            return
         async for message in body:
             if not message.HasField("request_body"):
                 continue
@@ -174,6 +178,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                 yield responder.answer(Reject(exc.status, str(exc), exc.reason), request)
                 return
             yield _BODY_ACK
+            if _checked(reader, guard, method):
+                return
 
     async def _rest_body(
         self, request: InferenceRequest, headers: dict[str, str], stream: AsyncIterator[ep.ProcessingRequest]
@@ -320,3 +326,11 @@ def _fingerprint(request: InferenceRequest, body: list[ep.ProcessingRequest]) ->
     if not body or request.model is None:
         return None
     return hash((request.model, request.version, body[0].request_body.body[:_MAX_PEEK_BYTES]))
+
+
+def _checked(reader: TensorHeadReader | None, guard: GrpcBodyGuard | None, method: str | None) -> bool:
+    """Whether the rest of the body needs no look: the REST tensor headers have their verdict, or the one
+    message of a unary gRPC call has passed whole (a stream's later messages are each checked)."""
+    if reader is not None:
+        return reader.done
+    return guard is not None and method == "ModelInfer" and guard.between_messages
