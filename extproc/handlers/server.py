@@ -102,36 +102,38 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         pending: list[ep.ProcessingRequest] = []
         guard: GrpcBodyGuard | None = None
         reader: TensorHeadReader | None = None
+        # The quarantine's fingerprint of a REST request answered before its body: taken at the first chunk.
+        fingerprint_due = False
         try:
+            streams = first.streamed_body and not first.end_of_stream
             if method is None:
                 request = rest_request(path, headers)
-                reads_body = request.model is not None and self._scheduler.knows_model(request.model)
+                model = request.model
+                if streams and model is not None and self._scheduler.knows_model(model):
+                    reader = self._tensor_reader(request, headers)
+                    if self._scheduler.is_sequence_model(model):
+                        # The correlation id is in the body, and it decides the host.
+                        read, late = await self._first_body(body)
+                        if late:
+                            yield self._extend
+                        body = _prepend(await read, body)
+                        request, pending = await self._rest_sequence(request, reader, body)
+                    else:
+                        # The path names the model: routed now; the body is checked as it passes.
+                        fingerprint_due = True
             else:
                 request = InferenceRequest(Protocol.GRPC, tier_hint=hint(headers), priority=priority(headers))
-                reads_body = grpc_names_model(method)
-            if reads_body and first.streamed_body and not first.end_of_stream:
-                # Envoy sends the first body chunk without waiting for our answer, usually with the headers.
-                # A late one (a slow client) is waited for up to body_timeout_ms instead of letting Envoy
-                # fail open onto a host the picker did not choose.
-                read = asyncio.ensure_future(anext(body, None))
-                if not (await asyncio.wait((read,), timeout=self._late_after_s))[0]:
-                    yield self._extend
-                body = _prepend(await read, body)
-                if method is None:
-                    request, pending, reader = await self._rest_body(request, headers, body)
-                else:
+                if streams and grpc_names_model(method):
+                    read, late = await self._first_body(body)
+                    if late:
+                        yield self._extend
+                    body = _prepend(await read, body)
                     guard = GrpcBodyGuard(headers.get("grpc-encoding"), self._max_request_bytes)
                     request, pending = await self._grpc_request(method, headers, body, guard)
             fingerprint = _fingerprint(request, pending)
             held = self._quarantine.refused_for(fingerprint) if fingerprint is not None else 0.0
             if held:
-                decision: Decision = Reject(
-                    503,
-                    f"an identical request was in flight on a host that went down; it is refused for {held:.0f} s "
-                    "more (a possible query of death)",
-                    "quarantined",
-                    retry_after=True,
-                )
+                decision: Decision = _quarantined(held)
             else:
                 decision = self._scheduler.decide(request)
                 if fingerprint is not None and isinstance(decision, Route):
@@ -155,21 +157,24 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             return
         for _ in pending:
             yield _BODY_ACK
-        if _checked(reader, guard, method):
+        if not fingerprint_due and _checked(reader, guard, method):
             # Nothing left to check: ending the stream now spares a message and its answer per request
             # (Envoy then passes the rest of the body without asking).
             return
         async for message in body:
             if not message.HasField("request_body"):
                 continue
+            chunk = message.request_body.body
             try:
+                if fingerprint_due:
+                    fingerprint_due = False
+                    refusal = self._quarantine_check(request, chunk, decision)
+                    if refusal is not None:
+                        yield responder.answer(refusal, request)
+                        return
                 if guard is not None:
-                    guard.feed(message.request_body.body)
-                elif (
-                    reader is not None
-                    and not reader.feed(message.request_body.body)
-                    and message.request_body.end_of_stream
-                ):
+                    guard.feed(chunk)
+                elif reader is not None and not reader.feed(chunk) and message.request_body.end_of_stream:
                     reader.finish()
             except RequestRejected as exc:
                 # Mid-body: Envoy answers the client and resets the upstream request. Triton acts on a
@@ -181,52 +186,65 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             if _checked(reader, guard, method):
                 return
 
-    async def _rest_body(
-        self, request: InferenceRequest, headers: dict[str, str], stream: AsyncIterator[ep.ProcessingRequest]
-    ) -> tuple[InferenceRequest, list[ep.ProcessingRequest], TensorHeadReader]:
-        """Start checking a REST inference body's tensor headers (what cannot be valid is refused before
-        Triton has the whole body: :class:`TensorHeadReader`), and read a sequence model's correlation id
-        from it.
+    async def _first_body(self, body: AsyncIterator[ep.ProcessingRequest]) -> tuple[asyncio.Task[Any], bool]:
+        """Start reading the body's first message, which Envoy sends without waiting for our answer (usually
+        with the headers), and say whether it is late: not there within half of Envoy's message timeout. The
+        caller then asks Envoy to wait up to body_timeout_ms (a slow client) rather than fail open onto a host
+        the picker did not choose. Only where the body decides the route: it costs a task."""
+        read = asyncio.ensure_future(anext(body, None))
+        done, _ = await asyncio.wait((read,), timeout=self._late_after_s)
+        return read, not done
 
-        The headers are answered after the first chunk, so that a large body is never held here: the rest is
-        checked chunk by chunk as it passes (see :meth:`Process`). A sequence model's body is read until its
-        ``parameters.sequence_id`` (tritonclient writes ``parameters`` after the tensors) or up to 64 KiB;
-        beyond that such a request is routed without affinity rather than buffered."""
+    def _quarantine_check(self, request: InferenceRequest, chunk: bytes, decision: Decision) -> Reject | None:
+        """At the first body chunk of a request routed on its headers: refuse it if it is quarantined,
+        otherwise remember where it went."""
+        fingerprint = _chunk_fingerprint(request, chunk)
+        held = self._quarantine.refused_for(fingerprint)
+        if held:
+            return _quarantined(held)
+        if isinstance(decision, Route):
+            self._quarantine.routed(fingerprint, decision.hosts[0].name)
+        return None
+
+    def _tensor_reader(self, request: InferenceRequest, headers: dict[str, str]) -> TensorHeadReader:
         header = headers.get("inference-header-content-length")
         json_length = decimal_length(header)
         if header is not None and json_length is None:
             raise MalformedRequest("Inference-Header-Content-Length is not a decimal length")
-        reader = TensorHeadReader(
+        return TensorHeadReader(
             body_length=request.size_bytes, json_length=json_length, max_elements=self._max_tensor_elements
         )
+
+    async def _rest_sequence(
+        self, request: InferenceRequest, reader: TensorHeadReader, stream: AsyncIterator[ep.ProcessingRequest]
+    ) -> tuple[InferenceRequest, list[ep.ProcessingRequest]]:
+        """Read a sequence model's REST body until its ``parameters`` (the correlation id and the start and
+        end flags; tritonclient writes them after the tensors) or up to 64 KiB, checking the tensor headers on
+        the way; beyond that the request is routed without affinity rather than buffered. The rest of the body
+        is checked as it passes (see :meth:`Process`)."""
         pending: list[ep.ProcessingRequest] = []
-        if reader.done:
-            return request, pending, reader
-        model = request.model or ""
-        wants_sequence = self._scheduler.is_sequence_model(model)
         seen = 0
-        async for message in stream:
-            if not message.HasField("request_body"):
-                continue
-            pending.append(message)
-            chunk = message.request_body.body
-            seen += len(chunk)
-            if reader.feed(chunk):
-                break
-            if message.request_body.end_of_stream:
-                reader.finish()
-                break
-            if not wants_sequence or reader.parameters_read or seen >= _MAX_PEEK_BYTES:
-                break
-        if not wants_sequence:
-            return request, pending, reader
+        if not reader.done:
+            async for message in stream:
+                if not message.HasField("request_body"):
+                    continue
+                pending.append(message)
+                chunk = message.request_body.body
+                seen += len(chunk)
+                if reader.feed(chunk):
+                    break
+                if message.request_body.end_of_stream:
+                    reader.finish()
+                    break
+                if reader.parameters_read or seen >= _MAX_PEEK_BYTES:
+                    break
         sequence = dataclasses.replace(
             request,
             sequence_id=request.sequence_id or reader.sequence_id,
             sequence_start=reader.sequence_start,
             sequence_end=reader.sequence_end,
         )
-        return sequence, pending, reader
+        return sequence, pending
 
     async def _grpc_request(
         self,
@@ -321,11 +339,27 @@ async def _prepend(
 
 
 def _fingerprint(request: InferenceRequest, body: list[ep.ProcessingRequest]) -> int | None:
-    """What identifies a request for the quarantine: its model, version and first body bytes (the whole
-    body of most requests); None for a request without a body."""
+    """The quarantine's fingerprint of a request whose first body chunk was read before routing; None when
+    none was."""
     if not body or request.model is None:
         return None
-    return hash((request.model, request.version, body[0].request_body.body[:_MAX_PEEK_BYTES]))
+    return _chunk_fingerprint(request, body[0].request_body.body)
+
+
+def _chunk_fingerprint(request: InferenceRequest, chunk: bytes) -> int:
+    """What identifies a request for the quarantine: its model, version and first body bytes (the whole
+    body of most requests)."""
+    return hash((request.model, request.version, chunk[:_MAX_PEEK_BYTES]))
+
+
+def _quarantined(held_s: float) -> Reject:
+    return Reject(
+        503,
+        f"an identical request was in flight on a host that went down; it is refused for {held_s:.0f} s more "
+        "(a possible query of death)",
+        "quarantined",
+        retry_after=True,
+    )
 
 
 def _checked(reader: TensorHeadReader | None, guard: GrpcBodyGuard | None, method: str | None) -> bool:
