@@ -76,7 +76,7 @@ def test_a_request_that_ran_on_a_host_still_up_is_no_suspect(
     store: Datastore, quarantine: Quarantine, clock: Clock
 ) -> None:
     """Every client sends the same request: a host that dies for another reason must not stop the model."""
-    for host in ("g1", "g2", "g1", "g3"):
+    for host in ("g1", "g2"):
         quarantine.routed(7, host)
         clock.now += 0.1
     down(store, "g1")
@@ -87,6 +87,18 @@ def test_a_request_that_ran_on_a_host_still_up_is_no_suspect(
     down(store, "g2")
     down(store, "g3")
     assert quarantine.refused_for(8) > 0.0
+
+
+def test_a_request_routed_again_and_again_is_no_suspect(store: Datastore, quarantine: Quarantine, clock: Clock) -> None:
+    """A tier of one host whose clients all send the same request: the host dies for another reason, and the
+    request must not be refused when it spills over to another tier."""
+    for _ in range(3):
+        quarantine.routed(9, "g1")
+        clock.now += 0.05
+    quarantine.routed(10, "g1")
+    down(store, "g1")
+    assert quarantine.refused_for(9) == 0.0
+    assert quarantine.refused_for(10) > 0.0
 
 
 def test_an_ejected_host_counts_as_down(store: Datastore, quarantine: Quarantine) -> None:

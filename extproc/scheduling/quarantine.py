@@ -8,10 +8,12 @@ crashed a host; it sees hosts go down (Envoy's health checks and outlier ejectio
 model, its version and a hash of the body's first bytes).
 
 When a host goes down, every fingerprint routed to it in the ``window_s`` before is a suspect, and is
-refused (503 with the reason and ``retry-after``) for ``hold_s``, unless the same fingerprint went to a
-host that is still up in the meantime: a request that ran elsewhere without killing that host is not a
-query of death (this keeps a fleet whose clients all send the same request serving when a host dies for
-another reason). A suspect whose host comes back is still refused until its hold ends.
+refused (503 with the reason and ``retry-after``) for ``hold_s``, unless there is evidence against it: the
+same fingerprint went to a host that is still up in the meantime, or was routed several times
+(``_HARMLESS_AFTER``) in all: a query of death kills the first host that runs it, and the picker stops naming
+a dead host within a poll, so it is not seen routed again and again. This keeps a fleet whose clients all send
+the same request serving when a host dies for another reason, also on a tier of one host. A suspect whose
+host comes back is still refused until its hold ends.
 
 Plain, fully typed Python (compiled with mypyc where a C compiler is found, see ``setup.py``).
 """
@@ -33,6 +35,18 @@ log = structlog.get_logger(__name__)
 # Fingerprints remembered (least recently routed forgotten first): far more than the requests a fleet
 # routes in ``window_s``; each costs a few hundred bytes.
 _REMEMBERED: Final = 50_000
+# Routed this often, a request is evidently not one that kills its host.
+_HARMLESS_AFTER: Final = 3
+
+
+class _Routes:
+    """Where one fingerprint was routed: each host's last time, and how often in all."""
+
+    __slots__ = ("count", "hosts")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.hosts: dict[str, float] = {}
 
 
 class Quarantine:
@@ -43,8 +57,8 @@ class Quarantine:
         self._metrics = metrics
         self._hold_s = hold_s
         self._window_s = window_s
-        # fingerprint → host name → when it was last routed there (monotonic, the datastore's clock).
-        self._routed: OrderedDict[int, dict[str, float]] = OrderedDict()
+        # fingerprint → where it was routed (times: monotonic, the datastore's clock).
+        self._routed: OrderedDict[int, _Routes] = OrderedDict()
         self._until: dict[int, float] = {}  # quarantined fingerprint → end of its hold
         self._down: set[str] = set()
         self._generation = -1
@@ -69,14 +83,15 @@ class Quarantine:
     def routed(self, fingerprint: int, host: str) -> None:
         """The request went to ``host`` (the first of the hosts handed to Envoy: the others get it only when
         it could not reach that one)."""
-        hosts = self._routed.get(fingerprint)
-        if hosts is None:
+        routes = self._routed.get(fingerprint)
+        if routes is None:
             if len(self._routed) >= _REMEMBERED:
                 self._routed.popitem(last=False)
-            hosts = self._routed[fingerprint] = {}
+            routes = self._routed[fingerprint] = _Routes()
         else:
             self._routed.move_to_end(fingerprint)
-        hosts[host] = self._store.now()
+        routes.count += 1
+        routes.hosts[host] = self._store.now()
 
     def _follow_hosts(self) -> None:
         """Notice hosts that went down since the datastore last changed (Envoy's poll writes it)."""
@@ -94,11 +109,13 @@ class Quarantine:
         now = self._store.now()
         since = now - self._window_s
         suspects = cleared = 0
-        for fingerprint, hosts in self._routed.items():
-            at = hosts.get(host)
+        for fingerprint, routes in self._routed.items():
+            at = routes.hosts.get(host)
             if at is None or at < since:
                 continue
-            if any(other not in down and t >= since for other, t in hosts.items()):
+            if routes.count >= _HARMLESS_AFTER or any(
+                other not in down and t >= since for other, t in routes.hosts.items()
+            ):
                 cleared += 1
                 continue
             self._until[fingerprint] = now + self._hold_s
