@@ -273,7 +273,7 @@ def test_sigstop_triton_host(healthy: FaultStack) -> None:
     assert result.lost == 0 and all(o.status in {"http 504", "grpc UNAVAILABLE"} for o in bad), result.describe()
     # Only requests the stalled host got before the picker stopped naming it, each after the per-try timeout.
     assert all(stopped_at - 0.1 <= o.sent < stopped_at + 2.0 for o in bad), result.describe()
-    assert all(o.done - o.sent >= PER_TRY_TIMEOUT_S for o in bad), result.describe()
+    assert all("upstream request timeout" in o.detail for o in bad), result.describe()
     assert no_picks_of(fleet, victim, stopped_at + 2.0, resumed_at) == []
     fleet.wait_healthy()
     assert_picker_alive(fleet)
@@ -308,9 +308,13 @@ def test_model_unloaded_from_one_host(healthy: FaultStack) -> None:
         f"model unloaded from one host ({host}) for 4 s",
         f"{fleet.envoy_stat(retried) - retries_before} 404 / NOT_FOUND answers retried on the other host; "
         f"last picked for the model {last_pick(fleet, host, unloaded_at, reloaded_at, 'embed_normalize')} "
-        "after the unload",
+        f"after the unload; {result.failed} tries cut by the per-try timeout while the host loaded the model again",
     )
-    assert result.failed == 0 and result.lost == 0, result.describe()
+    # Loading the model again stalls the host's other requests for a moment; a try that outlasts
+    # per_try_timeout_s is answered 504 / UNAVAILABLE, not replayed elsewhere (see test_sigstop_triton_host).
+    bad = result.not_ok()
+    assert result.lost == 0 and all("upstream request timeout" in o.detail for o in bad), result.describe()
+    assert all(o.sent >= reloaded_at - 1.0 for o in bad) and len(bad) <= 10, result.describe()
     # The repository index is polled every second: allow one poll and a margin.
     assert no_picks_of(fleet, host, unloaded_at + 2.5, reloaded_at, model="embed_normalize") == []
     assert Counter(p.model for p in picks(fleet.stack, unloaded_at + 2.5) if host in p.hosts)["timed_batch"] > 0, (
