@@ -291,32 +291,39 @@ HOSTILE_H2 = "GOAWAY PROTOCOL_ERROR", "closed", "RST_STREAM PROTOCOL_ERROR"
 
 CASES = [
     # REST bodies: Triton's answers (Triton 2.51 answers 500, not 400, to a body it cannot parse)
-    case("malformed JSON", lambda s: status_of(http1(s, INFER, b'{"inputs": [')), ("400", "500"), "Triton"),
-    case("JSON array instead of object", lambda s: status_of(http1(s, INFER, b"[1, 2, 3]")), ("400", "500"), "Triton"),
-    case("no 'inputs'", lambda s: status_of(http1(s, INFER, b"{}")), ("400", "500"), "Triton"),
+    case(
+        "malformed JSON", lambda s: status_of(http1(s, INFER, b'{"inputs": [')), "400", "picker (tensor header check)"
+    ),
+    case(
+        "JSON array instead of object",
+        lambda s: status_of(http1(s, INFER, b"[1, 2, 3]")),
+        "400",
+        "picker (tensor header check)",
+    ),
+    case("no 'inputs'", lambda s: status_of(http1(s, INFER, b"{}")), "400", "picker (tensor header check)"),
     case(
         "'data' does not match 'shape'",
         lambda s: status_of(http1(s, INFER, json.dumps({"inputs": [tensor(shape=(1, 5))]}).encode())),
         ("400", "500"),
-        "Triton",
+        "picker (tensor header check)",
     ),
     case(
         "strings as FP32 data",
         lambda s: status_of(http1(s, INFER, json.dumps({"inputs": [tensor(data=["a", "b", "c", "d"])]}).encode())),
         ("400", "500"),
-        "Triton",
+        "picker (tensor header check)",
     ),
     case(
         "negative dimension",
         lambda s: status_of(http1(s, INFER, json.dumps({"inputs": [tensor(shape=(-1, 4))]}).encode())),
         ("400", "500"),
-        "Triton",
+        "picker (tensor header check)",
     ),
     case(
         "JSON nested 100 000 deep",
         lambda s: status_of(http1(s, INFER, b'{"inputs": ' + b"[" * 100_000)),
         ("400", "500"),
-        "Triton",
+        "picker (tensor header check)",
     ),
     case(
         "wrong datatype (INT32 for FP32)",
@@ -328,7 +335,7 @@ CASES = [
         "unknown datatype",
         lambda s: status_of(http1(s, INFER, json.dumps({"inputs": [tensor(datatype="FP99")]}).encode())),
         "400",
-        "Triton",
+        "picker (tensor header check)",
     ),
     case(
         "unknown input name",
@@ -358,7 +365,7 @@ CASES = [
         "binary-data header larger than the body",
         lambda s: status_of(http1(s, INFER, json_body(), [("inference-header-content-length", "99999")])),
         "400",
-        "Triton",
+        "picker (tensor header check)",
     ),
     case("GET on an inference URL", lambda s: status_of(http1(s, INFER, method="GET")), "405", "Triton"),
     # body size: Envoy
