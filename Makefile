@@ -29,13 +29,13 @@ run: $(BUILT)
 	$(BIN)/extproc up --config $(CONFIG)
 
 test: $(BUILT)
-	$(BIN)/ruff check extproc tests triton_models setup.py
+	$(BIN)/ruff check extproc tests triton_models benchmarks setup.py
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: $(BUILT)
-	$(BIN)/ruff check extproc tests triton_models setup.py
-	$(BIN)/ruff format --check extproc tests triton_models setup.py
+	$(BIN)/ruff check extproc tests triton_models benchmarks setup.py
+	$(BIN)/ruff format --check extproc tests triton_models benchmarks setup.py
 	$(BIN)/mypy
 
 envoy-config: $(BUILT)
