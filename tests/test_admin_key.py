@@ -30,6 +30,7 @@ from extproc.admin_key import (
 from extproc.app import Picker
 from extproc.config import ConfigError, Fleet, HostSpec, Tier, parse_fleet
 from extproc.ops.models import GrpcTriton, TritonError
+from extproc.runtime.ports import free_ports
 from extproc.runtime.triton import triton_command
 from extproc.telemetry.repository import RepositoryClient
 from tests.stack import REPO, Stack, local_fleet, start_stack, stop_stack
@@ -39,7 +40,10 @@ KEY = "k" * 20
 
 def fleet(tmp_path: Path, **top: Any) -> Fleet:
     hosts = [{"name": "a", "address": "127.0.0.1", "tier": "gpu"}]
-    return parse_fleet({"hosts": hosts, "runtime_dir": str(tmp_path), **top}, str(tmp_path / "fleet.yaml"))
+    # Everything the picker writes stays in tmp_path: a fresh checkout has no .run/ for the default socket.
+    picker = {"listen": f"unix:{tmp_path}/picker.sock", "metrics_port": free_ports(1)[0]}
+    data = {"hosts": hosts, "runtime_dir": str(tmp_path), "picker": picker, **top}
+    return parse_fleet(data, str(tmp_path / "fleet.yaml"))
 
 
 # --- where the key comes from ------------------------------------------------------------------------------
