@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from extproc.bench.overhead import json_safe
+
 REVISIONS: Final = ("before", "after")
 DEFAULT_OUTPUT: Final = Path(__file__).resolve().parent / "results" / "hardening-overhead.json"
 # Short settings: 3 pairs of runs of about 2 minutes each.
@@ -556,16 +558,6 @@ def format_table(result: Mapping[str, Any]) -> str:
     same = result["request_same"]
     lines.append(f"  request sent identical in both (model, head, body): {same}")
     return "\n".join(lines)
-
-
-def json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
 
 
 # ------------------------------------------------------------------------------------------------- main

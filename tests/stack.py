@@ -21,11 +21,12 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from extproc.runtime.ports import free_ports
@@ -170,6 +171,19 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except OSError:
         return False
+
+
+def module_stack(factory: pytest.TempPathFactory, name: str, max_request_bytes: int) -> Iterator[Stack]:
+    """A module's own local stack with ``envoy.max_request_bytes`` set, stopped when the module is done (the
+    body of a module-scoped fixture: ``yield from module_stack(...)``)."""
+    run_dir = factory.mktemp(name)
+    fleet = local_fleet(run_dir)
+    fleet["envoy"]["max_request_bytes"] = max_request_bytes
+    stack = start_stack(run_dir, fleet)
+    try:
+        yield stack
+    finally:
+        stop_stack(stack)
 
 
 def stop_stack(stack: Stack) -> int:

@@ -26,12 +26,10 @@ from tritonclient.grpc import service_pb2
 from tests.stack import (
     Stack,
     alive,
-    local_fleet,
+    module_stack,
     pid_of,
     remove_orphaned,
     routable,
-    start_stack,
-    stop_stack,
     triton_shm_regions,
 )
 
@@ -45,14 +43,7 @@ GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    run_dir = tmp_path_factory.mktemp("bad_input")
-    fleet = local_fleet(run_dir)
-    fleet["envoy"]["max_request_bytes"] = MAX_REQUEST_BYTES
-    stack = start_stack(run_dir, fleet)
-    try:
-        yield stack
-    finally:
-        stop_stack(stack)
+    yield from module_stack(tmp_path_factory, "bad_input", MAX_REQUEST_BYTES)
 
 
 # ------------------------------------------------------------------------------------------------ clients

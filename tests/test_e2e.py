@@ -29,6 +29,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from extproc.headers import HOSTS_HEADER, TIER_HEADER, TIER_HINT_HEADER, UPSTREAM_HOST_HEADER
+from extproc.runtime.process import group_members
 from tests.models import F32, mlp_expected
 from tests.stack import Stack, alive, local_fleet, start_stack, stop_stack
 
@@ -482,15 +483,7 @@ def test_fail_open_when_the_picker_dies(stack: Stack) -> None:
 def process_group_members(groups: set[int]) -> list[int]:
     """Live processes in any of ``groups`` (each child of ``extproc up`` leads its own group; Triton's
     python-backend stubs live in their server's group)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) in groups:
-            members.append(int(stat.parent.name))
-    return members
+    return [pid for group in groups for pid in group_members(group)]
 
 
 def test_supervising_ends_when_a_stop_is_requested(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 
-from tests.stack import Stack, alive, local_fleet, pid_of, start_stack, stop_stack
+from tests.stack import Stack, alive, module_stack, pid_of
 
 pytestmark = pytest.mark.e2e
 
@@ -65,14 +65,7 @@ MLP = json.dumps(
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    run_dir = tmp_path_factory.mktemp("edge")
-    fleet = local_fleet(run_dir)
-    fleet["envoy"]["max_request_bytes"] = MAX_REQUEST_BYTES
-    stack = start_stack(run_dir, fleet)
-    try:
-        yield stack
-    finally:
-        stop_stack(stack)
+    yield from module_stack(tmp_path_factory, "edge", MAX_REQUEST_BYTES)
 
 
 @pytest.fixture(autouse=True)

@@ -50,7 +50,7 @@ import yaml
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from tests.stack import REPO, REPOSITORY, Stack, alive, local_fleet, pid_of, start_stack, stop_stack
+from tests.stack import REPO, REPOSITORY, Stack, alive, module_stack, pid_of
 
 pytestmark = pytest.mark.e2e
 
@@ -569,14 +569,7 @@ def _chunked(body: bytes, sizes: tuple[int, ...]) -> bytes:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    run_dir = tmp_path_factory.mktemp("fuzz")
-    fleet = local_fleet(run_dir)
-    fleet["envoy"]["max_request_bytes"] = MAX_REQUEST_BYTES
-    stack = start_stack(run_dir, fleet)
-    try:
-        yield stack
-    finally:
-        stop_stack(stack)
+    yield from module_stack(tmp_path_factory, "fuzz", MAX_REQUEST_BYTES)
 
 
 @dataclass(frozen=True)
