@@ -34,6 +34,7 @@ import datetime as dt
 import ipaddress
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -107,6 +108,7 @@ _NOT_FOUND_BODY = json.dumps(
 # gRPC status NOT_FOUND, as Triton sends it (trailers-only, so in the response headers) for a model it does
 # not have (any more): see the retry policy.
 _GRPC_NOT_FOUND = "5"
+_GRPC_RESOURCE_EXHAUSTED = "8"
 
 # Modern TLS 1.2 suites only (ECDHE, AEAD); TLS 1.3 suites are fixed by BoringSSL. ECDSA first: the
 # self-signed certificate is EC P-256. RSA suites stay for operators who bring an RSA certificate.
@@ -459,21 +461,22 @@ _ENCODING_BODY = json.dumps(
 
 def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
     limit = fleet.envoy.max_request_bytes
+    too_long = route.HeaderMatcher(
+        name="content-length", range_match=type_v3.Int64Range(start=limit + 1, end=2**63 - 1)
+    )
+    too_large_body = json.dumps({"error": f"the request body is larger than {limit} bytes"})
     # First: a body announced larger than the limit is refused before Envoy reads it or asks the picker.
     routes: list[route.Route] = [
+        # Envoy maps an HTTP 413 to UNKNOWN for a gRPC client; RESOURCE_EXHAUSTED is gRPC's word for it (a
+        # grpc-status the route sets is kept in the trailers-only answer Envoy makes).
         _direct_route(
-            "too_large",
-            route.RouteMatch(
-                prefix="/",
-                headers=[
-                    route.HeaderMatcher(
-                        name="content-length", range_match=type_v3.Int64Range(start=limit + 1, end=2**63 - 1)
-                    )
-                ],
-            ),
+            "too_large_grpc",
+            route.RouteMatch(prefix=GRPC_PREFIX, headers=[too_long]),
             413,
-            json.dumps({"error": f"the request body is larger than {limit} bytes"}),
+            too_large_body,
+            [_set_header("grpc-status", _GRPC_RESOURCE_EXHAUSTED)],
         ),
+        _direct_route("too_large", route.RouteMatch(prefix="/", headers=[too_long]), 413, too_large_body),
         # Triton inflates a compressed REST body whole and without a limit (a 2 MB gzip body became 2 GB of
         # its memory, and kept it): refused here. gRPC compression is per message (grpc-encoding), and the
         # picker bounds what it inflates.
@@ -520,14 +523,20 @@ def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
     )
 
 
-def _direct_route(name: str, match: route.RouteMatch, status: int, body: str) -> route.Route:
+def _direct_route(
+    name: str,
+    match: route.RouteMatch,
+    status: int,
+    body: str,
+    extra_headers: Sequence[core.HeaderValueOption] = (),
+) -> route.Route:
     """Envoy answers itself, with a JSON error (for a gRPC client Envoy turns the status into a grpc-status:
     403 → PERMISSION_DENIED)."""
     return route.Route(
         name=name,
         match=match,
         direct_response=route.DirectResponseAction(status=status, body=core.DataSource(inline_string=body)),
-        response_headers_to_add=[_set_header("content-type", "application/json")],
+        response_headers_to_add=[_set_header("content-type", "application/json"), *extra_headers],
         typed_per_filter_config={EXT_PROC_FILTER: PbAny.pack(_NO_EXT_PROC)},
     )
 
