@@ -19,6 +19,8 @@ ejected. The threats are those of the security review (2026-12); its ids are in 
 - M3 chunked REST bodies of a sequence model keep their sequence's host.
 - M4 rejections cost a short, rate-limited log line.
 - M7 a second model name after the tensors: refused.
+- L2 a gRPC stream is routed by its first message: a later message naming another model ends it.
+- L1 a gRPC body announced over ``envoy.max_request_bytes``: RESOURCE_EXHAUSTED (Envoy's own mapping says UNKNOWN).
 - Queries of death: a tensor shape whose element count the body cannot hold is refused (400) by the picker.
 """
 
@@ -30,6 +32,7 @@ import functools
 import gzip
 import http.client
 import json
+import queue
 import socket
 import ssl
 import time
@@ -47,7 +50,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 
-from tests.stack import Stack, alive, module_stack, pid_of
+from tests.stack import Stack, alive, module_stack, pid_of, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -294,6 +297,56 @@ def test_c3_grpc_message_inflating_past_the_limit_is_refused(stack: Stack) -> No
     inputs[0].set_data_from_numpy(x)
     result = client.infer("mlp_classifier", inputs, compression_algorithm="gzip")
     assert result.as_numpy("PROBS").shape == (64, 4)
+
+
+def test_l1_a_grpc_body_announced_over_the_limit_is_resource_exhausted(stack: Stack) -> None:
+    host, port = stack.http_url.split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
+        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", stack.http_url),
+            (":path", GRPC + "ModelInfer"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("content-length", str(MAX_REQUEST_BYTES + 1)),
+        ]
+        conn.send_headers(1, headers)
+        sock.sendall(conn.data_to_send())
+        answer: dict[bytes, bytes] = {}
+        deadline = time.time() + TIMEOUT_S
+        while b"grpc-status" not in answer and time.time() < deadline:
+            for event in conn.receive_data(sock.recv(65536)):
+                if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                    answer.update((bytes(k), bytes(v)) for k, v in event.headers)
+            sock.sendall(conn.data_to_send())
+    assert answer[b":status"] == b"200", answer
+    assert answer[b"grpc-status"] == b"8", answer  # RESOURCE_EXHAUSTED, not UNKNOWN
+    assert str(MAX_REQUEST_BYTES).encode() in answer.get(b"grpc-message", b""), answer
+
+
+def test_l2_a_stream_serves_only_the_model_it_was_routed_for(stack: Stack) -> None:
+    answers: queue.Queue[tuple[object, object]] = queue.Queue()
+    client = grpcclient.InferenceServerClient(stack.http_url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    got = []
+    try:
+        for model, width in (("mlp_classifier", 16), ("mlp_classifier", 16), ("timed_batch", 4)):
+            inputs = [grpcclient.InferInput("INPUT0", [1, width], "FP32")]
+            inputs[0].set_data_from_numpy(np.ones((1, width), np.float32))
+            client.async_stream_infer(model, inputs)
+            got.append(answers.get(timeout=TIMEOUT_S))
+    finally:
+        client.stop_stream()
+    assert [error for _, error in got[:2]] == [None, None], got
+    # The stream went to a host picked for mlp_classifier: another model's message ends it. Its answers have
+    # begun, so Envoy can only reset it; the reason is in the picker's log.
+    result, error = got[2]
+    assert result is None and "RST_STREAM" in str(error), got
+    wait_for(lambda: "a stream serves one model" in stack.log("picker"), TIMEOUT_S, "the refusal's log line")
+    models_still_ready(stack)
 
 
 # ------------------------------------------------------------------------------------ H1 long headers

@@ -54,7 +54,7 @@ def test_valid_messages_pass_whatever_the_chunking(
     """A stream of real ModelInferRequest messages, each compressed or not, cut anywhere."""
     body = b""
     for i, raw in enumerate(raws):
-        message = infer(f"m{i}", raw.ljust(4, b"\0"), sequence_id=i or None)
+        message = infer("m" * 300, raw.ljust(4, b"\0"), sequence_id=i or None)
         if encoding is not None and data.draw(st.booleans()):
             packed = gzip.compress(message) if encoding == "gzip" else zlib.compress(message)
             body += frame(packed, compressed=True)
@@ -131,3 +131,27 @@ def test_a_body_cut_short_is_left_to_triton() -> None:
     """The guard only sees what has arrived: an unfinished message is not an error yet."""
     body = frame(infer())
     GrpcBodyGuard(None, LIMIT).feed(body[: len(body) // 2])
+
+
+@pytest.mark.parametrize(
+    "later",
+    [
+        infer("other"),
+        service_pb2.ModelInferRequest(model_name="m", model_version="2").SerializeToString(),
+        service_pb2.ModelInferRequest(id="no model").SerializeToString(),
+    ],
+)
+def test_every_message_of_a_stream_names_the_first_ones_model_and_version(later: bytes) -> None:
+    """The stream's host was picked for its first message's model."""
+    guard = GrpcBodyGuard("gzip", LIMIT)
+    guard.feed(frame(infer()))
+    guard.feed(frame(gzip.compress(infer()), compressed=True))
+    body = frame(later)
+    guard.feed(body[:-1])  # refused by the byte that completes the message, so Triton never has it whole
+    with pytest.raises(MalformedRequest, match="stream"):
+        guard.feed(body[-1:])
+
+
+def test_a_model_name_longer_than_any_model_is_refused() -> None:
+    with pytest.raises(MalformedRequest, match="too long"):
+        feed(frame(infer("m" * 2000)), [10, 1000])

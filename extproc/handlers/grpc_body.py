@@ -11,11 +11,14 @@ has acknowledged it. :class:`GrpcBodyGuard` follows the gRPC framing across thos
   counts against the same limit as an uncompressed message;
 - a message whose model name or version (fields 1 and 2) appears twice, or whose fields 1, 2 or 4 come
   after the tensors: protobuf keeps the last value of a repeated field, so Triton would run another model
-  than the one the picker routed by.
+  than the one the picker routed by;
+- on a stream (``ModelStreamInfer``), a message naming another model or version than the first: the whole
+  stream goes to the host picked for the first message, where another model may be missing or outside its
+  tier's rules.
 
-Only the field tags are read (length-delimited values are skipped, never copied), and a compressed message
-is inflated in bounded steps whose output is scanned and dropped, so the picker's memory does not grow with
-the body.
+Only the field tags and the model's name and version are read (other values are skipped, never copied),
+and a compressed message is inflated in bounded steps whose output is scanned and dropped, so the picker's
+memory does not grow with the body.
 
 Compiled with mypyc where a C compiler is found (see ``setup.py``): keep it plain, fully typed Python.
 """
@@ -36,11 +39,15 @@ _INFLATE_STEP: Final = 256 * 1024
 _NAME_FIELDS: Final = (1, 2)
 _ROUTING_FIELDS: Final = (1, 2, 4)
 
+# Longer than any model name or version Triton loads (a path component): refused rather than copied.
+_MAX_NAME_BYTES: Final = 1024
+
 # Scanner states: where in a message's top-level fields the next byte belongs.
 _TAG: Final = 0
 _VARINT: Final = 1
 _LENGTH: Final = 2
 _SKIP: Final = 3
+_NAME: Final = 4  # inside field 1 or 2's value, kept
 
 
 class _FieldScanner:
@@ -54,12 +61,25 @@ class _FieldScanner:
         self._field = 0
         self._seen_names = 0  # bit per field in _NAME_FIELDS already seen
         self._after_tensors = False
+        self.name = b""  # field 1, the model's name
+        self.version = b""  # field 2
 
     def feed(self, data: bytes) -> None:
         pos, end = 0, len(data)
         while pos < end:
             if self._state == _SKIP:
                 step = min(self._skip, end - pos)
+                pos += step
+                self._skip -= step
+                if self._skip == 0:
+                    self._state = _TAG
+                continue
+            if self._state == _NAME:
+                step = min(self._skip, end - pos)
+                if self._field == 1:
+                    self.name += data[pos : pos + step]
+                else:
+                    self.version += data[pos : pos + step]
                 pos += step
                 self._skip -= step
                 if self._skip == 0:
@@ -78,7 +98,12 @@ class _FieldScanner:
                 self._tag(value)
             elif self._state == _LENGTH:
                 self._skip = value
-                self._state = _SKIP if value else _TAG
+                if self._field in _NAME_FIELDS and value:
+                    if value > _MAX_NAME_BYTES:
+                        raise MalformedRequest(f"protobuf field {self._field} (the model name or version) is too long")
+                    self._state = _NAME
+                else:
+                    self._state = _SKIP if value else _TAG
             else:
                 self._state = _TAG
 
@@ -90,6 +115,7 @@ class _FieldScanner:
             raise MalformedRequest(f"protobuf field {number} comes after the tensors")
         if number > _ROUTING_FIELDS[-1]:
             self._after_tensors = True
+        self._field = number
         if number in _NAME_FIELDS:
             bit = 1 << number
             if self._seen_names & bit:
@@ -122,6 +148,7 @@ class GrpcBodyGuard:
         self._in_message = False
         self._messages = 0  # passed whole
         self._scanner = _FieldScanner()
+        self._model: tuple[bytes, bytes] | None = None  # the first message's name and version
         self._inflater: zlib._Decompress | None = None
         self._inflated = 0
 
@@ -192,7 +219,17 @@ class GrpcBodyGuard:
                 return
 
     def _end_message(self) -> None:
-        self._scanner.finish()
+        scanner = self._scanner
+        scanner.finish()
+        model = (scanner.name, scanner.version)
+        if self._model is None:
+            self._model = model
+        elif model != self._model:
+            first, this = self._model[0].decode(errors="replace"), scanner.name.decode(errors="replace")
+            raise MalformedRequest(
+                f"a stream serves one model (open a stream per model): the first message named {first!r}, "
+                f"this one {this!r}"
+            )
         self._messages += 1
         self._in_message = False
         self._inflater = None

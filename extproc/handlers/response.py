@@ -144,17 +144,22 @@ class Responder:
                 )
         else:
             self._metrics.decision_seconds.observe(elapsed)
-            self._metrics.rejections.labels(str(decision.status), decision.reason).inc()
-            # Clients choose what is rejected, and how often: a short line, at most a few a second (the
-            # counter above counts them all), and never more of a client's text than a name needs.
-            suppressed = self._log_budget.take(time.monotonic())
-            if suppressed >= 0:
-                log.info(
-                    "rejected",
-                    request_id=clip(request_id),
-                    model=clip(model),
-                    status=decision.status,
-                    reason=decision.reason,
-                    message=clip(decision.message, _MAX_LOGGED_MESSAGE),
-                    suppressed_before=suppressed,
-                )
+            self.refused(decision, request, request_id)
+
+    def refused(self, reject: Reject, request: InferenceRequest, request_id: str | None) -> None:
+        """Count and log a rejection: at the decision (:meth:`record`), or of a body already routed whose
+        later part was refused."""
+        self._metrics.rejections.labels(str(reject.status), reject.reason).inc()
+        # Clients choose what is rejected, and how often: a short line, at most a few a second (the counter
+        # above counts them all), and never more of a client's text than a name needs.
+        suppressed = self._log_budget.take(time.monotonic())
+        if suppressed >= 0:
+            log.info(
+                "rejected",
+                request_id=clip(request_id),
+                model=clip(request.model or ""),
+                status=reject.status,
+                reason=reject.reason,
+                message=clip(reject.message, _MAX_LOGGED_MESSAGE),
+                suppressed_before=suppressed,
+            )

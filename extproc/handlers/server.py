@@ -171,6 +171,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                     refusal = self._quarantine_check(request, chunk, decision)
                     if refusal is not None:
                         yield responder.answer(refusal, request)
+                        responder.refused(refusal, request, headers.get("x-request-id"))
                         return
                 if guard is not None:
                     guard.feed(chunk)
@@ -180,7 +181,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                 # Mid-body: Envoy answers the client and resets the upstream request. Triton acts on a
                 # request only once its body is complete, and the chunk that would complete it is the one
                 # refused here.
-                yield responder.answer(Reject(exc.status, str(exc), exc.reason), request)
+                refusal = Reject(exc.status, str(exc), exc.reason)
+                yield responder.answer(refusal, request)
+                responder.refused(refusal, request, headers.get("x-request-id"))
                 return
             yield _BODY_ACK
             if _checked(reader, guard, method):
