@@ -51,6 +51,7 @@ from envoy_data_plane.envoy.config.route import v3 as route_v3
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager import v3 as hcm_v3
 from prometheus_client import generate_latest
 
+from extproc.admin_key import triton_flags
 from extproc.config import Fleet, HostSpec, PoolSpec, Tier, load_fleet, parse_fleet
 from extproc.datastore import Datastore
 from extproc.discovery import Discovery
@@ -81,7 +82,7 @@ TRITON_MODELS = REPO / "triton_models"
 # newest whose schemas kubernetes-validate ships.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 # Secrets the operator provides (deploy/README.md); everything else a manifest references must be in it.
-EXTERNAL_SECRETS = frozenset({"extproc-gateway-tls"})
+EXTERNAL_SECRETS = frozenset({"extproc-gateway-tls", "extproc-admin-key"})
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "Job"})
 ISTIO_GROUPS = frozenset({"networking.istio.io", "security.istio.io", "telemetry.istio.io"})
 
@@ -389,6 +390,25 @@ def test_pods_reference_what_exists(kustomization: str) -> None:
         # Every main container is probed for readiness.
         for c in _containers(workload, init=False):
             assert "readinessProbe" in c, f"{name}/{c['name']}: readinessProbe"
+
+
+@pytest.mark.parametrize("kustomization", [K8S_BASE, CPU_ONLY])
+def test_triton_control_apis_need_the_key_the_pickers_hold(kustomization: str) -> None:
+    resources = _rendered(kustomization)
+    expected = triton_flags("$(EXTPROC_ADMIN_KEY)")
+    tritons = [w for w in _workloads(resources) if w["metadata"]["name"].startswith("triton")]
+    assert tritons
+    for workload in tritons:
+        (triton,) = [c for c in _containers(workload, init=False) if c["name"] == "triton"]
+        assert set(expected) <= set(triton["args"]), workload["metadata"]["name"]
+        env = {e["name"]: e for e in triton["env"]}
+        assert env["EXTPROC_ADMIN_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "extproc-admin-key", "key": "key"}
+    picker_fleet = yaml.safe_load((REPO / BASE_PICKER_FLEET).read_text())
+    (picker,) = [w for w in _workloads(resources) if w["metadata"]["name"] == "extproc-picker"]
+    mounts = {m["name"]: m["mountPath"] for c in _containers(picker) for m in c.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in _pod_spec(picker)["volumes"]}
+    assert volumes["admin-key"]["secret"]["secretName"] == "extproc-admin-key"
+    assert picker_fleet["admin_key_file"] == f"{mounts['admin-key']}/key"
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
