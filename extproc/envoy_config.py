@@ -692,6 +692,13 @@ def _triton_cluster(fleet: Fleet, tier: Tier, protocol: str) -> cluster.Cluster:
     grpc = protocol == "grpc"
     hosts = [h for h in fleet.hosts if h.tier is tier]
     pools = [p for p in fleet.pools if p.tier is tier]
+    # The hosts of the tiers this tier's models spill over to, at priority 1: the picker names them last in
+    # a request's host list, so a try that cannot have reached its host (connect failure, refused stream) is
+    # retried there when the tier's own hosts are gone; Envoy's own balancing (the picker not answering)
+    # uses them only while no host of the tier is healthy. Envoy sums a host's counts over its clusters.
+    spill = spill_tiers(fleet, tier)
+    spill_hosts = [h for h in fleet.hosts if h.tier in spill]
+    spill_pools = [p for p in fleet.pools if p.tier in spill]
     upstream_tls = fleet.envoy.upstream_tls
     if grpc:
         # Triton's gRPC port speaks HTTP/2 only (h2c); the health check is grpc.health.v1.Health/Check,
@@ -725,7 +732,20 @@ def _triton_cluster(fleet: Fleet, tier: Tier, protocol: str) -> cluster.Cluster:
                     # A pool's name becomes one endpoint per A record: the addresses the picker names.
                     lb_endpoints=[_lb_endpoint(h.address, h.grpc_port if grpc else h.http_port) for h in hosts]
                     + [_lb_endpoint(p.dns, p.grpc_port if grpc else p.http_port) for p in pools]
-                )
+                ),
+                *(
+                    [
+                        endpoint.LocalityLbEndpoints(
+                            priority=1,
+                            lb_endpoints=[
+                                _lb_endpoint(h.address, h.grpc_port if grpc else h.http_port) for h in spill_hosts
+                            ]
+                            + [_lb_endpoint(p.dns, p.grpc_port if grpc else p.http_port) for p in spill_pools],
+                        )
+                    ]
+                    if spill_hosts or spill_pools
+                    else []
+                ),
             ],
         ),
         typed_extension_protocol_options={
@@ -762,12 +782,18 @@ def _triton_cluster(fleet: Fleet, tier: Tier, protocol: str) -> cluster.Cluster:
             max_retries=1_000,
         ),
     )
-    if pools:
+    if pools or spill_pools:
         # Static IP hosts of the tier stay in the same cluster: an IP literal resolves to itself.
-        triton.cluster_type = _dns_cluster(pools, fleet.dns_resolvers)
+        triton.cluster_type = _dns_cluster(pools + spill_pools, fleet.dns_resolvers)
     else:
         triton.type = cluster.ClusterDiscoveryType.STATIC
     return triton
+
+
+def spill_tiers(fleet: Fleet, tier: Tier) -> tuple[Tier, ...]:
+    """The other tiers that a model served from ``tier`` may also be served from, in the fleet's order."""
+    spill = {t for m in fleet.models if tier in m.tiers for t in m.tiers if t is not tier}
+    return tuple(t for t in fleet.tiers if t in spill)
 
 
 def _dns_cluster(pools: list[PoolSpec], resolvers: tuple[str, ...] | None) -> cluster.ClusterCustomClusterType:

@@ -260,6 +260,7 @@ def test_routes(local_fleet: Fleet) -> None:
     by_name = {r["name"]: r for r in routes}
     per_tier = ["grpc_{}", "http_{}_infer_unsized", "http_{}_infer", "http_{}"]
     assert list(by_name) == [
+        "too_large_grpc",
         "too_large",
         "compressed",
         "forbidden_statistics",
@@ -490,6 +491,15 @@ def test_triton_clusters(local_fleet: Fleet) -> None:
         ]
         ports = [h.grpc_port if protocol == "grpc" else h.http_port for h in hosts]
         assert endpoints == [{"address": h.address, "port_value": p} for h, p in zip(hosts, ports, strict=True)]
+        # mlp_classifier (tiers cpu, gpu) spills over between cpu and gpu: each tier's hosts are the other's
+        # clusters' priority 1, where the picker's last-named hosts (retries) and Envoy's own balancing
+        # reach them.
+        (lower,) = cluster["load_assignment"]["endpoints"][1:]
+        assert lower["priority"] == 1
+        others = [h for h in local_fleet.hosts if h.tier.value != tier]
+        assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in lower["lb_endpoints"]] == [
+            h.grpc_port if protocol == "grpc" else h.http_port for h in others
+        ]
 
         # The picker's choice, then least request.
         (policy,) = cluster["load_balancing_policy"]["policies"]
