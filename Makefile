@@ -31,6 +31,7 @@ run: $(BUILT)
 test: $(BUILT)
 	$(BIN)/ruff check extproc tests triton_models benchmarks setup.py
 	$(BIN)/mypy
+	sh tests/tools/ensure-prometheus.sh
 	$(BIN)/pytest -q
 
 lint: $(BUILT)
