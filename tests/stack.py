@@ -596,7 +596,7 @@ class LoadResult:
         return Counter(o.host for o in self.outcomes if since <= o.sent < until and o.ok)
 
     def row(self, fault: str, note: str = "") -> str:
-        """A row of the README's fault table: fault | sent | failed | lost | what else was measured."""
+        """A row of the fault table (docs/faults.md): fault | sent | failed | lost | what else was measured."""
         protocols = Counter(self.mix[o.entry].protocol for o in self.outcomes)
         return (
             f"| {fault} | {self.sent} ({protocols['http']} REST, {protocols['grpc']} gRPC, {self.rate:.0f}/s) "

@@ -3,7 +3,7 @@ gRPC frames and HTTP/2 misuse. Each case must get a clear answer (a 4xx, a gRPC 
 HTTP/2 connection a GOAWAY/reset) from Envoy, the picker or Triton, without a hang; after each one the picker
 and Envoy are still up, no Triton host was ejected, and REST and gRPC inference still work.
 
-Every case prints one row of the README's table (``pytest -s``).
+Every case prints one row of the table in docs/faults.md (``pytest -s``).
 """
 
 from __future__ import annotations

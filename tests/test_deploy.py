@@ -81,7 +81,7 @@ TRITON_MODELS = REPO / "triton_models"
 # The oldest Kubernetes we support (lifecycle `sleep` handlers: beta, on by default, since 1.30) and the
 # newest whose schemas kubernetes-validate ships.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
-# Secrets the operator provides (deploy/README.md); everything else a manifest references must be in it.
+# Secrets the operator provides (docs/deployment.md); everything else a manifest references must be in it.
 EXTERNAL_SECRETS = frozenset({"extproc-gateway-tls", "extproc-admin-key"})
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "Job"})
 ISTIO_GROUPS = frozenset({"networking.istio.io", "security.istio.io", "telemetry.istio.io"})

@@ -3,7 +3,7 @@ killed and stalled, a metrics endpoint cut, a whole tier down.
 
 Every fault is injected into real processes (signals, Triton's repository API, a TCP proxy that is cut) while
 an open-loop load of mixed REST and gRPC requests runs in a child process; each test prints one row of the
-table in the README (requests sent / failed / lost) and restores the fault before it ends, so the tests share
+table in docs/faults.md (requests sent / failed / lost) and restores the fault before it ends, so the tests share
 one stack. ``failed``: answered with anything but success; ``lost``: no answer at all within 15 s.
 
 The picker's routing decisions are read from its debug log, so "no picks of a host" covers every position of

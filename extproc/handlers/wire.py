@@ -2,7 +2,7 @@
 
 Every request's stream starts with this message. Through the protobuf library, the picker paid for a Python
 object per message, per header and per field read: 17k instructions for the three headers Envoy forwards,
-more than the rest of the decision compiled (README, "Performance"). Reading the few fields it uses from the
+more than the rest of the decision compiled (docs/design.md, "The wire reader"). Reading the few fields it uses from the
 wire format costs a small part of that. Anything this reader does not expect (another kind of message, an
 encoding Envoy does not produce, malformed bytes) gives None, and the caller parses the message with the
 protobuf library instead, which also reports what is wrong.
