@@ -30,6 +30,7 @@ run: $(BUILT)
 
 test: $(BUILT)
 	$(BIN)/ruff check extproc tests triton_models benchmarks setup.py
+	$(BIN)/ruff format --check extproc tests triton_models benchmarks setup.py
 	$(BIN)/mypy
 	sh tests/tools/ensure-prometheus.sh
 	$(BIN)/pytest -q
@@ -46,3 +47,16 @@ clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache build
 	find extproc -name '*.so' -delete
 	rm -f *__mypyc.*.so
+
+# `make bench`: lists the benchmarks (benchmarks/, outside the shipped package), then runs the quick one: the
+# picker's in-process decision time over synthetic fleets (BENCH_ARGS passes it options, e.g. --iterations 2000).
+.PHONY: bench
+bench: $(BUILT)
+	@echo "benchmarks, each run from the repository root (--help lists its options; results in benchmarks/results/):"
+	@echo "  $(BIN)/python -m benchmarks.decision           decision time over synthetic fleets (runs now)"
+	@echo "  $(BIN)/python -m benchmarks.instructions       instructions per request (needs valgrind)"
+	@echo "  $(BIN)/python -m benchmarks.overhead           picker vs plain Envoy and a bare processor (wrk optional)"
+	@echo "  $(BIN)/python -m benchmarks.routing -s NAME    picker vs Envoy's balancers, benchmarks/scenarios/NAME.yaml"
+	@echo "  $(BIN)/python -m benchmarks.plot FILE.json     a latency-CDF PNG from series of latencies"
+	@echo "  $(BIN)/python -m benchmarks.compare_revisions  the overhead benchmark of two worktrees, alternately"
+	$(BIN)/python -m benchmarks.decision $(BENCH_ARGS)

@@ -2,7 +2,7 @@
 
 Given two worktrees of this repository (``--before`` and ``--after``), each with its own ``.venv`` built as
 the Makefile builds it (``make install``: compiled with mypyc), this runs each one's
-``extproc bench overhead`` alternately (before, after, before, after, ...), ``--pairs`` times, on this machine,
+overhead benchmark alternately (before, after, before, after, ...), ``--pairs`` times, on this machine,
 and writes one JSON file with every run's own results embedded, the machine's core count and load, the
 commit ids and the exact commands. It prints a table: for the ``picker`` variant, the maximum req/s and the
 p50/p99 latency added over plain Envoy at each fixed rate, before vs after, with the after/before ratios;
@@ -27,7 +27,11 @@ machine, before the probes and before every run: the machine is shared and a tes
 
 Usage (from the repository root; the worktrees are e.g. ``git worktree add /tmp/bench-before ca49126``)::
 
-    .venv/bin/python benchmarks/compare_revisions.py --before /tmp/bench-before --after /tmp/bench-after
+    .venv/bin/python -m benchmarks.compare_revisions --before /tmp/bench-before --after /tmp/bench-after
+
+A revision's benchmark is ``python -m benchmarks.overhead`` where its worktree has it, else (revisions from
+before the benchmarks left the ``extproc`` package) ``extproc bench overhead``; the probe imports the module
+from either place.
 """
 
 from __future__ import annotations
@@ -49,7 +53,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from extproc.bench.overhead import json_safe
+if not __package__:  # run as a file (python benchmarks/compare_revisions.py): the repository is not on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.overhead import json_safe
 
 REVISIONS: Final = ("before", "after")
 DEFAULT_OUTPUT: Final = Path(__file__).resolve().parent / "results" / "hardening-overhead.json"
@@ -73,7 +80,10 @@ PROBE_REQUESTS: Final = 50
 PROBE: Final = r"""
 import json, re, sys, tempfile
 from pathlib import Path
-from extproc.bench import overhead as o
+try:
+    from benchmarks import overhead as o
+except ImportError:  # a revision from before the benchmarks left the extproc package
+    from extproc.bench import overhead as o
 from extproc.build import compiled
 
 n = int(sys.argv[1])
@@ -120,7 +130,9 @@ def path_matches(match, path):
 
 # Every route's request body mode towards the picker: its ext_proc override, else the filter's default.
 routes = []
-for manager in o._managers(boot):
+# http_managers was _managers before the benchmarks left the extproc package
+managers = getattr(o, "http_managers", None) or o._managers
+for manager in managers(boot):
     default = "NONE"
     for f in manager["http_filters"]:
         if f["name"] == "envoy.filters.http.ext_proc":
@@ -210,6 +222,12 @@ class Revision:
     def python(self) -> Path:
         return self.worktree / ".venv" / "bin" / "python"
 
+    @property
+    def has_benchmarks_package(self) -> bool:
+        """Whether the revision runs its overhead benchmark as ``python -m benchmarks.overhead`` (else as
+        ``extproc bench overhead``)."""
+        return (self.worktree / "benchmarks" / "overhead" / "__main__.py").is_file()
+
     def git(self, *args: str) -> str:
         return subprocess.run(
             ["git", "-C", str(self.worktree), *args], capture_output=True, text=True, check=True
@@ -236,10 +254,12 @@ def probe(rev: Revision) -> dict[str, Any]:
 
 
 def bench_command(rev: Revision, args: argparse.Namespace, output: Path) -> list[str]:
+    if rev.has_benchmarks_package:
+        program = [str(rev.python), "-m", "benchmarks.overhead"]
+    else:
+        program = [str(rev.extproc), "bench", "overhead"]
     return [
-        str(rev.extproc),
-        "bench",
-        "overhead",
+        *program,
         "--rounds",
         str(args.rounds),
         "--max-duration",
@@ -254,7 +274,7 @@ def bench_command(rev: Revision, args: argparse.Namespace, output: Path) -> list
 
 
 def run_one(rev: Revision, pair: int, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    """One ``extproc bench overhead`` run in ``rev``'s worktree; its progress lines are passed on."""
+    """One overhead benchmark run in ``rev``'s worktree; its progress lines are passed on."""
     output = scratch / f"{rev.label}-{pair}.json"
     argv = bench_command(rev, args, output)
     waited = wait_for_pytest(args.wait_for_pytest)

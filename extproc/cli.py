@@ -33,47 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--output", "-o", type=Path, help="write here instead of stdout")
     command("check", "Validate the fleet file and exit.")
     _ops_parsers(sub)
-    bench = sub.add_parser("bench", help="On-demand benchmarks that print numbers.")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    decision = bench_sub.add_parser("decision", help="In-process decision time over synthetic fleets.")
-    decision.add_argument("--hosts", type=int, nargs="+", default=[10, 100, 1000])
-    decision.add_argument("--iterations", type=int, default=20000)
-    decision.add_argument("--pickers", nargs="+", default=["argmax", "power_of_two"], help="profiles to time")
-    decision.add_argument("--json", help="also write the results here")
-    instructions = bench_sub.add_parser(
-        "instructions", help="The in-process request path in instructions per request (valgrind; noise-free)."
-    )
-    instructions.add_argument("--hosts", type=int, default=3)
-    instructions.add_argument("--iterations", type=int, default=1000, help="requests in the shorter of the two runs")
-    from extproc.bench import instructions as instructions_bench
-    from extproc.bench import overhead as overhead_bench
-
-    instructions.add_argument(
-        "--parts", nargs="+", choices=instructions_bench.PARTS, default=list(instructions_bench.PARTS)
-    )
-    instructions.add_argument(
-        "--processes", action="store_true", help="instead: the bare and the picker processor processes, over gRPC"
-    )
-
-    overhead = bench_sub.add_parser(
-        "overhead",
-        help="Picker overhead vs plain Envoy and a bare ext_proc processor.",
-        description=(overhead_bench.__doc__ or "").splitlines()[0],
-    )
-    overhead_bench.add_arguments(overhead)
-    routing = bench_sub.add_parser("routing", help="Picker vs Envoy ROUND_ROBIN / LEAST_REQUEST on a real fleet.")
-    routing.add_argument("--scenario", "-s", type=Path, required=True, help="scenario file (deploy/bench/*.yaml)")
-    routing.add_argument("--output", "-o", type=Path, help="JSON (default bench-results/routing-NAME-TIME.json)")
-    routing.add_argument("--plot", type=Path, help="CDF PNG (default: the JSON path with .png)")
-    routing.add_argument("--policies", nargs="+", choices=["round_robin", "least_request", "picker"])
-    routing.add_argument("--keep-dir", type=Path, help="keep logs/configs here instead of a deleted temp dir")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "bench":
-        return _bench(args)
     try:
         fleet = load_fleet(args.config)
     except ConfigError as exc:
@@ -87,25 +51,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Files the fleet file names (admin_key_file) are read when a command starts, not with the file.
         print(f"extproc: refusing to start:\n{exc}", file=sys.stderr)
         return 2
-
-
-def _bench(args: argparse.Namespace) -> int:
-    configure("warning", args.log_format)
-    if args.bench == "overhead":
-        from extproc.bench import overhead
-
-        return overhead.run_from_args(args)
-    if args.bench == "routing":
-        from extproc.bench import routing as bench_routing
-
-        return bench_routing.run_from_args(args)
-    if args.bench == "instructions":
-        from extproc.bench import instructions as bench_instructions
-
-        return bench_instructions.main(args.parts, args.hosts, args.iterations, args.processes)
-    from extproc.bench import decision
-
-    return decision.main(args.hosts, args.iterations, args.pickers, args.json)
 
 
 def _run(args: argparse.Namespace, fleet: Fleet) -> int:

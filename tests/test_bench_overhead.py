@@ -1,4 +1,4 @@
-"""``extproc bench overhead``: config transformation, the maths, /proc parsing, the generator, and one short
+"""``python -m benchmarks.overhead``: config transformation, the maths, /proc parsing, the generator, and one short
 end-to-end run that checks the report's structure (never its timings)."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import yaml
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from extproc.bench import decision, instructions
-from extproc.bench import overhead as ov
-from extproc.bench.overhead_server import (
+from benchmarks import decision, instructions
+from benchmarks import overhead as ov
+from benchmarks.overhead.server import (
     CONSTANT_RESPONSE,
     BareProcessor,
     fleet_routing_answer,
@@ -49,7 +49,7 @@ def _variant(base: dict[str, Any], variant: str, listen: str | None = "unix:/tmp
 
 
 def _routes(boot: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for m in ov._managers(boot) for vh in m["route_config"]["virtual_hosts"] for r in vh["routes"]]
+    return [r for m in ov.http_managers(boot) for vh in m["route_config"]["virtual_hosts"] for r in vh["routes"]]
 
 
 def _picker_address(boot: dict[str, Any]) -> dict[str, Any]:
@@ -361,7 +361,7 @@ def test_report_formats_with_missing_parts() -> None:
     )
     report: dict[str, Any] = {
         "environment": {"cpus": 2, "envoy_version": "1.40.0", "loadavg_start": "0.1 0.1 0.1"},
-        "settings": ov._settings_json(settings),
+        "settings": ov.settings_json(settings),
         "max_throughput": {"skipped": ov.WRK_INSTALL_HINT},
         "fixed_rate": [rate],
     }

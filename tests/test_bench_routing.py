@@ -1,4 +1,4 @@
-"""``extproc bench routing``: scenarios, the Poisson trace, the summary maths, the baseline Envoy config, the
+"""``python -m benchmarks.routing``: scenarios, the Poisson trace, the summary maths, the baseline Envoy config, the
 PNG, and one small end-to-end run over real Triton hosts, Envoy and the picker."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import yaml
 
-from extproc.bench import loadgen, plot, routing
-from extproc.bench.loadgen import LoadSpec, MixEntry, Records, build_trace, percentile
-from extproc.bench.routing import (
+from benchmarks import loadgen, plot, routing
+from benchmarks.loadgen import LoadSpec, MixEntry, Records, build_trace, percentile
+from benchmarks.routing import (
     Policy,
     PolicyResult,
     Scenario,
@@ -40,7 +40,7 @@ from extproc.headers import PICKER_CLUSTER, cluster_name
 from extproc.runtime.stack import find_envoy
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = sorted((REPO / "deploy" / "bench").glob("*.yaml"))
+SCENARIOS = sorted((REPO / "benchmarks" / "scenarios").glob("*.yaml"))
 DATA = Path(__file__).resolve().parent / "data"
 
 
@@ -95,7 +95,7 @@ def test_shipped_scenarios_are_valid(path: Path) -> None:
 
 def test_shipped_scenarios_cover_the_issue() -> None:
     assert {"heterogeneous", "homogeneous", "mixed_tiers", "partial_placement"} <= {p.stem for p in SCENARIOS}
-    het = routing.load_scenario(REPO / "deploy" / "bench" / "heterogeneous.yaml")
+    het = routing.load_scenario(REPO / "benchmarks" / "scenarios" / "heterogeneous.yaml")
     factors = sorted(h.launch.service_time_factor for h in het.fleet_for_validation().hosts if h.launch)
     assert factors == [1.0, 1.0, 4.0]
     assert het.load.rate_rps == 300
@@ -159,7 +159,7 @@ def test_scenario_file_errors(tmp_path: Path) -> None:
 def test_main_refuses_an_invalid_scenario(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(scenario_data(policies=["nope"])))
-    assert routing.main(path, tmp_path / "out.json") == 2
+    assert routing.run(path, tmp_path / "out.json") == 2
     assert "key policies[0]" in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
 
@@ -201,9 +201,12 @@ def _triton_clusters(boot: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _endpoints(cluster: dict[str, Any]) -> list[int]:
+    """The cluster's priority-0 hosts: Envoy alone balances over them while any is healthy (the spill tiers'
+    hosts at priority 1 only take over when none is)."""
     return [
         e["endpoint"]["address"]["socket_address"]["port_value"]
         for group in cluster["load_assignment"]["endpoints"]
+        if not group.get("priority")
         for e in group["lb_endpoints"]
     ]
 
@@ -511,7 +514,7 @@ def test_routing_bench_end_to_end(tmp_path: Path) -> None:
     scenario_file.write_text(yaml.safe_dump(data))
     out = tmp_path / "results" / "smoke.json"
     result = subprocess.run(
-        [sys.executable, "-m", "extproc.bench.routing", "--scenario", str(scenario_file), "--output", str(out)],
+        [sys.executable, "-m", "benchmarks.routing", "--scenario", str(scenario_file), "--output", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,

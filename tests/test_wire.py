@@ -13,9 +13,9 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.bench import overhead as ov
-from extproc.bench.decision import rest_request_bytes
-from extproc.bench.overhead_server import picker_servicer
+from benchmarks import overhead as ov
+from benchmarks.decision import rest_request_bytes
+from benchmarks.overhead.server import picker_servicer
 from extproc.handlers.server import Processor, request_headers_of
 from extproc.handlers.wire import read_request_headers
 from extproc.headers import READ_HEADERS

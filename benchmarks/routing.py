@@ -1,6 +1,6 @@
-"""``extproc bench routing --scenario FILE``: the picker against Envoy's own load balancers, on a real fleet.
+"""``python -m benchmarks.routing --scenario FILE``: the picker against Envoy's own load balancers, on a real fleet.
 
-A scenario file (``deploy/bench/*.yaml``) embeds a fleet (the fleet-file schema: hosts with ``launch``
+A scenario file (``benchmarks/scenarios/*.yaml``) embeds a fleet (the fleet-file schema: hosts with ``launch``
 models and ``service_time_factor``, models, picker settings), a load (open-loop Poisson rate, duration,
 warm-up, seed, request mix) and the policies to compare:
 
@@ -13,7 +13,7 @@ warm-up, seed, request mix) and the policies to compare:
 
 The Triton hosts are started once (on free loopback ports, in a private temporary directory) and reused by
 every policy; each policy gets a fresh Envoy (and picker) on fresh ports. Each policy replays the same
-seeded trace (:mod:`extproc.bench.loadgen`, in a child process). Between policies Triton's queues drain.
+seeded trace (:mod:`benchmarks.loadgen`, in a child process). Between policies Triton's queues drain.
 What each host served is measured at the servers: Triton's per-model ``nv_inference_request_success`` /
 ``_failure`` counters and Envoy's per-host upstream ``rq_total`` before and after each policy, and per
 request from the ``x-triton-host`` response header. A request Envoy sent to a host that Triton did not count
@@ -54,8 +54,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from extproc.bench.loadgen import LAG_BEHIND_MS, OK_STATUSES, LoadSpec, Records, RunSpec, percentile
-from extproc.bench.plot import write_latency_cdf
+from benchmarks import REPO_ROOT, RESULTS_DIR, SCENARIOS_DIR, child_env, quiet_logs, shown
+from benchmarks.loadgen import LAG_BEHIND_MS, OK_STATUSES, LoadSpec, Records, RunSpec, percentile
+from benchmarks.plot import write_latency_cdf
 from extproc.config import ConfigError, Fleet, HostSpec, parse_fleet
 from extproc.envoy_config import EXT_PROC_FILTER, render_bootstrap, render_yaml
 from extproc.headers import PICKER_CLUSTER, cluster_name
@@ -64,8 +65,7 @@ from extproc.runtime.process import Supervisor
 from extproc.runtime.stack import StartupError, _picker_sees, find_envoy
 from extproc.runtime.triton import prepare_backend_dir, triton_command, triton_env
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-DEFAULT_RESULTS_DIR = Path("bench-results")
+DEFAULT_RESULTS_DIR = RESULTS_DIR
 START_TIMEOUT_S = 240.0
 # After everything reports ready: let the picker poll Triton and Envoy a few times, and Envoy health-check.
 SETTLE_S = 2.0
@@ -858,9 +858,10 @@ class RoutingBench:
         _progress(f"{policy.value}: {load.rate_rps:g} req/s for {load.warmup_s:g} s warm-up + {load.duration_s:g} s")
         # Its own process: the generator's event loop must not share a core's time slice with ours.
         process = subprocess.Popen(
-            [sys.executable, "-m", "extproc.bench.loadgen", str(spec_path), str(out_path)],
+            [sys.executable, "-m", "benchmarks.loadgen", str(spec_path), str(out_path)],
             stdin=subprocess.DEVNULL,
             cwd=REPO_ROOT,
+            env=child_env(),
             preexec_fn=_die_with_parent,
         )
         pids = {**parts, "loadgen": process.pid}
@@ -956,25 +957,34 @@ def run_scenario(
     }
 
 
-def main(
+def find_scenario(value: str | Path) -> Path:
+    """A scenario file: ``value`` itself when it exists, else the scenario of that name in ``scenarios/``."""
+    path = Path(value)
+    if path.exists() or path.parent != Path():
+        return path
+    named = SCENARIOS_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    return named if named.is_file() else path
+
+
+def run(
     scenario: str | Path,
     output: str | Path | None = None,
     plot: str | Path | None = None,
     policies: Sequence[str] | None = None,
     keep_dir: str | Path | None = None,
 ) -> int:
-    """``extproc bench routing``: run the scenario, print the table, write the JSON and the CDF PNG.
+    """Run the scenario, print the table, write the JSON and the CDF PNG.
 
     Returns 0, or 2 for an invalid scenario and 1 when the stack could not be started.
     """
     try:
-        parsed = load_scenario(scenario)
+        parsed = load_scenario(find_scenario(scenario))
         chosen = [Policy(p) for p in policies] if policies else None
     except ScenarioError as exc:
-        print(f"extproc bench routing: invalid scenario:\n{exc}", file=sys.stderr)
+        print(f"benchmarks.routing: invalid scenario:\n{exc}", file=sys.stderr)
         return 2
     except ValueError as exc:
-        print(f"extproc bench routing: {exc} (policies: {', '.join(p.value for p in Policy)})", file=sys.stderr)
+        print(f"benchmarks.routing: {exc} (policies: {', '.join(p.value for p in Policy)})", file=sys.stderr)
         return 2
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = Path(output) if output else DEFAULT_RESULTS_DIR / f"routing-{parsed.name}-{stamp}.json"
@@ -984,10 +994,10 @@ def main(
     try:
         report = run_scenario(parsed, chosen, Path(keep_dir) if keep_dir else None)
     except (StartupError, OSError) as exc:
-        print(f"extproc bench routing: {exc}", file=sys.stderr)
+        print(f"benchmarks.routing: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, _Stop):
-        print("extproc bench routing: interrupted", file=sys.stderr)
+        print("benchmarks.routing: interrupted", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -1032,9 +1042,16 @@ def json_safe(value: Any) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``extproc bench routing`` (see :func:`run_from_args`)."""
-    parser.add_argument("--scenario", "-s", type=Path, required=True, help="scenario file (deploy/bench/*.yaml)")
-    parser.add_argument("--output", "-o", type=Path, help="JSON results (default bench-results/routing-NAME-TIME.json)")
+    """The options of ``python -m benchmarks.routing`` (see :func:`run_from_args`)."""
+    parser.add_argument(
+        "--scenario",
+        "-s",
+        type=Path,
+        required=True,
+        help=f"scenario file, or the name of one in {shown(SCENARIOS_DIR)}/ (e.g. heterogeneous)",
+    )
+    default_output = f"{shown(DEFAULT_RESULTS_DIR)}/routing-NAME-TIME.json"
+    parser.add_argument("--output", "-o", type=Path, help=f"JSON results (default {default_output})")
     parser.add_argument("--plot", type=Path, help="latency-CDF PNG (default: the JSON path with .png)")
     parser.add_argument(
         "--policies", nargs="+", choices=[p.value for p in Policy], help="run only these (default: the scenario's)"
@@ -1043,11 +1060,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    return main(args.scenario, args.output, args.plot, args.policies, args.keep_dir)
+    return run(args.scenario, args.output, args.plot, args.policies, args.keep_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.routing", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover
-    _parser = argparse.ArgumentParser(prog="python -m extproc.bench.routing", description=__doc__.splitlines()[0])
-    add_arguments(_parser)
+    quiet_logs()
     with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(run_from_args(_parser.parse_args()))
+        sys.exit(main())

@@ -1,4 +1,4 @@
-"""``extproc bench decision``: the picker's in-process decision time over synthetic fleets.
+"""``python -m benchmarks.decision``: the picker's in-process decision time over synthetic fleets.
 
 Times three things per fleet size, in one process, side by side: ``Scheduler.decide`` alone; the same
 right after a telemetry change (the datastore told of a write before every decision, so the scheduler
@@ -9,6 +9,7 @@ serialise the ProcessingResponse), which is what one request costs the picker ap
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import statistics
@@ -21,6 +22,7 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from benchmarks import quiet_logs
 from extproc.config import Fleet, parse_fleet
 from extproc.datastore import Datastore
 from extproc.handlers.server import Processor
@@ -153,7 +155,8 @@ def run(sizes: Sequence[int], iterations: int, pickers: Sequence[str]) -> list[d
     return results
 
 
-def main(sizes: Sequence[int], iterations: int, pickers: Sequence[str], json_out: str | None) -> int:
+def report(sizes: Sequence[int], iterations: int, pickers: Sequence[str], json_out: str | None) -> int:
+    """Runs the benchmark, prints its table and the p99 ratios between fleet sizes, writes the JSON if asked."""
     print(f"decision benchmark: {iterations} decisions per fleet size and picker", file=sys.stderr)
     results = run(sizes, iterations, pickers)
     print(
@@ -175,3 +178,20 @@ def main(sizes: Sequence[int], iterations: int, pickers: Sequence[str], json_out
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.decision", description="In-process decision time over synthetic fleets."
+    )
+    parser.add_argument("--hosts", type=int, nargs="+", default=[10, 100, 1000], help="fleet sizes")
+    parser.add_argument("--iterations", type=int, default=20000, help="decisions per fleet size and picker")
+    parser.add_argument("--pickers", nargs="+", default=["argmax", "power_of_two"], help="profiles to time")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    return report(args.hosts, args.iterations, args.pickers, args.json)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    quiet_logs()
+    sys.exit(main())

@@ -9,7 +9,7 @@ fell (actual - intended send time) is measured for every request and reported ne
 Request bodies are built once per mix entry before the clock starts (REST: JSON; gRPC: a serialised
 ``ModelInferRequest`` sent through a pass-through serialiser), so the hot loop only schedules sends.
 
-``extproc bench routing`` runs this module as a child process (``python -m extproc.bench.loadgen SPEC OUT``)
+``python -m benchmarks.routing`` runs this module as a child process (``python -m benchmarks.loadgen SPEC OUT``)
 so the generator has an event loop (and, on a 2-core machine, a scheduler slot) of its own; it prints a
 progress line every second on stderr and writes the per-request records to ``OUT`` as JSON.
 """
@@ -359,10 +359,10 @@ async def run_load(spec: RunSpec) -> tuple[Records, dict[str, float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m extproc.bench.loadgen SPEC.json OUT.json``: run one load, write records and stats."""
+    """``python -m benchmarks.loadgen SPEC.json OUT.json``: run one load, write records and stats."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2:
-        print("usage: python -m extproc.bench.loadgen SPEC.json OUT.json", file=sys.stderr)
+        print("usage: python -m benchmarks.loadgen SPEC.json OUT.json", file=sys.stderr)
         return 2
     spec = RunSpec.model_validate_json(Path(args[0]).read_text(encoding="utf-8"))
     try:

@@ -1,4 +1,4 @@
-"""``extproc bench instructions``: the picker's request path in instructions, which noise does not move.
+"""``python -m benchmarks.instructions``: the picker's request path in instructions, which noise does not move.
 
 On a shared machine, timings of a few microseconds vary by 2x from one run to the next; an instruction count
 does not. This runs the in-process edge (Envoy's ProcessingRequest in, parse, decide, answer, record) and
@@ -6,13 +6,13 @@ each of its parts under ``valgrind --tool=callgrind`` twice, for ``--iterations`
 and reports the difference per request: start-up and imports cancel out. Instructions are not time (a cache
 miss costs more than an add), but a change that removes instructions from the path removes time from it.
 
-The fleet is :func:`extproc.bench.decision.synthetic_fleet` (``--hosts`` hosts, argmax), and the request a
+The fleet is :func:`benchmarks.decision.synthetic_fleet` (``--hosts`` hosts, argmax), and the request a
 small REST inference request with the headers Envoy forwards to the picker. Parts: ``edge`` (one ext_proc
 stream as gRPC runs it: the request's bytes to ``Processor.Process``, the answer serialised), ``headers``
 (the request-headers message read from its bytes), ``request`` (the InferenceRequest from the path and
 headers), ``decide``, ``answer`` (the ProcessingResponse) and ``record`` (the decision's metrics).
 
-``--processes`` counts the two processors of ``extproc bench overhead`` instead (the bare constant-answer
+``--processes`` counts the two processors of ``python -m benchmarks.overhead`` instead (the bare constant-answer
 processor and the picker's request path, each its own grpc.aio server process under callgrind), driven one
 stream at a time by a gRPC client over a Unix socket: gRPC's and asyncio's work included, Envoy left out.
 Their ratio is the instruction-count analogue of the overhead benchmark's throughput ratio (kernel time is
@@ -22,6 +22,7 @@ under valgrind's slowdown adds a little to each request.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import re
@@ -35,6 +36,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
+from benchmarks import child_env, quiet_logs
+
 PARTS: Final = ("edge", "headers", "request", "decide", "answer", "record")
 _COLLECTED = re.compile(r"Collected : (\d+)")
 VALGRIND_HINT: Final = "valgrind is not installed: `apt-get install -y valgrind` (Debian/Ubuntu)"
@@ -45,7 +48,7 @@ _ENV: Final = {**os.environ, "PYTHONHASHSEED": "0"}
 
 def part_runner(part: str, n_hosts: int) -> Callable[[int], None]:
     """A function that runs ``part`` of the request path n times."""
-    from extproc.bench.decision import one_stream, rest_request_bytes, synthetic_fleet
+    from benchmarks.decision import one_stream, rest_request_bytes, synthetic_fleet
     from extproc.handlers.request import rest_request
     from extproc.handlers.response import Responder
     from extproc.handlers.server import Processor
@@ -107,14 +110,14 @@ def callgrind(valgrind: str) -> list[str]:
 
 
 def _count(valgrind: str, part: str, n: int, n_hosts: int) -> int:
-    argv = [*callgrind(valgrind), sys.executable, "-m", __name__]
+    argv = [*callgrind(valgrind), sys.executable, "-m", "benchmarks.instructions"]
     result = subprocess.run(
         [*argv, "--run", part, str(n), str(n_hosts)],
         capture_output=True,
         text=True,
         check=False,
         timeout=1800,
-        env=_ENV,
+        env=child_env(_ENV),
     )
     if result.returncode != 0:
         raise RuntimeError(f"{part} x{n} failed under valgrind:\n{result.stderr[-2000:]}")
@@ -127,7 +130,7 @@ def _drive(listen: str, n: int) -> None:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-    from extproc.bench.decision import rest_request_bytes
+    from benchmarks.decision import rest_request_bytes
 
     first = ep.ProcessingRequest.FromString(rest_request_bytes("mlp"))
     with grpc.insecure_channel(listen) as channel:
@@ -141,10 +144,10 @@ def _drive(listen: str, n: int) -> None:
 def count_process(valgrind: Sequence[str], variant: str, n: int, workdir: Path) -> int:
     """Instructions the processor ``variant`` ran, start to stop, serving ``n`` streams; ``valgrind`` is the
     command line that counts them (see :func:`callgrind`)."""
-    from extproc.bench.overhead import READY_LINE, bench_fleet
+    from benchmarks.overhead.stack import READY_LINE, bench_fleet
 
     listen = f"unix:{workdir / variant}.sock"
-    argv = [*valgrind, sys.executable, "-m", "extproc.bench.overhead_server", variant, "--listen", listen]
+    argv = [*valgrind, sys.executable, "-m", "benchmarks.overhead.server", variant, "--listen", listen]
     if variant == "picker":
         # Three hosts on ports nobody serves: nothing is sent to them, the picker only decides.
         fleet = bench_fleet([1, 2, 3], [4, 5, 6, 7, 8, 9], listen, 10, 11)
@@ -153,7 +156,7 @@ def count_process(valgrind: Sequence[str], variant: str, n: int, workdir: Path) 
         argv += ["--config", str(config)]
     stderr = workdir / f"{variant}-{n}.err"
     with stderr.open("w") as err:
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=_ENV)
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=child_env(_ENV))
         try:
             assert process.stdout is not None
             line = process.stdout.readline()  # blocks until READY (minutes at most under valgrind) or exit
@@ -190,7 +193,8 @@ def _build() -> str:
     return "compiled (mypyc)" if compiled() else "plain Python"
 
 
-def main(parts: Sequence[str], n_hosts: int, iterations: int, whole_processes: bool = False) -> int:
+def count(parts: Sequence[str], n_hosts: int, iterations: int, whole_processes: bool = False) -> int:
+    """Counts and prints the instructions per request of each part (or of the two processor processes)."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         print(VALGRIND_HINT, file=sys.stderr)
@@ -209,9 +213,26 @@ def main(parts: Sequence[str], n_hosts: int, iterations: int, whole_processes: b
     return 0
 
 
-if __name__ == "__main__":
-    # Internal: what runs under valgrind (python -m extproc.bench.instructions --run PART N HOSTS).
-    if len(sys.argv) == 5 and sys.argv[1] == "--run":
-        part_runner(sys.argv[2], int(sys.argv[4]))(int(sys.argv[3]))
-        sys.exit(0)
-    sys.exit(f"usage: extproc bench instructions (this module's --run is internal): {sys.argv[1:]}")
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) == 4 and args[0] == "--run":
+        # Internal: what runs under valgrind (python -m benchmarks.instructions --run PART N HOSTS).
+        part_runner(args[1], int(args[3]))(int(args[2]))
+        return 0
+    quiet_logs()  # not under valgrind: the counted runs keep structlog's defaults, as they always did
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.instructions",
+        description="The in-process request path in instructions per request (valgrind; noise-free).",
+    )
+    parser.add_argument("--hosts", type=int, default=3, help="hosts of the synthetic fleet (default 3)")
+    parser.add_argument("--iterations", type=int, default=1000, help="requests in the shorter of the two runs")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="parts of the request path")
+    parser.add_argument(
+        "--processes", action="store_true", help="instead: the bare and the picker processor processes, over gRPC"
+    )
+    parsed = parser.parse_args(args)
+    return count(parsed.parts, parsed.hosts, parsed.iterations, parsed.processes)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

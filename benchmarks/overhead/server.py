@@ -1,13 +1,13 @@
-"""The two ext_proc processors of ``extproc bench overhead``, each run as its own process.
+"""The two ext_proc processors of ``python -m benchmarks.overhead``, each run as its own process.
 
-``python -m extproc.bench.overhead_server bare --listen unix:PATH [--config FLEET]``
+``python -m benchmarks.overhead.server bare --listen unix:PATH [--config FLEET]``
     The floor: the same grpc.aio server (options, uvloop) as the picker, whose servicer answers every
     request-headers message with one constant, precomputed ProcessingResponse and does nothing else. No
     Python-level ext_proc service can be much cheaper than this. The answer is an empty CommonResponse;
     with ``--config``, the routing answer the picker gives, naming the fleet's hosts (so Envoy does the same
     work with it as with the picker's: header mutation, route-cache clearing, override_host).
 
-``python -m extproc.bench.overhead_server picker --listen unix:PATH --config FLEET``
+``python -m benchmarks.overhead.server picker --listen unix:PATH --config FLEET``
     The real picker's request path: :class:`~extproc.handlers.server.Processor` +
     :class:`~extproc.scheduling.scheduler.Scheduler` + :class:`~extproc.metrics.PickerMetrics` over a
     :class:`~extproc.datastore.Datastore`, wired as :class:`extproc.app.Picker` wires them, on the same
@@ -41,8 +41,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 # The picker's own server options, so both processors run on exactly the server `extproc serve` runs.
+from benchmarks.overhead.stack import READY_LINE
 from extproc.app import GRPC_OPTIONS
-from extproc.bench.overhead import READY_LINE
 from extproc.config import Fleet, load_fleet
 from extproc.datastore import Datastore
 from extproc.handlers.response import routing_answer
@@ -147,9 +147,7 @@ async def serve(mode: str, listen: str, config: Path | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m extproc.bench.overhead_server", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead.server", description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["bare", "picker"])
     parser.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT")
     parser.add_argument("--config", type=Path, help="fleet file (picker; bare: answer with its hosts)")

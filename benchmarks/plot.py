@@ -6,13 +6,17 @@ and encodes it as a PNG (RFC 2083: signature, IHDR, one zlib IDAT, IEND, each ch
 
 The chart: latency on a log₁₀ x axis; the cumulative fraction on a y axis stretched towards the tail
 (``y = -log₁₀(1 - q)``, so 0 %, 90 %, 99 %, 99.9 % are equally spaced), one line per policy, the legend
-giving each policy's p99.
+giving each policy's p99. ``python -m benchmarks.routing`` draws one beside its JSON results; ``python -m
+benchmarks.plot LATENCIES.json`` draws one from a JSON object of series (name → latencies in ms).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import struct
+import sys
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -254,3 +258,33 @@ def write_latency_cdf(path: Path, series: Mapping[str, Sequence[float]], title: 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(latency_cdf_png(series, title))
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.plot",
+        description="A latency-CDF PNG from a JSON object: series name -> latencies (ms).",
+    )
+    parser.add_argument("latencies", type=Path, help='JSON file: {"picker": [1.2, 3.4, ...], ...}')
+    parser.add_argument("--output", "-o", type=Path, help="the PNG (default: the JSON path with .png)")
+    parser.add_argument("--title", help="chart title (default: the JSON file's name)")
+    args = parser.parse_args(argv)
+    try:
+        data = json.loads(args.latencies.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"benchmarks.plot: cannot read {args.latencies}: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and all(isinstance(x, int | float) for x in v) for v in data.values()
+    ):
+        print(f"benchmarks.plot: {args.latencies}: expected an object of lists of numbers", file=sys.stderr)
+        return 2
+    series = {str(name): [float(x) for x in values] for name, values in data.items()}
+    output = args.output or args.latencies.with_suffix(".png")
+    write_latency_cdf(output, series, args.title or f"{args.latencies.stem}: latency cdf")
+    print(f"plot: {output}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

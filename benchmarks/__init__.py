@@ -1,0 +1,51 @@
+"""extproc's benchmarks: programs that start the picker (or parts of it) and print numbers.
+
+They live outside the ``extproc`` package, which never imports them, and are not installed with it: run each
+from the repository root with the project's environment, ``.venv/bin/python -m benchmarks.NAME --help``:
+
+- ``decision``: the picker's in-process decision time over synthetic fleets;
+- ``instructions``: the request path in instructions per request (valgrind);
+- ``overhead``: what the picker costs a request, against plain Envoy and a bare ext_proc processor;
+- ``routing``: the picker against Envoy's own load balancers on a real fleet (``scenarios/*.yaml``);
+- ``plot``: a latency-CDF PNG from a JSON file of latencies;
+- ``compare_revisions``: the overhead benchmark of two worktrees, alternately.
+
+Results go to ``results/`` by default; the ones the docs quote are committed there. The tests import these
+modules, but never assert a timing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Final
+
+PACKAGE_DIR: Final = Path(__file__).resolve().parent
+REPO_ROOT: Final = PACKAGE_DIR.parent
+RESULTS_DIR: Final = PACKAGE_DIR / "results"
+SCENARIOS_DIR: Final = PACKAGE_DIR / "scenarios"
+
+
+def shown(path: Path) -> str:
+    """``path`` as a help text shows it: relative to the repository root when under it."""
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a ``python -m benchmarks.…`` child process: ``base`` (default: this process's)
+    with the repository root first on ``PYTHONPATH``, since the package is not installed and the child's
+    working directory need not be the repository root."""
+    env = dict(os.environ if base is None else base)
+    parts = [str(REPO_ROOT), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    return env
+
+
+def quiet_logs() -> None:
+    """For a benchmark run as a program: the picker's own log lines (structlog, on stderr) from warning up."""
+    from extproc.logs import configure
+
+    configure("warning", "auto")
