@@ -37,6 +37,7 @@ COMPILED = [
     "extproc/scheduling/filters.py",
     "extproc/scheduling/pickers.py",
     "extproc/scheduling/quarantine.py",
+    "extproc/scheduling/registry.py",
     "extproc/scheduling/scheduler.py",
     "extproc/scheduling/scorers.py",
     "extproc/scheduling/sequences.py",

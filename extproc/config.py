@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from extproc.scheduling import registry
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 PositiveMs = Annotated[int, Field(gt=0, le=3_600_000)]
@@ -197,44 +200,45 @@ class PollSpec(_Strict):
     request_timeout_ms: PositiveMs = 1000
 
 
-class FilterName(StrEnum):
-    MODEL_READY = "model_ready"  # the model (and version) is READY on the host
-    HEALTHY = "healthy"  # Envoy has not ejected it nor failed its active health check
-    FRESH = "fresh"  # its telemetry is younger than poll.stale_after_ms
+def _registered(units: registry.Registry[Any]) -> AfterValidator:
+    """Refuses a name that no unit of ``units`` is registered under (extproc/scheduling/registry.py)."""
+
+    def check(name: str) -> str:
+        names = units.names()
+        if name not in names:
+            quoted = [repr(n) for n in names]
+            expected = f"{', '.join(quoted[:-1])} or {quoted[-1]}" if len(quoted) > 1 else "".join(quoted)
+            raise PydanticCustomError("enum", "Input should be {expected}", {"expected": expected})
+        return name
+
+    return AfterValidator(check)
 
 
-class ScorerName(StrEnum):
-    EXPECTED_COMPLETION = "expected_completion"  # when a request would finish under Triton batching (batch_cost)
-    PENDING_QUEUE = "pending_queue"  # Triton's queued requests
-    IN_FLIGHT = "in_flight"  # requests in flight (Envoy's count + the picker's picks since)
-    GPU_MEMORY = "gpu_memory"  # used fraction of GPU memory (0 where there is no GPU)
-
-
-class PickerName(StrEnum):
-    ARGMAX = "argmax"  # lowest cost
-    POWER_OF_TWO = "power_of_two"  # lower cost of two random candidates
-    WEIGHTED_RANDOM = "weighted_random"  # random, weighted towards low cost
-    ROUND_ROBIN = "round_robin"  # ignores scores; for comparison
+# The names of the scheduling units: see extproc/scheduling/{filters,scorers,pickers}.py for what each does.
+FilterName = Annotated[str, _registered(registry.FILTERS)]
+ScorerName = Annotated[str, _registered(registry.SCORERS)]
+PickerName = Annotated[str, _registered(registry.PICKERS)]
 
 
 class Profile(_Strict):
     """How one model's (or tier's) candidates are filtered, scored and picked."""
 
-    filters: tuple[FilterName, ...] = (FilterName.MODEL_READY, FilterName.HEALTHY, FilterName.FRESH)
+    filters: tuple[FilterName, ...] = ("model_ready", "healthy", "fresh")
     scorers: dict[ScorerName, Annotated[float, Field(ge=0)]] = Field(
-        default_factory=lambda: {ScorerName.EXPECTED_COMPLETION: 1.0, ScorerName.GPU_MEMORY: 0.2}
+        default_factory=lambda: {"expected_completion": 1.0, "gpu_memory": 0.2}
     )
-    picker: PickerName = PickerName.ARGMAX
+    picker: PickerName = "argmax"
     # When the classified tier has no candidate (or is saturated), try the model's other tiers.
     spillover: bool = True
 
     @model_validator(mode="after")
     def _sound(self) -> Self:
-        if FilterName.MODEL_READY not in self.filters:
+        if "model_ready" not in self.filters:
             raise ValueError("filters must include model_ready: a request must never reach a host without its model")
         if len(set(self.filters)) != len(self.filters):
             raise ValueError("filters repeat a filter")
-        if self.picker is not PickerName.ROUND_ROBIN and not any(self.scorers.values()):
+        # (in this order: the default profile is built as this module loads, before the units can be)
+        if not any(self.scorers.values()) and registry.PICKERS.unit(self.picker).uses_scores:
             raise ValueError("at least one scorer weight must be above 0")
         return self
 

@@ -11,10 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from extproc.batch_cost import BatchCost, Batching
-from extproc.config import Fleet, PickerName, Tier, parse_fleet
+from extproc.config import Fleet, Tier, parse_fleet
 from extproc.datastore import Datastore, HostState, ModelTimes
+from extproc.scheduling import registry
 from extproc.scheduling.classify import classify
-from extproc.scheduling.pickers import Ranker
+from extproc.scheduling.pickers import Argmax
 from extproc.scheduling.scheduler import Scheduler
 from extproc.scheduling.scorers import Candidate, prepare
 from extproc.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
@@ -245,7 +246,7 @@ def test_a_candidate_reads_the_same_in_flight_as_its_host(service_ms: float | No
     """Candidates resolve the drain rate and Triton's queue once; the live estimate must read the same."""
     host = HostState(fleet().hosts[0])
     host.load.service_ms, host.load.pending = service_ms, pending
-    (candidate,) = prepare([host], "embed", {})
+    (candidate,) = prepare([host], "embed")
     at = [100.0, 100.001, 100.01, 100.05, 101.0]
     assert [candidate.in_flight(t) for t in at] == [host.in_flight(t) for t in at], "no estimate yet"
     host.reset_estimate(4, 100.0)
@@ -267,14 +268,14 @@ def test_profile_resolution_model_then_tier_then_default() -> None:
         ],
     )
     mlp, embed = f.model("mlp"), f.model("embed")
-    assert f.profile(embed, Tier.GPU).picker is PickerName.POWER_OF_TWO
-    assert f.profile(mlp, Tier.GPU).picker is PickerName.ROUND_ROBIN
-    assert f.profile(mlp, Tier.CPU).picker is PickerName.ARGMAX
+    assert f.profile(embed, Tier.GPU).picker == "power_of_two"
+    assert f.profile(mlp, Tier.GPU).picker == "round_robin"
+    assert f.profile(mlp, Tier.CPU).picker == "argmax"
 
 
-@pytest.mark.parametrize("picker", list(PickerName))
-def test_every_picker_routes_only_to_candidates(picker: PickerName) -> None:
-    f = fleet(picker={"profile": {"picker": picker.value}})
+@pytest.mark.parametrize("picker", registry.PICKERS.names())
+def test_every_picker_routes_only_to_candidates(picker: str) -> None:
+    f = fleet(picker={"profile": {"picker": picker}})
     s = Datastore(f, clock=frozen)
     live(s, {"g1": ["embed"], "g2": ["embed"], "g3": ["mlp"]})
     s.hosts["g2"].envoy.ejected = True
@@ -490,7 +491,7 @@ def test_an_unfitted_host_gets_the_fitted_shape_scaled_to_its_speed(store: Datas
     assert names(decide(http("embed")))[0] == "g1"
     busy(g1, 16)  # ... then a full batch, then alone: 46 ms
     assert names(decide(http("embed")))[0] == "g2"
-    costs = [c.completion_ms(c.in_flight(frozen())) for c in prepare([g1, g2], "embed", {})]
+    costs = [c.completion_ms(c.in_flight(frozen())) for c in prepare([g1, g2], "embed")]
     assert costs[1] == pytest.approx(20.0 + 40.0), "the request just sent there, half done, then its own"
 
 
@@ -505,11 +506,11 @@ def test_argmax_ranks_as_a_stable_sort_from_the_turns_host(costs: list[float], t
     host = store.hosts["g1"]
     # Distinct base_ms only to tell the candidates apart (no scorer reads it: the costs are the static ones).
     candidates = [Candidate(host, float(i), 1.0, static_cost=c) for i, c in enumerate(costs)]
-    ranker = Ranker(keep)
-    ranker._turn = turn
+    context = registry.Context(keep, 3.0, random.Random())
+    context._turn = turn
     n = len(costs)
     start = (turn + 1) % n
     walk = [*range(start, n), *range(start)]
     expected = sorted(walk, key=costs.__getitem__)[:keep]
-    ranked = ranker.argmax(candidates, (), 0.0)
+    ranked = Argmax(context).pick(candidates, (), 0.0)
     assert [candidates.index(c) for c in ranked] == expected

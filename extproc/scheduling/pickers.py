@@ -3,45 +3,46 @@ retry order."""
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Sequence
+from abc import abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
 
-from extproc.config import PickerName
+from extproc.datastore import HostState
+from extproc.scheduling import registry
+from extproc.scheduling.filters import Filters, passes, passing
+from extproc.scheduling.registry import Context, Unit
 from extproc.scheduling.scorers import Candidate, WeightedScorers, cost
 
-# A picker: (candidates, the profile's per-request scorers, now) → the candidates to try, best first.
-Picker = Callable[[Sequence[Candidate], WeightedScorers, float], list[Candidate]]
+
+class Picker(Unit):
+    """Ranks a request's candidates. The context's state (turn, random source) is shared by the
+    scheduler's pickers."""
+
+    # False: the ranking ignores the costs, so a profile may weigh no scorer above 0.
+    uses_scores: ClassVar[bool] = True
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.max_hosts = context.max_hosts
+
+    def sample(self, hosts: tuple[HostState, ...], filters: Filters, now: float) -> list[HostState] | None:
+        """The hosts to prepare as this request's candidates, drawn from ``hosts`` (those of the tier with
+        the model), all passing ``filters``; or None: every host that passes, prepared once and kept until
+        the datastore changes (the scheduler's plan)."""
+        return None
+
+    @abstractmethod
+    def pick(self, candidates: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[Candidate]:
+        """At most ``max_hosts`` of two or more candidates, best first (a single candidate needs no
+        ranking); ``scorers`` are the profile's per-request ones (see :func:`cost`)."""
 
 
-class Ranker:
-    """Holds what pickers need across requests: a random source and a rotating counter."""
-
-    def __init__(self, max_hosts: int, rng: random.Random | None = None) -> None:
-        self.max_hosts = max_hosts
-        self._rng = rng or random.Random()
-        self._turn = 0
-        self._pickers: dict[PickerName, Picker] = {
-            PickerName.ARGMAX: self.argmax,
-            # The scheduler draws power_of_two's sample (see Scheduler._sample); the best of it wins.
-            PickerName.POWER_OF_TWO: self.argmax,
-            PickerName.WEIGHTED_RANDOM: self.weighted_random,
-            PickerName.ROUND_ROBIN: self.round_robin,
-        }
-
-    def picker(self, name: PickerName) -> Picker:
-        """The picker called ``name``; resolved once per profile, since every request needs one. Each takes
-        two or more candidates (a single candidate needs no ranking)."""
-        return self._pickers[name]
-
-    def _next_turn(self) -> int:
-        self._turn += 1
-        return self._turn
-
-    def argmax(self, hosts: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[Candidate]:
+class Argmax(Picker):
+    def pick(self, candidates: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[Candidate]:
         """Lowest cost first. Equal costs rotate, so ties (e.g. an idle fleet) do not herd onto one host."""
-        costs = cost(hosts, scorers, now)
-        n, keep = len(hosts), self.max_hosts
-        i = self._next_turn() % n
+        costs = cost(candidates, scorers, now)
+        n, keep = len(candidates), self.max_hosts
+        i = self.context.next_turn() % n
         # The cheapest `keep` (at most 8) in order, from one walk over the hosts starting at this turn's host:
         # a host goes after the kept ones that cost no more than it, so ties stay in walk order and rotate.
         # The same as a stable sort of the walk, cut to `keep`, in O(n * keep) without a key call per host.
@@ -56,19 +57,66 @@ class Ranker:
                 if len(best) > keep:
                     best.pop()
             i = i + 1 if i + 1 < n else 0
-        return [hosts[b] for b in best]
+        return [candidates[b] for b in best]
 
-    def weighted_random(self, hosts: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[Candidate]:
+
+class PowerOfTwo(Argmax):
+    """The lowest cost of a random sample of ``max(2, max_hosts)`` hosts (two for the choice, and enough for
+    the retry list): a large tier costs no more than a small one."""
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.sample_size = max(2, context.max_hosts)
+
+    def sample(self, hosts: tuple[HostState, ...], filters: Filters, now: float) -> list[HostState] | None:
+        """Draw hosts at random until enough pass; the first that pass are a uniform sample of those that
+        pass, and no plan of every host is prepared (which a large tier would need again after each host's
+        scrape). Too many failures (a mostly ejected or stale tier): filter them all and draw from those
+        that pass. A tier no larger than the sample: all of it (the plan)."""
+        want = self.sample_size
+        n = len(hosts)
+        if n <= want:
+            return None
+        rng = self.context.rng
+        draw = rng.random
+        drawn: list[HostState] = []
+        tried: set[int] = set()
+        for _ in range(4 * want):
+            i = int(draw() * n)  # randrange(n) is 5x slower; the bias (n / 2**53) is negligible
+            if i in tried:
+                continue
+            tried.add(i)
+            if passes(hosts[i], filters, now):
+                drawn.append(hosts[i])
+                if len(drawn) == want:
+                    return drawn
+        every = passing(hosts, filters, now)
+        return every if len(every) <= want else rng.sample(every, want)
+
+
+class WeightedRandom(Picker):
+    def pick(self, candidates: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[Candidate]:
         """First pick at random, with weight (1 - normalised cost) + 0.05 so no candidate starves; retries
         by cost."""
-        costs = cost(hosts, scorers, now)
+        costs = cost(candidates, scorers, now)
         top = max(costs) or 1.0
         chances = [1.0 - c / top + 0.05 for c in costs]
-        first = self._rng.choices(range(len(hosts)), weights=chances)[0]
-        rest = sorted((i for i in range(len(hosts)) if i != first), key=costs.__getitem__)
-        return [hosts[i] for i in [first, *rest][: self.max_hosts]]
+        first = self.context.rng.choices(range(len(candidates)), weights=chances)[0]
+        rest = sorted((i for i in range(len(candidates)) if i != first), key=costs.__getitem__)
+        return [candidates[i] for i in [first, *rest][: self.max_hosts]]
 
-    def round_robin(self, hosts: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[Candidate]:
-        """Each candidate in turn, ignoring scores: the baseline the others are compared against."""
-        n, start = len(hosts), self._next_turn()
-        return [hosts[(start + k) % n] for k in range(min(n, self.max_hosts))]
+
+class RoundRobin(Picker):
+    """Each candidate in turn, ignoring scores: the baseline the others are compared against."""
+
+    uses_scores = False
+
+    def pick(self, candidates: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[Candidate]:
+        n, start = len(candidates), self.context.next_turn()
+        return [candidates[(start + k) % n] for k in range(min(n, self.max_hosts))]
+
+
+registry.PICKERS.register("argmax", Argmax)
+registry.PICKERS.register("power_of_two", PowerOfTwo)
+registry.PICKERS.register("weighted_random", WeightedRandom)
+registry.PICKERS.register("round_robin", RoundRobin)

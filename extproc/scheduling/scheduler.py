@@ -17,35 +17,42 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import attrgetter
-from typing import Final
 
-from extproc.config import FilterName, Fleet, ModelSpec, PickerName, Profile, ScorerName, Tier
+from extproc.config import Fleet, ModelSpec, Profile, Tier
 from extproc.datastore import Datastore, HostState
-from extproc.scheduling import filters
+from extproc.scheduling import filters, registry, scorers
 from extproc.scheduling.affinity import rendezvous
 from extproc.scheduling.classify import classify
-from extproc.scheduling.pickers import Picker, Ranker
-from extproc.scheduling.scorers import Candidate, WeightedScorers, per_request, prepare
+from extproc.scheduling.filters import Filters
+from extproc.scheduling.pickers import Argmax, Picker
+from extproc.scheduling.scorers import Candidate, WeightedScorers, prepare
 from extproc.scheduling.sequences import OpenSequences
 from extproc.scheduling.types import Decision, InferenceRequest, Priority, Reject, Route
 
-_METRICS_AT: Final = attrgetter("metrics_at")
-_INDEX_AT: Final = attrgetter("index_at")
-# Requests that name no model go to the live host with the fewest requests in flight.
-_ANY_HOST_WEIGHTS: Final = {ScorerName.IN_FLIGHT: 1.0}
-_ANY_HOST_SCORERS: Final = per_request(_ANY_HOST_WEIGHTS)
-# One tier a request may go to, with its profile, and the profile's picker and per-request scorers resolved.
-_Step = tuple[Tier, Profile, Picker, WeightedScorers]
-
 
 @dataclass(frozen=True, slots=True)
-class _Plan:
-    """The candidates of one (tier, model, version), valid until the datastore changes or ``stale_at``,
-    when the first of them would fail the freshness filter (the others only pass through a change)."""
+class _Units:
+    """A profile's units, built once from the fleet file (see :mod:`extproc.scheduling.registry`)."""
 
-    candidates: tuple[Candidate, ...]
-    stale_at: float
+    filters: Filters
+    static: WeightedScorers  # summed once per plan (see scorers.prepare)
+    scorers: WeightedScorers  # scored per request, by the picker
+    picker: Picker
+
+
+# One tier a request may go to, with its profile's units.
+_Step = tuple[Tier, _Units]
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One (tier, model, version): the tier's hosts with the model (version), and those that pass the
+    profile's filters, prepared as candidates (when first needed). Valid until the datastore changes; the
+    candidates also until ``stale_at``, when the first of them may stop passing (see Filter.holds_until)."""
+
+    hosts: tuple[HostState, ...]
+    candidates: tuple[Candidate, ...] = ()
+    stale_at: float = -math.inf  # not prepared yet
 
 
 class Scheduler:
@@ -61,12 +68,13 @@ class Scheduler:
         self._store = datastore
         self._specs = {m.name: m for m in fleet.models}
         self._saturation = fleet.picker.saturation
-        self._rng = rng or random.Random()
-        self._ranker = Ranker(fleet.picker.max_hosts, self._rng)
-        # power_of_two's sample: two for the choice, and enough for the retry list.
-        self._sample_size = max(2, fleet.picker.max_hosts)
+        self._context = registry.Context(fleet.picker.max_hosts, datastore.stale_after_s, rng or random.Random())
         self._plans: dict[tuple[Tier, str, str | None], _Plan] = {}
-        self._argmax = self._ranker.picker(PickerName.ARGMAX)
+        # Each profile's units, by the profile's id: the fleet holds every profile for as long as this lives.
+        self._units: dict[int, _Units] = {}
+        # Requests that name no model go to the live host with the fewest requests in flight.
+        self._argmax = Argmax(self._context)
+        self._any_host_scorers = scorers.build({"in_flight": 1.0}, self._context)[1]
         # Per listed model and classified tier: the tiers to try, in order, each with its profile.
         self._orders = {(m.name, tier): self._order(m, tier) for m in fleet.models for tier in m.tiers}
         # The same for models the fleet file does not list, until the datastore changes (see _implicit_order).
@@ -140,16 +148,26 @@ class Scheduler:
         return tuple(self._step(t, self._fleet.profile(spec, t)) for t in (tier, *others))
 
     def _step(self, tier: Tier, profile: Profile) -> _Step:
-        return tier, profile, self._ranker.picker(profile.picker), per_request(profile.scorers)
+        return tier, self._profile_units(profile)
+
+    def _profile_units(self, profile: Profile) -> _Units:
+        units = self._units.get(id(profile))
+        if units is None:
+            context = self._context
+            static, per_request = scorers.build(profile.scorers, context)
+            picker = registry.PICKERS.build(profile.picker, context)
+            units = _Units(filters.build(profile.filters, context), static, per_request, picker)
+            self._units[id(profile)] = units
+        return units
 
     def _balance(self, request: InferenceRequest, order: tuple[_Step, ...], now: float) -> Decision | None:
         model, version = request.model or "", request.version
         saturated: Route | None = None
-        for candidate_tier, profile, pick, scorers in order:
-            candidates = self._candidates(candidate_tier, model, version, profile, now)
+        for candidate_tier, units in order:
+            candidates = self._candidates(candidate_tier, model, version, units, now)
             if not candidates:
                 continue
-            ranked = pick(candidates, scorers, now) if len(candidates) > 1 else candidates
+            ranked = units.picker.pick(candidates, units.scorers, now) if len(candidates) > 1 else candidates
             hosts = tuple([c.host for c in ranked])
             reason = "classified" if candidate_tier is order[0][0] else "spillover"
             if not self._is_saturated(ranked[0], now):
@@ -163,8 +181,9 @@ class Scheduler:
         """The sequence's home among the first tier with candidates; load and saturation do not move it, but
         a new sequence is refused while every sequence slot of its home is taken."""
         model, sequence_id = request.model or "", request.sequence_id or ""
-        for candidate_tier, profile, _, _ in order:
-            candidates = self._plan(candidate_tier, model, request.version, profile, now)
+        for candidate_tier, units in order:
+            plan = self._plan(candidate_tier, model, request.version)
+            candidates = () if plan is None else self._prepared(plan, model, units, now)
             if candidates:
                 ranked = rendezvous([c.host for c in candidates], model, sequence_id)[: self._fleet.picker.max_hosts]
                 refused = self._open_sequences.admit(ranked[0], request, now)
@@ -191,56 +210,37 @@ class Scheduler:
         loaded = self._store.serving.get((tier, model), ())
         return loaded if version is None else tuple(filters.with_version(loaded, model, version))
 
-    def _plan(self, tier: Tier, model: str, version: str | None, profile: Profile, now: float) -> tuple[Candidate, ...]:
-        """Every host of ``tier`` with the model (version) that passes the profile's filters, prepared (kept
-        until the datastore changes, see :meth:`decide`, or the plan goes stale)."""
+    def _plan(self, tier: Tier, model: str, version: str | None) -> _Plan | None:
+        """The plan of (tier, model, version), kept until the datastore changes (see :meth:`decide`); None
+        where no host of the tier has the model (version)."""
         key = (tier, model, version)
         plan = self._plans.get(key)
-        if plan is not None and now <= plan.stale_at:
-            return plan.candidates
-        loaded = self._loaded(tier, model, version)
-        if not loaded:
-            return ()  # not kept: clients choose the versions they ask for, so these keys are unbounded
-        max_age = self._store.stale_after_s
-        passing = filters.passing(loaded, profile.filters, now, max_age)
-        stale_at = math.inf
-        if passing and FilterName.FRESH in profile.filters:
-            # Every host that passed has both timestamps (fresh); map and attrgetter keep a large tier quick.
-            stale_at = min(min(map(_METRICS_AT, passing)), min(map(_INDEX_AT, passing))) + max_age
-        candidates = tuple(prepare(passing, model, profile.scorers))
-        self._plans[key] = _Plan(candidates, stale_at)
-        return candidates
+        if plan is None:
+            loaded = self._loaded(tier, model, version)
+            if not loaded:
+                return None  # not kept: clients choose the versions they ask for, so these keys are unbounded
+            plan = self._plans[key] = _Plan(loaded)
+        return plan
+
+    def _prepared(self, plan: _Plan, model: str, units: _Units, now: float) -> tuple[Candidate, ...]:
+        """Every host of the plan that passes the profile's filters, prepared (again once stale)."""
+        if now > plan.stale_at:
+            passing = filters.passing(plan.hosts, units.filters, now)
+            plan.candidates = tuple(prepare(passing, model, units.static))
+            plan.stale_at = filters.holds_until(units.filters, passing)
+        return plan.candidates
 
     def _candidates(
-        self, tier: Tier, model: str, version: str | None, profile: Profile, now: float
+        self, tier: Tier, model: str, version: str | None, units: _Units, now: float
     ) -> Sequence[Candidate]:
-        if profile.picker is PickerName.POWER_OF_TWO:
-            loaded = self._loaded(tier, model, version)
-            if len(loaded) > self._sample_size:
-                return prepare(self._sample(loaded, profile, now), model, profile.scorers)
-        return self._plan(tier, model, version, profile, now)
-
-    def _sample(self, hosts: tuple[HostState, ...], profile: Profile, now: float) -> list[HostState]:
-        """power_of_two's sample: draw hosts at random until enough pass; the first that pass are a uniform
-        sample of those that pass, so a large fleet costs no more than a small one (and no plan of every host
-        is prepared, which a large tier would need again after each host's scrape). Too many failures (a
-        mostly ejected or stale tier): filter them all and draw from those that pass."""
-        max_age = self._store.stale_after_s
-        want = self._sample_size
-        n, draw = len(hosts), self._rng.random
-        passing: list[HostState] = []
-        tried: set[int] = set()
-        for _ in range(4 * want):
-            i = int(draw() * n)  # randrange(n) is 5x slower; the bias (n / 2**53) is negligible
-            if i in tried:
-                continue
-            tried.add(i)
-            if filters.passes(hosts[i], profile.filters, now, max_age):
-                passing.append(hosts[i])
-                if len(passing) == want:
-                    return passing
-        passing = filters.passing(hosts, profile.filters, now, max_age)
-        return passing if len(passing) <= want else self._rng.sample(passing, want)
+        """The plan's candidates, or those of the sample the picker draws from the plan's hosts."""
+        plan = self._plan(tier, model, version)
+        if plan is None:
+            return ()
+        sample = units.picker.sample(plan.hosts, units.filters, now)
+        if sample is not None:
+            return prepare(sample, model, units.static)
+        return self._prepared(plan, model, units, now)
 
     def _is_saturated(self, best: Candidate, now: float) -> bool:
         """The best candidate is over a limit, so every candidate is (for argmax; nearly so for samples)."""
@@ -258,13 +258,13 @@ class Scheduler:
     def _any_host(self, request: InferenceRequest) -> Decision:
         """Health, metadata and repository calls: any live host of the hinted (else fallback) tier."""
         tier = request.tier_hint or self._fleet.envoy.fallback_tier
-        now, max_age = self._store.now(), self._store.stale_after_s
-        profile = self._fleet.profile(None, tier)
-        passing = filters.passing(self._store.by_tier[tier], profile.filters, now, max_age)
+        now = self._store.now()
+        units = self._profile_units(self._fleet.profile(None, tier))
+        passing = filters.passing(self._store.by_tier[tier], units.filters, now)
         if not passing:
             return Reject(503, f"no {tier.value} host is ready right now", "no_ready_host", retry_after=True)
-        candidates = prepare(passing, None, _ANY_HOST_WEIGHTS)
-        ranked = self._argmax(candidates, _ANY_HOST_SCORERS, now) if len(candidates) > 1 else candidates
+        candidates = prepare(passing, None)
+        ranked = self._argmax.pick(candidates, self._any_host_scorers, now) if len(candidates) > 1 else candidates
         return self._commit(Route(tier, tuple([c.host for c in ranked]), "no_model"), now)
 
     def _implicit_order(self, model: str, request: InferenceRequest) -> tuple[_Step, ...]:

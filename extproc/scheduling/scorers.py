@@ -8,13 +8,15 @@ with every pick.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
 
 from extproc.batch_cost import BatchCost, Batching, completion_ms
-from extproc.config import ScorerName
 from extproc.datastore import HostState
+from extproc.scheduling import registry
+from extproc.scheduling.registry import Context, Unit
 
 # Per-request service time assumed when no host has been measured yet.
 _UNMEASURED_SERVICE_MS: Final = 1.0
@@ -97,10 +99,10 @@ def _drain_ms(service_ms: float, drain_ms: float | None) -> float:
     return min(service_ms, drain_ms or service_ms)
 
 
-def prepare(hosts: Sequence[HostState], model: str | None, weights: dict[ScorerName, float]) -> list[Candidate]:
-    """The hosts as candidates to be compared with one another for ``model``, with the costs of the static
-    scorers among ``weights`` summed in ``static_cost`` (normalised over ``hosts``, so these candidates must
-    be compared as one set, as :func:`cost` does).
+def prepare(hosts: Sequence[HostState], model: str | None, static: WeightedScorers = ()) -> list[Candidate]:
+    """The hosts as candidates to be compared with one another for ``model``, with the weighted costs of
+    the ``static`` scorers summed in ``static_cost`` (normalised over ``hosts``, so these candidates must be
+    compared as one set, as :func:`cost` does).
 
     The expected completion time is estimated in one of two ways, the same for every candidate, never a
     mix: the batch-aware estimate is the cheaper for a host with a queue, so mixing would herd requests
@@ -144,7 +146,7 @@ def prepare(hosts: Sequence[HostState], model: str | None, weights: dict[ScorerN
                 1000.0 / load.service_ms if load.service_ms else 0.0,
             )
         )
-    _add_static_costs(out, weights)
+    _add_static_costs(out, static)
     return out
 
 
@@ -166,69 +168,93 @@ def _batch_costs(hosts: Sequence[HostState], times: list[_Times], model: str | N
     return out
 
 
-# Scorers of what moves only with telemetry: a value per candidate, read once when it is prepared.
-StaticScorer = Callable[[Candidate], float]
-# Scorers of what every pick moves: (candidates, their in-flight counts now) → a cost per candidate.
-Scorer = Callable[[Sequence[Candidate], list[float]], list[float]]
+class Scorer(Unit):
+    """A cost per candidate, lower is better; :func:`cost` normalises and weighs them."""
+
+    # True: the costs move with every pick (they read ``in_flight``), so they are scored per request.
+    # False: telemetry alone, scored once per plan by :func:`prepare` (``in_flight`` is then empty).
+    per_request: ClassVar[bool] = True
+
+    @abstractmethod
+    def score(self, candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+        """One cost per candidate; ``in_flight[i]`` is ``candidates[i]``'s in-flight count now."""
 
 
-def expected_completion(candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+class ExpectedCompletion(Scorer):
     """When a new request would finish on each host (see :func:`prepare` for the estimate)."""
-    # Candidate.completion_ms, with its per-request branch inlined: a method call per candidate was most
-    # of this scorer's cost.
-    # zip without strict=: its keyword path costs a third of this loop, and the lengths match by construction.
-    return [
-        c.base_ms + n * c.drain_ms if c.batching is None else c.completion_ms(n)
-        for c, n in zip(candidates, in_flight)  # noqa: B905
-    ]
+
+    def score(self, candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+        # Candidate.completion_ms, with its per-request branch inlined: a method call per candidate was most
+        # of this scorer's cost.
+        # zip without strict=: its keyword path costs a third of this loop, and the lengths match by
+        # construction.
+        return [
+            c.base_ms + n * c.drain_ms if c.batching is None else c.completion_ms(n)
+            for c, n in zip(candidates, in_flight)  # noqa: B905
+        ]
 
 
-def requests_in_flight(candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+class InFlight(Scorer):
     """Requests in flight: Envoy's live count, plus the picker's picks since, less estimated completions."""
-    return in_flight
+
+    def score(self, candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+        return in_flight
 
 
-def pending_queue(candidate: Candidate) -> float:
+class PendingQueue(Scorer):
     """Requests waiting in Triton's queues (all models), as Triton last reported."""
-    return candidate.pending
+
+    per_request = False
+
+    def score(self, candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+        return [c.pending for c in candidates]
 
 
-def gpu_memory(candidate: Candidate) -> float:
+class GpuMemory(Scorer):
     """Fraction of GPU memory in use (0 where unknown, e.g. CPU hosts): less headroom, higher cost."""
-    return candidate.gpu_memory
+
+    per_request = False
+
+    def score(self, candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+        return [c.gpu_memory for c in candidates]
 
 
-SCORERS: dict[ScorerName, Scorer] = {
-    ScorerName.EXPECTED_COMPLETION: expected_completion,
-    ScorerName.IN_FLIGHT: requests_in_flight,
-}
-STATIC_SCORERS: dict[ScorerName, StaticScorer] = {
-    ScorerName.PENDING_QUEUE: pending_queue,
-    ScorerName.GPU_MEMORY: gpu_memory,
-}
+class GpuUtilization(Scorer):
+    """Fraction of GPU compute in use (Triton's nv_gpu_utilization, mean over the host's GPUs; 0 where
+    unknown, e.g. CPU hosts): a GPU busy with other models' work serves the next request later."""
+
+    per_request = False
+
+    def score(self, candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+        return [c.host.load.gpu_utilization or 0.0 for c in candidates]
 
 
-def _add_static_costs(candidates: list[Candidate], weights: dict[ScorerName, float]) -> None:
-    for name, weight in weights.items():
-        scorer = STATIC_SCORERS.get(name)
-        if scorer is None or not weight:
-            continue
-        values = [scorer(c) for c in candidates]
+registry.SCORERS.register("expected_completion", ExpectedCompletion)
+registry.SCORERS.register("pending_queue", PendingQueue)
+registry.SCORERS.register("in_flight", InFlight)
+registry.SCORERS.register("gpu_memory", GpuMemory)
+registry.SCORERS.register("gpu_utilization", GpuUtilization)
+
+# A profile's scorers with their weights (above 0), built once per profile (see :func:`build`).
+WeightedScorers = tuple[tuple[Scorer, float], ...]
+
+
+def build(weights: Mapping[str, float], context: Context) -> tuple[WeightedScorers, WeightedScorers]:
+    """A profile's scorers, in its order, without those weighted 0: (those :func:`prepare` sums once per
+    plan, those :func:`cost` runs per request)."""
+    scorers = [(registry.SCORERS.build(name, context), weight) for name, weight in weights.items() if weight]
+    static = tuple([(s, w) for s, w in scorers if not s.per_request])
+    return static, tuple([(s, w) for s, w in scorers if s.per_request])
+
+
+def _add_static_costs(candidates: list[Candidate], static: WeightedScorers) -> None:
+    for scorer, weight in static:
+        values = scorer.score(candidates, [])
         top = max(values, default=0.0)
         if top > 0:
             scale = weight / top
             for c, v in zip(candidates, values, strict=True):
                 c.static_cost += v * scale
-
-
-# A profile's per-request scorers and their weights, resolved once per profile (see :func:`per_request`).
-WeightedScorers = tuple[tuple[Scorer, float], ...]
-
-
-def per_request(weights: dict[ScorerName, float]) -> WeightedScorers:
-    """The scorers among ``weights`` that :func:`cost` runs per request (the static ones are in
-    :attr:`Candidate.static_cost`), without those weighted 0."""
-    return tuple((SCORERS[name], weight) for name, weight in weights.items() if weight and name in SCORERS)
 
 
 def cost(candidates: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[float]:
@@ -238,11 +264,11 @@ def cost(candidates: Sequence[Candidate], scorers: WeightedScorers, now: float) 
     in_flight = [c.in_flight(now) for c in candidates]
     total: list[float] | None = None
     for scorer, weight in scorers:
-        values = scorer(candidates, in_flight)
+        values = scorer.score(candidates, in_flight)
         top = max(values)  # max(..., default=) takes the slow, keyword path: 2x the cost here
         if top > 0:
             scale = weight / top
-            # zip without strict=, as in expected_completion: one value per candidate, by construction.
+            # zip without strict=, as in ExpectedCompletion: one value per candidate, by construction.
             if total is None:
                 total = [c.static_cost + v * scale for c, v in zip(candidates, values)]  # noqa: B905
             else:
