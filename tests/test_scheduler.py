@@ -96,8 +96,32 @@ def test_classify_rules_hint_and_default() -> None:
 def test_model_only_where_loaded(store: Datastore) -> None:
     scheduler = Scheduler(store.fleet, store)
     for _ in range(20):
-        assert names(scheduler.decide(http("mlp", size=5000))) == ["g1"]
-        assert names(scheduler.decide(http("mlp", size=10))) == ["c1"]
+        # Each tier has one host with mlp; the other tier's follows it, for Envoy's retries (see below).
+        assert names(scheduler.decide(http("mlp", size=5000))) == ["g1", "c1"]
+        assert names(scheduler.decide(http("mlp", size=10))) == ["c1", "g1"]
+
+
+def test_a_small_tier_names_its_spill_tiers_least_busy_hosts_last(store: Datastore) -> None:
+    """Retry targets for a try that never reached its host (the host just died): another tier's hosts,
+    in the tier's cluster at priority 1. The route stays the tier's and the pick its host's."""
+    f = fleet(models=[{"name": "embed", "tiers": ["cpu", "gpu"]}])
+    s = Datastore(f, clock=frozen)
+    live(s, {"g1": ["embed"], "g2": ["embed"], "g3": ["embed"], "c1": ["embed"]})
+    busy(s.hosts["g1"], 5)
+    busy(s.hosts["g2"], 0)
+    busy(s.hosts["g3"], 2)
+    decision = route(Scheduler(f, s).decide(http("embed")))
+    assert decision.tier is Tier.CPU and decision.reason == "classified"
+    assert names(decision) == ["c1", "g2", "g3"]  # max_hosts 3
+    assert s.hosts["c1"].estimate == 1 and s.hosts["g2"].estimate == 0  # only the first is picked
+    one_tier = fleet(models=[{"name": "embed", "tiers": ["cpu"]}])
+    s = Datastore(one_tier, clock=frozen)
+    live(s, {"g1": ["embed"], "c1": ["embed"]})
+    assert names(Scheduler(one_tier, s).decide(http("embed"))) == ["c1"]  # no other tier allowed
+    no_spill = fleet(models=[{"name": "embed", "tiers": ["cpu", "gpu"]}], picker={"profile": {"spillover": False}})
+    s = Datastore(no_spill, clock=frozen)
+    live(s, {"g1": ["embed"], "c1": ["embed"]})
+    assert names(Scheduler(no_spill, s).decide(http("embed"))) == ["c1"]
 
 
 def test_least_expected_wait_first_and_ranked(store: Datastore) -> None:
@@ -354,7 +378,7 @@ def test_saturated_tier_spills_over_to_a_free_one() -> None:
     f, s = saturated_store()
     busy(s.hosts["g1"], 0)
     decision = route(Scheduler(f, s).decide(http("mlp", size=10)))  # classified cpu, c1 is saturated
-    assert decision.tier is Tier.GPU and decision.reason == "spillover" and names(decision) == ["g1"]
+    assert decision.tier is Tier.GPU and decision.reason == "spillover" and names(decision) == ["g1", "c1"]
 
 
 def test_spillover_can_be_turned_off() -> None:

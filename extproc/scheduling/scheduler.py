@@ -13,6 +13,7 @@ pick moves), scores and picks.
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections.abc import Sequence
@@ -113,9 +114,33 @@ class Scheduler:
             decision = self._sequence(request, order, now)
         else:
             decision = self._balance(request, order, now)
+            if isinstance(decision, Route) and len(order) > 1 and len(decision.hosts) < self._context.max_hosts:
+                decision = self._with_spill_hosts(decision, order, model, request.version, now)
         if decision is None:
             return self._no_route(request)
         return self._commit(decision, now) if isinstance(decision, Route) else decision
+
+    def _with_spill_hosts(
+        self, route: Route, order: tuple[_Step, ...], model: str, version: str | None, now: float
+    ) -> Route:
+        """A route to a tier of fewer than ``max_hosts`` candidates names, after them, the candidates of the
+        model's other tiers with the fewest requests in flight. Envoy tries them only where a try cannot
+        have reached its host (connect failure, refused stream, reset before the request; see
+        :mod:`extproc.envoy_config`): the tier's clusters hold the spill tiers' hosts for that, so a request
+        the picker sent to a host that has just died is served by another tier instead of failing."""
+        room = self._context.max_hosts - len(route.hosts)
+        spill: list[HostState] = []
+        for tier, units in order:
+            if tier is route.tier:
+                continue
+            plan = self._plan(tier, model, version)
+            if plan is None:
+                continue
+            ready = self._prepared(plan, model, units, now)
+            spill += [c.host for c in heapq.nsmallest(room - len(spill), ready, key=lambda c: c.in_flight(now))]
+            if len(spill) >= room:
+                break
+        return Route(route.tier, route.hosts + tuple(spill), route.reason) if spill else route
 
     def _follow_datastore(self) -> None:
         """Drop what was derived from an older datastore generation."""
