@@ -213,6 +213,8 @@ def wait_for_pytest(enabled: bool) -> float:
 class Revision:
     label: str
     worktree: Path
+    # More options for this side's overhead benchmark (e.g. --no-rest-body-check: one build, two settings).
+    bench_args: tuple[str, ...] = ()
 
     @property
     def extproc(self) -> Path:
@@ -236,6 +238,7 @@ class Revision:
     def describe(self) -> dict[str, Any]:
         return {
             "worktree": str(self.worktree),
+            "bench_args": list(self.bench_args),
             "commit": self.git("rev-parse", "HEAD"),
             "subject": self.git("log", "-1", "--format=%s"),
             # Tracked changes only: build outputs (.venv, compiled modules) are ignored files.
@@ -270,6 +273,7 @@ def bench_command(rev: Revision, args: argparse.Namespace, output: Path) -> list
         *(f"{r:g}" for r in args.rates),
         "--output",
         str(output),
+        *rev.bench_args,
     ]
 
 
@@ -597,6 +601,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=DEFAULT_DURATION_S, help="bench overhead --duration")
     parser.add_argument("--rates", type=float, nargs="+", default=list(DEFAULT_RATES), help="bench overhead --rates")
     parser.add_argument("--output", "-o", type=Path, default=DEFAULT_OUTPUT, help="combined JSON results")
+    for side in ("before", "after"):
+        parser.add_argument(
+            f"--{side}-args",
+            default="",
+            metavar="ARGS",
+            help=f"more options for the {side} side's overhead benchmark, one string (e.g. '--no-rest-body-check')",
+        )
     parser.add_argument(
         "--wait-for-pytest", action="store_true", help="wait while a pytest run is active (poll 30 s, up to 40 min)"
     )
@@ -608,7 +619,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    revs = {label: Revision(label, path.resolve()) for label, path in (("before", args.before), ("after", args.after))}
+    revs = {
+        label: Revision(label, path.resolve(), tuple(shlex.split(extra)))
+        for label, path, extra in (
+            ("before", args.before, args.before_args),
+            ("after", args.after, args.after_args),
+        )
+    }
     for rev in revs.values():
         if not rev.extproc.is_file():
             print(f"{rev.extproc} is missing: run `make install` in {rev.worktree}", file=sys.stderr)

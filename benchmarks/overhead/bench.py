@@ -104,6 +104,7 @@ class OverheadBench:
             self.sockets.get("picker", f"unix:{run_dir}/picker.sock"),
             self.gateway_ports[first],
             self.admin_ports[first],
+            check_rest_bodies=settings.check_rest_bodies,
         )
         from extproc.envoy_config import render_bootstrap
 

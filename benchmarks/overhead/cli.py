@@ -132,6 +132,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the bare processor's constant answer: change nothing (default), or route as the picker does,"
         " naming every upstream host (then only the processor differs between bare and picker)",
     )
+    parser.add_argument(
+        "--no-rest-body-check",
+        action="store_true",
+        help="render the gateway with picker.check_rest_bodies: false (REST inference routed on headers only)",
+    )
     parser.add_argument("--keep-dir", type=Path, help="keep configs and logs here instead of a deleted temp dir")
 
 
@@ -154,6 +159,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         soak_rate=args.soak_rate,
         soak_variant=args.soak_variant,
         bare_answer=args.bare_answer,
+        check_rest_bodies=not args.no_rest_body_check,
     )
 
 

@@ -367,6 +367,7 @@ def settings_json(s: Settings) -> dict[str, Any]:
         "soak_rate": s.soak_rate if s.soak and s.wrk is None else None,
         "soak_variant": s.soak_variant if s.soak else None,
         "bare_answer": s.bare_answer,
+        "check_rest_bodies": s.check_rest_bodies,
         "model": MODEL,
         "request_bytes": len(REQUEST_BODY),
     }

@@ -56,6 +56,8 @@ class Settings:
     soak_variant: str = "picker"
     # What the bare processor answers: "empty" (change nothing) or "routing" (the picker's kind of answer).
     bare_answer: str = "empty"
+    # picker.check_rest_bodies of the gateway's fleet: off, REST inference bodies bypass the picker.
+    check_rest_bodies: bool = True
     # Why there is no wrk (None: it was found).
     wrk_missing: str | None = None
 
@@ -64,7 +66,12 @@ class Settings:
 
 
 def bench_fleet(
-    upstream_ports: Sequence[int], spare_ports: Sequence[int], picker_listen: str, gateway_port: int, admin_port: int
+    upstream_ports: Sequence[int],
+    spare_ports: Sequence[int],
+    picker_listen: str,
+    gateway_port: int,
+    admin_port: int,
+    check_rest_bodies: bool = True,
 ) -> Fleet:
     """The gateway's fleet: one GPU-tier host per upstream port, all serving :data:`MODEL`.
 
@@ -88,7 +95,7 @@ def bench_fleet(
         {
             "hosts": hosts,
             "models": [{"name": MODEL, "tiers": ["gpu"]}],
-            "picker": {"listen": picker_listen},
+            "picker": {"listen": picker_listen, "check_rest_bodies": check_rest_bodies},
             "envoy": {
                 "listener": {"address": "127.0.0.1", "port": gateway_port},
                 "admin": {"address": "127.0.0.1", "port": admin_port},
