@@ -29,7 +29,7 @@ from extproc.admin_key import (
 )
 from extproc.app import Picker
 from extproc.config import ConfigError, Fleet, HostSpec, Tier, parse_fleet
-from extproc.ops.models import GrpcTriton, TritonError
+from extproc.ops.triton_api import GrpcTriton, TritonError
 from extproc.runtime.ports import free_ports
 from extproc.runtime.triton import triton_command
 from extproc.telemetry.repository import RepositoryClient

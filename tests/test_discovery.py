@@ -169,7 +169,7 @@ async def test_the_picker_routes_over_discovered_hosts_and_keeps_them_on_reload(
         picker.datastore.hosts["gpu-10-0-0-7"].draining = True  # live state, to be adopted
         server.set(NAME, ["10.0.0.7", "10.0.0.8"])
         assert await discovery.refresh_once()
-        await picker._rediscovered()
+        await picker.rediscovered()
         assert set(picker.datastore.hosts) == {"cpu-a", "gpu-10-0-0-7", "gpu-10-0-0-8"}
         assert picker.datastore.hosts["gpu-10-0-0-7"].draining
         assert picker.scheduler is not None and picker.fleet.hosts[0].name == "cpu-a"
@@ -202,7 +202,7 @@ async def test_workers_take_the_discovered_hosts_from_the_leaders_snapshot(serve
         host.draining, host.metrics_at = True, 12.5
         discovered, state = read_snapshot(snapshot(leader.datastore, leader.discovered))
         assert set(worker.datastore.hosts) == {"cpu-a"}
-        await worker._use_discovered(discovered)
+        await worker.use_discovered(discovered)
         generation = worker.datastore.generation
         apply_snapshot(worker.datastore, state)
         assert worker.datastore.generation > generation, "the worker's scheduler must see the leader's telemetry"
@@ -210,7 +210,7 @@ async def test_workers_take_the_discovered_hosts_from_the_leaders_snapshot(serve
         assert worker.datastore.hosts["gpu-10-0-0-5"].draining
         assert worker.datastore.hosts["gpu-10-0-0-5"].metrics_at == 12.5
         before = worker.datastore
-        await worker._use_discovered(discovered)
+        await worker.use_discovered(discovered)
         assert worker.datastore is before  # the same hosts again: nothing to switch
     finally:
         await worker.stop()

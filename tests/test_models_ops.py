@@ -23,7 +23,24 @@ from extproc.cli import _parser
 from extproc.config import Fleet, HostSpec, Tier, parse_fleet
 from extproc.ops import OpsError
 from extproc.ops import models as m
+from extproc.ops.execute import Ops, Timeouts, execute_load, execute_roll
+from extproc.ops.plans import Skip, Target, merged_view, plan_load, plan_place, plan_roll, rank
+from extproc.ops.present import format_load_plan, format_models, format_results, format_roll_plan, models_json
 from extproc.ops.status import PickerHost, PickerStatus
+from extproc.ops.triton_api import (
+    ABSENT,
+    NOT_LOADED,
+    READY,
+    UNAVAILABLE,
+    UNKNOWN,
+    UNLOADING,
+    GrpcTriton,
+    HostIndex,
+    IndexEntry,
+    TritonError,
+    read_index,
+)
+from extproc.ops.triton_api import _describe as describe
 from extproc.telemetry.envoy_admin import EndpointStatus
 from tests.stack import REPO, Stack, local_fleet, start_stack, stop_stack
 
@@ -99,9 +116,9 @@ class FakeTriton:
 
     def _check(self, host: HostSpec) -> None:
         if host.name in self.w.down:
-            raise m.TritonError(host.name, "unreachable (connection refused)")
+            raise TritonError(host.name, "unreachable (connection refused)")
 
-    def index(self, host: HostSpec, timeout_s: float) -> Sequence[m.IndexEntry]:
+    def index(self, host: HostSpec, timeout_s: float) -> Sequence[IndexEntry]:
         self._check(host)
         out = []
         for model in REPOSITORY:
@@ -110,25 +127,25 @@ class FakeTriton:
             if key in self.w._unloading:
                 if self.w._unloading[key] > 0:
                     self.w._unloading[key] -= 1
-                    state = m.UNLOADING
+                    state = UNLOADING
                 else:
                     del self.w._unloading[key]
-            out.append(m.IndexEntry(model, "1" if state else "", state, reason))
+            out.append(IndexEntry(model, "1" if state else "", state, reason))
         return out
 
     def load(self, host: HostSpec, model: str, timeout_s: float) -> None:
         self._check(host)
         self.w.events.append(f"load {host.name} {model}")
         if (host.name, model) in self.w.fail_load:
-            self.w.states[host.name][model] = (m.UNAVAILABLE, "boom")
-            raise m.TritonError(host.name, f"load {model} failed: boom")
-        self.w.states[host.name][model] = (m.READY, "")
+            self.w.states[host.name][model] = (UNAVAILABLE, "boom")
+            raise TritonError(host.name, f"load {model} failed: boom")
+        self.w.states[host.name][model] = (READY, "")
 
     def unload(self, host: HostSpec, model: str, timeout_s: float) -> None:
         self._check(host)
         self.w.events.append(f"unload {host.name} {model}")
         self.w.at_unload.append((host.name, self.w.picker_in_flight(host.name)))
-        self.w.states[host.name][model] = (m.UNAVAILABLE, "unloaded")
+        self.w.states[host.name][model] = (UNAVAILABLE, "unloaded")
         self.w._unloading[(host.name, model)] = self.w.unloading_reads
 
 
@@ -151,7 +168,7 @@ class FakePicker:
             ready = {
                 model: ("1",)
                 for model in REPOSITORY
-                if self.w.states[host.name].get(model, ("", ""))[0] == m.READY
+                if self.w.states[host.name].get(model, ("", ""))[0] == READY
                 or (host.name, model) in self.w.picker_stuck
             }
             fresh = host.name not in self.w.down
@@ -196,14 +213,14 @@ class FakeEnvoy:
         }
 
 
-def ops_for(w: World, pickers: Sequence[FakePicker] | None = None, **timeouts: float) -> tuple[m.Ops, list[str]]:
+def ops_for(w: World, pickers: Sequence[FakePicker] | None = None, **timeouts: float) -> tuple[Ops, list[str]]:
     lines: list[str] = []
-    ops = m.Ops(
+    ops = Ops(
         w.fleet,
         FakeTriton(w),
         list(pickers) if pickers is not None else [FakePicker(w)],
         [FakeEnvoy(w)],
-        m.Timeouts(**timeouts),  # type: ignore[arg-type]
+        Timeouts(**timeouts),  # type: ignore[arg-type]
         lines.append,
         w.clock,
         w.sleep,
@@ -214,18 +231,18 @@ def ops_for(w: World, pickers: Sequence[FakePicker] | None = None, **timeouts: f
 def local_world() -> World:
     """Like deploy/local: a has everything, b the GPU-only models, c mlp."""
     return world(
-        a={"mlp": m.READY, "embed": m.READY, "solo": m.READY},
-        b={"embed": m.READY},
-        c={"mlp": m.READY},
+        a={"mlp": READY, "embed": READY, "solo": READY},
+        b={"embed": READY},
+        c={"mlp": READY},
     )
 
 
 def view(w: World, picker: FakePicker | None = None) -> dict[str, PickerHost]:
-    return m.merged_view([(picker or FakePicker(w)).status()])
+    return merged_view([(picker or FakePicker(w)).status()])
 
 
-def indexes(w: World) -> dict[str, m.HostIndex]:
-    return m.read_index(FakeTriton(w), w.fleet.hosts, 1.0)
+def indexes(w: World) -> dict[str, HostIndex]:
+    return read_index(FakeTriton(w), w.fleet.hosts, 1.0)
 
 
 # --- the index and the table ------------------------------------------------------------------------------
@@ -234,32 +251,32 @@ def indexes(w: World) -> dict[str, m.HostIndex]:
 def test_host_index_states() -> None:
     host = fleet().hosts[0]
     entries = (
-        m.IndexEntry("ready", "1", m.READY),
-        m.IndexEntry("ready", "2", m.UNAVAILABLE, "unloaded"),
-        m.IndexEntry("two", "1", m.READY),
-        m.IndexEntry("two", "2", m.READY),
-        m.IndexEntry("going", "1", m.UNLOADING),
-        m.IndexEntry("gone", "1", m.UNAVAILABLE, "unloaded"),
-        m.IndexEntry("never"),
-        m.IndexEntry("broken", "1", m.UNAVAILABLE, "Internal: bad config"),
+        IndexEntry("ready", "1", READY),
+        IndexEntry("ready", "2", UNAVAILABLE, "unloaded"),
+        IndexEntry("two", "1", READY),
+        IndexEntry("two", "2", READY),
+        IndexEntry("going", "1", UNLOADING),
+        IndexEntry("gone", "1", UNAVAILABLE, "unloaded"),
+        IndexEntry("never"),
+        IndexEntry("broken", "1", UNAVAILABLE, "Internal: bad config"),
     )
-    index = m.HostIndex(host, entries)
-    assert index.state("ready") == m.READY and index.ready_versions("ready") == ("1",)
+    index = HostIndex(host, entries)
+    assert index.state("ready") == READY and index.ready_versions("ready") == ("1",)
     assert index.ready_versions("two") == ("1", "2")
-    assert index.state("going") == m.UNLOADING
-    assert index.state("gone") == m.NOT_LOADED
-    assert index.state("never") == m.NOT_LOADED
-    assert index.state("broken") == m.UNAVAILABLE and index.reason("broken") == "Internal: bad config"
-    assert index.state("elsewhere") == m.ABSENT
-    assert m.HostIndex(host, error="down").state("ready") == m.UNKNOWN
+    assert index.state("going") == UNLOADING
+    assert index.state("gone") == NOT_LOADED
+    assert index.state("never") == NOT_LOADED
+    assert index.state("broken") == UNAVAILABLE and index.reason("broken") == "Internal: bad config"
+    assert index.state("elsewhere") == ABSENT
+    assert HostIndex(host, error="down").state("ready") == UNKNOWN
 
 
 def test_fleet_table_reports_a_down_host_and_keeps_going() -> None:
     w = local_world()
     w.down.add("b")
-    w.states["c"]["extra"] = (m.UNAVAILABLE, "failed to load")
+    w.states["c"]["extra"] = (UNAVAILABLE, "failed to load")
     f = fleet()
-    text = m.format_models(f, indexes(w))
+    text = format_models(f, indexes(w))
     lines = text.splitlines()
     assert lines[0].split() == ["MODEL", "TIERS", "a", "(gpu)", "b", "(gpu)", "c", "(cpu)"]
     assert lines[1].split() == ["mlp", "cpu,gpu", "READY", "?", "READY"]
@@ -267,7 +284,7 @@ def test_fleet_table_reports_a_down_host_and_keeps_going() -> None:
     assert lines[4].split() == ["extra", "any", "-", "?", "UNAVAILABLE"]
     assert "b: unreachable (connection refused)" in text
     assert "c: extra UNAVAILABLE: failed to load" in text
-    doc = m.models_json(f, indexes(w), ["mlp"])
+    doc = models_json(f, indexes(w), ["mlp"])
     assert doc["hosts"]["b"] == {"tier": "gpu", "error": "b: unreachable (connection refused)"}
     assert doc["models"]["mlp"]["tiers"] == ["cpu", "gpu"]
     assert doc["models"]["mlp"]["hosts"]["a"] == {"state": "READY", "ready_versions": ["1"], "reason": None}
@@ -279,11 +296,11 @@ def test_read_index_runs_hosts_in_parallel() -> None:
     barrier = threading.Barrier(3, timeout=5)
 
     class Slow(FakeTriton):
-        def index(self, host: HostSpec, timeout_s: float) -> Sequence[m.IndexEntry]:
+        def index(self, host: HostSpec, timeout_s: float) -> Sequence[IndexEntry]:
             barrier.wait()  # only passes when all three hosts are asked at once
             return super().index(host, timeout_s)
 
-    assert set(m.read_index(Slow(w), w.fleet.hosts, 1.0)) == {"a", "b", "c"}
+    assert set(read_index(Slow(w), w.fleet.hosts, 1.0)) == {"a", "b", "c"}
 
 
 # --- load and place ---------------------------------------------------------------------------------------
@@ -292,75 +309,75 @@ def test_read_index_runs_hosts_in_parallel() -> None:
 def test_rank_prefers_default_tier_then_gpu_headroom_then_fewest_models() -> None:
     a, b, c = fleet().hosts
     targets = [
-        m.Target(a, gpu_free=2 * 2**30, gpu_percent=75.0, loaded=1),
-        m.Target(b, gpu_free=6 * 2**30, gpu_percent=25.0, loaded=5),
-        m.Target(c, gpu_free=None, gpu_percent=None, loaded=0),
+        Target(a, gpu_free=2 * 2**30, gpu_percent=75.0, loaded=1),
+        Target(b, gpu_free=6 * 2**30, gpu_percent=25.0, loaded=5),
+        Target(c, gpu_free=None, gpu_percent=None, loaded=0),
     ]
-    assert [t.host.name for t in m.rank(targets, (Tier.GPU, Tier.CPU))] == ["b", "a", "c"]
-    assert [t.host.name for t in m.rank(targets, (Tier.CPU, Tier.GPU))] == ["c", "b", "a"]
-    unknown = [m.Target(a, None, None, 3), m.Target(b, None, None, 1)]
-    assert [t.host.name for t in m.rank(unknown, None)] == ["b", "a"]
+    assert [t.host.name for t in rank(targets, (Tier.GPU, Tier.CPU))] == ["b", "a", "c"]
+    assert [t.host.name for t in rank(targets, (Tier.CPU, Tier.GPU))] == ["c", "b", "a"]
+    unknown = [Target(a, None, None, 3), Target(b, None, None, 1)]
+    assert [t.host.name for t in rank(unknown, None)] == ["b", "a"]
     assert "6.0 GiB GPU memory free (25% used)" in targets[1].describe()
 
 
 def test_place_adds_hosts_by_gpu_headroom_and_skips_unroutable_ones() -> None:
-    w = world(a={"embed": m.READY})
+    w = world(a={"embed": READY})
     w.gpu = {"a": (7, 10), "b": (2, 10)}
-    plan = m.plan_place(w.fleet, "embed", indexes(w), view(w), count=2)
+    plan = plan_place(w.fleet, "embed", indexes(w), view(w), count=2)
     assert plan.present == ("a",) and [t.host.name for t in plan.targets] == ["b"] and not plan.problems
     assert plan.skipped == ()  # c's tier is not embed's: not even considered
     w.ejected.add("b")
-    plan = m.plan_place(w.fleet, "embed", indexes(w), view(w), count=2)
-    assert plan.targets == () and m.Skip("b", "ejected by Envoy") in plan.skipped
+    plan = plan_place(w.fleet, "embed", indexes(w), view(w), count=2)
+    assert plan.targets == () and Skip("b", "ejected by Envoy") in plan.skipped
     assert plan.problems == ("only 1 of 2 hosts possible in tiers gpu",) and plan.short == 1
-    text = m.format_load_plan(plan, "place")
+    text = format_load_plan(plan, "place")
     assert "place embed on 2 hosts in all: READY now on a" in text and "nothing to load" in text
 
 
 def test_place_fills_the_default_tier_first_and_respects_tier() -> None:
     w = world()
-    plan = m.plan_place(w.fleet, "mlp", indexes(w), view(w), count=2)
+    plan = plan_place(w.fleet, "mlp", indexes(w), view(w), count=2)
     assert [t.host.name for t in plan.targets] == ["c", "a"]  # cpu is mlp's default tier; then a (fewest, name)
-    plan = m.plan_place(w.fleet, "mlp", indexes(w), view(w), count=1, tier=Tier.GPU)
+    plan = plan_place(w.fleet, "mlp", indexes(w), view(w), count=1, tier=Tier.GPU)
     assert [t.host.name for t in plan.targets] == ["a"]
-    plan = m.plan_place(w.fleet, "embed", indexes(w), view(w), count=1, tier=Tier.CPU)
+    plan = plan_place(w.fleet, "embed", indexes(w), view(w), count=1, tier=Tier.CPU)
     assert plan.problems[0] == "embed may only run on tiers gpu (fleet file), not cpu"
     with pytest.raises(OpsError):
-        m.plan_place(w.fleet, "embed", indexes(w), view(w), count=0)
+        plan_place(w.fleet, "embed", indexes(w), view(w), count=0)
 
 
 def test_load_by_hosts_tier_and_count() -> None:
-    w = world(a={"embed": m.READY})
+    w = world(a={"embed": READY})
     idx, v = indexes(w), view(w)
-    plan = m.plan_load(w.fleet, "embed", idx, v, tier=Tier.GPU)
+    plan = plan_load(w.fleet, "embed", idx, v, tier=Tier.GPU)
     assert plan.present == ("a",) and [t.host.name for t in plan.targets] == ["b"]
-    plan = m.plan_load(w.fleet, "embed", idx, v, hosts=["c"])
+    plan = plan_load(w.fleet, "embed", idx, v, hosts=["c"])
     assert plan.targets == () and plan.problems == (
         "c: tier cpu is not allowed for embed (gpu) (--force to load it anyway)",
     )
-    plan = m.plan_load(w.fleet, "embed", idx, v, hosts=["c"], force=True)
+    plan = plan_load(w.fleet, "embed", idx, v, hosts=["c"], force=True)
     assert [t.host.name for t in plan.targets] == ["c"] and not plan.problems
-    plan = m.plan_load(w.fleet, "mlp", idx, v, count=1)
+    plan = plan_load(w.fleet, "mlp", idx, v, count=1)
     assert [t.host.name for t in plan.targets] == ["c"]
-    assert m.Skip("a", "--count 1: ranked below the chosen hosts") in plan.skipped
-    plan = m.plan_load(w.fleet, "nope", idx, v, hosts=["a"])
-    assert plan.skipped == (m.Skip("a", "nope is not in its model repository"),)
+    assert Skip("a", "--count 1: ranked below the chosen hosts") in plan.skipped
+    plan = plan_load(w.fleet, "nope", idx, v, hosts=["a"])
+    assert plan.skipped == (Skip("a", "nope is not in its model repository"),)
     assert "nope is not in the fleet file" in plan.notes[0]
     with pytest.raises(OpsError, match="no host named 'zz'"):
-        m.plan_load(w.fleet, "embed", idx, v, hosts=["zz"])
+        plan_load(w.fleet, "embed", idx, v, hosts=["zz"])
 
 
 def test_execute_load_loads_in_parallel_and_waits_for_the_picker() -> None:
-    w = world(a={"embed": m.READY})
+    w = world(a={"embed": READY})
     ops, lines = ops_for(w)
     w.fail_load.add(("c", "mlp"))
-    plan = m.plan_load(w.fleet, "mlp", indexes(w), view(w), hosts=["a", "c"])
-    results = m.execute_load(ops, plan)
+    plan = plan_load(w.fleet, "mlp", indexes(w), view(w), hosts=["a", "c"])
+    results = execute_load(ops, plan)
     assert [(r.host, r.ok) for r in results] == [("c", False), ("a", True)]
     assert "c: load mlp failed: boom" in results[0].message
     assert any(line == "a: READY in the picker (0.0 s)" for line in lines)
-    assert m.IndexEntry("mlp", "1", m.UNAVAILABLE, "boom") in FakeTriton(w).index(w.fleet.hosts[2], 1)
-    assert "1 of 2 hosts done" in m.format_results(results)
+    assert IndexEntry("mlp", "1", UNAVAILABLE, "boom") in FakeTriton(w).index(w.fleet.hosts[2], 1)
+    assert "1 of 2 hosts done" in format_results(results)
 
 
 # --- unload and reload: plans ----------------------------------------------------------------------------
@@ -369,32 +386,32 @@ def test_execute_load_loads_in_parallel_and_waits_for_the_picker() -> None:
 def test_roll_plan_refuses_to_strand_a_model() -> None:
     w = local_world()
     # Draining a strands solo (only on a); mlp and embed have other homes (mlp spills over to c's tier).
-    plan = m.plan_roll("reload", w.fleet, "embed", indexes(w), view(w), hosts=["a"])
+    plan = plan_roll("reload", w.fleet, "embed", indexes(w), view(w), hosts=["a"])
     assert [s.host.name for s in plan.steps] == ["a"]
     assert plan.steps[0].stranded == ("solo",)
     assert plan.steps[0].elsewhere == {"embed": ("b",), "mlp": ("c",), "solo": ()}
     assert len(plan.problems) == 1 and "solo has no other routable host" in plan.problems[0]
-    text = m.format_roll_plan(plan, 1, m.Timeouts())
+    text = format_roll_plan(plan, 1, Timeouts())
     assert "meanwhile: embed → b; mlp → c; solo → NOWHERE" in text
     # An ejected host gets no requests anyway: draining it strands nothing.
     w.ejected.add("a")
-    assert m.plan_roll("reload", w.fleet, "embed", indexes(w), view(w), hosts=["a"]).problems == ()
+    assert plan_roll("reload", w.fleet, "embed", indexes(w), view(w), hosts=["a"]).problems == ()
     w.ejected.clear()
     # Reloading mlp drains c, whose only model (mlp) still has a: fine.
-    plan = m.plan_roll("reload", w.fleet, "mlp", indexes(w), view(w), hosts=["c"])
+    plan = plan_roll("reload", w.fleet, "mlp", indexes(w), view(w), hosts=["c"])
     assert plan.problems == () and plan.steps[0].elsewhere == {"mlp": ("a",)}
 
 
 def test_roll_plan_unloading_the_last_copy_needs_force() -> None:
     w = local_world()
-    plan = m.plan_roll("unload", w.fleet, "mlp", indexes(w), view(w), hosts=["c"])
+    plan = plan_roll("unload", w.fleet, "mlp", indexes(w), view(w), hosts=["c"])
     assert plan.problems == ()
     # Unloading from c and then a: by the time a drains, c no longer has it.
-    w2 = world(a={"mlp": m.READY, "embed": m.READY}, b={"embed": m.READY, "mlp": m.READY}, c={"mlp": m.READY})
-    plan = m.plan_roll("unload", w2.fleet, "mlp", indexes(w2), view(w2), tier=Tier.GPU)
+    w2 = world(a={"mlp": READY, "embed": READY}, b={"embed": READY, "mlp": READY}, c={"mlp": READY})
+    plan = plan_roll("unload", w2.fleet, "mlp", indexes(w2), view(w2), tier=Tier.GPU)
     assert [s.host.name for s in plan.steps] == ["a", "b"]
     assert plan.steps[1].elsewhere["mlp"] == ("c",) and plan.problems == ()
-    plan = m.plan_roll("unload", w2.fleet, "mlp", indexes(w2), view(w2))
+    plan = plan_roll("unload", w2.fleet, "mlp", indexes(w2), view(w2))
     assert [s.host.name for s in plan.steps] == ["a", "b", "c"]
     assert len(plan.problems) == 1 and "c: unloading the last routable copy of mlp" in plan.problems[0]
 
@@ -402,10 +419,10 @@ def test_roll_plan_unloading_the_last_copy_needs_force() -> None:
 def test_roll_plan_without_a_picker_or_with_a_down_host() -> None:
     w = local_world()
     w.down.add("b")
-    plan = m.plan_roll("reload", w.fleet, "embed", indexes(w), {}, hosts=["b"])
+    plan = plan_roll("reload", w.fleet, "embed", indexes(w), {}, hosts=["b"])
     assert plan.problems[0].startswith("no picker status: cannot drain hosts")
     assert any("b: unreachable" in p for p in plan.problems)
-    plan = m.plan_roll("reload", w.fleet, "embed", indexes(w), {}, tier=Tier.GPU, drain=False)
+    plan = plan_roll("reload", w.fleet, "embed", indexes(w), {}, tier=Tier.GPU, drain=False)
     assert [s.host.name for s in plan.steps] == ["a"] and not plan.problems
     assert "--no-drain" in plan.notes[0]
 
@@ -415,7 +432,7 @@ def test_spillover_off_keeps_requests_in_their_tier() -> None:
     data["models"][0]["profile"] = {"spillover": False}
     w = local_world()
     w.fleet = parse_fleet(data)
-    plan = m.plan_roll("reload", w.fleet, "mlp", indexes(w), view(w), hosts=["c"])
+    plan = plan_roll("reload", w.fleet, "mlp", indexes(w), view(w), hosts=["c"])
     assert plan.steps[0].stranded == ("mlp",)
 
 
@@ -427,15 +444,15 @@ def test_unload_drains_waits_for_in_flight_then_undrains() -> None:
     w.in_flight = {"c": 3.0}
     w.drain_needs_s = 2.0
     ops, lines = ops_for(w)
-    plan = m.plan_roll("unload", w.fleet, "mlp", indexes(w), view(w), hosts=["c"])
-    results = m.execute_roll(ops, plan)
+    plan = plan_roll("unload", w.fleet, "mlp", indexes(w), view(w), hosts=["c"])
+    results = execute_roll(ops, plan)
     assert [r.ok for r in results] == [True]
     assert w.events == ["drain c http://picker-1", "unload c mlp", "undrain c http://picker-1"]
     assert w.at_unload == [("c", 0.0)]  # nothing in flight when Triton was asked to unload
     assert w.t >= 2.0
     assert lines[0] == "[1/1] c: draining in 1 picker(s), waiting for in-flight requests"
     assert lines[-1].startswith("[1/1] c: undrained, done")
-    assert w.states["c"]["mlp"] == (m.UNAVAILABLE, "unloaded")
+    assert w.states["c"]["mlp"] == (UNAVAILABLE, "unloaded")
 
 
 def test_drain_timeout_unloads_nothing_and_undrains() -> None:
@@ -443,8 +460,8 @@ def test_drain_timeout_unloads_nothing_and_undrains() -> None:
     w.in_flight = {"c": 1.0}
     w.drain_needs_s = 1000.0
     ops, _ = ops_for(w, drain_s=5.0)
-    plan = m.plan_roll("unload", w.fleet, "mlp", indexes(w), view(w), hosts=["c"])
-    results = m.execute_roll(ops, plan)
+    plan = plan_roll("unload", w.fleet, "mlp", indexes(w), view(w), hosts=["c"])
+    results = execute_roll(ops, plan)
     assert not results[0].ok and "still 1 in flight" in results[0].message
     assert results[0].message.endswith("(undrained)")
     assert w.events == ["drain c http://picker-1", "undrain c http://picker-1"]
@@ -454,21 +471,21 @@ def test_host_is_left_drained_while_a_picker_still_lists_the_unloaded_model() ->
     w = local_world()
     w.picker_stuck.add(("c", "mlp"))
     ops, _ = ops_for(w, picker_s=3.0)
-    plan = m.plan_roll("unload", w.fleet, "mlp", indexes(w), view(w), hosts=["c"])
-    results = m.execute_roll(ops, plan)
+    plan = plan_roll("unload", w.fleet, "mlp", indexes(w), view(w), hosts=["c"])
+    results = execute_roll(ops, plan)
     assert not results[0].ok
     assert "left c drained" in results[0].message and "/hosts/c/undrain" in results[0].message
     assert w.events == ["drain c http://picker-1", "unload c mlp"]
 
 
 def test_rolling_reload_one_host_at_a_time_on_every_picker() -> None:
-    w = world(a={"embed": m.READY, "mlp": m.READY}, b={"embed": m.READY}, c={"mlp": m.READY})
+    w = world(a={"embed": READY, "mlp": READY}, b={"embed": READY}, c={"mlp": READY})
     w.unloading_reads = 2
     pickers = [FakePicker(w, "http://p1"), FakePicker(w, "http://p2")]
     ops, lines = ops_for(w, pickers)
-    plan = m.plan_roll("reload", w.fleet, "embed", indexes(w), view(w), tier=Tier.GPU)
+    plan = plan_roll("reload", w.fleet, "embed", indexes(w), view(w), tier=Tier.GPU)
     assert not plan.problems
-    results = m.execute_roll(ops, plan)
+    results = execute_roll(ops, plan)
     assert [(r.host, r.ok) for r in results] == [("a", True), ("b", True)]
     assert w.events == [
         "drain a http://p1",
@@ -484,16 +501,16 @@ def test_rolling_reload_one_host_at_a_time_on_every_picker() -> None:
         "undrain b http://p1",
         "undrain b http://p2",
     ]
-    assert w.states["a"]["embed"] == w.states["b"]["embed"] == (m.READY, "")
+    assert w.states["a"]["embed"] == w.states["b"]["embed"] == (READY, "")
     assert "[2/2] b: embed READY in the picker (0.0 s)" in lines
 
 
 def test_failed_reload_stops_and_undrains_once_the_picker_agrees() -> None:
-    w = world(a={"embed": m.READY}, b={"embed": m.READY}, c={"mlp": m.READY})
+    w = world(a={"embed": READY}, b={"embed": READY}, c={"mlp": READY})
     w.fail_load.add(("a", "embed"))
     ops, _ = ops_for(w)
-    plan = m.plan_roll("reload", w.fleet, "embed", indexes(w), view(w), tier=Tier.GPU)
-    results = m.execute_roll(ops, plan)
+    plan = plan_roll("reload", w.fleet, "embed", indexes(w), view(w), tier=Tier.GPU)
+    results = execute_roll(ops, plan)
     assert [(r.host, r.ok) for r in results] == [("a", False)]  # b is not touched
     assert "load embed failed: boom" in results[0].message
     assert w.events == ["drain a http://picker-1", "unload a embed", "load a embed", "undrain a http://picker-1"]
@@ -504,8 +521,8 @@ def test_a_host_already_draining_is_left_drained() -> None:
     picker = FakePicker(w)
     picker.draining.add("c")
     ops, lines = ops_for(w, [picker])
-    plan = m.plan_roll("reload", w.fleet, "mlp", indexes(w), view(w, picker), hosts=["c"])
-    results = m.execute_roll(ops, plan)
+    plan = plan_roll("reload", w.fleet, "mlp", indexes(w), view(w, picker), hosts=["c"])
+    results = execute_roll(ops, plan)
     assert results[0].ok
     assert w.events == ["unload c mlp", "load c mlp"]
     assert "c" in picker.draining
@@ -513,11 +530,11 @@ def test_a_host_already_draining_is_left_drained() -> None:
 
 
 def test_roll_rechecks_live_views_before_each_drain() -> None:
-    w = world(a={"embed": m.READY}, b={"embed": m.READY}, c={"mlp": m.READY})
+    w = world(a={"embed": READY}, b={"embed": READY}, c={"mlp": READY})
     ops, _ = ops_for(w)
-    plan = m.plan_roll("reload", w.fleet, "embed", indexes(w), view(w), tier=Tier.GPU)
+    plan = plan_roll("reload", w.fleet, "embed", indexes(w), view(w), tier=Tier.GPU)
     w.ejected.add("b")  # after planning: a is now embed's only routable host
-    results = m.execute_roll(ops, plan)
+    results = execute_roll(ops, plan)
     assert not results[0].ok and "would leave embed with no routable host" in results[0].message
     assert w.events == []
 
@@ -538,7 +555,7 @@ def run_models(w: World, *argv: str, picker: FakePicker | None = None) -> tuple[
 
 
 def test_cli_dry_runs_change_nothing() -> None:
-    w = world(a={"mlp": m.READY, "embed": m.READY}, b={"embed": m.READY}, c={"mlp": m.READY})
+    w = world(a={"mlp": READY, "embed": READY}, b={"embed": READY}, c={"mlp": READY})
     code, text = run_models(w, "reload", "mlp", "--all", "--dry-run")
     assert code == 0 and text.endswith("dry run: nothing changed\n")
     assert "1. a (gpu): drain in 1 picker" in text and "2. c (cpu)" in text
@@ -589,16 +606,16 @@ def test_grpc_errors_are_described() -> None:
         def message(self) -> str:
             return self._m
 
-    assert m._describe(Exc("StatusCode.UNAVAILABLE", "failed to connect\nmore")) == "unreachable (failed to connect)"
-    assert m._describe(Exc("StatusCode.DEADLINE_EXCEEDED", "x")) == "timed out"
-    assert m._describe(Exc("StatusCode.INTERNAL", "failed to load 'x'")) == "INTERNAL: failed to load 'x'"
+    assert describe(Exc("StatusCode.UNAVAILABLE", "failed to connect\nmore")) == "unreachable (failed to connect)"
+    assert describe(Exc("StatusCode.DEADLINE_EXCEEDED", "x")) == "timed out"
+    assert describe(Exc("StatusCode.INTERNAL", "failed to load 'x'")) == "INTERNAL: failed to load 'x'"
 
 
 def test_grpc_triton_reports_a_down_host() -> None:
     host = HostSpec(name="down", address="127.0.0.1", grpc_port=1, http_port=2, metrics_port=3, tier=Tier.CPU)
-    triton = m.GrpcTriton()
+    triton = GrpcTriton()
     try:
-        with pytest.raises(m.TritonError, match=r"down: repository index failed \(127.0.0.1:1\): unreachable"):
+        with pytest.raises(TritonError, match=r"down: repository index failed \(127.0.0.1:1\): unreachable"):
             triton.index(host, 2.0)
     finally:
         triton.close()

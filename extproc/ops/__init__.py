@@ -2,9 +2,11 @@
 
 - :mod:`extproc.ops.status`: the picker's ``/status`` and drain endpoints and Envoy's admin ``/clusters``,
   behind small client interfaces, and the ``extproc status`` table.
-- :mod:`extproc.ops.models`: Triton's repository API (index, load, unload) on every host, behind a small
-  client interface; planning (which hosts, in which order, what would go wrong) as pure functions, and
-  executors that drain a host in the picker before unloading a model from it.
+- ``extproc models``, by layer: :mod:`extproc.ops.triton_api`, Triton's repository API (index, load,
+  unload) on every host, behind a small client interface; :mod:`extproc.ops.plans`, planning (which hosts,
+  in which order, what would go wrong) as pure functions; :mod:`extproc.ops.execute`, executors that drain
+  a host in the picker before unloading a model from it; :mod:`extproc.ops.present`, what is printed; and
+  :mod:`extproc.ops.models`, the command line glue.
 
 Everything here is synchronous (a command line tool); work across hosts runs on a thread pool.
 """

@@ -2,8 +2,8 @@
 undrain) and Envoy's admin ``/clusters``, and ``extproc status``, a table of hosts refreshed in place.
 
 The clients are small interfaces (:class:`PickerApi`, :class:`EnvoyApi`) so that the operations in
-:mod:`extproc.ops.models` can be tested against fakes; :class:`HttpPicker` and :class:`HttpEnvoyAdmin` are
-the real ones (``urllib``, with timeouts).
+:mod:`extproc.ops.plans` and :mod:`extproc.ops.execute` can be tested against fakes; :class:`HttpPicker`
+and :class:`HttpEnvoyAdmin` are the real ones (``urllib``, with timeouts).
 """
 
 from __future__ import annotations

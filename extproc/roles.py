@@ -1,0 +1,503 @@
+"""The picker process's three roles, each one composition of the parts it runs.
+
+- :class:`Single` (``picker.workers: 1``): the HTTP endpoint, telemetry collected from the hosts, discovery
+  of the pools and the ext_proc gRPC server.
+- :class:`Leader` (``picker.workers > 1``): the HTTP endpoint, the telemetry and the discovery, shared with
+  its worker processes (:class:`WorkerPool`), which serve ext_proc; its own metrics leave the decisions to them.
+- :class:`Worker`: the ext_proc gRPC server on its own listen address, routing on the leader's telemetry
+  (and the pools' hosts it discovered); its decisions go to the multiprocess directory the leader reads.
+
+:class:`~extproc.app.Picker` runs whatever parts its role gives it (:class:`Part`: start in order, react to
+a reload and a switch of fleet, stop in reverse order); it never asks which role it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Literal, Protocol
+
+import grpc
+import structlog
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from extproc.admin_key import read_admin_key
+from extproc.config import Fleet
+from extproc.datastore import Datastore
+from extproc.discovery import Discovery
+from extproc.handlers.server import add_to_server
+from extproc.sharing import Publisher, Subscriber
+from extproc.telemetry.collector import TelemetryCollector
+
+if TYPE_CHECKING:
+    from extproc.app import Picker
+
+__all__ = [
+    "GRPC_OPTIONS",
+    "Leader",
+    "Part",
+    "Role",
+    "RoleName",
+    "Single",
+    "Worker",
+    "WorkerPool",
+    "cancel",
+    "role_for",
+    "role_named",
+]
+
+log = structlog.get_logger(__name__)
+
+RoleName = Literal["single", "leader", "worker"]
+
+# How long a new worker waits for the leader's first telemetry before serving (on empty data: 503s).
+_FIRST_SNAPSHOT_S = 10.0
+# How often a worker adds its decisions to the multiprocess directory the leader's /metrics reads.
+_WORKER_METRICS_FLUSH_S = 1.0
+# Health-checked service names: the server as a whole ("") and the ext_proc service.
+_HEALTH_SERVICES = ("", "envoy.service.ext_proc.v3.ExternalProcessor")
+
+GRPC_OPTIONS: Final = [
+    # Envoy opens one stream per request over a few connections; do not let gRPC cap them.
+    ("grpc.max_concurrent_streams", 100_000),
+    ("grpc.so_reuseport", 1),
+]
+
+
+async def cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+# --- parts -------------------------------------------------------------------------------------------------
+
+
+class Part:
+    """One piece of a running picker; every hook does nothing unless the part needs it."""
+
+    async def start(self) -> None:
+        """In the role's order: telemetry before the gRPC server, so the first requests route on data."""
+
+    async def reload(self, config: Fleet) -> None:
+        """A new fleet file (under the picker's switching lock), before the picker switches to it."""
+
+    def switch(self, fleet: Fleet, datastore: Datastore) -> None:
+        """The picker now routes over ``fleet`` and ``datastore`` (config reload or new pool hosts). Runs
+        between two requests for every part (it must not await); :meth:`settle` then follows."""
+
+    async def settle(self) -> None:
+        """After every part switched: let go of what served the previous fleet."""
+
+    async def stop(self) -> None:
+        """In the reverse of the role's order."""
+
+
+class _Http(Part):
+    """The HTTP endpoint: metrics (with the workers' decisions), readiness, status, drain and undrain."""
+
+    def __init__(self, picker: Picker) -> None:
+        self._picker = picker
+        self._web: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_page)
+        app.router.add_get("/ready", self._ready_page)
+        app.router.add_get("/status", self._status_page)
+        app.router.add_post("/hosts/{name}/drain", self._drain)
+        app.router.add_post("/hosts/{name}/undrain", self._drain)
+        self._web = web.AppRunner(app, access_log=None)
+        await self._web.setup()
+        picker = self._picker.fleet.picker
+        await web.TCPSite(self._web, picker.metrics_address, picker.metrics_port).start()
+
+    async def stop(self) -> None:
+        if self._web is not None:
+            await self._web.cleanup()
+
+    async def _metrics_page(self, _: web.Request) -> web.Response:
+        self._picker.metrics.flush()
+        body = generate_latest(self._picker.metrics.registry)
+        if self._picker.workers is not None:
+            body += self._picker.workers.metrics()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _ready_page(self, _: web.Request) -> web.Response:
+        ready = self._picker.is_ready()
+        return web.Response(status=200 if ready else 503, text="ready\n" if ready else "starting\n")
+
+    async def _status_page(self, _: web.Request) -> web.Response:
+        return web.json_response({"ready": self._picker.is_ready(), "hosts": self._picker.datastore.status()})
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        """Stop (or resume) sending new requests to a host; sequences pinned there move. Workers learn it
+        from the next snapshot."""
+        name = request.match_info["name"]
+        datastore = self._picker.datastore
+        host = datastore.hosts.get(name)
+        if host is None:
+            return web.json_response({"error": f"no host named {name!r} in this fleet"}, status=404)
+        host.draining = request.path.endswith("/drain")
+        datastore.changed()
+        log.info("host_draining" if host.draining else "host_undrained", host=name)
+        return web.json_response({"host": name, "draining": host.draining})
+
+
+class _Collecting(Part):
+    """Telemetry collected from the hosts; rebuilt on each switch of fleet (with the current admin key)."""
+
+    def __init__(self, picker: Picker) -> None:
+        self._picker = picker
+        self._collector = TelemetryCollector(picker.fleet, picker.datastore, admin_key=picker.admin_key)
+        self._task: asyncio.Task[None] | None = None
+        self._retiring: list[tuple[TelemetryCollector, asyncio.Task[None] | None]] = []
+
+    async def start(self) -> None:
+        await self._collector.refresh_once()
+        self._task = asyncio.create_task(self._collector.run(), name="telemetry")
+
+    def switch(self, fleet: Fleet, datastore: Datastore) -> None:
+        self._retiring.append((self._collector, self._task))
+        self._collector = TelemetryCollector(fleet, datastore, admin_key=self._picker.admin_key)
+        self._task = asyncio.create_task(self._collector.run(), name="telemetry")
+
+    async def settle(self) -> None:
+        while self._retiring:
+            collector, task = self._retiring.pop(0)
+            await cancel(task)
+            await collector.aclose()
+
+    async def stop(self) -> None:
+        await self.settle()
+        await cancel(self._task)
+        await self._collector.aclose()
+
+
+class _Publishing(Part):
+    """The leader's telemetry (and the pools' hosts) pushed to its workers."""
+
+    def __init__(self, picker: Picker) -> None:
+        self._publisher = Publisher(picker.datastore, _share(picker.fleet), picker.discovered)
+        self._picker = picker
+
+    async def start(self) -> None:
+        await self._publisher.start()
+
+    def switch(self, fleet: Fleet, datastore: Datastore) -> None:
+        self._publisher.datastore, self._publisher.discovered = datastore, self._picker.discovered
+
+    async def stop(self) -> None:
+        await self._publisher.stop()
+
+
+class _Subscribing(Part):
+    """A worker's telemetry: the leader's snapshots, waited for (a while) before serving."""
+
+    def __init__(self, picker: Picker) -> None:
+        self._subscriber = Subscriber(picker.datastore, _share(picker.fleet), picker.use_discovered)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._subscriber.run(), name="telemetry-subscriber")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscriber.received.wait(), timeout=_FIRST_SNAPSHOT_S)
+
+    def switch(self, fleet: Fleet, datastore: Datastore) -> None:
+        self._subscriber.datastore = datastore
+
+    async def stop(self) -> None:
+        await cancel(self._task)
+
+
+def _share(fleet: Fleet) -> Path:
+    return Path(fleet.runtime_dir) / "telemetry.sock"
+
+
+class _Discovering(Part):
+    """The pools re-resolved in the background (the picker switches fleet when their hosts change); a new
+    fleet file brings a new :class:`~extproc.discovery.Discovery`, whose pools keep their hosts meanwhile."""
+
+    def __init__(self, picker: Picker) -> None:
+        self._picker = picker
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        discovery = self._picker.discovery
+        if discovery is not None:
+            self._task = asyncio.create_task(discovery.run(self._picker.rediscovered), name="discovery")
+
+    async def reload(self, config: Fleet) -> None:
+        picker = self._picker
+        await cancel(self._task)
+        self._task = None
+        picker.discovery = Discovery(config, picker.discovery) if config.pools else None
+        picker.metrics.use_discovery(picker.discovery)
+        picker.discovered = picker.discovery.hosts if picker.discovery is not None else ()
+        await self.start()
+
+    async def stop(self) -> None:
+        await cancel(self._task)
+
+
+class _FlushingMetrics(Part):
+    """A worker's decisions, added to the multiprocess directory the leader's ``/metrics`` reads."""
+
+    def __init__(self, picker: Picker) -> None:
+        self._picker = picker
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._flush(), name="metrics-flush")
+
+    async def _flush(self) -> None:
+        while True:
+            await asyncio.sleep(_WORKER_METRICS_FLUSH_S)
+            self._picker.metrics.flush()
+
+    async def stop(self) -> None:
+        await cancel(self._task)
+
+
+class _GrpcEdge(Part):
+    """The ext_proc gRPC server, with the standard gRPC health service (Kubernetes gRPC probes,
+    grpc-health-probe, Envoy's gRPC health checks): NOT_SERVING until the picker serves, and again from the
+    start of a shutdown."""
+
+    def __init__(self, picker: Picker, address: str) -> None:
+        self._server = grpc.aio.server(options=GRPC_OPTIONS)
+        add_to_server(picker.processor, self._server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._server.add_insecure_port(address)
+
+    async def start(self) -> None:
+        await self._server.start()
+        for service in _HEALTH_SERVICES:
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace=1.0)
+
+
+# --- roles -------------------------------------------------------------------------------------------------
+
+
+class Role(Protocol):
+    """What differs between the picker's roles."""
+
+    @property
+    def name(self) -> RoleName: ...
+
+    @property
+    def counts_decisions(self) -> bool:
+        """Whether this process's own metrics count its decisions (a leader's come from its workers)."""
+        ...
+
+    def pick_weight(self, fleet: Fleet) -> int:
+        """How many requests one pick stands for in the scheduler's optimistic in-flight count."""
+        ...
+
+    def admin_key(self, config: Fleet) -> str | None:
+        """The fleet's admin key, for a process that talks to the hosts itself; raises ConfigError."""
+        ...
+
+    def discovery(self, config: Fleet) -> Discovery | None:
+        """A discovery of the fleet file's pools, for a process that resolves them itself (not yet run)."""
+        ...
+
+    def workers(self, fleet: Fleet) -> WorkerPool | None:
+        """The worker processes this one starts (before starting the picker) and supervises."""
+        ...
+
+    def sockets(self, fleet: Fleet) -> list[Path]:
+        """The Unix sockets this process listens on (made before it starts, removed after it stops)."""
+        ...
+
+    def parts(self, picker: Picker) -> list[Part]:
+        """The parts to run, in starting order; called once, when ``picker`` has its first fleet."""
+        ...
+
+
+class _Resolving:
+    """The hooks of a process that talks to the hosts itself and resolves the pools (single, leader)."""
+
+    def admin_key(self, config: Fleet) -> str | None:
+        return read_admin_key(config)
+
+    def discovery(self, config: Fleet) -> Discovery | None:
+        return Discovery(config) if config.pools else None
+
+
+class Single(_Resolving):
+    """The only picker process: collects telemetry and serves ext_proc."""
+
+    name: Final = "single"
+    counts_decisions: Final = True
+
+    def pick_weight(self, fleet: Fleet) -> int:
+        return 1
+
+    def workers(self, fleet: Fleet) -> WorkerPool | None:
+        return None
+
+    def sockets(self, fleet: Fleet) -> list[Path]:
+        return _unix_sockets(fleet.picker.listen_addresses[:1])
+
+    def parts(self, picker: Picker) -> list[Part]:
+        address = picker.fleet.picker.listen_addresses[0]
+        return [_Http(picker), _Collecting(picker), _Discovering(picker), _GrpcEdge(picker, address)]
+
+
+class Leader(_Resolving):
+    """Collects telemetry and shares it with its workers; ``config_path`` (the fleet file, to start them
+    with): without it, no worker is started (a leader in a test)."""
+
+    name: Final = "leader"
+    counts_decisions: Final = False
+
+    def __init__(self, config_path: Path | None = None, log_format: str = "auto") -> None:
+        self._config_path = config_path
+        self._log_format = log_format
+
+    def pick_weight(self, fleet: Fleet) -> int:
+        return 1
+
+    def workers(self, fleet: Fleet) -> WorkerPool | None:
+        return None if self._config_path is None else WorkerPool(fleet, self._config_path, self._log_format)
+
+    def sockets(self, fleet: Fleet) -> list[Path]:
+        return []  # each worker owns its socket
+
+    def parts(self, picker: Picker) -> list[Part]:
+        return [_Http(picker), _Collecting(picker), _Publishing(picker), _Discovering(picker)]
+
+
+class Worker:
+    """Worker ``index`` of a leader: serves ext_proc on its own listen address, on the leader's telemetry."""
+
+    name: Final = "worker"
+    counts_decisions: Final = True
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def pick_weight(self, fleet: Fleet) -> int:
+        # A worker sees 1/N of the picks between two Envoy polls; count each as N (see Scheduler).
+        return fleet.picker.workers
+
+    def admin_key(self, config: Fleet) -> str | None:
+        return None
+
+    def discovery(self, config: Fleet) -> Discovery | None:
+        return None  # the leader's snapshots carry the pools' hosts
+
+    def workers(self, fleet: Fleet) -> WorkerPool | None:
+        return None
+
+    def sockets(self, fleet: Fleet) -> list[Path]:
+        return _unix_sockets(fleet.picker.listen_addresses[self.index : self.index + 1])
+
+    def parts(self, picker: Picker) -> list[Part]:
+        address = picker.fleet.picker.listen_addresses[self.index]
+        return [_Subscribing(picker), _FlushingMetrics(picker), _GrpcEdge(picker, address)]
+
+
+def _unix_sockets(addresses: Sequence[str]) -> list[Path]:
+    return [Path(a.removeprefix("unix:")) for a in addresses if a.startswith("unix:")]
+
+
+def role_named(name: RoleName, worker: int = 0) -> Role:
+    """The role by name (a leader without workers to start)."""
+    roles: dict[str, Role] = {"single": Single(), "leader": Leader(), "worker": Worker(worker)}
+    return roles[name]
+
+
+def role_for(fleet: Fleet, worker: int | None, config_path: Path | None, log_format: str = "auto") -> Role:
+    """The role of an ``extproc serve`` process: single (``picker.workers: 1``), worker ``worker``, or the
+    leader that starts the workers with ``config_path``."""
+    if fleet.picker.workers == 1:
+        return Single()
+    if worker is not None:
+        return Worker(worker)
+    if config_path is None:
+        raise ValueError("several workers need the fleet file's path, to start them with it")
+    return Leader(config_path, log_format)
+
+
+# --- the leader's workers ----------------------------------------------------------------------------------
+
+
+class WorkerPool:
+    """The leader's worker processes: started with the same fleet file, restarted if one dies, and sharing a
+    Prometheus multiprocess directory so the leader's ``/metrics`` sums their decisions."""
+
+    def __init__(self, fleet: Fleet, config_path: Path, log_format: str) -> None:
+        self._fleet = fleet
+        self._config_path = config_path
+        self._log_format = log_format
+        self._metrics_dir = Path(fleet.runtime_dir) / "picker-metrics"
+        self._processes: list[asyncio.subprocess.Process | None] = [None] * fleet.picker.workers
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        self._metrics_dir.mkdir(parents=True)
+        for index in range(len(self._processes)):
+            await self._spawn(index)
+        self._task = asyncio.create_task(self._supervise(), name="workers")
+
+    async def _spawn(self, index: int) -> None:
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self._metrics_dir)}
+        argv = ["-m", "extproc", "--log-format", self._log_format, "serve", "--config", str(self._config_path)]
+        self._processes[index] = await asyncio.create_subprocess_exec(
+            sys.executable, *argv, "--worker", str(index), env=env
+        )
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(0.5)
+            for index, process in enumerate(self._processes):
+                if process is not None and process.returncode is not None and not self._stopping:
+                    log.warning("picker_worker_exited", worker=index, code=process.returncode, note="restarting")
+                    await self._spawn(index)
+
+    def ready(self) -> bool:
+        """Every worker runs and, on Unix sockets, listens."""
+        addresses = self._fleet.picker.listen_addresses
+        for index, process in enumerate(self._processes):
+            if process is None or process.returncode is not None:
+                return False
+            if addresses[index].startswith("unix:") and not Path(addresses[index].removeprefix("unix:")).exists():
+                return False
+        return True
+
+    def metrics(self) -> bytes:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self._metrics_dir))  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await cancel(self._task)
+        for process in self._processes:
+            if process is not None and process.returncode is None:
+                process.terminate()
+        for process in self._processes:
+            if process is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), timeout=10)
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
