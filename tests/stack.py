@@ -36,6 +36,21 @@ REPOSITORY = REPO / "triton_models"
 READY_TIMEOUT_S = 240.0
 
 
+class _E2EGuard:
+    """Whether the test being set up, run or torn down is marked ``e2e`` (set by tests/conftest.py)."""
+
+    e2e = True  # outside a test (collection, session fixtures)
+
+
+E2E_GUARD = _E2EGuard()
+
+
+def require_e2e(what: str) -> None:
+    """Refuse to start a server for a test not marked e2e (see tests/conftest.py)."""
+    if not E2E_GUARD.e2e:
+        raise RuntimeError(f"a test not marked e2e starts a server ({what}); mark it pytest.mark.e2e")
+
+
 def local_fleet(run_dir: Path, **picker: Any) -> dict[str, Any]:
     """The local fleet (deploy/local/fleet.yaml) moved to free ports and a private run directory."""
     data: dict[str, Any] = yaml.safe_load((REPO / "deploy" / "local" / "fleet.yaml").read_text())
@@ -126,6 +141,7 @@ def admin_key(run_dir: Path) -> str | None:
 
 
 def start_stack(run_dir: Path, fleet: dict[str, Any]) -> Stack:
+    require_e2e("extproc up")
     config = run_dir / "fleet.yaml"
     config.write_text(yaml.safe_dump(fleet, sort_keys=False))
     process = subprocess.Popen(

@@ -1126,6 +1126,7 @@ def _stats(admin: str) -> dict[str, int]:
     return {s["name"]: int(s["value"]) for s in stats if "value" in s and isinstance(s["value"], int)}
 
 
+@pytest.mark.e2e
 def test_ext_proc_runs_on_the_triton_virtual_host_only(run_envoy: Any) -> None:
     # The sidecar-shaped bootstrap with the EnvoyFilter, run on loopback (every address rewritten to
     # 127.0.0.1, the picker's port closed): a request for Triton goes through ext_proc (which fails open), a
@@ -1344,6 +1345,7 @@ def test_dashboard_covers_the_metrics_that_matter() -> None:
     assert "sum by (status, reason) (rate(extproc_rejections_total" in text
 
 
+@pytest.mark.e2e
 def test_dashboard_queries_name_real_metrics_and_labels(envoy_series: dict[str, set[str]]) -> None:
     known = {**_picker_series(), **envoy_series, **_triton_series()}
     for expr in _exprs(_dashboard()):
