@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Final
 
 from extproc.batch_cost import BatchCost, BatchFit, Batching
 from extproc.config import Fleet, HostSpec, Tier
@@ -54,6 +55,28 @@ class EnvoyView:
     active: int = 0  # rq_active: requests Envoy has in flight to this host
     ejected: bool = False  # failed_outlier_check in any cluster
     unhealthy: bool = False  # failed active health check in any cluster
+
+
+# The fields of HostState that make up what the picker knows about a host (its telemetry and the operator's
+# drain flag): the one record that the leader sends its workers (extproc.sharing), that a reload carries over
+# (Datastore.adopt) and that /status shows (host_status). The Datastore writes them (its set_* methods and
+# update_index), so that whatever a scheduler prepared from the old values is out of date at once; nothing
+# else in the package assigns them (tests/test_datastore.py checks both).
+TELEMETRY_FIELDS: Final = (
+    "load",
+    "envoy",
+    "ready",
+    "known",
+    "batching",
+    "draining",
+    "metrics_at",
+    "index_at",
+    "envoy_at",
+)
+# The other fields: the host's identity, and the in-flight estimate, which every pick moves and every
+# decision reads live (never prepared, so written without a generation change).
+IDENTITY_FIELDS: Final = ("spec", "http_endpoint", "grpc_endpoint")
+ESTIMATE_FIELDS: Final = ("estimate", "estimate_at", "picks_since_poll")
 
 
 @dataclass(slots=True)
@@ -150,6 +173,8 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
         and not host.envoy.unhealthy
         and host.envoy_at is not None,
         "ready": {model: sorted(versions) for model, versions in sorted(host.ready.items())},
+        # Every model the repository index lists, ready or not.
+        "known": sorted(host.known),
         "batching": {
             model: {"max_batch": b.max_batch, "instances": b.instances}
             | ({"sequence_slots": b.sequence_slots, "sequence_idle_s": b.sequence_idle_s} if b.sequence else {})
@@ -196,24 +221,63 @@ class Datastore:
         self.generation = 0
 
     def changed(self) -> None:
-        """Say that some host's telemetry, Envoy view, batching or draining flag was just written. Every
-        writer calls this; only the in-flight estimate (read live by every decision) is exempt."""
+        """Say that some host's telemetry (:data:`TELEMETRY_FIELDS`) was just written: the writers below
+        call it; only the in-flight estimate (read live by every decision) is exempt."""
         self.generation += 1
+
+    def set_load(self, host: HostState, load: TritonLoad, scraped_at: float | None = None) -> None:
+        """The host's load: from a scrape of its metrics (``scraped_at``), or with other readings (NVML)."""
+        host.load = load
+        if scraped_at is not None:
+            host.metrics_at = scraped_at
+        self.changed()
+
+    def set_envoy(self, host: HostState, view: EnvoyView | None, now: float) -> None:
+        """Envoy's view of the host (None: Envoy does not list it; its last view's time is kept)."""
+        if view is None:
+            host.envoy = EnvoyView()
+        else:
+            host.envoy, host.envoy_at = view, now
+        self.changed()
+
+    def set_batching(self, host: HostState, batching: dict[str, Batching]) -> None:
+        host.batching = batching
+        self.changed()
+
+    def set_draining(self, host: HostState, draining: bool) -> None:
+        host.draining = draining
+        self.changed()
+
+    def telemetry(self, host: HostState) -> tuple[Any, ...]:
+        """The host's record (:data:`TELEMETRY_FIELDS`, in that order), for :meth:`set_telemetry`."""
+        return tuple(getattr(host, name) for name in TELEMETRY_FIELDS)
+
+    def set_telemetry(self, host: HostState, record: tuple[Any, ...]) -> None:
+        """Write the whole record, as :meth:`telemetry` read it (from another process, or before a reload);
+        the in-flight estimate restarts from Envoy's count when that count is newer."""
+        values = dict(zip(TELEMETRY_FIELDS, record, strict=True))
+        envoy, envoy_at = values["envoy"], values["envoy_at"]
+        assert isinstance(values["load"], TritonLoad) and isinstance(envoy, EnvoyView)
+        if envoy_at is not None and envoy_at != host.envoy_at:
+            host.reset_estimate(envoy.active, envoy_at)  # Envoy's new count includes the picks since
+        reindex = values["ready"].keys() != host.ready.keys() or values["known"] != host.known
+        for name, value in values.items():
+            setattr(host, name, value)
+        if reindex:
+            self._reindex()
+        self.changed()
 
     def adopt(self, old: Datastore) -> None:
         """Carry live state over from the datastore of the previous config (reload): hosts with the same name
-        and endpoints keep their telemetry, Envoy view and draining flag; new hosts start unknown."""
+        and endpoints keep their record and in-flight estimate; new hosts start unknown."""
         for name, host in self.hosts.items():
             before = old.hosts.get(name)
             if before is None or before.spec.model_dump(exclude={"labels", "launch"}) != host.spec.model_dump(
                 exclude={"labels", "launch"}
             ):
                 continue
-            host.load, host.envoy, host.draining = before.load, before.envoy, before.draining
-            host.ready, host.known, host.batching = before.ready, before.known, before.batching
-            host.estimate, host.estimate_at = before.estimate, before.estimate_at
-            host.picks_since_poll = before.picks_since_poll
-            host.metrics_at, host.index_at, host.envoy_at = before.metrics_at, before.index_at, before.envoy_at
+            for field_name in (*TELEMETRY_FIELDS, *ESTIMATE_FIELDS):
+                setattr(host, field_name, getattr(before, field_name))
         self._reindex()
 
     def update_index(

@@ -147,8 +147,7 @@ class _Http(Part):
         host = datastore.hosts.get(name)
         if host is None:
             return web.json_response({"error": f"no host named {name!r} in this fleet"}, status=404)
-        host.draining = request.path.endswith("/drain")
-        datastore.changed()
+        datastore.set_draining(host, request.path.endswith("/drain"))
         log.info("host_draining" if host.draining else "host_undrained", host=name)
         return web.json_response({"host": name, "draining": host.draining})
 

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from extproc.config import HostSpec
-from extproc.datastore import Datastore, EnvoyView, TritonLoad
+from extproc.datastore import Datastore
 
 log = structlog.get_logger(__name__)
 
@@ -32,20 +32,7 @@ Discovered = tuple[HostSpec, ...]
 
 
 def snapshot(datastore: Datastore, discovered: Discovered) -> bytes:
-    state = {
-        name: (
-            host.load,
-            host.envoy,
-            host.ready,
-            host.known,
-            host.batching,
-            host.draining,
-            host.metrics_at,
-            host.index_at,
-            host.envoy_at,
-        )
-        for name, host in datastore.hosts.items()
-    }
+    state = {name: datastore.telemetry(host) for name, host in datastore.hosts.items()}
     return pickle.dumps((discovered, state), protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -57,18 +44,10 @@ def read_snapshot(data: bytes) -> tuple[Discovered, dict[str, tuple[Any, ...]]]:
 
 
 def apply_snapshot(datastore: Datastore, state: dict[str, tuple[Any, ...]]) -> None:
-    for name, (load, envoy, ready, known, batching, draining, metrics_at, index_at, envoy_at) in state.items():
+    for name, record in state.items():
         host = datastore.hosts.get(name)
-        if host is None:  # a host our (older or newer) fleet file does not have
-            continue
-        assert isinstance(load, TritonLoad) and isinstance(envoy, EnvoyView)
-        host.load, host.envoy, host.batching, host.draining = load, envoy, batching, draining
-        if envoy_at != host.envoy_at and envoy_at is not None:
-            host.reset_estimate(envoy.active, envoy_at)  # Envoy's new count includes our picks
-        host.metrics_at, host.envoy_at = metrics_at, envoy_at
-        if index_at != host.index_at:
-            datastore.update_index(host, ready, known, index_at)
-    datastore.changed()
+        if host is not None:  # else a host our (older or newer) fleet file does not have
+            datastore.set_telemetry(host, record)
 
 
 class Publisher:

@@ -22,6 +22,7 @@ the hosts are not all scraped in the same millisecond.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from collections.abc import Awaitable, Callable
@@ -251,15 +252,14 @@ class TelemetryCollector:
         load = derive_load(host.snapshot, snapshot, host.state.load)
         if host.state is self._nvml_host and self._gpu is not None:
             _apply_gpu(load, self._gpu)
-        host.state.load = load
         host.snapshot = snapshot
-        now = host.state.metrics_at = self._datastore.now()
+        now = self._datastore.now()
+        self._datastore.set_load(host.state, load, now)
         envoy_at = host.state.envoy_at
         if envoy_at is None or now - envoy_at > self._datastore.stale_after_s:
             # Envoy's admin is unreachable: Triton's queue is the live view now, and our picks since the
             # last Envoy poll would otherwise pile up for ever.
             host.state.reset_estimate(load.pending, now)
-        self._datastore.changed()
 
     async def _poll_repository(self, host: _Host) -> None:
         index = await host.repository.index(self._timeout_s)
@@ -279,8 +279,7 @@ class TelemetryCollector:
                     log.debug("model config unreadable", host=state.name, model=model, error=_describe(exc))
                     continue
                 seen[model] = versions
-        state.batching = batching
-        self._datastore.changed()
+        self._datastore.set_batching(state, batching)
 
     async def _poll_envoy(self) -> None:
         body = await self._get(self.envoy_url)
@@ -313,8 +312,9 @@ class TelemetryCollector:
             self._gpu = None
             raise _Disabled
         self._gpu = reading
-        _apply_gpu(self._nvml_host.load, reading)
-        self._datastore.changed()
+        load = dataclasses.replace(self._nvml_host.load)
+        _apply_gpu(load, reading)
+        self._datastore.set_load(self._nvml_host, load)
 
 
 def _apply_gpu(load: TritonLoad, reading: GpuReading) -> None:

@@ -137,16 +137,15 @@ def apply_envoy_view(datastore: Datastore, endpoints: Mapping[str, EndpointStatu
     for host in datastore.hosts.values():
         found = [s for key in (host.http_endpoint, host.grpc_endpoint) if (s := endpoints.get(key)) is not None]
         if not found:
-            host.envoy = EnvoyView()
+            datastore.set_envoy(host, None, now)
             host.reset_estimate(0, now)
             missing.append(host.name)
             continue
-        host.envoy = EnvoyView(
+        view = EnvoyView(
             active=sum(s.rq_active for s in found),
             ejected=any(s.failed_outlier_check for s in found),
             unhealthy=any(s.failed_active_health_check for s in found),
         )
-        host.envoy_at = now
-        host.reset_estimate(host.envoy.active, now)
-    datastore.changed()
+        datastore.set_envoy(host, view, now)
+        host.reset_estimate(view.active, now)
     return missing

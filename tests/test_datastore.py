@@ -1,0 +1,125 @@
+"""One record per host (extproc.datastore): every field of HostState is classified once, the record's fields
+travel to workers, survive a reload and show in /status, and only the Datastore writes them, so that what a
+scheduler prepared from old values is out of date as soon as they change."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from benchmarks.decision import synthetic_fleet
+from extproc.batch_cost import Batching
+from extproc.datastore import (
+    ESTIMATE_FIELDS,
+    IDENTITY_FIELDS,
+    TELEMETRY_FIELDS,
+    Datastore,
+    EnvoyView,
+    HostState,
+    TritonLoad,
+    host_status,
+)
+from extproc.sharing import apply_snapshot, read_snapshot, snapshot
+
+PACKAGE = Path(__file__).resolve().parent.parent / "extproc"
+
+# One distinct change per field of the record, as its writer would make it.
+CHANGES: dict[str, Callable[[Datastore, HostState], None]] = {
+    "load": lambda d, h: d.set_load(h, TritonLoad(pending=7)),
+    "envoy": lambda d, h: d.set_envoy(h, EnvoyView(active=3, ejected=True), d.now()),
+    "ready": lambda d, h: d.update_index(h, {**h.ready, "extra": frozenset({"2"})}, h.known, _at(h.index_at)),
+    "known": lambda d, h: d.update_index(h, h.ready, h.known | {"listed"}, _at(h.index_at)),
+    "batching": lambda d, h: d.set_batching(h, {"mlp": Batching(8, 2)}),
+    "draining": lambda d, h: d.set_draining(h, True),
+    "metrics_at": lambda d, h: d.set_load(h, h.load, d.now() - 1.5),
+    "index_at": lambda d, h: d.update_index(h, h.ready, h.known, d.now() - 2.5),
+    "envoy_at": lambda d, h: d.set_envoy(h, h.envoy, d.now() - 0.5),
+}
+
+
+def _at(at: float | None) -> float:
+    assert at is not None
+    return at
+
+
+def test_every_field_of_a_host_is_classified_once() -> None:
+    fields = [f.name for f in dataclasses.fields(HostState)]
+    classified = [*TELEMETRY_FIELDS, *IDENTITY_FIELDS, *ESTIMATE_FIELDS]
+    assert sorted(classified) == sorted(fields)
+    assert sorted(CHANGES) == sorted(TELEMETRY_FIELDS)  # a new field needs its row above
+
+
+@pytest.mark.parametrize("name", TELEMETRY_FIELDS)
+def test_each_write_invalidates_and_shows_in_status(name: str) -> None:
+    _, store = synthetic_fleet(2)
+    host, now = store.hosts["h1"], store.now()
+    before, generation = host_status(host, now, store.stale_after_s), store.generation
+    CHANGES[name](store, host)
+    assert store.generation > generation
+    assert host_status(host, now, store.stale_after_s) != before
+
+
+def test_the_record_travels_to_workers_and_survives_a_reload() -> None:
+    fleet, leader = synthetic_fleet(3)
+    for name in TELEMETRY_FIELDS:
+        CHANGES[name](leader, leader.hosts["h1"])
+    leader.hosts["h1"].record_pick(leader.now())
+
+    worker = Datastore(fleet)
+    apply_snapshot(worker, read_snapshot(snapshot(leader, ()))[1])
+    reloaded = Datastore(fleet)
+    reloaded.adopt(leader)
+    for name, sent in leader.hosts.items():
+        for got in (worker.hosts[name], reloaded.hosts[name]):
+            assert [getattr(got, f) for f in TELEMETRY_FIELDS] == [getattr(sent, f) for f in TELEMETRY_FIELDS]
+        assert [getattr(reloaded.hosts[name], f) for f in ESTIMATE_FIELDS] == [
+            getattr(sent, f) for f in ESTIMATE_FIELDS
+        ]
+    assert {k: [h.name for h in v] for k, v in worker.serving.items()} == {
+        k: [h.name for h in v] for k, v in leader.serving.items()
+    }
+
+
+def assignments_to_the_record(source: str) -> list[str]:
+    """``obj.FIELD = ...`` (also augmented or in a tuple) for a field of the record, as ``LINE: FIELD``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = list(node.targets)
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        for target in targets:
+            for sub in ast.walk(target):
+                if not isinstance(sub, ast.Attribute) or not isinstance(sub.ctx, ast.Store):
+                    continue
+                if sub.attr in TELEMETRY_FIELDS and not _on_self(sub):
+                    found.append(f"{sub.lineno}: {sub.attr}")
+    return found
+
+
+def _on_self(node: ast.Attribute) -> bool:
+    """``self.FIELD``: another class's own attribute of the same name (e.g. an index's ``ready``)."""
+    return isinstance(node.value, ast.Name) and node.value.id == "self"
+
+
+def test_only_the_datastore_writes_the_record() -> None:
+    modules = [p for p in sorted(PACKAGE.rglob("*.py")) if p.name != "datastore.py"]
+    assert len(modules) > 20
+    found = [f"{p.relative_to(PACKAGE.parent)}:{a}" for p in modules for a in assignments_to_the_record(p.read_text())]
+    assert found == []
+
+
+def test_the_check_sees_direct_writes() -> None:
+    assert assignments_to_the_record(
+        "host.load = x\na.b.draining = True\nh.envoy, h.ready = e, r\nself.ready = 1\n"
+    ) == [
+        "1: load",
+        "2: draining",
+        "3: envoy",
+        "3: ready",
+    ]
