@@ -608,6 +608,55 @@ def test_a_shape_the_body_cannot_hold_is_refused_before_triton(stack: Stack) -> 
         assert "x-triton-host" not in headers
 
 
+# ------------------------------------------------------------ bodies the picker checked reach Triton intact
+
+
+def send_in_pieces(
+    stack: Stack, path: str, head: list[tuple[str, str]], body: bytes, piece: int, pause_s: float
+) -> bytes:
+    """A request whose headers go first and whose body follows in ``piece``-byte writes ``pause_s`` apart;
+    returns the raw response."""
+    host, port = stack.http_url.split(":")
+    lines = [f"POST {path} HTTP/1.1", f"Host: {stack.http_url}", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in head]
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        for at in range(0, len(body), piece):
+            time.sleep(pause_s)
+            sock.sendall(body[at : at + piece])
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        answer = response.read()
+        assert response.status == 200, (response.status, answer[:300])
+        return answer
+
+
+@pytest.mark.parametrize(("piece", "pause_s"), [(16_384, 0.05), (1 << 20, 0.2), (1 << 20, 0.0)])
+def test_x1_a_checked_rest_body_reaches_triton_once(stack: Stack, piece: int, pause_s: float) -> None:
+    """The picker checks a REST body's tensor headers as the body passes; once they have their verdict the
+    rest must reach Triton exactly as sent (a body chunk delivered twice made Triton refuse valid requests)."""
+    x = np.random.default_rng(piece).random((1, 20_000), dtype=np.float32)
+    binary = {"name": "INPUT", "shape": [1, 20_000], "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
+    head = json.dumps({"inputs": [binary], "outputs": [{"name": "NORM"}]}).encode()
+    body = head + x.tobytes()
+    answer = send_in_pieces(
+        stack,
+        "/v2/models/embed_normalize/infer",
+        [("Inference-Header-Content-Length", str(len(head)))],
+        body,
+        piece,
+        pause_s,
+    )
+    (norm,) = [o for o in json.loads(answer)["outputs"] if o["name"] == "NORM"]
+    assert norm["data"][0] == pytest.approx(float(np.linalg.norm(x)), rel=1e-5)
+    # JSON data, padded past a few MB: the part after the verdict is most of the body.
+    padded = json.dumps({"inputs": [{"name": "INPUT", "shape": [1, 4], "datatype": "FP32", "data": [3, 0, 4, 0]}]})
+    padded = padded[:-1] + " " * (3 << 20) + "}"
+    answer = send_in_pieces(stack, "/v2/models/embed_normalize/infer", [], padded.encode(), piece, pause_s)
+    (norm,) = [o for o in json.loads(answer)["outputs"] if o["name"] == "NORM"]
+    assert norm["data"] == [5.0]
+
+
 def test_nothing_was_logged_as_a_picker_error(stack: Stack) -> None:
     """Last: every threat above was answered on purpose, none by an exception in the picker."""
     assert '"picker_error"' not in stack.log("picker")

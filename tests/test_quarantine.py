@@ -61,6 +61,15 @@ def test_a_request_in_flight_on_a_host_that_goes_down_is_refused_for_a_while(
     assert quarantine.refused_for(1) == 0.0
 
 
+def test_holding_while_any_request_is_refused(store: Datastore, quarantine: Quarantine, clock: Clock) -> None:
+    quarantine.routed(1, "g1")
+    assert not quarantine.holding()
+    down(store, "g1")
+    assert quarantine.holding()
+    clock.now += HOLD_S + 1
+    assert not quarantine.holding()
+
+
 def test_only_requests_of_the_window_before_the_host_went_down(
     store: Datastore, quarantine: Quarantine, clock: Clock
 ) -> None:

@@ -111,13 +111,18 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                 model = request.model
                 if streams and model is not None and self._scheduler.knows_model(model):
                     reader = self._tensor_reader(request, headers)
-                    if self._scheduler.is_sequence_model(model):
-                        # The correlation id is in the body, and it decides the host.
+                    sequence = self._scheduler.is_sequence_model(model)
+                    if sequence or self._quarantine.holding():
+                        # The body decides: a sequence's correlation id is in it, and while requests are
+                        # quarantined an identical one is refused before any host has even its headers.
                         read, late = await self._first_body(body)
                         if late:
                             yield self._extend
                         body = _prepend(await read, body)
-                        request, pending = await self._rest_sequence(request, reader, body)
+                        if sequence:
+                            request, pending = await self._rest_sequence(request, reader, body)
+                        else:
+                            pending = await _first_chunk(reader, body)
                     else:
                         # The path names the model: routed now; the body is checked as it passes.
                         fingerprint_due = True
@@ -157,7 +162,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             return
         for _ in pending:
             yield _BODY_ACK
-        if not fingerprint_due and _checked(reader, guard, method):
+        seen = sum(len(m.request_body.body) for m in pending)
+        if not fingerprint_due and _checked(reader, guard, method, seen, request.size_bytes):
             # Nothing left to check: ending the stream now spares a message and its answer per request
             # (Envoy then passes the rest of the body without asking).
             return
@@ -165,6 +171,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             if not message.HasField("request_body"):
                 continue
             chunk = message.request_body.body
+            seen += len(chunk)
             try:
                 if fingerprint_due:
                     fingerprint_due = False
@@ -175,8 +182,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                         return
                 if guard is not None:
                     guard.feed(chunk)
-                elif reader is not None and not reader.feed(chunk) and message.request_body.end_of_stream:
-                    reader.finish()
+                elif reader is not None and not reader.done:
+                    # The end of the body settles what the head left open (a tensor's data not seen whole).
+                    done = reader.feed(chunk) or not message.request_body.end_of_stream
+                    if not done:
+                        reader.finish()
             except RequestRejected as exc:
                 # Mid-body: Envoy answers the client and resets the upstream request. Triton acts on a
                 # request only once its body is complete, and the chunk that would complete it is the one
@@ -186,7 +196,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                 responder.refused(refusal, request, headers.get("x-request-id"))
                 return
             yield _BODY_ACK
-            if _checked(reader, guard, method):
+            if message.request_body.end_of_stream or _checked(reader, guard, method, seen, request.size_bytes):
                 return
 
     async def _first_body(self, body: AsyncIterator[ep.ProcessingRequest]) -> tuple[asyncio.Task[Any], bool]:
@@ -341,6 +351,19 @@ async def _prepend(
         yield message
 
 
+async def _first_chunk(
+    reader: TensorHeadReader, stream: AsyncIterator[ep.ProcessingRequest]
+) -> list[ep.ProcessingRequest]:
+    """The body's first chunk, its tensor headers checked as far as it holds them."""
+    async for message in stream:
+        if not message.HasField("request_body"):
+            continue
+        if not reader.feed(message.request_body.body) and message.request_body.end_of_stream:
+            reader.finish()
+        return [message]
+    return []
+
+
 def _fingerprint(request: InferenceRequest, body: list[ep.ProcessingRequest]) -> int | None:
     """The quarantine's fingerprint of a request whose first body chunk was read before routing; None when
     none was."""
@@ -365,9 +388,13 @@ def _quarantined(held_s: float) -> Reject:
     )
 
 
-def _checked(reader: TensorHeadReader | None, guard: GrpcBodyGuard | None, method: str | None) -> bool:
-    """Whether the rest of the body needs no look: the REST tensor headers have their verdict, or the one
-    message of a unary gRPC call has passed whole (a stream's later messages are each checked)."""
+def _checked(
+    reader: TensorHeadReader | None, guard: GrpcBodyGuard | None, method: str | None, seen: int, length: int | None
+) -> bool:
+    """Whether the picker may end the stream: the REST tensor headers have their verdict and every byte of
+    the body (``length``, its content-length) has passed, or the one message of a unary gRPC call has passed
+    whole (a stream's later messages are each checked). Not before the body has passed: Envoy mishandles a
+    stream that ends while body chunks it sent are unanswered (it sent one of them upstream twice)."""
     if reader is not None:
-        return reader.done
+        return reader.done and length is not None and seen >= length
     return guard is not None and method == "ModelInfer" and guard.between_messages

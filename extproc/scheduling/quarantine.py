@@ -80,6 +80,16 @@ class Quarantine:
             return 0.0
         return left
 
+    def holding(self) -> bool:
+        """Whether any request is quarantined now (the picker then reads a REST body's first chunk before
+        routing it, so that a quarantined one never reaches a host)."""
+        self._follow_hosts()
+        if self._until:
+            now = self._store.now()
+            for fingerprint in [f for f, until in self._until.items() if until <= now]:
+                del self._until[fingerprint]
+        return bool(self._until)
+
     def routed(self, fingerprint: int, host: str) -> None:
         """The request went to ``host`` (the first of the hosts handed to Envoy: the others get it only when
         it could not reach that one)."""
