@@ -395,6 +395,11 @@ class EnvoySpec(_Strict):
     # Serve Triton's statistics (REST /v2/models[/NAME]/stats, gRPC ModelStatistics) to clients. Off by
     # default: they tell a client every model of the fleet and its traffic.
     allow_statistics: bool = False
+    # Accept compressed gRPC messages (grpc-encoding gzip or deflate). Off by default: Triton inflates a
+    # message whole and without a limit, so the picker inflates each one first, in bounded steps, to refuse
+    # those over max_request_bytes; several such messages at once can keep the picker past
+    # picker.message_timeout_ms, and a request Envoy then lets through unchecked (failing open) reaches Triton.
+    allow_grpc_compression: bool = False
     # TLS to the Triton hosts; null: plaintext (a trusted network). The picker's own telemetry (metrics,
     # repository index) still connects in plaintext.
     upstream_tls: UpstreamTlsSpec | None = None

@@ -12,7 +12,8 @@ What the config does, in request order:
    without one, chunked, is buffered up to that size by the ``buffer`` filter, then 413; every other
    inference body streams); 415 for a compressed REST body; 403 (gRPC: PERMISSION_DENIED) for anything but
    the client APIs (inference, metadata, readiness, statistics if allowed: :data:`GRPC_ALLOWED_METHODS`,
-   :data:`REST_INFER_REGEX`, :data:`REST_OTHER_REGEX`); 404 outside Triton's API.
+   :data:`REST_INFER_REGEX`, :data:`REST_OTHER_REGEX`), naming the API and why the gateway does not offer it
+   (:data:`_CLOSED_APIS`); 404 outside Triton's API.
 1. The HTTP connection manager's early header mutation strips the routing headers and the admin key's
    (:data:`~extproc.headers.STRIPPED_HEADERS`) from the client's request before the route is selected, so only
    the picker can choose a tier or a host, even when the picker fails open; the ``header_mutation`` filter
@@ -109,6 +110,7 @@ _NOT_FOUND_BODY = json.dumps(
 # not have (any more): see the retry policy.
 _GRPC_NOT_FOUND = "5"
 _GRPC_RESOURCE_EXHAUSTED = "8"
+_GRPC_UNIMPLEMENTED = "12"
 
 # Modern TLS 1.2 suites only (ECDHE, AEAD); TLS 1.3 suites are fixed by BoringSSL. ECDSA first: the
 # self-signed certificate is EC P-256. RSA suites stay for operators who bring an RSA certificate.
@@ -453,7 +455,66 @@ REST_STATISTICS_REGEX = r"^/v2/models(/[^/]+(/versions/[^/]+)?)?/stats$"
 # much is buffered, so no client can stream megabytes to a metadata endpoint.
 _SMALL_BODY_BYTES = 64 * 1024
 
-_FORBIDDEN_BODY = json.dumps({"error": "this Triton API is not served through the gateway"})
+# Triton's APIs that the gateway does not offer, each refused (403, gRPC PERMISSION_DENIED) with what it is
+# and why, so that a client learns it from the answer: (route name, what, why, REST paths, gRPC methods).
+# They act on one host, picked like any request, where a client means the fleet: a model loaded or a shared
+# memory region registered through the gateway would exist on one host, and the next request may run on
+# another. Statistics are closed unless the operator allows them (envoy.allow_statistics).
+_ClosedApi = tuple[str, str, str, str, tuple[str, ...]]  # the REST paths as a regex
+_CLOSED_APIS: tuple[_ClosedApi, ...] = (
+    (
+        "repository",
+        "Triton's model repository API (index, load, unload)",
+        "it would load or unload a model on one host of the fleet; operators use extproc models, which acts on "
+        "every host",
+        r"^/v2/repository(/.*)?$",
+        ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"),
+    ),
+    (
+        "shared_memory",
+        "Triton's shared-memory API (system and CUDA)",
+        "a region registered through it would exist on one host only, and the next request may run on another; "
+        "send tensors in the request body",
+        r"^/v2/(system|cuda)sharedmemory(/.*)?$",
+        tuple(f"{kind}SharedMemory{op}" for kind in ("System", "Cuda") for op in ("Status", "Register", "Unregister")),
+    ),
+    (
+        "logging",
+        "Triton's logging API",
+        "log settings are per host; operators set them on each host's own port with the admin key",
+        r"^/v2/logging(/.*)?$",
+        ("LogSettings",),
+    ),
+    (
+        "trace",
+        "Triton's trace API",
+        "trace settings are per host; operators set them on each host's own port with the admin key",
+        rf"^/v2/trace(/.*)?$|^{_MODEL_PATH}/trace/setting$",
+        ("TraceSetting",),
+    ),
+)
+_STATISTICS_CLOSED = (
+    "statistics",
+    "Triton's statistics API",
+    "statistics list every model of the fleet and its traffic, and this fleet does not allow them "
+    "(envoy.allow_statistics)",
+)
+
+
+def closed_api_message(what: str, why: str) -> str:
+    """The refusal of an API the gateway does not offer: which API, and why."""
+    return f"the gateway does not offer {what}: {why}"
+
+
+# Any other path under /v2, or another gRPC method.
+_FORBIDDEN_MESSAGE = (
+    "the gateway does not offer this API: it serves Triton's inference, metadata, config, readiness and health APIs"
+)
+_FORBIDDEN_BODY = json.dumps({"error": _FORBIDDEN_MESSAGE})
+_GRPC_ENCODING_MESSAGE = (
+    "compressed gRPC messages (grpc-encoding) are not accepted by this gateway; send them uncompressed "
+    "(envoy.allow_grpc_compression)"
+)
 _ENCODING_BODY = json.dumps(
     {"error": "compressed REST bodies (content-encoding) are not accepted; send the body uncompressed"}
 )
@@ -478,8 +539,8 @@ def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
         ),
         _direct_route("too_large", route.RouteMatch(prefix="/", headers=[too_long]), 413, too_large_body),
         # Triton inflates a compressed REST body whole and without a limit (a 2 MB gzip body became 2 GB of
-        # its memory, and kept it): refused here. gRPC compression is per message (grpc-encoding), and the
-        # picker bounds what it inflates.
+        # its memory, and kept it): refused here. gRPC compression is per message (grpc-encoding): refused
+        # below unless envoy.allow_grpc_compression, and then the picker bounds what it inflates.
         _direct_route(
             "compressed",
             route.RouteMatch(
@@ -496,10 +557,32 @@ def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
             _ENCODING_BODY,
         ),
     ]
+    if not fleet.envoy.allow_grpc_compression:
+        # UNIMPLEMENTED with the encodings the server accepts: gRPC's answer to a compression it does not
+        # support (a client that compresses every call, e.g. tritonclient's compression_algorithm, is told).
+        routes.append(
+            _direct_route(
+                "compressed_grpc",
+                route.RouteMatch(
+                    prefix=GRPC_PREFIX,
+                    headers=[
+                        route.HeaderMatcher(
+                            name="grpc-encoding",
+                            string_match=matcher.StringMatcher(exact="identity", ignore_case=True),
+                            invert_match=True,
+                        )
+                    ],
+                ),
+                415,
+                _GRPC_ENCODING_MESSAGE,
+                [_set_header("grpc-status", _GRPC_UNIMPLEMENTED), _set_header("grpc-accept-encoding", "identity")],
+            )
+        )
     if not fleet.envoy.allow_statistics:
         # Every model's statistics; the REST routes below would take it for the metadata of a model "stats".
+        refusal = json.dumps({"error": closed_api_message(*_STATISTICS_CLOSED[1:])})
         routes.append(
-            _direct_route("forbidden_statistics", route.RouteMatch(path="/v2/models/stats"), 403, _FORBIDDEN_BODY)
+            _direct_route("forbidden_all_statistics", route.RouteMatch(path="/v2/models/stats"), 403, refusal)
         )
     # None: fail open, no tier header (the picker did not answer, or the request reached Envoy before it did).
     # Without the REST body checks only sequence models' bodies go to the picker (for their correlation ids).
@@ -512,8 +595,21 @@ def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
             routes.append(_rest_route(fleet, tier, "infer", sized=False, model=model))
             routes.append(_rest_route(fleet, tier, "infer", model=model))
         routes.append(_rest_route(fleet, tier, "other"))
+    # After the routes that serve: the refusals of the APIs the gateway does not offer, each with its reason.
+    closed = list(_CLOSED_APIS)
+    if not fleet.envoy.allow_statistics:
+        closed.append((*_STATISTICS_CLOSED, REST_STATISTICS_REGEX, (GRPC_STATISTICS_METHOD,)))
+    for name, what, why, rest_regex, methods in closed:
+        message = closed_api_message(what, why)
+        # Envoy answers a gRPC client trailers-only, the body as grpc-message: plain text there.
+        grpc_match = route.RouteMatch(
+            safe_regex=matcher.RegexMatcher(regex=f"^{re.escape(GRPC_PREFIX)}({'|'.join(methods)})$")
+        )
+        routes.append(_direct_route(f"forbidden_grpc_{name}", grpc_match, 403, message))
+        rest_match = route.RouteMatch(safe_regex=matcher.RegexMatcher(regex=rest_regex))
+        routes.append(_direct_route(f"forbidden_{name}", rest_match, 403, json.dumps({"error": message})))
     routes += [
-        _direct_route("forbidden_grpc", route.RouteMatch(prefix=GRPC_PREFIX), 403, _FORBIDDEN_BODY),
+        _direct_route("forbidden_grpc", route.RouteMatch(prefix=GRPC_PREFIX), 403, _FORBIDDEN_MESSAGE),
         _direct_route("forbidden", route.RouteMatch(path_separated_prefix=REST_PREFIX), 403, _FORBIDDEN_BODY),
         _direct_route("not_found", route.RouteMatch(prefix="/"), 404, _NOT_FOUND_BODY),
     ]

@@ -189,12 +189,12 @@ def alive(pid: int) -> bool:
         return False
 
 
-def module_stack(factory: pytest.TempPathFactory, name: str, max_request_bytes: int) -> Iterator[Stack]:
-    """A module's own local stack with ``envoy.max_request_bytes`` set, stopped when the module is done (the
-    body of a module-scoped fixture: ``yield from module_stack(...)``)."""
+def module_stack(factory: pytest.TempPathFactory, name: str, max_request_bytes: int, **envoy: Any) -> Iterator[Stack]:
+    """A module's own local stack with ``envoy.max_request_bytes`` (and any other ``envoy`` keys) set,
+    stopped when the module is done (the body of a module-scoped fixture: ``yield from module_stack(...)``)."""
     run_dir = factory.mktemp(name)
     fleet = local_fleet(run_dir)
-    fleet["envoy"]["max_request_bytes"] = max_request_bytes
+    fleet["envoy"].update(max_request_bytes=max_request_bytes, **envoy)
     stack = start_stack(run_dir, fleet)
     try:
         yield stack

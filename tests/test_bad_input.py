@@ -556,12 +556,24 @@ CASES = [
     case(
         "compressed gRPC frame, unsupported grpc-encoding",
         lambda s: grpc_over_http1(s, frame(infer_request(), flag=1), encoding="snappy"),
-        "grpc-status 3",
-        "picker (INVALID_ARGUMENT)",
+        "grpc-status 12",
+        "Envoy (UNIMPLEMENTED: compressed gRPC is off, envoy.allow_grpc_compression)",
     ),
     case(
         "compressed gRPC frame, corrupt gzip",
         lambda s: grpc_over_http1(s, frame(gzip.compress(infer_request())[:10] + b"\xff" * 20, flag=1), "gzip"),
+        "grpc-status 12",
+        "Envoy (UNIMPLEMENTED)",
+    ),
+    case(
+        "compressed gRPC frame, valid gzip",
+        lambda s: grpc_over_http1(s, frame(gzip.compress(infer_request()), flag=1), "gzip"),
+        "grpc-status 12",
+        "Envoy (UNIMPLEMENTED)",
+    ),
+    case(
+        "compressed gRPC frame without a grpc-encoding",
+        lambda s: grpc_over_http1(s, frame(gzip.compress(infer_request()), flag=1)),
         "grpc-status 3",
         "picker (INVALID_ARGUMENT)",
     ),

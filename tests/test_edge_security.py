@@ -68,7 +68,9 @@ MLP = json.dumps(
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from module_stack(tmp_path_factory, "edge", MAX_REQUEST_BYTES)
+    # gRPC compression allowed, so that the picker's bounded inflate is what refuses the bombs (C3); by
+    # default Envoy refuses compressed gRPC (test_bad_input.py).
+    yield from module_stack(tmp_path_factory, "edge", MAX_REQUEST_BYTES, allow_grpc_compression=True)
 
 
 @pytest.fixture(autouse=True)

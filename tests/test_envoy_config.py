@@ -255,6 +255,20 @@ def test_no_tls_listener_without_tls() -> None:
     assert [listener["name"] for listener in _listeners(render_bootstrap(_fleet(tls=None)))] == ["http"]
 
 
+# Triton's APIs the gateway refuses, each with its own answer (which API, and why), in route order.
+CLOSED = ("repository", "shared_memory", "logging", "trace", "statistics")
+CLOSED_METHODS = {
+    "RepositoryIndex": "repository",
+    "RepositoryModelLoad": "repository",
+    "RepositoryModelUnload": "repository",
+    "SystemSharedMemoryRegister": "shared_memory",
+    "CudaSharedMemoryStatus": "shared_memory",
+    "LogSettings": "logging",
+    "TraceSetting": "trace",
+    "ModelStatistics": "statistics",
+}
+
+
 def test_routes(local_fleet: Fleet) -> None:
     routes = _routes(render_bootstrap(local_fleet))
     by_name = {r["name"]: r for r in routes}
@@ -263,8 +277,10 @@ def test_routes(local_fleet: Fleet) -> None:
         "too_large_grpc",
         "too_large",
         "compressed",
-        "forbidden_statistics",
+        "compressed_grpc",
+        "forbidden_all_statistics",
         *[name.format(tier) for tier in ("cpu", "gpu", "fallback") for name in per_tier],
+        *[f"forbidden{p}_{api}" for api in CLOSED for p in ("_grpc", "")],
         "forbidden_grpc",
         "forbidden",
         "not_found",
@@ -306,13 +322,27 @@ def test_routes(local_fleet: Fleet) -> None:
         # Triton never needs a REST body's content type, and crashes on a large form-encoded one.
         assert r.get("request_headers_to_remove", []) == ([] if r["name"].startswith("grpc") else ["content-type"])
 
-    for name, status in [("forbidden_grpc", 403), ("forbidden", 403), ("not_found", 404), ("compressed", 415)]:
+    refusals = [(name, 403) for name in by_name if name.startswith("forbidden")]
+    for name, status in [*refusals, ("not_found", 404), ("compressed", 415)]:
         direct = by_name[name]
         assert direct["direct_response"]["status"] == status
-        assert "error" in json.loads(direct["direct_response"]["body"]["inline_string"])
+        body = direct["direct_response"]["body"]["inline_string"]
+        # Envoy answers a gRPC client trailers-only, with the body as grpc-message: plain text there.
+        message = body if name.startswith("forbidden_grpc") else json.loads(body)["error"]
+        assert message.startswith("the gateway does not offer ") or status != 403, name
         assert direct["response_headers_to_add"][0]["header"] == {"key": "content-type", "value": "application/json"}
         assert direct["typed_per_filter_config"][EXT_PROC_FILTER]["disabled"] is True
     assert routes[-1]["match"] == {"prefix": "/"}
+    # Compressed gRPC: UNIMPLEMENTED from Envoy, with what it accepts, unless the fleet allows it.
+    compressed_grpc = by_name["compressed_grpc"]
+    added = {h["header"]["key"]: h["header"]["value"] for h in compressed_grpc["response_headers_to_add"]}
+    assert added["grpc-status"] == "12" and added["grpc-accept-encoding"] == "identity"
+    (encoding,) = compressed_grpc["match"]["headers"]
+    assert encoding["name"] == "grpc-encoding" and encoding["invert_match"] is True
+    allowed = _fleet(tls=None).model_copy(
+        update={"envoy": local_fleet.envoy.model_copy(update={"allow_grpc_compression": True})}
+    )
+    assert "compressed_grpc" not in {r["name"] for r in _routes(render_bootstrap(allowed))}
 
 
 def _allowed(routes: list[dict[str, Any]], path: str, grpc: bool = False) -> str | None:
@@ -321,7 +351,7 @@ def _allowed(routes: list[dict[str, Any]], path: str, grpc: bool = False) -> str
         match = r["match"]
         if "headers" in match and any(h["name"] == TIER_HEADER for h in match["headers"]):
             continue  # the tier routes: the same paths as the fallback routes
-        if any(h["name"] in ("content-length", "content-encoding") for h in match.get("headers", [])):
+        if any(h["name"] in ("content-length", "content-encoding", "grpc-encoding") for h in match.get("headers", [])):
             continue
         if "grpc" in match and not grpc:
             continue
@@ -353,16 +383,16 @@ def _allowed(routes: list[dict[str, Any]], path: str, grpc: bool = False) -> str
         ("/v2/models/m/infer", "http_fallback_infer"),
         ("/v2/models/m/versions/2/infer", "http_fallback_infer"),
         # Triton's control APIs: never through the gateway.
-        ("/v2/repository/index", "forbidden"),
-        ("/v2/repository/models/m/load", "forbidden"),
-        ("/v2/repository/models/m/unload", "forbidden"),
-        ("/v2/logging", "forbidden"),
-        ("/v2/trace/setting", "forbidden"),
-        ("/v2/models/m/trace/setting", "forbidden"),
-        ("/v2/systemsharedmemory/region/r/register", "forbidden"),
-        ("/v2/cudasharedmemory/status", "forbidden"),
-        ("/v2/models/stats", "forbidden_statistics"),
-        ("/v2/models/m/stats", "forbidden"),
+        ("/v2/repository/index", "forbidden_repository"),
+        ("/v2/repository/models/m/load", "forbidden_repository"),
+        ("/v2/repository/models/m/unload", "forbidden_repository"),
+        ("/v2/logging", "forbidden_logging"),
+        ("/v2/trace/setting", "forbidden_trace"),
+        ("/v2/models/m/trace/setting", "forbidden_trace"),
+        ("/v2/systemsharedmemory/region/r/register", "forbidden_shared_memory"),
+        ("/v2/cudasharedmemory/status", "forbidden_shared_memory"),
+        ("/v2/models/stats", "forbidden_all_statistics"),
+        ("/v2/models/m/stats", "forbidden_statistics"),
         ("/v2/models/m/infer/x", "forbidden"),
         ("/v2/models/m/generate", "forbidden"),
         ("/metrics", "not_found"),
@@ -397,12 +427,13 @@ def test_only_the_client_apis_are_routed(local_fleet: Fleet, path: str, route: s
 def test_only_the_client_grpc_methods_are_routed(local_fleet: Fleet, method: str, allowed: bool) -> None:
     routes = _routes(render_bootstrap(local_fleet))
     path = f"/inference.GRPCInferenceService/{method}"
-    assert _allowed(routes, path, grpc=True) == ("grpc_fallback" if allowed else "forbidden_grpc")
+    refusal = f"forbidden_grpc_{CLOSED_METHODS[method]}" if method in CLOSED_METHODS else "forbidden_grpc"
+    assert _allowed(routes, path, grpc=True) == ("grpc_fallback" if allowed else refusal)
 
 
 def test_statistics_when_the_operator_allows_them() -> None:
     routes = _routes(render_bootstrap(_fleet(allow_statistics=True)))
-    assert "forbidden_statistics" not in {r["name"] for r in routes}
+    assert not {"forbidden_all_statistics", "forbidden_statistics"} & {r["name"] for r in routes}
     for path in ("/v2/models/stats", "/v2/models/m/stats", "/v2/models/m/versions/1/stats"):
         assert _allowed(routes, path) == "http_fallback"
     assert _allowed(routes, "/inference.GRPCInferenceService/ModelStatistics", grpc=True) == "grpc_fallback"

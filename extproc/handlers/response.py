@@ -118,7 +118,8 @@ class Responder:
             immediate.grpc_status.status = _GRPC_STATUS.get(reject.status, 2)
             immediate.body = reject.message.encode()
         else:
-            immediate.body = json.dumps({"error": reject.message}).encode()
+            # Triton's error body, byte for byte: {"error":"…"}, without spaces.
+            immediate.body = json.dumps({"error": reject.message}, separators=(",", ":"), ensure_ascii=False).encode()
         return ep.ProcessingResponse(immediate_response=immediate)
 
     def record(self, decision: Decision, request: InferenceRequest, request_id: str | None, started: float) -> None:

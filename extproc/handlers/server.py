@@ -141,6 +141,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                 decision: Decision = _quarantined(held)
             else:
                 decision = self._scheduler.decide(request)
+                if isinstance(decision, Reject) and _host_answers(decision, method, path):
+                    # A Triton host writes this answer (see _host_answers): any live host, as for a request
+                    # that names no model (which also keeps client-chosen names out of the routing metrics).
+                    request = InferenceRequest(request.protocol, tier_hint=request.tier_hint)
+                    decision = self._scheduler.decide(request)
                 if fingerprint is not None and isinstance(decision, Route):
                     self._quarantine.routed(fingerprint, decision.hosts[0].name)
         except RequestRejected as exc:
@@ -376,6 +381,33 @@ def _chunk_fingerprint(request: InferenceRequest, chunk: bytes) -> int:
     """What identifies a request for the quarantine: its model, version and first body bytes (the whole
     body of most requests)."""
     return hash((request.model, request.version, chunk[:_MAX_PEEK_BYTES]))
+
+
+# The picker's refusals of a model that Triton would also refuse: the model is unknown, this version is, or
+# no host has the model ready.
+_TRITON_REFUSALS = frozenset({"unknown_model", "unknown_version", "model_not_ready"})
+
+
+def _host_answers(reject: Reject, method: str | None, path: str) -> bool:
+    """Whether a Triton host, not the picker, answers a request the picker would refuse as ``reject``: where
+    Triton's answer is one the picker cannot write. Envoy turns the picker's own answer to a gRPC client into
+    a status without a message body (trailers only), so:
+
+    - a readiness probe (gRPC ``ModelReady``, REST ``…/ready``) of a model that no host has ready: Triton
+      answers not ready (gRPC ``ready: false``, REST 400), not an error, and so does any host;
+    - a ``ModelStreamInfer`` stream of a model Triton would refuse: Triton answers each message in the stream
+      (``error_message``) and keeps the stream open, where the picker could only end it.
+
+    Any other refusal (inference, metadata, config) the picker answers itself, in Triton's words."""
+    if method == "ModelReady" or (method is None and _is_ready_path(path)):
+        return reject.reason in _TRITON_REFUSALS or reject.reason == "no_ready_host"
+    return method == "ModelStreamInfer" and reject.reason in _TRITON_REFUSALS
+
+
+def _is_ready_path(path: str) -> bool:
+    """``/v2/models/{m}[/versions/{v}]/ready``."""
+    parts = path.split("?", 1)[0].split("/")
+    return len(parts) in (5, 7) and parts[-1] == "ready"
 
 
 def _quarantined(held_s: float) -> Reject:

@@ -13,9 +13,11 @@ pick moves), scores and picks.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,7 +30,51 @@ from extproc.scheduling.filters import Filters
 from extproc.scheduling.pickers import Argmax, Picker
 from extproc.scheduling.scorers import Candidate, WeightedScorers, prepare
 from extproc.scheduling.sequences import OpenSequences
-from extproc.scheduling.types import Decision, InferenceRequest, Priority, Reject, Route
+from extproc.scheduling.types import Decision, InferenceRequest, Priority, Protocol, Reject, Route
+
+# Triton's own answers (2.51) to a model or version it does not serve, where the picker answers for it: the
+# same status (REST 404, gRPC NOT_FOUND) and words, so that a client that tells errors by their message
+# (Triton's examples do) sees no difference; tests/test_triton_contract.py holds them to a real Triton's.
+# Readiness probes and streams of such a model are answered by a host instead (see extproc.handlers.server).
+
+
+def unknown_model_message(model: str) -> str:
+    """Triton's words for a model it has not loaded: never loaded, or not in its repository at all. (One
+    that it loaded and then unloaded "has no available versions" there: the picker does not know which.)"""
+    return f"Request for unknown model: '{model}' is not found"
+
+
+def unknown_version_message(model: str, version: int) -> str:
+    return f"Request for unknown model: '{model}' version {version} is not found"
+
+
+# What Triton reads of a gRPC version string: std::stol, i.e. leading blanks, a sign and the leading digits.
+_STOL_PREFIX = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
+_INT64_MAX = 2**63 - 1
+
+
+def triton_version(version: str, protocol: Protocol) -> int | Reject:
+    """The version number Triton reads from a request's version string, or its answer where it reads none:
+    a REST path names a version in ASCII digits only (Triton has no route for any other: 404 "Not Found");
+    gRPC's is parsed like std::stol, and must not be negative."""
+    if protocol is Protocol.HTTP and not (version.isascii() and version.isdigit()):
+        return Reject(404, "Not Found", "unknown_version")
+    match = _STOL_PREFIX.match(version)
+    number = int(match.group()) if match is not None else None
+    if number is None or not -_INT64_MAX - 1 <= number <= _INT64_MAX:
+        return Reject(
+            400,
+            f"failed to get model version from specified version string '{version}' (details: stol), version "
+            "should be an integral value > 0",
+            "unknown_version",
+        )
+    if number < 0:
+        return Reject(
+            400,
+            f"invalid model version specified '{version}' , version should be an integral value > 0",
+            "unknown_version",
+        )
+    return number
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +150,7 @@ class Scheduler:
         if model is None:
             return self._any_host(request)
         if not self._store.model_known(model):
-            return Reject(404, f"model '{model}' is not served by any host of this fleet", "unknown_model")
+            return self._unknown_model(request, model)
         self._follow_datastore()
         spec = self._specs.get(model)
         order = self._implicit_order(model, request) if spec is None else self._orders[model, classify(request, spec)]
@@ -199,7 +245,13 @@ class Scheduler:
                 return Route(candidate_tier, hosts, reason)
             saturated = saturated or Route(candidate_tier, hosts, "saturated")
         if saturated is not None and request.priority is Priority.SHEDDABLE:
-            return Reject(429, f"model '{model}' is saturated; sheddable request refused", "shed", retry_after=True)
+            return Reject(
+                429,
+                f"model '{model}' is saturated: every host that serves it is at its limit, and this request is "
+                "sheddable (x-triton-priority); retry after the delay in retry-after",
+                "shed",
+                retry_after=True,
+            )
         return saturated
 
     def _sequence(self, request: InferenceRequest, order: tuple[_Step, ...], now: float) -> Decision | None:
@@ -219,16 +271,50 @@ class Scheduler:
                 return Route(candidate_tier, tuple(ranked), "sequence")
         return None
 
-    def _no_route(self, request: InferenceRequest) -> Reject:
+    def _unknown_model(self, request: InferenceRequest, model: str) -> Reject:
+        """No host lists the model. Triton reads the version first."""
+        if request.version is not None:
+            number = triton_version(request.version, request.protocol)
+            if isinstance(number, Reject):
+                return number
+        return Reject(404, unknown_model_message(model), "unknown_model")
+
+    def _no_route(self, request: InferenceRequest) -> Decision:
+        """Why no host can take a request for a model that some host lists: Triton's answer where Triton
+        would refuse it too (a version Triton cannot read; other versions ready and this one nowhere; every
+        host has reported and none has the model ready), else the gateway's own (503 and retry-after: its
+        hosts are down, draining, ejected or not reporting). A version Triton reads as another ("01") is
+        decided as that one."""
         model, version = request.model or "", request.version
-        if (
-            version is not None
-            and self._store.tiers_serving(model, None)
-            and not self._store.tiers_serving(model, version)
-        ):
+        number: int | None = None
+        if version is not None:
+            read = triton_version(version, request.protocol)
+            if isinstance(read, Reject):
+                return read
+            number = read
+            if str(number) != version:
+                # Triton reads "01" (gRPC also " +1") as version 1, which the hosts report as "1".
+                return self.decide(dataclasses.replace(request, version=str(number)))
+        if not self._store.tiers_serving(model, None):
+            # Ready nowhere: a host that has not reported lately may have it (it may be starting).
+            if self._every_index_fresh():
+                return Reject(404, unknown_model_message(model), "model_not_ready")
+        elif number is not None and not self._store.tiers_serving(model, version):
             # Other versions are ready, this one nowhere: a client error, not a transient outage.
-            return Reject(404, f"version '{version}' of model '{model}' is not ready on any host", "unknown_version")
-        return Reject(503, f"model '{model}' has no ready host right now", "no_ready_host", retry_after=True)
+            return Reject(404, unknown_version_message(model, number), "unknown_version")
+        return Reject(
+            503,
+            f"model '{model}' has no ready host right now: the hosts that serve it are down, draining or not "
+            "reporting; retry after the delay in retry-after",
+            "no_ready_host",
+            retry_after=True,
+        )
+
+    def _every_index_fresh(self) -> bool:
+        """Every host's repository index is recent: the picker knows where each model is ready."""
+        now = self._store.now()
+        limit = self._store.stale_after_s
+        return all(h.index_at is not None and now - h.index_at <= limit for h in self._store.hosts.values())
 
     def _loaded(self, tier: Tier, model: str, version: str | None) -> tuple[HostState, ...]:
         """model_ready, from the datastore's (tier, model) index."""
@@ -287,7 +373,12 @@ class Scheduler:
         units = self._profile_units(self._fleet.profile(None, tier))
         passing = filters.passing(self._store.by_tier[tier], units.filters, now)
         if not passing:
-            return Reject(503, f"no {tier.value} host is ready right now", "no_ready_host", retry_after=True)
+            return Reject(
+                503,
+                f"no {tier.value} host is ready right now; retry after the delay in retry-after",
+                "no_ready_host",
+                retry_after=True,
+            )
         candidates = prepare(passing, None)
         ranked = self._argmax.pick(candidates, self._any_host_scorers, now) if len(candidates) > 1 else candidates
         return self._commit(Route(tier, tuple([c.host for c in ranked]), "no_model"), now)
