@@ -161,19 +161,27 @@ def test_ejected_unhealthy_and_stale_hosts_are_dropped(store: Datastore) -> None
     assert isinstance(decision, Reject) and decision.status == 503 and decision.retry_after
 
 
-def test_unknown_model_is_404_and_known_unready_503(store: Datastore) -> None:
+def test_unknown_model_is_404_and_known_unready_404_or_503(store: Datastore) -> None:
     scheduler = Scheduler(store.fleet, store)
     unknown = scheduler.decide(http("nope"))
-    assert isinstance(unknown, Reject) and unknown.status == 404 and "nope" in unknown.message
+    assert isinstance(unknown, Reject) and unknown.status == 404
+    assert unknown.message == "Request for unknown model: 'nope' is not found"  # Triton's words
     g2 = store.hosts["g2"]
     store.update_index(g2, g2.ready, frozenset({"embed", "sleepy"}), store.now())  # listed, never READY
     unready = scheduler.decide(http("sleepy"))
-    assert isinstance(unready, Reject) and unready.status == 503
+    # Every host has reported and none has it ready: Triton's answer for a model it has not loaded.
+    assert isinstance(unready, Reject) and (unready.status, unready.reason) == (404, "model_not_ready")
+    assert unready.message == "Request for unknown model: 'sleepy' is not found"
+    # A host that has not reported lately may have it: the gateway's own answer, worth a retry.
+    store.hosts["c1"].index_at = store.now() - 60
+    unready = scheduler.decide(http("sleepy"))
+    assert isinstance(unready, Reject) and unready.status == 503 and unready.retry_after
 
 
 def test_unknown_version_is_404(store: Datastore) -> None:
     decision = Scheduler(store.fleet, store).decide(http("embed", version="7"))
     assert isinstance(decision, Reject) and decision.status == 404 and decision.reason == "unknown_version"
+    assert decision.message == "Request for unknown model: 'embed' version 7 is not found"  # Triton's words
     assert names(Scheduler(store.fleet, store).decide(http("embed", version="1")))
 
 
