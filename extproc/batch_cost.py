@@ -8,7 +8,11 @@ sends traffic to a slower, idle host; this module predicts completion from the b
 
 ``exec(b) = fixed_ms + item_ms x b`` is fitted per (host, model) by least squares over Triton's scrape
 intervals (each gives one mean batch size and mean batch time, see :mod:`extproc.telemetry.triton_metrics`),
-with exponential forgetting so a host that changes speed is followed.
+with exponential forgetting so a host that changes speed is followed. ``b`` counts rows (the batch
+dimension, Triton's ``nv_inference_count`` and ``max_batch_size``), not requests: a request may carry
+several rows, and the model's time grows with the rows. The completion estimate works in requests (the
+in-flight counts are requests), so :func:`per_request` turns the fitted line and ``max_batch`` into a
+request's cost and the requests a batch holds, at the (host, model)'s observed mean rows per request.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Final
 
 # Weight kept by the older intervals at each new one: about 20 intervals (5 s at the default 250 ms scrape).
 FORGET: Final = 0.95
-# Below this spread of mean batch sizes (variance, in requests²) the intervals cannot separate the fixed
+# Below this spread of mean batch sizes (variance, in rows²) the intervals cannot separate the fixed
 # from the per-item time, and the fit is not used.
 MIN_BATCH_VARIANCE: Final = 0.05
 
@@ -27,7 +31,8 @@ MIN_BATCH_VARIANCE: Final = 0.05
 # and compiled by mypyc (setup.py) a frozen dataclass cannot be unpickled (its __setattr__ refuses).
 @dataclass(slots=True)
 class BatchCost:
-    """One execution of ``batch`` requests takes ``fixed_ms + item_ms x batch``."""
+    """One execution of ``batch`` items takes ``fixed_ms + item_ms x batch``: rows as fitted (see the module
+    docstring), requests once converted by :func:`per_request`."""
 
     fixed_ms: float
     item_ms: float
@@ -40,7 +45,7 @@ class BatchCost:
 class Batching:
     """How a model on a host batches, from its Triton model config."""
 
-    max_batch: int = 1  # requests per execution: max_batch_size with a dynamic/sequence batcher, else 1
+    max_batch: int = 1  # rows per execution: max_batch_size with a dynamic/sequence batcher, else 1
     instances: int = 1  # executions that run at once (instance_group counts)
     sequence: bool = False  # a sequence batcher: requests of one correlation id must stay on one host
     # With a sequence batcher: how many sequences it runs at once (more wait in Triton's backlog), and how
@@ -51,7 +56,7 @@ class Batching:
 
 @dataclass(slots=True)  # not frozen: see BatchCost
 class BatchFit:
-    """Exponentially weighted moments of (mean batch size, mean batch time) over scrape intervals."""
+    """Exponentially weighted moments of (mean batch size in rows, mean batch time) over scrape intervals."""
 
     weight: float = 0.0
     b: float = 0.0
@@ -85,14 +90,27 @@ class BatchFit:
         return BatchCost(fixed, item)
 
 
-def completion_ms(cost: BatchCost, batching: Batching, in_flight: float) -> float:
+def per_request(cost: BatchCost, batching: Batching, rows_per_request: float) -> tuple[BatchCost, float]:
+    """The per-row ``cost`` and ``batching`` in requests of ``rows_per_request`` rows on average: a request's
+    share of the per-row time, and how many requests one execution holds (``max_batch`` is in rows; at least
+    one request, as Triton never splits one)."""
+    rows = rows_per_request if rows_per_request > 1.0 else 1.0
+    per_batch = batching.max_batch / rows
+    return BatchCost(cost.fixed_ms, cost.item_ms * rows), per_batch if per_batch > 1.0 else 1.0
+
+
+def completion_ms(cost: BatchCost, batching: Batching, in_flight: float, per_batch: float | None = None) -> float:
     """When a request sent now finishes on a host with ``in_flight`` requests of this model ahead of it.
+
+    ``cost`` is per request, and an execution holds ``per_batch`` requests (default ``max_batch``: requests
+    of one row; see :func:`per_request` for others).
 
     With a free instance it executes at once, alone. Otherwise the instances' running batches are half
     done on average; the queued requests ahead run in full batches, spread over the instances; the new
     request runs in the batch formed by whatever is left of the queue, itself included.
     """
-    instances, max_batch = batching.instances, batching.max_batch
+    instances = batching.instances
+    max_batch = batching.max_batch if per_batch is None else per_batch
     if in_flight < instances:
         return cost.exec_ms(1)
     running = min(in_flight, instances * max_batch)

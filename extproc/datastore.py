@@ -25,9 +25,27 @@ class ModelTimes:
     # The lowest per-request time seen lately (largest batches): how fast a deep queue drains, since the
     # dynamic batcher forms bigger batches as the queue grows.
     drain_ms: float | None = None
-    # exec(batch) fitted over the scrape intervals (see extproc.batch_cost); None until batch sizes varied.
+    # exec(rows) fitted over the scrape intervals (see extproc.batch_cost); None until batch sizes varied.
     fit: BatchFit = field(default_factory=BatchFit)
     cost: BatchCost | None = None
+    # Mean rows (batch dimension) per request, smoothed: Δnv_inference_count / Δnv_inference_request_success.
+    rows_per_request: float | None = None
+
+
+@dataclass(slots=True)  # not frozen: see extproc.batch_cost.BatchCost
+class TrafficShare:
+    """What fraction of a host's requests went through this picker's Envoy: exponentially weighted sums of
+    the requests of Envoy's that the host answered (``rq_total - rq_active``) and of those Triton completed,
+    over scrape intervals (both count answers, so a queue that grows or drains does not skew the ratio).
+
+    Several gateways (each an Envoy with its picker) route to the same hosts, and each Envoy's ``rq_active``
+    counts only its own requests: the host's in-flight estimate is that count divided by the share (see
+    ``TritonLoad.envoy_scale``). With one gateway the share is 1 and nothing changes."""
+
+    answered_mark: int | None = None  # Envoy's answered count at the last scrape (None: not seen yet)
+    answered: float = 0.0
+    done: float = 0.0
+    intervals: float = 0.0  # the scrape intervals counted, weighted as the sums are
 
 
 @dataclass(slots=True)
@@ -46,6 +64,10 @@ class TritonLoad:
     gpu_memory_used: int | None = None
     gpu_memory_total: int | None = None
     gpu_utilization: float | None = None
+    # This gateway's share of the host's traffic (see TrafficShare), and 1 / share: how many requests in
+    # flight to the host each request of this Envoy's (its live count, the picker's picks) stands for.
+    share: TrafficShare = field(default_factory=TrafficShare)
+    envoy_scale: float = 1.0
 
 
 @dataclass(slots=True)
@@ -55,6 +77,11 @@ class EnvoyView:
     active: int = 0  # rq_active: requests Envoy has in flight to this host
     ejected: bool = False  # failed_outlier_check in any cluster
     unhealthy: bool = False  # failed active health check in any cluster
+    routed: int | None = None  # rq_total: requests Envoy ever sent this host (None: not reported)
+
+    def answered(self) -> int | None:
+        """Requests Envoy sent the host that have been answered (or failed): ``rq_total - rq_active``."""
+        return None if self.routed is None else self.routed - self.active
 
 
 # The fields of HostState that make up what the picker knows about a host (its telemetry and the operator's
@@ -125,18 +152,23 @@ class HostState:
 
     def in_flight(self, now: float) -> float:
         """Best estimate of requests on this host now: the estimate queue (Envoy's last count, plus our
-        picks since, drained at the measured rate), or Triton's queue if larger (requests that did not come
-        through this Envoy)."""
+        picks since, both scaled to the whole host's traffic by ``load.envoy_scale``, drained at the
+        measured rate), or Triton's queue if larger (requests that did not come through this Envoy)."""
         return max(self._drained(now), float(self.load.pending))
 
     def record_pick(self, now: float, weight: int = 1) -> None:
-        self.estimate = self._drained(now) + weight
+        # The other gateways send the host their share meanwhile, as they see what this picker sees.
+        self.estimate = self._drained(now) + weight * self.load.envoy_scale
         self.estimate_at = now
         self.picks_since_poll += weight
 
-    def reset_estimate(self, in_flight: int, now: float) -> None:
-        """A fresh count of requests in flight (Envoy's poll) replaces the estimate."""
+    def reset_estimate(self, in_flight: float, now: float) -> None:
+        """A fresh count of requests in flight (Envoy's poll, see :meth:`envoy_count`) replaces the estimate."""
         self.estimate, self.estimate_at, self.picks_since_poll = float(in_flight), now, 0
+
+    def envoy_count(self, active: int) -> float:
+        """Envoy's ``rq_active`` for this host as the host's whole in-flight count (every gateway's)."""
+        return active * self.load.envoy_scale
 
     def serves(self, model: str, version: str | None) -> bool:
         versions = self.ready.get(model)
@@ -187,6 +219,7 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
         },
         "in_flight": round(host.in_flight(now), 2),
         "envoy_active": host.envoy.active,
+        "traffic_share": round(1.0 / host.load.envoy_scale, 3),
         "picks_since_poll": host.picks_since_poll,
         "pending": host.load.pending,
         "service_ms": host.load.service_ms,
@@ -258,11 +291,12 @@ class Datastore:
         values = dict(zip(TELEMETRY_FIELDS, record, strict=True))
         envoy, envoy_at = values["envoy"], values["envoy_at"]
         assert isinstance(values["load"], TritonLoad) and isinstance(envoy, EnvoyView)
-        if envoy_at is not None and envoy_at != host.envoy_at:
-            host.reset_estimate(envoy.active, envoy_at)  # Envoy's new count includes the picks since
+        previous_envoy_at = host.envoy_at
         reindex = values["ready"].keys() != host.ready.keys() or values["known"] != host.known
         for name, value in values.items():
             setattr(host, name, value)
+        if envoy_at is not None and envoy_at != previous_envoy_at:
+            host.reset_estimate(host.envoy_count(envoy.active), envoy_at)  # includes the picks since
         if reindex:
             self._reindex()
         self.changed()

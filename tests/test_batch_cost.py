@@ -7,7 +7,7 @@ import random
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from extproc.batch_cost import BatchCost, BatchFit, Batching, completion_ms
+from extproc.batch_cost import BatchCost, BatchFit, Batching, completion_ms, per_request
 from extproc.datastore import TritonLoad
 from extproc.telemetry.repository import batching_from_config
 from extproc.telemetry.triton_metrics import Counters, TritonSnapshot, derive_load
@@ -84,6 +84,44 @@ def test_derive_load_fits_the_models_batch_cost() -> None:
     assert cost is not None
     assert cost.fixed_ms == pytest.approx(8.0)
     assert cost.item_ms == pytest.approx(2.0)
+
+
+def test_max_batch_counts_rows_so_multi_row_requests_fill_a_batch_sooner() -> None:
+    per_row, batching = BatchCost(8.0, 2.0), Batching(max_batch=8, instances=1)
+    cost, per_batch = per_request(per_row, batching, 4.0)
+    assert (cost.fixed_ms, cost.item_ms, per_batch) == (8.0, 8.0, 2.0)  # two 4-row requests fill a batch
+    # 6 requests of 4 rows ahead: a full batch running (2), two full batches queued (4); it runs alone after.
+    assert completion_ms(cost, batching, 6, per_batch) == 24.0 / 2 + 2 * 24.0 + 16.0
+    # Counted as requests of one row, the same queue would look like a single batch, 3x too short.
+    assert completion_ms(per_row, batching, 6) == (8.0 + 2.0 * 6) / 2 + 10.0
+    assert per_request(per_row, batching, 1.0) == (per_row, 8.0)
+    assert per_request(per_row, batching, 0.5) == (per_row, 8.0), "a request is at least a row"
+    assert per_request(per_row, batching, 16.0)[1] == 1.0, "a batch holds at least one request"
+
+
+def test_derive_load_fits_per_row_and_measures_rows_per_request() -> None:
+    labels = 'model="m",version="1"'
+    totals = Counters()
+    previous = TritonSnapshot(series={labels: totals})
+    load = TritonLoad()
+    for batch, rows in ((1, 4), (2, 2), (4, 1), (2, 4), (3, 2), (1, 8)):
+        execs, done = 5, 5 * batch
+        ms = 8.0 + 2.0 * batch * rows  # the model's time grows with the rows, not the requests
+        totals = Counters(
+            totals.request_success + done,
+            totals.inference_count + done * rows,
+            totals.exec_count + execs,
+            totals.queue_us,
+            totals.compute_infer_us + done * ms * 1000,
+        )
+        current = TritonSnapshot(series={labels: totals})
+        load = derive_load(previous, current, load)
+        previous = current
+    times = load.models["m"]
+    assert times.cost is not None
+    assert times.cost.fixed_ms == pytest.approx(8.0)
+    assert times.cost.item_ms == pytest.approx(2.0), "per row: exact although requests per batch vary"
+    assert times.rows_per_request is not None and 4.0 < times.rows_per_request < 8.0  # smoothed toward 8
 
 
 def _config(max_batch: int, batcher: str | None = None, groups: tuple[tuple[int, int], ...] = ()) -> object:

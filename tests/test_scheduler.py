@@ -527,6 +527,36 @@ def test_an_unfitted_host_gets_the_fitted_shape_scaled_to_its_speed(store: Datas
     assert costs[1] == pytest.approx(20.0 + 40.0), "the request just sent there, half done, then its own"
 
 
+def test_multi_row_requests_fill_batches_sooner(store: Datastore) -> None:
+    """max_batch counts rows: with 4-row requests a batch of 8 rows holds two of them, so 6 requests queued
+    on the fast host are three batches (not one), and the idle host that is 2x slower per row is sooner."""
+    assert store.hosts["g3"].tier is store.hosts["g1"].tier
+    g1, g2 = store.hosts["g1"], store.hosts["g2"]
+    g1.load.models = {
+        "embed": ModelTimes(
+            service_ms=12.0, exec_ms=24.0, drain_ms=12.0, cost=BatchCost(8.0, 2.0), rows_per_request=4.0
+        )
+    }
+    g2.load.models = {
+        "embed": ModelTimes(
+            service_ms=24.0, exec_ms=48.0, drain_ms=24.0, cost=BatchCost(16.0, 4.0), rows_per_request=4.0
+        )
+    }
+    for host in store.hosts.values():
+        host.batching = {"embed": Batching(max_batch=8, instances=1)}
+    store.hosts["g3"].load.models = dict(g2.load.models)
+    busy(store.hosts["g3"], 100)
+    busy(g1, 6)
+    g2_cost, g1_cost = (c.completion_ms(c.in_flight(frozen())) for c in prepare([g2, g1], "embed"))
+    assert g1_cost == pytest.approx(24.0 / 2 + 2 * 24.0 + 16.0)
+    assert g2_cost == pytest.approx(16.0 + 4.0 * 4)  # idle: alone, at once
+    assert names(Scheduler(store.fleet, store).decide(http("embed")))[0] == "g2"
+    for host in (g1, g2):  # the same queue, of one-row requests (g3 shares g2's times): one batch
+        host.load.models["embed"].rows_per_request = 1.0
+    store.changed()
+    assert names(Scheduler(store.fleet, store).decide(http("embed")))[0] == "g1"
+
+
 @given(
     costs=st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0]), min_size=2, max_size=12),
     turn=st.integers(min_value=0, max_value=50),

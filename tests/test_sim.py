@@ -264,6 +264,21 @@ def test_the_picker_policy_is_the_real_scheduler(monkeypatch: pytest.MonkeyPatch
     assert policy.views[0].gateway is not policy.views[1].gateway
 
 
+def test_each_of_several_pickers_measures_its_share_of_the_hosts_traffic() -> None:
+    """Four gateways split the traffic: on each busy host the pickers' shares (1 / their in-flight scale)
+    add up to about the whole, each well under 1; one picker's stays 1."""
+    s = scenario(load={"load": 0.6, "requests": 6000, "warmup_s": 0.5, "mix": [{"model": "m"}]})
+    sim, _ = run(s, "picker", pickers=4)
+    assert isinstance(sim.policy, Picker)
+    for i, host in enumerate(sim.hosts):
+        if host.name.startswith("fast"):
+            shares = [1 / view.states[i].load.envoy_scale for view in sim.policy.views]
+            assert 0.8 < sum(shares) < 1.2 and max(shares) < 0.6, shares
+    one, _ = run(s, "picker")
+    assert isinstance(one.policy, Picker)
+    assert all(st.load.envoy_scale == 1.0 for st in one.policy.views[0].states)
+
+
 def test_the_picker_sends_sizes_the_fleet_classifies_by() -> None:
     s = scenario(
         hosts=[

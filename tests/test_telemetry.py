@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from extproc.config import Fleet, parse_fleet
-from extproc.datastore import Datastore, HostState, TritonLoad
+from extproc.datastore import Datastore, HostState, TrafficShare, TritonLoad
 from extproc.telemetry import collector as collector_module
 from extproc.telemetry import nvml as nvml_module
 from extproc.telemetry.collector import TelemetryCollector
@@ -47,6 +47,10 @@ from extproc.telemetry.nvml import NvmlReader, parse_visible_devices
 from extproc.telemetry.repository import RepositoryClient, index_from_models
 from extproc.telemetry.triton_metrics import (
     DRAIN_DRIFT,
+    MIN_SHARE,
+    SHARE_MIN_DONE,
+    SHARE_MIN_INTERVALS,
+    SHARE_ONE,
     SMOOTHING,
     Counters,
     MetricsParseError,
@@ -54,6 +58,7 @@ from extproc.telemetry.triton_metrics import (
     counter_delta,
     derive_load,
     parse_metrics,
+    traffic_share,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -330,12 +335,70 @@ def test_parse_real_envoy_clusters() -> None:
     endpoints = parse_clusters(json.loads(read("envoy_clusters.json")))
     # extproc_picker is not a triton_* cluster (and its host is a unix socket).
     assert endpoints == {
-        "127.0.0.1:37621": EndpointStatus(rq_active=3),
+        "127.0.0.1:37621": EndpointStatus(rq_active=3, rq_total=6),
         "127.0.0.2:37622": EndpointStatus(failed_outlier_check=True, failed_active_health_check=True),
         "127.0.0.1:37623": EndpointStatus(),
         "127.0.0.2:37624": EndpointStatus(),
     }
     assert parse_clusters(json.loads(read("envoy_clusters.json")), prefix="extproc_") == {}
+
+
+def test_the_traffic_share_is_envoys_answers_over_tritons_completions() -> None:
+    """Four gateways route to a host: Triton completes four times the requests this Envoy gets answered, so
+    its live count and its picker's picks each stand for four requests in flight."""
+    share, scale = traffic_share(TrafficShare(), 1000, 40.0)
+    assert (share.answered_mark, share.answered, share.done, scale) == (1000, 0.0, 0.0, 1.0), "first: a mark"
+    answered = 1000
+    for _ in range(60):
+        answered += 10
+        share, scale = traffic_share(share, answered, 40.0)
+    assert scale == pytest.approx(4.0)
+    assert traffic_share(share, None, 40.0) == (share, scale), "no Envoy count: kept"
+    restarted, same = traffic_share(share, 3, 40.0)
+    assert (restarted.answered_mark, same) == (3, scale), "Envoy restarted: counted again from its new count"
+
+
+def test_one_gateway_or_too_little_traffic_leaves_the_count_as_is() -> None:
+    seen = TrafficShare(answered_mark=0, intervals=SHARE_MIN_INTERVALS)  # long enough to be believed
+    share, scale = traffic_share(seen, 24, 20.0)  # errors: more answered than done
+    share, scale = traffic_share(share, 60, 20.0)
+    assert scale == 1.0 and share.done > SHARE_MIN_DONE, "a share over 1 is 1"
+    _, near_one = traffic_share(seen, round(SHARE_ONE * 100) + 1, 100.0)
+    assert near_one == 1.0, "the clocks' offset is not another gateway"
+    _, few_scale = traffic_share(seen, 1, SHARE_MIN_DONE / 2)
+    assert few_scale == 1.0, "too few completions to tell"
+    _, early = traffic_share(TrafficShare(answered_mark=0), 10, 100.0)
+    assert early == 1.0, "too few intervals to tell"
+    _, tiny = traffic_share(seen, 0, 1000.0)
+    assert tiny == 1 / MIN_SHARE, "a share of 0 is clamped"
+
+
+def test_derive_load_tracks_the_share_from_envoys_count() -> None:
+    labels = 'model="m",version="1"'
+    snapshots = [
+        TritonSnapshot(series={labels: Counters(100.0 * k, 100.0 * k, 10.0 * k, 0.0, 1e6 * k)}) for k in range(11)
+    ]
+    load = derive_load(None, snapshots[0], TritonLoad(), answered=7)
+    assert load.share.answered_mark == 7 and load.envoy_scale == 1.0
+    for k in range(1, 11):
+        load = derive_load(snapshots[k - 1], snapshots[k], load, answered=7 + 50 * k)
+    assert load.envoy_scale == pytest.approx(2.0)
+    assert derive_load(snapshots[10], snapshots[10], load).envoy_scale == load.envoy_scale
+
+
+def test_envoys_count_and_the_picks_are_scaled_to_the_hosts_whole_traffic() -> None:
+    store = Datastore(envoy_fleet())
+    a = store.hosts["a"]
+    store.set_load(a, TritonLoad(envoy_scale=4.0))
+    apply_envoy_view(store, parse_clusters(json.loads(read("envoy_clusters.json"))), now=42.0)
+    assert (a.envoy.active, a.envoy.routed, a.envoy.answered(), a.estimate) == (3, 6, 3, 12.0)
+    a.record_pick(42.0, weight=2)
+    assert (a.estimate, a.picks_since_poll) == (20.0, 2)
+    assert store.hosts["b"].estimate == 0.0
+    # A worker applies the leader's record the same way.
+    worker = Datastore(envoy_fleet())
+    worker.set_telemetry(worker.hosts["a"], store.telemetry(a))
+    assert worker.hosts["a"].estimate == 12.0
 
 
 def envoy_fleet(**picker: Any) -> Fleet:

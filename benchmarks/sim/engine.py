@@ -13,7 +13,8 @@ as a batch completes: ``nv_inference_request_success`` +1 per request, ``nv_infe
 ``nv_inference_compute_infer_duration_us`` + the batch's whole duration *per request* (as Triton records it,
 see :mod:`extproc.telemetry.triton_metrics`); ``nv_inference_pending_request_count`` is the queue now.
 
-Envoy (per gateway, :class:`Gateway`): ``rq_active`` per host (every attempt, from send to answer), active
+Envoy (per gateway, :class:`Gateway`): ``rq_active`` and ``rq_total`` per host (every attempt: from send to
+answer, and ever sent), active
 health checks (interval, unhealthy threshold), outlier detection (consecutive local-origin failures eject
 for the ejection time, growing), and the route's retry policy: a try that cannot have reached its host
 (connection refused by a dead host) is retried after Envoy's jittered back-off on the next host of the
@@ -156,6 +157,7 @@ class Gateway:
         self.index = index
         self.rng = rng
         self.inflight = [0] * n_hosts
+        self.sent = [0] * n_hosts  # rq_total: every attempt sent to the host
         self.unhealthy = [False] * n_hosts
         self.hc_failures = [0] * n_hosts
         self.consecutive = [0] * n_hosts  # local-origin failures in a row
@@ -394,6 +396,7 @@ class Sim:
         self.tried[r].append(host)
         self.host_of[r] = host
         gateway.inflight[host] += 1
+        gateway.sent[host] += 1
         h = self.hosts[host]
         if not h.alive:
             self.push(now + self.envoy.connect_fail_ms / 1000.0, _ANSWER, r, (host, CONNECT_FAILURE))

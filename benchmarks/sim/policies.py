@@ -143,12 +143,13 @@ class _PickerGateway:
             return
         snapshot = parse_metrics(host.metrics_text())
         state = self.states[i]
-        load = derive_load(self.snapshots[i], snapshot, state.load)
+        envoy_at = state.envoy_at
+        envoy_fresh = envoy_at is not None and now - envoy_at <= self.store.stale_after_s
+        load = derive_load(self.snapshots[i], snapshot, state.load, state.envoy.answered() if envoy_fresh else None)
         state.load = load
         self.snapshots[i] = snapshot
         state.metrics_at = now
-        envoy_at = state.envoy_at
-        if envoy_at is None or now - envoy_at > self.store.stale_after_s:
+        if not envoy_fresh:
             state.reset_estimate(load.pending, now)
         self.store.changed()
 
@@ -167,6 +168,7 @@ class _PickerGateway:
         endpoints = {
             s.http_endpoint: EndpointStatus(
                 rq_active=g.inflight[i],
+                rq_total=g.sent[i],
                 failed_outlier_check=now < g.ejected_until[i],
                 failed_active_health_check=g.unhealthy[i],
             )

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
-from extproc.batch_cost import BatchCost, Batching, completion_ms
+from extproc.batch_cost import BatchCost, Batching, completion_ms, per_request
 from extproc.datastore import HostState
 from extproc.scheduling import registry
 from extproc.scheduling.registry import Context, Unit
@@ -29,7 +29,9 @@ class Candidate:
     """A host that passed the filters, with the telemetry its scores need, as of the last datastore change.
 
     ``batch`` and ``batching`` are set when the batch-aware estimate covers every candidate compared with
-    this one; otherwise a request finishes after ``base_ms`` plus ``drain_ms`` per request in flight."""
+    this one (``batch``: a request's cost at the model's mean rows per request, see :func:`prepare`;
+    ``per_batch``: the requests one execution holds); otherwise a request finishes after ``base_ms`` plus
+    ``drain_ms`` per request in flight."""
 
     host: HostState
     base_ms: float
@@ -42,6 +44,7 @@ class Candidate:
     drain_per_s: float
     # The weighted, normalised sum of the static scorers (see :func:`prepare`).
     static_cost: float
+    per_batch: float
 
     def __init__(
         self,
@@ -54,6 +57,7 @@ class Candidate:
         gpu_memory: float = 0.0,
         drain_per_s: float = 0.0,
         static_cost: float = 0.0,
+        per_batch: float | None = None,
     ) -> None:
         self.host = host
         self.base_ms = base_ms
@@ -64,6 +68,9 @@ class Candidate:
         self.gpu_memory = gpu_memory
         self.drain_per_s = drain_per_s
         self.static_cost = static_cost
+        if per_batch is None:
+            per_batch = float(batching.max_batch) if batching is not None else 1.0
+        self.per_batch = per_batch
 
     def in_flight(self, now: float) -> float:
         """:meth:`HostState.in_flight` from the telemetry resolved here: the one input read live, in one
@@ -77,12 +84,12 @@ class Candidate:
     def completion_ms(self, in_flight: float) -> float:
         """When a request sent now would finish here, with ``in_flight`` requests ahead of it."""
         if self.batching is not None and self.batch is not None:
-            return completion_ms(self.batch, self.batching, in_flight)
+            return completion_ms(self.batch, self.batching, in_flight, self.per_batch)
         return self.base_ms + in_flight * self.drain_ms
 
 
-# (service_ms, exec_ms, drain_ms, cost) as in ModelTimes.
-_Times = tuple[float | None, float | None, float | None, BatchCost | None]
+# (service_ms, exec_ms, drain_ms, cost, rows_per_request) as in ModelTimes.
+_Times = tuple[float | None, float | None, float | None, BatchCost | None, float | None]
 
 
 def _times(host: HostState, model: str | None) -> _Times:
@@ -90,8 +97,8 @@ def _times(host: HostState, model: str | None) -> _Times:
     times = host.load.models.get(model) if model is not None else None
     if times is None or times.service_ms is None:
         load = host.load
-        return load.service_ms, load.exec_ms, load.drain_ms, None
-    return times.service_ms, times.exec_ms, times.drain_ms, times.cost
+        return load.service_ms, load.exec_ms, load.drain_ms, None, None
+    return times.service_ms, times.exec_ms, times.drain_ms, times.cost, times.rows_per_request
 
 
 def _drain_ms(service_ms: float, drain_ms: float | None) -> float:
@@ -111,9 +118,12 @@ def prepare(hosts: Sequence[HostState], model: str | None, static: WeightedScore
     Where the model's batching is known on every host (model config) and its batch cost fitted on at least
     one, from the batch structure: running batches, queued full batches, and the batch the request joins
     (see :func:`extproc.batch_cost.completion_ms`): a host with a short queue costs a request little, since
-    the batcher adds it to the next batch. A host without a fit of its own (too little traffic to vary its
-    batch sizes) is given the fitted hosts' shape, scaled to its own mean batch time at its mean batch size:
-    a slower GPU is slower at both the fixed and the per-item part.
+    the batcher adds it to the next batch. The batch cost is fitted per row and ``max_batch`` counts rows:
+    both are turned into requests at the model's mean rows per request (Triton's rows over its requests,
+    averaged over the candidates), so a queue of multi-row requests fills more batches than its count
+    suggests. A host without a fit of its own (too little traffic to vary its batch sizes) is given the
+    fitted hosts' shape, scaled to its own mean batch time at its mean batch size: a slower GPU is slower
+    at both the fixed and the per-item part.
 
     Otherwise one execution of its own (the host's mean batch time) after the requests in flight have
     drained at the host's per-request time (the best seen lately, since a deep queue is served in full
@@ -125,45 +135,66 @@ def prepare(hosts: Sequence[HostState], model: str | None, static: WeightedScore
     observation is up to a scrape old, which would herd traffic away from whichever host queued last."""
     times = [_times(h, model) for h in hosts]
     costs = _batch_costs(hosts, times, model)
-    drains = [None if service is None else _drain_ms(service, drain) for service, _, drain, _ in times]
+    drains = [None if service is None else _drain_ms(service, drain) for service, _, drain, _, _ in times]
     measured = [d for d in drains if d is not None]
     default_ms = min(measured) if measured else _UNMEASURED_SERVICE_MS
     out = []
+    rows = _rows_per_request(times) if costs is not None else 1.0
     for i, host in enumerate(hosts):
         exec_ms, drain = times[i][1], drains[i]
         drain_ms = default_ms if drain is None else drain
         load = host.load
         used, total = load.gpu_memory_used, load.gpu_memory_total
+        cost: BatchCost | None = None
+        batching: Batching | None = None
+        per_batch = 1.0
+        if costs is not None and model is not None:
+            batching = host.batching[model]
+            cost, per_batch = per_request(costs[i], batching, rows)
         out.append(
             Candidate(
                 host,
                 exec_ms if exec_ms is not None else drain_ms,
                 drain_ms,
-                None if costs is None else costs[i],
-                None if costs is None or model is None else host.batching[model],
+                cost,
+                batching,
                 float(load.pending),
                 used / total if used is not None and total else 0.0,
                 1000.0 / load.service_ms if load.service_ms else 0.0,
+                0.0,
+                per_batch,
             )
         )
     _add_static_costs(out, static)
     return out
 
 
+def _rows_per_request(times: list[_Times]) -> float:
+    """The model's mean rows per request: the mean of the candidates' (else 1). The sizes of a model's
+    requests are the clients', not the hosts': one host's mean over a scrape interval or two is noisy with
+    mixed sizes (a few big requests swing it), and a noisy host would look cheaper or dearer than it is."""
+    measured = [t[4] for t in times if t[4] is not None]
+    return sum(measured) / len(measured) if measured else 1.0
+
+
 def _batch_costs(hosts: Sequence[HostState], times: list[_Times], model: str | None) -> list[BatchCost] | None:
-    """Each host's batch cost for the model, or None where the batch-aware estimate cannot cover them all."""
+    """Each host's batch cost for the model, per row, or None where the batch-aware estimate cannot cover
+    them all."""
     fitted = [t[3] for t in times if t[3] is not None]
     if not fitted or model is None or any(model not in h.batching for h in hosts):
         return None
-    ratio = sum(c.fixed_ms / c.item_ms for c in fitted) / len(fitted)  # fixed time in per-item units
+    ratio = sum(c.fixed_ms / c.item_ms for c in fitted) / len(fitted)  # fixed time in per-row units
+    rows = _rows_per_request(times)
     out = []
-    for service_ms, exec_ms, _, cost in times:
+    for service_ms, exec_ms, _, cost, _ in times:
         if cost is not None:
             out.append(cost)
         elif exec_ms is None or not service_ms:
             return None  # never measured: nothing to scale the shape to
         else:
-            item_ms = exec_ms / (ratio + exec_ms / service_ms)  # exec_ms / service_ms: mean batch size
+            # exec_ms / service_ms: mean batch size in requests; times rows per request, in rows.
+            batch_rows = exec_ms / service_ms * rows
+            item_ms = exec_ms / (ratio + batch_rows)
             out.append(BatchCost(ratio * item_ms, item_ms))
     return out
 

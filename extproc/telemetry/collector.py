@@ -249,14 +249,17 @@ class TelemetryCollector:
     async def _poll_metrics(self, host: _Host) -> None:
         body = await self._get(host.state.spec.metrics_url)
         snapshot = parse_metrics(body.decode("utf-8", "replace"))
-        load = derive_load(host.snapshot, snapshot, host.state.load)
+        now = self._datastore.now()
+        envoy_at = host.state.envoy_at
+        envoy_fresh = envoy_at is not None and now - envoy_at <= self._datastore.stale_after_s
+        # Envoy's answered requests, against Triton's completions: this gateway's share of the host's traffic.
+        answered = host.state.envoy.answered() if envoy_fresh else None
+        load = derive_load(host.snapshot, snapshot, host.state.load, answered)
         if host.state is self._nvml_host and self._gpu is not None:
             _apply_gpu(load, self._gpu)
         host.snapshot = snapshot
-        now = self._datastore.now()
         self._datastore.set_load(host.state, load, now)
-        envoy_at = host.state.envoy_at
-        if envoy_at is None or now - envoy_at > self._datastore.stale_after_s:
+        if not envoy_fresh:
             # Envoy's admin is unreachable: Triton's queue is the live view now, and our picks since the
             # last Envoy poll would otherwise pile up for ever.
             host.state.reset_estimate(load.pending, now)

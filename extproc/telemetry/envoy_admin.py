@@ -44,11 +44,13 @@ class EndpointStatus:
     rq_pending_active: int = 0
     failed_outlier_check: bool = False
     failed_active_health_check: bool = False
+    rq_total: int = 0  # requests ever sent to it (a counter)
 
     def merge(self, other: EndpointStatus) -> EndpointStatus:
         return EndpointStatus(
             rq_active=self.rq_active + other.rq_active,
             rq_pending_active=self.rq_pending_active + other.rq_pending_active,
+            rq_total=self.rq_total + other.rq_total,
             failed_outlier_check=self.failed_outlier_check or other.failed_outlier_check,
             failed_active_health_check=self.failed_active_health_check or other.failed_active_health_check,
         )
@@ -104,19 +106,22 @@ def parse_clusters(doc: Any, prefix: str = TRITON_CLUSTER_PREFIX) -> dict[str, E
             port = socket.get("port_value")
             if not isinstance(address, str) or not isinstance(port, int):
                 raise EnvoyAdminError(f"cluster {name}: bad socket_address {socket!r}")
-            rq_active = rq_pending_active = 0
+            rq_active = rq_pending_active = rq_total = 0
             for stat in host.get("stats") or ():
                 stat_name = stat.get("name")
                 if stat_name == "rq_active":
                     rq_active = _stat(stat.get("value"))
                 elif stat_name == "rq_pending_active":
                     rq_pending_active = _stat(stat.get("value"))
+                elif stat_name == "rq_total":
+                    rq_total = _stat(stat.get("value"))
             health = host.get("health_status") or {}
             status = EndpointStatus(
                 rq_active=rq_active,
                 rq_pending_active=rq_pending_active,
                 failed_outlier_check=bool(health.get("failed_outlier_check", False)),
                 failed_active_health_check=bool(health.get("failed_active_health_check", False)),
+                rq_total=rq_total,
             )
             key = endpoint_key(address, port)
             seen = out.get(key)
@@ -127,9 +132,10 @@ def parse_clusters(doc: Any, prefix: str = TRITON_CLUSTER_PREFIX) -> dict[str, E
 def apply_envoy_view(datastore: Datastore, endpoints: Mapping[str, EndpointStatus], now: float) -> list[str]:
     """Write Envoy's view into every host of ``datastore``; return the names of hosts Envoy does not list.
 
-    Per host: ``active`` is ``rq_active`` summed over its REST and gRPC endpoints, ``ejected`` /
-    ``unhealthy`` are set when either endpoint failed outlier detection / active health checking.
-    The host's in-flight estimate restarts from Envoy's live count, which includes the picks made since.
+    Per host: ``active`` and ``routed`` are ``rq_active`` and ``rq_total`` summed over its REST and gRPC
+    endpoints, ``ejected`` / ``unhealthy`` are set when either endpoint failed outlier detection / active
+    health checking. The host's in-flight estimate restarts from Envoy's live count (which includes the
+    picks made since), scaled to every gateway's (see :meth:`~extproc.datastore.HostState.envoy_count`).
     ``envoy_at`` is set for hosts Envoy lists; a host in none of the ``triton_*`` clusters gets an empty
     view and keeps its old ``envoy_at``.
     """
@@ -145,7 +151,8 @@ def apply_envoy_view(datastore: Datastore, endpoints: Mapping[str, EndpointStatu
             active=sum(s.rq_active for s in found),
             ejected=any(s.failed_outlier_check for s in found),
             unhealthy=any(s.failed_active_health_check for s in found),
+            routed=sum(s.rq_total for s in found),
         )
         datastore.set_envoy(host, view, now)
-        host.reset_estimate(view.active, now)
+        host.reset_estimate(host.envoy_count(view.active), now)
     return missing

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
-from extproc.datastore import ModelTimes, TritonLoad
+from extproc.datastore import ModelTimes, TrafficShare, TritonLoad
 
 REQUEST_SUCCESS: Final = "nv_inference_request_success"
 INFERENCE_COUNT: Final = "nv_inference_count"
@@ -231,14 +231,69 @@ def _times(last: ModelTimes, delta: Counters) -> ModelTimes:
         return last
     batch_ms = delta.compute_infer_us / done / 1000
     batch = max(1.0, done / delta.exec_count)
+    # Rows per request: nv_inference_count counts the batch dimension (a model without batching counts 1
+    # per request); below one, the counters are not Triton's usual ones, and a request is taken as a row.
+    rows = max(1.0, delta.inference_count / done)
     sample = batch_ms / batch
     drain = sample if last.drain_ms is None else min(sample, last.drain_ms * DRAIN_DRIFT)
-    fit = last.fit.add(batch, batch_ms)
-    return ModelTimes(_smooth(last.service_ms, sample), _smooth(last.exec_ms, batch_ms), drain, fit, fit.cost())
+    fit = last.fit.add(batch * rows, batch_ms)  # per row: see extproc.batch_cost
+    return ModelTimes(
+        _smooth(last.service_ms, sample),
+        _smooth(last.exec_ms, batch_ms),
+        drain,
+        fit,
+        fit.cost(),
+        _smooth(last.rows_per_request, rows),
+    )
 
 
-def derive_load(previous: TritonSnapshot | None, current: TritonSnapshot, last: TritonLoad) -> TritonLoad:
-    """The host's load after scrape ``current``, given the scrape before it and the load derived then.
+# Weight kept by the older intervals of the traffic share at each new one: about 50 intervals (12 s at the
+# default 250 ms scrape), so that the offset between Envoy's polls and Triton's scrapes (up to a poll's worth
+# of answers, more where whole batches complete at once) averages out; gateways come and go seldom.
+SHARE_FORGET = 0.98
+# Completions and scrape intervals (weighted) needed before the share is used; until then it is 1 (one
+# gateway): over the first few intervals, that offset alone can look like another gateway.
+SHARE_MIN_DONE = 20.0
+SHARE_MIN_INTERVALS = 4.0
+# A share this close to 1 is 1: what is left of the two clocks' offset (and Triton's failed requests, which
+# Envoy counts as answered) is not another gateway.
+SHARE_ONE = 0.85
+# The least share believed (32 gateways): a share is a ratio of two noisy counts.
+MIN_SHARE = 1 / 32
+
+
+def traffic_share(last: TrafficShare, answered: int | None, done: float) -> tuple[TrafficShare, float]:
+    """The share after a scrape interval in which Triton completed ``done`` requests of the host, given
+    Envoy's count of its requests to the host answered so far (``answered``, ``rq_total - rq_active``; None:
+    unknown, the share is kept); and the in-flight scale it gives (1 / share, see ``TritonLoad.envoy_scale``).
+
+    The share is the ratio of the exponentially weighted sums of Envoy's answers and Triton's completions,
+    clamped to [MIN_SHARE, 1], and 1 from SHARE_ONE up."""
+    if answered is None:
+        return last, _scale(last)
+    mark = last.answered_mark
+    if mark is None or answered < mark:  # first sight, or Envoy restarted: start counting from here
+        return TrafficShare(answered, last.answered, last.done, last.intervals), _scale(last)
+    k = SHARE_FORGET
+    share = TrafficShare(
+        answered, k * last.answered + (answered - mark), k * last.done + done, k * last.intervals + 1.0
+    )
+    return share, _scale(share)
+
+
+def _scale(share: TrafficShare) -> float:
+    if share.done < SHARE_MIN_DONE or share.intervals < SHARE_MIN_INTERVALS:
+        return 1.0
+    fraction = share.answered / share.done
+    return 1.0 if fraction >= SHARE_ONE else 1.0 / max(fraction, MIN_SHARE)
+
+
+def derive_load(
+    previous: TritonSnapshot | None, current: TritonSnapshot, last: TritonLoad, answered: int | None = None
+) -> TritonLoad:
+    """The host's load after scrape ``current``, given the scrape before it and the load derived then, and
+    Envoy's count of its requests to the host answered so far, as last polled (``answered``, see
+    :meth:`~extproc.datastore.EnvoyView.answered`; None: unknown or out of date).
 
     - ``pending`` and the GPU gauges come from ``current`` alone.
     - ``queue_ms``: mean time a request completed in the interval waited in Triton's queue,
@@ -254,12 +309,16 @@ def derive_load(previous: TritonSnapshot | None, current: TritonSnapshot, last: 
     - ``exec_ms`` and ``service_ms`` are smoothed (``SMOOTHING`` of the new interval's value), so one
       noisy scrape interval does not swing every decision until the next.
     - ``models``: ``exec_ms`` and ``service_ms`` of each model alone, since one host's models can differ
-      by orders of magnitude.
+      by orders of magnitude; its batch cost fitted per row, and its mean rows per request
+      (Δinference_count / Δrequest_success, smoothed).
+    - ``share`` and ``envoy_scale``: this gateway's share of the host's requests (see
+      :func:`traffic_share`).
     - No request completed in the interval (or no previous scrape): the estimates stay as in ``last``.
     """
     queue_ms = last.queue_ms
     totals = ModelTimes(last.service_ms, last.exec_ms, last.drain_ms)
     models = dict(last.models)
+    share, scale = last.share, last.envoy_scale
     if previous is not None:
         delta = counter_delta(previous, current)
         if delta.request_success > 0:
@@ -267,6 +326,9 @@ def derive_load(previous: TritonSnapshot | None, current: TritonSnapshot, last: 
         totals = _times(totals, delta)
         for model, model_delta in model_deltas(previous, current).items():
             models[model] = _times(models.get(model, ModelTimes()), model_delta)
+        share, scale = traffic_share(share, answered, delta.request_success)
+    elif answered is not None:  # the first scrape: Envoy's answers are counted from now
+        share = TrafficShare(answered, share.answered, share.done, share.intervals)
     return TritonLoad(
         pending=current.pending,
         queue_ms=queue_ms,
@@ -277,4 +339,6 @@ def derive_load(previous: TritonSnapshot | None, current: TritonSnapshot, last: 
         gpu_memory_used=current.gpu_memory_used,
         gpu_memory_total=current.gpu_memory_total,
         gpu_utilization=current.gpu_utilization,
+        share=share,
+        envoy_scale=scale,
     )
