@@ -59,4 +59,6 @@ bench: $(BUILT)
 	@echo "  $(BIN)/python -m benchmarks.routing -s NAME    picker vs Envoy's balancers, benchmarks/scenarios/NAME.yaml"
 	@echo "  $(BIN)/python -m benchmarks.plot FILE.json     a latency-CDF PNG from series of latencies"
 	@echo "  $(BIN)/python -m benchmarks.compare_revisions  the overhead benchmark of two worktrees, alternately"
+	@echo "  $(BIN)/python -m benchmarks.sim --all          the fleet simulator's scenario family"
+	@echo "  $(BIN)/python -m benchmarks.fleet --hosts N    telemetry cost over N emulated Triton hosts"
 	$(BIN)/python -m benchmarks.decision $(BENCH_ARGS)

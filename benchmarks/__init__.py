@@ -8,7 +8,9 @@ from the repository root with the project's environment, ``.venv/bin/python -m b
 - ``overhead``: what the picker costs a request, against plain Envoy and a bare ext_proc processor;
 - ``routing``: the picker against Envoy's own load balancers on a real fleet (``scenarios/*.yaml``);
 - ``plot``: a latency-CDF PNG from a JSON file of latencies;
-- ``compare_revisions``: the overhead benchmark of two worktrees, alternately.
+- ``compare_revisions``: the overhead benchmark of two worktrees, alternately;
+- ``sim``: a discrete-event fleet simulation in which the real scheduler decides (``scenarios/sim/*.yaml``);
+- ``fleet``: the picker's telemetry cost over up to 1,000 emulated Triton hosts (and real ones beside them).
 
 Results go to ``results/`` by default; the ones the docs quote are committed there. The tests import these
 modules, but never assert a timing.

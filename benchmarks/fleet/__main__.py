@@ -1,0 +1,141 @@
+"""``python -m benchmarks.fleet``: the picker's telemetry cost at fleet size (see benchmarks/fleet/__init__.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks import RESULTS_DIR, shown
+from benchmarks.fleet.bench import FleetBenchError, Settings, progress, run
+
+DEFAULT_OUTPUT = RESULTS_DIR / "fleet.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.fleet",
+        description="The picker's telemetry cost with N emulated Triton hosts (and K real ones).",
+    )
+    parser.add_argument("--hosts", type=int, default=50, help="emulated Triton hosts (default 50)")
+    parser.add_argument("--real", type=int, default=0, help="real Triton hosts beside them (default 0)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=20.0,
+        help="requests/s each emulated host serves in the load phase (default 20; 0: idle only)",
+    )
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=100.0,
+        help="inference requests/s sent through Envoy in the requests phase (default 100; 0: no such phase)",
+    )
+    parser.add_argument(
+        "--poll",
+        action="append",
+        default=[],
+        metavar="KEY=MS",
+        help="a picker.poll setting of the fleet file, e.g. repository_ms=5000 (repeatable; default: the picker's)",
+    )
+    parser.add_argument(
+        "--fresh-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for every host fresh before measuring anyway (default 60)",
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase (default 10)")
+    parser.add_argument("--gpu-share", type=float, default=0.5, help="share of hosts serving the GPU-shaped page")
+    parser.add_argument(
+        "--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results (default {shown(DEFAULT_OUTPUT)})"
+    )
+    parser.add_argument("--keep-dir", type=Path, default=None, help="keep the run directory (logs, fleet file) here")
+    args = parser.parse_args(argv)
+    try:
+        args.poll = {key: int(ms) for key, _, ms in (item.partition("=") for item in args.poll)}
+    except ValueError:
+        parser.error("--poll takes KEY=MS, e.g. repository_ms=5000")
+    if args.hosts < 0 or args.real < 0 or args.hosts + args.real < 1:
+        parser.error("need at least one host")
+    return args
+
+
+def summary(report: dict[str, Any]) -> str:
+    lines = []
+    n = report["settings"]["hosts"] + report["settings"]["real"]
+    for phase in ("idle", "load", "requests"):
+        p = report.get(phase)
+        if p is None:
+            continue
+        ages = p["telemetry_age_s"]
+        age = ", ".join(
+            f"{s} p50/p99/max {a['p50']}/{a['p99']}/{a['max']} s"
+            + (f" ({a['never_polled']} never polled)" if a["never_polled"] else "")
+            for s, a in ages.items()
+            if isinstance(a, dict)
+        )
+        scrapes = ", ".join(f"{k} {v['mean']}" for k, v in sorted(p["scrapes_per_host_s"].items()))
+        cpu, admin = p["cpu_cores"], p["envoy_admin"]
+        lines += [
+            f"{phase} ({n} hosts): picker {cpu['picker']:.3f} cores"
+            f" ({p['picker_cpu_ms_per_host_second']:.3f} ms per host-second), RSS {p['picker_rss_mib']} MiB;"
+            f" envoy {cpu.get('envoy', 0):.3f}, emulator {cpu.get('emulator', 0):.3f} cores",
+            f"  telemetry age: {age}; fresh hosts (min) {ages['fresh_hosts_min']}/{n}",
+            f"  envoy admin: {admin['clusters_json_bytes']} bytes, fetch {admin['fetch_ms']} ms,"
+            f" parse {admin['parse_ms']} ms x {admin['polls_per_s']}/s",
+            f"  requests per emulated host per s: {scrapes}",
+        ]
+        probe = p.get("emulator_answer_ms") or {}
+        if probe:
+            lines.append(
+                f"  the emulator answers another client in: /metrics p50/max {probe['metrics']['p50']}/"
+                f"{probe['metrics']['max']} ms, RepositoryIndex (new channel) p50/max"
+                f" {probe['repository_index']['p50']}/{probe['repository_index']['max']} ms"
+            )
+        if "requests" in p:
+            r, d = p["requests"], p["decision_s"]
+            lines.append(
+                f"  sent {r['requests']} at {r['rate_rps']:g}/s: ok {r['ok']}, errors {r['errors']},"
+                f" latency p50/p99 {r['latency']['p50_ms']:.2f}/{r['latency']['p99_ms']:.2f} ms;"
+                f" decision p50/p99 <= {d['p50_le']}/{d['p99_le']} s ({d['count']:g} decisions)"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = Settings(
+        hosts=args.hosts,
+        real=args.real,
+        rate=args.rate,
+        duration_s=args.duration,
+        fresh_timeout_s=args.fresh_timeout,
+        poll=args.poll or None,
+        request_rate=args.request_rate,
+        gpu_share=args.gpu_share,
+    )
+    try:
+        report = run(settings, args.keep_dir)
+    except (FleetBenchError, OSError) as exc:
+        print(f"benchmarks.fleet: {exc}", file=sys.stderr)
+        return 1
+    report["notes"] = [
+        "CPU is measured idle, with the emulated hosts' counters advancing at --rate (no request through Envoy: "
+        "the picker's CPU is telemetry only), and with --request-rate inference requests/s through Envoy.",
+        "decision_s: bucket upper bounds of the picker's extproc_decision_seconds histogram over the phase.",
+        "One grpc.aio server answers every emulated host's gRPC port: gRPC calls per host are the total / hosts.",
+        "Envoy is real (rendered from the fleet file) and health-checks every host (http_health, grpc_HealthCheck).",
+        "envoy_admin.picker_parse_cores_est: json.loads + parse_clusters of one /clusters document, timed in the "
+        "benchmark process, times the picker's poll rate.",
+    ]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    print(summary(report))
+    progress(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
