@@ -227,6 +227,7 @@ def test_hcm_hardening(local_fleet: Fleet) -> None:
     assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
     assert hcm["request_timeout"] == "0s"
     assert hcm["stream_idle_timeout"] == "300s"
+    assert hcm["request_headers_timeout"] == "10s"  # headers trickled a byte at a time hold no stream
     assert hcm["generate_request_id"] is True
 
 

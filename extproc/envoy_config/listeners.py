@@ -4,6 +4,7 @@ header_mutation, buffer, ext_proc (the picker) and router filters."""
 from __future__ import annotations
 
 import datetime as dt
+from typing import Final
 
 from envoy_data_plane.envoy.config.common.mutation_rules import v3 as mutation_rules
 from envoy_data_plane.envoy.config.core import v3 as core
@@ -28,6 +29,9 @@ from extproc.envoy_config.common import (
 )
 from extproc.envoy_config.routes import _processing_mode, _route_configuration
 from extproc.headers import PICKER_CLUSTER, READ_HEADERS, STRIPPED_HEADERS
+
+# Seconds a client has to send its request line and headers (HCM request_headers_timeout).
+REQUEST_HEADERS_TIMEOUT_S: Final = 10
 
 
 def _listener(
@@ -78,6 +82,9 @@ def _http_connection_manager(fleet: Fleet) -> hcm.HttpConnectionManager:
         request_timeout=dt.timedelta(0),
         # Envoy's default is 5 min; spelt out because it is the only limit left on a stalled stream.
         stream_idle_timeout=dt.timedelta(seconds=300),
+        # Off by default in Envoy: a client that sends its request headers a byte at a time would hold a
+        # stream for the whole idle timeout per byte. Headers come at once from any real client.
+        request_headers_timeout=dt.timedelta(seconds=REQUEST_HEADERS_TIMEOUT_S),
         # Envoy's default is 60 KiB; see envoy.max_request_headers_kb (431 above it).
         max_request_headers_kb=fleet.envoy.max_request_headers_kb,
         # Envoy's default is 1,024 streams per client connection, each holding memory here, in the picker and
