@@ -40,8 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,8 +54,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from benchmarks import REPO_ROOT, RESULTS_DIR, SCENARIOS_DIR, child_env, quiet_logs, shown
 from benchmarks.loadgen import LAG_BEHIND_MS, OK_STATUSES, LoadSpec, Records, RunSpec, percentile
+from benchmarks.overhead.measure import http_get
 from benchmarks.plot import write_latency_cdf
-from extproc.config import ConfigError, Fleet, HostSpec, parse_fleet
+from extproc.config import ConfigError, Fleet, HostSpec, key_path, parse_fleet
 from extproc.envoy_config import EXT_PROC_FILTER, render_bootstrap, render_yaml
 from extproc.headers import PICKER_CLUSTER, cluster_name
 from extproc.runtime.ports import free_ports
@@ -124,18 +123,6 @@ class Scenario(BaseModel):
 # --------------------------------------------------------------------------------------------- scenarios
 
 
-def _key_path(loc: Sequence[int | str]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in {"function-after", "function-before"} or "[" in str(part):
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
 def _validate_fleet(data: dict[str, Any], source: str) -> Fleet:
     try:
         return parse_fleet(data, source)
@@ -152,7 +139,7 @@ def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
     try:
         scenario = Scenario.model_validate({**data, "source": source})
     except ValidationError as exc:
-        problems = [f"{source}: key {_key_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        problems = [f"{source}: key {key_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise ScenarioError("\n".join(problems)) from None
     fleet = scenario.fleet_for_validation()
     problems = []
@@ -177,17 +164,21 @@ def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
     return scenario
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    path = Path(path)
+def read_scenario_yaml(path: Path, error: type[Exception]) -> Any:
+    """A scenario file's YAML, or ``error`` naming the file and what is wrong with it."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ScenarioError(f"{path}: cannot read the scenario file: {exc.strerror}") from None
+        raise error(f"{path}: cannot read the scenario file: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ScenarioError(f"{path}: not valid YAML: {exc}") from None
-    return parse_scenario(data, str(path))
+        raise error(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = Path(path)
+    return parse_scenario(read_scenario_yaml(path, ScenarioError), str(path))
 
 
 # ------------------------------------------------------------------------------------------ fleet files
@@ -295,18 +286,8 @@ def baseline_bootstrap(fleet: Fleet, policy: str, pool: str = "all_hosts") -> di
 # ---------------------------------------------------------------------------------------- observation
 
 
-def _http_get(url: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return int(response.status), bytes(response.read())
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), b""
-    except (urllib.error.URLError, OSError):
-        return 0, b""
-
-
 def _ok(url: str) -> Callable[[], bool]:
-    return lambda: _http_get(url, 1.0)[0] == 200
+    return lambda: http_get(url, 1.0)[0] == 200
 
 
 @dataclass(frozen=True)
@@ -340,7 +321,7 @@ def parse_triton_counts(text: str) -> TritonCounts:
 
 
 def triton_counts(host: HostSpec) -> TritonCounts | None:
-    status, body = _http_get(host.metrics_url)
+    status, body = http_get(host.metrics_url)
     return parse_triton_counts(body.decode()) if status == 200 else None
 
 
@@ -379,7 +360,7 @@ def envoy_all_healthy(clusters_json: Mapping[str, Any]) -> bool:
 
 
 def _envoy_clusters(admin: str) -> dict[str, Any] | None:
-    status, body = _http_get(f"{admin}/clusters?format=json")
+    status, body = http_get(f"{admin}/clusters?format=json")
     if status != 200:
         return None
     data = json.loads(body)
@@ -388,7 +369,7 @@ def _envoy_clusters(admin: str) -> dict[str, Any] | None:
 
 def _envoy_ext_proc_stats(admin: str) -> dict[str, float]:
     """Envoy's ``ext_proc`` counters (streams, timeouts, fail-open), by stat name."""
-    status, body = _http_get(f"{admin}/stats?format=json&filter=ext_proc")
+    status, body = http_get(f"{admin}/stats?format=json&filter=ext_proc")
     if status != 200:
         return {}
     out = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -515,12 +516,13 @@ def parse_fleet(data: Any, source: str = "<memory>") -> Fleet:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            key = _key_path(err["loc"])
+            key = key_path(err["loc"])
             problems.append(f"{source}: key {key}: {err['msg']}")
         raise ConfigError("\n".join(problems)) from None
 
 
-def _key_path(loc: tuple[int | str, ...]) -> str:
+def key_path(loc: Sequence[int | str]) -> str:
+    """A pydantic error location as the fleet file's key (``hosts[2].tier``)."""
     out = ""
     for part in loc:
         if isinstance(part, int):

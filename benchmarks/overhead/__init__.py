@@ -64,6 +64,7 @@ run the phases), :mod:`~benchmarks.overhead.load` (the request, the open-loop ge
 re-exports their public names.
 """
 
+from benchmarks.loadgen import percentile
 from benchmarks.overhead.bench import OverheadBench, Processes
 from benchmarks.overhead.cli import (
     DEFAULT_OUTPUT,
@@ -108,7 +109,6 @@ from benchmarks.overhead.measure import (
     parse_machine_cpu,
     parse_proc_stat,
     parse_statm_rss,
-    percentile,
     reachable,
     rotated,
     round_ratios,

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from benchmarks.overhead.measure import latency_summary, percentile
+from benchmarks.loadgen import percentile
+from benchmarks.overhead.measure import latency_summary
 from benchmarks.overhead.stack import MODEL, REQUEST_BODY
 
 WRK_INSTALL_HINT: Final = (

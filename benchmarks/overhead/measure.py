@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from benchmarks.loadgen import percentile
+
 # A variant does not get a fixed rate above this fraction of its maximum sustained req/s.
 REACHABLE_FRACTION: Final = 0.95
 
@@ -79,16 +81,6 @@ def cpu_us_per_request(cpu_s: float, requests: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------- statistics
-
-
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in [0, 100]) of an ascending sequence; NaN when empty."""
-    if not ordered:
-        return math.nan
-    if q <= 0:
-        return ordered[0]
-    rank = math.ceil(q / 100.0 * len(ordered))
-    return ordered[min(len(ordered), max(1, rank)) - 1]
 
 
 def latency_summary(samples_s: Sequence[float]) -> dict[str, float]:

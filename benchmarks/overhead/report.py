@@ -13,13 +13,13 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from benchmarks.loadgen import percentile
 from benchmarks.overhead.measure import (
     GATEWAY_STATS,
     added_latency,
     cpu_us_per_request,
     latency_summary,
     median,
-    percentile,
     round_ratios,
 )
 from benchmarks.overhead.stack import MODEL, PROCESSOR_VARIANTS, REQUEST_BODY, VARIANTS, Settings, find_envoy

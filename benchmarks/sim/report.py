@@ -8,19 +8,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from benchmarks.loadgen import percentile
+from benchmarks.routing import latency_summary
 from benchmarks.sim.engine import OK, STATUS_NAMES, Sim
-
-
-def latency_summary(latencies_ms: Sequence[float]) -> dict[str, float]:
-    ordered = sorted(latencies_ms)
-    return {
-        "p50_ms": percentile(ordered, 50),
-        "p90_ms": percentile(ordered, 90),
-        "p99_ms": percentile(ordered, 99),
-        "p999_ms": percentile(ordered, 99.9),
-        "max_ms": ordered[-1] if ordered else math.nan,
-        "mean_ms": sum(ordered) / len(ordered) if ordered else math.nan,
-    }
 
 
 def summarize(sim: Sim, policy: str, pickers: int, wall_s: float) -> dict[str, Any]:

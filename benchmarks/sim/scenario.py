@@ -11,15 +11,13 @@ intervals, profiles and saturation limits come from it, as in production.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from benchmarks import SCENARIOS_DIR
-from extproc.config import ConfigError, Fleet, Tier, parse_fleet
+from extproc.config import ConfigError, Fleet, Tier, key_path, parse_fleet
 
 SIM_SCENARIOS_DIR = SCENARIOS_DIR / "sim"
 
@@ -320,18 +318,6 @@ class SimScenario(_Strict):
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def _key_path(loc: Sequence[int | str]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in {"function-after", "function-before"} or "[" in str(part):
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
 def _from_routing(name: str, source: str) -> dict[str, Any]:
     """The hosts, fleet and load of a real-process scenario, in the simulator's terms."""
     from benchmarks.loadgen import request_bodies
@@ -397,23 +383,17 @@ def parse_sim_scenario(data: Any, source: str = "<memory>") -> SimScenario:
     try:
         scenario = SimScenario.model_validate({**data, "source": source})
     except ValidationError as exc:
-        problems = [f"{source}: key {_key_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        problems = [f"{source}: key {key_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise SimScenarioError("\n".join(problems)) from None
     scenario.real_fleet()  # validates the embedded fleet
     return scenario
 
 
 def load_sim_scenario(path: str | Path) -> SimScenario:
+    from benchmarks.routing import read_scenario_yaml
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SimScenarioError(f"{path}: cannot read the scenario file: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SimScenarioError(f"{path}: not valid YAML: {exc}") from None
-    return parse_sim_scenario(data, str(path))
+    return parse_sim_scenario(read_scenario_yaml(path, SimScenarioError), str(path))
 
 
 def find_sim_scenario(value: str | Path) -> Path:
