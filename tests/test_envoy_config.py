@@ -528,6 +528,9 @@ def test_triton_clusters(local_fleet: Fleet) -> None:
         # reach them.
         (lower,) = cluster["load_assignment"]["endpoints"][1:]
         assert lower["priority"] == 1
+        # ... and Envoy's own balancing keeps to priority 0 while one host of it is healthy.
+        factor = cluster["load_assignment"]["policy"]["overprovisioning_factor"]
+        assert factor / 100 * (1 / 10_000) >= 1
         others = [h for h in local_fleet.hosts if h.tier.value != tier]
         assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in lower["lb_endpoints"]] == [
             h.grpc_port if protocol == "grpc" else h.http_port for h in others

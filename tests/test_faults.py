@@ -447,6 +447,51 @@ def test_picker_stall_fails_open_then_recovers(healthy: FaultStack) -> None:
     assert_picker_alive(fleet)
 
 
+def envoy_host_stats(fleet: FaultStack, endpoint: str, stat: str) -> list[str]:
+    """``stat`` of ``endpoint`` in each cluster that holds it, from Envoy's /clusters."""
+    with urllib.request.urlopen(f"{fleet.stack.admin_url}/clusters", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return [line.rsplit("::", 1)[1] for line in lines if f"::{endpoint}::{stat}::" in line]
+
+
+def envoy_health_failed(fleet: FaultStack, endpoint: str) -> bool:
+    """Whether Envoy's active health check has taken ``endpoint`` out of rotation."""
+    return any("/failed_active_hc" in flags for flags in envoy_host_stats(fleet, endpoint, "health_flags"))
+
+
+def envoy_requests_to(fleet: FaultStack, endpoint: str) -> int:
+    return sum(int(n) for n in envoy_host_stats(fleet, endpoint, "rq_total"))
+
+
+def test_failing_open_keeps_to_the_tier_while_one_host_of_it_is_healthy(healthy: FaultStack) -> None:
+    """triton-b stopped (out of Envoy's rotation) and then the picker stalled: requests fail open to Envoy's
+    own balancing, which serves them all from triton-a. triton-c (the CPU tier, at priority 1 in the GPU
+    tier's clusters for mlp_classifier's spillover) does not serve timed_batch and must get none of them while
+    one GPU host is healthy (Envoy would retry the 404 it answers on triton-a, so count what reached it)."""
+    fleet = healthy
+    triton_b = pid_of(fleet.stack, "triton-b")
+    picker = pid_of(fleet.stack, "picker")
+    statuses: Counter[tuple[int, str]] = Counter()
+    os.kill(triton_b, signal.SIGSTOP)
+    try:
+        wait_for(lambda: envoy_health_failed(fleet, fleet.endpoint("triton-b")), 15, "triton-b out of rotation")
+        triton_c_before = envoy_requests_to(fleet, fleet.endpoint("triton-c"))
+        os.kill(picker, signal.SIGSTOP)
+        try:
+            for _ in range(30):
+                status, headers, _ = rest_infer(fleet.stack, "timed_batch", TIMED_BODY)
+                statuses[status, headers.get("x-triton-host", "")] += 1
+        finally:
+            os.kill(picker, signal.SIGCONT)
+        triton_c = envoy_requests_to(fleet, fleet.endpoint("triton-c")) - triton_c_before
+    finally:
+        os.kill(triton_b, signal.SIGCONT)
+    assert triton_c == 0
+    assert statuses == Counter({(200, fleet.endpoint("triton-a")): 30}), statuses
+    fleet.wait_healthy()
+    assert_picker_alive(fleet)
+
+
 # ------------------------------------------------------------------------------------------- telemetry
 
 

@@ -24,6 +24,9 @@ from extproc.envoy_config.tls import _upstream_tls
 from extproc.headers import HOSTS_HEADER, PICKER_CLUSTER, cluster_name
 
 _UPSTREAM_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# Envoy's overprovisioning factor, in percent: the healthy share of priority 0 times this is the load it
+# keeps; one healthy host in 10,000 still keeps all of it.
+_ONLY_WHEN_NONE_HEALTHY = 1_000_000
 
 
 def _triton_cluster(fleet: Fleet, tier: Tier, protocol: str) -> cluster.Cluster:
@@ -66,6 +69,10 @@ def _triton_cluster(fleet: Fleet, tier: Tier, protocol: str) -> cluster.Cluster:
         connect_timeout=dt.timedelta(seconds=1),
         load_assignment=endpoint.ClusterLoadAssignment(
             cluster_name=name,
+            # Envoy's default factor (1.4) moves part of the traffic to priority 1 as soon as under 71 % of
+            # the tier's hosts are healthy: one host of two ejected would send requests to another tier.
+            # A factor this large keeps all of it on the tier while any of its hosts is healthy.
+            policy=endpoint.ClusterLoadAssignmentPolicy(overprovisioning_factor=_ONLY_WHEN_NONE_HEALTHY),
             endpoints=[
                 endpoint.LocalityLbEndpoints(
                     # A pool's name becomes one endpoint per A record: the addresses the picker names.
