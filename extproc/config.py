@@ -176,6 +176,9 @@ class ModelSpec(_Strict):
     # A sequence-batched model: Envoy streams its REST bodies to the picker, which reads the correlation id
     # from the JSON ``parameters`` (gRPC requests are read for every model).
     sequence: bool = False
+    # The longest this model's inference requests may take (else picker.overload.deadline_ms); clients may
+    # ask for less.
+    deadline_ms: PositiveMs | None = None
 
     @model_validator(mode="after")
     def _rules_within_tiers(self) -> Self:
@@ -245,11 +248,46 @@ class Profile(_Strict):
 
 
 class SaturationSpec(_Strict):
-    """When every candidate of a tier is this busy, the tier is saturated: spill over if allowed, shed
-    sheddable requests (429), and send the rest to the least-bad host."""
+    """When every candidate of a tier is this busy, the tier is saturated: spill over if allowed, else
+    refuse standard and sheddable requests (429; critical ones only by their deadline, see OverloadSpec)."""
 
     max_in_flight: int = Field(default=64, ge=1)  # per host
     max_queue_ms: float = Field(default=1000.0, gt=0)  # expected completion time, per host
+
+
+class DeadlineShares(_Strict):
+    """How much of its deadline a request of each priority may expect to spend (its expected completion on
+    the best host, queue included) for the picker to send it; above that it is refused at once. Lower
+    classes get less, so that under overload the queue they may build leaves room for the higher ones."""
+
+    critical: float = Field(default=0.9, gt=0, le=1)
+    standard: float = Field(default=0.5, gt=0, le=1)
+    sheddable: float = Field(default=0.25, gt=0, le=1)
+
+
+# A header name as HTTP/2 allows it (lowercase token characters), for the ones the fleet file names.
+HeaderName = Annotated[str, Field(pattern=r"^[a-z0-9!#$%&'*+.^_`|~-]{1,128}$")]
+
+
+class OverloadSpec(_Strict):
+    """Admission control: what the picker refuses, and when, so that demand above capacity is answered fast
+    instead of queueing past its callers' deadlines (docs/operations.md, "Overload")."""
+
+    # Off: no deadlines (Envoy's route timeout only) and only sheddable requests are refused (429) when
+    # their tiers are saturated; the others go to the least-busy host however long its queue.
+    admission: bool = True
+    # The longest an inference request may take, unless its model says otherwise (models[].deadline_ms); a
+    # client may ask for less (gRPC grpc-timeout, REST x-triton-timeout-ms), never more.
+    deadline_ms: PositiveMs = 60_000
+    deadline_shares: DeadlineShares = DeadlineShares()
+    # Whose share of a model's capacity a request counts against under overload: the value of this request
+    # header (say a tenant or API key that an authenticating proxy in front sets), else the client's
+    # address. Requests without the header share one key.
+    fairness_header: HeaderName | None = None
+    # Keys remembered per model; keys beyond this (a client minting new ones) share one.
+    max_fairness_keys: int = Field(default=1024, ge=1, le=1_000_000)
+    # The most retry-after (seconds) a refusal asks for; it is otherwise the predicted drain time.
+    max_retry_after_s: int = Field(default=30, ge=1, le=3600)
 
 
 class QuarantineSpec(_Strict):
@@ -278,6 +316,7 @@ class PickerSpec(_Strict):
     profile: Profile = Profile()
     tiers: dict[Tier, Profile] = Field(default_factory=dict)
     saturation: SaturationSpec = SaturationSpec()
+    overload: OverloadSpec = OverloadSpec()
     # How many ranked hosts the picker hands to Envoy for retries.
     max_hosts: int = Field(default=3, ge=1, le=8)
     # Envoy waits this long for the picker before failing open to the fallback load balancer.

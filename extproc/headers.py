@@ -11,8 +11,29 @@ ROUTING_HEADERS: Final = (TIER_HEADER, HOSTS_HEADER)
 # still opens nothing through the gateway.
 ADMIN_KEY_HEADER: Final = "extproc-admin-key"
 ADMIN_KEY_GRPC_HEADER: Final = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
+# Set by Envoy only, from the connection or the header the fleet file names (picker.overload.
+# fairness_header): whose share of a model's capacity the request counts against.
+CLIENT_KEY_HEADER: Final = "x-triton-lb-client"
+# Envoy's own per-request controls: the picker sets the route timeout from the request's deadline, and a
+# client must not be able to lift it (or ask for retries).
+ENVOY_TIMEOUT_HEADER: Final = "x-envoy-upstream-rq-timeout-ms"
+ENVOY_CONTROL_HEADERS: Final = (
+    ENVOY_TIMEOUT_HEADER,
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-max-retries",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-hedge-on-per-try-timeout",
+)
 # Every request header Envoy removes from what a client sends, before anything else looks at the request.
-STRIPPED_HEADERS: Final = (*ROUTING_HEADERS, ADMIN_KEY_HEADER, ADMIN_KEY_GRPC_HEADER)
+STRIPPED_HEADERS: Final = (
+    *ROUTING_HEADERS,
+    ADMIN_KEY_HEADER,
+    ADMIN_KEY_GRPC_HEADER,
+    CLIENT_KEY_HEADER,
+    *ENVOY_CONTROL_HEADERS,
+)
 
 # Sent by clients.
 TIER_HINT_HEADER: Final = "x-triton-tier-hint"  # optional: "cpu" or "gpu", honoured where the model allows
@@ -20,6 +41,9 @@ PRIORITY_HEADER: Final = "x-triton-priority"  # "critical", "standard" (default)
 # Correlation id of a Triton sequence, for REST clients (gRPC clients' ModelInferRequest.parameters
 # ["sequence_id"] is read from the body).
 SEQUENCE_HEADER: Final = "x-triton-sequence-id"
+# A REST client's deadline, in milliseconds (gRPC clients' is the standard grpc-timeout).
+TIMEOUT_HEADER: Final = "x-triton-timeout-ms"
+GRPC_TIMEOUT_HEADER: Final = "grpc-timeout"
 
 # Every request header the picker reads; the others are not even decoded (and Envoy does not send them,
 # see the ext_proc filter's forward_rules).
@@ -33,6 +57,9 @@ READ_HEADERS: Final = frozenset(
         TIER_HINT_HEADER,
         PRIORITY_HEADER,
         SEQUENCE_HEADER,
+        TIMEOUT_HEADER,
+        GRPC_TIMEOUT_HEADER,
+        CLIENT_KEY_HEADER,
     }
 )
 

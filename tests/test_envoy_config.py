@@ -30,6 +30,7 @@ from extproc.envoy_config import (
     render_yaml,
 )
 from extproc.headers import (
+    CLIENT_KEY_HEADER,
     HOSTS_HEADER,
     PICKER_CLUSTER,
     STRIPPED_HEADERS,
@@ -195,13 +196,33 @@ def test_client_routing_headers_are_stripped_before_the_picker(local_fleet: Flee
     names = [f["name"] for f in _hcm(config)["http_filters"]]
     assert names == [HEADER_MUTATION_FILTER, BUFFER_FILTER, EXT_PROC_FILTER, ROUTER_FILTER]
     mutations = _http_filter(config, HEADER_MUTATION_FILTER)["mutations"]["request_mutations"]
-    assert {m["remove"] for m in mutations} == set(STRIPPED_HEADERS)
+    removed = [m["remove"] for m in mutations if "remove" in m]
+    assert set(removed) == set(STRIPPED_HEADERS)
     assert set(STRIPPED_HEADERS) == {
         TIER_HEADER,
         HOSTS_HEADER,
         "extproc-admin-key",
         "triton-grpc-protocol-extproc-admin-key",
+        CLIENT_KEY_HEADER,
+        "x-envoy-upstream-rq-timeout-ms",
+        "x-envoy-upstream-rq-per-try-timeout-ms",
+        "x-envoy-expected-rq-timeout-ms",
+        "x-envoy-max-retries",
+        "x-envoy-retry-on",
+        "x-envoy-retry-grpc-on",
+        "x-envoy-hedge-on-per-try-timeout",
     }
+    # The client key is set by Envoy after the client's copy is gone: from the connection by default...
+    (*_, last) = mutations
+    assert last["append"]["header"] == {"key": CLIENT_KEY_HEADER, "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}
+    assert mutations.index(last) > max(i for i, m in enumerate(mutations) if m.get("remove") == CLIENT_KEY_HEADER)
+    # ... or from the header the fleet file names.
+    overload = local_fleet.picker.overload.model_copy(update={"fairness_header": "x-tenant"})
+    fleet = local_fleet.model_copy(update={"picker": local_fleet.picker.model_copy(update={"overload": overload})})
+    mutations = _http_filter(render_bootstrap(fleet), HEADER_MUTATION_FILTER)["mutations"]["request_mutations"]
+    assert mutations[-1]["append"]["header"]["value"] == "%REQ(x-tenant)%"
+    # The picker may set Envoy's route timeout (the request's deadline).
+    assert _http_filter(config, EXT_PROC_FILTER)["mutation_rules"] == {"allow_envoy": True}
 
 
 def test_ext_proc_fails_open_on_headers_only(local_fleet: Fleet) -> None:
@@ -559,7 +580,9 @@ def test_triton_clusters(local_fleet: Fleet) -> None:
         # Small fleets: no panic routing to unhealthy hosts.
         assert cluster["common_lb_config"]["healthy_panic_threshold"].get("value", 0) == 0
         (thresholds,) = cluster["circuit_breakers"]["thresholds"]
-        assert thresholds["max_retries"] > 3
+        # A retry budget, not Envoy's default of 3 retries at once.
+        assert "max_retries" not in thresholds
+        assert thresholds["retry_budget"] == {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 10}
         assert min(thresholds["max_requests"], thresholds["max_pending_requests"]) > 1024
 
 

@@ -95,7 +95,14 @@ def bench_fleet(
         {
             "hosts": hosts,
             "models": [{"name": MODEL, "tiers": ["gpu"]}],
-            "picker": {"listen": picker_listen, "check_rest_bodies": check_rest_bodies},
+            "picker": {
+                "listen": picker_listen,
+                "check_rest_bodies": check_rest_bodies,
+                # The echo upstreams publish no Triton counters, so the picker cannot tell how fast their
+                # queues drain: its in-flight estimate only grows between Envoy polls and would reach the
+                # soft limits at these rates. Admission still runs (and costs what it costs), never binds.
+                "saturation": {"max_in_flight": 1_000_000, "max_queue_ms": 3_600_000},
+            },
             "envoy": {
                 "listener": {"address": "127.0.0.1", "port": gateway_port},
                 "admin": {"address": "127.0.0.1", "port": admin_port},

@@ -119,13 +119,17 @@ def _triton_cluster(fleet: Fleet, tier: Tier, protocol: str) -> cluster.Cluster:
             healthy_panic_threshold=type_v3.Percent(value=0.0),
         ),
         circuit_breakers=_circuit_breakers(
-            # Defaults are 1024 connections/pending/requests and 3 (!) concurrent retries, so a burst of
-            # failures would stop retrying at once. Limits far above a fleet's capacity: admission control is
-            # the picker's job (it answers 503/429), not Envoy's.
+            # Defaults are 1024 connections/pending/requests: limits far above a fleet's capacity, since
+            # admission control is the picker's job (it answers 429/503), not Envoy's.
             max_connections=10_000,
             max_pending_requests=10_000,
             max_requests=10_000,
-            max_retries=1_000,
+            # Envoy's default is 3 (!) concurrent retries, so a burst of failures would stop retrying at
+            # once. A budget instead: retries in flight are held to a fifth of the requests in flight (at
+            # least 10), so hosts that fail under load are not sent more work than the clients send.
+            retry_budget=cluster.CircuitBreakersThresholdsRetryBudget(
+                budget_percent=type_v3.Percent(value=20.0), min_retry_concurrency=10
+            ),
         ),
     )
     if pools or spill_pools:
@@ -241,7 +245,12 @@ def _outlier_detection() -> cluster.OutlierDetection:
 
 
 def _circuit_breakers(
-    *, max_connections: int, max_pending_requests: int, max_requests: int, max_retries: int
+    *,
+    max_connections: int,
+    max_pending_requests: int,
+    max_requests: int,
+    max_retries: int | None = None,
+    retry_budget: cluster.CircuitBreakersThresholdsRetryBudget | None = None,
 ) -> cluster.CircuitBreakers:
     return cluster.CircuitBreakers(
         thresholds=[
@@ -251,6 +260,7 @@ def _circuit_breakers(
                 max_pending_requests=max_pending_requests,
                 max_requests=max_requests,
                 max_retries=max_retries,
+                retry_budget=retry_budget,
             )
         ]
     )

@@ -28,7 +28,7 @@ from extproc.envoy_config.common import (
     _socket_address,
 )
 from extproc.envoy_config.routes import _processing_mode, _route_configuration
-from extproc.headers import PICKER_CLUSTER, READ_HEADERS, STRIPPED_HEADERS
+from extproc.headers import CLIENT_KEY_HEADER, PICKER_CLUSTER, READ_HEADERS, STRIPPED_HEADERS
 
 # Seconds a client has to send its request line and headers (HCM request_headers_timeout).
 REQUEST_HEADERS_TIMEOUT_S: Final = 10
@@ -109,10 +109,25 @@ def _http_connection_manager(fleet: Fleet) -> hcm.HttpConnectionManager:
     )
 
 
+def _client_key(fleet: Fleet) -> mutation_rules.HeaderMutation:
+    """Whose share of a model's capacity a request counts against, for the picker: the header the fleet
+    file names, else the client's address (the connection's: Envoy is the edge). Set after the client's
+    copy is removed, so that a client can only be what its header or address says."""
+    header = fleet.picker.overload.fairness_header
+    value = f"%REQ({header})%" if header is not None else "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"
+    return mutation_rules.HeaderMutation(
+        append=core.HeaderValueOption(
+            header=core.HeaderValue(key=CLIENT_KEY_HEADER, value=value),
+            append_action=core.HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    )
+
+
 def _http_filters(fleet: Fleet) -> list[hcm.HttpFilter]:
     strip_routing_headers = header_mutation.HeaderMutation(
         mutations=header_mutation.Mutations(
             request_mutations=[mutation_rules.HeaderMutation(remove=name) for name in STRIPPED_HEADERS]
+            + [_client_key(fleet)]
         )
     )
     picker = ext_proc.ExternalProcessor(
@@ -120,6 +135,9 @@ def _http_filters(fleet: Fleet) -> list[hcm.HttpFilter]:
         # Fail open: if the picker is down, slow or errors, the request continues unchanged and takes the
         # fallback routes (least request over envoy.fallback_tier) instead of failing with a 500/504.
         failure_mode_allow=True,
+        # The picker sets x-envoy-upstream-rq-timeout-ms (the request's deadline), which ext_proc may not
+        # touch by default; the client's copy is stripped on arrival (STRIPPED_HEADERS).
+        mutation_rules=mutation_rules.HeaderMutationRules(allow_envoy=True),
         # Envoy's default is 200 ms; the fleet file decides how long a request may wait for the picker
         # before failing open.
         message_timeout=dt.timedelta(milliseconds=fleet.picker.message_timeout_ms),

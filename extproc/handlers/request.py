@@ -11,11 +11,21 @@ from typing import Any, Final
 
 from extproc.config import Tier
 from extproc.handlers.parse import parse_rest_path
-from extproc.headers import PRIORITY_HEADER, READ_HEADERS, SEQUENCE_HEADER, TIER_HINT_HEADER
+from extproc.headers import (
+    CLIENT_KEY_HEADER,
+    GRPC_TIMEOUT_HEADER,
+    PRIORITY_HEADER,
+    READ_HEADERS,
+    SEQUENCE_HEADER,
+    TIER_HINT_HEADER,
+    TIMEOUT_HEADER,
+)
 from extproc.scheduling.types import InferenceRequest, Priority, Protocol
 
 _TIERS: Final = {t.value: t for t in Tier}
 _PRIORITIES: Final = {p.value: p for p in Priority}
+# grpc-timeout's units (gRPC over HTTP/2: "Timeout → TimeoutValue TimeoutUnit"), in milliseconds.
+_GRPC_TIMEOUT_UNITS: Final = {"H": 3_600_000.0, "M": 60_000.0, "S": 1000.0, "m": 1.0, "u": 1e-3, "n": 1e-6}
 
 
 def header_map(values: Iterable[Any]) -> dict[str, str]:
@@ -42,7 +52,28 @@ def rest_request(path: str, headers: dict[str, str]) -> InferenceRequest:
         hint(headers),
         priority(headers),
         sequence_id(headers),
+        infer=target.model is not None and path.split("?", 1)[0].endswith("/infer"),
+        timeout_ms=rest_timeout_ms(headers),
+        client=headers.get(CLIENT_KEY_HEADER),
     )
+
+
+def rest_timeout_ms(headers: dict[str, str]) -> float | None:
+    """x-triton-timeout-ms: a positive decimal number of milliseconds; anything else is no deadline."""
+    value = decimal_length(headers.get(TIMEOUT_HEADER))
+    return float(value) if value else None
+
+
+def grpc_timeout_ms(headers: dict[str, str]) -> float | None:
+    """grpc-timeout: up to 8 digits and a unit; anything else is no deadline (as gRPC servers read it)."""
+    value = headers.get(GRPC_TIMEOUT_HEADER)
+    if value is None or not 2 <= len(value) <= 9:
+        return None
+    digits, unit = value[:-1], _GRPC_TIMEOUT_UNITS.get(value[-1])
+    if unit is None or not digits.isascii() or not digits.isdigit():
+        return None
+    ms = int(digits) * unit
+    return ms if ms > 0 else None
 
 
 def content_length(headers: dict[str, str]) -> int | None:

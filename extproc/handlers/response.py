@@ -16,7 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 
 from extproc.config import Tier
-from extproc.headers import HOSTS_HEADER, TIER_HEADER
+from extproc.headers import ENVOY_TIMEOUT_HEADER, HOSTS_HEADER, TIER_HEADER
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.types import Decision, InferenceRequest, Protocol, Reject, Route
 
@@ -70,10 +70,14 @@ def _header(key: str, value: str) -> Any:
     )
 
 
-def routing_answer(tier: Tier, endpoints: str) -> Any:
+def routing_answer(tier: Tier, endpoints: str, timeout_ms: int | None = None) -> Any:
     """Envoy's answer for a routed request: the tier (which picks the route and cluster, hence the route
-    cache is cleared) and the hosts to try, best first (``ip:port`` list, for override_host)."""
-    mutation = ep.HeaderMutation(set_headers=[_header(TIER_HEADER, tier.value), _header(HOSTS_HEADER, endpoints)])
+    cache is cleared), the hosts to try, best first (``ip:port`` list, for override_host), and the
+    request's deadline as its route timeout."""
+    headers = [_header(TIER_HEADER, tier.value), _header(HOSTS_HEADER, endpoints)]
+    if timeout_ms is not None:
+        headers.append(_header(ENVOY_TIMEOUT_HEADER, str(timeout_ms)))
+    mutation = ep.HeaderMutation(set_headers=headers)
     return ep.ProcessingResponse(
         request_headers=ep.HeadersResponse(response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True))
     )
@@ -86,7 +90,7 @@ class Responder:
         self._metrics = metrics
         self._retry_after = str(retry_after_s)
         self._debug = debug
-        self._answers: dict[tuple[Tier, str], Any] = {}
+        self._answers: dict[tuple[Tier, str, int | None], Any] = {}
         self._log_budget = LogBudget(_REJECTIONS_LOGGED_PER_S)
 
     def answer(self, decision: Decision, request: InferenceRequest) -> Any:
@@ -96,19 +100,24 @@ class Responder:
                 endpoints = ",".join([h.grpc_endpoint for h in decision.hosts])
             else:
                 endpoints = ",".join([h.http_endpoint for h in decision.hosts])
-            key = (decision.tier, endpoints)
+            timeout = decision.timeout_ms
+            if request.timeout_ms is not None:
+                # The client's own deadline: a value per request, not worth caching.
+                return routing_answer(decision.tier, endpoints, timeout)
+            key = (decision.tier, endpoints, timeout)
             answer = self._answers.get(key)
             if answer is None:
                 if len(self._answers) >= _MAX_CACHED_ANSWERS:
                     self._answers.clear()
-                answer = self._answers[key] = routing_answer(decision.tier, endpoints)
+                answer = self._answers[key] = routing_answer(decision.tier, endpoints, timeout)
             return answer
         return self._immediate(decision, request)
 
     def _immediate(self, reject: Reject, request: InferenceRequest) -> Any:
         set_headers = [_header("content-type", "application/json")]
         if reject.retry_after:
-            set_headers.append(_header("retry-after", self._retry_after))
+            seconds = reject.retry_after_s
+            set_headers.append(_header("retry-after", self._retry_after if seconds is None else str(seconds)))
         immediate = ep.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=reject.status),
             headers=ep.HeaderMutation(set_headers=set_headers),

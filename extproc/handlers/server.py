@@ -34,10 +34,19 @@ from extproc.handlers.parse import (
     grpc_names_model,
     parse_grpc_frame,
 )
-from extproc.handlers.request import decimal_length, header_map, hint, priority, rest_request, sequence_id
+from extproc.handlers.request import (
+    decimal_length,
+    grpc_timeout_ms,
+    header_map,
+    hint,
+    priority,
+    rest_request,
+    sequence_id,
+)
 from extproc.handlers.response import LogBudget, Responder, clip
 from extproc.handlers.tensors import TensorHeadReader
 from extproc.handlers.wire import RequestHeaders, read_request_headers
+from extproc.headers import CLIENT_KEY_HEADER
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.quarantine import Quarantine
 from extproc.scheduling.scheduler import Scheduler
@@ -299,6 +308,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                 frame.sequence_id or sequence_id(headers),
                 frame.sequence_start,
                 frame.sequence_end,
+                infer=method == "ModelInfer",
+                timeout_ms=grpc_timeout_ms(headers),
+                client=headers.get(CLIENT_KEY_HEADER),
             )
             return request, pending
         raise MalformedRequest("the gRPC request ended before its first message")

@@ -2,8 +2,10 @@
 
 Per request: the model's tier comes from the fleet file's rules; the scheduling profile (filters,
 weighted scorers, picker) from the model, else its tier, else the picker's default. A tier with no
-candidate, or a saturated one, spills over to the model's other tiers where it is loaded. When every
-allowed tier is saturated, sheddable requests get 429 and the others go to the least-bad host.
+candidate, or one whose best host cannot take the request, spills over to the model's other tiers where it
+is loaded. Inference requests are admitted by their deadline (:mod:`extproc.scheduling.admission`): when no
+allowed tier can serve one in time, it is refused (429). Other requests that name a model (metadata,
+readiness) are never refused for load, except sheddable ones when every tier is saturated.
 
 Most of a decision only changes when telemetry does: which hosts pass the filters, their measured times,
 batch costs, GPU memory. The scheduler prepares that once per (tier, model, version) and datastore
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from extproc.config import Fleet, ModelSpec, Profile, Tier
 from extproc.datastore import Datastore, HostState
 from extproc.scheduling import filters, registry, scorers
+from extproc.scheduling.admission import Admission
 from extproc.scheduling.affinity import rendezvous
 from extproc.scheduling.classify import classify
 from extproc.scheduling.filters import Filters
@@ -115,6 +118,7 @@ class Scheduler:
         self._store = datastore
         self._specs = {m.name: m for m in fleet.models}
         self._saturation = fleet.picker.saturation
+        self._admission = Admission(fleet)
         self._context = registry.Context(fleet.picker.max_hosts, datastore.stale_after_s, rng or random.Random())
         self._plans: dict[tuple[Tier, str, str | None], _Plan] = {}
         # Each profile's units, by the profile's id: the fleet holds every profile for as long as this lives.
@@ -164,7 +168,11 @@ class Scheduler:
                 decision = self._with_spill_hosts(decision, order, model, request.version, now)
         if decision is None:
             return self._no_route(request)
-        return self._commit(decision, now) if isinstance(decision, Route) else decision
+        if isinstance(decision, Route):
+            if request.infer and self._admission.enabled:
+                decision.timeout_ms = math.ceil(self._admission.deadline_ms(request))
+            return self._commit(decision, now)
+        return decision
 
     def _with_spill_hosts(
         self, route: Route, order: tuple[_Step, ...], model: str, version: str | None, now: float
@@ -232,6 +240,8 @@ class Scheduler:
         return units
 
     def _balance(self, request: InferenceRequest, order: tuple[_Step, ...], now: float) -> Decision | None:
+        if request.infer and self._admission.enabled:
+            return self._admit(request, order, now)
         model, version = request.model or "", request.version
         saturated: Route | None = None
         for candidate_tier, units in order:
@@ -253,6 +263,30 @@ class Scheduler:
                 retry_after=True,
             )
         return saturated
+
+    def _admit(self, request: InferenceRequest, order: tuple[_Step, ...], now: float) -> Decision | None:
+        """The first tier whose best candidate can serve the request within its limit (see
+        :mod:`extproc.scheduling.admission`), unless the client is over its share; else refused."""
+        admission = self._admission
+        model, version = request.model or "", request.version
+        deadline = admission.deadline_ms(request)
+        limit = admission.limit_ms(request, deadline)
+        least_over: float | None = None
+        for candidate_tier, units in order:
+            candidates = self._candidates(candidate_tier, model, version, units, now)
+            if not candidates:
+                continue
+            ranked = units.picker.pick(candidates, units.scorers, now) if len(candidates) > 1 else candidates
+            fraction, over = admission.load(request, ranked[0], limit, now)
+            if fraction > 1:
+                least_over = over if least_over is None else min(least_over, over)
+                continue
+            refused = admission.fair(request, fraction, now)
+            if refused is not None:
+                return refused
+            reason = "classified" if candidate_tier is order[0][0] else "spillover"
+            return Route(candidate_tier, tuple([c.host for c in ranked]), reason)
+        return None if least_over is None else admission.refuse(request, least_over, deadline)
 
     def _sequence(self, request: InferenceRequest, order: tuple[_Step, ...], now: float) -> Decision | None:
         """The sequence's home among the first tier with candidates; load and saturation do not move it, but

@@ -41,6 +41,13 @@ class InferenceRequest:
     # The request's sequence_start / sequence_end flags (where the picker read them: the body's parameters).
     sequence_start: bool
     sequence_end: bool
+    # A unary inference call (REST .../infer, gRPC ModelInfer): the requests that get a deadline and are
+    # admitted by it.
+    infer: bool
+    # The deadline the client asked for, in ms (gRPC grpc-timeout, REST x-triton-timeout-ms).
+    timeout_ms: float | None
+    # Whose share of a model's capacity the request counts against (see OverloadSpec.fairness_header).
+    client: str | None
 
     def __init__(
         self,
@@ -53,6 +60,9 @@ class InferenceRequest:
         sequence_id: str | None = None,
         sequence_start: bool = False,
         sequence_end: bool = False,
+        infer: bool = False,
+        timeout_ms: float | None = None,
+        client: str | None = None,
     ) -> None:
         self.protocol = protocol
         self.model = model
@@ -63,6 +73,9 @@ class InferenceRequest:
         self.sequence_id = sequence_id
         self.sequence_start = sequence_start
         self.sequence_end = sequence_end
+        self.infer = infer
+        self.timeout_ms = timeout_ms
+        self.client = client
 
 
 @dataclass(slots=True, init=False)  # as InferenceRequest
@@ -72,11 +85,14 @@ class Route:
     tier: Tier
     hosts: tuple[HostState, ...]
     reason: str
+    # The request's deadline in ms, for Envoy's route timeout (None: the route's own).
+    timeout_ms: int | None
 
-    def __init__(self, tier: Tier, hosts: tuple[HostState, ...], reason: str) -> None:
+    def __init__(self, tier: Tier, hosts: tuple[HostState, ...], reason: str, timeout_ms: int | None = None) -> None:
         self.tier = tier
         self.hosts = hosts
         self.reason = reason
+        self.timeout_ms = timeout_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +103,9 @@ class Reject:
     message: str
     reason: str
     retry_after: bool = False
+    # Seconds for retry-after where the picker predicts when the request would be admitted (else
+    # picker.retry_after_s).
+    retry_after_s: int | None = None
 
 
 Decision = Route | Reject
