@@ -17,6 +17,8 @@ from extproc.discovery import Discovery
 DECISION_BUCKETS: Final = (25e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3)
 # (model, tier, first-choice host, reason): the labels of extproc_decisions.
 RouteKey = tuple[str, str, str, str]
+# (model, priority, outcome): the labels of extproc_admissions.
+AdmissionKey = tuple[str, str, str]
 
 
 class PickerMetrics:
@@ -52,6 +54,13 @@ class PickerMetrics:
             "down (a possible query of death).",
             registry=decision_registry,
         )
+        self.admissions = Counter(
+            "extproc_admissions",
+            "Inference requests admitted or refused for load, by model, priority and outcome (admitted, "
+            "overloaded, fair_share).",
+            ["model", "priority", "outcome"],
+            registry=decision_registry,
+        )
         self.decision_seconds = Histogram(
             "extproc_decision_seconds",
             "Time from the request's headers (or first gRPC body chunk) to the picker's answer.",
@@ -65,6 +74,8 @@ class PickerMetrics:
         self._times = [0] * (len(DECISION_BUCKETS) + 1)  # the last: +Inf
         self._time_sum = 0.0
         self._counters: dict[RouteKey, Counter] = {}
+        self._admitted: dict[AdmissionKey, int] = {}
+        self._admission_counters: dict[AdmissionKey, Counter] = {}
         self._telemetry = _TelemetryAge(datastore)
         self.registry.register(self._telemetry)
         self._pools = _PoolHosts()
@@ -78,6 +89,11 @@ class PickerMetrics:
         self._times[bisect_left(DECISION_BUCKETS, elapsed_s)] += 1
         self._time_sum += elapsed_s
 
+    def admission(self, key: AdmissionKey) -> None:
+        """Count one inference request admitted or refused for load (published at the next flush)."""
+        admitted = self._admitted
+        admitted[key] = admitted.get(key, 0) + 1
+
     def flush(self) -> None:
         """Add the routed requests tallied since the last flush to the Prometheus series: before every
         scrape of this process's registry, and periodically in a worker (whose series the leader reads from
@@ -88,6 +104,12 @@ class PickerMetrics:
                 counter = self._counters[key] = self.decisions.labels(*key)
             counter.inc(count)
         self._routed = {}
+        for admission, count in self._admitted.items():
+            counter = self._admission_counters.get(admission)
+            if counter is None:
+                counter = self._admission_counters[admission] = self.admissions.labels(*admission)
+            counter.inc(count)
+        self._admitted = {}
         # prometheus_client has no way to add n observations at once; its buckets hold per-bucket counts
         # (cumulated when exported), which is what the tally keeps. tests/test_metrics.py checks the result
         # against observe().

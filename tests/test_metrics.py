@@ -40,3 +40,31 @@ def test_routed_requests_wait_for_the_flush() -> None:
     assert "extproc_decision_seconds_count 0.0" in _decision_lines(metrics)
     metrics.flush()
     assert "extproc_decision_seconds_count 1.0" in _decision_lines(metrics)
+
+
+def test_admissions_are_counted_per_model_priority_and_outcome() -> None:
+    """Inference requests only, and only the load verdicts (an unknown model's 404 is not one)."""
+    from extproc.handlers.response import Responder
+    from extproc.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
+
+    store = Datastore(FLEET)
+    metrics = PickerMetrics(store)
+    responder = Responder(metrics, 1, debug=False)
+    host = store.hosts["g1"]
+
+    def infer(model: str, priority: Priority = Priority.STANDARD) -> InferenceRequest:
+        return InferenceRequest(Protocol.HTTP, model, priority=priority, infer=True)
+
+    responder.record(Route(Tier.GPU, (host,), "classified"), infer("m"), None, 0.0)
+    responder.record(Route(Tier.GPU, (host,), "classified"), InferenceRequest(Protocol.HTTP, "m"), None, 0.0)
+    responder.record(Reject(429, "", "overloaded"), infer("m", Priority.SHEDDABLE), None, 0.0)
+    responder.record(Reject(429, "", "fair_share"), infer("m"), None, 0.0)
+    responder.record(Reject(404, "", "unknown_model"), infer("nope"), None, 0.0)
+    metrics.flush()
+    text = generate_latest(metrics.registry).decode()
+    lines = sorted(line for line in text.splitlines() if line.startswith("extproc_admissions_total"))
+    assert lines == [
+        'extproc_admissions_total{model="m",outcome="admitted",priority="standard"} 1.0',
+        'extproc_admissions_total{model="m",outcome="fair_share",priority="standard"} 1.0',
+        'extproc_admissions_total{model="m",outcome="overloaded",priority="sheddable"} 1.0',
+    ]

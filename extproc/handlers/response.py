@@ -30,6 +30,7 @@ _GRPC_STATUS: Final = {400: 3, 404: 5, 409: 9, 413: 8, 429: 8, 503: 14}
 _MAX_CACHED_ANSWERS: Final = 4096
 
 
+_ADMISSION_OUTCOMES: Final = frozenset({"admitted", "overloaded", "fair_share"})
 _REJECTIONS_LOGGED_PER_S: Final = 10
 _MAX_LOGGED_TEXT: Final = 64
 _MAX_LOGGED_MESSAGE: Final = 160
@@ -136,6 +137,11 @@ class Responder:
         ``started`` is when the request reached the picker (``time.perf_counter()``)."""
         elapsed = time.perf_counter() - started
         model = request.model or ""
+        if request.infer:
+            # Only models some host lists get an admission verdict: the label's values are bounded.
+            outcome = "admitted" if isinstance(decision, Route) else decision.reason
+            if outcome in _ADMISSION_OUTCOMES:
+                self._metrics.admission((model, request.priority, outcome))
         if isinstance(decision, Route):
             # Tier is a StrEnum: its member is its label value, without the enum's slow .value lookup.
             self._metrics.routed((model, decision.tier, decision.hosts[0].name, decision.reason), elapsed)
