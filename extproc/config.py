@@ -286,6 +286,10 @@ class OverloadSpec(_Strict):
     fairness_header: HeaderName | None = None
     # Keys remembered per model; keys beyond this (a client minting new ones) share one.
     max_fairness_keys: int = Field(default=1024, ge=1, le=1_000_000)
+    # Of a host's sequence slots for a model, the most one client key may hold: a new sequence beyond it
+    # gets 429, so that a client that starts sequences and never ends them cannot take every slot. 1: no
+    # per-client limit (e.g. behind a proxy that hides client addresses, without fairness_header).
+    max_sequence_share: float = Field(default=0.5, gt=0, le=1)
     # The most retry-after (seconds) a refusal asks for; it is otherwise the predicted drain time.
     max_retry_after_s: int = Field(default=30, ge=1, le=3600)
 

@@ -72,6 +72,8 @@ def test_the_scheduler_answers_429_for_a_start_that_would_wait() -> None:
         {
             "hosts": [{"name": "g1", "address": "10.0.0.1", "tier": "gpu"}],
             "models": [{"name": "seq", "tiers": ["gpu"], "sequence": True}],
+            # One client here: its share is every slot.
+            "picker": {"overload": {"max_sequence_share": 1.0}},
         }
     )
     store = Datastore(fleet, clock=lambda: 100.0)
@@ -107,6 +109,8 @@ def test_the_scheduler_answers_409_for_a_sequence_that_moved() -> None:
         {
             "hosts": [{"name": f"g{i}", "address": f"10.0.0.{i}", "tier": "gpu"} for i in (1, 2)],
             "models": [{"name": "seq", "tiers": ["gpu"], "sequence": True}],
+            # One client here: its share is every slot.
+            "picker": {"overload": {"max_sequence_share": 1.0}},
         }
     )
     store = Datastore(fleet, clock=lambda: 100.0)
@@ -120,3 +124,26 @@ def test_the_scheduler_answers_409_for_a_sequence_that_moved() -> None:
     store.changed()
     moved = scheduler.decide(seq("s"))
     assert isinstance(moved, Reject) and moved.status == 409 and moved.reason == "sequence_moved"
+
+
+def test_one_client_holds_at_most_its_share_of_the_slots() -> None:
+    """A client that starts sequences and never ends them takes its share (half) of the slots; the others
+    stay for other clients. Its sequences already open go on."""
+    g1, open_ = host(), OpenSequences(max_share=0.5)
+
+    def start(sequence_id: str, client: str) -> str | None:
+        request = seq(sequence_id, start=True)
+        request.client = client
+        return open_.admit(g1, request, 0.0)
+
+    assert start("a1", "attacker") is None and start("a2", "attacker") is None
+    refused = start("a3", "attacker")
+    assert refused is not None and "holds 2 of the 4 sequence slots" in refused
+    assert start("v1", "victim") is None and start("v2", "victim") is None
+    assert open_.admit(g1, seq("a1"), 0.0) is None  # a continuation of the attacker's
+    # An ended sequence frees its client's share.
+    assert open_.admit(g1, seq("a1", end=True), 0.0) is None
+    assert start("a3", "attacker") is None
+    # Idle sequences expire from their client's share as from the host's slots.
+    assert start("a4", "attacker") is not None
+    assert open_.admit(g1, seq("a5", start=True), IDLE_S + 1.0) is None

@@ -131,7 +131,7 @@ class Scheduler:
         # The same for models the fleet file does not list, until the datastore changes (see _implicit_order).
         self._implicit_orders: dict[tuple[str, Tier], tuple[_Step, ...]] = {}
         self._implicit_specs: dict[str, ModelSpec] = {}
-        self._open_sequences = OpenSequences(pick_weight)
+        self._open_sequences = OpenSequences(pick_weight, fleet.picker.overload.max_sequence_share)
         # Whether a model keeps a sequence on one host, until the datastore changes (see is_sequence_model).
         self._sequence_models: dict[str, bool] = {}
         # The datastore generation the plans and the unlisted models' orders were made from.
