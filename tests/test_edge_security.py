@@ -574,6 +574,38 @@ def test_m3_chunked_bodies_keep_their_sequence_host(stack: Stack) -> None:
             assert served_by(stack, path, follow, [("transfer-encoding", "chunked")]) == (200, home)
 
 
+# ------------------------------------------------------------------------------ M8 sequence ownership
+
+
+def test_m8_another_client_cannot_touch_a_sequence(stack: Stack) -> None:
+    """The victim (127.0.0.1) runs sequence 9201; another client (127.0.0.2) sending the same id, to add to
+    it, end it or restart it, gets 403 and the victim's sum goes on unharmed. Once the victim ends it, the
+    id is anyone's."""
+    path = "/v2/models/seq_accumulate/infer"
+
+    def send(value: float, source: str | None = None, **flags: bool) -> tuple[int, bytes]:
+        body = json.dumps(
+            {
+                "parameters": {"sequence_id": 9201, **flags},
+                "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [value]}],
+            }
+        ).encode()
+        status, _, answer = request(stack, path, body, source=source)
+        return status, answer
+
+    def total(answer: bytes) -> float:
+        return float(json.loads(answer)["outputs"][0]["data"][0])
+
+    status, answer = send(1.0, sequence_start=True)
+    assert status == 200 and total(answer) == 1.0, answer
+    for flags in ({}, {"sequence_end": True}, {"sequence_start": True}):
+        status, answer = send(1000.0, source="127.0.0.2", **flags)
+        assert status == 403 and b"open for another client" in answer, (flags, status, answer)
+    status, answer = send(2.0, sequence_end=True)
+    assert status == 200 and total(answer) == 3.0, answer
+    assert send(5.0, source="127.0.0.2", sequence_start=True, sequence_end=True)[0] == 200
+
+
 # ------------------------------------------------------------------------------------ M4 log volume
 
 

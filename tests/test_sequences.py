@@ -29,7 +29,8 @@ def test_new_sequences_are_refused_while_every_slot_is_taken() -> None:
     for i in range(SLOTS):
         assert open_.admit(g1, seq(str(i), start=True), 0.0) is None
     refused = open_.admit(g1, seq("new", start=True), 1.0)
-    assert refused is not None and f"all {SLOTS} sequence slots" in refused
+    assert refused is not None and f"all {SLOTS} sequence slots" in refused.message
+    assert refused.status == 429 and refused.reason == "sequence_slots" and refused.retry_after
     # Sequences already open go on; one that ends frees its slot.
     assert open_.admit(g1, seq("2"), 1.0) is None
     assert open_.admit(g1, seq("2", end=True), 1.0) is None
@@ -99,7 +100,7 @@ def test_a_sequence_whose_host_went_away_gets_a_clear_answer() -> None:
     assert open_.admit(g1, seq("7", start=True), 0.0) is None
     assert open_.admit(g1, seq("7"), 0.1) is None
     moved = open_.admit(g2, seq("7"), 0.2)  # g1 is gone: rendezvous now names g2
-    assert moved is not None and "start it again" in moved
+    assert moved is not None and "start it again" in moved.message and moved.status == 409
     assert open_.admit(g2, seq("7", start=True), 0.3) is None
     assert open_.admit(g2, seq("7"), 0.4) is None
 
@@ -131,19 +132,38 @@ def test_one_client_holds_at_most_its_share_of_the_slots() -> None:
     stay for other clients. Its sequences already open go on."""
     g1, open_ = host(), OpenSequences(max_share=0.5)
 
-    def start(sequence_id: str, client: str) -> str | None:
-        request = seq(sequence_id, start=True)
+    def send(sequence_id: str, client: str, start: bool = True, end: bool = False, at: float = 0.0) -> Reject | None:
+        request = seq(sequence_id, start=start, end=end)
         request.client = client
-        return open_.admit(g1, request, 0.0)
+        return open_.admit(g1, request, at)
 
-    assert start("a1", "attacker") is None and start("a2", "attacker") is None
-    refused = start("a3", "attacker")
-    assert refused is not None and "holds 2 of the 4 sequence slots" in refused
-    assert start("v1", "victim") is None and start("v2", "victim") is None
-    assert open_.admit(g1, seq("a1"), 0.0) is None  # a continuation of the attacker's
+    assert send("a1", "attacker") is None and send("a2", "attacker") is None
+    refused = send("a3", "attacker")
+    assert refused is not None and "holds 2 of the 4 sequence slots" in refused.message
+    assert send("v1", "victim") is None and send("v2", "victim") is None
+    assert send("a1", "attacker", start=False) is None  # a continuation of the attacker's
     # An ended sequence frees its client's share.
-    assert open_.admit(g1, seq("a1", end=True), 0.0) is None
-    assert start("a3", "attacker") is None
+    assert send("a1", "attacker", start=False, end=True) is None
+    assert send("a3", "attacker") is None
     # Idle sequences expire from their client's share as from the host's slots.
-    assert start("a4", "attacker") is not None
-    assert open_.admit(g1, seq("a5", start=True), IDLE_S + 1.0) is None
+    assert send("a4", "attacker") is not None
+    assert send("a5", "attacker", at=IDLE_S + 1.0) is None
+
+
+def test_a_sequence_open_for_one_client_is_refused_to_another() -> None:
+    """Triton's sequence ids are one namespace per host: another client could add to a sequence, end it, or
+    restart it. Its own client goes on; once it ends (or idles out) the id is free."""
+    g1, open_ = host(), OpenSequences()
+
+    def send(client: str, start: bool = False, end: bool = False, at: float = 0.0) -> object:
+        request = seq("42", start=start, end=end)
+        request.client = client
+        return open_.admit(g1, request, at)
+
+    assert send("owner", start=True) is None
+    for kind in ({}, {"end": True}, {"start": True}):
+        refused = send("other", **kind)
+        assert isinstance(refused, Reject) and refused.status == 403 and refused.reason == "sequence_owner", kind
+    assert send("owner") is None and send("owner", end=True) is None
+    assert send("other", start=True) is None  # ended: free
+    assert send("owner", at=IDLE_S + 1.0) is None  # "other"'s sequence idled out: free again

@@ -290,7 +290,8 @@ class Scheduler:
 
     def _sequence(self, request: InferenceRequest, order: tuple[_Step, ...], now: float) -> Decision | None:
         """The sequence's home among the first tier with candidates; load and saturation do not move it, but
-        a new sequence is refused while every sequence slot of its home is taken."""
+        a new sequence is refused while every sequence slot of its home (or its client's share) is taken, and
+        a request for another client's open sequence is refused (see extproc.scheduling.sequences)."""
         model, sequence_id = request.model or "", request.sequence_id or ""
         for candidate_tier, units in order:
             plan = self._plan(candidate_tier, model, request.version)
@@ -299,9 +300,7 @@ class Scheduler:
                 ranked = rendezvous([c.host for c in candidates], model, sequence_id)[: self._fleet.picker.max_hosts]
                 refused = self._open_sequences.admit(ranked[0], request, now)
                 if refused is not None:
-                    if request.sequence_start:
-                        return Reject(429, refused, "sequence_slots", retry_after=True)
-                    return Reject(409, refused, "sequence_moved")
+                    return refused
                 return Route(candidate_tier, tuple(ranked), "sequence")
         return None
 

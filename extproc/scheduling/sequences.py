@@ -8,7 +8,9 @@ other client's new sequence hang until its own expire. The picker sees every sta
 parameters, so it counts the sequences open on each host (forgetting those idle longer than Triton keeps
 them) and answers a start that would wait with 429 and ``retry-after`` instead. A start is also refused
 while its client (the request's client key, see :mod:`extproc.scheduling.fairness`) holds its share of the
-host's slots (``picker.overload.max_sequence_share``), so that one client cannot take every slot.
+host's slots (``picker.overload.max_sequence_share``), so that one client cannot take every slot; and a
+request for a sequence open for another client is refused (403), so that no client can add to, end or
+restart another's sequence.
 
 The count is this picker process's: with ``picker.workers`` N each worker sees about 1/N of the sequences
 and counts each N times; picker replicas each count their own share.
@@ -22,12 +24,16 @@ from collections import OrderedDict
 from typing import Final
 
 from extproc.datastore import HostState
-from extproc.scheduling.types import InferenceRequest
+from extproc.scheduling.types import InferenceRequest, Reject
 
 __all__ = ["OpenSequences"]
 
 # Sequences remembered per (host, model) when the model's slots are not known: a bound on memory only.
 _MAX_TRACKED: Final = 100_000
+
+
+def _no_slot(message: str) -> Reject:
+    return Reject(429, message, "sequence_slots", retry_after=True)
 
 
 class OpenSequences:
@@ -45,8 +51,8 @@ class OpenSequences:
         # (model, sequence id) → the host it is open on: where a sequence that moved lived.
         self._homes: dict[tuple[str, str], str] = {}
 
-    def admit(self, host: HostState, request: InferenceRequest, now: float) -> str | None:
-        """Count ``request`` (of a sequence, routed to ``host``); the reason to refuse it instead, if any."""
+    def admit(self, host: HostState, request: InferenceRequest, now: float) -> Reject | None:
+        """Count ``request`` (of a sequence, routed to ``host``), or the answer that refuses it instead."""
         model, sequence = request.model or "", request.sequence_id or ""
         batching = host.batching.get(model)
         idle_s = batching.sequence_idle_s if batching is not None else 1.0
@@ -66,6 +72,14 @@ class OpenSequences:
             self._homes.pop((model, oldest), None)
         entry = table.get(sequence)
         if entry is not None:
+            if entry[1] != client:
+                # Triton's sequence ids are one namespace per host: without this, any client could add to
+                # another's sequence, end it, or restart it.
+                return Reject(
+                    403,
+                    f"sequence {sequence[:64]} of model '{model}' is open for another client; use another sequence id",
+                    "sequence_owner",
+                )
             if request.sequence_end:
                 self._remove(key, sequence, entry[1])
                 del self._homes[model, sequence]
@@ -79,13 +93,13 @@ class OpenSequences:
                 return moved
         if request.sequence_start and slots:
             if len(table) * self._weight >= slots:
-                return (
+                return _no_slot(
                     f"all {slots} sequence slots of model '{model}' on the host of sequence {sequence[:64]} are in "
                     "use; a new sequence would wait for one"
                 )
             mine = held.get(client, 0) * self._weight
             if mine + self._weight > slots * self._max_share:
-                return (
+                return _no_slot(
                     f"this client holds {mine} of the {slots} sequence slots of model '{model}' on the host of "
                     f"sequence {sequence[:64]}, its share; end a sequence before starting another"
                 )
@@ -105,16 +119,18 @@ class OpenSequences:
         else:
             del held[client]
 
-    def _moved(self, model: str, sequence: str, host: str) -> str | None:
-        """Why a sequence that was open on another host (which stopped being a candidate: down, ejected,
+    def _moved(self, model: str, sequence: str, host: str) -> Reject | None:
+        """A sequence that was open on another host (which stopped being a candidate: down, ejected,
         drained, the model unloaded) cannot go on here: its state stayed there."""
         home = self._homes.get((model, sequence))
         if home is None or home == host:
             return None
         self._forget(model, sequence)
-        return (
+        return Reject(
+            409,
             f"sequence {sequence[:64]} of model '{model}' was running on a host that is no longer available; its "
-            "state is lost: start it again (sequence_start)"
+            "state is lost: start it again (sequence_start)",
+            "sequence_moved",
         )
 
     def _forget(self, model: str, sequence: str) -> None:
