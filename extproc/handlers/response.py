@@ -24,7 +24,7 @@ log = structlog.get_logger(__name__)
 
 _OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # HTTP status → gRPC status for answers to gRPC clients (grpc-status, as Triton itself would send).
-_GRPC_STATUS: Final = {400: 3, 404: 5, 409: 9, 413: 8, 429: 8, 503: 14}
+_GRPC_STATUS: Final = {400: 3, 403: 7, 404: 5, 409: 9, 413: 8, 429: 8, 503: 14}
 # Routing answers are reused per (tier, host list); the number of distinct lists is bounded by the fleet's
 # size and max_hosts, but with many hosts it can be large, so the cache starts over when full.
 _MAX_CACHED_ANSWERS: Final = 4096
