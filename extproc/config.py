@@ -196,12 +196,32 @@ class ModelSpec(_Strict):
 
 class PollSpec(_Strict):
     triton_metrics_ms: PositiveMs = 250
+    # An idle host (nothing in flight, its counters still at its last scrape) is scraped this often instead.
+    idle_metrics_ms: PositiveMs = 1000
     repository_ms: PositiveMs = 1000
+    # While a host's metrics page lists exactly the model versions its index has READY, each scrape
+    # confirms the index, and the index itself is read this often instead (a change on the page is read
+    # at once).
+    confirmed_repository_ms: PositiveMs = 10_000
     envoy_admin_ms: PositiveMs = 200
     nvml_ms: PositiveMs = 500
     # Telemetry older than this makes its host a non-candidate.
     stale_after_ms: PositiveMs = 3000
     request_timeout_ms: PositiveMs = 1000
+
+    @model_validator(mode="after")
+    def _intervals(self) -> Self:
+        if self.idle_metrics_ms < self.triton_metrics_ms:
+            raise ValueError("idle_metrics_ms is shorter than triton_metrics_ms")
+        if self.confirmed_repository_ms < self.repository_ms:
+            raise ValueError("confirmed_repository_ms is shorter than repository_ms")
+        # An idle host must still be fresh between two scrapes, with a poll's timeout to spare.
+        if self.idle_metrics_ms + self.request_timeout_ms > self.stale_after_ms:
+            raise ValueError(
+                f"idle_metrics_ms + request_timeout_ms ({self.idle_metrics_ms + self.request_timeout_ms}) exceed "
+                f"stale_after_ms ({self.stale_after_ms}): idle hosts would go stale between scrapes"
+            )
+        return self
 
 
 def _registered(units: registry.Registry[Any]) -> AfterValidator:

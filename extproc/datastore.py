@@ -53,6 +53,8 @@ class TritonLoad:
     """Derived from Triton's metrics endpoint: the counters are turned into rates between two scrapes."""
 
     pending: int = 0  # requests queued in Triton, not yet executing (all models)
+    # The same per model (only models with requests queued at the last scrape).
+    model_pending: dict[str, int] = field(default_factory=dict)
     # Mean queue wait and per-request service time over the last scrape interval, in ms; None until measured.
     queue_ms: float | None = None
     service_ms: float | None = None
@@ -103,7 +105,7 @@ TELEMETRY_FIELDS: Final = (
 # The other fields: the host's identity, and the in-flight estimate, which every pick moves and every
 # decision reads live (never prepared, so written without a generation change).
 IDENTITY_FIELDS: Final = ("spec", "http_endpoint", "grpc_endpoint")
-ESTIMATE_FIELDS: Final = ("estimate", "estimate_at", "picks_since_poll")
+ESTIMATE_FIELDS: Final = ("estimate", "estimate_at", "picks_since_poll", "model_estimates")
 
 
 @dataclass(slots=True)
@@ -123,6 +125,9 @@ class HostState:
     estimate: float = 0.0
     estimate_at: float | None = None
     picks_since_poll: int = 0  # for /status: picks counted since the estimate was last reset
+    # The same queue per model, from this picker's picks only: model → (estimate, its time). Triton
+    # queues each model apart, so a request waits behind its own model's requests, not the host's.
+    model_estimates: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Set by an operator (``POST /hosts/NAME/drain``): no new requests, e.g. before unloading a model.
     draining: bool = False
     metrics_at: float | None = None
@@ -156,11 +161,32 @@ class HostState:
         measured rate), or Triton's queue if larger (requests that did not come through this Envoy)."""
         return max(self._drained(now), float(self.load.pending))
 
-    def record_pick(self, now: float, weight: int = 1) -> None:
+    def record_pick(self, now: float, weight: int = 1, model: str | None = None) -> None:
         # The other gateways send the host their share meanwhile, as they see what this picker sees.
-        self.estimate = self._drained(now) + weight * self.load.envoy_scale
+        added = weight * self.load.envoy_scale
+        self.estimate = self._drained(now) + added
         self.estimate_at = now
         self.picks_since_poll += weight
+        if model is not None:
+            self.model_estimates[model] = (self._model_drained(model, now) + added, now)
+
+    def model_in_flight(self, model: str, now: float) -> float:
+        """Best estimate of ``model``'s requests on this host now: this picker's picks of it, drained at the
+        model's measured rate, or Triton's queue of it if larger, never more than the host's
+        :meth:`in_flight` (which Envoy's count keeps honest)."""
+        own = max(self._model_drained(model, now), float(self.load.model_pending.get(model, 0)))
+        return min(own, self.in_flight(now))
+
+    def _model_drained(self, model: str, now: float) -> float:
+        estimate = self.model_estimates.get(model)
+        if estimate is None:
+            return 0.0
+        value, at = estimate
+        times = self.load.models.get(model)
+        service_ms = times.service_ms if times is not None else self.load.service_ms
+        if not service_ms:
+            return value
+        return max(0.0, value - (now - at) * 1000.0 / service_ms)
 
     def reset_estimate(self, in_flight: float, now: float) -> None:
         """A fresh count of requests in flight (Envoy's poll, see :meth:`envoy_count`) replaces the estimate."""
@@ -322,6 +348,12 @@ class Datastore:
         host.ready, host.known, host.index_at = ready, known, now
         if changed:
             self._reindex()
+        self.changed()
+
+    def confirm_index(self, host: HostState, now: float) -> None:
+        """The host's metrics page lists exactly the model versions its index has READY: the index still
+        holds (Triton adds a model's series when it loads it, and drops them when it unloads it)."""
+        host.index_at = now
         self.changed()
 
     def _reindex(self) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from extproc.config import ConfigError, Fleet, Tier
-from extproc.datastore import Datastore
+from extproc.datastore import Datastore, HostState
 from extproc.handlers.request import grpc_timeout_ms, rest_request, rest_timeout_ms
 from extproc.scheduling.fairness import OVERFLOW_KEY, FairShares
 from extproc.scheduling.scheduler import Scheduler
@@ -31,6 +31,12 @@ def infer(
     )
 
 
+def queued(host: HostState, n: int, models: tuple[str, ...] = ("embed", "mlp")) -> None:
+    """As if Envoy counted ``n`` requests in flight on ``host``, all of each of ``models`` (Triton's queue)."""
+    busy(host, n)
+    host.load.model_pending = dict.fromkeys(models, n)
+
+
 def scheduler(in_flight: dict[str, int], **picker: Any) -> tuple[Scheduler, Datastore]:
     f = fleet(
         picker=picker,
@@ -42,7 +48,7 @@ def scheduler(in_flight: dict[str, int], **picker: Any) -> tuple[Scheduler, Data
     s = Datastore(f, clock=frozen)
     live(s, {"g1": ["embed", "mlp"], "g2": ["embed"], "c1": ["mlp"]}, service_ms=SERVICE_MS)
     for name, n in in_flight.items():
-        busy(s.hosts[name], n)
+        queued(s.hosts[name], n)
     return Scheduler(f, s), s
 
 
@@ -122,16 +128,33 @@ def test_soft_limits_bind_standard_and_sheddable_but_not_critical() -> None:
     f = fleet(picker={"saturation": {"max_queue_ms": 1000}}, models=[{"name": "embed", "deadline_ms": 60_000}])
     s = Datastore(f, clock=frozen)
     live(s, {"g1": ["embed"]}, service_ms=SERVICE_MS)
-    busy(s.hosts["g1"], 20)
+    queued(s.hosts["g1"], 20)
     refused(Scheduler(f, s).decide(infer()))
     routed(Scheduler(f, s).decide(infer(priority=Priority.CRITICAL)))
+
+
+def test_another_models_queue_on_the_same_host_does_not_count() -> None:
+    """Triton queues each model apart: g1 holds 50 embed requests (over every limit), and an mlp request
+    sent there waits behind none of them."""
+    sched, store = scheduler({})
+    busy(store.hosts["g1"], 50)
+    store.hosts["g1"].load.model_pending = {"embed": 50}
+    busy(store.hosts["g2"], 50)
+    store.hosts["g2"].load.model_pending = {"embed": 50}
+    refused(sched.decide(infer("embed")))
+    assert routed(sched.decide(infer("mlp", size=5000))).hosts[0].name == "g1"  # classified gpu
+    # The picker's own picks count per model too, as Envoy's count only can per host.
+    g1 = store.hosts["g1"]
+    for _ in range(12):
+        g1.record_pick(frozen(), model="mlp")
+    assert routed(sched.decide(infer("mlp", size=5000))).tier is Tier.CPU  # g1 is over: c1 takes it
 
 
 def test_a_tier_over_the_limit_spills_over_to_one_within_it() -> None:
     sched, store = scheduler({"c1": 30, "g1": 0})
     decision = routed(sched.decide(infer("mlp", size=10)))  # classified cpu, where c1 takes 3.1 s
     assert decision.tier is Tier.GPU and decision.reason == "spillover" and decision.hosts[0].name == "g1"
-    busy(store.hosts["g1"], 30)
+    queued(store.hosts["g1"], 30)
     refused(sched.decide(infer("mlp", size=10)))
 
 
@@ -179,15 +202,15 @@ def test_a_client_over_its_share_is_refused_while_the_model_is_contended() -> No
     sched, store = scheduler({"g1": 5, "g2": 5})  # 600 ms: over half of standard's 1,000 ms
     for _ in range(4):
         routed(sched.decide(infer(client="heavy")))
-        busy(store.hosts["g1"], 5)
-        busy(store.hosts["g2"], 5)
+        queued(store.hosts["g1"], 5)
+        queued(store.hosts["g2"], 5)
     routed(sched.decide(infer(client="light")))
     refusal = refused(sched.decide(infer(client="heavy")), "fair_share")
     assert refusal.retry_after_s == 1
     routed(sched.decide(infer(client="light")))  # below its share
     # Uncontended, a client takes what it wants.
     for name in ("g1", "g2"):
-        busy(store.hosts[name], 0)
+        queued(store.hosts[name], 0)
     routed(sched.decide(infer(client="heavy")))
 
 

@@ -701,19 +701,23 @@ class FakeHttp:
 
 class FakeTriton:
     """A Triton host's metrics: every scrape, 8 more requests done in one 40 ms execution, each having
-    waited 5 ms; 2 pending. ``gpu`` adds nv_gpu_* series."""
+    waited 5 ms; 2 pending (while ``busy``; idle: nothing moves, nothing pending). ``gpu`` adds nv_gpu_*
+    series."""
 
     def __init__(self, gpu: tuple[int, int] | None = None) -> None:
         self.done = 0
         self.gpu = gpu
         self.http = FakeHttp("/metrics", self.page)
+        self.busy = True  # False: the counters stand still (an idle host)
+        self.models = [M1]  # the series' label sets: the model versions loaded
 
     def page(self) -> tuple[bytes, str]:
         n = self.done
-        self.done += 8
-        series = {M1: Counters(n, n, n // 8, n * 5000, n * 40_000)}
+        if self.busy:
+            self.done += 8
+        series = {labels: Counters(n, n, n // 8, n * 5000, n * 40_000) for labels in self.models}
         gpus = [("GPU-5e9c3b1a", self.gpu[0], self.gpu[1], 0.5)] if self.gpu else []
-        return triton_page(series, pending={M1: 2}, gpus=gpus).encode(), "text/plain"
+        return triton_page(series, pending={M1: 2 if self.busy else 0}, gpus=gpus).encode(), "text/plain"
 
 
 class Stack:
@@ -722,7 +726,9 @@ class Stack:
         self.grpcs = grpcs
         self.envoy = envoy
 
-    def fleet(self, **picker: Any) -> Fleet:
+    def fleet(self, poll: dict[str, int] | None = None, **picker: Any) -> Fleet:
+        """Polls every 50-60 ms; an idle host and a confirmed index are polled as often unless ``poll`` says
+        otherwise."""
         hosts = [
             {
                 "name": name,
@@ -734,11 +740,12 @@ class Stack:
             }
             for i, (name, triton) in enumerate(self.tritons.items())
         ]
-        poll = {"triton_metrics_ms": 50, "repository_ms": 60, "envoy_admin_ms": 50, "nvml_ms": 50}
+        fast = {"triton_metrics_ms": 50, "idle_metrics_ms": 50, "repository_ms": 60, "confirmed_repository_ms": 60}
+        settings = {**fast, "envoy_admin_ms": 50, "nvml_ms": 50, "request_timeout_ms": 200, **(poll or {})}
         return parse_fleet(
             {
                 "hosts": hosts,
-                "picker": {"poll": {**poll, "request_timeout_ms": 200}, **picker},
+                "picker": {"poll": settings, **picker},
                 "envoy": {"fallback_tier": "cpu", "admin": {"address": "127.0.0.1", "port": self.envoy.port}},
             }
         )
@@ -1014,3 +1021,38 @@ def test_service_times_per_model() -> None:
     # A model with no completions in the next interval keeps its times.
     again = derive_load(after, after, load)
     assert again.models == load.models
+
+
+async def test_idle_hosts_and_confirmed_indexes_are_polled_less(stack: Stack) -> None:
+    """An idle host (counters still, nothing in flight) is scraped every idle_metrics_ms; a busy one every
+    triton_metrics_ms. While the page lists exactly the READY model versions, each scrape confirms the
+    index (index_at moves) and the index is read every confirmed_repository_ms; a model version that
+    appears on the page has the index read at the next tick."""
+    fleet = stack.fleet(poll={"idle_metrics_ms": 400, "confirmed_repository_ms": 2000})
+    store = Datastore(fleet)
+    collector = TelemetryCollector(fleet, store)
+    a, b = store.hosts["a"], store.hosts["b"]
+    stack.tritons["b"].busy = False  # and Envoy has nothing in flight on b (a: 3 requests)
+    task = asyncio.create_task(collector.run())
+    try:
+        await until(lambda: min(stamps(a, b)) > 0)
+        await asyncio.sleep(0.3)  # past the first scrapes, which count as moved
+        scrapes = {name: triton.http.requests for name, triton in stack.tritons.items()}
+        index_calls = {name: fake.calls for name, (fake, _) in stack.grpcs.items()}
+        index_at = b.index_at
+        await asyncio.sleep(1.2)
+        scraped = {name: triton.http.requests - scrapes[name] for name, triton in stack.tritons.items()}
+        assert scraped["a"] >= 18 and 2 <= scraped["b"] <= 4, scraped  # 50 ms busy, 400 ms idle
+        assert b.index_at is not None and index_at is not None and b.index_at > index_at  # confirmed by scrapes
+        read = {name: fake.calls - index_calls[name] for name, (fake, _) in stack.grpcs.items()}
+        assert read == {"a": 0, "b": 0}, read
+        # A new model version on b's page: the page no longer confirms b's index, which is read at once.
+        calls = stack.grpcs["b"][0].calls
+        stack.tritons["b"].busy = True
+        stack.tritons["b"].models = [M1, 'model="m2",version="1"']
+        await until(lambda: stack.grpcs["b"][0].calls > calls, within_s=1.0)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await collector.aclose()

@@ -59,11 +59,16 @@ class Admission:
         share = self._shares[request.priority] * deadline_ms
         return share if request.priority is Priority.CRITICAL else min(share, self._max_queue_ms)
 
-    def load(self, request: InferenceRequest, best: Candidate, limit_ms: float, now: float) -> tuple[float, float]:
+    def load(
+        self, request: InferenceRequest, best: Candidate, model: str, limit_ms: float, now: float
+    ) -> tuple[float, float]:
         """How full the best candidate is for this request, as a fraction of what it may be sent with (over
         1: refused), and how far its expected completion is past ``limit_ms`` (ms), for the retry-after.
-        Standard and sheddable requests are also held to the soft limit on requests in flight."""
-        in_flight = best.in_flight(now)
+        Standard and sheddable requests are also held to the soft limit on requests in flight. Both count
+        the model's requests on the host only: Triton queues each model apart, so another model's queue on
+        the same host does not delay this one (its execution shares the device, which the model's measured
+        times reflect)."""
+        in_flight = best.host.model_in_flight(model, now)
         completion = best.completion_ms(in_flight)
         fraction = completion / limit_ms
         if request.priority is not Priority.CRITICAL:

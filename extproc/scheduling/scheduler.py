@@ -171,7 +171,7 @@ class Scheduler:
         if isinstance(decision, Route):
             if request.infer and self._admission.enabled:
                 decision.timeout_ms = math.ceil(self._admission.deadline_ms(request))
-            return self._commit(decision, now)
+            return self._commit(decision, now, model)
         return decision
 
     def _with_spill_hosts(
@@ -277,7 +277,7 @@ class Scheduler:
             if not candidates:
                 continue
             ranked = units.picker.pick(candidates, units.scorers, now) if len(candidates) > 1 else candidates
-            fraction, over = admission.load(request, ranked[0], limit, now)
+            fraction, over = admission.load(request, ranked[0], model, limit, now)
             if fraction > 1:
                 least_over = over if least_over is None else min(least_over, over)
                 continue
@@ -394,9 +394,9 @@ class Scheduler:
             or best.completion_ms(in_flight) >= self._saturation.max_queue_ms
         )
 
-    def _commit(self, route: Route, now: float) -> Route:
+    def _commit(self, route: Route, now: float, model: str | None = None) -> Route:
         # Optimistic accounting until Envoy's next in-flight poll reconciles it.
-        route.hosts[0].record_pick(now, self._pick_weight)
+        route.hosts[0].record_pick(now, self._pick_weight, model)
         return route
 
     def _any_host(self, request: InferenceRequest) -> Decision:

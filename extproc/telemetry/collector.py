@@ -3,8 +3,13 @@
 One :class:`TelemetryCollector` per picker process, on the picker's event loop:
 
 - per host, Triton's ``/metrics`` every ``poll.triton_metrics_ms`` → ``HostState.load``, ``metrics_at``;
+  an idle host (nothing in flight by the picker's estimate, its counters unchanged at its last scrape)
+  only every ``poll.idle_metrics_ms``;
 - per host, Triton's repository index (gRPC) every ``poll.repository_ms`` → ``ready``, ``known``,
-  ``index_at``;
+  ``index_at``; while the host's metrics page lists exactly the model versions its index has READY, each
+  scrape confirms the index (``index_at``), and the index is read only every
+  ``poll.confirmed_repository_ms``: a model loaded or unloaded shows on the page, and the next tick reads
+  the index;
 - Envoy's admin ``/clusters?format=json`` every ``poll.envoy_admin_ms`` → every host's ``envoy``,
   ``envoy_at``, and restarts each host's in-flight estimate from Envoy's count;
 - with ``picker.nvml_host`` set, NVML every ``poll.nvml_ms`` → that host's GPU memory (in a thread).
@@ -66,6 +71,8 @@ class _Job:
     target: str  # host name, or "envoy"
     period_s: float
     poll: Callable[[], Awaitable[None]]
+    # Whether this tick polls (None: every tick); a skipped tick keeps the grid.
+    due: Callable[[], bool] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ok: bool | None = None  # None until the first poll ends
     failures: int = 0  # consecutive
@@ -77,6 +84,12 @@ class _Host:
     state: HostState
     repository: RepositoryClient
     snapshot: TritonSnapshot | None = None  # the last successful scrape
+    # Whether its counters moved between its last two scrapes: traffic, even when none is in flight now.
+    moved: bool = True
+    # Whether its last scrape listed exactly the model versions its index has READY.
+    confirmed: bool = False
+    # When the index itself was last read; None while its last read failed (nothing left to confirm).
+    indexed_at: float | None = None
     # The READY versions each ``state.batching`` entry was read for: a reload with new versions re-reads.
     config_versions: dict[str, frozenset[str]] = field(default_factory=dict)
 
@@ -107,6 +120,9 @@ class TelemetryCollector:
         poll = fleet.picker.poll
         self._datastore = datastore
         self._timeout_s = poll.request_timeout_ms / 1000
+        # A tick comes at most half a period early: due when the interval has passed, less that.
+        self._idle_metrics_s = (poll.idle_metrics_ms - poll.triton_metrics_ms / 2) / 1000
+        self._confirmed_index_s = (poll.confirmed_repository_ms - poll.repository_ms / 2) / 1000
         self._session: aiohttp.ClientSession | None = None
         self._hosts = [
             _Host(state, RepositoryClient(state.spec.grpc_endpoint, admin_key)) for state in datastore.hosts.values()
@@ -118,11 +134,23 @@ class TelemetryCollector:
         self._jobs: list[_Job] = []
         for host in self._hosts:
             self._jobs.append(
-                _Job(METRICS, host.state.name, poll.triton_metrics_ms / 1000, partial(self._poll_metrics, host))
+                _Job(
+                    METRICS,
+                    host.state.name,
+                    poll.triton_metrics_ms / 1000,
+                    partial(self._poll_metrics, host),
+                    partial(self._metrics_due, host),
+                )
             )
         for host in self._hosts:
             self._jobs.append(
-                _Job(REPOSITORY, host.state.name, poll.repository_ms / 1000, partial(self._poll_repository, host))
+                _Job(
+                    REPOSITORY,
+                    host.state.name,
+                    poll.repository_ms / 1000,
+                    partial(self._poll_repository, host),
+                    partial(self._index_due, host),
+                )
             )
         self._jobs.append(_Job(ENVOY, "envoy", poll.envoy_admin_ms / 1000, self._poll_envoy))
 
@@ -201,7 +229,8 @@ class TelemetryCollector:
             delay = next_at - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await self._run_job(job)
+            if job.due is None or job.due():
+                await self._run_job(job)
             next_at += job.period_s
             now = loop.time()
             if next_at <= now:  # overran: skip the missed ticks, keep the grid
@@ -230,6 +259,21 @@ class TelemetryCollector:
                 job.ok = True
                 job.failures = 0
 
+    def _metrics_due(self, host: _Host) -> bool:
+        """Every tick while the host has traffic; an idle one once per ``poll.idle_metrics_ms``."""
+        state = host.state
+        now = self._datastore.now()
+        at = state.metrics_at
+        if at is None or host.moved or state.in_flight(now) > 0:
+            return True
+        return now - at >= self._idle_metrics_s
+
+    def _index_due(self, host: _Host) -> bool:
+        """Every tick unless the metrics page confirms the index; then once per
+        ``poll.confirmed_repository_ms``."""
+        at = host.indexed_at
+        return not host.confirmed or at is None or self._datastore.now() - at >= self._confirmed_index_s
+
     # -- the polls ------------------------------------------------------------------------------------
 
     def _http(self) -> aiohttp.ClientSession:
@@ -257,16 +301,24 @@ class TelemetryCollector:
         load = derive_load(host.snapshot, snapshot, host.state.load, answered)
         if host.state is self._nvml_host and self._gpu is not None:
             _apply_gpu(load, self._gpu)
+        host.moved = host.snapshot is None or snapshot.totals != host.snapshot.totals
         host.snapshot = snapshot
         self._datastore.set_load(host.state, load, now)
+        host.confirmed = host.indexed_at is not None and snapshot.model_versions() == _ready_versions(host.state)
+        if host.confirmed:
+            self._datastore.confirm_index(host.state, now)
         if not envoy_fresh:
             # Envoy's admin is unreachable: Triton's queue is the live view now, and our picks since the
             # last Envoy poll would otherwise pile up for ever.
             host.state.reset_estimate(load.pending, now)
 
     async def _poll_repository(self, host: _Host) -> None:
+        host.indexed_at = None
+        host.confirmed = False
         index = await host.repository.index(self._timeout_s)
-        apply_index(self._datastore, host.state, index, self._datastore.now())
+        now = self._datastore.now()
+        apply_index(self._datastore, host.state, index, now)
+        host.indexed_at = now
         await self._read_batching(host)
 
     async def _read_batching(self, host: _Host) -> None:
@@ -318,6 +370,10 @@ class TelemetryCollector:
         load = dataclasses.replace(self._nvml_host.load)
         _apply_gpu(load, reading)
         self._datastore.set_load(self._nvml_host, load)
+
+
+def _ready_versions(state: HostState) -> frozenset[tuple[str, str]]:
+    return frozenset((model, version) for model, versions in state.ready.items() for version in versions)
 
 
 def _apply_gpu(load: TritonLoad, reading: GpuReading) -> None:

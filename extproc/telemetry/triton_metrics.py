@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 from extproc.datastore import ModelTimes, TrafficShare, TritonLoad
@@ -86,6 +86,7 @@ class TritonSnapshot:
 
     series: Mapping[str, Counters]
     pending: int = 0
+    model_pending: Mapping[str, int] = field(default_factory=dict)  # by model, where above 0
     gpu_memory_used: int | None = None
     gpu_memory_total: int | None = None
     gpu_utilization: float | None = None  # mean over GPUs, 0-1
@@ -98,6 +99,15 @@ class TritonSnapshot:
             for i, v in enumerate(values):
                 sums[i] += v
         return Counters(*sums)
+
+    def model_versions(self) -> frozenset[tuple[str, str]]:
+        """The (model, version) pairs the page has series for: the model versions Triton has loaded."""
+        out = set()
+        for labels in self.series:
+            model, version = _MODEL_LABEL.search(labels), _VERSION_LABEL.search(labels)
+            if model is not None and version is not None:
+                out.add((model.group(1), version.group(1)))
+        return frozenset(out)
 
 
 def _value(rest: str, line: str) -> float:
@@ -114,6 +124,7 @@ def parse_metrics(text: str) -> TritonSnapshot:
     """Parse a Triton ``/metrics`` page (Prometheus text format) into a :class:`TritonSnapshot`."""
     series: dict[str, list[float]] = {}
     pending = 0.0
+    model_pending: dict[str, int] = {}
     used = total = util = 0.0
     n_used = n_total = n_util = 0
     wanted = _WANTED
@@ -154,6 +165,11 @@ def parse_metrics(text: str) -> TritonSnapshot:
             counters[kind] = value
         elif kind == _PENDING:
             pending += value
+            if value > 0:
+                match = _MODEL_LABEL.search(labels)
+                if match is not None:
+                    model = match.group(1)
+                    model_pending[model] = model_pending.get(model, 0) + int(value)
         elif kind == _GPU_USED:
             used += value
             n_used += 1
@@ -166,6 +182,7 @@ def parse_metrics(text: str) -> TritonSnapshot:
     return TritonSnapshot(
         series={labels: Counters(*values) for labels, values in series.items()},
         pending=int(pending),
+        model_pending=model_pending,
         gpu_memory_used=int(used) if n_used else None,
         gpu_memory_total=int(total) if n_total else None,
         gpu_utilization=util / n_util if n_util else None,
@@ -198,6 +215,7 @@ def model_deltas(previous: TritonSnapshot, current: TritonSnapshot) -> dict[str,
 
 
 _MODEL_LABEL: Final = re.compile(r'(?:^|,)model="((?:[^"\\]|\\.)*)"')
+_VERSION_LABEL: Final = re.compile(r'(?:^|,)version="((?:[^"\\]|\\.)*)"')
 
 
 def _series_deltas(previous: TritonSnapshot, current: TritonSnapshot) -> dict[str, tuple[float, ...]]:
@@ -331,6 +349,7 @@ def derive_load(
         share = TrafficShare(answered, share.answered, share.done, share.intervals)
     return TritonLoad(
         pending=current.pending,
+        model_pending=dict(current.model_pending),
         queue_ms=queue_ms,
         service_ms=totals.service_ms,
         exec_ms=totals.exec_ms,
