@@ -10,6 +10,7 @@ from pathlib import Path
 
 from extproc.config import ConfigError, Fleet, load_fleet
 from extproc.logs import configure
+from extproc.ops import SORT_KEYS, STATE_FILTERS
 
 DEFAULT_CONFIG = "deploy/local/fleet.yaml"
 
@@ -93,8 +94,11 @@ def _ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     def op(name: str, help_text: str) -> argparse.ArgumentParser:
         return models_sub.add_parser(name, help=help_text, description=help_text, parents=[common])
 
-    listing = op("list", "Which model is READY where (asks every Triton host).")
+    listing = op("list", "Which model is READY where: per model, on how many hosts (asks every Triton host).")
     listing.add_argument("model", nargs="*", help="only these models")
+    listing.add_argument(
+        "--hosts", action="append", metavar="A,B", help="the model x host table of these hosts (names or globs)"
+    )
     listing.add_argument("--json", action="store_true")
     load = op("load", "Load a model on hosts (by name, by tier, or the best --count of them).")
     place = op("place", "Make a model READY on --count hosts of its tiers, choosing by GPU memory headroom.")
@@ -124,6 +128,13 @@ def _ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     status.add_argument("--once", action="store_true", help="print once (the default when not on a terminal)")
     status.add_argument("--json", action="store_true")
     status.add_argument("--no-envoy", action="store_true", help="do not ask Envoy's admin endpoint")
+    status.add_argument("--tier", action="append", choices=["cpu", "gpu"], help="only this tier's hosts (repeatable)")
+    status.add_argument(
+        "--state", action="append", choices=STATE_FILTERS, help="only hosts in this state (repeatable: any of them)"
+    )
+    status.add_argument("--model", action="append", metavar="MODEL", help="only hosts with MODEL READY (repeatable)")
+    status.add_argument("--sort", choices=SORT_KEYS, default="name", help="order of the hosts (numbers: largest first)")
+    status.add_argument("--top", type=int, metavar="N", help="only the first N hosts (after --sort)")
 
 
 def _ops(args: argparse.Namespace, fleet: Fleet) -> int:

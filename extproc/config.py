@@ -335,6 +335,11 @@ class PickerSpec(_Strict):
     workers: int = Field(default=1, ge=1, le=64)
     metrics_address: str = "127.0.0.1"
     metrics_port: Port = 9090
+    # A file holding the bearer token that the HTTP endpoint's drain and undrain require (and ``extproc
+    # models`` sends). Required when metrics_address is beyond loopback: anyone who reaches the port could
+    # otherwise take hosts out of routing. Read when the picker starts and on each such call (a rotated
+    # Secret applies without a restart), never here (see extproc/control.py).
+    control_token_file: str | None = Field(default=None, min_length=1)
     poll: PollSpec = PollSpec()
     # The default scheduling profile; ``tiers`` and each model's ``profile`` override it.
     profile: Profile = Profile()
@@ -379,6 +384,26 @@ class PickerSpec(_Strict):
     @property
     def unix_socket(self) -> Path | None:
         return Path(self.listen.removeprefix("unix:")) if self.listen.startswith("unix:") else None
+
+    @model_validator(mode="after")
+    def _control_token_beyond_loopback(self) -> Self:
+        if self.control_token_file is None and not self.metrics_on_loopback:
+            raise ValueError(
+                f"metrics_address {self.metrics_address!r} listens beyond loopback: set control_token_file to a "
+                "file holding the token that drain and undrain require"
+            )
+        return self
+
+    @property
+    def metrics_on_loopback(self) -> bool:
+        """Whether the HTTP endpoint is reachable from this machine only (a name other than localhost may
+        resolve to anything, so it counts as beyond loopback)."""
+        if self.metrics_address == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.metrics_address).is_loopback
+        except ValueError:
+            return False
 
     @property
     def listen_addresses(self) -> tuple[str, ...]:

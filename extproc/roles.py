@@ -30,7 +30,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from extproc.admin_key import read_admin_key
-from extproc.config import Fleet
+from extproc.config import ConfigError, Fleet
+from extproc.control import AUTHORIZATION, SCHEME, authorized, read_control_token
 from extproc.datastore import Datastore
 from extproc.discovery import Discovery
 from extproc.handlers.server import add_to_server
@@ -108,6 +109,10 @@ class _Http(Part):
     def __init__(self, picker: Picker) -> None:
         self._picker = picker
         self._web: web.AppRunner | None = None
+        # A bad token file refuses the start, as a bad admin key file does, before anything listens.
+        read_control_token(picker.config)
+        # Where it binds: a reload keeps the address, so this holds for the process's life.
+        self._on_loopback = picker.config.picker.metrics_on_loopback
 
     async def start(self) -> None:
         app = web.Application()
@@ -142,6 +147,9 @@ class _Http(Part):
     async def _drain(self, request: web.Request) -> web.Response:
         """Stop (or resume) sending new requests to a host; sequences pinned there move. Workers learn it
         from the next snapshot."""
+        refused = self._refuse(request)
+        if refused is not None:
+            return refused
         name = request.match_info["name"]
         datastore = self._picker.datastore
         host = datastore.hosts.get(name)
@@ -150,6 +158,31 @@ class _Http(Part):
         datastore.set_draining(host, request.path.endswith("/drain"))
         log.info("host_draining" if host.draining else "host_undrained", host=name)
         return web.json_response({"host": name, "draining": host.draining})
+
+    def _refuse(self, request: web.Request) -> web.Response | None:
+        """Why a state-changing call is refused (see :mod:`extproc.control`), or None to go ahead."""
+        try:
+            token = read_control_token(self._picker.config)
+        except ConfigError as exc:
+            # Fail closed: the file was valid at start, so it went missing or bad since (a broken rotation).
+            log.error("control_token_unreadable", problem=str(exc))
+            return web.json_response({"error": "the picker cannot read its control token"}, status=503)
+        if token is None:
+            if self._on_loopback:
+                return None
+            # A reload dropped control_token_file while the endpoint still listens beyond loopback.
+            return web.json_response(
+                {"error": "this picker listens beyond loopback and its fleet file names no picker.control_token_file"},
+                status=403,
+            )
+        if authorized(request.headers.get(AUTHORIZATION), token):
+            return None
+        log.warning("control_unauthorized", path=request.path, peer=request.remote)
+        return web.json_response(
+            {"error": "needs Authorization: Bearer <the token in picker.control_token_file>"},
+            status=401,
+            headers={"WWW-Authenticate": SCHEME},
+        )
 
 
 class _Collecting(Part):

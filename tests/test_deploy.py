@@ -82,7 +82,7 @@ TRITON_MODELS = REPO / "triton_models"
 # newest whose schemas kubernetes-validate ships.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 # Secrets the operator provides (docs/deployment.md); everything else a manifest references must be in it.
-EXTERNAL_SECRETS = frozenset({"extproc-gateway-tls", "extproc-admin-key"})
+EXTERNAL_SECRETS = frozenset({"extproc-gateway-tls", "extproc-admin-key", "extproc-control-token"})
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "Job"})
 ISTIO_GROUPS = frozenset({"networking.istio.io", "security.istio.io", "telemetry.istio.io"})
 
@@ -408,7 +408,32 @@ def test_triton_control_apis_need_the_key_the_pickers_hold(kustomization: str) -
     mounts = {m["name"]: m["mountPath"] for c in _containers(picker) for m in c.get("volumeMounts", [])}
     volumes = {v["name"]: v for v in _pod_spec(picker)["volumes"]}
     assert volumes["admin-key"]["secret"]["secretName"] == "extproc-admin-key"
+    # Readable by the picker's group (fsGroup), not by root alone: the picker does not run as root.
+    assert volumes["admin-key"]["secret"]["defaultMode"] == 0o440
     assert picker_fleet["admin_key_file"] == f"{mounts['admin-key']}/key"
+
+
+@pytest.mark.parametrize(
+    ("kustomization", "workload", "fleet_path"),
+    [
+        (K8S_BASE, "extproc-picker", BASE_PICKER_FLEET),
+        (SIDECAR, "triton-gpu", f"{SIDECAR}/fleet-triton-gpu-0.yaml"),
+    ],
+)
+def test_pickers_beyond_loopback_hold_the_control_token(kustomization: str, workload: str, fleet_path: str) -> None:
+    picker_fleet = _fleet(fleet_path)
+    assert not picker_fleet.picker.metrics_on_loopback
+    token_file = picker_fleet.picker.control_token_file
+    assert token_file is not None
+    (pod,) = [w for w in _workloads(_rendered(kustomization)) if w["metadata"]["name"] == workload]
+    mounts = {m["mountPath"]: m["name"] for m in _container(pod, "picker")["volumeMounts"]}
+    volume = {v["name"]: v for v in _pod_spec(pod)["volumes"]}[mounts[str(Path(token_file).parent)]]
+    assert volume["secret"]["secretName"] == "extproc-control-token"
+    # Readable by the picker's group only: the Secret's files are root's.
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert _pod_spec(pod)["securityContext"]["fsGroup"] == _container(pod, "picker")["securityContext"].get(
+        "runAsGroup", _pod_spec(pod)["securityContext"].get("runAsGroup")
+    )
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)

@@ -25,10 +25,18 @@ from extproc.ops import OpsError
 from extproc.ops import models as m
 from extproc.ops.execute import Ops, Timeouts, execute_load, execute_roll
 from extproc.ops.plans import Skip, Target, merged_view, plan_load, plan_place, plan_roll, rank
-from extproc.ops.present import format_load_plan, format_models, format_results, format_roll_plan, models_json
+from extproc.ops.present import (
+    format_load_plan,
+    format_model_summary,
+    format_models,
+    format_results,
+    format_roll_plan,
+    models_json,
+)
 from extproc.ops.status import PickerHost, PickerStatus
 from extproc.ops.triton_api import (
     ABSENT,
+    LOADING,
     NOT_LOADED,
     READY,
     UNAVAILABLE,
@@ -588,11 +596,89 @@ def test_cli_needs_every_picker_to_drain() -> None:
     assert code == 0 and "note: picker GET" in text and w.events == ["load b mlp"]
 
 
-def test_cli_list_json() -> None:
+def test_cli_list_summarizes_and_shows_the_table_only_for_named_hosts() -> None:
     w = local_world()
-    code, text = run_models(w, "list", "--json", "mlp")
+    w.states["b"]["embed"] = (LOADING, "")
+    w.states["c"]["extra"] = (UNAVAILABLE, "failed to load")
+    code, text = run_models(w, "list")
     assert code == 0
-    assert json.loads(text)["models"]["mlp"]["hosts"]["c"]["state"] == "READY"
+    lines = text.splitlines()
+    assert lines[0] == "3 hosts (cpu 1, gpu 2), 3 answered"
+    assert lines[1].split() == ["MODEL", "TIERS", "READY", "cpu", "gpu", "VERSIONS", "(hosts)", "NOT", "READY"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:6]}
+    assert rows == {
+        "mlp": ["cpu,gpu", "2/3", "1/1", "1/2", "1"],
+        "embed": ["gpu", "1/2", "-", "1/2", "1", "LOADING", "1"],
+        "solo": ["gpu", "1/2", "-", "1/2", "1"],
+        "extra": ["any", "0/3", "0/1", "0/2", "-", "UNAVAILABLE", "1"],
+    }
+    assert "extra UNAVAILABLE on 1 hosts (c): failed to load" in text
+    code, text = run_models(w, "list", "--hosts", "a,c")
+    assert text.splitlines()[0].split() == ["MODEL", "TIERS", "a", "(gpu)", "c", "(cpu)"]
+    code, text = run_models(w, "list", "--hosts", "[bc]", "--json", "mlp")
+    assert code == 0
+    assert json.loads(text)["models"]["mlp"]["hosts"] == {
+        "b": {"state": NOT_LOADED, "ready_versions": [], "reason": None},
+        "c": {"state": READY, "ready_versions": ["1"], "reason": None},
+    }
+    with pytest.raises(OpsError, match="no host of the fleet matches nope"):
+        run_models(w, "list", "--hosts", "a,nope")
+
+
+def test_cli_list_json_summary() -> None:
+    w = local_world()
+    w.down.add("b")
+    code, text = run_models(w, "list", "--json", "embed")
+    assert code == 1  # a host did not answer
+    doc = json.loads(text)
+    assert doc["hosts"]["b"] == {"tier": "gpu", "error": "b: unreachable (connection refused)"}
+    assert doc["models"] == {
+        "embed": {
+            "tiers": ["gpu"],
+            "ready": 1,
+            "of": 2,
+            "by_tier": {"cpu": {"ready": 0, "hosts": 1}, "gpu": {"ready": 1, "hosts": 2}},
+            "versions": {"1": 1},
+            "states": {},
+            "unavailable": {},
+        }
+    }
+
+
+def big_fleet(count: int) -> tuple[Fleet, dict[str, HostIndex]]:
+    """``count`` hosts with 12 long-named models in versions that differ across hosts, some failed loads
+    with a long reason, and every 100th host down: every column and note at its widest."""
+    hosts = [
+        {"name": f"triton-{t}-10-0-{i // 250}-{i % 250}", "address": f"10.0.{i // 250}.{i % 250 + 1}", "tier": t}
+        for i in range(count)
+        for t in ["gpu" if i % 4 else "cpu"]
+    ]
+    models = [f"a_rather_long_model_name_{n}" for n in range(12)]
+    big = parse_fleet({"hosts": hosts, "models": [{"name": n, "tiers": ["cpu", "gpu"]} for n in models]})
+    reason = "Internal: failed to load: " + "a very long reason " * 10
+    indexes = {}
+    for i, host in enumerate(big.hosts):
+        if i % 100 == 99:
+            indexes[host.name] = HostIndex(host, error=f"{host.name}: unreachable ({'connection refused ' * 8})")
+            continue
+        entries = [
+            IndexEntry(n, str(1 + (i + k) % 3), READY if (i + k) % 7 else UNAVAILABLE, reason)
+            for k, n in enumerate(models)
+        ]
+        indexes[host.name] = HostIndex(host, tuple(entries))
+    return big, indexes
+
+
+def test_model_summary_of_1000_hosts_fits_120_columns() -> None:
+    text = format_model_summary(*big_fleet(1000))
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 120, max(lines, key=len)
+    # Nothing per host: as many lines as for 100 hosts.
+    assert len(lines) == len(format_model_summary(*big_fleet(100)).splitlines())
+    assert lines[0] == "1000 hosts (cpu 250, gpu 750), 990 answered"
+    assert "10 hosts did not answer: triton-gpu-10-0-0-99, " in text
+    assert lines[2].split()[:5] == ["a_rather_long_model_name_0", "cpu,gpu", "848/1000", "214/250", "634/750"]
+    assert "a_rather_long_model_name_0 UNAVAILABLE on 142 hosts (triton-cpu-10-0-0-0, +141): Internal:" in text
 
 
 def test_grpc_errors_are_described() -> None:
@@ -645,6 +731,11 @@ def extproc(stack: Stack, *argv: str, timeout_s: float = 120) -> subprocess.Comp
 @pytest.mark.e2e
 def test_e2e_models_list_shows_the_local_placement(stack: Stack) -> None:
     result = extproc(stack, "models", "list")
+    assert result.returncode == 0, result.stderr
+    summary = {line.split()[0]: line.split()[2:5] for line in result.stdout.splitlines()[2:6]}
+    assert summary["mlp_classifier"] == ["2/3", "1/1", "1/2"], result.stdout
+    assert summary["embed_normalize"] == ["2/2", "-", "2/2"], result.stdout
+    result = extproc(stack, "models", "list", "--hosts", "triton-*")
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split()[2:] for line in result.stdout.splitlines()[1:5]}
     assert rows == {

@@ -28,7 +28,7 @@ FLEET: dict[str, Any] = {
         {"name": "triton-b", "address": "127.0.0.2", "tier": "gpu", "http_port": 37622, "grpc_port": 37632},
         {"name": "triton-c", "address": "127.0.0.3", "tier": "cpu"},
     ],
-    "picker": {"metrics_address": "0.0.0.0", "metrics_port": 9191},
+    "picker": {"metrics_address": "0.0.0.0", "metrics_port": 9191, "control_token_file": "/run/token"},
     "envoy": {"admin": {"address": "127.0.0.1", "port": 9911}},
 }
 
@@ -142,28 +142,52 @@ def test_envoy_view_per_host_from_a_real_clusters_page() -> None:
     assert hosts["triton-c"] == st.EnvoyHost()
 
 
-def test_table_shows_every_host_and_column() -> None:
+def test_table_shows_a_summary_per_tier_then_every_host() -> None:
     endpoints = {"127.0.0.1:37621": EndpointStatus(rq_active=2), "127.0.0.2:37622": EndpointStatus()}
     snapshot = st.collect(fleet().hosts, [FakePicker()], [FakeEnvoy(endpoints)])
-    text = st.render(snapshot)
-    lines = text.splitlines()
+    lines = st.render(snapshot).splitlines()
     assert lines[1] == "envoy admin http://envoy: ok"
     assert lines[3] == "picker http://picker: ready, 3 hosts"
-    header = lines[4].split("  ")
-    assert [h.strip() for h in header if h.strip()] == [
+    assert lines[4].split() == [
+        "TIER",
+        "HOSTS",
+        "OK",
+        "DRAINING",
+        "EJECTED",
+        "UNHEALTHY",
+        "STALE",
+        "OTHER",
+        "IN-FLIGHT",
+        "ENVOY",
+        "PENDING",
+        "QUEUE",
+        "max",
+        "GPU",
+        "MEM",
+        "MODELS",
+    ]
+    summary = {line.split()[0]: line.split()[1:] for line in lines[5:8]}
+    # GPU memory: 3 GiB used of triton-a's 12 (triton-b reports none); the cpu tier's host is stale.
+    assert summary == {
+        "gpu": ["2", "1", "1", "1", "0", "0", "0", "2.25", "2", "2", "0.5", "25%", "2"],
+        "cpu": ["1", "0", "0", "0", "0", "1", "0", "2", "0", "1", "-", "-", "0"],
+        "all": ["3", "1", "1", "1", "0", "1", "0", "4.25", "2", "3", "0.5", "25%", "2"],
+    }
+    assert lines[8] == ""
+    assert [h.strip() for h in lines[9].split("  ") if h.strip()] == [
         "HOST",
         "TIER",
         "STATE",
         "AGE s",
-        "IN-FLIGHT",
+        "IN-FL",
         "ENVOY",
-        "PENDING",
-        "SERVICE ms",
+        "PEND",
+        "SVC ms",
         "QUEUE ms",
-        "GPU MEM",
+        "GPU",
         "MODELS READY",
     ]
-    rows = {line.split()[0]: line.split() for line in lines[5:]}
+    rows = {line.split()[0]: line.split() for line in lines[10:]}
     assert rows["triton-a"] == [
         "triton-a",
         "gpu",
@@ -181,8 +205,74 @@ def test_table_shows_every_host_and_column() -> None:
     assert rows["triton-b"][:6] == ["triton-b", "gpu", "draining,ejected", "0.7", "0.25", "0"]
     assert rows["triton-c"] == ["triton-c", "cpu", "stale", "never", "2", "0", "1", "-", "-", "-", "(none)"]
     # Columns line up: every row is as wide as the header up to the models column.
-    models_at = lines[4].index("MODELS READY")
-    assert all(line[models_at - 2 : models_at] == "  " for line in lines[5:])
+    models_at = lines[9].index("MODELS READY")
+    assert all(line[models_at - 2 : models_at] == "  " for line in lines[10:])
+
+
+def test_filters_sort_and_top() -> None:
+    snapshot = st.collect(fleet().hosts, [FakePicker()], [])
+
+    def hosts(**view: Any) -> list[str]:
+        text = st.render(snapshot, st.View(**view))
+        return [line.split()[0] for line in text.splitlines() if line.startswith("triton-")]
+
+    assert hosts() == ["triton-a", "triton-b", "triton-c"]
+    assert hosts(states=frozenset({"not-ok"})) == ["triton-b", "triton-c"]
+    assert hosts(states=frozenset({"stale", "ejected"})) == ["triton-b", "triton-c"]
+    assert hosts(states=frozenset({"ok"})) == ["triton-a"]
+    assert hosts(tiers=frozenset({"cpu"})) == ["triton-c"]
+    assert hosts(models=frozenset({"timed_batch"}), states=frozenset({"draining"})) == ["triton-b"]
+    assert hosts(sort="state") == ["triton-b", "triton-c", "triton-a"]
+    assert hosts(sort="in-flight") == ["triton-a", "triton-c", "triton-b"]
+    assert hosts(sort="gpu") == ["triton-a", "triton-b", "triton-c"]  # no number: last
+    assert hosts(sort="age") == ["triton-c", "triton-a", "triton-b"]  # never heard from: first
+    text = st.render(snapshot, st.View(tiers=frozenset({"gpu"}), sort="in-flight", top=1))
+    assert "picker http://picker: ready, 3 hosts; 2 of 3 match --tier gpu" in text
+    assert [line.split()[0] for line in text.splitlines() if line.startswith(("gpu", "cpu", "all"))] == ["gpu"]
+    assert "... 1 more hosts (--top N, --sort KEY, --tier/--state/--model)" in text
+
+
+def fleet_of(count: int) -> tuple[Fleet, dict[str, Any]]:
+    """``count`` hosts named as a pool's, with long model names, every state and large numbers."""
+    hosts, docs = [], {}
+    for i in range(count):
+        tier = "gpu" if i % 5 else "cpu"
+        name = f"triton-{tier}-10-0-{i // 250}-{i % 250}"
+        hosts.append({"name": name, "address": f"10.0.{i // 250}.{i % 250 + 1}", "tier": tier})
+        docs[name] = host_doc(
+            tier=tier,
+            fresh=i % 97 != 0,
+            draining=i % 13 == 0,
+            ejected=i % 17 == 0,
+            unhealthy=i % 19 == 0,
+            ready={f"a_rather_long_model_name_{j}": ["1", "2"] for j in range(i % 12)},
+            in_flight=i * 1.25,
+            pending=i * 10,
+            service_ms=1234.5,
+            queue_ms=98765.4,
+        )
+    return parse_fleet({"hosts": hosts}), {"ready": True, "hosts": docs}
+
+
+def test_status_of_1000_hosts_fits_120_columns() -> None:
+    big, doc = fleet_of(1000)
+    endpoints = {h.http_endpoint: EndpointStatus(rq_active=1000 + i) for i, h in enumerate(big.hosts)}
+    snapshot = st.collect(big.hosts, [FakePicker(doc)], [FakeEnvoy(endpoints)])
+    text = st.render(snapshot)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 120, max(lines, key=len)
+    assert len([line for line in lines if line.startswith("triton-")]) == 1000
+    summary = {line.split()[0]: line.split()[1:8] for line in lines if line.startswith(("gpu ", "cpu ", "all "))}
+    assert summary["all"] == ["1000", "814", "77", "59", "53", "11", "0"]
+    assert summary["gpu"][0] == "800" and summary["cpu"][0] == "200"
+    # Models beyond the width are counted, not cut: with every state word in some row, only a count fits.
+    row = next(line for line in lines if line.startswith("triton-gpu-10-0-0-11 "))
+    assert row.endswith("  25%  +11"), row
+    narrow = st.render(snapshot, st.View(states=frozenset({"ok"}), top=20)).splitlines()
+    row = next(line for line in narrow if line.startswith("triton-gpu-10-0-0-11 "))
+    assert row.endswith("  25%  a_rather_long_model_name_0:1,2 +10"), row
+    worst = st.render(snapshot, st.View(sort="queue", top=10, states=frozenset({"not-ok"})))
+    assert max(len(line) for line in worst.splitlines()) <= 120
 
 
 def test_unreachable_picker_and_envoy_are_reported_not_raised() -> None:
@@ -208,12 +298,45 @@ def test_json_output() -> None:
     doc = json.loads(out.getvalue())
     a = doc["pickers"]["http://picker"]["hosts"]["triton-a"]
     assert a["state"] == "ok" and a["ready"]["timed_batch"] == ["1", "2"] and a["gpu_memory_total"] == 12 * 2**30
+    assert doc["pickers"]["http://picker"]["summary"]["gpu"] == {
+        "hosts": 2,
+        "ok": 1,
+        "draining": 1,
+        "ejected": 1,
+        "unhealthy": 0,
+        "stale": 0,
+        "other": 0,
+        "in_flight": 2.25,
+        "envoy_active": 1,
+        "pending": 2,
+        "queue_ms_max": 0.5,
+        "gpu_memory_percent": 25.0,
+        "models_ready": 2,
+    }
     assert doc["envoys"]["http://envoy"]["hosts"]["triton-a"] == {
         "active": 1,
         "ejected": True,
         "unhealthy": False,
         "listed": True,
     }
+
+
+def test_json_follows_the_view() -> None:
+    out = io.StringIO()
+    view = st.View(states=frozenset({"not-ok"}), sort="in-flight", top=1)
+    assert st.run_status(fleet().hosts, [FakePicker()], [], watch_s=None, as_json=True, view=view, out=out) == 0
+    picker = json.loads(out.getvalue())["pickers"]["http://picker"]
+    assert list(picker["hosts"]) == ["triton-c"]
+    assert picker["summary"]["all"]["hosts"] == 2 and set(picker["summary"]) == {"gpu", "cpu", "all"}
+
+
+def test_a_watch_frame_fits_the_terminal() -> None:
+    frame = "\n".join(f"line {i} " + "x" * 200 for i in range(100)) + "\nrefreshing every 2 s; Ctrl-C to stop\n"
+    lines = st._fit(frame, 80, 24).splitlines()
+    assert len(lines) == 23 and max(len(line) for line in lines) <= 80
+    assert lines[-2] == "... 79 more lines (--top N, --tier/--state/--model)"
+    assert lines[-1] == "refreshing every 2 s; Ctrl-C to stop"
+    assert st._fit("a\nb\n", 80, 24) == "a\nb\n"
 
 
 def test_watch_refreshes_in_place_until_interrupted() -> None:
@@ -245,6 +368,10 @@ def test_cli_options() -> None:
     assert args.watch == 0.5 and args.picker == ["http://a", "http://b"]
     args = _parser().parse_args(["status", "--once", "--json", "--no-envoy"])
     assert args.once and args.json and args.no_envoy
+    args = _parser().parse_args(["status", "--tier", "gpu", "--state", "not-ok", "--model", "m", "--sort", "queue"])
+    assert (args.tier, args.state, args.model, args.sort, args.top) == (["gpu"], ["not-ok"], ["m"], "queue", None)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["status", "--sort", "nope"])
 
 
 # --- the HTTP clients against a real server ----------------------------------------------------------------

@@ -13,6 +13,14 @@ Everything here is synchronous (a command line tool); work across hosts runs on 
 
 from __future__ import annotations
 
+from typing import Final
+
+# ``extproc status`` options, here so that the command line parser needs no client code.
+# The flags host_state counts per tier (a host can have several).
+STATE_FLAGS: Final = ("draining", "ejected", "unhealthy", "stale")
+STATE_FILTERS: Final = ("ok", "not-ok", *STATE_FLAGS, "unknown")
+SORT_KEYS: Final = ("name", "state", "in-flight", "envoy", "pending", "queue", "service", "gpu", "age")
+
 
 class OpsError(Exception):
     """An operation cannot go ahead (or stopped); ``str()`` is the message for the operator."""

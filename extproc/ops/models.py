@@ -12,6 +12,7 @@ This module is the command's glue; the work is done by layer:
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import sys
 import threading
@@ -21,11 +22,20 @@ from dataclasses import replace
 from typing import Any, TextIO
 
 from extproc.admin_key import read_admin_key
-from extproc.config import Fleet, Tier
+from extproc.config import Fleet, HostSpec, Tier
+from extproc.control import read_control_token
 from extproc.ops import OpsError
 from extproc.ops.execute import Ops, Timeouts, execute_load, execute_roll
 from extproc.ops.plans import merged_view, picker_statuses, plan_load, plan_place, plan_roll
-from extproc.ops.present import format_load_plan, format_models, format_results, format_roll_plan, models_json
+from extproc.ops.present import (
+    format_load_plan,
+    format_model_summary,
+    format_models,
+    format_results,
+    format_roll_plan,
+    model_summary_json,
+    models_json,
+)
 from extproc.ops.status import EnvoyApi, PickerApi
 from extproc.ops.triton_api import GrpcTriton, read_index
 
@@ -36,7 +46,9 @@ def _pickers(args: Any, fleet: Fleet) -> list[PickerApi]:
     from extproc.ops.status import HttpPicker, default_picker_url
 
     urls = args.picker or [default_picker_url(fleet)]
-    return [HttpPicker(url) for url in urls]
+    # Only unload and reload drain; the others work where the token file is not at hand.
+    token = read_control_token(fleet) if args.models_command in {"unload", "reload"} else None
+    return [HttpPicker(url, control_token=token) for url in urls]
 
 
 def _envoys(args: Any, fleet: Fleet) -> list[EnvoyApi]:
@@ -81,16 +93,38 @@ def run_cli(args: Any, fleet: Fleet, out: TextIO | None = None) -> int:
         triton.close()
 
 
+def _selected_hosts(fleet: Fleet, patterns: list[str]) -> list[HostSpec]:
+    """The hosts named by ``--hosts`` (names or shell globs, e.g. ``triton-gpu-*``), in fleet order."""
+    chosen = [h for h in fleet.hosts if any(fnmatch.fnmatchcase(h.name, p) for p in patterns)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(h.name, p) for h in fleet.hosts)]
+    if unmatched:
+        raise OpsError(f"no host of the fleet matches {', '.join(unmatched)}")
+    return chosen
+
+
+def _list(args: Any, ops: Ops, out: TextIO) -> int:
+    """The summary per model by default; the model x host table for the hosts ``--hosts`` names."""
+    fleet = ops.fleet
+    wanted = list(args.model or ())
+    patterns = [h for part in (args.hosts or ()) for h in part.split(",") if h]
+    hosts = _selected_hosts(fleet, patterns) if patterns else list(fleet.hosts)
+    indexes = read_index(ops.triton, hosts, ops.timeouts.index_s)
+    if patterns:
+        doc, text = models_json, format_models
+    else:
+        doc, text = model_summary_json, format_model_summary
+    if args.json:
+        out.write(json.dumps(doc(fleet, indexes, wanted), indent=2) + "\n")
+    else:
+        out.write(text(fleet, indexes, wanted))
+    return 1 if any(i.error for i in indexes.values()) else 0
+
+
 def _run(args: Any, ops: Ops, out: TextIO) -> int:
+    if args.models_command == "list":
+        return _list(args, ops, out)
     fleet = ops.fleet
     indexes = read_index(ops.triton, fleet.hosts, ops.timeouts.index_s)
-    if args.models_command == "list":
-        wanted = list(args.model or ())
-        if args.json:
-            out.write(json.dumps(models_json(fleet, indexes, wanted), indent=2) + "\n")
-        else:
-            out.write(format_models(fleet, indexes, wanted))
-        return 1 if any(i.error for i in indexes.values()) else 0
     model: str = args.model
     tier = Tier(args.tier) if getattr(args, "tier", None) else None
     hosts = [h for part in (getattr(args, "hosts", None) or ()) for h in part.split(",") if h]

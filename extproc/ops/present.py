@@ -1,17 +1,31 @@
-"""What ``extproc models`` prints: the model x host table (and its JSON), plans and results."""
+"""What ``extproc models`` prints: the per-model summary and the model x host table (and their JSON), plans and
+results."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from extproc.config import Fleet
+from extproc.config import Fleet, Tier
 from extproc.ops.execute import HostResult, Timeouts
 from extproc.ops.plans import LoadPlan, RollPlan, allowed_tiers, tiers_text
-from extproc.ops.status import format_table
-from extproc.ops.triton_api import ABSENT, NOT_LOADED, READY, UNKNOWN, HostIndex
+from extproc.ops.status import DEFAULT_WIDTH, fit_lines, fit_list, format_table
+from extproc.ops.triton_api import ABSENT, LOADING, NOT_LOADED, READY, UNAVAILABLE, UNKNOWN, UNLOADING, HostIndex
 
-__all__ = ["format_load_plan", "format_models", "format_results", "format_roll_plan", "model_names", "models_json"]
+__all__ = [
+    "ModelSummary",
+    "format_load_plan",
+    "format_model_summary",
+    "format_models",
+    "format_results",
+    "format_roll_plan",
+    "model_names",
+    "model_summary_json",
+    "models_json",
+    "summarize_models",
+]
 
 
 def model_names(fleet: Fleet, indexes: Mapping[str, HostIndex]) -> list[str]:
@@ -19,6 +33,114 @@ def model_names(fleet: Fleet, indexes: Mapping[str, HostIndex]) -> list[str]:
     listed = [m.name for m in fleet.models]
     others = sorted({name for index in indexes.values() for name in index.models()} - set(listed))
     return listed + others
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSummary:
+    """One model over the fleet's hosts: where it is READY (per tier), with which versions, what else."""
+
+    model: str
+    tiers: tuple[Tier, ...] | None  # allowed (None: any)
+    ready: int
+    # Of the hosts it may run on (its tiers), plus any other where it is READY anyway.
+    of: int
+    by_tier: dict[str, tuple[int, int]]  # tier → (READY on, hosts)
+    versions: dict[str, int]  # READY version set ("1", "1,2") → hosts
+    states: dict[str, int]  # LOADING, UNLOADING, UNAVAILABLE → hosts
+    unavailable: dict[str, list[str]]  # a failed load's reason → hosts
+
+
+def summarize_models(fleet: Fleet, indexes: Mapping[str, HostIndex], models: Sequence[str] = ()) -> list[ModelSummary]:
+    """Each of ``models`` (default: every model of the fleet file or of some host) over the hosts that
+    ``indexes`` has."""
+    hosts = [indexes[h.name] for h in fleet.hosts if h.name in indexes]
+    tiers = [t.value for t in fleet.tiers]
+    out = []
+    for model in list(models) or model_names(fleet, indexes):
+        allowed = allowed_tiers(fleet, model)
+        ready = [h for h in hosts if h.state(model) == READY]
+        home = {h.name for h in hosts if allowed is None or h.host.tier in allowed} | {h.name for h in ready}
+        versions = Counter(",".join(h.ready_versions(model)) for h in ready)
+        states = Counter(s for h in hosts if (s := h.state(model)) in {LOADING, UNLOADING, UNAVAILABLE})
+        unavailable: dict[str, list[str]] = {}
+        for h in hosts:
+            if (reason := h.reason(model)) and h.error is None:
+                unavailable.setdefault(reason, []).append(h.name)
+        out.append(
+            ModelSummary(
+                model=model,
+                tiers=allowed,
+                ready=len(ready),
+                of=len(home),
+                by_tier={
+                    t: (sum(h.host.tier.value == t for h in ready), sum(h.host.tier.value == t for h in hosts))
+                    for t in tiers
+                },
+                versions=dict(sorted(versions.items(), key=lambda vn: (-vn[1], vn[0]))),
+                states=dict(sorted(states.items())),
+                unavailable=unavailable,
+            )
+        )
+    return out
+
+
+def format_model_summary(
+    fleet: Fleet, indexes: Mapping[str, HostIndex], models: Sequence[str] = (), width: int = DEFAULT_WIDTH
+) -> str:
+    """``extproc models list``: a line per model, READY on k of the N hosts of its tiers, per tier, its
+    versions and other states; then the hosts that did not answer and the failed loads, grouped. The same
+    size at 1,000 hosts as at 3: the model x host table is for a few hosts (``--hosts``)."""
+    hosts = [indexes[h.name] for h in fleet.hosts if h.name in indexes]
+    tiers = [t.value for t in fleet.tiers]
+    per_tier = ", ".join(f"{t} {sum(h.host.tier.value == t for h in hosts)}" for t in tiers)
+    down = [h for h in hosts if h.error is not None]
+    lines = [f"{len(hosts)} hosts ({per_tier}), {len(hosts) - len(down)} answered"]
+    summaries = summarize_models(fleet, indexes, models)
+    rows = []
+    for s in summaries:
+        allowed = {t.value for t in s.tiers} if s.tiers is not None else set(tiers)
+        cells = [f"{k}/{n}" if t in allowed or k else "-" for t, (k, n) in s.by_tier.items()]
+        versions = (
+            next(iter(s.versions), "-")
+            if len(s.versions) <= 1
+            else ", ".join(f"{v} ({n})" for v, n in s.versions.items())
+        )
+        states = ", ".join(f"{state} {n}" for state, n in s.states.items())
+        rows.append([s.model, tiers_text(s.tiers), f"{s.ready}/{s.of}", *cells, versions, states])
+    headers = ["MODEL", "TIERS", "READY", *tiers, "VERSIONS (hosts)", "NOT READY"]
+    lines.extend(format_table(headers, rows, frozenset(range(2, 3 + len(tiers)))))
+    lines.append("")
+    lines.append("READY k/N: on k of the N hosts of the model's tiers; --hosts A,B for the model x host table")
+    if down:
+        names = fit_list([h.name for h in down], width - 40, ", ")
+        lines.append(f"{len(down)} hosts did not answer: {names}")
+        # One error as an example: they differ by host only; --json (or --hosts) has each.
+        lines.append(f"  e.g. {down[0].error}")
+    for s in summaries:
+        for reason, on in s.unavailable.items():
+            names = fit_list(on, 40, ", ")
+            lines.append(f"{s.model} UNAVAILABLE on {len(on)} hosts ({names}): {reason}")
+    return "\n".join(fit_lines(lines, width)) + "\n"
+
+
+def model_summary_json(fleet: Fleet, indexes: Mapping[str, HostIndex], models: Sequence[str] = ()) -> dict[str, Any]:
+    """``extproc models list --json``: the summary per model, and each host's tier and error."""
+    hosts = [indexes[h.name] for h in fleet.hosts if h.name in indexes]
+    return {
+        "hosts": {h.name: {"tier": h.host.tier.value, "error": h.error} for h in hosts},
+        "models": {
+            s.model: {
+                "tiers": None if s.tiers is None else [t.value for t in s.tiers],
+                "ready": s.ready,
+                "of": s.of,
+                "by_tier": {t: {"ready": k, "hosts": n} for t, (k, n) in s.by_tier.items()},
+                "versions": s.versions,
+                "states": s.states,
+                "unavailable": s.unavailable,
+            }
+            for s in summarize_models(fleet, indexes, models)
+        },
+    }
 
 
 def format_models(fleet: Fleet, indexes: Mapping[str, HostIndex], models: Sequence[str] = ()) -> str:

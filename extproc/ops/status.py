@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol, TextIO
+from typing import Any, Final, Protocol, TextIO
 
 from extproc.config import Fleet, HostSpec
-from extproc.ops import OpsError
+from extproc.control import AUTHORIZATION, SCHEME
+from extproc.ops import STATE_FLAGS, OpsError
 from extproc.telemetry.envoy_admin import EndpointStatus, EnvoyAdminError, parse_clusters
 
 DEFAULT_HTTP_TIMEOUT_S = 3.0
@@ -139,8 +142,10 @@ class PickerApi(Protocol):
     def undrain(self, host: str) -> bool: ...
 
 
-def _http_json(url: str, method: str, timeout_s: float) -> Any:
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+def _http_json(url: str, method: str, timeout_s: float, headers: Mapping[str, str] | None = None) -> Any:
+    request = urllib.request.Request(
+        url, method=method, data=b"" if method == "POST" else None, headers=dict(headers or {})
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.load(response)
@@ -157,11 +162,13 @@ def _http_json(url: str, method: str, timeout_s: float) -> Any:
 
 
 class HttpPicker:
-    """The picker's HTTP endpoint at ``url`` (``http://metrics_address:metrics_port``)."""
+    """The picker's HTTP endpoint at ``url`` (``http://metrics_address:metrics_port``). ``control_token``:
+    sent with drain and undrain (see :mod:`extproc.control`); reads need none."""
 
-    def __init__(self, url: str, timeout_s: float = DEFAULT_HTTP_TIMEOUT_S) -> None:
+    def __init__(self, url: str, timeout_s: float = DEFAULT_HTTP_TIMEOUT_S, control_token: str | None = None) -> None:
         self._url = url.rstrip("/")
         self.timeout_s = timeout_s
+        self._control = {} if control_token is None else {AUTHORIZATION: f"{SCHEME} {control_token}"}
 
     @property
     def url(self) -> str:
@@ -176,7 +183,7 @@ class HttpPicker:
 
     def _set(self, host: str, action: str) -> bool:
         try:
-            doc = _http_json(f"{self._url}/hosts/{host}/{action}", "POST", self.timeout_s)
+            doc = _http_json(f"{self._url}/hosts/{host}/{action}", "POST", self.timeout_s, self._control)
         except OpsError as exc:
             raise PickerError(f"picker {exc}") from None
         return bool(doc.get("draining")) if isinstance(doc, dict) else False
@@ -313,6 +320,33 @@ def format_table(
     return [line(headers), *(line(r) for r in rows)]
 
 
+def fit_list(items: Sequence[str], width: int, sep: str = " ") -> str:
+    """``items`` joined, as many as fit in ``width`` characters, then ``+N`` for the rest."""
+    text = ""
+    for i, item in enumerate(items):
+        candidate = f"{text}{sep}{item}" if text else item
+        rest = len(items) - i - 1
+        if len(candidate) + (len(f"{sep}+{rest}") if rest else 0) > width:
+            more = len(items) - i
+            return f"{text}{sep}+{more}" if text else f"+{more}"
+        text = candidate
+    return text
+
+
+def fit_lines(lines: Sequence[str], width: int) -> list[str]:
+    """Lines no wider than ``width``: a message is wrapped (indented), a table row (columns are two spaces
+    apart) cut, since wrapping it would break its columns."""
+    out: list[str] = []
+    for line in lines:
+        if len(line) <= width:
+            out.append(line)
+        elif "  " in line.strip():
+            out.append(line[:width])
+        else:
+            out.extend(textwrap.wrap(line, width, subsequent_indent="    ", break_on_hyphens=False))
+    return out
+
+
 def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -339,24 +373,142 @@ def host_state(host: PickerHost | None, envoy: EnvoyHost | None) -> str:
     return ",".join(flags) or "ok"
 
 
-def _age(host: PickerHost) -> str:
+def _age_s(host: PickerHost) -> float | None:
+    """The older of the host's metrics and index ages; None: one of them never arrived."""
     ages = [a for k, a in host.age_s.items() if k in {"metrics", "index"}]
     if not ages or any(a is None for a in ages):
-        return "never"
-    return f"{max(a for a in ages if a is not None):.1f}"
+        return None
+    return max(a for a in ages if a is not None)
 
 
-def render(snapshot: Snapshot) -> str:
-    """The ``extproc status`` text: per picker, a table of hosts; a line per unreachable picker or Envoy."""
-    lines: list[str] = [f"extproc status  {snapshot.taken_at.astimezone():%Y-%m-%d %H:%M:%S}"]
-    envoy_views = [view for _, view in snapshot.envoys if not isinstance(view, str)]
-    for url, view in snapshot.envoys:
-        lines.append(f"envoy admin {url}: " + (view if isinstance(view, str) else "ok"))
-    envoy_merged: dict[str, EnvoyHost] = {}
-    for view in envoy_views:
+def _age(host: PickerHost) -> str:
+    age = _age_s(host)
+    return "never" if age is None else f"{age:.1f}"
+
+
+# What ``extproc status`` can show of a fleet of any size: filters, an order, a count, a width.
+
+DEFAULT_WIDTH: Final = 120
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """Which hosts ``extproc status`` shows of each picker (every filter given must hold), in which order
+    (``name``: the fleet file's; a number: largest first), how many (``top``), within ``width`` columns."""
+
+    tiers: frozenset[str] = frozenset()
+    states: frozenset[str] = frozenset()
+    models: frozenset[str] = frozenset()
+    sort: str = "name"
+    top: int | None = None
+    width: int = DEFAULT_WIDTH
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.tiers or self.states or self.models)
+
+    def describe(self) -> str:
+        parts = [f"--tier {t}" for t in sorted(self.tiers)] + [f"--state {s}" for s in sorted(self.states)]
+        return " ".join(parts + [f"--model {m}" for m in sorted(self.models)])
+
+
+@dataclass(frozen=True, slots=True)
+class HostRow:
+    """One host as one picker (and every Envoy, merged) sees it."""
+
+    name: str
+    tier: str
+    host: PickerHost | None
+    envoy: EnvoyHost | None
+    state: str
+
+    def matches(self, view: View) -> bool:
+        if view.tiers and self.tier not in view.tiers:
+            return False
+        if view.models and (self.host is None or not view.models & set(self.host.ready)):
+            return False
+        if not view.states:
+            return True
+        flags = set(self.state.split(","))
+        return any((s == "not-ok" and self.state != "ok") or s in flags for s in view.states)
+
+
+def _sort_value(row: HostRow, key: str) -> float | None:
+    host, envoy = row.host, row.envoy
+    if key == "envoy":
+        return None if envoy is None else float(envoy.active)
+    if host is None:
+        return None
+    if key == "age":
+        age = _age_s(host)
+        return math.inf if age is None else age  # never heard from: the oldest
+    values = {
+        "in-flight": host.in_flight,
+        "pending": float(host.pending),
+        "queue": host.queue_ms,
+        "service": host.service_ms,
+        "gpu": host.gpu_memory_percent,
+    }
+    return values[key]
+
+
+def select(rows: Sequence[HostRow], view: View) -> list[HostRow]:
+    """The rows ``view`` shows, in its order (before ``top``)."""
+    chosen = [r for r in rows if r.matches(view)]
+    if view.sort == "state":
+        return sorted(chosen, key=lambda r: r.state == "ok")
+    if view.sort != "name":
+        # Largest first; hosts without the number last (sorted is stable: fleet order among equals).
+        keyed = [(r, _sort_value(r, view.sort)) for r in chosen]
+        keyed.sort(key=lambda rv: (rv[1] is None, -(rv[1] or 0.0)))
+        return [r for r, _ in keyed]
+    return chosen
+
+
+def summarize(rows: Sequence[HostRow]) -> dict[str, Any]:
+    """Counts and sums over ``rows``: what one line of the per-tier summary shows."""
+    hosts = [r.host for r in rows if r.host is not None]
+    flags = [set(r.state.split(",")) for r in rows]
+    envoys = [r.envoy.active for r in rows if r.envoy is not None]
+    queues = [h.queue_ms for h in hosts if h.queue_ms is not None]
+    gpus = [h for h in hosts if h.gpu_memory_used is not None and h.gpu_memory_total]
+    gpu_total = sum(h.gpu_memory_total or 0 for h in gpus)
+    return {
+        "hosts": len(rows),
+        "ok": sum(r.state == "ok" for r in rows),
+        **{flag: sum(flag in f for f in flags) for flag in STATE_FLAGS},
+        # Not ok for another reason: the picker does not list the host, or has no Envoy view of it.
+        "other": sum(r.state != "ok" and not f.intersection(STATE_FLAGS) for r, f in zip(rows, flags, strict=True)),
+        "in_flight": round(sum(h.in_flight for h in hosts), 2),
+        "envoy_active": sum(envoys) if envoys else None,
+        "pending": sum(h.pending for h in hosts),
+        "queue_ms_max": max(queues) if queues else None,
+        "gpu_memory_percent": (
+            round(100.0 * sum(h.gpu_memory_used or 0 for h in gpus) / gpu_total, 1) if gpu_total else None
+        ),
+        "models_ready": len({m for h in hosts for m in h.ready}),
+    }
+
+
+def summaries(rows: Sequence[HostRow]) -> dict[str, dict[str, Any]]:
+    """One summary per tier (in the fleet's order), and ``all`` where there are several tiers."""
+    tiers = list(dict.fromkeys(r.tier for r in rows))
+    out = {tier: summarize([r for r in rows if r.tier == tier]) for tier in tiers}
+    if len(tiers) > 1:
+        out["all"] = summarize(rows)
+    return out
+
+
+def _merged_envoys(snapshot: Snapshot) -> dict[str, EnvoyHost] | None:
+    """Every Envoy's view summed (each has its own requests in flight); None: no Envoy answered."""
+    views = [view for _, view in snapshot.envoys if not isinstance(view, str)]
+    if not views:
+        return None
+    merged: dict[str, EnvoyHost] = {}
+    for view in views:
         for name, e in view.items():
-            seen = envoy_merged.get(name)
-            envoy_merged[name] = (
+            seen = merged.get(name)
+            merged[name] = (
                 e
                 if seen is None
                 else EnvoyHost(
@@ -366,73 +518,127 @@ def render(snapshot: Snapshot) -> str:
                     listed=seen.listed or e.listed,
                 )
             )
-    headers = [
-        "HOST",
-        "TIER",
-        "STATE",
-        "AGE s",
-        "IN-FLIGHT",
-        "ENVOY",
-        "PENDING",
-        "SERVICE ms",
-        "QUEUE ms",
-        "GPU MEM",
-        "MODELS READY",
-    ]
-    right = frozenset({3, 4, 5, 6, 7, 8, 9})
+    return merged
+
+
+def host_rows(snapshot: Snapshot, status: PickerStatus | str) -> list[HostRow]:
+    """Every host of the fleet file, then any other the picker lists (discovered), in that order."""
+    envoys = _merged_envoys(snapshot)
+    picker_hosts: Mapping[str, PickerHost] = {} if isinstance(status, str) else status.hosts
+    known = {h.name for h in snapshot.hosts}
+    tiers = {h.name: h.tier.value for h in snapshot.hosts}
+    rows = []
+    for name in [h.name for h in snapshot.hosts] + sorted(set(picker_hosts) - known):
+        host = picker_hosts.get(name)
+        envoy = envoys.get(name) if envoys is not None else None
+        tier = host.tier if host is not None else tiers.get(name, "?")
+        rows.append(HostRow(name, tier, host, envoy, host_state(host, envoy)))
+    return rows
+
+
+def _summary_lines(sums: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    headers = ["TIER", "HOSTS", "OK", *(f.upper() for f in STATE_FLAGS), "OTHER", "IN-FLIGHT", "ENVOY", "PENDING"]
+    headers += ["QUEUE max", "GPU MEM", "MODELS"]
+    rows = []
+    for tier, s in sums.items():
+        in_flight = float(s["in_flight"])
+        rows.append(
+            [
+                tier,
+                *(str(s[k]) for k in ("hosts", "ok", *STATE_FLAGS, "other")),
+                _num(in_flight, 0 if in_flight.is_integer() else 2),
+                "-" if s["envoy_active"] is None else str(s["envoy_active"]),
+                str(s["pending"]),
+                _num(s["queue_ms_max"]),
+                "-" if s["gpu_memory_percent"] is None else f"{s['gpu_memory_percent']:.0f}%",
+                str(s["models_ready"]),
+            ]
+        )
+    return format_table(headers, rows, frozenset(range(1, len(headers))))
+
+
+_HOST_HEADERS: Final = ("HOST", "TIER", "STATE", "AGE s", "IN-FL", "ENVOY", "PEND", "SVC ms", "QUEUE ms", "GPU")
+_MODELS_HEADER: Final = "MODELS READY"
+
+
+def _host_lines(rows: Sequence[HostRow], width: int) -> list[str]:
+    cells: list[list[str]] = []
+    for row in rows:
+        host = row.host
+        gpu = host.gpu_memory_percent if host is not None else None
+        cells.append(
+            [
+                row.name,
+                row.tier,
+                row.state,
+                _age(host) if host is not None else "-",
+                _num(host.in_flight, 0 if host.in_flight.is_integer() else 2) if host is not None else "-",
+                str(row.envoy.active) if row.envoy is not None else "-",
+                str(host.pending) if host is not None else "-",
+                _num(host.service_ms) if host is not None else "-",
+                _num(host.queue_ms) if host is not None else "-",
+                f"{gpu:.0f}%" if gpu is not None else "-",
+            ]
+        )
+    # The models column takes what the others leave of the width, at least its header's width.
+    used = sum(max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(_HOST_HEADERS))
+    room = max(len(_MODELS_HEADER), width - used - 2 * len(_HOST_HEADERS))
+    for row, line in zip(rows, cells, strict=True):
+        line.append(_models(row.host, room))
+    return format_table([*_HOST_HEADERS, _MODELS_HEADER], cells, frozenset({3, 4, 5, 6, 7, 8, 9}))
+
+
+def _models(host: PickerHost | None, width: int) -> str:
+    if host is None:
+        return "-"
+    parts = [m if v == ("1",) else f"{m}:{','.join(v)}" for m, v in sorted(host.ready.items())]
+    return fit_list(parts, width) or "(none)"
+
+
+def render(snapshot: Snapshot, view: View = View()) -> str:
+    """The ``extproc status`` text: per picker, a summary line per tier and the hosts ``view`` selects; a
+    line per unreachable picker or Envoy. No line is wider than ``view.width``."""
+    lines: list[str] = [f"extproc status  {snapshot.taken_at.astimezone():%Y-%m-%d %H:%M:%S}"]
+    for url, envoy in snapshot.envoys:
+        lines.append(f"envoy admin {url}: " + (envoy if isinstance(envoy, str) else "ok"))
     pickers = snapshot.pickers or (("(no picker)", "no picker given"),)
     for url, status in pickers:
         lines.append("")
-        if isinstance(status, str):
-            lines.append(f"picker {url}: UNREACHABLE: {status}")
-        else:
-            lines.append(f"picker {url}: {'ready' if status.ready else 'NOT READY'}, {len(status.hosts)} hosts")
-        rows: list[list[str]] = []
-        picker_hosts: Mapping[str, PickerHost] = {} if isinstance(status, str) else status.hosts
-        names = [h.name for h in snapshot.hosts] + sorted(set(picker_hosts) - {h.name for h in snapshot.hosts})
-        tiers = {h.name: h.tier.value for h in snapshot.hosts}
-        for name in names:
-            host = picker_hosts.get(name)
-            envoy = envoy_merged.get(name) if envoy_views else None
-            gpu = host.gpu_memory_percent if host is not None else None
-            rows.append(
-                [
-                    name,
-                    host.tier if host is not None else tiers.get(name, "?"),
-                    host_state(host, envoy),
-                    _age(host) if host is not None else "-",
-                    _num(host.in_flight, 0 if host.in_flight.is_integer() else 2) if host is not None else "-",
-                    str(envoy.active) if envoy is not None else "-",
-                    str(host.pending) if host is not None else "-",
-                    _num(host.service_ms) if host is not None else "-",
-                    _num(host.queue_ms) if host is not None else "-",
-                    f"{gpu:.0f}%" if gpu is not None else "-",
-                    _models(host),
-                ]
-            )
-        lines.extend(format_table(headers, rows, right))
-    return "\n".join(lines) + "\n"
+        rows = host_rows(snapshot, status)
+        chosen = select(rows, view)
+        head = f"picker {url}: " + (
+            f"UNREACHABLE: {status}"
+            if isinstance(status, str)
+            else f"{'ready' if status.ready else 'NOT READY'}, {len(status.hosts)} hosts"
+        )
+        if view.filtered:
+            head += f"; {len(chosen)} of {len(rows)} match {view.describe()}"
+        lines.append(head)
+        lines.extend(_summary_lines(summaries(chosen)))
+        shown = chosen if view.top is None else chosen[: view.top]
+        if shown:
+            lines.append("")
+            lines.extend(_host_lines(shown, view.width))
+        if len(shown) < len(chosen):
+            lines.append(f"... {len(chosen) - len(shown)} more hosts (--top N, --sort KEY, --tier/--state/--model)")
+    return "\n".join(fit_lines(lines, view.width)) + "\n"
 
 
-def _models(host: PickerHost | None) -> str:
-    if host is None:
-        return "-"
-    parts = []
-    for model, versions in sorted(host.ready.items()):
-        parts.append(model if versions == ("1",) else f"{model}:{','.join(versions)}")
-    return " ".join(parts) or "(none)"
+def snapshot_json(snapshot: Snapshot, view: View = View()) -> dict[str, Any]:
+    """``--json``: per picker, the summary per tier and the hosts ``view`` selects (in its order)."""
 
-
-def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
     def picker(status: PickerStatus | str) -> dict[str, Any]:
         if isinstance(status, str):
             return {"error": status}
+        chosen = select(host_rows(snapshot, status), view)
+        shown = chosen if view.top is None else chosen[: view.top]
         return {
             "ready": status.ready,
+            "summary": summaries(chosen),
             "hosts": {
-                name: {
+                row.name: {
                     "tier": h.tier,
-                    "state": host_state(h, None),
+                    "state": row.state,
                     "fresh": h.fresh,
                     "routable": h.routable,
                     "draining": h.draining,
@@ -447,7 +653,8 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
                     "ready": {m: list(v) for m, v in h.ready.items()},
                     "age_s": dict(h.age_s),
                 }
-                for name, h in status.hosts.items()
+                for row in shown
+                if (h := row.host) is not None
             },
         }
 
@@ -468,9 +675,14 @@ def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
     }
 
 
-def _fit(text: str, columns: int) -> str:
-    """Cut lines to the terminal's width so a refresh never wraps (and scrolls) the screen."""
-    return "\n".join(line[:columns] for line in text.splitlines()) + "\n"
+def _fit(text: str, columns: int, rows: int) -> str:
+    """Cut the frame to the terminal so a refresh never wraps or scrolls the screen; the last line (how to
+    stop) stays."""
+    lines = [line[:columns] for line in text.splitlines()]
+    if len(lines) >= rows:
+        cut = len(lines) - rows + 2
+        lines = [*lines[: rows - 3], f"... {cut} more lines (--top N, --tier/--state/--model)", lines[-1]]
+    return "\n".join(lines) + "\n"
 
 
 def snapshot_ok(snapshot: Snapshot) -> bool:
@@ -484,6 +696,7 @@ def run_status(
     *,
     watch_s: float | None,
     as_json: bool = False,
+    view: View = View(),
     out: TextIO = sys.stdout,
     sleep: Callable[[float], None] = time.sleep,
     iterations: int | None = None,
@@ -501,7 +714,7 @@ def run_status(
 
     if watch_s is None:
         snapshot = collect(hosts, pickers, envoys)
-        out.write(json.dumps(snapshot_json(snapshot), indent=2) + "\n" if as_json else render(snapshot))
+        out.write(json.dumps(snapshot_json(snapshot, view), indent=2) + "\n" if as_json else render(snapshot, view))
         out.flush()
         return 0 if snapshot_ok(snapshot) else 1
     try:
@@ -510,11 +723,12 @@ def run_status(
                 sleep(watch_s)
             snapshot = collect(hosts, pickers, envoys)
             if as_json:
-                out.write(json.dumps(snapshot_json(snapshot)) + "\n")
+                out.write(json.dumps(snapshot_json(snapshot, view)) + "\n")
             else:
-                columns = shutil.get_terminal_size((200, 50)).columns
+                size = shutil.get_terminal_size((view.width, 50))
                 footer = f"\nrefreshing every {watch_s:g} s; Ctrl-C to stop\n"
-                out.write(CLEAR + _fit(render(snapshot) + footer, columns))
+                frame = render(snapshot, replace(view, width=size.columns)) + footer
+                out.write(CLEAR + _fit(frame, size.columns, size.lines))
             out.flush()
     except KeyboardInterrupt:
         out.write("\n")
@@ -522,7 +736,8 @@ def run_status(
 
 
 def run_cli(args: Any, fleet: Fleet, out: TextIO | None = None) -> int:
-    """``extproc status``: ``--once``, ``--watch [SECONDS]`` (the default on a terminal), ``--json``."""
+    """``extproc status``: ``--once``, ``--watch [SECONDS]`` (the default on a terminal), ``--json``, and
+    the view: ``--tier``, ``--state``, ``--model``, ``--sort``, ``--top``."""
     out = out or sys.stdout
     pickers = [HttpPicker(url, args.timeout) for url in (args.picker or [default_picker_url(fleet)])]
     envoys = (
@@ -538,4 +753,15 @@ def run_cli(args: Any, fleet: Fleet, out: TextIO | None = None) -> int:
     if watch_s is not None and watch_s <= 0:
         print("extproc status: --watch needs a positive number of seconds", file=sys.stderr)
         return 2
-    return run_status(fleet.hosts, pickers, envoys, watch_s=watch_s, as_json=args.json, out=out)
+    if args.top is not None and args.top < 1:
+        print("extproc status: --top needs a positive number of hosts", file=sys.stderr)
+        return 2
+    view = View(
+        tiers=frozenset(args.tier or ()),
+        states=frozenset(args.state or ()),
+        models=frozenset(args.model or ()),
+        sort=args.sort,
+        top=args.top,
+        width=shutil.get_terminal_size((DEFAULT_WIDTH, 50)).columns if out.isatty() else DEFAULT_WIDTH,
+    )
+    return run_status(fleet.hosts, pickers, envoys, watch_s=watch_s, as_json=args.json, view=view, out=out)
