@@ -1,10 +1,17 @@
 """Open-loop Poisson load against one gateway, REST (aiohttp) and gRPC (grpc.aio), in its own process.
 
 The schedule is a seeded Poisson process (exponential gaps), and which request of the mix each arrival
-sends is drawn from the same seeded generator, so every policy of a benchmark replays the same trace.
+sends is drawn from the same seeded generator, so every policy of a benchmark replays the same trace. A mix
+entry with its own ``rate_rps`` is instead a Poisson stream of its own (seeded too), optionally only between
+``start_s`` and ``stop_s``: phases of a load, such as an overload that starts and stops.
 Latency is measured from each request's *intended* send time, not from when it was actually sent: a
 generator that falls behind must not hide the queueing it caused (coordinated omission). How far behind it
 fell (actual - intended send time) is measured for every request and reported next to the latencies.
+
+A mix entry may carry extra request headers and a client deadline (``deadline_s``, counted from the
+intended send time): gRPC sends it as the call's timeout (``grpc-timeout``), REST as
+``x-triton-timeout-ms``, and the client gives up at the deadline (status ``deadline``). Refusals record the
+response's ``retry-after``.
 
 Request bodies are built once per mix entry before the clock starts (REST: JSON; gRPC: a serialised
 ``ModelInferRequest`` sent through a pass-through serialiser), so the hot loop only schedules sends.
@@ -32,17 +39,25 @@ import grpc
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from extproc.headers import TIER_HINT_HEADER, UPSTREAM_HOST_HEADER
+from extproc.headers import TIER_HINT_HEADER, TIMEOUT_HEADER, UPSTREAM_HOST_HEADER
 
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 # Status of a request that got no answer within the load's timeout, and prefixes of the other outcomes.
 TIMEOUT = "timeout"
+# Status of a request of an entry with a deadline that got no answer by its deadline (the client gave up).
+DEADLINE = "deadline"
 HTTP_OK = "http 200"
 GRPC_OK = "grpc OK"
 OK_STATUSES = frozenset({HTTP_OK, GRPC_OK})
+_GRPC_DEADLINE = f"grpc {grpc.StatusCode.DEADLINE_EXCEEDED.name}"
 # The generator is "behind" when its p99 send lag exceeds this: latencies are then still honest (measured
 # from the intended time) but the offered load arrived burstier than Poisson.
 LAG_BEHIND_MS = 5.0
+# A REST client's deadline, in whole milliseconds (gRPC clients send the standard grpc-timeout).
+REST_DEADLINE_HEADER = TIMEOUT_HEADER
+RETRY_AFTER_HEADER = "retry-after"
+# A gRPC DEADLINE_EXCEEDED this close to the client's own deadline is the client giving up, not an answer.
+_DEADLINE_SLACK_S = 0.005
 
 Dim = Annotated[int, Field(ge=1, le=1_000_000)]
 
@@ -64,6 +79,25 @@ class MixEntry(_Strict):
     tier_hint: Literal["cpu", "gpu"] | None = None
     # A short name for tables; default model/protocol/shape.
     name: str | None = Field(default=None, min_length=1, max_length=64)
+    # Extra headers on every request of the entry (gRPC metadata keys are sent lowercased).
+    headers: dict[str, str] = Field(default_factory=dict)
+    # The client's deadline, from the intended send time; None: the load's timeout_s, and no deadline sent.
+    deadline_s: float | None = Field(default=None, gt=0, le=300)
+    # A Poisson stream of its own at this rate, between start_s and stop_s (default: the end of the load);
+    # None: a share (by weight) of the load's rate_rps, for the whole load.
+    rate_rps: float | None = Field(default=None, gt=0, le=5000)
+    start_s: float = Field(default=0.0, ge=0)
+    stop_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _stream(self) -> MixEntry:
+        if self.rate_rps is None and (self.start_s != 0.0 or self.stop_s is not None):
+            raise ValueError("start_s and stop_s need the entry's own rate_rps")
+        if self.stop_s is not None and self.stop_s <= self.start_s:
+            raise ValueError(f"stop_s ({self.stop_s:g}) must be after start_s ({self.start_s:g})")
+        if any(not k or k != k.strip() for k in self.headers):
+            raise ValueError(f"header names must be non-empty, without spaces: {sorted(self.headers)}")
+        return self
 
     @property
     def label(self) -> str:
@@ -73,7 +107,10 @@ class MixEntry(_Strict):
 
 
 class LoadSpec(_Strict):
-    """The offered load: an open-loop Poisson process at ``rate_rps`` for ``warmup_s + duration_s``."""
+    """The offered load: an open-loop Poisson process at ``rate_rps`` for ``warmup_s + duration_s``.
+
+    ``rate_rps`` is shared by the mix entries without a rate of their own (unused when every entry has one).
+    """
 
     rate_rps: float = Field(gt=0, le=5000)
     duration_s: float = Field(gt=0, le=600)
@@ -124,11 +161,25 @@ def poisson_offsets(rate_rps: float, total_s: float, rng: np.random.Generator) -
 
 def build_trace(load: LoadSpec) -> Trace:
     """The seeded trace: the same ``load`` always gives the same times and the same request kinds."""
-    rng = np.random.default_rng(load.seed)
-    offsets = poisson_offsets(load.rate_rps, load.total_s, rng)
-    weights = np.array([m.weight for m in load.mix], dtype=np.float64)
-    entries = rng.choice(len(load.mix), size=len(offsets), p=weights / weights.sum())
-    return Trace(tuple(offsets), tuple(int(e) for e in entries))
+    shared = [k for k, m in enumerate(load.mix) if m.rate_rps is None]
+    arrivals: list[tuple[float, int]] = []
+    if shared:
+        rng = np.random.default_rng(load.seed)
+        offsets = poisson_offsets(load.rate_rps, load.total_s, rng)
+        weights = np.array([load.mix[k].weight for k in shared], dtype=np.float64)
+        picks = rng.choice(len(shared), size=len(offsets), p=weights / weights.sum())
+        arrivals = [(t, shared[int(p)]) for t, p in zip(offsets, picks, strict=True)]
+    for k, entry in enumerate(load.mix):
+        if entry.rate_rps is None:
+            continue
+        stop = min(load.total_s, entry.stop_s if entry.stop_s is not None else load.total_s)
+        if stop <= entry.start_s:
+            continue
+        # Seeded per entry: adding or changing one entry leaves the others' streams as they were.
+        own = poisson_offsets(entry.rate_rps, stop - entry.start_s, np.random.default_rng([load.seed, k]))
+        arrivals += [(entry.start_s + t, k) for t in own]
+    arrivals.sort(key=lambda a: a[0])
+    return Trace(tuple(t for t, _ in arrivals), tuple(k for _, k in arrivals))
 
 
 def input_tensor(entry: MixEntry, index: int, seed: int) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -183,6 +234,8 @@ class Records:
     done: list[float] = field(default_factory=list)
     status: list[str] = field(default_factory=list)
     host: list[str] = field(default_factory=list)
+    # The response's retry-after header ("" when absent).
+    retry_after: list[str] = field(default_factory=list)
 
     @classmethod
     def for_trace(cls, trace: Trace) -> Records:
@@ -194,6 +247,7 @@ class Records:
             done=[math.nan] * n,
             status=[""] * n,
             host=[""] * n,
+            retry_after=[""] * n,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -204,6 +258,7 @@ class Records:
             "done": self.done,
             "status": self.status,
             "host": self.host,
+            "retry_after": self.retry_after,
         }
 
     @classmethod
@@ -215,6 +270,7 @@ class Records:
             done=[float(x) for x in data["done"]],
             status=[str(x) for x in data["status"]],
             host=[str(x) for x in data["host"]],
+            retry_after=[str(x) for x in data.get("retry_after", [""] * len(data["host"]))],
         )
 
 
@@ -247,28 +303,37 @@ class _Progress:
         )
 
 
+def _metadata_value(metadata: Any, name: str) -> str:
+    for key, value in metadata or ():
+        if key == name:
+            return value if isinstance(value, str) else bytes(value).decode(errors="replace")
+    return ""
+
+
 async def _passthrough(
     call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes],
     body: bytes,
     timeout_s: float,
     metadata: tuple[tuple[str, str], ...],
-) -> tuple[str, str]:
+) -> tuple[str, str, str]:
+    """One call: its status (``grpc CODE``), the host that served it and, for errors, its retry-after."""
     rpc = call(body, timeout=timeout_s, metadata=metadata)
-    host = ""
+    retry_after = ""
     try:
         await rpc
         code = grpc.StatusCode.OK
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            return TIMEOUT, host
+            return f"grpc {code.name}", "", ""
+        # A refusal without a body comes trailers-only: its headers arrive as trailing metadata.
+        retry_after = _metadata_value(exc.initial_metadata(), RETRY_AFTER_HEADER) or _metadata_value(
+            exc.trailing_metadata(), RETRY_AFTER_HEADER
+        )
+    host = ""
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-        md = await rpc.initial_metadata()
-        if md is not None:
-            for key, value in md:
-                if key == UPSTREAM_HOST_HEADER:
-                    host = value if isinstance(value, str) else value.decode()
-    return f"grpc {code.name}", host
+        host = _metadata_value(await rpc.initial_metadata(), UPSTREAM_HOST_HEADER)
+    return f"grpc {code.name}", host, retry_after
 
 
 async def run_load(spec: RunSpec) -> tuple[Records, dict[str, float]]:
@@ -281,11 +346,21 @@ async def run_load(spec: RunSpec) -> tuple[Records, dict[str, float]]:
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=load.timeout_s)
     rest_headers = [
-        {"content-type": "application/json", **({TIER_HINT_HEADER: m.tier_hint} if m.tier_hint else {})}
+        {
+            "content-type": "application/json",
+            **({TIER_HINT_HEADER: m.tier_hint} if m.tier_hint else {}),
+            **m.headers,
+        }
         for m in load.mix
     ]
     rest_urls = [f"{spec.http_base}/v2/models/{m.model}/infer" for m in load.mix]
-    grpc_metadata = [((TIER_HINT_HEADER, m.tier_hint),) if m.tier_hint else () for m in load.mix]
+    grpc_metadata = [
+        (
+            *(((TIER_HINT_HEADER, m.tier_hint),) if m.tier_hint else ()),
+            *((k.lower(), v) for k, v in m.headers.items()),
+        )
+        for m in load.mix
+    ]
     channel = grpc.aio.insecure_channel(
         spec.grpc_target,
         options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
@@ -297,32 +372,55 @@ async def run_load(spec: RunSpec) -> tuple[Records, dict[str, float]]:
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
 
+        async def send(entry_index: int, budget_s: float) -> tuple[str, str, str]:
+            """The request; ``budget_s``: seconds left until its deadline, or the load's timeout."""
+            entry = load.mix[entry_index]
+            if entry.protocol == "grpc":
+                return await _passthrough(model_infer, bodies[entry_index], budget_s, grpc_metadata[entry_index])
+            headers = rest_headers[entry_index]
+            if entry.deadline_s is not None:
+                headers = {**headers, REST_DEADLINE_HEADER: str(max(1, int(budget_s * 1e3)))}
+            async with session.post(
+                rest_urls[entry_index],
+                data=bodies[entry_index],
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=budget_s),
+            ) as response:
+                await response.read()
+                return (
+                    f"http {response.status}",
+                    response.headers.get(UPSTREAM_HOST_HEADER, ""),
+                    response.headers.get(RETRY_AFTER_HEADER, "") if response.status >= 400 else "",
+                )
+
         async def one(i: int, start: float) -> None:
             entry_index = trace.entries[i]
-            entry = load.mix[entry_index]
-            records.sent[i] = loop.time() - start
+            deadline_s = load.mix[entry_index].deadline_s
+            sent = loop.time() - start
+            records.sent[i] = sent
             progress.sent += 1
-            host = ""
+            # A deadline runs from the intended send time: time the generator lost is the client's loss.
+            budget_s = load.timeout_s if deadline_s is None else deadline_s - (sent - trace.offsets[i])
+            gave_up = TIMEOUT if deadline_s is None else DEADLINE
+            host = retry_after = ""
             try:
-                if entry.protocol == "http":
-                    async with session.post(
-                        rest_urls[entry_index], data=bodies[entry_index], headers=rest_headers[entry_index]
-                    ) as response:
-                        await response.read()
-                        status = f"http {response.status}"
-                        host = response.headers.get(UPSTREAM_HOST_HEADER, "")
+                if budget_s <= 0:
+                    status = gave_up
                 else:
-                    status, host = await _passthrough(
-                        model_infer, bodies[entry_index], load.timeout_s, grpc_metadata[entry_index]
-                    )
+                    status, host, retry_after = await send(entry_index, budget_s)
             except TimeoutError:
-                status = TIMEOUT
+                status = gave_up
             except (aiohttp.ClientError, OSError) as exc:
                 status = f"client {type(exc).__name__}"
             done = loop.time() - start
+            if status == _GRPC_DEADLINE and (
+                deadline_s is None or done - trace.offsets[i] >= deadline_s - _DEADLINE_SLACK_S
+            ):
+                status = gave_up
             records.done[i] = done
             records.status[i] = status
             records.host[i] = host
+            records.retry_after[i] = retry_after
             progress.done += 1
             if status in OK_STATUSES:
                 progress.window.append(done - trace.offsets[i])

@@ -663,22 +663,42 @@ def _progress(message: str) -> None:
     print(f"[bench routing] {message}", file=sys.stderr, flush=True)
 
 
-class RoutingBench:
-    """Starts the scenario's Triton hosts once; runs each policy's Envoy (and picker) and load in turn."""
+@dataclass(frozen=True)
+class Front:
+    """A running gateway: Envoy (and the picker) in front of the fleet's Triton hosts."""
 
-    def __init__(self, scenario: Scenario, run_dir: Path) -> None:
-        self.scenario = scenario
+    fleet: Fleet
+    gateway: str  # http://127.0.0.1:PORT, REST and gRPC (h2c)
+    admin: str  # Envoy's admin URL
+    work_dir: Path
+    supervisor: Supervisor
+
+
+class FleetBench:
+    """Starts a fleet's Triton hosts once; then gateways (Envoy, and the picker) in front of them, in turn,
+    and load generators against a gateway."""
+
+    def __init__(
+        self, fleet: Mapping[str, Any], source: str, run_dir: Path, drain_timeout_s: float = 60.0, name: str = "routing"
+    ) -> None:
+        self.name = name
+        self.source = source
         self.run_dir = run_dir
-        ports = iter(free_ports(3 * len(scenario.fleet.get("hosts", []))))
-        self.fleet_data = localize_hosts(scenario.fleet, ports)
+        self.drain_timeout_s = drain_timeout_s
+        ports = iter(free_ports(3 * len(fleet.get("hosts", []))))
+        self.fleet_data = localize_hosts(fleet, ports)
         # The fleet as validated with the real host ports; picker/Envoy ports are per policy.
-        self.fleet = _validate_fleet(localize_front(self.fleet_data, run_dir, iter(free_ports(3)), 0), scenario.source)
+        self.fleet = _validate_fleet(localize_front(self.fleet_data, run_dir, iter(free_ports(3)), 0), source)
         self.endpoint_names: dict[str, str] = {}
         for h in self.fleet.hosts:
             self.endpoint_names[h.http_endpoint] = h.name
             self.endpoint_names[h.grpc_endpoint] = h.name
         self.tritons = Supervisor(run_dir / "logs")
         self._base_id = 300 + os.getpid() % 1000
+
+    def say(self, message: str) -> None:
+        """A progress line on stderr, prefixed with the benchmark's name."""
+        print(f"[bench {self.name}] {message}", file=sys.stderr, flush=True)
 
     # -- Triton
 
@@ -690,7 +710,7 @@ class RoutingBench:
             missing = [m for m in host.launch.models if not (repository / m).is_dir()]
             if missing:
                 raise StartupError(f"{host.name}: models {missing} are not in the model repository {repository}")
-            _progress(
+            self.say(
                 f"starting Triton {host.name} ({host.tier.value}, service time x{host.launch.service_time_factor:g},"
                 f" models {', '.join(host.launch.models)}) on {host.http_endpoint}"
             )
@@ -721,7 +741,7 @@ class RoutingBench:
     def drain(self) -> float:
         """Wait until no Triton has queued requests and the counters stopped moving; seconds waited."""
         started = time.monotonic()
-        deadline = started + self.scenario.drain_timeout_s
+        deadline = started + self.drain_timeout_s
         previous: dict[str, float] | None = None
         while time.monotonic() < deadline:
             snap = self.triton_snapshot()
@@ -730,7 +750,7 @@ class RoutingBench:
                 return time.monotonic() - started
             previous = totals
             time.sleep(0.3)
-        _progress(f"Triton queues did not drain within {self.scenario.drain_timeout_s:.0f} s")
+        self.say(f"Triton queues did not drain within {self.drain_timeout_s:.0f} s")
         return time.monotonic() - started
 
     # -- one policy
@@ -748,31 +768,46 @@ class RoutingBench:
                     raise StartupError(f"{name} did not become ready within {START_TIMEOUT_S:.0f} s")
                 time.sleep(0.2)
 
-    def run_policy(self, policy: Policy, index: int) -> PolicyResult:
-        policy_dir = self.run_dir / policy.value
+    @contextlib.contextmanager
+    def front(
+        self,
+        policy: Policy,
+        name: str,
+        index: int,
+        fleet_data: Mapping[str, Any] | None = None,
+        baseline_pool: str = "all_hosts",
+    ) -> Iterator[Front]:
+        """Envoy (and, for ``Policy.PICKER``, the picker) on fresh ports for ``fleet_data`` (default the
+        fleet's), ready to route to every host; stopped on leaving. ``index`` keeps Envoy base ids apart."""
+        policy_dir = self.run_dir / name
         policy_dir.mkdir(parents=True, exist_ok=True)
-        data = localize_front(self.fleet_data, policy_dir, iter(free_ports(3)), self._base_id + index)
-        fleet = _validate_fleet(data, self.scenario.source)
+        data = localize_front(
+            self.fleet_data if fleet_data is None else fleet_data,
+            policy_dir,
+            iter(free_ports(3)),
+            self._base_id + index,
+        )
+        fleet = _validate_fleet(data, self.source)
         config_path = policy_dir / "fleet.yaml"
         config_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
         envoy_path = policy_dir / "envoy.yaml"
         if policy is Policy.PICKER:
             envoy_path.write_text(render_yaml(fleet), encoding="utf-8")
         else:
-            boot = baseline_bootstrap(fleet, policy.value, self.scenario.baseline_pool)
+            boot = baseline_bootstrap(fleet, policy.value, baseline_pool)
             envoy_path.write_text(yaml.safe_dump(boot, sort_keys=False), encoding="utf-8")
-        front = Supervisor(policy_dir / "logs")
+        supervisor = Supervisor(policy_dir / "logs")
         admin = f"http://{fleet.envoy.admin.address}:{fleet.envoy.admin.port}"
         gateway = f"http://{fleet.envoy.listener.address}:{fleet.envoy.listener.port}"
         try:
             checks: list[tuple[str, Callable[[], bool]]] = []
             if policy is Policy.PICKER:
-                _progress(f"{policy.value}: starting the picker")
-                front.start("picker", [sys.executable, "-m", "extproc", "serve", "--config", str(config_path)])
+                self.say(f"{name}: starting the picker")
+                supervisor.start("picker", [sys.executable, "-m", "extproc", "serve", "--config", str(config_path)])
                 picker = fleet.picker
                 checks.append(("picker", _ok(f"http://{picker.metrics_address}:{picker.metrics_port}/ready")))
-            _progress(f"{policy.value}: starting Envoy on {gateway}")
-            front.start(
+            self.say(f"{name}: starting Envoy on {gateway}")
+            supervisor.start(
                 "envoy",
                 [
                     find_envoy(),
@@ -795,48 +830,25 @@ class RoutingBench:
                 # As `extproc up` waits: every host routable in the picker's view, with its models READY.
                 status_url = f"http://{fleet.picker.metrics_address}:{fleet.picker.metrics_port}/status"
                 checks.append(("the picker's view of every host", lambda: _picker_sees(status_url, list(fleet.hosts))))
-            self._wait(checks, front)
+            self._wait(checks, supervisor)
             time.sleep(SETTLE_S)
-            before = self.triton_snapshot()
-            envoy_before = envoy_host_requests(_envoy_clusters(admin) or {}, self.endpoint_names)
-            parts = {c.name: c.process.pid for c in [*front.children, *self.tritons.children]}
-            records, generator, cpu_cores, timeline = self._load(policy, gateway, policy_dir, parts)
-            drained = self.drain()
-            ext_proc = _envoy_ext_proc_stats(admin) if policy is Policy.PICKER else {}
-            after = self.triton_snapshot()
-            envoy_after = envoy_host_requests(_envoy_clusters(admin) or {}, self.endpoint_names)
-            notes = [f"{c.name} exited during the run (code {c.process.returncode})" for c in front.exited()]
+            yield Front(fleet, gateway, admin, policy_dir, supervisor)
         finally:
-            front.stop()
-        delta = {
-            name: {
-                model: after[name].success.get(model, 0.0)
-                + after[name].failure.get(model, 0.0)
-                - before[name].success.get(model, 0.0)
-                - before[name].failure.get(model, 0.0)
-                for model in set(after[name].success) | set(after[name].failure)
-            }
-            for name in after
-        }
-        envoy_delta = {n: envoy_after.get(n, 0.0) - envoy_before.get(n, 0.0) for n in self.endpoint_names.values()}
-        return PolicyResult(
-            policy.value, records, generator, delta, envoy_delta, drained, notes, cpu_cores, timeline, ext_proc
-        )
+            supervisor.stop()
 
-    def _load(
-        self, policy: Policy, gateway: str, policy_dir: Path, parts: Mapping[str, int]
+    def run_loadgen(
+        self, label: str, load: LoadSpec, gateway: str, work_dir: Path, front: Supervisor | None = None
     ) -> tuple[Records, dict[str, float], dict[str, float], list[dict[str, float]]]:
-        load = self.scenario.load
-        spec = RunSpec(
-            label=policy.value,
-            http_base=gateway,
-            grpc_target=gateway.removeprefix("http://"),
-            load=load,
-        )
-        spec_path = policy_dir / "loadgen-spec.json"
-        out_path = policy_dir / "loadgen-out.json"
+        """``load`` against ``gateway`` (``http://ADDRESS:PORT``, REST and gRPC), from a child process; its
+        records, the generator's own stats, and the CPU cores each part (Tritons, ``front``'s processes,
+        the generator) used, over the whole load and per second."""
+        spec = RunSpec(label=label, http_base=gateway, grpc_target=gateway.removeprefix("http://"), load=load)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        spec_path = work_dir / f"{label}-loadgen-spec.json"
+        out_path = work_dir / f"{label}-loadgen-out.json"
         spec_path.write_text(spec.model_dump_json(), encoding="utf-8")
-        _progress(f"{policy.value}: {load.rate_rps:g} req/s for {load.warmup_s:g} s warm-up + {load.duration_s:g} s")
+        children = [*(front.children if front is not None else []), *self.tritons.children]
+        parts = {c.name: c.process.pid for c in children}
         # Its own process: the generator's event loop must not share a core's time slice with ours.
         process = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.loadgen", str(spec_path), str(out_path)],
@@ -857,7 +869,7 @@ class RoutingBench:
                 sample["machine"] = machine_busy_s()
                 samples.append((time.monotonic() - started, sample))
                 if time.monotonic() > deadline:
-                    raise StartupError(f"{policy.value}: the load generator did not finish")
+                    raise StartupError(f"{label}: the load generator did not finish")
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=1.0)
             code = process.returncode
@@ -866,7 +878,7 @@ class RoutingBench:
                 process.kill()
                 process.wait()
         if code != 0:
-            raise StartupError(f"{policy.value}: the load generator exited with code {code}")
+            raise StartupError(f"{label}: the load generator exited with code {code}")
         out = json.loads(out_path.read_text(encoding="utf-8"))
         generator = {str(k): float(v) for k, v in out["generator"].items()}
         cores, timeline = cpu_usage(samples)
@@ -877,6 +889,45 @@ class RoutingBench:
 
     def stop(self) -> None:
         self.tritons.stop()
+
+
+class RoutingBench(FleetBench):
+    """Starts the scenario's Triton hosts once; runs each policy's Envoy (and picker) and load in turn."""
+
+    def __init__(self, scenario: Scenario, run_dir: Path) -> None:
+        super().__init__(scenario.fleet, scenario.source, run_dir, scenario.drain_timeout_s)
+        self.scenario = scenario
+
+    def run_policy(self, policy: Policy, index: int) -> PolicyResult:
+        with self.front(policy, policy.value, index, baseline_pool=self.scenario.baseline_pool) as front:
+            before = self.triton_snapshot()
+            envoy_before = envoy_host_requests(_envoy_clusters(front.admin) or {}, self.endpoint_names)
+            load = self.scenario.load
+            _progress(
+                f"{policy.value}: {load.rate_rps:g} req/s for {load.warmup_s:g} s warm-up + {load.duration_s:g} s"
+            )
+            records, generator, cpu_cores, timeline = self.run_loadgen(
+                policy.value, load, front.gateway, front.work_dir, front.supervisor
+            )
+            drained = self.drain()
+            ext_proc = _envoy_ext_proc_stats(front.admin) if policy is Policy.PICKER else {}
+            after = self.triton_snapshot()
+            envoy_after = envoy_host_requests(_envoy_clusters(front.admin) or {}, self.endpoint_names)
+            notes = [f"{c.name} exited during the run (code {c.process.returncode})" for c in front.supervisor.exited()]
+        delta = {
+            name: {
+                model: after[name].success.get(model, 0.0)
+                + after[name].failure.get(model, 0.0)
+                - before[name].success.get(model, 0.0)
+                - before[name].failure.get(model, 0.0)
+                for model in set(after[name].success) | set(after[name].failure)
+            }
+            for name in after
+        }
+        envoy_delta = {n: envoy_after.get(n, 0.0) - envoy_before.get(n, 0.0) for n in self.endpoint_names.values()}
+        return PolicyResult(
+            policy.value, records, generator, delta, envoy_delta, drained, notes, cpu_cores, timeline, ext_proc
+        )
 
 
 def fleet_description(fleet: Fleet) -> list[dict[str, Any]]:
