@@ -325,6 +325,31 @@ class QuarantineSpec(_Strict):
     window_s: float = Field(default=5.0, gt=0, le=600)
 
 
+class EppSpec(_Strict):
+    """The picker as a Gateway API Inference Extension endpoint picker (docs/gateway-api.md): a second
+    ext_proc listener, for gateways (Istio, Envoy Gateway, ...) that an InferencePool points at it."""
+
+    # HOST:PORT of the ext_proc listener; 9002 is the port InferencePools name by convention.
+    listen: str = "0.0.0.0:9002"
+    # Plaintext port serving only the gRPC health service: Kubernetes' gRPC probes cannot speak TLS.
+    # null: health is served on ``listen`` only.
+    health_port: Port | None = 9003
+    # GIE gateways connect to their picker over TLS (most without verifying it): false serves plaintext.
+    tls: bool = True
+    cert_file: str = ".run/tls/epp.crt"
+    key_file: str = ".run/tls/epp.key"
+    # Generate a self-signed certificate at start-up when the files do not exist.
+    self_signed: bool = True
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not HOST:PORT")
+        return value
+
+
 class PickerSpec(_Strict):
     # gRPC listen address of the ext_proc service: ``unix:PATH`` (default; not reachable from the network)
     # or ``HOST:PORT``.
@@ -368,6 +393,8 @@ class PickerSpec(_Strict):
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
     # Sidecar mode: the host whose GPUs this picker reads through NVML (it runs beside that Triton).
     nvml_host: str | None = None
+    # Also serve the Endpoint Picker Protocol (EppSpec); null: only the picker's own dialect.
+    epp: EppSpec | None = None
 
     @field_validator("listen")
     @classmethod
@@ -380,10 +407,6 @@ class PickerSpec(_Strict):
         if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ValueError(f"{value!r} is neither unix:PATH nor HOST:PORT")
         return value
-
-    @property
-    def unix_socket(self) -> Path | None:
-        return Path(self.listen.removeprefix("unix:")) if self.listen.startswith("unix:") else None
 
     @model_validator(mode="after")
     def _control_token_beyond_loopback(self) -> Self:
@@ -404,6 +427,10 @@ class PickerSpec(_Strict):
             return ipaddress.ip_address(self.metrics_address).is_loopback
         except ValueError:
             return False
+
+    @property
+    def unix_socket(self) -> Path | None:
+        return Path(self.listen.removeprefix("unix:")) if self.listen.startswith("unix:") else None
 
     @property
     def listen_addresses(self) -> tuple[str, ...]:

@@ -63,6 +63,18 @@ READ_HEADERS: Final = frozenset(
     }
 )
 
+# The Gateway API Inference Extension's Endpoint Picker Protocol (GIE proposal 004), for gateways that call
+# the picker as an InferencePool's endpoint picker (extproc/handlers/epp.py).
+# Set by the picker: the ranked "ip:port,ip:port,..." list, as a request header and as dynamic metadata
+# under EPP_NAMESPACE (the same value: the protocol leaves the precedence to each gateway).
+EPP_DESTINATION_HEADER: Final = "x-gateway-destination-endpoint"
+EPP_NAMESPACE: Final = "envoy.lb"
+# Sent by the gateway in the request's filter metadata: the endpoints the picker may choose from.
+EPP_SUBSET_NAMESPACE: Final = "envoy.lb.subset_hint"
+EPP_SUBSET_KEY: Final = "x-gateway-destination-endpoint-subset"
+# Sent by the gateway with the response, under EPP_NAMESPACE: the endpoint that served the request.
+EPP_SERVED_KEY: Final = "x-gateway-destination-endpoint-served"
+
 # Added to responses when envoy.expose_upstream_host is on: the upstream that served the request.
 UPSTREAM_HOST_HEADER: Final = "x-triton-host"
 

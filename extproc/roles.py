@@ -30,13 +30,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from extproc.admin_key import read_admin_key
-from extproc.config import ConfigError, Fleet
+from extproc.config import ConfigError, EppSpec, Fleet
 from extproc.control import AUTHORIZATION, SCHEME, authorized, read_control_token
 from extproc.datastore import Datastore
 from extproc.discovery import Discovery
 from extproc.handlers.server import add_to_server
 from extproc.sharing import Publisher, Subscriber
 from extproc.telemetry.collector import TelemetryCollector
+from extproc.tls import ensure_self_signed
 
 if TYPE_CHECKING:
     from extproc.app import Picker
@@ -65,6 +66,10 @@ _FIRST_SNAPSHOT_S = 10.0
 _WORKER_METRICS_FLUSH_S = 1.0
 # Health-checked service names: the server as a whole ("") and the ext_proc service.
 _HEALTH_SERVICES = ("", "envoy.service.ext_proc.v3.ExternalProcessor")
+# An endpoint picker's, as GIE's protocol names them (its liveness and readiness probes ask for these).
+_EPP_HEALTH_SERVICES = (*_HEALTH_SERVICES, "liveness", "readiness")
+# Listen addresses that name no host, hence no name for a certificate.
+_ANY_ADDRESS = frozenset({"0.0.0.0", "::", "[::]"})
 
 GRPC_OPTIONS: Final = [
     # Envoy opens one stream per request over a few connections; do not let gRPC cap them.
@@ -322,6 +327,59 @@ class _GrpcEdge(Part):
         await self._server.stop(grace=1.0)
 
 
+class _EppEdge(Part):
+    """The ext_proc gRPC server for GIE gateways (``picker.epp``: the Endpoint Picker Protocol), over TLS,
+    with the health service there and, for Kubernetes' probes, alone on a plaintext port."""
+
+    def __init__(self, picker: Picker, spec: EppSpec) -> None:
+        self._server = grpc.aio.server(options=GRPC_OPTIONS)
+        add_to_server(picker.processor, self._server, epp=True)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        if spec.tls:
+            _epp_certificate(spec)
+            key, cert = Path(spec.key_file).read_bytes(), Path(spec.cert_file).read_bytes()
+            self._server.add_secure_port(spec.listen, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            self._server.add_insecure_port(spec.listen)
+        self._probes: grpc.aio.Server | None = None
+        if spec.health_port is not None:
+            self._probes = grpc.aio.server(options=GRPC_OPTIONS)
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._probes)
+            self._probes.add_insecure_port(f"{spec.listen.rpartition(':')[0]}:{spec.health_port}")
+
+    async def start(self) -> None:
+        await self._server.start()
+        if self._probes is not None:
+            await self._probes.start()
+        for service in _EPP_HEALTH_SERVICES:
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace=1.0)
+        if self._probes is not None:
+            await self._probes.stop(grace=None)
+
+
+def _epp_certificate(spec: EppSpec) -> None:
+    """The EPP listener's self-signed certificate, where asked for and missing. A leader makes it before its
+    workers start, so that they do not all write it at once."""
+    if spec.tls and spec.self_signed:
+        host = spec.listen.rpartition(":")[0]
+        names = [] if host in _ANY_ADDRESS else [host]
+        ensure_self_signed(Path(spec.cert_file), Path(spec.key_file), names)
+
+
+def _edges(picker: Picker, address: str) -> list[Part]:
+    """The ext_proc servers: the picker's own dialect, and the Endpoint Picker Protocol where configured."""
+    edges: list[Part] = [_GrpcEdge(picker, address)]
+    spec = picker.fleet.picker.epp
+    if spec is not None:
+        edges.append(_EppEdge(picker, spec))
+    return edges
+
+
 # --- roles -------------------------------------------------------------------------------------------------
 
 
@@ -388,7 +446,7 @@ class Single(_Resolving):
 
     def parts(self, picker: Picker) -> list[Part]:
         address = picker.fleet.picker.listen_addresses[0]
-        return [_Http(picker), _Collecting(picker), _Discovering(picker), _GrpcEdge(picker, address)]
+        return [_Http(picker), _Collecting(picker), _Discovering(picker), *_edges(picker, address)]
 
 
 class Leader(_Resolving):
@@ -412,6 +470,8 @@ class Leader(_Resolving):
         return []  # each worker owns its socket
 
     def parts(self, picker: Picker) -> list[Part]:
+        if picker.fleet.picker.epp is not None:
+            _epp_certificate(picker.fleet.picker.epp)
         return [_Http(picker), _Collecting(picker), _Publishing(picker), _Discovering(picker)]
 
 
@@ -442,7 +502,7 @@ class Worker:
 
     def parts(self, picker: Picker) -> list[Part]:
         address = picker.fleet.picker.listen_addresses[self.index]
-        return [_Subscribing(picker), _FlushingMetrics(picker), _GrpcEdge(picker, address)]
+        return [_Subscribing(picker), _FlushingMetrics(picker), *_edges(picker, address)]
 
 
 def _unix_sockets(addresses: Sequence[str]) -> list[Path]:

@@ -14,9 +14,10 @@ import structlog
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
 
 from extproc.config import Tier
-from extproc.headers import ENVOY_TIMEOUT_HEADER, HOSTS_HEADER, TIER_HEADER
+from extproc.headers import ENVOY_TIMEOUT_HEADER, EPP_DESTINATION_HEADER, EPP_NAMESPACE, HOSTS_HEADER, TIER_HEADER
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.types import Decision, InferenceRequest, Protocol, Reject, Route
 
@@ -84,6 +85,22 @@ def routing_answer(tier: Tier, endpoints: str, timeout_ms: int | None = None) ->
     )
 
 
+def epp_routing_answer(endpoints: str) -> Any:
+    """A GIE gateway's answer for a routed request (Endpoint Picker Protocol): the hosts to try, best first,
+    in the header and the dynamic metadata its override_host policy reads, with the same value (the
+    protocol leaves the precedence to the gateway). No route timeout: gateways refuse the picker's changes
+    to ``x-envoy-*`` headers, so the deadline is the HTTPRoute's."""
+    mutation = ep.HeaderMutation(set_headers=[_header(EPP_DESTINATION_HEADER, endpoints)])
+    destination = struct_pb2.Struct()
+    destination.fields[EPP_DESTINATION_HEADER].string_value = endpoints
+    metadata = struct_pb2.Struct()
+    metadata.fields[EPP_NAMESPACE].struct_value.CopyFrom(destination)
+    return ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(response=ep.CommonResponse(header_mutation=mutation)),
+        dynamic_metadata=metadata,
+    )
+
+
 class Responder:
     """Answers and records decisions for one fleet config."""
 
@@ -92,6 +109,7 @@ class Responder:
         self._retry_after = str(retry_after_s)
         self._debug = debug
         self._answers: dict[tuple[Tier, str, int | None], Any] = {}
+        self._epp_answers: dict[str, Any] = {}
         self._log_budget = LogBudget(_REJECTIONS_LOGGED_PER_S)
 
     def answer(self, decision: Decision, request: InferenceRequest) -> Any:
@@ -111,6 +129,22 @@ class Responder:
                 if len(self._answers) >= _MAX_CACHED_ANSWERS:
                     self._answers.clear()
                 answer = self._answers[key] = routing_answer(decision.tier, endpoints, timeout)
+            return answer
+        return self._immediate(decision, request)
+
+    def epp_answer(self, decision: Decision, request: InferenceRequest) -> Any:
+        """:meth:`answer` in the Endpoint Picker Protocol (see :func:`epp_routing_answer`); refusals are the
+        same immediate answers."""
+        if isinstance(decision, Route):
+            if request.protocol is Protocol.GRPC:
+                endpoints = ",".join([h.grpc_endpoint for h in decision.hosts])
+            else:
+                endpoints = ",".join([h.http_endpoint for h in decision.hosts])
+            answer = self._epp_answers.get(endpoints)
+            if answer is None:
+                if len(self._epp_answers) >= _MAX_CACHED_ANSWERS:
+                    self._epp_answers.clear()
+                answer = self._epp_answers[endpoints] = epp_routing_answer(endpoints)
             return answer
         return self._immediate(decision, request)
 

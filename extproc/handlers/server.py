@@ -25,6 +25,7 @@ from google.protobuf import duration_pb2
 
 from extproc.build import compiled
 from extproc.config import Fleet
+from extproc.handlers.epp import EppStream, epp_stream, within
 from extproc.handlers.grpc_body import GrpcBodyGuard
 from extproc.handlers.parse import (
     NO_MODEL,
@@ -68,6 +69,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
     def __init__(self, fleet: Fleet, scheduler: Scheduler, metrics: PickerMetrics) -> None:
         self._metrics = metrics
         self._error_log = LogBudget(1)
+        self._served_log = LogBudget(1)
         spec = fleet.picker.quarantine
         self._quarantine = Quarantine(scheduler.datastore, metrics, spec.hold_s, spec.window_s)
         self.configure(fleet, scheduler)
@@ -88,17 +90,28 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         )
         self._responder = Responder(self._metrics, fleet.picker.retry_after_s, fleet.picker.log_level == "debug")
 
-    async def Process(
+    async def ProcessEpp(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        """One HTTP request's stream; its messages arrive as bytes (see :func:`add_to_server`)."""
+        """One HTTP request's stream from a GIE gateway (the Endpoint Picker Protocol, see
+        :mod:`extproc.handlers.epp`)."""
+        async for answer in self.Process(request_iterator, context, epp=True):
+            yield answer
+
+    async def Process(
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any], epp: bool = False
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        """One HTTP request's stream; its messages arrive as bytes (see :func:`add_to_server`). ``epp``: in
+        the Endpoint Picker Protocol."""
         stream = aiter(request_iterator)
         try:
-            first = _first_message(await anext(stream))
+            data = await anext(stream)
         except StopAsyncIteration:
             return
+        first = _first_message(data)
         if first is None:
             return
+        gie: EppStream | None = epp_stream(data, self._served_log) if epp else None
         if not self._scheduler.has_telemetry():
             # Just started: no repository index yet, so every model would look unknown (404). Failing the
             # stream makes Envoy fail open to its own load balancer until the first telemetry is in.
@@ -114,7 +127,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         # The quarantine's fingerprint of a REST request answered before its body: taken at the first chunk.
         fingerprint_due = False
         try:
-            streams = first.streamed_body and not first.end_of_stream
+            streams = (first.streamed_body or (gie is not None and gie.request_duplex)) and not first.end_of_stream
             if method is None:
                 request = rest_request(path, headers)
                 model = request.model
@@ -155,6 +168,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                     # that names no model (which also keeps client-chosen names out of the routing metrics).
                     request = InferenceRequest(request.protocol, tier_hint=request.tier_hint)
                     decision = self._scheduler.decide(request)
+                if gie is not None:
+                    decision = within(decision, request.protocol, gie.subset)
                 if fingerprint is not None and isinstance(decision, Route):
                     self._quarantine.routed(fingerprint, decision.hosts[0].name)
         except RequestRejected as exc:
@@ -168,21 +183,33 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                 log.exception("picker_error", path=clip(path), error_type=type(exc).__name__)
             raise
         responder = self._responder
-        yield responder.answer(decision, request)
+        if gie is None:
+            yield responder.answer(decision, request)
+        else:
+            yield responder.epp_answer(decision, request)
+            if isinstance(decision, Route):
+                best = decision.hosts[0]
+                gie.picked = best.grpc_endpoint if request.protocol is Protocol.GRPC else best.http_endpoint
         responder.record(decision, request, headers.get("x-request-id"), started)
-        if isinstance(decision, Reject) or not first.streamed_body:
+        if isinstance(decision, Reject) or (gie is None and not first.streamed_body):
             # Nothing more will come on this stream (Envoy only streams bodies on routes set to): end it
             # now instead of waiting for Envoy to close it, which saves a wake-up per request.
             return
-        for _ in pending:
-            yield _BODY_ACK
+        for message in pending:
+            yield _BODY_ACK if gie is None else gie.body_answer(message)
         seen = sum(len(m.request_body.body) for m in pending)
         if not fingerprint_due and _checked(reader, guard, method, seen, request.size_bytes):
             # Nothing left to check: ending the stream now spares a message and its answer per request
-            # (Envoy then passes the rest of the body without asking).
+            # (Envoy then passes the rest of the body without asking). A GIE gateway asks anyway.
+            if gie is not None:
+                async for answer in gie.rest(body):
+                    yield answer
             return
         async for message in body:
             if not message.HasField("request_body"):
+                later = None if gie is None else gie.answer(message)
+                if later is not None:
+                    yield later
                 continue
             chunk = message.request_body.body
             seen += len(chunk)
@@ -209,8 +236,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                 yield responder.answer(refusal, request)
                 responder.refused(refusal, request, headers.get("x-request-id"))
                 return
-            yield _BODY_ACK
+            yield _BODY_ACK if gie is None else gie.body_answer(message)
             if message.request_body.end_of_stream or _checked(reader, guard, method, seen, request.size_bytes):
+                if gie is not None:
+                    async for answer in gie.rest(body):
+                        yield answer
                 return
 
     async def _first_body(self, body: AsyncIterator[ep.ProcessingRequest]) -> tuple[asyncio.Task[Any], bool]:
@@ -316,13 +346,15 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         raise MalformedRequest("the gRPC request ended before its first message")
 
 
-def add_to_server(processor: Processor, server: grpc.aio.Server) -> None:
-    """Serve ``processor`` as Envoy's ExternalProcessor on ``server``. Unlike the generated
-    ``add_ExternalProcessorServicer_to_server``, messages reach it as bytes: it reads the first one itself
-    (:mod:`extproc.handlers.wire`) and parses the others with protobuf."""
+def add_to_server(processor: Processor, server: grpc.aio.Server, epp: bool = False) -> None:
+    """Serve ``processor`` as Envoy's ExternalProcessor on ``server`` (``epp``: in the Endpoint Picker
+    Protocol, for GIE gateways). Unlike the generated ``add_ExternalProcessorServicer_to_server``, messages
+    reach it as bytes: it reads the first one itself (:mod:`extproc.handlers.wire`) and parses the others
+    with protobuf."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Process": grpc.stream_stream_rpc_method_handler(
-            processor.Process, response_serializer=ep.ProcessingResponse.SerializeToString
+            processor.ProcessEpp if epp else processor.Process,
+            response_serializer=ep.ProcessingResponse.SerializeToString,
         )
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

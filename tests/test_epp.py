@@ -1,0 +1,266 @@
+"""The Endpoint Picker Protocol (GIE proposal 004) on the picker's ext_proc stream, without servers: a GIE
+gateway's messages in (FULL_DUPLEX_STREAMED bodies, response phases, the subset hint), the protocol's
+answers out. tests/test_epp_gateway.py runs the same through a gateway-shaped Envoy and real Triton hosts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import struct_pb2
+from structlog.testing import capture_logs
+from tritonclient.grpc import service_pb2
+
+from extproc.config import Fleet, parse_fleet
+from extproc.datastore import Datastore
+from extproc.handlers.server import Processor
+from extproc.headers import (
+    EPP_DESTINATION_HEADER,
+    EPP_NAMESPACE,
+    EPP_SERVED_KEY,
+    EPP_SUBSET_KEY,
+    EPP_SUBSET_NAMESPACE,
+    HOSTS_HEADER,
+)
+from extproc.metrics import PickerMetrics
+from extproc.scheduling.scheduler import Scheduler
+
+_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+GPU_REST, CPU_REST = "10.0.0.1:8000", "10.0.1.1:8000"
+GPU_GRPC = "10.0.0.1:8001"
+
+
+def fleet() -> Fleet:
+    return parse_fleet(
+        {
+            "hosts": [
+                {"name": "g1", "address": "10.0.0.1", "tier": "gpu"},
+                {"name": "c1", "address": "10.0.1.1", "tier": "cpu"},
+            ],
+            "models": [{"name": "mlp", "tiers": ["cpu", "gpu"]}, {"name": "seq", "tiers": ["gpu"], "sequence": True}],
+        }
+    )
+
+
+@pytest.fixture
+def store() -> Datastore:
+    store = Datastore(fleet())
+    now = store.now()
+    ready = {"g1": {"mlp", "seq"}, "c1": {"mlp"}}
+    for name, host in store.hosts.items():
+        models = {m: frozenset({"1"}) for m in ready[name]}
+        store.update_index(host, models, frozenset(models), now)
+        host.metrics_at = host.envoy_at = now
+        host.load.service_ms = 2.0
+    return store
+
+
+def request_headers(
+    path: str, method: str = "POST", body: bytes | None = None, subset: Sequence[str] | str | None = None
+) -> ep.ProcessingRequest:
+    """The first message of a GIE gateway's stream: all headers (no forward rules), both bodies in
+    FULL_DUPLEX_STREAMED, and the subset hint where given."""
+    headers = [(":path", path), (":method", method), (":authority", "gateway"), ("user-agent", "test")]
+    if body is not None:
+        headers.append(("content-length", str(len(body))))
+    message = ep.ProcessingRequest(
+        request_headers=ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers]),
+            end_of_stream=body is None,
+        )
+    )
+    message.protocol_config.request_body_mode = _DUPLEX
+    message.protocol_config.response_body_mode = _DUPLEX
+    if subset is not None:
+        hint = message.metadata_context.filter_metadata[EPP_SUBSET_NAMESPACE]
+        if isinstance(subset, str):
+            hint.fields[EPP_SUBSET_KEY].string_value = subset
+        else:
+            hint.fields[EPP_SUBSET_KEY].list_value.values.extend(struct_pb2.Value(string_value=e) for e in subset)
+    return message
+
+
+def request_body(body: bytes, end: bool = True) -> ep.ProcessingRequest:
+    return ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=end))
+
+
+def response_messages(served: str | None, body: bytes = b'{"ok":1}') -> list[ep.ProcessingRequest]:
+    """What the gateway sends once the host answered: its headers (with the served endpoint), body and
+    trailers."""
+    headers = ep.ProcessingRequest(
+        response_headers=ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200")])
+        )
+    )
+    if served is not None:
+        headers.metadata_context.filter_metadata[EPP_NAMESPACE].fields[EPP_SERVED_KEY].string_value = served
+    return [
+        headers,
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=body, end_of_stream=False)),
+        ep.ProcessingRequest(response_trailers=ep.HttpTrailers()),
+    ]
+
+
+def infer_body(model: str = "mlp") -> bytes:
+    return json.dumps(
+        {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}], "model": model}
+    ).encode()
+
+
+def grpc_frame(message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    return b"\0" + len(data).to_bytes(4, "big") + data
+
+
+async def stream(store: Datastore, messages: Sequence[ep.ProcessingRequest]) -> list[ep.ProcessingResponse]:
+    """Every answer of one GIE gateway's stream to ``messages``."""
+    processor = Processor(store.fleet, Scheduler(store.fleet, store), PickerMetrics(store))
+
+    async def requests() -> AsyncIterator[bytes]:
+        for m in messages:
+            yield m.SerializeToString()
+
+    context: Any = None  # the store has telemetry: the picker never aborts here
+    return [r async for r in processor.ProcessEpp(requests(), context)]
+
+
+def destination(response: ep.ProcessingResponse) -> str:
+    """The endpoints a routing answer names, held to the protocol: the header and the metadata agree, and
+    none of the picker's own routing headers is set."""
+    mutation = response.request_headers.response.header_mutation
+    headers: dict[str, str] = {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
+    assert set(headers) == {EPP_DESTINATION_HEADER}, headers
+    metadata = response.dynamic_metadata.fields[EPP_NAMESPACE].struct_value.fields[EPP_DESTINATION_HEADER]
+    assert metadata.string_value == headers[EPP_DESTINATION_HEADER]
+    return headers[EPP_DESTINATION_HEADER]
+
+
+def streamed(body: ep.BodyResponse) -> tuple[bytes, bool]:
+    chunk = body.response.body_mutation.streamed_response
+    return chunk.body, chunk.end_of_stream
+
+
+async def test_rest_request_and_response_pass_whole_through_the_picker(store: Datastore) -> None:
+    """FULL_DUPLEX_STREAMED: the picker owns both bodies, so each chunk comes back unchanged and every
+    message of the stream gets its answer, in order."""
+    body = infer_body()
+    messages = [
+        request_headers("/v2/models/seq/infer", body=body),
+        request_body(body[:10], end=False),
+        request_body(body[10:]),
+        *response_messages(served=GPU_REST),
+    ]
+    answers = await stream(store, messages)
+    kinds = [a.WhichOneof("response") for a in answers]
+    assert kinds == [
+        "request_headers",
+        "request_body",
+        "request_body",
+        "response_headers",
+        "response_body",
+        "response_trailers",
+    ]
+    assert destination(answers[0]) == GPU_REST  # seq is ready on g1 only
+    assert streamed(answers[1].request_body) == (body[:10], False)
+    assert streamed(answers[2].request_body) == (body[10:], True)
+    assert streamed(answers[4].response_body) == (b'{"ok":1}', False)
+
+
+async def test_the_ranked_hosts_go_to_the_gateway_best_first(store: Datastore) -> None:
+    answers = await stream(store, [request_headers("/v2/models/mlp/ready", method="GET")])
+    endpoints = destination(answers[0]).split(",")
+    assert sorted(endpoints) == sorted([GPU_REST, CPU_REST])
+
+
+async def test_grpc_is_routed_by_the_model_in_its_body_to_the_grpc_port(store: Datastore) -> None:
+    frame = grpc_frame(service_pb2.ModelInferRequest(model_name="seq"))
+    messages = [
+        request_headers("/inference.GRPCInferenceService/ModelInfer", body=frame),
+        request_body(frame),
+        *response_messages(served=GPU_GRPC),
+    ]
+    answers = await stream(store, messages)
+    assert destination(answers[0]) == GPU_GRPC
+    assert streamed(answers[1].request_body) == (frame, True)
+    assert [a.WhichOneof("response") for a in answers[2:]] == ["response_headers", "response_body", "response_trailers"]
+
+
+@pytest.mark.parametrize("subset", [[CPU_REST], CPU_REST, [CPU_REST, "10.9.9.9:8000"]])
+async def test_the_subset_hint_limits_the_choice(store: Datastore, subset: list[str] | str) -> None:
+    answers = await stream(store, [request_headers("/v2/models/mlp/ready", method="GET", subset=subset)])
+    assert destination(answers[0]) == CPU_REST
+
+
+@pytest.mark.parametrize(
+    "subset",
+    [
+        [],  # the protocol: an empty list is answered 503
+        ["10.9.9.9:8000"],  # no host of the fleet
+        [CPU_REST],  # a host without the model (seq is on g1 only)
+        [GPU_GRPC],  # the right host, the wrong port for REST
+    ],
+)
+async def test_no_usable_endpoint_in_the_subset_is_503(store: Datastore, subset: list[str]) -> None:
+    body = infer_body("seq")
+    answers = await stream(
+        store, [request_headers("/v2/models/seq/infer", body=body, subset=subset), request_body(body)]
+    )
+    (answer,) = answers
+    immediate = answer.immediate_response
+    assert immediate.status.code == 503
+    headers = {h.header.key: h.header.raw_value.decode() for h in immediate.headers.set_headers}
+    assert headers["retry-after"] == "1"
+
+
+async def test_unknown_model_is_404_in_tritons_words(store: Datastore) -> None:
+    body = infer_body("nope")
+    (answer,) = await stream(store, [request_headers("/v2/models/nope/infer", body=body), request_body(body)])
+    assert answer.immediate_response.status.code == 404
+    assert json.loads(answer.immediate_response.body) == {"error": "Request for unknown model: 'nope' is not found"}
+
+
+async def test_a_bad_tensor_header_is_refused_mid_stream(store: Datastore) -> None:
+    """The picker's body checks hold in the gateway's dialect: the chunk that shows the tensor is bad is
+    answered 400 instead of being passed on."""
+    body = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [1]}]}).encode()
+    answers = await stream(store, [request_headers("/v2/models/mlp/infer", body=body), request_body(body)])
+    assert destination(answers[0])
+    assert answers[-1].immediate_response.status.code == 400
+
+
+async def test_a_request_without_a_body_still_gets_its_response_phases_answered(store: Datastore) -> None:
+    messages = [request_headers("/v2/health/ready", method="GET"), *response_messages(served=CPU_REST)]
+    answers = await stream(store, messages)
+    assert destination(answers[0]) in (GPU_REST, CPU_REST)
+    assert [a.WhichOneof("response") for a in answers[1:]] == ["response_headers", "response_body", "response_trailers"]
+
+
+async def test_the_served_endpoint_is_logged_when_it_is_not_the_picked_one(store: Datastore) -> None:
+    """The gateway reports the endpoint that served the request: another than the picker's first means
+    Envoy retried on the next one, or failed open."""
+    first = [request_headers("/v2/models/seq/ready", method="GET")]
+    with capture_logs() as logs:
+        await stream(store, [*first, *response_messages(served=GPU_REST)])
+        await stream(store, [*first, *response_messages(served=None)])
+    assert [e["event"] for e in logs] == ["epp_served"]
+    with capture_logs() as logs:
+        await stream(store, [*first, *response_messages(served=CPU_REST)])
+    assert [(e["event"], e["picked"], e["served"]) for e in logs] == [("epp_served_elsewhere", GPU_REST, CPU_REST)]
+
+
+async def test_the_pickers_own_dialect_is_unchanged(store: Datastore) -> None:
+    processor = Processor(store.fleet, Scheduler(store.fleet, store), PickerMetrics(store))
+
+    async def requests() -> AsyncIterator[bytes]:
+        yield request_headers("/v2/models/seq/ready", method="GET").SerializeToString()
+
+    context: Any = None
+    (answer,) = [r async for r in processor.Process(requests(), context)]
+    mutation = answer.request_headers.response.header_mutation
+    assert {h.header.key for h in mutation.set_headers} >= {HOSTS_HEADER}
+    assert not answer.HasField("dynamic_metadata")
