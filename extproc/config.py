@@ -388,6 +388,9 @@ class PickerSpec(_Strict):
     # spares an ext_proc message and its answer per REST request; for fleets whose REST clients are trusted.
     check_rest_bodies: bool = True
     quarantine: QuarantineSpec = QuarantineSpec()
+    # gRPC ModelStreamInfer streams one client key may hold open at once (each holds memory in Envoy, the
+    # picker and Triton for as long as it is open); beyond it a new stream gets RESOURCE_EXHAUSTED.
+    max_streams_per_client: int = Field(default=100, ge=1, le=1_000_000)
     # Seconds a client should wait before retrying a 503/429 from the picker.
     retry_after_s: int = Field(default=1, ge=1, le=3600)
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")

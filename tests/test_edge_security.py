@@ -13,7 +13,7 @@ ejected. The threats are those of the security review (2026-12); its ids are in 
 - H1 an over-long request line or header: 431 from Envoy, never a dropped connection that ejects a host.
 - H2 sequences started and never ended: a start that would wait for a sequence slot gets 429 at once.
 - H3 a gRPC stream or REST body that arrives late: still routed by the picker, not failed open.
-- H4 streams per connection capped.
+- H4 streams per connection capped, and long-lived streams per client.
 - M1 a correlation id pins only sequence models.
 - M2 crafted length headers and deep JSON: a clean 400 from the picker, no failed ext_proc stream.
 - M3 chunked REST bodies of a sequence model keep their sequence's host.
@@ -26,6 +26,7 @@ ejected. The threats are those of the security review (2026-12); its ids are in 
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import datetime as dt
 import functools
@@ -38,7 +39,7 @@ import ssl
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -493,6 +494,63 @@ def test_h4_streams_per_connection_are_capped(stack: Stack) -> None:
                 if isinstance(event, h2.events.RemoteSettingsChanged):
                     settings = {k: v.new_value for k, v in event.changed_settings.items()}
     assert settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] == 100
+
+
+STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
+STREAMS_PER_CLIENT = 100  # picker.max_streams_per_client (the default)
+
+
+async def _open_stream(channel: grpc.aio.Channel, closed: asyncio.Event) -> tuple[grpc.StatusCode, object]:
+    """A ModelStreamInfer stream that sends one request, reads its answer and stays open until ``closed``:
+    (OK, the call) once answered; (the status, None) if refused."""
+    request = service_pb2.ModelInferRequest(model_name="embed_normalize")
+    request.inputs.add(name="INPUT", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(b"\0" * 16)
+
+    async def requests() -> AsyncIterator[bytes]:
+        yield request.SerializeToString()
+        await closed.wait()
+
+    method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(STREAM_INFER)
+    call = method(requests(), timeout=TIMEOUT_S * 4)
+    try:
+        answer = await call.read()
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), None
+    if answer is grpc.aio.EOF:
+        return await call.code(), None
+    return grpc.StatusCode.OK, call
+
+
+def test_h4_one_client_holds_at_most_its_streams_open(stack: Stack) -> None:
+    """Each long-lived stream holds memory in Envoy, the picker and Triton: one client (here, its address)
+    may hold picker.max_streams_per_client open; the next is refused with RESOURCE_EXHAUSTED before any
+    host sees it, and one closed makes room again."""
+
+    async def scenario() -> tuple[list[grpc.StatusCode], grpc.StatusCode, grpc.StatusCode]:
+        closed = asyncio.Event()
+        # Envoy takes 100 streams per connection: two connections.
+        channels = [
+            grpc.aio.insecure_channel(stack.http_url, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(2)
+        ]
+        try:
+            held = await asyncio.gather(*(_open_stream(channels[i % 2], closed) for i in range(STREAMS_PER_CLIENT)))
+            over, _ = await _open_stream(channels[0], closed)
+            first = held[0][1]
+            assert isinstance(first, grpc.aio.Call)
+            first.cancel()
+            await asyncio.sleep(1.0)  # Envoy ends the picker's stream of the cancelled call
+            again, _ = await _open_stream(channels[1], closed)
+            return [code for code, _ in held], over, again
+        finally:
+            closed.set()
+            for channel in channels:
+                await channel.close()
+
+    held, over, again = asyncio.run(scenario())
+    assert held == [grpc.StatusCode.OK] * STREAMS_PER_CLIENT
+    assert over is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert again is grpc.StatusCode.OK
 
 
 # ------------------------------------------------------------------------------------ M1 sequence pins

@@ -576,3 +576,21 @@ def test_argmax_ranks_as_a_stable_sort_from_the_turns_host(costs: list[float], t
     expected = sorted(walk, key=costs.__getitem__)[:keep]
     ranked = Argmax(context).pick(candidates, (), 0.0)
     assert [candidates.index(c) for c in ranked] == expected
+
+
+def test_only_allowed_endpoints_are_candidates(store: Datastore) -> None:
+    """A gateway's subset hint (InferenceRequest.allowed): the pick is among those endpoints only, ranked
+    there, and counted on the host picked; none usable: no route (503)."""
+    f = fleet(picker={"max_hosts": 1})
+    busy(store.hosts["g2"], 9)
+    busy(store.hosts["g3"], 5)
+    request = InferenceRequest(Protocol.HTTP, "embed", allowed=frozenset({"10.0.0.2:8000", "10.0.0.3:8000"}))
+    assert names(Scheduler(f, store).decide(request)) == ["g3"]  # g1, the least busy, is not allowed
+    assert store.hosts["g3"].estimate == 6 and store.hosts["g1"].estimate == 0
+    grpc = InferenceRequest(Protocol.GRPC, "embed", allowed=frozenset({"10.0.0.2:8001"}))
+    assert names(Scheduler(f, store).decide(grpc)) == ["g2"]  # the endpoint of the request's protocol
+    wrong_port = InferenceRequest(Protocol.HTTP, "embed", allowed=frozenset({"10.0.0.2:8001"}))
+    decision = Scheduler(f, store).decide(wrong_port)
+    assert isinstance(decision, Reject) and decision.status == 503
+    health = InferenceRequest(Protocol.HTTP, allowed=frozenset({"10.0.0.3:8000"}))
+    assert names(Scheduler(f, store).decide(health)) == ["g3"]  # requests that name no model too

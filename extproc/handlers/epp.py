@@ -26,7 +26,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc.handlers.response import LogBudget
 from extproc.headers import EPP_NAMESPACE, EPP_SERVED_KEY, EPP_SUBSET_KEY, EPP_SUBSET_NAMESPACE
-from extproc.scheduling.types import Decision, Protocol, Reject, Route
 
 log = structlog.get_logger(__name__)
 
@@ -122,27 +121,6 @@ def _subset(message: ep.ProcessingRequest) -> frozenset[str] | None:
     # The protocol says a list; a gateway that writes one "ip:port,ip:port" string means the same. Anything
     # else names no endpoint, which the protocol answers 503.
     return frozenset(e for e in value.string_value.split(",") if e)
-
-
-def within(decision: Decision, protocol: Protocol, subset: frozenset[str] | None) -> Decision:
-    """``decision`` limited to the endpoints the gateway allows: the ranked hosts outside the subset are
-    dropped, and a route left without any is the protocol's 503."""
-    if subset is None or not isinstance(decision, Route):
-        return decision
-    if protocol is Protocol.GRPC:
-        hosts = tuple(h for h in decision.hosts if h.grpc_endpoint in subset)
-    else:
-        hosts = tuple(h for h in decision.hosts if h.http_endpoint in subset)
-    if len(hosts) == len(decision.hosts):
-        return decision
-    if not hosts:
-        return Reject(
-            503,
-            "no host among the endpoints the gateway allows for this request can serve it now",
-            "no_ready_host",
-            retry_after=True,
-        )
-    return Route(decision.tier, hosts, decision.reason, decision.timeout_ms)
 
 
 def _echo(body: bytes, end_of_stream: bool) -> ep.BodyResponse:

@@ -25,7 +25,7 @@ from google.protobuf import duration_pb2
 
 from extproc.build import compiled
 from extproc.config import Fleet
-from extproc.handlers.epp import EppStream, epp_stream, within
+from extproc.handlers.epp import EppStream, epp_stream
 from extproc.handlers.grpc_body import GrpcBodyGuard
 from extproc.handlers.parse import (
     NO_MODEL,
@@ -45,6 +45,7 @@ from extproc.handlers.request import (
     sequence_id,
 )
 from extproc.handlers.response import LogBudget, Responder, clip
+from extproc.handlers.streams import OpenStreams
 from extproc.handlers.tensors import TensorHeadReader
 from extproc.handlers.wire import RequestHeaders, read_request_headers
 from extproc.headers import CLIENT_KEY_HEADER
@@ -72,6 +73,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         self._served_log = LogBudget(1)
         spec = fleet.picker.quarantine
         self._quarantine = Quarantine(scheduler.datastore, metrics, spec.hold_s, spec.window_s)
+        self._streams = OpenStreams(fleet.picker.max_streams_per_client)
         self.configure(fleet, scheduler)
 
     def configure(self, fleet: Fleet, scheduler: Scheduler) -> None:
@@ -79,6 +81,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         finish with what they started with."""
         self._scheduler = scheduler
         self._quarantine.use(scheduler.datastore)
+        self._streams.per_client = fleet.picker.max_streams_per_client
         self._max_request_bytes = fleet.envoy.max_request_bytes
         self._max_tensor_elements = fleet.picker.max_tensor_elements
         # How long the first body chunk may take before the picker asks Envoy to wait longer for its answer.
@@ -120,128 +123,143 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         headers = first.headers
         path = headers.get(":path", "")
         method = grpc_method(path)
-        body = _messages(stream)
-        pending: list[ep.ProcessingRequest] = []
-        guard: GrpcBodyGuard | None = None
-        reader: TensorHeadReader | None = None
-        # The quarantine's fingerprint of a REST request answered before its body: taken at the first chunk.
-        fingerprint_due = False
+        client = headers.get(CLIENT_KEY_HEADER) or ""
+        counted = method == "ModelStreamInfer"
+        if counted:
+            refusal = self._streams.open(client)
+            if refusal is not None:
+                refused = InferenceRequest(Protocol.GRPC)
+                yield self._responder.answer(refusal, refused)
+                self._responder.refused(refusal, refused, headers.get("x-request-id"))
+                return
         try:
-            streams = (first.streamed_body or (gie is not None and gie.request_duplex)) and not first.end_of_stream
-            if method is None:
-                request = rest_request(path, headers)
-                model = request.model
-                if streams and model is not None and self._scheduler.knows_model(model):
-                    reader = self._tensor_reader(request, headers)
-                    sequence = self._scheduler.is_sequence_model(model)
-                    if sequence or self._quarantine.holding():
-                        # The body decides: a sequence's correlation id is in it, and while requests are
-                        # quarantined an identical one is refused before any host has even its headers.
+            body = _messages(stream)
+            pending: list[ep.ProcessingRequest] = []
+            guard: GrpcBodyGuard | None = None
+            reader: TensorHeadReader | None = None
+            # The quarantine's fingerprint of a REST request answered before its body: taken at the first chunk.
+            fingerprint_due = False
+            try:
+                streams = (first.streamed_body or (gie is not None and gie.request_duplex)) and not first.end_of_stream
+                if method is None:
+                    request = rest_request(path, headers)
+                    model = request.model
+                    if streams and model is not None and self._scheduler.knows_model(model):
+                        reader = self._tensor_reader(request, headers)
+                        sequence = self._scheduler.is_sequence_model(model)
+                        if sequence or self._quarantine.holding():
+                            # The body decides: a sequence's correlation id is in it, and while requests are
+                            # quarantined an identical one is refused before any host has even its headers.
+                            read, late = await self._first_body(body)
+                            if late:
+                                yield self._extend
+                            body = _prepend(await read, body)
+                            if sequence:
+                                request, pending = await self._rest_sequence(request, reader, body)
+                            else:
+                                pending = await _first_chunk(reader, body)
+                        else:
+                            # The path names the model: routed now; the body is checked as it passes.
+                            fingerprint_due = True
+                else:
+                    request = InferenceRequest(Protocol.GRPC, tier_hint=hint(headers), priority=priority(headers))
+                    if streams and grpc_names_model(method):
                         read, late = await self._first_body(body)
                         if late:
                             yield self._extend
                         body = _prepend(await read, body)
-                        if sequence:
-                            request, pending = await self._rest_sequence(request, reader, body)
-                        else:
-                            pending = await _first_chunk(reader, body)
-                    else:
-                        # The path names the model: routed now; the body is checked as it passes.
-                        fingerprint_due = True
-            else:
-                request = InferenceRequest(Protocol.GRPC, tier_hint=hint(headers), priority=priority(headers))
-                if streams and grpc_names_model(method):
-                    read, late = await self._first_body(body)
-                    if late:
-                        yield self._extend
-                    body = _prepend(await read, body)
-                    guard = GrpcBodyGuard(headers.get("grpc-encoding"), self._max_request_bytes)
-                    request, pending = await self._grpc_request(method, headers, body, guard)
-            fingerprint = _fingerprint(request, pending)
-            held = self._quarantine.refused_for(fingerprint) if fingerprint is not None else 0.0
-            if held:
-                decision: Decision = _quarantined(held)
-            else:
-                decision = self._scheduler.decide(request)
-                if isinstance(decision, Reject) and _host_answers(decision, method, path):
-                    # A Triton host writes this answer (see _host_answers): any live host, as for a request
-                    # that names no model (which also keeps client-chosen names out of the routing metrics).
-                    request = InferenceRequest(request.protocol, tier_hint=request.tier_hint)
+                        guard = GrpcBodyGuard(headers.get("grpc-encoding"), self._max_request_bytes)
+                        request, pending = await self._grpc_request(method, headers, body, guard)
+                fingerprint = _fingerprint(request, pending)
+                held = self._quarantine.refused_for(fingerprint) if fingerprint is not None else 0.0
+                if held:
+                    decision: Decision = _quarantined(held)
+                else:
+                    if gie is not None:
+                        request.allowed = gie.subset
                     decision = self._scheduler.decide(request)
-                if gie is not None:
-                    decision = within(decision, request.protocol, gie.subset)
-                if fingerprint is not None and isinstance(decision, Route):
-                    self._quarantine.routed(fingerprint, decision.hosts[0].name)
-        except RequestRejected as exc:
-            request = InferenceRequest(Protocol.GRPC if method else Protocol.HTTP)
-            decision = Reject(exc.status, str(exc), exc.reason)
-        except Exception as exc:
-            # A bug, not the client's fault: counted and logged (a few a second at most), then the stream
-            # fails and Envoy fails the request open, as when the picker is down.
-            self._metrics.errors.labels(type(exc).__name__).inc()
-            if self._error_log.take(time.monotonic()) >= 0:
-                log.exception("picker_error", path=clip(path), error_type=type(exc).__name__)
-            raise
-        responder = self._responder
-        if gie is None:
-            yield responder.answer(decision, request)
-        else:
-            yield responder.epp_answer(decision, request)
-            if isinstance(decision, Route):
-                best = decision.hosts[0]
-                gie.picked = best.grpc_endpoint if request.protocol is Protocol.GRPC else best.http_endpoint
-        responder.record(decision, request, headers.get("x-request-id"), started)
-        if isinstance(decision, Reject) or (gie is None and not first.streamed_body):
-            # Nothing more will come on this stream (Envoy only streams bodies on routes set to): end it
-            # now instead of waiting for Envoy to close it, which saves a wake-up per request.
-            return
-        for message in pending:
-            yield _BODY_ACK if gie is None else gie.body_answer(message)
-        seen = sum(len(m.request_body.body) for m in pending)
-        if not fingerprint_due and _checked(reader, guard, method, seen, request.size_bytes):
-            # Nothing left to check: ending the stream now spares a message and its answer per request
-            # (Envoy then passes the rest of the body without asking). A GIE gateway asks anyway.
-            if gie is not None:
-                async for answer in gie.rest(body):
-                    yield answer
-            return
-        async for message in body:
-            if not message.HasField("request_body"):
-                later = None if gie is None else gie.answer(message)
-                if later is not None:
-                    yield later
-                continue
-            chunk = message.request_body.body
-            seen += len(chunk)
-            try:
-                if fingerprint_due:
-                    fingerprint_due = False
-                    refusal = self._quarantine_check(request, chunk, decision)
-                    if refusal is not None:
-                        yield responder.answer(refusal, request)
-                        responder.refused(refusal, request, headers.get("x-request-id"))
-                        return
-                if guard is not None:
-                    guard.feed(chunk)
-                elif reader is not None and not reader.done:
-                    # The end of the body settles what the head left open (a tensor's data not seen whole).
-                    done = reader.feed(chunk) or not message.request_body.end_of_stream
-                    if not done:
-                        reader.finish()
+                    if isinstance(decision, Reject) and _host_answers(decision, method, path):
+                        # A Triton host writes this answer (see _host_answers): any live host, as for a request
+                        # that names no model (which also keeps client-chosen names out of the routing metrics).
+                        request = InferenceRequest(
+                            request.protocol, tier_hint=request.tier_hint, allowed=request.allowed
+                        )
+                        decision = self._scheduler.decide(request)
+                    if fingerprint is not None and isinstance(decision, Route):
+                        self._quarantine.routed(fingerprint, decision.hosts[0].name)
             except RequestRejected as exc:
-                # Mid-body: Envoy answers the client and resets the upstream request. Triton acts on a
-                # request only once its body is complete, and the chunk that would complete it is the one
-                # refused here.
-                refusal = Reject(exc.status, str(exc), exc.reason)
-                yield responder.answer(refusal, request)
-                responder.refused(refusal, request, headers.get("x-request-id"))
+                request = InferenceRequest(Protocol.GRPC if method else Protocol.HTTP)
+                decision = Reject(exc.status, str(exc), exc.reason)
+            except Exception as exc:
+                # A bug, not the client's fault: counted and logged (a few a second at most), then the stream
+                # fails and Envoy fails the request open, as when the picker is down.
+                self._metrics.errors.labels(type(exc).__name__).inc()
+                if self._error_log.take(time.monotonic()) >= 0:
+                    log.exception("picker_error", path=clip(path), error_type=type(exc).__name__)
+                raise
+            responder = self._responder
+            if gie is None:
+                yield responder.answer(decision, request)
+            else:
+                yield responder.epp_answer(decision, request)
+                if isinstance(decision, Route):
+                    best = decision.hosts[0]
+                    gie.picked = best.grpc_endpoint if request.protocol is Protocol.GRPC else best.http_endpoint
+            responder.record(decision, request, headers.get("x-request-id"), started)
+            if isinstance(decision, Reject) or (gie is None and not first.streamed_body):
+                # Nothing more will come on this stream (Envoy only streams bodies on routes set to): end it
+                # now instead of waiting for Envoy to close it, which saves a wake-up per request.
                 return
-            yield _BODY_ACK if gie is None else gie.body_answer(message)
-            if message.request_body.end_of_stream or _checked(reader, guard, method, seen, request.size_bytes):
+            for message in pending:
+                yield _BODY_ACK if gie is None else gie.body_answer(message)
+            seen = sum(len(m.request_body.body) for m in pending)
+            if not fingerprint_due and _checked(reader, guard, method, seen, request.size_bytes):
+                # Nothing left to check: ending the stream now spares a message and its answer per request
+                # (Envoy then passes the rest of the body without asking). A GIE gateway asks anyway.
                 if gie is not None:
                     async for answer in gie.rest(body):
                         yield answer
                 return
+            async for message in body:
+                if not message.HasField("request_body"):
+                    later = None if gie is None else gie.answer(message)
+                    if later is not None:
+                        yield later
+                    continue
+                chunk = message.request_body.body
+                seen += len(chunk)
+                try:
+                    if fingerprint_due:
+                        fingerprint_due = False
+                        refusal = self._quarantine_check(request, chunk, decision)
+                        if refusal is not None:
+                            yield responder.answer(refusal, request)
+                            responder.refused(refusal, request, headers.get("x-request-id"))
+                            return
+                    if guard is not None:
+                        guard.feed(chunk)
+                    elif reader is not None and not reader.done:
+                        # The end of the body settles what the head left open (a tensor's data not seen whole).
+                        done = reader.feed(chunk) or not message.request_body.end_of_stream
+                        if not done:
+                            reader.finish()
+                except RequestRejected as exc:
+                    # Mid-body: Envoy answers the client and resets the upstream request. Triton acts on a
+                    # request only once its body is complete, and the chunk that would complete it is the one
+                    # refused here.
+                    refusal = Reject(exc.status, str(exc), exc.reason)
+                    yield responder.answer(refusal, request)
+                    responder.refused(refusal, request, headers.get("x-request-id"))
+                    return
+                yield _BODY_ACK if gie is None else gie.body_answer(message)
+                if message.request_body.end_of_stream or _checked(reader, guard, method, seen, request.size_bytes):
+                    if gie is not None:
+                        async for answer in gie.rest(body):
+                            yield answer
+                    return
+        finally:
+            if counted:
+                self._streams.close(client)
 
     async def _first_body(self, body: AsyncIterator[ep.ProcessingRequest]) -> tuple[asyncio.Task[Any], bool]:
         """Start reading the body's first message, which Envoy sends without waiting for our answer (usually

@@ -165,7 +165,7 @@ class Scheduler:
         else:
             decision = self._balance(request, order, now)
             if isinstance(decision, Route) and len(order) > 1 and len(decision.hosts) < self._context.max_hosts:
-                decision = self._with_spill_hosts(decision, order, model, request.version, now)
+                decision = self._with_spill_hosts(decision, order, request, now)
         if decision is None:
             return self._no_route(request)
         if isinstance(decision, Route):
@@ -174,23 +174,22 @@ class Scheduler:
             return self._commit(decision, now, model)
         return decision
 
-    def _with_spill_hosts(
-        self, route: Route, order: tuple[_Step, ...], model: str, version: str | None, now: float
-    ) -> Route:
+    def _with_spill_hosts(self, route: Route, order: tuple[_Step, ...], request: InferenceRequest, now: float) -> Route:
         """A route to a tier of fewer than ``max_hosts`` candidates names, after them, the candidates of the
         model's other tiers with the fewest requests in flight. Envoy tries them only where a try cannot
         have reached its host (connect failure, refused stream, reset before the request; see
         :mod:`extproc.envoy_config`): the tier's clusters hold the spill tiers' hosts for that, so a request
         the picker sent to a host that has just died is served by another tier instead of failing."""
+        model = request.model or ""
         room = self._context.max_hosts - len(route.hosts)
         spill: list[HostState] = []
         for tier, units in order:
             if tier is route.tier:
                 continue
-            plan = self._plan(tier, model, version)
+            plan = self._plan(tier, model, request.version)
             if plan is None:
                 continue
-            ready = self._prepared(plan, model, units, now)
+            ready = _allowed(request, self._prepared(plan, model, units, now))
             spill += [c.host for c in heapq.nsmallest(room - len(spill), ready, key=lambda c: c.in_flight(now))]
             if len(spill) >= room:
                 break
@@ -245,7 +244,7 @@ class Scheduler:
         model, version = request.model or "", request.version
         saturated: Route | None = None
         for candidate_tier, units in order:
-            candidates = self._candidates(candidate_tier, model, version, units, now)
+            candidates = _allowed(request, self._candidates(candidate_tier, model, version, units, now))
             if not candidates:
                 continue
             ranked = units.picker.pick(candidates, units.scorers, now) if len(candidates) > 1 else candidates
@@ -273,7 +272,7 @@ class Scheduler:
         limit = admission.limit_ms(request, deadline)
         least_over: float | None = None
         for candidate_tier, units in order:
-            candidates = self._candidates(candidate_tier, model, version, units, now)
+            candidates = _allowed(request, self._candidates(candidate_tier, model, version, units, now))
             if not candidates:
                 continue
             ranked = units.picker.pick(candidates, units.scorers, now) if len(candidates) > 1 else candidates
@@ -295,7 +294,7 @@ class Scheduler:
         model, sequence_id = request.model or "", request.sequence_id or ""
         for candidate_tier, units in order:
             plan = self._plan(candidate_tier, model, request.version)
-            candidates = () if plan is None else self._prepared(plan, model, units, now)
+            candidates = () if plan is None else _allowed(request, self._prepared(plan, model, units, now))
             if candidates:
                 ranked = rendezvous([c.host for c in candidates], model, sequence_id)[: self._fleet.picker.max_hosts]
                 refused = self._open_sequences.admit(ranked[0], request, now)
@@ -405,6 +404,9 @@ class Scheduler:
         now = self._store.now()
         units = self._profile_units(self._fleet.profile(None, tier))
         passing = filters.passing(self._store.by_tier[tier], units.filters, now)
+        allowed = request.allowed
+        if allowed is not None:
+            passing = [h for h in passing if _endpoint(h, request.protocol) in allowed]
         if not passing:
             return Reject(
                 503,
@@ -433,3 +435,16 @@ class Scheduler:
         """A model the fleet file does not list is served from whichever tiers have it loaded."""
         tiers = tuple(t for t in self._fleet.tiers if t in self._store.tiers_serving(model, None))
         return ModelSpec(name=model, tiers=tiers or self._fleet.tiers)
+
+
+def _endpoint(host: HostState, protocol: Protocol) -> str:
+    return host.grpc_endpoint if protocol is Protocol.GRPC else host.http_endpoint
+
+
+def _allowed(request: InferenceRequest, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
+    """The candidates at the endpoints the request may go to (:attr:`InferenceRequest.allowed`)."""
+    allowed = request.allowed
+    if allowed is None:
+        return candidates
+    protocol = request.protocol
+    return [c for c in candidates if _endpoint(c.host, protocol) in allowed]

@@ -48,6 +48,9 @@ class InferenceRequest:
     timeout_ms: float | None
     # Whose share of a model's capacity the request counts against (see OverloadSpec.fairness_header).
     client: str | None
+    # The only endpoints ("ip:port" of the request's protocol) it may go to, where its gateway says so (a GIE
+    # gateway's subset hint); None: any.
+    allowed: frozenset[str] | None
 
     def __init__(
         self,
@@ -63,6 +66,7 @@ class InferenceRequest:
         infer: bool = False,
         timeout_ms: float | None = None,
         client: str | None = None,
+        allowed: frozenset[str] | None = None,
     ) -> None:
         self.protocol = protocol
         self.model = model
@@ -76,6 +80,7 @@ class InferenceRequest:
         self.infer = infer
         self.timeout_ms = timeout_ms
         self.client = client
+        self.allowed = allowed
 
 
 @dataclass(slots=True, init=False)  # as InferenceRequest
