@@ -43,6 +43,7 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -67,6 +68,7 @@ from benchmarks.routing import (
     localize_hosts,
     read_scenario_yaml,
 )
+from extproc.build import compiled
 from extproc.config import key_path
 from extproc.headers import PRIORITY_HEADER
 from extproc.runtime.stack import StartupError
@@ -728,6 +730,10 @@ def run_scenario(
         "source": scenario.source,
         "started_at": started_at,
         "machine": {"cpus": os.cpu_count()},
+        "command": " ".join(["python", "-m", "benchmarks.overload", *sys.argv[1:]]),
+        "revision": _revision(),
+        # Whether the picker's compiled modules ran (see extproc/build.py), as in the other benchmarks.
+        "compiled": compiled(),
         "hosts": fleet_description(bench.fleet),
         "settings": scenario.model_dump(mode="json", exclude={"fleet"}),
         "phases": asdict(ph),
@@ -828,3 +834,13 @@ if __name__ == "__main__":  # pragma: no cover
     quiet_logs()
     with contextlib.suppress(KeyboardInterrupt):
         sys.exit(main())
+
+
+def _revision() -> str:
+    """The commit measured, with "+changes" when the working tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
