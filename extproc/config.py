@@ -375,6 +375,10 @@ class PickerSpec(_Strict):
     max_hosts: int = Field(default=3, ge=1, le=8)
     # Envoy waits this long for the picker before failing open to the fallback load balancer.
     message_timeout_ms: PositiveMs = 100
+    # Whether requests whose body the picker checks (REST inference, gRPC) fail open too while the picker
+    # does not answer, without those checks. Off: they are refused then (the rest still fails open), for
+    # fleets whose clients may send requests that crash Triton.
+    fail_open_checked: bool = True
     # How long Envoy waits for a request body's first bytes when the picker must read them to route (gRPC,
     # REST inference). The picker extends message_timeout_ms up to this only for a request whose body is
     # late, so a slow client is routed by the picker instead of failing open onto a host that may lack the

@@ -472,12 +472,28 @@ def test_inference_and_grpc_routes_stream_the_body_to_the_picker(local_fleet: Fl
         assert mode["request_body_mode"] == "STREAMED"
         assert mode["request_header_mode"] == "SEND"
         assert mode["response_header_mode"] == "SKIP"
+        # By default they fail open like the rest (picker.fail_open_checked).
+        assert "failure_mode_allow" not in per_route["overrides"]
     for r in routes:
         if r not in streamed and "route" in r:
             assert EXT_PROC_FILTER not in r.get("typed_per_filter_config", {})
             # Metadata, readiness: no body worth the name is let through.
             buffered = r["typed_per_filter_config"]["envoy.filters.http.buffer"]
             assert buffered["buffer"]["max_request_bytes"] == 64 * 1024
+
+
+def test_checked_routes_can_fail_closed(local_fleet: Fleet) -> None:
+    """picker.fail_open_checked off: the routes whose bodies the picker checks refuse requests while it does
+    not answer; the others (health, metadata) still fail open (the listener's failure_mode_allow)."""
+    fleet = local_fleet.model_copy(
+        update={"picker": local_fleet.picker.model_copy(update={"fail_open_checked": False})}
+    )
+    config = render_bootstrap(fleet)
+    assert _http_filter(config, EXT_PROC_FILTER)["failure_mode_allow"] is True
+    checked = [r for r in _routes(config) if EXT_PROC_FILTER in r.get("typed_per_filter_config", {})]
+    overrides = [r["typed_per_filter_config"][EXT_PROC_FILTER].get("overrides") for r in checked]
+    assert len([o for o in overrides if o is not None]) == 9
+    assert all(o["failure_mode_allow"] is False for o in overrides if o is not None)
 
 
 def test_without_rest_body_checks_only_sequence_models_stream_rest_bodies(local_fleet: Fleet) -> None:

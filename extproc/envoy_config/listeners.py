@@ -146,7 +146,7 @@ def _http_filters(fleet: Fleet) -> list[hcm.HttpFilter]:
         max_message_timeout=dt.timedelta(milliseconds=fleet.picker.body_timeout_ms),
         # One round trip per request: the picker only needs the request headers. Responses and trailers are
         # not sent (each enabled phase costs another round trip). gRPC routes override the body mode, see
-        # _STREAMED_EXT_PROC.
+        # _streamed_ext_proc.
         processing_mode=_processing_mode(ext_proc.ProcessingModeBodySendMode.NONE),
         # With a STREAMED body (gRPC routes), send the first body chunk without waiting for the picker's
         # answer to the headers: the picker holds that answer until it has read the model name from the

@@ -54,9 +54,18 @@ def _processing_mode(request_body: ext_proc.ProcessingModeBodySendMode) -> ext_p
 # never buffered whole; it reads the head only (the model name, the tensors' shapes), then acknowledges each
 # chunk. Note that ext_proc takes its per-route config from the route matched *before* the picker answers,
 # i.e. a fallback route (the tier header is stripped), so the fallback routes must carry it too.
-_STREAMED_EXT_PROC = ext_proc.ExtProcPerRoute(
-    overrides=ext_proc.ExtProcOverrides(processing_mode=_processing_mode(ext_proc.ProcessingModeBodySendMode.STREAMED))
-)
+def _streamed_ext_proc(fleet: Fleet) -> PbAny:
+    """With ``picker.fail_open_checked`` off, these routes also fail closed: while the picker does not
+    answer, Envoy refuses their requests instead of sending them on without the picker's body checks (which
+    a client could otherwise get past by keeping the picker busy)."""
+    overrides = ext_proc.ExtProcOverrides(
+        processing_mode=_processing_mode(ext_proc.ProcessingModeBodySendMode.STREAMED)
+    )
+    if not fleet.picker.fail_open_checked:
+        overrides.failure_mode_allow = False
+    return PbAny.pack(ext_proc.ExtProcPerRoute(overrides=overrides))
+
+
 # Routes answered by Envoy itself; asking the picker first would only cost a round trip.
 _NO_EXT_PROC = ext_proc.ExtProcPerRoute(disabled=True)
 
@@ -288,7 +297,7 @@ def _grpc_route(fleet: Fleet, tier: Tier | None) -> route.Route:
         grpc=route.RouteMatchGrpcRouteMatchOptions(),
     )
     return _cluster_route(
-        fleet, tier, "grpc", _route_name("grpc", tier), match, {EXT_PROC_FILTER: PbAny.pack(_STREAMED_EXT_PROC)}
+        fleet, tier, "grpc", _route_name("grpc", tier), match, {EXT_PROC_FILTER: _streamed_ext_proc(fleet)}
     )
 
 
@@ -317,7 +326,7 @@ def _rest_route(
             regex = f"^/v2/models/{re.escape(model)}(/versions/[^/]+)?/infer$"
             name += f"_sequence_{model}"
         if model is not None or fleet.picker.check_rest_bodies:
-            per_filter[EXT_PROC_FILTER] = PbAny.pack(_STREAMED_EXT_PROC)
+            per_filter[EXT_PROC_FILTER] = _streamed_ext_proc(fleet)
         if not sized:
             headers.append(route.HeaderMatcher(name="content-length", present_match=False))
             name += "_unsized"
