@@ -830,12 +830,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args.scenario, args.output, args.duration, args.modes, args.keep_dir)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    quiet_logs()
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())
-
-
 def _revision() -> str:
     """The commit measured, with "+changes" when the working tree differs from it."""
     try:
@@ -844,3 +838,9 @@ def _revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "?"
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    quiet_logs()
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
