@@ -223,3 +223,24 @@ def test_fleet_file_overload_settings_are_validated() -> None:
         fleet(models=[{"name": "embed", "deadline_ms": 0}])
     f: Fleet = fleet(picker={"overload": {"fairness_header": "x-tenant"}})
     assert f.picker.overload.fairness_header == "x-tenant"
+
+
+def test_a_client_that_stopped_no_longer_holds_a_share() -> None:
+    """Three clients, then one stops: after a couple of seconds only the two still sending share the model,
+    so the lighter one, below half, is not held to a third."""
+    shares = FairShares(max_keys=16)
+    for i in range(60):
+        t = i * 0.05
+        for _ in range(2):
+            shares.admitted("m", "stopped", t)
+            shares.admitted("m", "heavy", t)
+        shares.admitted("m", "light", t)
+    assert shares.over_share("m", "light", 3.0) is False
+    for i in range(60, 120):  # "stopped" sends nothing from 3 s on; light now sends as much as heavy did
+        t = i * 0.05
+        for _ in range(2):
+            shares.admitted("m", "heavy", t)
+            shares.admitted("m", "light", t)
+    assert shares.keys("m") == 3
+    assert not shares.over_share("m", "light", 6.0)  # a third would be less than light's count
+    assert shares.keys("m") == 2

@@ -22,8 +22,9 @@ OVERFLOW_KEY: Final = "\0overflow"
 # Time constant of the admitted counts: long enough to span a few batches of a slow model, short enough to
 # follow a client that stops.
 _TAU_S: Final = 2.0
-# A key not admitted for this long no longer counts as a client of the model.
-_ACTIVE_S: Final = 3 * _TAU_S
+# A key not admitted for this long no longer counts as a client of the model: a client that stopped must
+# not hold an equal share (and shrink everyone else's) while its count decays.
+_ACTIVE_S: Final = _TAU_S
 
 
 class _Key:
