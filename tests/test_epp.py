@@ -264,3 +264,46 @@ async def test_the_pickers_own_dialect_is_unchanged(store: Datastore) -> None:
     mutation = answer.request_headers.response.header_mutation
     assert {h.header.key for h in mutation.set_headers} >= {HOSTS_HEADER}
     assert not answer.HasField("dynamic_metadata")
+
+
+async def test_the_client_key_is_the_operators_header_never_the_clients_copy_of_ours() -> None:
+    """A GIE gateway forwards the client's headers as they are, so a client could send our own key header
+    (x-triton-lb-client) and pass as another. The picker reads picker.overload.fairness_header there
+    instead: here the owner of sequence 7 is tenant a, and tenant b, sending the same forged key, may not
+    touch it; without a fairness header every client of the gateway is one key."""
+    data = fleet().model_dump(mode="json", exclude={"source"})
+    data["picker"] = {"overload": {"fairness_header": "x-tenant"}}
+    store = Datastore(parse_fleet(data))
+    now = store.now()
+    for name, host in store.hosts.items():
+        models = {m: frozenset({"1"}) for m in ({"mlp", "seq"} if name == "g1" else {"mlp"})}
+        store.update_index(host, models, frozenset(models), now)
+        host.metrics_at = host.envoy_at = now
+
+    def sequence_request(tenant: str, start: bool) -> list[ep.ProcessingRequest]:
+        body = json.dumps(
+            {
+                "parameters": {"sequence_id": 7, "sequence_start": start},
+                "inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "FP32", "data": [1]}],
+            }
+        ).encode()
+        headers = request_headers("/v2/models/seq/infer", body=body)
+        for key, value in (("x-tenant", tenant), ("x-triton-lb-client", "forged")):
+            headers.request_headers.headers.headers.append(base_pb2.HeaderValue(key=key, raw_value=value.encode()))
+        return [headers, request_body(body)]
+
+    processor = Processor(store.fleet, Scheduler(store.fleet, store), PickerMetrics(store))
+
+    async def answers(messages: list[ep.ProcessingRequest]) -> list[ep.ProcessingResponse]:
+        async def requests() -> AsyncIterator[bytes]:
+            for m in messages:
+                yield m.SerializeToString()
+
+        context: Any = None
+        return [r async for r in processor.ProcessEpp(requests(), context)]
+
+    started = await answers(sequence_request("a", start=True))
+    assert started[0].HasField("request_headers")
+    (refused,) = await answers(sequence_request("b", start=False))
+    assert refused.immediate_response.status.code == 403
+    assert (await answers(sequence_request("a", start=False)))[0].HasField("request_headers")

@@ -46,6 +46,10 @@ class EppStream:
     # The processor's budget for "served elsewhere" lines: retries and fail-open are normal, a line a
     # second says that they happen without flooding the log.
     served_log: LogBudget
+    # Whose fair share the request counts against: the value of picker.overload.fairness_header (None:
+    # not configured, or not sent). A GIE gateway passes the client's headers on as they are, so the
+    # picker's own key header is not read from them.
+    client: str | None = None
     # The endpoint the picker named first, to tell when another one served the request.
     picked: str | None = None
 
@@ -98,9 +102,10 @@ class EppStream:
             log.info("epp_served_elsewhere", picked=self.picked, served=served, suppressed_before=dropped)
 
 
-def epp_stream(data: bytes, served_log: LogBudget) -> EppStream:
-    """The first message's subset hint and body modes. Protobuf parses it a second time (the wire reader
-    reads only the headers): the metadata is a nested Struct, worth no reader of its own."""
+def epp_stream(data: bytes, served_log: LogBudget, fairness_header: str | None = None) -> EppStream:
+    """The first message's subset hint, body modes and client key. Protobuf parses it a second time (the
+    wire reader reads only the headers the picker's own Envoy forwards): the metadata is a nested Struct,
+    worth no reader of its own."""
     message = ep.ProcessingRequest.FromString(data)
     config = message.protocol_config
     return EppStream(
@@ -108,7 +113,16 @@ def epp_stream(data: bytes, served_log: LogBudget) -> EppStream:
         config.request_body_mode == _FULL_DUPLEX,
         config.response_body_mode == _FULL_DUPLEX,
         served_log,
+        _header(message, fairness_header) if fairness_header is not None else None,
     )
+
+
+def _header(message: ep.ProcessingRequest, name: str) -> str | None:
+    for header in message.request_headers.headers.headers:
+        if header.key == name:
+            raw: bytes = header.raw_value
+            return raw.decode("latin-1") if raw else str(header.value)
+    return None
 
 
 def _subset(message: ep.ProcessingRequest) -> frozenset[str] | None:

@@ -83,6 +83,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         self._quarantine.use(scheduler.datastore)
         self._streams.per_client = fleet.picker.max_streams_per_client
         self._max_request_bytes = fleet.envoy.max_request_bytes
+        self._fairness_header = fleet.picker.overload.fairness_header
         self._max_tensor_elements = fleet.picker.max_tensor_elements
         # How long the first body chunk may take before the picker asks Envoy to wait longer for its answer.
         self._late_after_s = fleet.picker.message_timeout_ms / 2000
@@ -114,7 +115,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         first = _first_message(data)
         if first is None:
             return
-        gie: EppStream | None = epp_stream(data, self._served_log) if epp else None
+        gie: EppStream | None = epp_stream(data, self._served_log, self._fairness_header) if epp else None
         if not self._scheduler.has_telemetry():
             # Just started: no repository index yet, so every model would look unknown (404). Failing the
             # stream makes Envoy fail open to its own load balancer until the first telemetry is in.
@@ -123,7 +124,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         headers = first.headers
         path = headers.get(":path", "")
         method = grpc_method(path)
-        client = headers.get(CLIENT_KEY_HEADER) or ""
+        # A GIE gateway forwards the client's own headers: there the key is the operator's header, read by
+        # epp_stream, never the client's copy of ours.
+        client = (gie.client if gie is not None else headers.get(CLIENT_KEY_HEADER)) or ""
         counted = method == "ModelStreamInfer"
         if counted:
             refusal = self._streams.open(client)
@@ -177,6 +180,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                 else:
                     if gie is not None:
                         request.allowed = gie.subset
+                        request.client = gie.client
                     decision = self._scheduler.decide(request)
                     if isinstance(decision, Reject) and _host_answers(decision, method, path):
                         # A Triton host writes this answer (see _host_answers): any live host, as for a request
