@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -61,6 +62,15 @@ class PickerMetrics:
             ["model", "priority", "outcome"],
             registry=decision_registry,
         )
+        # When a model last refused a request for load: `extproc status` names the models that did lately.
+        # A leader reads its workers' values and keeps the latest.
+        self.overload_refused_at = Gauge(
+            "extproc_overload_refused_at_seconds",
+            "Unix time of the last inference request refused for load (overloaded, fair_share), by model.",
+            ["model"],
+            registry=decision_registry,
+            multiprocess_mode="max",
+        )
         self.decision_seconds = Histogram(
             "extproc_decision_seconds",
             "Time from the request's headers (or first gRPC body chunk) to the picker's answer.",
@@ -75,6 +85,7 @@ class PickerMetrics:
         self._time_sum = 0.0
         self._counters: dict[RouteKey, Counter] = {}
         self._admitted: dict[AdmissionKey, int] = {}
+        self._refused_at: dict[str, float] = {}
         self._admission_counters: dict[AdmissionKey, Counter] = {}
         self._telemetry = _TelemetryAge(datastore)
         self.registry.register(self._telemetry)
@@ -93,6 +104,8 @@ class PickerMetrics:
         """Count one inference request admitted or refused for load (published at the next flush)."""
         admitted = self._admitted
         admitted[key] = admitted.get(key, 0) + 1
+        if key[2] != "admitted":
+            self._refused_at[key[0]] = time.time()
 
     def flush(self) -> None:
         """Add the routed requests tallied since the last flush to the Prometheus series: before every
@@ -110,6 +123,9 @@ class PickerMetrics:
                 counter = self._admission_counters[admission] = self.admissions.labels(*admission)
             counter.inc(count)
         self._admitted = {}
+        for model, at in self._refused_at.items():
+            self.overload_refused_at.labels(model).set(at)
+        self._refused_at = {}
         # prometheus_client has no way to add n observations at once; its buckets hold per-bucket counts
         # (cumulated when exported), which is what the tally keeps. tests/test_metrics.py checks the result
         # against observe().

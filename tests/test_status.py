@@ -4,6 +4,7 @@ already runs the local stack.)"""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import threading
@@ -439,3 +440,39 @@ def test_http_clients_report_a_closed_port() -> None:
         st.HttpPicker(f"http://127.0.0.1:{port}", timeout_s=2).status()
     with pytest.raises(OpsError):
         st.HttpEnvoyAdmin(f"http://127.0.0.1:{port}", timeout_s=2).endpoints()
+
+
+def test_models_refusing_for_load_are_named_from_the_pickers_metrics() -> None:
+    """The picker's own /metrics text (a real PickerMetrics registry): a model refused for load within the
+    last 10 s is shown as overloaded, with its counts; one that only admitted, or refused long ago, is not."""
+    import dataclasses
+
+    from prometheus_client import generate_latest
+
+    from extproc.config import Tier
+    from extproc.datastore import Datastore
+    from extproc.metrics import PickerMetrics
+
+    metrics = PickerMetrics(Datastore(fleet()))
+    for _ in range(3):
+        metrics.admission(("busy", "standard", "admitted"))
+    metrics.admission(("busy", "standard", "overloaded"))
+    metrics.admission(("busy", "sheddable", "fair_share"))
+    metrics.admission(("calm", "standard", "admitted"))
+    metrics.flush()
+    metrics.routed(("calm", Tier.GPU, "g1", "classified"), 1e-4)
+    loads = st.parse_overload(generate_latest(metrics.registry).decode())
+    assert loads["busy"].admitted == 3 and loads["busy"].refused == 2 and loads["busy"].refused_at is not None
+    assert loads["calm"] == st.ModelLoad(admitted=1)
+
+    snapshot = st.collect(fleet().hosts, [FakePicker()], [])
+    url, status = snapshot.pickers[0]
+    assert isinstance(status, st.PickerStatus)
+    snapshot = dataclasses.replace(snapshot, pickers=((url, dataclasses.replace(status, overload=loads)),))
+    text = st.render(snapshot)
+    assert "overloaded (refusing in the last 10 s): busy (refused 2 of 5 since start)" in text
+    assert "calm (" not in text
+    assert st.snapshot_json(snapshot)["pickers"][url]["overloaded"] == ["busy"]
+    # Ten seconds later, nothing refused since: not overloaded now.
+    later = dataclasses.replace(snapshot, taken_at=snapshot.taken_at + dt.timedelta(seconds=11))
+    assert "overloaded" not in st.render(later)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol, TextIO
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from extproc.config import Fleet, HostSpec
 from extproc.control import AUTHORIZATION, SCHEME
 from extproc.ops import STATE_FLAGS, OpsError
@@ -78,10 +80,49 @@ class PickerHost:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelLoad:
+    """One model's admission counts from the picker's ``/metrics``, since the picker started."""
+
+    admitted: float = 0.0
+    refused: float = 0.0  # for load: overloaded or over its client's fair share
+    refused_at: float | None = None  # Unix time of the last such refusal
+
+
+@dataclass(frozen=True, slots=True)
 class PickerStatus:
     url: str
     ready: bool
     hosts: Mapping[str, PickerHost]
+    overload: Mapping[str, ModelLoad] = field(default_factory=dict)
+
+    def overloaded(self, now: float) -> list[str]:
+        """The models that refused requests for load within the last :data:`OVERLOADED_S` seconds."""
+        recent = now - OVERLOADED_S
+        return sorted(m for m, load in self.overload.items() if load.refused_at and load.refused_at >= recent)
+
+
+# A model that refused a request for load this recently is shown as overloaded.
+OVERLOADED_S: Final = 10.0
+
+
+def parse_overload(text: str) -> dict[str, ModelLoad]:
+    """``extproc_admissions_total`` and ``extproc_overload_refused_at_seconds`` of a picker's ``/metrics``
+    text, per model (summed over priorities; the text of a leader already sums its workers)."""
+    admitted: dict[str, float] = {}
+    refused: dict[str, float] = {}
+    refused_at: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            model = sample.labels.get("model")
+            if model is None:
+                continue
+            if sample.name == "extproc_admissions_total":
+                into = admitted if sample.labels.get("outcome") == "admitted" else refused
+                into[model] = into.get(model, 0.0) + sample.value
+            elif sample.name == "extproc_overload_refused_at_seconds":
+                refused_at[model] = max(refused_at.get(model, 0.0), sample.value)
+    models = set(admitted) | set(refused) | set(refused_at)
+    return {m: ModelLoad(admitted.get(m, 0.0), refused.get(m, 0.0), refused_at.get(m)) for m in sorted(models)}
 
 
 def _opt_float(value: Any) -> float | None:
@@ -179,7 +220,14 @@ class HttpPicker:
             doc = _http_json(f"{self._url}/status", "GET", self.timeout_s)
         except OpsError as exc:
             raise PickerError(f"picker {exc}") from None
-        return parse_picker_status(doc, self._url)
+        status = parse_picker_status(doc, self._url)
+        # Admissions come from /metrics; without them the rest of the status still stands.
+        try:
+            with urllib.request.urlopen(f"{self._url}/metrics", timeout=self.timeout_s) as response:
+                text = response.read().decode(errors="replace")
+        except (urllib.error.URLError, OSError):
+            return status
+        return replace(status, overload=parse_overload(text))
 
     def _set(self, host: str, action: str) -> bool:
         try:
@@ -614,6 +662,8 @@ def render(snapshot: Snapshot, view: View = View()) -> str:
         if view.filtered:
             head += f"; {len(chosen)} of {len(rows)} match {view.describe()}"
         lines.append(head)
+        if not isinstance(status, str):
+            lines.extend(_overload_lines(status, snapshot.taken_at.timestamp()))
         lines.extend(_summary_lines(summaries(chosen)))
         shown = chosen if view.top is None else chosen[: view.top]
         if shown:
@@ -624,6 +674,18 @@ def render(snapshot: Snapshot, view: View = View()) -> str:
     return "\n".join(fit_lines(lines, view.width)) + "\n"
 
 
+def _overload_lines(status: PickerStatus, now: float) -> list[str]:
+    """A line naming the models that refused requests for load lately, with their counts since start."""
+    overloaded = status.overloaded(now)
+    if not overloaded:
+        return []
+    parts = []
+    for model in overloaded:
+        load = status.overload[model]
+        parts.append(f"{model} (refused {load.refused:,.0f} of {load.refused + load.admitted:,.0f} since start)")
+    return [f"overloaded (refusing in the last {OVERLOADED_S:.0f} s): " + ", ".join(parts)]
+
+
 def snapshot_json(snapshot: Snapshot, view: View = View()) -> dict[str, Any]:
     """``--json``: per picker, the summary per tier and the hosts ``view`` selects (in its order)."""
 
@@ -632,8 +694,14 @@ def snapshot_json(snapshot: Snapshot, view: View = View()) -> dict[str, Any]:
             return {"error": status}
         chosen = select(host_rows(snapshot, status), view)
         shown = chosen if view.top is None else chosen[: view.top]
+        now = snapshot.taken_at.timestamp()
         return {
             "ready": status.ready,
+            "overloaded": status.overloaded(now),
+            "admissions": {
+                m: {"admitted": load.admitted, "refused": load.refused, "refused_at": load.refused_at}
+                for m, load in status.overload.items()
+            },
             "summary": summaries(chosen),
             "hosts": {
                 row.name: {
