@@ -19,7 +19,7 @@ import yaml
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from benchmarks import decision, instructions
+from benchmarks import decision, gateway, instructions
 from benchmarks import overhead as ov
 from benchmarks.overhead.server import (
     CONSTANT_RESPONSE,
@@ -31,7 +31,14 @@ from benchmarks.overhead.server import (
 from extproc.config import Tier
 from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, ROUTER_FILTER, render_bootstrap
 from extproc.handlers.server import Processor
-from extproc.headers import HOSTS_HEADER, PICKER_CLUSTER, READ_HEADERS, TIER_HEADER
+from extproc.headers import (
+    EPP_DESTINATION_HEADER,
+    EPP_NAMESPACE,
+    HOSTS_HEADER,
+    PICKER_CLUSTER,
+    READ_HEADERS,
+    TIER_HEADER,
+)
 from extproc.runtime.ports import free_ports
 from extproc.scheduling.types import InferenceRequest, Protocol, Route
 
@@ -131,6 +138,55 @@ def test_upstream_answers_everything_and_echoes_the_hosts_header() -> None:
         assert route["direct_response"]["status"] == 200
         echo = {h["header"]["key"]: h["header"]["value"] for h in route["response_headers_to_add"]}
         assert echo[ov.ECHO_HEADER] == f"%REQ({HOSTS_HEADER})%"
+        assert echo[ov.ECHO_DESTINATION_HEADER] == f"%REQ({EPP_DESTINATION_HEADER})%"
+
+
+def _epp_variant() -> dict[str, Any]:
+    fleet = ov.bench_fleet(UPSTREAM, SPARE, "unix:/tmp/rendered.sock", 18080, 18090)
+    return ov.epp_bootstrap(fleet, listen_port=18200, admin_port=18300, picker_listen="unix:/tmp/x/epp.sock")
+
+
+def test_epp_variant_is_the_gateway_shaped_envoy() -> None:
+    """The epp gateway streams both bodies to the picker over the plaintext socket, routes by the
+    destination it answers (override_host) to the same upstream ports, and keeps the rendered gateway's stat
+    prefix (the fail-open counters are read there)."""
+    boot = _epp_variant()
+    (listener,) = boot["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 18200}
+    assert boot["admin"]["address"]["socket_address"]["port_value"] == 18300
+    (manager,) = ov.http_managers(boot)
+    assert f"http.{manager['stat_prefix']}." == ov.gateway_stat_prefix()
+    assert ov.http_filter_names(boot) == [
+        EXT_PROC_FILTER,
+        "envoy.filters.http.header_to_metadata",
+        ROUTER_FILTER,
+    ]
+    ext_proc = manager["http_filters"][0]["typed_config"]
+    assert ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"] == PICKER_CLUSTER
+    mode = ext_proc["processing_mode"]
+    assert mode["request_body_mode"] == mode["response_body_mode"] == "FULL_DUPLEX_STREAMED"
+    assert ext_proc["failure_mode_allow"] is True
+    clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
+    assert _picker_address(boot) == {"pipe": {"path": "/tmp/x/epp.sock"}}
+    assert "transport_socket" not in clusters[PICKER_CLUSTER]
+    rest = clusters[gateway.REST_CLUSTER]
+    ports = [
+        e["endpoint"]["address"]["socket_address"]["port_value"]
+        for e in rest["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
+    assert ports == UPSTREAM
+    (policy,) = rest["load_balancing_policy"]["policies"]
+    (source,) = policy["typed_extension_config"]["typed_config"]["override_host_sources"]
+    assert source == {"metadata": {"key": EPP_NAMESPACE, "path": [{"key": EPP_DESTINATION_HEADER}]}}
+
+
+def test_the_gateway_shape_speaks_tls_to_a_picker_on_tcp() -> None:
+    """As GIE gateways reach their picker (tests/test_epp_gateway.py): TLS, certificate not verified."""
+    cluster = gateway.epp_cluster("epp", "127.0.0.1:9002")
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert address == {"socket_address": {"address": "127.0.0.1", "port_value": 9002}}
+    assert cluster["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+    assert "validation_context" not in json.dumps(cluster)
 
 
 @pytest.mark.skipif(
@@ -144,6 +200,7 @@ def test_envoy_accepts_every_generated_config(base: dict[str, Any], tmp_path: Pa
         "plain": _variant(base, "plain", None),
         "bare": _variant(base, "bare"),
         "picker": _variant(base, "picker"),
+        "epp": _epp_variant(),
     }
     for name, boot in configs.items():
         path = tmp_path / f"{name}.yaml"
@@ -440,8 +497,15 @@ def test_http_response_parsing() -> None:
     two = one + b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
     assert ov.parse_response(two) == (200, len(one))
     assert ov.parse_response(two[len(one) :]) == (503, len(two) - len(one))
-    with pytest.raises(ValueError, match="chunked"):
-        ov.parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    # Chunked (ext_proc streaming the response body): complete only after the last chunk and the trailers.
+    chunked = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\ne\r\n{"outputs":[]}\r\n0\r\n\r\n'
+    assert ov.parse_response(chunked + one) == (200, len(chunked))
+    assert all(ov.parse_response(chunked[:i]) is None for i in range(len(chunked)))
+    trailers = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2;x=y\r\nok\r\n0\r\ngrpc-status: 0\r\n\r\n"
+    assert ov.parse_response(trailers) == (200, len(trailers))
+    assert ov.parse_response(trailers[:-2]) is None
+    with pytest.raises(ValueError):
+        ov.parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
     with pytest.raises(ValueError, match="not an HTTP response"):
         ov.parse_response(b"SSH-2.0\r\n\r\n")
     request = ov.request_bytes(8080)
@@ -601,7 +665,7 @@ def test_overhead_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
         assert v["cpu_us_per_request"]["gateway"] > 0, variant
         expected_streams = 0 if variant == "plain" else v["gateway"]["rq_total"]
         assert v["gateway"]["ext_proc_streams"] == expected_streams, variant
-    for variant in ov.PROCESSOR_VARIANTS:
+    for variant in ("bare", "picker"):
         assert rate["variants"][variant]["cpu_us_per_request"]["processor"] > 0
         assert set(rate["added_over_plain_ms"][variant]) >= {"p50_ms", "p99_ms"}
     maximum = report["max_throughput"]
@@ -630,6 +694,27 @@ def test_overhead_bench_with_a_routing_bare_processor(tmp_path: Path) -> None:
     bare = report["fixed_rate"][0]["variants"]["bare"]
     assert bare["errors"] == 0 and bare["gateway"]["ext_proc_fail_open"] == 0
     assert sum(bare["upstream_share"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.e2e
+def test_overhead_bench_with_the_epp_variant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--epp: the picker in the Endpoint Picker Protocol behind the gateway-shaped Envoy, beside the others
+    (start-up checks that it routes by x-gateway-destination-endpoint; every body passes through it)."""
+    output = tmp_path / "overhead.json"
+    argv = ["--epp", "--no-wrk", "--rates", "100", "--duration", "1", "--rounds", "1", "--output", str(output)]
+    assert ov.main(argv) == 0
+    assert "\n   100 epp " in capsys.readouterr().out
+    report = json.loads(output.read_text())
+    assert report["settings"]["epp"] is True
+    (rate,) = report["fixed_rate"]
+    assert list(rate["variants"]) == list(ov.ALL_VARIANTS)
+    epp = rate["variants"][ov.EPP_VARIANT]
+    assert epp["errors"] == 0 and epp["sustained"]
+    assert epp["gateway"]["ext_proc_fail_open"] == 0
+    assert epp["gateway"]["ext_proc_streams"] == epp["gateway"]["rq_total"] > 0
+    assert epp["cpu_us_per_request"]["processor"] > 0
+    assert set(rate["added_over_plain_ms"][ov.EPP_VARIANT]) >= {"p50_ms", "p99_ms"}
+    assert sum(epp["upstream_share"].values()) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("part", instructions.PARTS)

@@ -1,7 +1,8 @@
 """The picker as an InferencePool's endpoint picker, behind the Envoy a GIE gateway builds, with real Triton.
 
 The stack of ``extproc up`` runs with ``picker.epp`` on; beside its own Envoy, this module starts a second
-Envoy shaped like the one Istio renders for an HTTPRoute to an InferencePool (docs/gateway-api.md): the pool's
+Envoy shaped like the one Istio renders for an HTTPRoute to an InferencePool (docs/gateway-api.md; the
+configuration is :mod:`benchmarks.gateway`'s, which the overhead benchmark's ``epp`` variant uses too): the pool's
 endpoints (every host's REST port in one cluster, gRPC port in another, as two pools with ``appProtocol``
 http and h2c), the ``override_host`` load-balancing policy reading the destination from the ``envoy.lb``
 dynamic metadata, ext_proc to the picker's EPP port over TLS with both bodies FULL_DUPLEX_STREAMED and the
@@ -35,230 +36,32 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from extproc.headers import (
-    EPP_DESTINATION_HEADER,
-    EPP_NAMESPACE,
-    EPP_SERVED_KEY,
-    EPP_SUBSET_KEY,
-    EPP_SUBSET_NAMESPACE,
-)
+from benchmarks.gateway import SERVED_HEADER, epp_cluster, gateway_bootstrap, pool_listener
 from extproc.runtime.ports import free_ports
 from tests.models import F32, mlp_expected
 from tests.stack import Stack, local_fleet, picks, start_stack, stop_stack, wait_for
 
 pytestmark = pytest.mark.e2e
 
-SERVED_HEADER = "x-gateway-upstream"  # the test's view of the upstream, like the conformance echo server's
 GPU_BYTES = 4096  # as tests/test_e2e.py: larger mlp_classifier requests go to the GPU tier
-_ANY = "type.googleapis.com/"
-_LEAST_REQUEST = _ANY + "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest"
-
-
-def _override_host_cluster(name: str, endpoints: list[tuple[str, int]], http2: bool) -> dict[str, Any]:
-    """An InferencePool's cluster as the gateway renders it: every endpoint of the pool, the EPP's choice
-    read from the dynamic metadata, least request where there is none (fail-open)."""
-    cluster: dict[str, Any] = {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "2s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": {"socket_address": {"address": a, "port_value": p}}}}
-                        for a, p in endpoints
-                    ]
-                }
-            ],
-        },
-        "load_balancing_policy": {
-            "policies": [
-                {
-                    "typed_extension_config": {
-                        "name": "envoy.load_balancing_policies.override_host",
-                        "typed_config": {
-                            "@type": _ANY + "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
-                            "override_host_sources": [
-                                {"metadata": {"key": EPP_NAMESPACE, "path": [{"key": EPP_DESTINATION_HEADER}]}}
-                            ],
-                            "fallback_policy": {
-                                "policies": [
-                                    {
-                                        "typed_extension_config": {
-                                            "name": "envoy.load_balancing_policies.least_request",
-                                            "typed_config": {"@type": _LEAST_REQUEST},
-                                        }
-                                    }
-                                ]
-                            },
-                        },
-                    }
-                }
-            ]
-        },
-    }
-    if http2:
-        cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _ANY + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        }
-    return cluster
-
-
-def _listener(name: str, port: int, epp_cluster: str, subset: list[str] | None = None) -> dict[str, Any]:
-    filters: list[dict[str, Any]] = []
-    forwarded = [EPP_NAMESPACE]
-    if subset is not None:
-        # How a gateway passes a subset hint: filter metadata in the request's metadata_context.
-        forwarded.append(EPP_SUBSET_NAMESPACE)
-        filters.append(
-            {
-                "name": "envoy.filters.http.set_metadata",
-                "typed_config": {
-                    "@type": _ANY + "envoy.extensions.filters.http.set_metadata.v3.Config",
-                    "metadata": [{"metadata_namespace": EPP_SUBSET_NAMESPACE, "value": {EPP_SUBSET_KEY: subset}}],
-                },
-            }
-        )
-    filters += [
-        {
-            "name": "envoy.filters.http.ext_proc",
-            "typed_config": {
-                "@type": _ANY + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-                "grpc_service": {"envoy_grpc": {"cluster_name": epp_cluster}, "timeout": "10s"},
-                "failure_mode_allow": True,  # the InferencePool's endpointPickerRef.failureMode: FailOpen
-                "message_timeout": "1s",
-                "processing_mode": {
-                    "request_header_mode": "SEND",
-                    "response_header_mode": "SEND",
-                    "request_trailer_mode": "SEND",
-                    "response_trailer_mode": "SEND",
-                    "request_body_mode": "FULL_DUPLEX_STREAMED",
-                    "response_body_mode": "FULL_DUPLEX_STREAMED",
-                },
-                "metadata_options": {
-                    "receiving_namespaces": {"untyped": [EPP_NAMESPACE]},
-                    "forwarding_namespaces": {"untyped": forwarded},
-                },
-            },
-        },
-        {
-            # The served endpoint, reported back with the response (the filters see a response in reverse
-            # order: this one before ext_proc).
-            "name": "envoy.filters.http.header_to_metadata",
-            "typed_config": {
-                "@type": _ANY + "envoy.extensions.filters.http.header_to_metadata.v3.Config",
-                "response_rules": [
-                    {
-                        "header": SERVED_HEADER,
-                        "on_header_present": {
-                            "metadata_namespace": EPP_NAMESPACE,
-                            "key": EPP_SERVED_KEY,
-                            "type": "STRING",
-                        },
-                    }
-                ],
-            },
-        },
-        {
-            "name": "envoy.filters.http.router",
-            "typed_config": {"@type": _ANY + "envoy.extensions.filters.http.router.v3.Router"},
-        },
-    ]
-    routes = [
-        {"match": {"prefix": "/inference.GRPCInferenceService/"}, "route": {"cluster": "pool_grpc", "timeout": "0s"}},
-        {"match": {"prefix": "/"}, "route": {"cluster": "pool_rest", "timeout": "0s"}},
-    ]
-    return {
-        "name": name,
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "filter_chains": [
-            {
-                "filters": [
-                    {
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": {
-                            "@type": _ANY
-                            + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                            "stat_prefix": name,
-                            "codec_type": "AUTO",
-                            "route_config": {
-                                "virtual_hosts": [
-                                    {
-                                        "name": "pool",
-                                        "domains": ["*"],
-                                        "routes": routes,
-                                        "response_headers_to_add": [
-                                            {"header": {"key": SERVED_HEADER, "value": "%UPSTREAM_HOST%"}}
-                                        ],
-                                    }
-                                ]
-                            },
-                            "http_filters": filters,
-                        },
-                    }
-                ]
-            }
-        ],
-    }
-
-
-def _epp_cluster(name: str, port: int) -> dict[str, Any]:
-    """The endpoint picker's Service: gRPC over TLS, its certificate not verified (as Istio and the GIE
-    charts connect to it)."""
-    return {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
-                    ]
-                }
-            ],
-        },
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _ANY + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "transport_socket": {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": _ANY + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "common_tls_context": {"alpn_protocols": ["h2"]},
-            },
-        },
-    }
 
 
 def gateway_config(fleet: dict[str, Any], ports: dict[str, int], dead_port: int) -> dict[str, Any]:
-    """The whole gateway bootstrap (a test fixture, not shipped: GIE gateways render their own)."""
+    """The whole gateway bootstrap (:mod:`benchmarks.gateway`): ``pool``, ``narrow`` (triton-b's REST port
+    as the subset hint) and ``dead`` (an endpoint picker nobody serves)."""
     hosts = fleet["hosts"]
-    narrow = [h for h in hosts if h["name"] == "triton-b"]
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports["admin"]}}},
-        "static_resources": {
-            "listeners": [
-                _listener("pool", ports["pool"], "epp"),
-                _listener("narrow", ports["narrow"], "epp", subset=[f"127.0.0.1:{h['http_port']}" for h in narrow]),
-                _listener("dead", ports["dead"], "epp_dead"),
-            ],
-            "clusters": [
-                _override_host_cluster("pool_rest", [(h["address"], h["http_port"]) for h in hosts], http2=False),
-                _override_host_cluster("pool_grpc", [(h["address"], h["grpc_port"]) for h in hosts], http2=True),
-                _epp_cluster("epp", ports["epp"]),
-                _epp_cluster("epp_dead", dead_port),
-            ],
-        },
-    }
+    narrow = [f"127.0.0.1:{h['http_port']}" for h in hosts if h["name"] == "triton-b"]
+    return gateway_bootstrap(
+        ports["admin"],
+        [
+            pool_listener("pool", ports["pool"], "epp"),
+            pool_listener("narrow", ports["narrow"], "epp", subset=narrow),
+            pool_listener("dead", ports["dead"], "epp_dead"),
+        ],
+        [(h["address"], h["http_port"]) for h in hosts],
+        [(h["address"], h["grpc_port"]) for h in hosts],
+        [epp_cluster("epp", f"127.0.0.1:{ports['epp']}"), epp_cluster("epp_dead", f"127.0.0.1:{dead_port}")],
+    )
 
 
 class Gateway:

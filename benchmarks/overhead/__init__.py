@@ -1,6 +1,6 @@
 """``python -m benchmarks.overhead``: what the picker costs a request, against plain Envoy and a bare processor.
 
-In one run, with one load generator, three variants of the gateway Envoy are measured side by side against
+In one run, with one load generator, three (or four) variants of the gateway Envoy are measured side by side against
 the same trivial upstream:
 
 ``plain``
@@ -16,14 +16,23 @@ the same trivial upstream:
     The gateway + the real picker request path (Processor, Scheduler, PickerMetrics, a Datastore of the
     upstream hosts whose telemetry is kept fresh; the telemetry collector's polling is off the request path
     and excluded, as there is no Triton behind the benchmark).
+``epp`` (only with ``--epp``)
+    The same picker in the Endpoint Picker Protocol (``picker.epp``'s dialect), behind the Envoy a GIE gateway
+    builds (:func:`epp_bootstrap`, from :mod:`benchmarks.gateway`): ext_proc with both bodies
+    FULL_DUPLEX_STREAMED through the picker and the response phases sent to it, the pool's ``override_host``
+    cluster reading ``x-gateway-destination-endpoint`` from the ``envoy.lb`` metadata. It reaches the picker in
+    plaintext over a Unix socket, as the other variants do, so the dialects differ and not the transports
+    (``picker.epp`` serves TLS by default; its cost is not measured). Same upstream, same requests: the
+    per-request cost of the gateway dialect against ours, in the same run.
 
 The gateway configuration is rendered from a fleet of ``--hosts`` hosts by
 :func:`extproc.envoy_config.render_bootstrap` and transformed per variant (:func:`variant_bootstrap`). The
 upstream is a second Envoy answering every request with a ``direct_response`` 200 on one loopback port per
-host (:func:`upstream_bootstrap`); it echoes the ``x-triton-lb-hosts`` header back, which start-up uses to
-check that the picker really routes. Every process (the four Envoys, both processors) starts once and stays
-up; the phases alternate the variants in rotating order, so machine noise hits all three alike, and every
-ratio is quoted from the same run.
+host (:func:`upstream_bootstrap`); it echoes the ``x-triton-lb-hosts`` header (and the EPP dialect's
+``x-gateway-destination-endpoint``) back, which start-up uses to check that the picker really routes. Every
+process (the four Envoys, both processors; five and three with ``--epp``) starts once and stays up; the phases
+alternate the variants in rotating order, so machine noise hits all of them alike, and every ratio is quoted
+from the same run.
 
 Phases:
 
@@ -128,8 +137,11 @@ from benchmarks.overhead.report import (
     summarize_rate,
 )
 from benchmarks.overhead.stack import (
+    ALL_VARIANTS,
     DEFAULT_RATES,
+    ECHO_DESTINATION_HEADER,
     ECHO_HEADER,
+    EPP_VARIANT,
     MODEL,
     PROCESSOR_VARIANTS,
     READY_LINE,
@@ -138,9 +150,9 @@ from benchmarks.overhead.stack import (
     BenchError,
     Settings,
     bench_fleet,
+    epp_bootstrap,
     http_filter_names,
     http_managers,
-    listen_address,
     point_picker_cluster,
     strip_ext_proc,
     upstream_bootstrap,
@@ -148,10 +160,13 @@ from benchmarks.overhead.stack import (
 )
 
 __all__ = [
+    "ALL_VARIANTS",
     "DEFAULT_OUTPUT",
     "DEFAULT_RATES",
     "DEFAULT_SOAK_OUTPUT",
+    "ECHO_DESTINATION_HEADER",
     "ECHO_HEADER",
+    "EPP_VARIANT",
     "GATEWAY_STATS",
     "MODEL",
     "NOTES",
@@ -178,6 +193,7 @@ __all__ = [
     "cpu_us_per_request",
     "environment",
     "envoy_counters",
+    "epp_bootstrap",
     "evaluate_targets",
     "find_wrk",
     "format_report",
@@ -189,7 +205,6 @@ __all__ = [
     "http_managers",
     "json_safe",
     "latency_summary",
-    "listen_address",
     "machine_busy_seconds",
     "main",
     "median",

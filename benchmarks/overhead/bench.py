@@ -44,7 +44,9 @@ from benchmarks.overhead.measure import (
 )
 from benchmarks.overhead.report import growth_per_request, summarize_max, summarize_rate
 from benchmarks.overhead.stack import (
+    ECHO_DESTINATION_HEADER,
     ECHO_HEADER,
+    EPP_VARIANT,
     PROCESSOR_VARIANTS,
     READY_LINE,
     START_TIMEOUT_S,
@@ -52,6 +54,7 @@ from benchmarks.overhead.stack import (
     BenchError,
     Settings,
     bench_fleet,
+    epp_bootstrap,
     find_envoy,
     progress,
     upstream_bootstrap,
@@ -160,13 +163,7 @@ class OverheadBench:
                 argv += ["--config", str(fleet_path)]
             self.children[variant] = self.supervisor.start(f"processor-{variant}", argv, child_env())
         for k, variant in enumerate(self.variants, start=1):
-            boot = variant_bootstrap(
-                self.base_bootstrap,
-                variant,
-                listen_port=self.gateway_ports[variant],
-                admin_port=self.admin_ports[variant],
-                picker_listen=self.sockets.get(variant),
-            )
+            boot = self._gateway_bootstrap(variant)
             progress(f"starting the {variant} gateway Envoy on 127.0.0.1:{self.gateway_ports[variant]}")
             self.children[f"gateway-{variant}"] = self._envoy(f"gateway-{variant}", boot, self.base_id + k)
         self._wait("the upstream Envoy", lambda: http_get(f"http://127.0.0.1:{self.upstream_admin}/ready")[0] == 200)
@@ -183,17 +180,27 @@ class OverheadBench:
             processors={v: self.children[v].process.pid for v in self.sockets},
         )
 
+    def _gateway_bootstrap(self, variant: str) -> dict[str, Any]:
+        port, admin = self.gateway_ports[variant], self.admin_ports[variant]
+        if variant == EPP_VARIANT:
+            return epp_bootstrap(self.fleet, listen_port=port, admin_port=admin, picker_listen=self.sockets[variant])
+        return variant_bootstrap(
+            self.base_bootstrap, variant, listen_port=port, admin_port=admin, picker_listen=self.sockets.get(variant)
+        )
+
     def _routes(self, variant: str) -> bool:
-        """Whether ``variant``'s processor names upstream hosts: the picker's, and the bare one's routing answer."""
-        return variant == "picker" or (variant == "bare" and self.settings.bare_answer == "routing")
+        """Whether ``variant``'s processor names upstream hosts: the picker's (in either dialect), and the bare
+        one's routing answer."""
+        return variant in ("picker", EPP_VARIANT) or (variant == "bare" and self.settings.bare_answer == "routing")
 
     def _check_routing(self) -> None:
         """The picker (and a bare processor with the routing answer) names upstream hosts (echoed back by the
-        upstream); the others name none."""
+        upstream, from the header of its dialect); the others name none."""
         endpoints = {f"127.0.0.1:{p}" for p in self.upstream_ports}
         for variant in self.variants:
             status, headers = post(self.gateway_ports[variant])
-            named = [h for h in headers.get(ECHO_HEADER, "").split(",") if h]
+            echo = ECHO_DESTINATION_HEADER if variant == EPP_VARIANT else ECHO_HEADER
+            named = [h for h in headers.get(echo, "").split(",") if h]
             if self._routes(variant):
                 if status != 200 or not named or not set(named) <= endpoints:
                     raise BenchError(f"the {variant} processor did not route (status {status}, hosts {named!r})")

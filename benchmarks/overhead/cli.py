@@ -23,7 +23,7 @@ from benchmarks.overhead.report import (
     json_safe,
     settings_json,
 )
-from benchmarks.overhead.stack import DEFAULT_RATES, PROCESSOR_VARIANTS, VARIANTS, Settings, progress
+from benchmarks.overhead.stack import DEFAULT_RATES, EPP_VARIANT, PROCESSOR_VARIANTS, Settings, progress
 
 DEFAULT_OUTPUT: Final = RESULTS_DIR / "overhead.json"
 DEFAULT_SOAK_OUTPUT: Final = RESULTS_DIR / "overhead-soak.json"
@@ -57,7 +57,7 @@ def run(settings: Settings, output: Path, keep_dir: Path | None = None) -> int:
         # Short path: a Unix socket path must stay under 108 bytes.
         cleanup = tempfile.TemporaryDirectory(prefix="extproc-ovh-")
         run_dir = Path(cleanup.name)
-    variants = (settings.soak_variant,) if settings.soak else VARIANTS
+    variants = (settings.soak_variant,) if settings.soak else settings.variants
     bench = OverheadBench(settings, run_dir, variants)
     report: dict[str, Any] = {"environment": environment(), "settings": settings_json(settings)}
     try:
@@ -123,7 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--soak-variant",
         choices=PROCESSOR_VARIANTS,
         default="picker",
-        help="the processor the soak goes through (bare: is a growth grpc's or the picker's?)",
+        help="the processor the soak goes through (bare: is a growth grpc's or the picker's? epp: the picker in"
+        " the Endpoint Picker Protocol)",
     )
     parser.add_argument(
         "--bare-answer",
@@ -136,6 +137,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-rest-body-check",
         action="store_true",
         help="render the gateway with picker.check_rest_bodies: false (REST inference routed on headers only)",
+    )
+    parser.add_argument(
+        "--epp",
+        action="store_true",
+        help=f"also measure the {EPP_VARIANT!r} variant: the picker in the Endpoint Picker Protocol, behind a"
+        " gateway-shaped Envoy (FULL_DUPLEX_STREAMED bodies, override_host), as a GIE gateway sends it requests",
     )
     parser.add_argument("--keep-dir", type=Path, help="keep configs and logs here instead of a deleted temp dir")
 
@@ -160,6 +167,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         soak_variant=args.soak_variant,
         bare_answer=args.bare_answer,
         check_rest_bodies=not args.no_rest_body_check,
+        epp=args.epp,
     )
 
 

@@ -66,8 +66,9 @@ def request_bytes(port: int) -> bytes:
 def parse_response(buf: bytes | bytearray) -> tuple[int, int] | None:
     """``(status, length)`` of the first complete HTTP/1.1 response in ``buf``, None if incomplete.
 
-    Only ``content-length`` framing is supported (what Envoy sends for these answers); a chunked response
-    raises ValueError.
+    ``content-length`` framing (what Envoy sends for these answers) and ``chunked`` (what it sends when
+    ext_proc streams the response body, as the ``epp`` variant's gateway does: the processor may change the
+    body, so Envoy drops the length).
     """
     end = buf.find(b"\r\n\r\n")
     if end < 0:
@@ -84,9 +85,33 @@ def parse_response(buf: bytes | bytearray) -> tuple[int, int] | None:
         if name == "content-length":
             length = int(value.strip())
         elif name == "transfer-encoding" and "chunked" in value.lower():
-            raise ValueError("chunked responses are not supported")
+            total = _chunked_end(buf, end + 4)
+            return None if total is None else (status, total)
     total = end + 4 + length
     return (status, total) if len(buf) >= total else None
+
+
+def _chunked_end(buf: bytes | bytearray, at: int) -> int | None:
+    """Where the chunked body starting at ``at`` ends (after its trailers), None if incomplete."""
+    while True:
+        eol = buf.find(b"\r\n", at)
+        if eol < 0:
+            return None
+        size = int(bytes(buf[at:eol]).partition(b";")[0].strip(), 16)
+        at = eol + 2
+        if size == 0:
+            break
+        at += size + 2  # the chunk and its CRLF
+        if len(buf) < at:
+            return None
+    # The trailer section: header lines up to an empty one.
+    while True:
+        eol = buf.find(b"\r\n", at)
+        if eol < 0:
+            return None
+        if eol == at:
+            return at + 2
+        at = eol + 2
 
 
 # --------------------------------------------------------------------------------- open-loop generator

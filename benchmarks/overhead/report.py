@@ -22,7 +22,15 @@ from benchmarks.overhead.measure import (
     median,
     round_ratios,
 )
-from benchmarks.overhead.stack import MODEL, PROCESSOR_VARIANTS, REQUEST_BODY, VARIANTS, Settings, find_envoy
+from benchmarks.overhead.stack import (
+    ALL_VARIANTS,
+    EPP_VARIANT,
+    MODEL,
+    PROCESSOR_VARIANTS,
+    REQUEST_BODY,
+    Settings,
+    find_envoy,
+)
 from extproc.build import compiled
 
 # A fixed-rate run is "sustained" when it completed at least this fraction of the offered rate, without
@@ -83,7 +91,7 @@ def summarize_max(runs: Mapping[str, Sequence[Mapping[str, Any]]], settings: Set
             "upstream_share": rs[-1]["upstream_share"] if rs else {},
         }
     ratios: dict[str, Any] = {}
-    for num, den in (("picker", "bare"), ("picker", "plain"), ("bare", "plain")):
+    for num, den in (("picker", "bare"), ("picker", "plain"), ("bare", "plain"), (EPP_VARIANT, "picker")):
         if num in variants and den in variants:
             per_round = round_ratios(variants[num]["rps_rounds"], variants[den]["rps_rounds"])
             ratios[f"{num}/{den}"] = {"median": median(per_round), "rounds": per_round}
@@ -266,7 +274,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     )
     lines += [header, "-" * len(header)]
     for r in report["fixed_rate"]:
-        for variant in VARIANTS:
+        for variant in ALL_VARIANTS:
             if variant in r["not_reachable"]:
                 lines.append(f"{r['rate_rps']:>6.0f} {variant:<8} {r['not_reachable'][variant]}")
                 continue
@@ -348,8 +356,12 @@ NOTES: Final = [
     "the generator's own actual-minus-intended send time, included in every variant's latency alike.",
     "CPU per request is utime+stime from /proc/<pid>/stat (all threads) over each phase divided by the requests "
     "completed in it; at low rates it includes the process's idle wake-ups.",
-    "All processes share the machine (load generator, four Envoys, two processors): ratios from the same run are "
-    "meaningful, absolute numbers depend on the machine.",
+    "All processes share the machine (load generator, four Envoys, two processors; with --epp five and three): "
+    "ratios from the same run are meaningful, absolute numbers depend on the machine.",
+    "The epp variant (--epp) is the same picker in the Endpoint Picker Protocol, reached in plaintext over a Unix "
+    "socket as the others are, behind a gateway-shaped Envoy (benchmarks/gateway.py): both bodies "
+    "FULL_DUPLEX_STREAMED through the picker, the response phases sent to it, override_host routing. Its gateway "
+    "is not the rendered one, so its gateway CPU and added latency include that Envoy's different work.",
 ]
 
 
@@ -368,6 +380,7 @@ def settings_json(s: Settings) -> dict[str, Any]:
         "soak_variant": s.soak_variant if s.soak else None,
         "bare_answer": s.bare_answer,
         "check_rest_bodies": s.check_rest_bodies,
+        "epp": s.epp,
         "model": MODEL,
         "request_bytes": len(REQUEST_BODY),
     }

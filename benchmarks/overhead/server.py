@@ -14,6 +14,11 @@
     grpc.aio server under uvloop. Every request gets a real decision: classify, filter (READY, healthy,
     fresh), score (expected wait, GPU memory) and rank over the fleet's hosts.
 
+``python -m benchmarks.overhead.server epp --listen unix:PATH --config FLEET``
+    The same picker, serving the Endpoint Picker Protocol as its ``picker.epp`` listener does (the same
+    Processor behind ``add_to_server(..., epp=True)``), in plaintext: the gateway-shaped Envoy of
+    :mod:`benchmarks.gateway` streams it both bodies and the response phases.
+
     There is no Triton behind the benchmark, so there is no telemetry collector: a small task plays its
     part, stamping every host's telemetry fresh and restarting the in-flight estimates (as each Envoy admin poll
     does) every :data:`TOUCH_INTERVAL_S`. The real collector's HTTP scrapes run on the same loop in
@@ -120,11 +125,11 @@ def picker_servicer(fleet: Fleet) -> tuple[Processor, Datastore]:
 async def serve(mode: str, listen: str, config: Path | None) -> None:
     server = grpc.aio.server(options=GRPC_OPTIONS)
     refresher: asyncio.Task[None] | None = None
-    if mode == "picker":
+    if mode in ("picker", "epp"):
         if config is None:
-            raise SystemExit("picker mode needs --config")
+            raise SystemExit(f"{mode} mode needs --config")
         processor, store = picker_servicer(load_fleet(config))
-        add_to_server(processor, server)
+        add_to_server(processor, server, epp=mode == "epp")
         refresher = asyncio.create_task(_keep_fresh(store), name="keep-fresh")
     else:
         answer = CONSTANT_RESPONSE if config is None else fleet_routing_answer(load_fleet(config))
@@ -148,9 +153,9 @@ async def serve(mode: str, listen: str, config: Path | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead.server", description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["bare", "picker"])
+    parser.add_argument("mode", choices=["bare", "picker", "epp"])
     parser.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT")
-    parser.add_argument("--config", type=Path, help="fleet file (picker; bare: answer with its hosts)")
+    parser.add_argument("--config", type=Path, help="fleet file (picker, epp; bare: answer with its hosts)")
     args = parser.parse_args(argv)
     # As `extproc serve` at its default level: routed requests log nothing.
     configure("info", "json")

@@ -9,14 +9,20 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from benchmarks.gateway import epp_cluster, gateway_bootstrap, listen_address, pool_listener
+
 # envoy_config (envoy-data-plane) and the runtime are imported where they are used.
 from extproc.config import Fleet, parse_fleet
-from extproc.headers import HOSTS_HEADER, PICKER_CLUSTER
+from extproc.headers import EPP_DESTINATION_HEADER, HOSTS_HEADER, PICKER_CLUSTER
 
+# The variants every run measures; ``--epp`` adds EPP_VARIANT (the picker in the Endpoint Picker Protocol,
+# behind a gateway-shaped Envoy), which needs a processor and a gateway of its own.
 VARIANTS: Final = ("plain", "bare", "picker")
+EPP_VARIANT: Final = "epp"
+ALL_VARIANTS: Final = (*VARIANTS, EPP_VARIANT)
 # What a processor prints on stdout once it serves (see benchmarks.overhead.server).
 READY_LINE: Final = "READY"
-PROCESSOR_VARIANTS: Final = ("bare", "picker")
+PROCESSOR_VARIANTS: Final = ("bare", "picker", EPP_VARIANT)
 DEFAULT_RATES: Final = (200.0, 500.0, 1000.0)
 MODEL: Final = "mlp"
 # A 1x4 FP32 REST inference request, as a small real client would send it.
@@ -24,6 +30,8 @@ REQUEST_BODY: Final = b'{"inputs":[{"name":"INPUT0","shape":[1,4],"datatype":"FP
 # The upstream's answer and the header it echoes (what the picker set), for the start-up check.
 UPSTREAM_BODY: Final = '{"outputs":[]}'
 ECHO_HEADER: Final = "x-bench-echo-hosts"
+# The same for the EPP dialect's answer (x-gateway-destination-endpoint).
+ECHO_DESTINATION_HEADER: Final = "x-bench-echo-destination"
 START_TIMEOUT_S: Final = 60.0
 
 
@@ -60,6 +68,12 @@ class Settings:
     check_rest_bodies: bool = True
     # Why there is no wrk (None: it was found).
     wrk_missing: str | None = None
+    # Also measure EPP_VARIANT.
+    epp: bool = False
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return ALL_VARIANTS if self.epp else VARIANTS
 
 
 # ------------------------------------------------------------------------------------------ configuration
@@ -137,14 +151,6 @@ def strip_ext_proc(boot: dict[str, Any]) -> None:
     resources["clusters"] = [c for c in resources["clusters"] if c["name"] != PICKER_CLUSTER]
 
 
-def listen_address(listen: str) -> dict[str, Any]:
-    """Envoy's address message (proto JSON) for a picker ``listen`` value: ``unix:PATH`` or ``IP:PORT``."""
-    if listen.startswith("unix:"):
-        return {"pipe": {"path": listen.removeprefix("unix:")}}
-    host, _, port = listen.rpartition(":")
-    return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
-
-
 def point_picker_cluster(boot: dict[str, Any], listen: str) -> None:
     """In place: the picker cluster's one endpoint becomes ``listen``."""
     for cluster in boot["static_resources"]["clusters"]:
@@ -182,6 +188,22 @@ def variant_bootstrap(
     return boot
 
 
+def epp_bootstrap(fleet: Fleet, *, listen_port: int, admin_port: int, picker_listen: str) -> dict[str, Any]:
+    """The ``epp`` variant's gateway: not a transformation of the rendered one but the Envoy a GIE gateway
+    builds (:mod:`benchmarks.gateway`) for a pool of the fleet's hosts, its endpoint picker at
+    ``picker_listen`` in plaintext, as the other processors are reached (so the dialects differ, not the
+    transports). The listener's stat prefix is the rendered gateway's, so the same counters are read."""
+    from extproc.envoy_config import STAT_PREFIX
+
+    return gateway_bootstrap(
+        admin_port,
+        [pool_listener(STAT_PREFIX, listen_port, PICKER_CLUSTER)],
+        [(h.address, h.http_port) for h in fleet.hosts],
+        [(h.address, h.grpc_port) for h in fleet.hosts],
+        [epp_cluster(PICKER_CLUSTER, picker_listen, tls=False)],
+    )
+
+
 def http_filter_names(boot: Mapping[str, Any]) -> list[str]:
     return [f["name"] for manager in http_managers(boot) for f in manager["http_filters"]]
 
@@ -190,7 +212,8 @@ def upstream_bootstrap(ports: Sequence[int], admin_port: int) -> dict[str, Any]:
     """The trivial upstream: one listener per port, each answering 200 with a small JSON body at once.
 
     Listener ``i`` has stat prefix ``up<i>``, so ``http.up<i>.downstream_rq_total`` counts what each host
-    got. The response echoes the routing header the gateway sent (``x-bench-echo-hosts``).
+    got. The response echoes the routing header the gateway sent: ours (``x-bench-echo-hosts``) and the
+    Endpoint Picker Protocol's (``x-bench-echo-destination``).
     """
     router = {
         "name": "envoy.filters.http.router",
@@ -214,6 +237,12 @@ def upstream_bootstrap(ports: Sequence[int], admin_port: int) -> dict[str, Any]:
                                 "direct_response": {"status": 200, "body": {"inline_string": UPSTREAM_BODY}},
                                 "response_headers_to_add": [
                                     {"header": {"key": ECHO_HEADER, "value": f"%REQ({HOSTS_HEADER})%"}},
+                                    {
+                                        "header": {
+                                            "key": ECHO_DESTINATION_HEADER,
+                                            "value": f"%REQ({EPP_DESTINATION_HEADER})%",
+                                        }
+                                    },
                                     {"header": {"key": "content-type", "value": "application/json"}},
                                 ],
                             }
