@@ -30,3 +30,10 @@ def _import_sources() -> None:
 
 if os.environ.get("EXTPROC_PURE_PYTHON") == "1":
     _import_sources()
+
+# extproc's processes (and its tests and benchmarks) start children with a pre-exec function (their death
+# signal) after gRPC is running in the parent. With gRPC's fork support on, its after-fork handler restarts
+# gRPC's pollers in the child before exec, and closing the inherited descriptors then makes them abort the
+# child ("Epoll1Poller ... epoll_wait error: Bad file descriptor", exit -6: an Envoy that never starts).
+# Nothing here uses gRPC across a fork. Read by gRPC when it first starts, so set before that.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")

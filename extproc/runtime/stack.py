@@ -323,12 +323,17 @@ class _StopRequested(Exception):
 def up(fleet: Fleet, config_path: Path) -> int:
     """Start the stack, print READY, and run until SIGINT/SIGTERM; every child is stopped on the way out."""
     stop = threading.Event()
+    supervising = False
 
     def request_stop(signum: int, _: FrameType | None) -> None:
         stop.set()
         # The raise interrupts start-up wherever it waits. A raise that lands in a finaliser (a subprocess'
         # __del__, say) is printed as "Exception ignored" and lost, so supervise() watches the event too.
-        raise _StopRequested(signal.Signals(signum).name)
+        # Once supervising, the event alone stops it within a tick: a raise could land in the middle of
+        # anything (a config reload rendering Envoy's config, where a library wrapped it in its own error
+        # and `extproc up` exited 1 on a plain stop).
+        if not supervising:
+            raise _StopRequested(signal.Signals(signum).name)
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
@@ -336,6 +341,7 @@ def up(fleet: Fleet, config_path: Path) -> int:
     try:
         stack.start()
         print(f"READY {stack.urls()}", flush=True)
+        supervising = True
         stack.supervise(stop)
     except _StopRequested:
         return 0
