@@ -42,11 +42,11 @@ def read_admin_key(fleet: Fleet) -> str | None:
     """The fleet's admin key, or None where there is none (no header is sent). Raises :class:`ConfigError`
     naming the file when ``admin_key_file`` (or the generated key) cannot be read or holds no valid key."""
     if fleet.admin_key_file is not None:
-        return _read(Path(fleet.admin_key_file), f"{fleet.source}: key admin_key_file")
+        return read_secret_file(Path(fleet.admin_key_file), f"{fleet.source}: key admin_key_file")
     path = generated_key_file(fleet.runtime_dir)
     if not path.exists():
         return None
-    return _read(path, f"{fleet.source}: the key extproc up generated (runtime_dir)")
+    return read_secret_file(path, f"{fleet.source}: the key extproc up generated (runtime_dir)")
 
 
 def ensure_admin_key(fleet: Fleet) -> str:
@@ -73,19 +73,22 @@ def triton_flags(key: str) -> list[str]:
     ]
 
 
-def _read(path: Path, what: str) -> str:
+def read_secret_file(path: Path, what: str, noun: str = "key") -> str:
+    """The secret a file holds (the admin key, the picker's control token), stripped; raises
+    :class:`ConfigError` starting with ``what`` (the file's key in the fleet file) on a file that cannot be
+    read or does not hold one ``noun`` of 16 to 4096 visible ASCII characters."""
     try:
-        key = path.read_text(encoding="ascii").strip()
+        secret = path.read_text(encoding="ascii").strip()
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{what}: {path} is not ASCII text") from None
-    if not key:
+    if not secret:
         raise ConfigError(f"{what}: {path} is empty")
-    # The message never shows the key, only what is wrong with it.
-    if not _KEY.fullmatch(key):
+    # The message never shows the secret, only what is wrong with it.
+    if not _KEY.fullmatch(secret):
         raise ConfigError(
-            f"{what}: {path} must hold one key of 16 to 4096 visible ASCII characters (no spaces), "
-            f"got {len(key)} characters"
+            f"{what}: {path} must hold one {noun} of 16 to 4096 visible ASCII characters (no spaces), "
+            f"got {len(secret)} characters"
         )
-    return key
+    return secret

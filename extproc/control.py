@@ -18,19 +18,16 @@ kubelet's probes read them.
 from __future__ import annotations
 
 import hmac
-import re
 from pathlib import Path
 from typing import Final
 
-from extproc.config import ConfigError, Fleet
+from extproc.admin_key import read_secret_file
+from extproc.config import Fleet
 
 __all__ = ["AUTHORIZATION", "SCHEME", "authorized", "read_control_token"]
 
 AUTHORIZATION: Final = "Authorization"
 SCHEME: Final = "Bearer"
-
-# Visible ASCII only, as an HTTP header value carries it; the minimum length refuses a placeholder.
-_TOKEN = re.compile(r"[\x21-\x7e]{16,4096}")
 
 
 def read_control_token(fleet: Fleet) -> str | None:
@@ -39,23 +36,7 @@ def read_control_token(fleet: Fleet) -> str | None:
     name = fleet.picker.control_token_file
     if name is None:
         return None
-    what = f"{fleet.source}: key picker.control_token_file"
-    path = Path(name)
-    try:
-        token = path.read_text(encoding="ascii").strip()
-    except OSError as exc:
-        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what}: {path} is not ASCII text") from None
-    if not token:
-        raise ConfigError(f"{what}: {path} is empty")
-    # The message never shows the token, only what is wrong with it.
-    if not _TOKEN.fullmatch(token):
-        raise ConfigError(
-            f"{what}: {path} must hold one token of 16 to 4096 visible ASCII characters (no spaces), "
-            f"got {len(token)} characters"
-        )
-    return token
+    return read_secret_file(Path(name), f"{fleet.source}: key picker.control_token_file", "token")
 
 
 def authorized(header: str | None, token: str) -> bool:
