@@ -241,13 +241,12 @@ class Scheduler:
     def _balance(self, request: InferenceRequest, order: tuple[_Step, ...], now: float) -> Decision | None:
         if request.infer and self._admission.enabled:
             return self._admit(request, order, now)
-        model, version = request.model or "", request.version
+        model = request.model or ""
         saturated: Route | None = None
         for candidate_tier, units in order:
-            candidates = _allowed(request, self._candidates(candidate_tier, model, version, units, now))
-            if not candidates:
+            ranked = self._ranked(request, candidate_tier, units, now)
+            if not ranked:
                 continue
-            ranked = units.picker.pick(candidates, units.scorers, now) if len(candidates) > 1 else candidates
             hosts = tuple([c.host for c in ranked])
             reason = "classified" if candidate_tier is order[0][0] else "spillover"
             if not self._is_saturated(ranked[0], now):
@@ -267,15 +266,14 @@ class Scheduler:
         """The first tier whose best candidate can serve the request within its limit (see
         :mod:`extproc.scheduling.admission`), unless the client is over its share; else refused."""
         admission = self._admission
-        model, version = request.model or "", request.version
+        model = request.model or ""
         deadline = admission.deadline_ms(request)
         limit = admission.limit_ms(request, deadline)
         least_over: float | None = None
         for candidate_tier, units in order:
-            candidates = _allowed(request, self._candidates(candidate_tier, model, version, units, now))
-            if not candidates:
+            ranked = self._ranked(request, candidate_tier, units, now)
+            if not ranked:
                 continue
-            ranked = units.picker.pick(candidates, units.scorers, now) if len(candidates) > 1 else candidates
             fraction, over = admission.load(request, ranked[0], model, limit, now)
             if fraction > 1:
                 least_over = over if least_over is None else min(least_over, over)
@@ -372,6 +370,11 @@ class Scheduler:
             plan.candidates = tuple(prepare(passing, model, units.static))
             plan.stale_at = filters.holds_until(units.filters, passing)
         return plan.candidates
+
+    def _ranked(self, request: InferenceRequest, tier: Tier, units: _Units, now: float) -> Sequence[Candidate]:
+        """The tier's candidates the request may go to, best first (none: the tier cannot take it)."""
+        candidates = _allowed(request, self._candidates(tier, request.model or "", request.version, units, now))
+        return units.picker.pick(candidates, units.scorers, now) if len(candidates) > 1 else candidates
 
     def _candidates(
         self, tier: Tier, model: str, version: str | None, units: _Units, now: float
