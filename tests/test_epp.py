@@ -68,6 +68,8 @@ def request_headers(
     headers = [(":path", path), (":method", method), (":authority", "gateway"), ("user-agent", "test")]
     if body is not None:
         headers.append(("content-length", str(len(body))))
+    if path.startswith("/inference."):
+        headers.append(("content-type", "application/grpc"))
     message = ep.ProcessingRequest(
         request_headers=ep.HttpHeaders(
             headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers]),
@@ -307,3 +309,97 @@ async def test_the_client_key_is_the_operators_header_never_the_clients_copy_of_
     (refused,) = await answers(sequence_request("b", start=False))
     assert refused.immediate_response.status.code == 403
     assert (await answers(sequence_request("a", start=False)))[0].HasField("request_headers")
+
+
+def with_headers(message: ep.ProcessingRequest, **headers: str) -> ep.ProcessingRequest:
+    """``message`` (request headers) with more headers; ``content_type`` stands for ``content-type``."""
+    for key, value in headers.items():
+        header = base_pb2.HeaderValue(key=key.replace("_", "-"), raw_value=value.encode())
+        message.request_headers.headers.headers.append(header)
+    return message
+
+
+@pytest.mark.parametrize(
+    ("path", "api"),
+    [
+        ("/v2/repository/index", "model repository"),
+        ("/v2/repository/models/mlp/load", "model repository"),
+        ("/v2/systemsharedmemory/region/r/register", "shared-memory"),
+        ("/v2/logging", "logging"),
+        ("/v2/models/mlp/trace/setting", "trace"),
+        ("/v2/models/stats", "statistics"),
+    ],
+)
+async def test_tritons_control_apis_are_refused_before_any_host_is_picked(
+    store: Datastore, path: str, api: str
+) -> None:
+    """A GIE gateway's routes send every request of the pool to the picker, not only those our Envoy config
+    lets through: the picker refuses Triton's control APIs itself, with the reason, as our Envoy does."""
+    (answer,) = await stream(store, [request_headers(path, body=b"{}"), request_body(b"{}")])
+    immediate = answer.immediate_response
+    assert immediate.status.code == 403
+    error = json.loads(immediate.body)["error"]
+    assert error.startswith("the gateway does not offer") and api in error, error
+
+
+@pytest.mark.parametrize(
+    "method", ["RepositoryIndex", "RepositoryModelLoad", "CudaSharedMemoryRegister", "LogSettings", "Whatever"]
+)
+async def test_grpc_control_methods_are_permission_denied(store: Datastore, method: str) -> None:
+    path = f"/inference.GRPCInferenceService/{method}"
+    (answer,) = await stream(store, [request_headers(path, body=b"\0\0\0\0\0"), request_body(b"\0\0\0\0\0")])
+    immediate = answer.immediate_response
+    assert (immediate.status.code, immediate.grpc_status.status) == (403, 7)
+    assert immediate.body.decode().startswith("the gateway does not offer")
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/admin", {}, 404),
+        ("/v2/anything/else", {}, 403),
+        ("/v2/models/x/../../repository/index", {}, 400),
+        ("/v2/models/..%2Frepository%2Findex/ready", {}, 400),
+        ("/v2//repository/index", {}, 400),
+        ("/v2/models/mlp/infer", {"content_encoding": "gzip"}, 415),
+    ],
+)
+async def test_what_our_envoy_refuses_the_picker_refuses_on_a_gateways_stream(
+    store: Datastore, path: str, headers: dict[str, str], status: int
+) -> None:
+    body = infer_body()
+    first = with_headers(request_headers(path, body=body), **headers)
+    (answer,) = await stream(store, [first, request_body(body)])
+    assert answer.immediate_response.status.code == status
+
+
+async def test_statistics_are_served_where_the_operator_allows_them(store: Datastore) -> None:
+    data = fleet().model_dump(mode="json", exclude={"source"})
+    data["envoy"] = {"allow_statistics": True}
+    allowed = Datastore(parse_fleet(data))
+    for host in allowed.hosts.values():
+        models = {"mlp": frozenset({"1"})}
+        allowed.update_index(host, models, frozenset(models), allowed.now())
+        host.metrics_at = host.envoy_at = allowed.now()
+    answers = await stream(allowed, [request_headers("/v2/models/mlp/stats", method="GET")])
+    assert destination(answers[0])
+
+
+async def test_a_rest_body_reaches_the_host_without_its_content_type_or_a_clients_admin_key(store: Datastore) -> None:
+    """Triton 2.51 crashes on a large form-encoded body (the content type curl -d sends), whatever the
+    path: as our Envoy routes do, the picker's answer removes the content type of REST requests, and any
+    client copy of the admin key."""
+    body = infer_body()
+    first = with_headers(
+        request_headers("/v2/models/mlp/infer", body=body),
+        content_type="application/x-www-form-urlencoded",
+        extproc_admin_key="guess",
+    )
+    answers = await stream(store, [first, request_body(body)])
+    removed = set(answers[0].request_headers.response.header_mutation.remove_headers)
+    assert removed == {"content-type", "extproc-admin-key", "triton-grpc-protocol-extproc-admin-key"}
+    grpc = service_pb2.ModelInferRequest(model_name="mlp")
+    frame = grpc_frame(grpc)
+    first = with_headers(request_headers("/inference.GRPCInferenceService/ModelInfer", body=frame))
+    answers = await stream(store, [first, request_body(frame)])
+    assert "content-type" not in answers[0].request_headers.response.header_mutation.remove_headers

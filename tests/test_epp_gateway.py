@@ -267,3 +267,20 @@ def test_health_services_on_the_epp_ports(gateway: Gateway) -> None:
             for service in ("", "liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"):
                 answer = check(health_pb2.HealthCheckRequest(service=service), timeout=5)
                 assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+@pytest.mark.parametrize("path", ["/v2/repository/index", "/v2/systemsharedmemory/status", "/v2/logging"])
+def test_tritons_control_apis_are_refused_by_the_picker(gateway: Gateway, path: str) -> None:
+    """The gateway's routes send every request of the pool to the picker: it refuses Triton's control APIs
+    itself, in its words (the hosts, started with the admin key, would refuse them in Triton's)."""
+    status, _, body = rest(gateway, path, body={})
+    assert status == 403, body
+    assert json.loads(body)["error"].startswith("the gateway does not offer"), body
+
+
+def test_grpc_control_methods_are_refused_by_the_picker(gateway: Gateway) -> None:
+    client = grpcclient.InferenceServerClient(gateway.url())
+    with pytest.raises(InferenceServerException) as refused:
+        client.get_model_repository_index()
+    assert refused.value.status() == "StatusCode.PERMISSION_DENIED"
+    assert "the gateway does not offer Triton's model repository API" in str(refused.value.message())

@@ -11,9 +11,9 @@ What the config does, in request order:
    413 for a ``content-length`` over ``envoy.max_request_bytes`` (route ``too_large``; a REST inference body
    without one, chunked, is buffered up to that size by the ``buffer`` filter, then 413; every other
    inference body streams); 415 for a compressed REST body; 403 (gRPC: PERMISSION_DENIED) for anything but
-   the client APIs (inference, metadata, readiness, statistics if allowed: :data:`GRPC_ALLOWED_METHODS`,
-   :data:`REST_INFER_REGEX`, :data:`REST_OTHER_REGEX`), naming the API and why the gateway does not offer it
-   (:data:`~extproc.envoy_config.routes._CLOSED_APIS`); 404 outside Triton's API.
+   the client APIs (inference, metadata, readiness, statistics if allowed: :mod:`extproc.client_api`, whose
+   tables the picker also applies on its Endpoint Picker listener), naming the API and why the gateway does
+   not offer it; 404 outside Triton's API.
 1. The HTTP connection manager's early header mutation strips the routing headers and the admin key's
    (:data:`~extproc.headers.STRIPPED_HEADERS`) from the client's request before the route is selected, so only
    the picker can choose a tier or a host, even when the picker fails open; the ``header_mutation`` filter
@@ -40,47 +40,29 @@ from extproc.envoy_config.clusters import spill_tiers
 from extproc.envoy_config.common import (
     BUFFER_FILTER,
     EXT_PROC_FILTER,
-    GRPC_PREFIX,
     HEADER_MUTATION_FILTER,
     HTTP_LISTENER,
     HTTPS_LISTENER,
     REST_HEALTH_PATH,
-    REST_PREFIX,
     ROUTE_CONFIG_NAME,
     ROUTER_FILTER,
     STAT_PREFIX,
     UPSTREAM_HOST_FORMAT,
 )
-from extproc.envoy_config.routes import (
-    GRPC_ALLOWED_METHODS,
-    GRPC_STATISTICS_METHOD,
-    REST_INFER_REGEX,
-    REST_OTHER_REGEX,
-    REST_STATISTICS_REGEX,
-    closed_api_message,
-)
 
 __all__ = [
     "BUFFER_FILTER",
     "EXT_PROC_FILTER",
-    "GRPC_ALLOWED_METHODS",
-    "GRPC_PREFIX",
-    "GRPC_STATISTICS_METHOD",
     "HEADER_MUTATION_FILTER",
     "HTTPS_LISTENER",
     "HTTP_LISTENER",
     "REST_HEALTH_PATH",
-    "REST_INFER_REGEX",
-    "REST_OTHER_REGEX",
-    "REST_PREFIX",
-    "REST_STATISTICS_REGEX",
     "ROUTER_FILTER",
     "ROUTE_CONFIG_NAME",
     "RUNTIME_FLAGS",
     "STAT_PREFIX",
     "UPSTREAM_HOST_FORMAT",
     "build_bootstrap",
-    "closed_api_message",
     "render_bootstrap",
     "render_yaml",
     "spill_tiers",

@@ -18,8 +18,6 @@ EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 BUFFER_FILTER = "envoy.filters.http.buffer"
 ROUTER_FILTER = "envoy.filters.http.router"
 
-GRPC_PREFIX = "/inference.GRPCInferenceService/"
-REST_PREFIX = "/v2"
 REST_HEALTH_PATH = "/v2/health/ready"
 # The substitution formatter for the response header of ``expose_upstream_host``: the address of the host
 # the router picked, ``ip:port`` — the same form as the override_host list the picker sends.

@@ -17,20 +17,31 @@ from envoy_data_plane.envoy.type import v3 as type_v3
 from envoy_data_plane.envoy.type.matcher import v3 as matcher
 from envoy_data_plane.google.protobuf import Any as PbAny
 
+from extproc.client_api import (
+    ENCODING_MESSAGE,
+    FORBIDDEN_MESSAGE,
+    GRPC_ALLOWED_METHODS,
+    GRPC_ENCODING_MESSAGE,
+    GRPC_PREFIX,
+    GRPC_STATISTICS_METHOD,
+    NOT_FOUND_MESSAGE,
+    REST_INFER_REGEX,
+    REST_OTHER_REGEX,
+    REST_PREFIX,
+    REST_STATISTICS_REGEX,
+    STATISTICS_API,
+    closed_apis,
+)
 from extproc.config import Fleet, Tier
 from extproc.envoy_config.common import (
     BUFFER_FILTER,
     EXT_PROC_FILTER,
-    GRPC_PREFIX,
-    REST_PREFIX,
     ROUTE_CONFIG_NAME,
     UPSTREAM_HOST_FORMAT,
 )
 from extproc.headers import TIER_HEADER, UPSTREAM_HOST_HEADER, cluster_name
 
-_NOT_FOUND_BODY = json.dumps(
-    {"error": f"no route for this path (Triton REST: {REST_PREFIX}/..., gRPC: {GRPC_PREFIX}...)"}
-)
+_NOT_FOUND_BODY = json.dumps({"error": NOT_FOUND_MESSAGE})
 # gRPC status NOT_FOUND, as Triton sends it (trailers-only, so in the response headers) for a model it does
 # not have (any more): see the retry policy.
 _GRPC_NOT_FOUND = "5"
@@ -69,94 +80,11 @@ def _streamed_ext_proc(fleet: Fleet) -> PbAny:
 # Routes answered by Envoy itself; asking the picker first would only cost a round trip.
 _NO_EXT_PROC = ext_proc.ExtProcPerRoute(disabled=True)
 
-# What a client may call: inference, metadata, readiness and (where the operator allows) statistics. Triton's
-# control APIs (model repository load/unload/index, shared memory registration, logging, tracing) are
-# refused before any host is picked: through them a client could unload models fleet-wide or load its own
-# code onto a host.
-GRPC_ALLOWED_METHODS = (
-    "ModelInfer",
-    "ModelStreamInfer",
-    "ModelMetadata",
-    "ModelConfig",
-    "ModelReady",
-    "ServerLive",
-    "ServerReady",
-    "ServerMetadata",
-)
-GRPC_STATISTICS_METHOD = "ModelStatistics"
-# Paths as Envoy matches them (the query string is not part of a regex match). A model or version segment
-# is anything but a slash; the picker checks the names themselves.
-_MODEL_PATH = r"/v2/models/[^/]+(/versions/[^/]+)?"
-REST_INFER_REGEX = f"^{_MODEL_PATH}/infer$"
-REST_OTHER_REGEX = f"^/v2(/health/(live|ready))?$|^{_MODEL_PATH}(/ready|/config)?$"
-REST_STATISTICS_REGEX = r"^/v2/models(/[^/]+(/versions/[^/]+)?)?/stats$"
 # Every REST call but inference carries no body worth the name; larger ones are refused (413) after this
 # much is buffered, so no client can stream megabytes to a metadata endpoint.
 _SMALL_BODY_BYTES = 64 * 1024
-
-# Triton's APIs that the gateway does not offer, each refused (403, gRPC PERMISSION_DENIED) with what it is
-# and why, so that a client learns it from the answer: (route name, what, why, REST paths, gRPC methods).
-# They act on one host, picked like any request, where a client means the fleet: a model loaded or a shared
-# memory region registered through the gateway would exist on one host, and the next request may run on
-# another. Statistics are closed unless the operator allows them (envoy.allow_statistics).
-_ClosedApi = tuple[str, str, str, str, tuple[str, ...]]  # the REST paths as a regex
-_CLOSED_APIS: tuple[_ClosedApi, ...] = (
-    (
-        "repository",
-        "Triton's model repository API (index, load, unload)",
-        "it would load or unload a model on one host of the fleet; operators use extproc models, which acts on "
-        "every host",
-        r"^/v2/repository(/.*)?$",
-        ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"),
-    ),
-    (
-        "shared_memory",
-        "Triton's shared-memory API (system and CUDA)",
-        "a region registered through it would exist on one host only, and the next request may run on another; "
-        "send tensors in the request body",
-        r"^/v2/(system|cuda)sharedmemory(/.*)?$",
-        tuple(f"{kind}SharedMemory{op}" for kind in ("System", "Cuda") for op in ("Status", "Register", "Unregister")),
-    ),
-    (
-        "logging",
-        "Triton's logging API",
-        "log settings are per host; operators set them on each host's own port with the admin key",
-        r"^/v2/logging(/.*)?$",
-        ("LogSettings",),
-    ),
-    (
-        "trace",
-        "Triton's trace API",
-        "trace settings are per host; operators set them on each host's own port with the admin key",
-        rf"^/v2/trace(/.*)?$|^{_MODEL_PATH}/trace/setting$",
-        ("TraceSetting",),
-    ),
-)
-_STATISTICS_CLOSED = (
-    "statistics",
-    "Triton's statistics API",
-    "statistics list every model of the fleet and its traffic, and this fleet does not allow them "
-    "(envoy.allow_statistics)",
-)
-
-
-def closed_api_message(what: str, why: str) -> str:
-    """The refusal of an API the gateway does not offer: which API, and why."""
-    return f"the gateway does not offer {what}: {why}"
-
-
-# Any other path under /v2, or another gRPC method.
-_FORBIDDEN_MESSAGE = (
-    "the gateway does not offer this API: it serves Triton's inference, metadata, config, readiness and health APIs"
-)
-_FORBIDDEN_BODY = json.dumps({"error": _FORBIDDEN_MESSAGE})
-_GRPC_ENCODING_MESSAGE = (
-    "compressed gRPC messages (grpc-encoding) are not accepted by this gateway; send them uncompressed "
-    "(envoy.allow_grpc_compression)"
-)
-_ENCODING_BODY = json.dumps(
-    {"error": "compressed REST bodies (content-encoding) are not accepted; send the body uncompressed"}
-)
+_FORBIDDEN_BODY = json.dumps({"error": FORBIDDEN_MESSAGE})
+_ENCODING_BODY = json.dumps({"error": ENCODING_MESSAGE})
 
 
 def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
@@ -213,13 +141,13 @@ def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
                     ],
                 ),
                 415,
-                _GRPC_ENCODING_MESSAGE,
+                GRPC_ENCODING_MESSAGE,
                 [_set_header("grpc-status", _GRPC_UNIMPLEMENTED), _set_header("grpc-accept-encoding", "identity")],
             )
         )
     if not fleet.envoy.allow_statistics:
         # Every model's statistics; the REST routes below would take it for the metadata of a model "stats".
-        refusal = json.dumps({"error": closed_api_message(*_STATISTICS_CLOSED[1:])})
+        refusal = json.dumps({"error": STATISTICS_API.message})
         routes.append(
             _direct_route("forbidden_all_statistics", route.RouteMatch(path="/v2/models/stats"), 403, refusal)
         )
@@ -235,20 +163,16 @@ def _route_configuration(fleet: Fleet) -> route.RouteConfiguration:
             routes.append(_rest_route(fleet, tier, "infer", model=model))
         routes.append(_rest_route(fleet, tier, "other"))
     # After the routes that serve: the refusals of the APIs the gateway does not offer, each with its reason.
-    closed = list(_CLOSED_APIS)
-    if not fleet.envoy.allow_statistics:
-        closed.append((*_STATISTICS_CLOSED, REST_STATISTICS_REGEX, (GRPC_STATISTICS_METHOD,)))
-    for name, what, why, rest_regex, methods in closed:
-        message = closed_api_message(what, why)
+    for api in closed_apis(fleet.envoy.allow_statistics):
         # Envoy answers a gRPC client trailers-only, the body as grpc-message: plain text there.
         grpc_match = route.RouteMatch(
-            safe_regex=matcher.RegexMatcher(regex=f"^{re.escape(GRPC_PREFIX)}({'|'.join(methods)})$")
+            safe_regex=matcher.RegexMatcher(regex=f"^{re.escape(GRPC_PREFIX)}({'|'.join(api.grpc_methods)})$")
         )
-        routes.append(_direct_route(f"forbidden_grpc_{name}", grpc_match, 403, message))
-        rest_match = route.RouteMatch(safe_regex=matcher.RegexMatcher(regex=rest_regex))
-        routes.append(_direct_route(f"forbidden_{name}", rest_match, 403, json.dumps({"error": message})))
+        routes.append(_direct_route(f"forbidden_grpc_{api.name}", grpc_match, 403, api.message))
+        rest_match = route.RouteMatch(safe_regex=matcher.RegexMatcher(regex=api.rest_regex))
+        routes.append(_direct_route(f"forbidden_{api.name}", rest_match, 403, json.dumps({"error": api.message})))
     routes += [
-        _direct_route("forbidden_grpc", route.RouteMatch(prefix=GRPC_PREFIX), 403, _FORBIDDEN_MESSAGE),
+        _direct_route("forbidden_grpc", route.RouteMatch(prefix=GRPC_PREFIX), 403, FORBIDDEN_MESSAGE),
         _direct_route("forbidden", route.RouteMatch(path_separated_prefix=REST_PREFIX), 403, _FORBIDDEN_BODY),
         _direct_route("not_found", route.RouteMatch(prefix="/"), 404, _NOT_FOUND_BODY),
     ]

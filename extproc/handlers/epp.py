@@ -7,6 +7,9 @@ A GIE gateway asks its picker the same question over the same ext_proc stream, b
   usable is answered 503;
 - it reads the answer from ``x-gateway-destination-endpoint`` (header and ``envoy.lb`` dynamic metadata),
   not from our tier and hosts headers (see :meth:`extproc.handlers.response.Responder.epp_answer`);
+- its routes, not ours, put requests in front of the picker: the allow-list of client APIs and the strips
+  that our Envoy config applies (:mod:`extproc.client_api`; a REST body's content type, client copies of
+  the admin key) are the picker's to apply here;
 - it streams both bodies in FULL_DUPLEX_STREAMED mode, where the picker owns them: every chunk it does not
   send back never reaches the host or the client, and the response phases (headers, body, trailers) come
   to the picker too, each waiting for an answer. The response headers carry the endpoint that served the
@@ -24,8 +27,10 @@ import structlog
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from extproc.client_api import ClientApi
 from extproc.handlers.response import LogBudget
 from extproc.headers import EPP_NAMESPACE, EPP_SERVED_KEY, EPP_SUBSET_KEY, EPP_SUBSET_NAMESPACE
+from extproc.scheduling.types import Reject
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +57,8 @@ class EppStream:
     client: str | None = None
     # The endpoint the picker named first, to tell when another one served the request.
     picked: str | None = None
+    # The answer to a request for an API the gateway does not offer (see extproc.client_api), or None.
+    refusal: Reject | None = None
 
     def body_answer(self, message: ep.ProcessingRequest) -> ep.ProcessingResponse:
         """The answer to a request body chunk."""
@@ -102,27 +109,32 @@ class EppStream:
             log.info("epp_served_elsewhere", picked=self.picked, served=served, suppressed_before=dropped)
 
 
-def epp_stream(data: bytes, served_log: LogBudget, fairness_header: str | None = None) -> EppStream:
-    """The first message's subset hint, body modes and client key. Protobuf parses it a second time (the
-    wire reader reads only the headers the picker's own Envoy forwards): the metadata is a nested Struct,
-    worth no reader of its own."""
+def epp_stream(
+    data: bytes, served_log: LogBudget, client_api: ClientApi, fairness_header: str | None = None
+) -> EppStream:
+    """The first message's subset hint, body modes, client key and, for an API the gateway does not offer,
+    its refusal. Protobuf parses it a second time (the wire reader reads only the headers the picker's own
+    Envoy forwards): the metadata is a nested Struct, worth no reader of its own."""
     message = ep.ProcessingRequest.FromString(data)
     config = message.protocol_config
+    headers = _headers(message)
     return EppStream(
         _subset(message),
         config.request_body_mode == _FULL_DUPLEX,
         config.response_body_mode == _FULL_DUPLEX,
         served_log,
-        _header(message, fairness_header) if fairness_header is not None else None,
+        headers.get(fairness_header) if fairness_header is not None else None,
+        refusal=client_api.refusal(headers.get(":path", ""), headers),
     )
 
 
-def _header(message: ep.ProcessingRequest, name: str) -> str | None:
+def _headers(message: ep.ProcessingRequest) -> dict[str, str]:
+    """Every request header (Envoy sends the names in lower case); of a repeated one, the first."""
+    headers: dict[str, str] = {}
     for header in message.request_headers.headers.headers:
-        if header.key == name:
-            raw: bytes = header.raw_value
-            return raw.decode("latin-1") if raw else str(header.value)
-    return None
+        raw: bytes = header.raw_value
+        headers.setdefault(header.key, raw.decode("latin-1") if raw else str(header.value))
+    return headers
 
 
 def _subset(message: ep.ProcessingRequest) -> frozenset[str] | None:

@@ -17,7 +17,15 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from extproc.config import Tier
-from extproc.headers import ENVOY_TIMEOUT_HEADER, EPP_DESTINATION_HEADER, EPP_NAMESPACE, HOSTS_HEADER, TIER_HEADER
+from extproc.headers import (
+    ADMIN_KEY_GRPC_HEADER,
+    ADMIN_KEY_HEADER,
+    ENVOY_TIMEOUT_HEADER,
+    EPP_DESTINATION_HEADER,
+    EPP_NAMESPACE,
+    HOSTS_HEADER,
+    TIER_HEADER,
+)
 from extproc.metrics import PickerMetrics
 from extproc.scheduling.types import Decision, InferenceRequest, Protocol, Reject, Route
 
@@ -25,7 +33,7 @@ log = structlog.get_logger(__name__)
 
 _OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # HTTP status → gRPC status for answers to gRPC clients (grpc-status, as Triton itself would send).
-_GRPC_STATUS: Final = {400: 3, 403: 7, 404: 5, 409: 9, 413: 8, 429: 8, 503: 14}
+_GRPC_STATUS: Final = {400: 3, 403: 7, 404: 5, 409: 9, 413: 8, 415: 12, 429: 8, 503: 14}
 # Routing answers are reused per (tier, host list); the number of distinct lists is bounded by the fleet's
 # size and max_hosts, but with many hosts it can be large, so the cache starts over when full.
 _MAX_CACHED_ANSWERS: Final = 4096
@@ -85,12 +93,15 @@ def routing_answer(tier: Tier, endpoints: str, timeout_ms: int | None = None) ->
     )
 
 
-def epp_routing_answer(endpoints: str) -> Any:
+def epp_routing_answer(endpoints: str, rest: bool) -> Any:
     """A GIE gateway's answer for a routed request (Endpoint Picker Protocol): the hosts to try, best first,
     in the header and the dynamic metadata its override_host policy reads, with the same value (the
     protocol leaves the precedence to the gateway). No route timeout: gateways refuse the picker's changes
-    to ``x-envoy-*`` headers, so the deadline is the HTTPRoute's."""
-    mutation = ep.HeaderMutation(set_headers=[_header(EPP_DESTINATION_HEADER, endpoints)])
+    to ``x-envoy-*`` headers, so the deadline is the HTTPRoute's. As our own Envoy routes do, it removes
+    client copies of the admin key and (``rest``) the body's content type: Triton 2.51 crashes on a large
+    form-encoded body."""
+    removed = [ADMIN_KEY_HEADER, ADMIN_KEY_GRPC_HEADER, *(("content-type",) if rest else ())]
+    mutation = ep.HeaderMutation(set_headers=[_header(EPP_DESTINATION_HEADER, endpoints)], remove_headers=removed)
     destination = struct_pb2.Struct()
     destination.fields[EPP_DESTINATION_HEADER].string_value = endpoints
     metadata = struct_pb2.Struct()
@@ -140,11 +151,13 @@ class Responder:
                 endpoints = ",".join([h.grpc_endpoint for h in decision.hosts])
             else:
                 endpoints = ",".join([h.http_endpoint for h in decision.hosts])
+            # The endpoints' ports tell the protocols apart.
             answer = self._epp_answers.get(endpoints)
             if answer is None:
                 if len(self._epp_answers) >= _MAX_CACHED_ANSWERS:
                     self._epp_answers.clear()
-                answer = self._epp_answers[endpoints] = epp_routing_answer(endpoints)
+                rest = request.protocol is not Protocol.GRPC
+                answer = self._epp_answers[endpoints] = epp_routing_answer(endpoints, rest)
             return answer
         return self._immediate(decision, request)
 

@@ -24,6 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from google.protobuf import duration_pb2
 
 from extproc.build import compiled
+from extproc.client_api import ClientApi
 from extproc.config import Fleet
 from extproc.handlers.epp import EppStream, epp_stream
 from extproc.handlers.grpc_body import GrpcBodyGuard
@@ -84,6 +85,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         self._streams.per_client = fleet.picker.max_streams_per_client
         self._max_request_bytes = fleet.envoy.max_request_bytes
         self._fairness_header = fleet.picker.overload.fairness_header
+        self._client_api = ClientApi(
+            allow_statistics=fleet.envoy.allow_statistics, allow_grpc_compression=fleet.envoy.allow_grpc_compression
+        )
         self._max_tensor_elements = fleet.picker.max_tensor_elements
         # How long the first body chunk may take before the picker asks Envoy to wait longer for its answer.
         self._late_after_s = fleet.picker.message_timeout_ms / 2000
@@ -115,7 +119,16 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         first = _first_message(data)
         if first is None:
             return
-        gie: EppStream | None = epp_stream(data, self._served_log, self._fairness_header) if epp else None
+        gie: EppStream | None = None
+        if epp:
+            gie = epp_stream(data, self._served_log, self._client_api, self._fairness_header)
+            if gie.refusal is not None:
+                # Before anything else: not a request this gateway serves (see extproc.client_api).
+                grpc_call = grpc_method(first.headers.get(":path", "")) is not None
+                refused = InferenceRequest(Protocol.GRPC if grpc_call else Protocol.HTTP)
+                yield self._responder.answer(gie.refusal, refused)
+                self._responder.refused(gie.refusal, refused, first.headers.get("x-request-id"))
+                return
         if not self._scheduler.has_telemetry():
             # Just started: no repository index yet, so every model would look unknown (404). Failing the
             # stream makes Envoy fail open to its own load balancer until the first telemetry is in.
