@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -81,14 +82,37 @@ _LB_POLICY_TYPES = {
 }
 
 
+# Read by triton_models/timed_batch: a file whose factor replaces the launch one while the model runs.
+SPEED_FILE_ENV = "EXTPROC_SERVICE_TIME_FILE"
+
+
 class Policy(StrEnum):
     ROUND_ROBIN = "round_robin"
     LEAST_REQUEST = "least_request"
+    # The simple expected-completion picker (benchmarks/baseline_picker.py) behind the picker's own Envoy.
+    BASELINE = "baseline"
     PICKER = "picker"
+
+    @property
+    def processor(self) -> bool:
+        """An ext_proc processor decides, behind the Envoy config extproc renders."""
+        return self in (Policy.BASELINE, Policy.PICKER)
 
 
 class ScenarioError(Exception):
     """An invalid scenario file; ``str()`` names the file, the key and the problem."""
+
+
+class Slowdown(BaseModel):
+    """``host`` runs ``factor`` times slower than its launch speed from ``at_s`` seconds into each policy's
+    load (warm-up included) to its end: its ``timed_batch`` reads the factor from a file the benchmark
+    writes (``EXTPROC_SERVICE_TIME_FILE``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str
+    at_s: float = Field(ge=0)
+    factor: float = Field(gt=0, le=1000)
 
 
 class Scenario(BaseModel):
@@ -106,6 +130,7 @@ class Scenario(BaseModel):
     baseline_pool: Literal["all_hosts", "fallback_tier"] = "all_hosts"
     # Longest wait for Triton's queues to empty between policies.
     drain_timeout_s: float = Field(default=60.0, gt=0, le=600)
+    slowdowns: tuple[Slowdown, ...] = ()
     source: str = Field(default="<memory>", exclude=True)
 
     @field_validator("policies")
@@ -159,6 +184,12 @@ def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
     for i, entry in enumerate(scenario.load.mix):
         if entry.model not in loaded:
             problems.append(f"{source}: key load.mix[{i}].model: {entry.model!r} is loaded on no host")
+    names = {h.name for h in fleet.hosts}
+    for i, slowdown in enumerate(scenario.slowdowns):
+        if slowdown.host not in names:
+            problems.append(f"{source}: key slowdowns[{i}].host: {slowdown.host!r} is not a host of the fleet")
+        if slowdown.at_s >= scenario.load.total_s:
+            problems.append(f"{source}: key slowdowns[{i}].at_s: {slowdown.at_s:g} s is after the load's end")
     if problems:
         raise ScenarioError("\n".join(problems))
     return scenario
@@ -622,7 +653,7 @@ def comparisons(summaries: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     by = {s["policy"]: s for s in summaries}
     out: dict[str, float] = {}
     if "picker" in by:
-        for base in ("least_request", "round_robin"):
+        for base in ("least_request", "round_robin", "baseline"):
             if base in by and by[base]["latency"]["p99_ms"] > 0:
                 out[f"picker_p99_over_{base}_p99"] = by["picker"]["latency"]["p99_ms"] / by[base]["latency"]["p99_ms"]
     return out
@@ -723,11 +754,26 @@ class FleetBench:
                 models=host.launch.models,
                 address=host.address,
             )
-            self.tritons.start(host.name, argv, triton_env(host.launch.service_time_factor))
+            speed = self.speed_file(host.name)
+            speed.write_text(f"{host.launch.service_time_factor!r}\n", encoding="utf-8")
+            self.tritons.start(
+                host.name, argv, triton_env(host.launch.service_time_factor) | {SPEED_FILE_ENV: str(speed)}
+            )
         self._wait(
             [(f"Triton {h.name}", _ok(f"http://{h.http_endpoint}/v2/health/ready")) for h in self.fleet.hosts],
             self.tritons,
         )
+
+    def speed_file(self, host: str) -> Path:
+        """Where ``host``'s ``timed_batch`` reads its service time factor from (see :class:`Slowdown`)."""
+        return self.run_dir / f"speed-{host}.txt"
+
+    def set_speed(self, host: str, factor: float) -> None:
+        # A rename, so the model never reads a half-written file.
+        path = self.speed_file(host)
+        partial = path.with_suffix(".partial")
+        partial.write_text(f"{factor!r}\n", encoding="utf-8")
+        partial.replace(path)
 
     def triton_snapshot(self) -> dict[str, TritonCounts]:
         out = {}
@@ -777,8 +823,9 @@ class FleetBench:
         fleet_data: Mapping[str, Any] | None = None,
         baseline_pool: str = "all_hosts",
     ) -> Iterator[Front]:
-        """Envoy (and, for ``Policy.PICKER``, the picker) on fresh ports for ``fleet_data`` (default the
-        fleet's), ready to route to every host; stopped on leaving. ``index`` keeps Envoy base ids apart."""
+        """Envoy (and, for ``Policy.PICKER`` or ``BASELINE``, its processor) on fresh ports for ``fleet_data``
+        (default the fleet's), ready to route to every host; stopped on leaving. ``index`` keeps Envoy base ids
+        apart."""
         policy_dir = self.run_dir / name
         policy_dir.mkdir(parents=True, exist_ok=True)
         data = localize_front(
@@ -791,7 +838,7 @@ class FleetBench:
         config_path = policy_dir / "fleet.yaml"
         config_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
         envoy_path = policy_dir / "envoy.yaml"
-        if policy is Policy.PICKER:
+        if policy.processor:
             envoy_path.write_text(render_yaml(fleet), encoding="utf-8")
         else:
             boot = baseline_bootstrap(fleet, policy.value, baseline_pool)
@@ -801,9 +848,11 @@ class FleetBench:
         gateway = f"http://{fleet.envoy.listener.address}:{fleet.envoy.listener.port}"
         try:
             checks: list[tuple[str, Callable[[], bool]]] = []
-            if policy is Policy.PICKER:
-                self.say(f"{name}: starting the picker")
-                supervisor.start("picker", [sys.executable, "-m", "extproc", "serve", "--config", str(config_path)])
+            if policy.processor:
+                command = ["extproc", "serve"] if policy is Policy.PICKER else ["benchmarks.baseline_picker"]
+                self.say(f"{name}: starting {command[0]}")
+                argv = [sys.executable, "-m", *command, "--config", str(config_path)]
+                supervisor.start("picker", argv, child_env())
                 picker = fleet.picker
                 checks.append(("picker", _ok(f"http://{picker.metrics_address}:{picker.metrics_port}/ready")))
             self.say(f"{name}: starting Envoy on {gateway}")
@@ -906,11 +955,23 @@ class RoutingBench(FleetBench):
             _progress(
                 f"{policy.value}: {load.rate_rps:g} req/s for {load.warmup_s:g} s warm-up + {load.duration_s:g} s"
             )
-            records, generator, cpu_cores, timeline = self.run_loadgen(
-                policy.value, load, front.gateway, front.work_dir, front.supervisor
-            )
+            timers = [
+                threading.Timer(s.at_s, self.set_speed, (s.host, s.factor * self._launch_factor(s.host)))
+                for s in self.scenario.slowdowns
+            ]
+            for timer in timers:
+                timer.start()
+            try:
+                records, generator, cpu_cores, timeline = self.run_loadgen(
+                    policy.value, load, front.gateway, front.work_dir, front.supervisor
+                )
+            finally:
+                for timer in timers:
+                    timer.cancel()
+                for s in self.scenario.slowdowns:
+                    self.set_speed(s.host, self._launch_factor(s.host))
             drained = self.drain()
-            ext_proc = _envoy_ext_proc_stats(front.admin) if policy is Policy.PICKER else {}
+            ext_proc = _envoy_ext_proc_stats(front.admin) if policy.processor else {}
             after = self.triton_snapshot()
             envoy_after = envoy_host_requests(_envoy_clusters(front.admin) or {}, self.endpoint_names)
             notes = [f"{c.name} exited during the run (code {c.process.returncode})" for c in front.supervisor.exited()]
@@ -928,6 +989,10 @@ class RoutingBench(FleetBench):
         return PolicyResult(
             policy.value, records, generator, delta, envoy_delta, drained, notes, cpu_cores, timeline, ext_proc
         )
+
+    def _launch_factor(self, host: str) -> float:
+        launch = next(h.launch for h in self.fleet.hosts if h.name == host)
+        return launch.service_time_factor if launch is not None else 1.0
 
 
 def fleet_description(fleet: Fleet) -> list[dict[str, Any]]:

@@ -104,7 +104,8 @@ def test_shipped_scenarios_cover_the_issue() -> None:
 
 def test_scenario_defaults() -> None:
     scenario = parse_scenario(scenario_data())
-    assert scenario.policies == (Policy.ROUND_ROBIN, Policy.LEAST_REQUEST, Policy.PICKER)
+    assert scenario.policies == (Policy.ROUND_ROBIN, Policy.LEAST_REQUEST, Policy.BASELINE, Policy.PICKER)
+    assert scenario.slowdowns == ()
     assert scenario.baseline_pool == "all_hosts"
     assert scenario.load.timeout_s == 10
     assert scenario.load.mix[0].protocol == "http" and scenario.load.mix[0].input == "INPUT0"
@@ -136,6 +137,15 @@ def test_scenario_ports_in_the_file_do_not_matter() -> None:
         ),
         (lambda d: d["load"]["mix"][0].update(model="nope"), "key load.mix[0].model: 'nope' is loaded on no host"),
         (lambda d: d["load"]["mix"][1].update(name="timed_batch/http/1x4"), "mix entries need distinct names"),
+        (
+            lambda d: d.update(slowdowns=[{"host": "nope", "at_s": 1, "factor": 2}]),
+            "key slowdowns[0].host: 'nope' is not a host of the fleet",
+        ),
+        (
+            lambda d: d.update(slowdowns=[{"host": d["fleet"]["hosts"][0]["name"], "at_s": 999, "factor": 2}]),
+            "key slowdowns[0].at_s: 999 s is after the load's end",
+        ),
+        (lambda d: d.update(slowdowns=[{"host": "x", "at_s": 1, "factor": 0}]), "key slowdowns[0].factor"),
     ],
 )
 def test_scenario_errors_name_the_key(mutate: Any, expected: str) -> None:

@@ -85,7 +85,9 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def run_triton(workdir: Path, models: tuple[str, ...], service_time_factor: float) -> Iterator[Triton]:
+def run_triton(
+    workdir: Path, models: tuple[str, ...], service_time_factor: float, extra_env: dict[str, str] | None = None
+) -> Iterator[Triton]:
     try:
         find_tritonserver()
     except TritonNotInstalledError as exc:
@@ -103,7 +105,7 @@ def run_triton(workdir: Path, models: tuple[str, ...], service_time_factor: floa
     with log.open("wb") as log_file:
         process = subprocess.Popen(
             command,
-            env=triton_env(service_time_factor),
+            env=triton_env(service_time_factor) | (extra_env or {}),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -289,6 +291,25 @@ def test_service_time_factor_slows_timed_batch(triton: Triton, tmp_path: Path) -
     assert slow_ms >= 40.0 * 0.98
     assert fast_ms < 25.0, f"factor 1 took {fast_ms:.1f} ms per execution"
     assert slow_ms > 2.0 * fast_ms
+
+
+def test_a_factor_written_to_the_speed_file_slows_timed_batch_while_it_runs(tmp_path: Path) -> None:
+    """benchmarks.routing's slowdowns: the factor in EXTPROC_SERVICE_TIME_FILE replaces the launch one from
+    the next execution on; a file that holds no valid factor keeps the last good one."""
+    speed = tmp_path / "speed.txt"
+    speed.write_text("1.0\n")
+    with run_triton(tmp_path, ("timed_batch",), 1.0, {"EXTPROC_SERVICE_TIME_FILE": str(speed)}) as server:
+        before_ms = _mean_compute_ms(server, 4)
+        partial = tmp_path / "speed.partial"
+        partial.write_text("4.0\n")
+        partial.replace(speed)
+        slowed_ms = _mean_compute_ms(server, 4)
+        partial.write_text("fast please\n")
+        partial.replace(speed)
+        kept_ms = _mean_compute_ms(server, 4)
+    assert before_ms < 25.0, f"factor 1 took {before_ms:.1f} ms per execution"
+    assert slowed_ms >= 40.0 * 0.98
+    assert kept_ms >= 40.0 * 0.98
 
 
 # --- seq_accumulate ------------------------------------------------------------------------------------
