@@ -51,7 +51,7 @@ def run(s: SimScenario, policy: str, pickers: int = 1) -> tuple[Sim, dict[str, A
 
 def test_the_family_loads_and_spans_what_issue_18_asks() -> None:
     scenarios = [load_sim_scenario(p) for p in family()]
-    assert len(scenarios) >= 14
+    assert len(scenarios) >= 30
     hosts = [sum(g.count for g in s.hosts) for s in scenarios]
     assert min(hosts) == 3 and max(hosts) == 1000
     loads = [s.rate_rps() / s.capacity_rps() for s in scenarios if s.routing_scenario is None]
@@ -69,6 +69,9 @@ def test_the_family_loads_and_spans_what_issue_18_asks() -> None:
         "homogeneous",
         "mixed_tiers",
         "partial_placement",
+        "mixed_sizes",
+        "wide_spread",
+        "slowdown",
     }
 
 
@@ -79,6 +82,15 @@ def test_a_real_scenarios_version_takes_its_hosts_and_load() -> None:
     assert [g.factor for g in sim.hosts] == [h["launch"]["service_time_factor"] for h in real.fleet["hosts"]]
     assert sim.rate_rps() == real.load.rate_rps and sim.seed == real.load.seed
     assert sim.load.duration_s == real.load.duration_s and sim.load.warmup_s == real.load.warmup_s
+    # The real benchmark's baseline processor is the simulator's expected_completion_baseline.
+    assert sim.policies == ("round_robin", "least_request", "expected_completion_baseline", "picker", "oracle")
+
+
+def test_a_real_slowdown_is_a_factor_event_of_the_hosts_launch_speed() -> None:
+    sim = load_sim_scenario(next(p for p in family() if p.stem == "real_slowdown"))
+    (slowdown,) = load_scenario(find_scenario("slowdown")).slowdowns
+    (event,) = sim.events
+    assert (event.at_s, event.host, event.action, event.factor) == (slowdown.at_s, slowdown.host, "factor", 6.0)
 
 
 @pytest.mark.parametrize(

@@ -360,7 +360,10 @@ def _from_routing(name: str, source: str) -> dict[str, Any]:
         "timeout_s": real.load.timeout_s,
         "mix": mix,
     }
-    policies = [p.value for p in real.policies]
+    # The real benchmark's baseline processor is the simulator's expected_completion_baseline.
+    names = {"baseline": "expected_completion_baseline"}
+    policies = [names.get(p.value, p.value) for p in real.policies]
+    factors = {h["name"]: h["factor"] for h in hosts}
     return {
         "description": real.description,
         "seed": real.load.seed,
@@ -368,7 +371,12 @@ def _from_routing(name: str, source: str) -> dict[str, Any]:
         "fleet": fleet,
         "load": load,
         "baseline_pool": "all_hosts" if real.baseline_pool == "all_hosts" else "model_hosts",
-        "policies": [*policies, "expected_completion_baseline", "oracle"],
+        "policies": list(dict.fromkeys([*policies, "expected_completion_baseline", "oracle"])),
+        # A real slowdown multiplies the host's launch factor; the simulator's event sets the factor.
+        "events": [
+            {"at_s": s.at_s, "host": s.host, "action": "factor", "factor": s.factor * factors[s.host]}
+            for s in real.slowdowns
+        ],
     }
 
 
