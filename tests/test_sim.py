@@ -366,3 +366,34 @@ def test_the_command_writes_json_with_command_seed_and_scenario(
     assert report["comparisons"]["1"]["expected_completion_baseline"]["p99_over_baseline"] == 1.0
     assert "p99" in capsys.readouterr().out
     assert cli.main(["--scenario", str(path), "--policies", "nope"]) == 2
+
+
+def test_execution_jitter_lengthens_executions_alike_for_every_policy() -> None:
+    base = load_sim_scenario(next(p for p in family() if p.stem == "real_homogeneous"))
+    models = {k: v.model_copy(update={"jitter_ms": 0.0}) for k, v in base.models.items()}
+    quiet = base.model_copy(update={"models": models})
+    trace = build_trace(base)
+    p50 = {}
+    for name, scenario in (("quiet", quiet), ("jitter", base)):
+        runs = [cli.simulate(scenario, trace, policy)[1] for policy in ("round_robin", "least_request")]
+        p50[name] = [r["latency"]["p50_ms"] for r in runs]
+    # An exponential delay of mean 2 ms per execution: at least that much more at the median, and more
+    # where the longer executions make requests queue, but not without bound.
+    assert all(2.0 < j - q < 6.0 for j, q in zip(p50["jitter"], p50["quiet"], strict=True)), p50
+
+
+def test_validation_compares_each_policy_of_a_real_run_with_its_simulation() -> None:
+    from benchmarks.sim.validate import compare
+
+    real = {
+        "scenario": "homogeneous",
+        "policies": [
+            {"policy": "least_request", "latency": {"p99_ms": 35.0}},
+            {"policy": "baseline", "latency": {"p99_ms": 1000.0}},
+        ],
+    }
+    rows = compare(real, tolerance=0.25)
+    assert [r["policy"] for r in rows] == ["least_request", "baseline"]
+    for row in rows:
+        assert row["sim_over_real"] == pytest.approx(row["sim_p99_ms"] / row["real_p99_ms"])
+    assert rows[0]["within"] and not rows[1]["within"]

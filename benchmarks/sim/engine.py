@@ -77,6 +77,7 @@ class Batcher:
         "free",
         "host",
         "instances",
+        "jitter",
         "label",
         "max_batch",
         "model",
@@ -101,6 +102,7 @@ class Batcher:
         self.fixed = timing.fixed_ms / 1000.0
         self.per_row = timing.per_row_ms / 1000.0
         self.scaled = timing.scaled
+        self.jitter = timing.jitter_ms / 1000.0
         self.queue: deque[int] = deque()
         self.queued_rows = 0
         self.free = timing.instances
@@ -295,6 +297,8 @@ class Sim:
         self.to_host_s = spec.gateway_ms / 2000.0
         self.back_s = spec.gateway_ms / 2000.0
         self.rng = random.Random(f"{scenario.seed}/{seed_label}/envoy")
+        # The same for every policy: the hosts' noise is not the policy's doing.
+        self.jitter_rng = random.Random(f"{scenario.seed}/jitter")
         self.gateways = [
             Gateway(k, len(self.hosts), random.Random(f"{scenario.seed}/{seed_label}/gw{k}")) for k in range(n_gateways)
         ]
@@ -442,6 +446,8 @@ class Sim:
             b.queued_rows -= rows
             b.free -= 1
             end = now + b.exec_s(rows)
+            if b.jitter:
+                end += self.jitter_rng.expovariate(1.0 / b.jitter)
             b.running.append((end, batch))
             if not b.free:
                 b.next_free = min([e for e, _ in b.running])

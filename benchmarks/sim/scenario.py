@@ -44,6 +44,10 @@ class ModelTiming(_Strict):
     per_row_ms: float = Field(ge=0)
     # Whether the host's factor multiplies the batch time (a device-speed model); else every host is alike.
     scaled: bool = True
+    # Mean of an exponential delay added to each execution: what a real host adds to the batch time it
+    # means to take (a sleep that overshoots, the python backend's IPC, a core shared with other processes).
+    # The real_* scenarios set it from one real run (see benchmarks.sim.validate); 0 elsewhere.
+    jitter_ms: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _positive(self) -> ModelTiming:
