@@ -333,11 +333,11 @@ def test_json_follows_the_view() -> None:
 
 def test_a_watch_frame_fits_the_terminal() -> None:
     frame = "\n".join(f"line {i} " + "x" * 200 for i in range(100)) + "\nrefreshing every 2 s; Ctrl-C to stop\n"
-    lines = st._fit(frame, 80, 24).splitlines()
+    lines = st.fit_frame(frame, 80, 24).splitlines()
     assert len(lines) == 23 and max(len(line) for line in lines) <= 80
     assert lines[-2] == "... 79 more lines (--top N, --tier/--state/--model)"
     assert lines[-1] == "refreshing every 2 s; Ctrl-C to stop"
-    assert st._fit("a\nb\n", 80, 24) == "a\nb\n"
+    assert st.fit_frame("a\nb\n", 80, 24) == "a\nb\n"
 
 
 def test_watch_refreshes_in_place_until_interrupted() -> None:
