@@ -75,6 +75,10 @@ GRPC_OPTIONS: Final = [
     # Envoy opens one stream per request over a few connections; do not let gRPC cap them.
     ("grpc.max_concurrent_streams", 100_000),
     ("grpc.so_reuseport", 1),
+    # Envoy bounds each message: a chunked REST body is buffered whole, up to envoy.max_request_bytes, and
+    # reaches the picker as one message. gRPC's default 4 MiB limit failed those streams, and Envoy then
+    # sent the body on without the picker's checks (failing open).
+    ("grpc.max_receive_message_length", -1),
 ]
 
 

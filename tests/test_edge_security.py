@@ -613,6 +613,21 @@ def test_m2_crafted_lengths_and_deep_json_get_400_not_a_failed_stream(stack: Sta
     assert envoy_stat(stack, "ext_proc.streams_failed") == failed
 
 
+def test_n1_a_chunked_body_over_grpcs_default_message_size_is_still_checked(stack: Stack) -> None:
+    """Found by the re-run of the review: a chunked REST body reaches the picker whole, as one message;
+    over gRPC's default 4 MiB receive limit its stream failed and Envoy sent the body on unchecked (200 from
+    a host for a body the picker refuses). Now the picker reads it, and refuses it."""
+    failed = envoy_stat(stack, "ext_proc.streams_failed")
+    bad = json.dumps(
+        {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [1]}], "pad": "x" * 5_000_000}
+    ).encode()
+    assert 4 * 1024 * 1024 < len(bad) < MAX_REQUEST_BYTES
+    status, headers, body = request(stack, "/v2/models/timed_batch/infer", bad, [("transfer-encoding", "chunked")])
+    assert status == 400, body[:300]
+    assert "x-triton-host" not in headers
+    assert envoy_stat(stack, "ext_proc.streams_failed") == failed
+
+
 # ------------------------------------------------------------------------------ M3 chunked sequences
 
 
