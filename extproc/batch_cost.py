@@ -99,22 +99,31 @@ def per_request(cost: BatchCost, batching: Batching, rows_per_request: float) ->
     return BatchCost(cost.fixed_ms, cost.item_ms * rows), per_batch if per_batch > 1.0 else 1.0
 
 
-def completion_ms(cost: BatchCost, batching: Batching, in_flight: float, per_batch: float | None = None) -> float:
+def completion_ms(
+    cost: BatchCost,
+    batching: Batching,
+    in_flight: float,
+    per_batch: float | None = None,
+    own: float = 1.0,
+    excess: float = 0.0,
+) -> float:
     """When a request sent now finishes on a host with ``in_flight`` requests of this model ahead of it.
 
     ``cost`` is per request, and an execution holds ``per_batch`` requests (default ``max_batch``: requests
-    of one row; see :func:`per_request` for others).
+    of one row; see :func:`per_request` for others). Work is counted in such requests: the new request's
+    is ``own``, and the requests ahead carry ``excess`` more than their count (less, when negative).
 
     With a free instance it executes at once, alone. Otherwise the instances' running batches are half
-    done on average; the queued requests ahead run in full batches, spread over the instances; the new
+    done on average; the queued work ahead runs in full batches, spread over the instances; the new
     request runs in the batch formed by whatever is left of the queue, itself included.
     """
     instances = batching.instances
     max_batch = batching.max_batch if per_batch is None else per_batch
     if in_flight < instances:
-        return cost.exec_ms(1)
-    running = min(in_flight, instances * max_batch)
+        return cost.exec_ms(own)
+    work = in_flight + excess if in_flight + excess > 0.0 else 0.0
+    running = min(work, instances * max_batch)
     remaining = cost.exec_ms(running / instances) / 2
-    queued = int(in_flight - running)
+    queued = int(work - running)
     full_batches, left = divmod(queued, max_batch)
-    return remaining + (full_batches // instances) * cost.exec_ms(max_batch) + cost.exec_ms(left + 1)
+    return remaining + (full_batches // instances) * cost.exec_ms(max_batch) + cost.exec_ms(left + own)

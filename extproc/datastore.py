@@ -105,7 +105,15 @@ TELEMETRY_FIELDS: Final = (
 # The other fields: the host's identity, and the in-flight estimate, which every pick moves and every
 # decision reads live (never prepared, so written without a generation change).
 IDENTITY_FIELDS: Final = ("spec", "http_endpoint", "grpc_endpoint")
-ESTIMATE_FIELDS: Final = ("estimate", "estimate_at", "picks_since_poll", "model_estimates")
+ESTIMATE_FIELDS: Final = (
+    "estimate",
+    "estimate_at",
+    "picks_since_poll",
+    "model_estimates",
+    "excess",
+    "excess_at",
+    "excess_span",
+)
 
 
 @dataclass(slots=True)
@@ -128,6 +136,14 @@ class HostState:
     # The same queue per model, from this picker's picks only: model → (estimate, its time). Triton
     # queues each model apart, so a request waits behind its own model's requests, not the host's.
     model_estimates: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Work in flight beyond the estimate's count, from this picker's picks (see :meth:`excess_work`): each
+    # pick adds its work (in requests of its model's mean size) less 1, so three 24-row requests weigh more
+    # than three 1-row ones; never below 0, since the count may hold big requests the picker did not see.
+    # Kept across Envoy's polls (whose counts carry no sizes), and worn off as the ``excess_span`` requests
+    # ahead at ``excess_at`` drain.
+    excess: float = 0.0
+    excess_at: float = 0.0
+    excess_span: float = 1.0
     # Set by an operator (``POST /hosts/NAME/drain``): no new requests, e.g. before unloading a model.
     draining: bool = False
     metrics_at: float | None = None
@@ -161,21 +177,44 @@ class HostState:
         measured rate), or Triton's queue if larger (requests that did not come through this Envoy)."""
         return max(self._drained(now), float(self.load.pending))
 
-    def record_pick(self, now: float, weight: int = 1, model: str | None = None) -> None:
+    def record_pick(self, now: float, weight: int = 1, model: str | None = None, work: float = 1.0) -> None:
+        """A request sent to the host; ``work``: its size in requests of its model's mean size (the
+        in-flight counts, Envoy's and Triton's, are read as requests of that size)."""
         # The other gateways send the host their share meanwhile, as they see what this picker sees.
-        added = weight * self.load.envoy_scale
-        self.estimate = self._drained(now) + added
+        scale = weight * self.load.envoy_scale
+        drained = self._drained(now)
+        self.estimate = drained + scale
         self.estimate_at = now
         self.picks_since_poll += weight
+        # Only this picker's own request has a known size: the others' (``scale`` counts them) are of the
+        # mean size on average.
+        extra = (work - 1.0) * weight
+        if extra != 0.0 or self.excess != 0.0:
+            excess = self.excess_work(now) + extra
+            self.excess = excess if excess > 0.0 else 0.0
+            self.excess_at = now
+            self.excess_span = drained + scale if drained + scale > 1.0 else 1.0
         if model is not None:
-            self.model_estimates[model] = (self._model_drained(model, now) + added, now)
+            self.model_estimates[model] = (self._model_drained(model, now) + scale + extra, now)
+
+    def excess_work(self, now: float) -> float:
+        """The work in flight beyond :meth:`in_flight`'s count of mean-sized requests (never below 0). It
+        wears off as the requests it was added behind drain, at the host's measured rate: all of it
+        once the ``excess_span`` requests in flight at the last pick would have finished."""
+        excess = self.excess
+        if excess == 0.0 or not self.load.service_ms:
+            return excess
+        left = 1.0 - (now - self.excess_at) * 1000.0 / self.load.service_ms / self.excess_span
+        return excess * left if left > 0.0 else 0.0
 
     def model_in_flight(self, model: str, now: float) -> float:
-        """Best estimate of ``model``'s requests on this host now: this picker's picks of it, drained at the
-        model's measured rate, or Triton's queue of it if larger, never more than the host's
-        :meth:`in_flight` (which Envoy's count keeps honest)."""
+        """Best estimate of ``model``'s work on this host now, in requests of its mean size: this picker's
+        picks of it (each its work, see :meth:`record_pick`), drained at the model's measured rate, or
+        Triton's queue of it if larger, never more than the host's :meth:`in_flight` and
+        :meth:`excess_work` (which Envoy's count keeps honest)."""
         own = max(self._model_drained(model, now), float(self.load.model_pending.get(model, 0)))
-        return min(own, self.in_flight(now))
+        host = self.in_flight(now) + self.excess_work(now)
+        return min(own, host) if host > 0.0 else 0.0
 
     def _model_drained(self, model: str, now: float) -> float:
         estimate = self.model_estimates.get(model)

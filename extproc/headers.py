@@ -43,6 +43,8 @@ PRIORITY_HEADER: Final = "x-triton-priority"  # "critical", "standard" (default)
 SEQUENCE_HEADER: Final = "x-triton-sequence-id"
 # A REST client's deadline, in milliseconds (gRPC clients' is the standard grpc-timeout).
 TIMEOUT_HEADER: Final = "x-triton-timeout-ms"
+# The client's count of a request's rows (its batch dimension): how much work it is (see Scheduler.work).
+ROWS_HEADER: Final = "x-triton-rows"
 GRPC_TIMEOUT_HEADER: Final = "grpc-timeout"
 
 # Every request header the picker reads; the others are not even decoded (and Envoy does not send them,
@@ -58,6 +60,7 @@ READ_HEADERS: Final = frozenset(
         PRIORITY_HEADER,
         SEQUENCE_HEADER,
         TIMEOUT_HEADER,
+        ROWS_HEADER,
         GRPC_TIMEOUT_HEADER,
         CLIENT_KEY_HEADER,
     }

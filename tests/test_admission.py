@@ -90,6 +90,10 @@ def test_client_deadline_headers() -> None:
     request = rest_request("/v2/models/embed/infer", {"x-triton-timeout-ms": "900", "x-triton-lb-client": "10.1.2.3"})
     assert request.infer and request.timeout_ms == 900 and request.client == "10.1.2.3"
     assert not rest_request("/v2/models/embed/versions/1/ready", {}).infer
+    # x-triton-rows: the client's count of the request's rows, a positive integer within reason.
+    assert rest_request("/v2/models/embed/infer", {"x-triton-rows": "24"}).rows == 24
+    for bad in ("", "0", "-3", "2.5", " 4", "x", str(2**20 + 1), "9" * 30):
+        assert rest_request("/v2/models/embed/infer", {"x-triton-rows": bad}).rows is None, bad
     assert rest_request("/v2/models/embed/versions/1/infer?x=1", {}).infer
 
 

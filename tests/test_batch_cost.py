@@ -150,3 +150,14 @@ def _config(max_batch: int, batcher: str | None = None, groups: tuple[tuple[int,
 )
 def test_batching_from_model_config(config: object, expected: Batching) -> None:
     assert batching_from_config(config) == expected
+
+
+def test_completion_counts_the_requests_own_work_and_the_excess_ahead() -> None:
+    """Work in requests of the mean size: a request of twice the mean runs its own batch twice as long, and
+    requests ahead that carry more work than their count fill more batches."""
+    cost, batching = BatchCost(4.0, 2.0), Batching(max_batch=4, instances=1)
+    assert completion_ms(cost, batching, 0.0, own=2.0) == pytest.approx(4.0 + 4.0)
+    assert completion_ms(cost, batching, 2.0) == pytest.approx((4.0 + 4.0) / 2 + 4.0 + 2.0)
+    # The same two requests ahead, but with 8 requests' worth of work: a full batch running, one queued.
+    assert completion_ms(cost, batching, 2.0, excess=6.0) == pytest.approx((4.0 + 8.0) / 2 + 4.0 + 8.0 + 4.0 + 2.0)
+    assert completion_ms(cost, batching, 2.0, excess=-5.0, own=0.5) == pytest.approx(4.0 / 2 + 4.0 + 1.0)

@@ -123,3 +123,38 @@ def test_the_check_sees_direct_writes() -> None:
         "3: envoy",
         "3: ready",
     ]
+
+
+def test_picks_carry_their_work_until_it_drains() -> None:
+    """A pick of other than the mean size adds its excess work, which outlives Envoy's count (a count of
+    requests) and wears off as the requests in flight drain at the host's rate."""
+    host = next(iter(synthetic_fleet(1)[1].hosts.values()))
+    host.load.service_ms = 10.0
+    host.record_pick(0.0, model="m", work=4.0)
+    host.record_pick(0.0, model="m", work=0.5)
+    assert host.in_flight(0.0) == pytest.approx(2.0)
+    assert host.excess_work(0.0) == pytest.approx(3.0 - 0.5)
+    assert host.model_in_flight("m", 0.0) == pytest.approx(4.5)
+    host.reset_estimate(2, 0.005)  # Envoy's poll: two requests
+    assert host.in_flight(0.005) == pytest.approx(2.0)
+    assert host.excess_work(0.005) == pytest.approx(2.5 * (1 - 0.5 / 2))
+    assert host.excess_work(0.05) == 0.0, "the two requests ahead are done: so is their excess"
+    host.record_pick(0.05)
+    assert host.excess_work(0.05) == 0.0
+
+
+def test_only_the_pickers_own_request_carries_a_known_size_and_small_ones_never_make_a_host_look_emptier() -> None:
+    """With several gateways (envoy_scale 4: three other requests come meanwhile, of unknown size, so of the
+    mean), a 4-unit pick adds 3 units of excess, not 12; small picks leave the excess at 0 rather than
+    below it, as Envoy's count may hold big requests this picker did not see."""
+    host = next(iter(synthetic_fleet(1)[1].hosts.values()))
+    host.load.service_ms = 10.0
+    host.load.envoy_scale = 4.0
+    host.record_pick(0.0, model="m", work=4.0)
+    assert host.excess_work(0.0) == pytest.approx(3.0)
+    assert host.model_in_flight("m", 0.0) == pytest.approx(4.0 + 3.0)
+    other = next(iter(synthetic_fleet(1)[1].hosts.values()))
+    other.load.service_ms = 10.0
+    for _ in range(5):
+        other.record_pick(0.0, model="m", work=0.25)
+    assert other.excess_work(0.0) == 0.0

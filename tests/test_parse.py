@@ -184,3 +184,29 @@ def test_grpc_sequence_flags_from_parameters() -> None:
     request.parameters["sequence_end"].bool_param = True
     parsed = parse_grpc_frame(frame(request.SerializeToString()), None, complete=True)
     assert parsed is not None and parsed.sequence_end
+
+
+def test_grpc_rows_from_the_first_inputs_leading_dimension() -> None:
+    """The first input's batch dimension, packed or not, as far as the first chunk goes; nothing where the
+    shape cannot be a count of rows or the input has not arrived."""
+    request = service_pb2.ModelInferRequest(model_name="m")
+    first = request.inputs.add(name="INPUT0", datatype="FP32", shape=[24, 16])
+    request.inputs.add(name="INPUT1", datatype="FP32", shape=[3, 16])
+    request.raw_input_contents.append(b"\0" * 64)
+    data = frame(request.SerializeToString())
+    parsed = parse_grpc_frame(data, None, complete=True)
+    assert parsed is not None and parsed.rows == 24
+    parsed = parse_grpc_frame(data[:12], None, complete=False)  # the model name, not the inputs yet
+    assert parsed is not None and parsed.target.model == "m" and parsed.rows is None
+    # Unpacked shape (some encoders write repeated scalars one by one): field 3, varint, per dimension.
+    tensor = b"\x0a\x01x" + b"\x18\x05" + b"\x18\x10"
+    unpacked = b"\x0a\x01m" + b"\x2a" + bytes([len(tensor)]) + tensor
+    parsed = parse_grpc_frame(frame(unpacked), None, complete=True)
+    assert parsed is not None and parsed.rows == 5
+    for shape in ([0, 16], [-1, 16], []):
+        del first.shape[:]
+        first.shape.extend(shape)
+        parsed = parse_grpc_frame(frame(request.SerializeToString()), None, complete=True)
+        assert parsed is not None and parsed.rows is None, shape
+    no_inputs = parse_grpc_frame(frame(infer_request("m")), None, complete=True)
+    assert no_inputs is not None and no_inputs.rows is None

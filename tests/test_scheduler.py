@@ -594,3 +594,70 @@ def test_only_allowed_endpoints_are_candidates(store: Datastore) -> None:
     assert isinstance(decision, Reject) and decision.status == 503
     health = InferenceRequest(Protocol.HTTP, allowed=frozenset({"10.0.0.3:8000"}))
     assert names(Scheduler(f, store).decide(health)) == ["g3"]  # requests that name no model too
+
+
+def sized_store() -> Datastore:
+    """g1 and g2 serve "embed" at exec(rows) = 4 + 1 ms per row, up to 32 rows a batch, and Triton counted 4
+    rows per request on average; g3 is out of the way."""
+    s = Datastore(fleet(), clock=frozen)
+    live(s, {"g1": ["embed"], "g2": ["embed"], "g3": ["embed"]})
+    for host in s.hosts.values():
+        host.load.models = {
+            "embed": ModelTimes(
+                service_ms=4.0, exec_ms=12.0, drain_ms=4.0, cost=BatchCost(4.0, 1.0), rows_per_request=4.0
+            )
+        }
+        host.batching = {"embed": Batching(max_batch=32, instances=1)}
+    busy(s.hosts["g3"], 100)
+    s.changed()
+    return s
+
+
+def grpc(model: str, rows: int | None = None, size: int | None = None) -> InferenceRequest:
+    return InferenceRequest(Protocol.GRPC, model, size_bytes=size, rows=rows)
+
+
+def test_requests_in_flight_count_their_work() -> None:
+    """A host with one 24-row request in flight is busier than one with three 1-row requests: the picks
+    carry their work (in requests of the model's mean size), and the scorer charges the request its own."""
+    store = sized_store()
+    decide = Scheduler(store.fleet, store).decide
+    big = route(decide(grpc("embed", rows=24)))
+    assert big.work == pytest.approx(24 / 4), "against Triton's mean rows until the picker has seen enough"
+    busy_host = big.hosts[0].name
+    small = [names(decide(grpc("embed", rows=1)))[0] for _ in range(3)]
+    assert busy_host not in small, "the same count in flight, a sixth of the work"
+    g1, g2 = store.hosts["g1"], store.hosts["g2"]
+    assert g1.in_flight(frozen()) + g2.in_flight(frozen()) == pytest.approx(4.0), "counts are still requests"
+    heavy, light = (store.hosts[busy_host], g2 if busy_host == "g1" else g1)
+    assert heavy.excess_work(frozen()) == pytest.approx(6.0 - 1.0)
+    assert light.excess_work(frozen()) == 0.0, "small requests never make a host look emptier than its count"
+    # The request's own size: a full batch's worth is dearer than a row wherever it goes.
+    (candidate,) = prepare([store.hosts["g3"]], "embed")
+    assert candidate.completion_ms(0.0, 32 / 4) == pytest.approx(4.0 + 32.0)
+    assert candidate.completion_ms(0.0, 1 / 4) == pytest.approx(4.0 + 1.0)
+
+
+def test_request_work_from_rows_hint_bytes_or_the_mean() -> None:
+    """Rows where the request has them (capped at max_batch); a REST request's size against the mean size
+    of the model's REST requests, once the picker has seen enough of them; else the mean (1)."""
+    store = sized_store()
+    scheduler = Scheduler(store.fleet, store)
+    (candidate,) = prepare([store.hosts["g1"]], "embed")
+    assert scheduler.work(http("embed", 1000), candidate) == 1.0, "no sizes seen yet"
+    for _ in range(20):
+        scheduler.decide(http("embed", 1000))
+    assert scheduler.work(http("embed", 3000), candidate) == pytest.approx(3.0)
+    assert scheduler.work(http("embed", 10**9), candidate) == pytest.approx(32 / 4), "at most max_batch rows"
+    assert scheduler.work(http("embed", 1), candidate) == pytest.approx(1 / 4), "at least one row"
+    assert scheduler.work(grpc("embed", size=3000), candidate) == 1.0, "gRPC sizes are averaged apart"
+    assert scheduler.work(grpc("embed", rows=8), candidate) == pytest.approx(8 / 4)
+    assert scheduler.work(grpc("embed", rows=1000), candidate) == pytest.approx(32 / 4)
+    for _ in range(20):
+        scheduler.decide(grpc("embed", rows=2))
+    assert scheduler.work(grpc("embed", rows=8), candidate) == pytest.approx(8 / 2), "the picker's own mean"
+    for host in store.hosts.values():  # a model that does not batch: sizes are not used
+        host.batching = {"embed": Batching(max_batch=1, instances=1)}
+    store.changed()
+    (candidate,) = prepare([store.hosts["g1"]], "embed")
+    assert scheduler.work(grpc("embed", rows=8), candidate) == 1.0

@@ -179,7 +179,12 @@ class _PickerGateway:
     def route(self, r: int) -> Sequence[int] | int:
         sim = self.sim
         template = self.requests[sim.trace.entry[r]]
-        request = InferenceRequest(template.protocol, template.model, size_bytes=sim.size_bytes[r])
+        # As the handlers build it: a gRPC request's rows are in its first message (the inputs' shapes), a
+        # REST request has only its content-length before routing.
+        grpc = template.protocol is Protocol.GRPC
+        request = InferenceRequest(
+            template.protocol, template.model, size_bytes=sim.size_bytes[r], rows=sim.rows[r] if grpc else None
+        )
         decision = self.scheduler.decide(request)
         if isinstance(decision, Reject):
             return _REJECT_STATUS.get(decision.status, 6)

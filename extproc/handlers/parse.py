@@ -120,6 +120,9 @@ class GrpcFrame:
     # parameters["sequence_start"] / ["sequence_end"] (bool_param).
     sequence_start: bool = False
     sequence_end: bool = False
+    # The first input's leading dimension (its batch dimension, for a model that batches), where the first
+    # input tensor's head is within the bytes read.
+    rows: int | None = None
 
 
 def parse_grpc_frame(data: bytes, encoding: str | None, *, complete: bool) -> GrpcFrame | None:
@@ -150,7 +153,9 @@ def parse_grpc_frame(data: bytes, encoding: str | None, *, complete: bool) -> Gr
     version = fields.version or None
     if version is not None:
         _check_name(version, "model version")
-    return GrpcFrame(Target(model, version), length, fields.sequence_id, fields.sequence_start, fields.sequence_end)
+    return GrpcFrame(
+        Target(model, version), length, fields.sequence_id, fields.sequence_start, fields.sequence_end, fields.rows
+    )
 
 
 def _decompress_prefix(payload: bytes, encoding: str | None) -> bytes:
@@ -171,18 +176,28 @@ class _Fields:
     sequence_id: str | None = None
     sequence_start: bool = False
     sequence_end: bool = False
+    rows: int | None = None
 
 
-# Fields up to ModelInferRequest.parameters (4); real encoders write fields in number order, so the
-# tensors (5 and up) come after everything we need.
-_LAST_FIELD: Final = 4
+# Fields up to ModelInferRequest.inputs (5); real encoders write fields in number order, so the outputs (6)
+# and the raw tensor contents (7) come after everything we need.
+_LAST_FIELD: Final = 5
+_INPUTS: Final = 5
+_SHAPE: Final = 3  # InferInputTensor.shape: repeated int64
+# More rows than any request holds: such a leading dimension is not read as rows.
+_MAX_ROWS: Final = 1 << 31
 
 
 def _request_fields(buf: bytes) -> _Fields:
-    """Fields 1 (model), 2 (version) and the ``sequence_id`` parameter of a request message, as far as the
-    bytes go: parsing stops at the first truncated field (the rest has not arrived)."""
+    """Fields 1 (model), 2 (version), the ``sequence_id`` parameter and the first input's leading
+    dimension of a request message, as far as the bytes go: parsing stops at the first truncated field
+    (the rest has not arrived), and after the first input."""
     found = _Fields()
     for number, value in _fields(buf, stop_after=_LAST_FIELD):
+        if number == _INPUTS:
+            if isinstance(value, bytes):
+                found.rows = _leading_dimension(value)
+            break
         if number in (1, 2) and isinstance(value, bytes):
             text = _utf8(value, f"protobuf field {number}")
             if number == 1:
@@ -224,6 +239,21 @@ def _sequence_parameter(entry: bytes, found: _Fields) -> None:
         if number == 3 and isinstance(value, bytes):
             found.sequence_id = _utf8(value, "sequence_id") or None
             return
+
+
+def _leading_dimension(tensor: bytes) -> int | None:
+    """An ``InferInputTensor``'s first dimension (``shape``, packed or not), or None where it has none or
+    one that cannot be a count of rows (0, negative, absurd). Malformed bytes are Triton's to refuse."""
+    try:
+        for number, value in _fields(tensor, stop_after=_SHAPE):
+            if number != _SHAPE:
+                continue
+            # Packed: the varints one after another.
+            first = _varint(value, 0)[0] if isinstance(value, bytes) else value
+            return first if first is not None and 0 < first < _MAX_ROWS else None
+    except MalformedRequest:
+        return None
+    return None
 
 
 def _utf8(value: bytes, what: str) -> str:

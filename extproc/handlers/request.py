@@ -16,6 +16,7 @@ from extproc.headers import (
     GRPC_TIMEOUT_HEADER,
     PRIORITY_HEADER,
     READ_HEADERS,
+    ROWS_HEADER,
     SEQUENCE_HEADER,
     TIER_HINT_HEADER,
     TIMEOUT_HEADER,
@@ -55,6 +56,7 @@ def rest_request(path: str, headers: dict[str, str]) -> InferenceRequest:
         infer=target.model is not None and path.split("?", 1)[0].endswith("/infer"),
         timeout_ms=rest_timeout_ms(headers),
         client=headers.get(CLIENT_KEY_HEADER),
+        rows=rows_hint(headers),
     )
 
 
@@ -74,6 +76,16 @@ def grpc_timeout_ms(headers: dict[str, str]) -> float | None:
         return None
     ms = int(digits) * unit
     return ms if ms > 0 else None
+
+
+# The most rows x-triton-rows may claim (the scheduler also caps it at the model's max_batch_size).
+MAX_ROWS_HINT: Final = 1 << 20
+
+
+def rows_hint(headers: dict[str, str]) -> int | None:
+    """x-triton-rows: a positive decimal integer, at most MAX_ROWS_HINT; anything else is no hint."""
+    value = decimal_length(headers.get(ROWS_HEADER))
+    return value if value is not None and 0 < value <= MAX_ROWS_HINT else None
 
 
 def content_length(headers: dict[str, str]) -> int | None:

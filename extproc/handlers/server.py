@@ -43,6 +43,7 @@ from extproc.handlers.request import (
     hint,
     priority,
     rest_request,
+    rows_hint,
     sequence_id,
 )
 from extproc.handlers.response import LogBudget, Responder, clip
@@ -376,6 +377,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                 infer=method == "ModelInfer",
                 timeout_ms=grpc_timeout_ms(headers),
                 client=headers.get(CLIENT_KEY_HEADER),
+                # The client's hint, else the first input's leading dimension (a unary call's only).
+                rows=rows_hint(headers) or (frame.rows if method == "ModelInfer" else None),
             )
             return request, pending
         raise MalformedRequest("the gRPC request ended before its first message")

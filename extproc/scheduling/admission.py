@@ -60,16 +60,17 @@ class Admission:
         return share if request.priority is Priority.CRITICAL else min(share, self._max_queue_ms)
 
     def load(
-        self, request: InferenceRequest, best: Candidate, model: str, limit_ms: float, now: float
+        self, request: InferenceRequest, best: Candidate, model: str, limit_ms: float, now: float, own: float = 1.0
     ) -> tuple[float, float]:
         """How full the best candidate is for this request, as a fraction of what it may be sent with (over
         1: refused), and how far its expected completion is past ``limit_ms`` (ms), for the retry-after.
         Standard and sheddable requests are also held to the soft limit on requests in flight. Both count
         the model's requests on the host only: Triton queues each model apart, so another model's queue on
         the same host does not delay this one (its execution shares the device, which the model's measured
-        times reflect)."""
+        times reflect). Both are work, in requests of the model's mean size: the model's picks count their
+        sizes, and the request's own is ``own`` (see :meth:`Scheduler.work`)."""
         in_flight = best.host.model_in_flight(model, now)
-        completion = best.completion_ms(in_flight)
+        completion = best.completion_ms(in_flight, own)
         fraction = completion / limit_ms
         if request.priority is not Priority.CRITICAL:
             fraction = max(fraction, in_flight / self._max_in_flight)

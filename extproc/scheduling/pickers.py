@@ -32,15 +32,20 @@ class Picker(Unit):
         return None
 
     @abstractmethod
-    def pick(self, candidates: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[Candidate]:
+    def pick(
+        self, candidates: Sequence[Candidate], scorers: WeightedScorers, now: float, own: float = 1.0
+    ) -> list[Candidate]:
         """At most ``max_hosts`` of two or more candidates, best first (a single candidate needs no
-        ranking); ``scorers`` are the profile's per-request ones (see :func:`cost`)."""
+        ranking); ``scorers`` are the profile's per-request ones (see :func:`cost`), ``own`` the request's work
+        (see :meth:`~extproc.scheduling.scheduler.Scheduler.work`)."""
 
 
 class Argmax(Picker):
-    def pick(self, candidates: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[Candidate]:
+    def pick(
+        self, candidates: Sequence[Candidate], scorers: WeightedScorers, now: float, own: float = 1.0
+    ) -> list[Candidate]:
         """Lowest cost first. Equal costs rotate, so ties (e.g. an idle fleet) do not herd onto one host."""
-        costs = cost(candidates, scorers, now)
+        costs = cost(candidates, scorers, now, own)
         n, keep = len(candidates), self.max_hosts
         i = self.context.next_turn() % n
         # The cheapest `keep` (at most 8) in order, from one walk over the hosts starting at this turn's host:
@@ -95,10 +100,12 @@ class PowerOfTwo(Argmax):
 
 
 class WeightedRandom(Picker):
-    def pick(self, candidates: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[Candidate]:
+    def pick(
+        self, candidates: Sequence[Candidate], scorers: WeightedScorers, now: float, own: float = 1.0
+    ) -> list[Candidate]:
         """First pick at random, with weight (1 - normalised cost) + 0.05 so no candidate starves; retries
         by cost."""
-        costs = cost(candidates, scorers, now)
+        costs = cost(candidates, scorers, now, own)
         top = max(costs) or 1.0
         chances = [1.0 - c / top + 0.05 for c in costs]
         first = self.context.rng.choices(range(len(candidates)), weights=chances)[0]
@@ -111,7 +118,9 @@ class RoundRobin(Picker):
 
     uses_scores = False
 
-    def pick(self, candidates: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[Candidate]:
+    def pick(
+        self, candidates: Sequence[Candidate], scorers: WeightedScorers, now: float, own: float = 1.0
+    ) -> list[Candidate]:
         n, start = len(candidates), self.context.next_turn()
         return [candidates[(start + k) % n] for k in range(min(n, self.max_hosts))]
 

@@ -22,6 +22,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from extproc.config import Fleet, ModelSpec, Profile, Tier
 from extproc.datastore import Datastore, HostState
@@ -52,6 +53,11 @@ def unknown_version_message(model: str, version: int) -> str:
 
 
 # What Triton reads of a gRPC version string: std::stol, i.e. leading blanks, a sign and the leading digits.
+# How many requests the mean request size per model (see Scheduler.work) is averaged over, about, and how
+# many it takes to be used (before: Triton's mean rows per request, or no estimate from bytes).
+_SIZE_MEMORY: Final = 128.0
+_MIN_SIZES: Final = 16.0
+
 _STOL_PREFIX = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
 _INT64_MAX = 2**63 - 1
 
@@ -136,6 +142,11 @@ class Scheduler:
         self._sequence_models: dict[str, bool] = {}
         # The datastore generation the plans and the unlisted models' orders were made from.
         self._generation = -1
+        # The mean rows of each model's requests that carry them, and the mean size in bytes of those that
+        # do not, [REST, gRPC] (see work).
+        # Each value: (the mean, the requests it was taken over).
+        self._mean_rows: dict[str, tuple[float, float]] = {}
+        self._mean_bytes: tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]] = ({}, {})
 
     @property
     def datastore(self) -> Datastore:
@@ -159,6 +170,7 @@ class Scheduler:
         spec = self._specs.get(model)
         order = self._implicit_order(model, request) if spec is None else self._orders[model, classify(request, spec)]
         now = self._store.now()
+        self._observe_size(request, model)
         decision: Decision | None
         if request.sequence_id is not None and self.is_sequence_model(model):
             decision = self._sequence(request, order, now)
@@ -193,7 +205,7 @@ class Scheduler:
             spill += [c.host for c in heapq.nsmallest(room - len(spill), ready, key=lambda c: c.in_flight(now))]
             if len(spill) >= room:
                 break
-        return Route(route.tier, route.hosts + tuple(spill), route.reason) if spill else route
+        return Route(route.tier, route.hosts + tuple(spill), route.reason, work=route.work) if spill else route
 
     def _follow_datastore(self) -> None:
         """Drop what was derived from an older datastore generation."""
@@ -244,14 +256,14 @@ class Scheduler:
         model = request.model or ""
         saturated: Route | None = None
         for candidate_tier, units in order:
-            ranked = self._ranked(request, candidate_tier, units, now)
+            ranked, own = self._ranked(request, candidate_tier, units, now)
             if not ranked:
                 continue
             hosts = tuple([c.host for c in ranked])
             reason = "classified" if candidate_tier is order[0][0] else "spillover"
-            if not self._is_saturated(ranked[0], now):
-                return Route(candidate_tier, hosts, reason)
-            saturated = saturated or Route(candidate_tier, hosts, "saturated")
+            if not self._is_saturated(ranked[0], now, own):
+                return Route(candidate_tier, hosts, reason, work=own)
+            saturated = saturated or Route(candidate_tier, hosts, "saturated", work=own)
         if saturated is not None and request.priority is Priority.SHEDDABLE:
             return Reject(
                 429,
@@ -271,10 +283,10 @@ class Scheduler:
         limit = admission.limit_ms(request, deadline)
         least_over: float | None = None
         for candidate_tier, units in order:
-            ranked = self._ranked(request, candidate_tier, units, now)
+            ranked, own = self._ranked(request, candidate_tier, units, now)
             if not ranked:
                 continue
-            fraction, over = admission.load(request, ranked[0], model, limit, now)
+            fraction, over = admission.load(request, ranked[0], model, limit, now, own)
             if fraction > 1:
                 least_over = over if least_over is None else min(least_over, over)
                 continue
@@ -282,7 +294,7 @@ class Scheduler:
             if refused is not None:
                 return refused
             reason = "classified" if candidate_tier is order[0][0] else "spillover"
-            return Route(candidate_tier, tuple([c.host for c in ranked]), reason)
+            return Route(candidate_tier, tuple([c.host for c in ranked]), reason, work=own)
         return None if least_over is None else admission.refuse(request, least_over, deadline)
 
     def _sequence(self, request: InferenceRequest, order: tuple[_Step, ...], now: float) -> Decision | None:
@@ -298,7 +310,7 @@ class Scheduler:
                 refused = self._open_sequences.admit(ranked[0], request, now)
                 if refused is not None:
                     return refused
-                return Route(candidate_tier, tuple(ranked), "sequence")
+                return Route(candidate_tier, tuple(ranked), "sequence", work=self.work(request, candidates[0]))
         return None
 
     def _unknown_model(self, request: InferenceRequest, model: str) -> Reject:
@@ -371,10 +383,59 @@ class Scheduler:
             plan.stale_at = filters.holds_until(units.filters, passing)
         return plan.candidates
 
-    def _ranked(self, request: InferenceRequest, tier: Tier, units: _Units, now: float) -> Sequence[Candidate]:
-        """The tier's candidates the request may go to, best first (none: the tier cannot take it)."""
+    def _ranked(
+        self, request: InferenceRequest, tier: Tier, units: _Units, now: float
+    ) -> tuple[Sequence[Candidate], float]:
+        """The tier's candidates the request may go to, best first (none: the tier cannot take it), and the
+        request's work among them (see :meth:`work`)."""
         candidates = _allowed(request, self._candidates(tier, request.model or "", request.version, units, now))
-        return units.picker.pick(candidates, units.scorers, now) if len(candidates) > 1 else candidates
+        if not candidates:
+            return candidates, 1.0
+        own = self.work(request, candidates[0])
+        return (units.picker.pick(candidates, units.scorers, now, own) if len(candidates) > 1 else candidates), own
+
+    def work(self, request: InferenceRequest, candidate: Candidate) -> float:
+        """The request's work, in requests of its model's mean size: the unit in which the in-flight counts
+        (Envoy's, Triton's: requests) are read, so that the mean request weighs 1. From its rows where known
+        (a gRPC request's first input, the client's x-triton-rows), against the mean rows of the model's
+        requests that came with rows; else from its size in bytes against the mean size of the model's
+        requests of its protocol (REST bodies are not read before routing). Clamped to one row and
+        ``max_batch`` rows at the model's mean rows per request (Triton's count, see :class:`Candidate`); 1
+        where the model does not batch, Triton has not counted its rows or this picker its requests."""
+        mean_rows = candidate.rows
+        if mean_rows <= 0.0:
+            return 1.0
+        model = request.model or ""
+        rows = request.rows
+        if rows is not None:
+            seen = self._mean_rows.get(model)
+            if seen is not None and seen[1] >= _MIN_SIZES:
+                mean_rows = seen[0]
+            clamped = float(rows) if rows < candidate.max_rows else candidate.max_rows
+            return clamped / mean_rows
+        size = request.size_bytes
+        mean = self._mean_bytes[request.protocol is Protocol.GRPC].get(model)
+        if size is None or mean is None or mean[1] < _MIN_SIZES or mean[0] <= 0.0:
+            return 1.0
+        work = size / mean[0]
+        low, high = 1.0 / mean_rows, candidate.max_rows / mean_rows
+        return low if work < low else high if work > high else work
+
+    def _observe_size(self, request: InferenceRequest, model: str) -> None:
+        """Follow the mean rows of the model's requests that carry them, and the mean size of those that do
+        not (per protocol): the plain mean of the first :data:`_SIZE_MEMORY` requests, then exponentially
+        weighted over about as many. Only models some host lists get here, so their repositories bound the
+        keys."""
+        rows = request.rows
+        if rows is not None:
+            value, means = float(rows), self._mean_rows
+        elif request.size_bytes is not None:
+            value, means = float(request.size_bytes), self._mean_bytes[request.protocol is Protocol.GRPC]
+        else:
+            return
+        mean, n = means.get(model, (0.0, 0.0))
+        n += 1.0
+        means[model] = (mean + (value - mean) / (n if n < _SIZE_MEMORY else _SIZE_MEMORY), n)
 
     def _candidates(
         self, tier: Tier, model: str, version: str | None, units: _Units, now: float
@@ -388,17 +449,17 @@ class Scheduler:
             return prepare(sample, model, units.static)
         return self._prepared(plan, model, units, now)
 
-    def _is_saturated(self, best: Candidate, now: float) -> bool:
+    def _is_saturated(self, best: Candidate, now: float, own: float = 1.0) -> bool:
         """The best candidate is over a limit, so every candidate is (for argmax; nearly so for samples)."""
         in_flight = best.in_flight(now)
         return (
             in_flight >= self._saturation.max_in_flight
-            or best.completion_ms(in_flight) >= self._saturation.max_queue_ms
+            or best.completion_ms(in_flight, own, best.host.excess_work(now)) >= self._saturation.max_queue_ms
         )
 
     def _commit(self, route: Route, now: float, model: str | None = None) -> Route:
         # Optimistic accounting until Envoy's next in-flight poll reconciles it.
-        route.hosts[0].record_pick(now, self._pick_weight, model)
+        route.hosts[0].record_pick(now, self._pick_weight, model, route.work)
         return route
 
     def _any_host(self, request: InferenceRequest) -> Decision:

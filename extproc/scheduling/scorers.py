@@ -45,6 +45,11 @@ class Candidate:
     # The weighted, normalised sum of the static scorers (see :func:`prepare`).
     static_cost: float
     per_batch: float
+    # The model's mean rows per request (averaged over the candidates compared together) where it batches
+    # (max_batch over 1 on this host) and Triton has counted its rows, else 0: a request's size is then not
+    # used. ``max_rows``: the most rows one request may have (max_batch).
+    rows: float
+    max_rows: float
 
     def __init__(
         self,
@@ -58,6 +63,8 @@ class Candidate:
         drain_per_s: float = 0.0,
         static_cost: float = 0.0,
         per_batch: float | None = None,
+        rows: float = 0.0,
+        max_rows: float = 1.0,
     ) -> None:
         self.host = host
         self.base_ms = base_ms
@@ -71,6 +78,8 @@ class Candidate:
         if per_batch is None:
             per_batch = float(batching.max_batch) if batching is not None else 1.0
         self.per_batch = per_batch
+        self.rows = rows
+        self.max_rows = max_rows
 
     def in_flight(self, now: float) -> float:
         """:meth:`HostState.in_flight` from the telemetry resolved here: the one input read live, in one
@@ -81,11 +90,12 @@ class Candidate:
         # pending >= 0, so this is also the drained estimate's floor of 0.
         return n if n > self.pending else self.pending
 
-    def completion_ms(self, in_flight: float) -> float:
-        """When a request sent now would finish here, with ``in_flight`` requests ahead of it."""
+    def completion_ms(self, in_flight: float, own: float = 1.0, excess: float = 0.0) -> float:
+        """When a request of ``own`` work (in requests of the model's mean size) sent now would finish here,
+        with ``in_flight`` requests ahead of it that carry ``excess`` more work than their count."""
         if self.batching is not None and self.batch is not None:
-            return completion_ms(self.batch, self.batching, in_flight, self.per_batch)
-        return self.base_ms + in_flight * self.drain_ms
+            return completion_ms(self.batch, self.batching, in_flight, self.per_batch, own, excess)
+        return self.base_ms + (in_flight + excess + own - 1.0) * self.drain_ms
 
 
 # (service_ms, exec_ms, drain_ms, cost, rows_per_request) as in ModelTimes.
@@ -139,7 +149,7 @@ def prepare(hosts: Sequence[HostState], model: str | None, static: WeightedScore
     measured = [d for d in drains if d is not None]
     default_ms = min(measured) if measured else _UNMEASURED_SERVICE_MS
     out = []
-    rows = _rows_per_request(times) if costs is not None else 1.0
+    rows = _rows_per_request(times)
     for i, host in enumerate(hosts):
         exec_ms, drain = times[i][1], drains[i]
         drain_ms = default_ms if drain is None else drain
@@ -151,6 +161,8 @@ def prepare(hosts: Sequence[HostState], model: str | None, static: WeightedScore
         if costs is not None and model is not None:
             batching = host.batching[model]
             cost, per_batch = per_request(costs[i], batching, rows)
+        configured = host.batching.get(model) if model is not None else None
+        sized = configured is not None and configured.max_batch > 1 and times[i][4] is not None
         out.append(
             Candidate(
                 host,
@@ -163,6 +175,8 @@ def prepare(hosts: Sequence[HostState], model: str | None, static: WeightedScore
                 1000.0 / load.service_ms if load.service_ms else 0.0,
                 0.0,
                 per_batch,
+                rows if sized else 0.0,
+                float(configured.max_batch) if configured is not None else 1.0,
             )
         )
     _add_static_costs(out, static)
@@ -207,20 +221,33 @@ class Scorer(Unit):
     per_request: ClassVar[bool] = True
 
     @abstractmethod
-    def score(self, candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
-        """One cost per candidate; ``in_flight[i]`` is ``candidates[i]``'s in-flight count now."""
+    def score(
+        self, candidates: Sequence[Candidate], in_flight: list[float], own: float = 1.0, now: float = 0.0
+    ) -> list[float]:
+        """One cost per candidate; ``in_flight[i]`` is ``candidates[i]``'s in-flight count now, ``own`` the
+        request's work (see :meth:`~extproc.scheduling.scheduler.Scheduler.work`), ``now`` the decision's time."""
 
 
 class ExpectedCompletion(Scorer):
     """When a new request would finish on each host (see :func:`prepare` for the estimate)."""
 
-    def score(self, candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+    def score(
+        self, candidates: Sequence[Candidate], in_flight: list[float], own: float = 1.0, now: float = 0.0
+    ) -> list[float]:
         # Candidate.completion_ms, with its per-request branch inlined: a method call per candidate was most
-        # of this scorer's cost.
+        # of this scorer's cost. The work ahead beyond the count (this picker's picks of sizes other than the
+        # mean, see HostState.excess_work) is read only where there is some.
         # zip without strict=: its keyword path costs a third of this loop, and the lengths match by
         # construction.
+        if own == 1.0:
+            return [
+                (c.base_ms + n * c.drain_ms if c.batching is None else c.completion_ms(n))
+                if c.host.excess == 0.0
+                else c.completion_ms(n, 1.0, c.host.excess_work(now))
+                for c, n in zip(candidates, in_flight)  # noqa: B905
+            ]
         return [
-            c.base_ms + n * c.drain_ms if c.batching is None else c.completion_ms(n)
+            c.completion_ms(n, own, c.host.excess_work(now))
             for c, n in zip(candidates, in_flight)  # noqa: B905
         ]
 
@@ -228,7 +255,9 @@ class ExpectedCompletion(Scorer):
 class InFlight(Scorer):
     """Requests in flight: Envoy's live count, plus the picker's picks since, less estimated completions."""
 
-    def score(self, candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+    def score(
+        self, candidates: Sequence[Candidate], in_flight: list[float], own: float = 1.0, now: float = 0.0
+    ) -> list[float]:
         return in_flight
 
 
@@ -237,7 +266,9 @@ class PendingQueue(Scorer):
 
     per_request = False
 
-    def score(self, candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+    def score(
+        self, candidates: Sequence[Candidate], in_flight: list[float], own: float = 1.0, now: float = 0.0
+    ) -> list[float]:
         return [c.pending for c in candidates]
 
 
@@ -246,7 +277,9 @@ class GpuMemory(Scorer):
 
     per_request = False
 
-    def score(self, candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+    def score(
+        self, candidates: Sequence[Candidate], in_flight: list[float], own: float = 1.0, now: float = 0.0
+    ) -> list[float]:
         return [c.gpu_memory for c in candidates]
 
 
@@ -256,7 +289,9 @@ class GpuUtilization(Scorer):
 
     per_request = False
 
-    def score(self, candidates: Sequence[Candidate], in_flight: list[float]) -> list[float]:
+    def score(
+        self, candidates: Sequence[Candidate], in_flight: list[float], own: float = 1.0, now: float = 0.0
+    ) -> list[float]:
         return [c.host.load.gpu_utilization or 0.0 for c in candidates]
 
 
@@ -288,14 +323,15 @@ def _add_static_costs(candidates: list[Candidate], static: WeightedScorers) -> N
                 c.static_cost += v * scale
 
 
-def cost(candidates: Sequence[Candidate], scorers: WeightedScorers, now: float) -> list[float]:
+def cost(candidates: Sequence[Candidate], scorers: WeightedScorers, now: float, own: float = 1.0) -> list[float]:
     """Each scorer's costs normalised to [0, 1] (divided by the highest; all 0 if none is above 0), weighted
-    and summed. The static scorers' part was summed by :func:`prepare` over the candidates prepared
-    together, which are the ones compared here."""
+    and summed, for a request of ``own`` work (see :meth:`~extproc.scheduling.scheduler.Scheduler.work`).
+    The static scorers' part was summed by :func:`prepare` over the candidates prepared together, which are
+    the ones compared here."""
     in_flight = [c.in_flight(now) for c in candidates]
     total: list[float] | None = None
     for scorer, weight in scorers:
-        values = scorer.score(candidates, in_flight)
+        values = scorer.score(candidates, in_flight, own, now)
         top = max(values)  # max(..., default=) takes the slow, keyword path: 2x the cost here
         if top > 0:
             scale = weight / top

@@ -51,6 +51,9 @@ class InferenceRequest:
     # The only endpoints ("ip:port" of the request's protocol) it may go to, where its gateway says so (a GIE
     # gateway's subset hint); None: any.
     allowed: frozenset[str] | None
+    # The request's rows (its batch dimension), where known: a gRPC ModelInfer's first input's leading
+    # dimension, or the client's x-triton-rows hint. None: estimated from size_bytes, else the model's mean.
+    rows: int | None
 
     def __init__(
         self,
@@ -67,6 +70,7 @@ class InferenceRequest:
         timeout_ms: float | None = None,
         client: str | None = None,
         allowed: frozenset[str] | None = None,
+        rows: int | None = None,
     ) -> None:
         self.protocol = protocol
         self.model = model
@@ -81,6 +85,7 @@ class InferenceRequest:
         self.timeout_ms = timeout_ms
         self.client = client
         self.allowed = allowed
+        self.rows = rows
 
 
 @dataclass(slots=True, init=False)  # as InferenceRequest
@@ -92,12 +97,23 @@ class Route:
     reason: str
     # The request's deadline in ms, for Envoy's route timeout (None: the route's own).
     timeout_ms: int | None
+    # The request's work in requests of its model's mean size (see Scheduler.work): what its pick adds to the
+    # host's in-flight estimate.
+    work: float
 
-    def __init__(self, tier: Tier, hosts: tuple[HostState, ...], reason: str, timeout_ms: int | None = None) -> None:
+    def __init__(
+        self,
+        tier: Tier,
+        hosts: tuple[HostState, ...],
+        reason: str,
+        timeout_ms: int | None = None,
+        work: float = 1.0,
+    ) -> None:
         self.tier = tier
         self.hosts = hosts
         self.reason = reason
         self.timeout_ms = timeout_ms
+        self.work = work
 
 
 @dataclass(frozen=True, slots=True)
