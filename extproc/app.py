@@ -85,7 +85,7 @@ class Picker:
 
     async def reload(self, fleet: Fleet) -> None:
         """Apply a new fleet file without dropping a request; the pools keep their hosts (see :meth:`_switch`)."""
-        fixed = ("listen", "workers", "metrics_address", "metrics_port")
+        fixed = ("listen", "workers", "metrics_address", "metrics_port", "replicas")
         needs_restart = [
             f"picker.{key}" for key in fixed if getattr(fleet.picker, key) != getattr(self.config.picker, key)
         ]

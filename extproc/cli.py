@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, fleet: Fleet) -> int:
-    if args.command in {"models", "status"}:
+    if args.command in {"models", "status", "placement"}:
         return _ops(args, fleet)
     if args.command == "serve":
         from extproc import app
@@ -82,7 +82,8 @@ def _run(args: argparse.Namespace, fleet: Fleet) -> int:
 
 
 def _ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``extproc models {list,load,unload,place,reload}`` and ``extproc status`` (extproc/ops/)."""
+    """``extproc models {list,load,unload,place,reload}``, ``extproc status`` (extproc/ops/) and
+    ``extproc placement {explain,run}`` (extproc/placement/)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", type=Path, default=Path(DEFAULT_CONFIG), help="fleet file (YAML)")
     common.add_argument("--picker", action="append", metavar="URL", help="picker HTTP endpoint (repeat for replicas)")
@@ -135,6 +136,24 @@ def _ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     status.add_argument("--model", action="append", metavar="MODEL", help="only hosts with MODEL READY (repeatable)")
     status.add_argument("--sort", choices=SORT_KEYS, default="name", help="order of the hosts (numbers: largest first)")
     status.add_argument("--top", type=int, metavar="N", help="only the first N hosts (after --sort)")
+    placement = sub.add_parser("placement", help="Demand-driven model placement (preview): explain or run it.")
+    placement_sub = placement.add_subparsers(dest="placement_command", required=True)
+    explain = placement_sub.add_parser(
+        "explain", help="Per model: demand, capacity, copies and the actions it would take, with reasons.",
+        parents=[common],
+    )  # fmt: skip
+    explain.add_argument("--json", action="store_true")
+    run = placement_sub.add_parser(
+        "run", help="Every placement.interval_s: decide and load/unload models (through drain).", parents=[common]
+    )
+    run.add_argument("--dry-run", action="store_true", help="log the actions, change nothing")
+    run.add_argument("--once", action="store_true", help="one round, then exit (1 if an action failed)")
+    run.add_argument("--load-timeout", type=float, metavar="S", help="seconds per load (default 300)")
+    run.add_argument("--drain-timeout", type=float, metavar="S", help="seconds to wait for in-flight (60)")
+    for p in (explain, run):
+        p.add_argument(
+            "--window", type=float, default=5.0, metavar="S", help="seconds to measure demand over at the first look"
+        )
 
 
 def _ops(args: argparse.Namespace, fleet: Fleet) -> int:
@@ -146,6 +165,10 @@ def _ops(args: argparse.Namespace, fleet: Fleet) -> int:
         from extproc.ops import status
 
         return status.run_cli(args, fleet)
+    if args.command == "placement":
+        from extproc.placement import command
+
+        return command.run_cli(args, fleet)
     from extproc.ops import models
 
     return models.run_cli(args, fleet)

@@ -91,6 +91,8 @@ class PickerMetrics:
         self.registry.register(self._telemetry)
         self._pools = _PoolHosts()
         self.registry.register(self._pools)
+        self._following = _Following()
+        self.registry.register(self._following)
 
     def routed(self, key: RouteKey, elapsed_s: float) -> None:
         """Count one routed request that took ``elapsed_s`` to decide (published at the next flush)."""
@@ -142,6 +144,10 @@ class PickerMetrics:
         """Report on a new datastore (config reload); the decision counters carry on."""
         self._telemetry.store = datastore
 
+    def following(self, following: bool) -> None:
+        """A follower replica (``picker.replicas.follow``) follows its publisher's telemetry, or scrapes itself."""
+        self._following.value = following
+
     def use_discovery(self, discovery: Discovery | None) -> None:
         """Report the hosts of this discovery's pools (None: no pools, or a worker whose leader reports them)."""
         self._pools.discovery = discovery
@@ -186,3 +192,20 @@ class _PoolHosts(Collector):
             for pool, count in self.discovery.counts.items():
                 hosts.add_metric([pool], count)
         yield hosts
+
+
+class _Following(Collector):
+    """Whether a follower replica routes on its publisher's telemetry (1) or on its own scrapes (0); absent
+    on a picker that follows no other."""
+
+    def __init__(self) -> None:
+        self.value: bool | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.value is not None:
+            yield GaugeMetricFamily(
+                "extproc_telemetry_following",
+                "1 while this follower replica routes on the telemetry its publisher sends (picker.replicas), "
+                "0 while it scrapes the hosts itself.",
+                value=float(self.value),
+            )

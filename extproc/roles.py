@@ -4,6 +4,10 @@
   of the pools and the ext_proc gRPC server.
 - :class:`Leader` (``picker.workers > 1``): the HTTP endpoint, the telemetry and the discovery, shared with
   its worker processes (:class:`WorkerPool`), which serve ext_proc; its own metrics leave the decisions to them.
+
+A single picker or a leader also publishes its telemetry to other picker replicas, or follows another
+replica's (``picker.replicas``, :mod:`extproc.replicas`); a leader that follows shares what it follows with
+its workers.
 - :class:`Worker`: the ext_proc gRPC server on its own listen address, routing on the leader's telemetry
   (and the pools' hosts it discovered); its decisions go to the multiprocess directory the leader reads.
 
@@ -35,6 +39,7 @@ from extproc.control import AUTHORIZATION, SCHEME, authorized, read_control_toke
 from extproc.datastore import Datastore
 from extproc.discovery import Discovery
 from extproc.handlers.server import add_to_server
+from extproc.replicas import ReplicaFollower, ReplicaPublisher, read_replica_token
 from extproc.sharing import Publisher, Subscriber
 from extproc.telemetry.collector import TelemetryCollector
 from extproc.tls import ensure_self_signed
@@ -197,19 +202,29 @@ class _Http(Part):
 class _Collecting(Part):
     """Telemetry collected from the hosts; rebuilt on each switch of fleet (with the current admin key)."""
 
-    def __init__(self, picker: Picker) -> None:
+    def __init__(self, picker: Picker, scraping: bool = True) -> None:
+        """``scraping`` off: Envoy alone is polled (a follower replica, until :meth:`scrape`)."""
         self._picker = picker
-        self._collector = TelemetryCollector(picker.fleet, picker.datastore, admin_key=picker.admin_key)
+        self._collector = self._new(picker.fleet, picker.datastore, scraping)
         self._task: asyncio.Task[None] | None = None
         self._retiring: list[tuple[TelemetryCollector, asyncio.Task[None] | None]] = []
+
+    def _new(self, fleet: Fleet, datastore: Datastore, scraping: bool) -> TelemetryCollector:
+        return TelemetryCollector(fleet, datastore, admin_key=self._picker.admin_key, scraping=scraping)
 
     async def start(self) -> None:
         await self._collector.refresh_once()
         self._task = asyncio.create_task(self._collector.run(), name="telemetry")
 
+    async def scrape(self, scraping: bool) -> None:
+        """Start (at once: a round of every poll) or stop scraping the hosts; Envoy is polled throughout."""
+        self._collector.set_scraping(scraping)
+        if scraping:
+            await self._collector.refresh_once()
+
     def switch(self, fleet: Fleet, datastore: Datastore) -> None:
         self._retiring.append((self._collector, self._task))
-        self._collector = TelemetryCollector(fleet, datastore, admin_key=self._picker.admin_key)
+        self._collector = self._new(fleet, datastore, self._collector.scraping)
         self._task = asyncio.create_task(self._collector.run(), name="telemetry")
 
     async def settle(self) -> None:
@@ -258,6 +273,68 @@ class _Subscribing(Part):
 
     async def stop(self) -> None:
         await cancel(self._task)
+
+
+class _PublishingToReplicas(Part):
+    """This replica's telemetry pushed, over TCP, to the picker replicas that follow it
+    (``picker.replicas.publish``)."""
+
+    def __init__(self, picker: Picker, address: str, secret: bytes) -> None:
+        self._publisher = ReplicaPublisher(picker.datastore, address, secret)
+
+    async def start(self) -> None:
+        await self._publisher.start()
+
+    def switch(self, fleet: Fleet, datastore: Datastore) -> None:
+        self._publisher.datastore = datastore
+
+    async def stop(self) -> None:
+        await self._publisher.stop()
+
+
+class _FollowingReplica(Part):
+    """The hosts' telemetry taken from the replica this one follows (``picker.replicas.follow``), its own
+    Envoy polled meanwhile; scraping the hosts itself while that replica is silent."""
+
+    def __init__(self, picker: Picker, collecting: _Collecting, address: str, secret: bytes) -> None:
+        replicas = picker.fleet.picker.replicas
+        self._takeover_s = replicas.takeover_after_ms / 1000
+        self._collecting = collecting
+        self._metrics = picker.metrics
+        self._follower = ReplicaFollower(picker.datastore, address, secret, self._takeover_s, self._following)
+        self._task: asyncio.Task[None] | None = None
+        self._metrics.following(True)
+
+    async def _following(self, following: bool) -> None:
+        self._metrics.following(following)
+        await self._collecting.scrape(not following)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._follower.run(), name="replica-follower")
+        # The first snapshot, or the takeover (whose scrapes then filled the datastore), before serving.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._follower.received.wait(), timeout=self._takeover_s + _FIRST_SNAPSHOT_S)
+
+    def switch(self, fleet: Fleet, datastore: Datastore) -> None:
+        self._follower.datastore = datastore
+
+    async def stop(self) -> None:
+        await cancel(self._task)
+
+
+def _telemetry(picker: Picker) -> list[Part]:
+    """The telemetry parts of a process that talks to the hosts (single, leader): collected, and published
+    to or followed from other replicas where ``picker.replicas`` says so."""
+    replicas = picker.fleet.picker.replicas
+    # A bad token file refuses the start, naming the file, before anything listens.
+    secret = read_replica_token(picker.config)
+    if secret is None:
+        return [_Collecting(picker)]
+    if replicas.follow is not None:
+        collecting = _Collecting(picker, scraping=False)
+        return [collecting, _FollowingReplica(picker, collecting, replicas.follow, secret)]
+    assert replicas.publish is not None
+    return [_Collecting(picker), _PublishingToReplicas(picker, replicas.publish, secret)]
 
 
 def _share(fleet: Fleet) -> Path:
@@ -450,7 +527,7 @@ class Single(_Resolving):
 
     def parts(self, picker: Picker) -> list[Part]:
         address = picker.fleet.picker.listen_addresses[0]
-        return [_Http(picker), _Collecting(picker), _Discovering(picker), *_edges(picker, address)]
+        return [_Http(picker), *_telemetry(picker), _Discovering(picker), *_edges(picker, address)]
 
 
 class Leader(_Resolving):
@@ -476,7 +553,7 @@ class Leader(_Resolving):
     def parts(self, picker: Picker) -> list[Part]:
         if picker.fleet.picker.epp is not None:
             _epp_certificate(picker.fleet.picker.epp)
-        return [_Http(picker), _Collecting(picker), _Publishing(picker), _Discovering(picker)]
+        return [_Http(picker), *_telemetry(picker), _Publishing(picker), _Discovering(picker)]
 
 
 class Worker:

@@ -7,6 +7,7 @@ names the file, the key and the problem, so every command can refuse to start wi
 The modules, by section: :mod:`~extproc.config.hosts` (``hosts`` and ``pools``, addresses),
 :mod:`~extproc.config.models` (``models``, their tier rules and scheduling profiles),
 :mod:`~extproc.config.picker` (``picker``), :mod:`~extproc.config.envoy` (``envoy``),
+:mod:`~extproc.config.placement` (``placement``, demand-driven model placement),
 :mod:`~extproc.config.fleet` (the whole file and its cross-section checks), :mod:`~extproc.config.loading`
 (reading a file, the error messages) and :mod:`~extproc.config.common` (what they share).
 """
@@ -25,8 +26,10 @@ from extproc.config.picker import (
     PickerSpec,
     PollSpec,
     QuarantineSpec,
+    ReplicasSpec,
     SaturationSpec,
 )
+from extproc.config.placement import ModelPlacement, PlacementSpec
 
 __all__ = [
     "ConfigError",
@@ -39,16 +42,19 @@ __all__ = [
     "HostSpec",
     "LaunchSpec",
     "Listener",
+    "ModelPlacement",
     "ModelSpec",
     "OverloadSpec",
     "PickerName",
     "PickerSpec",
+    "PlacementSpec",
     "PollSpec",
     "PoolSpec",
     "Port",
     "PositiveMs",
     "Profile",
     "QuarantineSpec",
+    "ReplicasSpec",
     "SaturationSpec",
     "ScorerName",
     "Tier",

@@ -11,6 +11,7 @@ from extproc.config.envoy import EnvoySpec
 from extproc.config.hosts import HostSpec, PoolSpec, endpoint, resolver_address
 from extproc.config.models import ModelSpec, Profile
 from extproc.config.picker import PickerSpec
+from extproc.config.placement import PlacementSpec, check_placement
 
 __all__ = ["Fleet"]
 
@@ -27,6 +28,8 @@ class Fleet(Strict):
     models: tuple[ModelSpec, ...] = ()
     picker: PickerSpec = PickerSpec()
     envoy: EnvoySpec = EnvoySpec()
+    # Demand-driven model placement (off by default; see extproc/config/placement.py).
+    placement: PlacementSpec = PlacementSpec()
     # Where ``extproc up`` finds the model repository for hosts it launches, and keeps run-time files.
     model_repository: str = "triton_models"
     runtime_dir: str = ".run"
@@ -58,6 +61,7 @@ class Fleet(Strict):
             raise ValueError(f"picker.nvml_host {self.picker.nvml_host!r} is not a host of this fleet")
         if self.envoy.fallback_tier not in self.tiers:
             raise ValueError(f"envoy.fallback_tier {self.envoy.fallback_tier.value!r} has no hosts and no pools")
+        check_placement(self.placement, self.hosts, self.pools, self.models)
         return self
 
     def profile(self, model: ModelSpec | None, tier: Tier) -> Profile:

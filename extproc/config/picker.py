@@ -20,6 +20,7 @@ __all__ = [
     "PickerSpec",
     "PollSpec",
     "QuarantineSpec",
+    "ReplicasSpec",
     "SaturationSpec",
 ]
 
@@ -131,10 +132,48 @@ class EppSpec(Strict):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError(f"{value!r} is not HOST:PORT")
-        return value
+        return _host_port(value)
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return value
+
+
+class ReplicasSpec(Strict):
+    """Telemetry shared between picker replicas (several pods or gateways routing to the same hosts): one
+    replica scrapes the hosts and publishes its snapshots, the others follow it over TCP and scrape only
+    their own Envoy, until its snapshots stop (extproc/replicas.py, docs/operations.md)."""
+
+    # HOST:PORT where this replica serves its telemetry to followers (it scrapes, as a lone picker does).
+    publish: str | None = None
+    # HOST:PORT of the replica that publishes: this one takes the hosts' telemetry from there.
+    follow: str | None = None
+    # A file holding the secret every replica shares (16 to 4096 visible ASCII characters): it
+    # authenticates each end and every snapshot. Required with publish or follow; read at start.
+    token_file: str | None = Field(default=None, min_length=1)
+    # A follower without a valid snapshot for this long scrapes the hosts itself; it follows again once the
+    # publisher's snapshots have come for as long again.
+    takeover_after_ms: int = Field(default=2000, ge=500, le=60_000)
+
+    @field_validator("publish", "follow")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return None if value is None else _host_port(value)
+
+    @model_validator(mode="after")
+    def _one_side(self) -> Self:
+        if self.publish is not None and self.follow is not None:
+            raise ValueError("publish and follow exclude each other: a replica either publishes or follows")
+        if (self.publish is not None or self.follow is not None) and self.token_file is None:
+            raise ValueError("publish and follow need token_file: the secret that authenticates the snapshots")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.publish is not None or self.follow is not None
 
 
 class PickerSpec(Strict):
@@ -189,6 +228,8 @@ class PickerSpec(Strict):
     nvml_host: str | None = None
     # Also serve the Endpoint Picker Protocol (EppSpec); null: only the picker's own dialect.
     epp: EppSpec | None = None
+    # Telemetry shared with (or taken from) other picker replicas; the default shares nothing.
+    replicas: ReplicasSpec = ReplicasSpec()
 
     @field_validator("listen")
     @classmethod
@@ -197,10 +238,10 @@ class PickerSpec(Strict):
             if len(value) <= len("unix:"):
                 raise ValueError("unix: needs a socket path")
             return value
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError(f"{value!r} is neither unix:PATH nor HOST:PORT")
-        return value
+        try:
+            return _host_port(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is neither unix:PATH nor HOST:PORT") from None
 
     @model_validator(mode="after")
     def _control_token_beyond_loopback(self) -> Self:
@@ -208,6 +249,18 @@ class PickerSpec(Strict):
             raise ValueError(
                 f"metrics_address {self.metrics_address!r} listens beyond loopback: set control_token_file to a "
                 "file holding the token that drain and undrain require"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _takeover_before_stale(self) -> Self:
+        # A follower that lost its publisher must have scraped the hosts before their telemetry turns stale.
+        spare = self.poll.stale_after_ms - self.poll.request_timeout_ms
+        if self.replicas.follow is not None and self.replicas.takeover_after_ms > spare:
+            raise ValueError(
+                f"replicas.takeover_after_ms ({self.replicas.takeover_after_ms}) exceeds poll.stale_after_ms - "
+                f"poll.request_timeout_ms ({spare}): the hosts would turn stale before a follower that lost its "
+                "publisher had scraped them"
             )
         return self
 

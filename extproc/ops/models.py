@@ -39,26 +39,38 @@ from extproc.ops.present import (
 from extproc.ops.status import EnvoyApi, PickerApi
 from extproc.ops.triton_api import GrpcTriton, read_index
 
-__all__ = ["run_cli"]
+__all__ = ["make_ops", "printer", "run_cli"]
 
 
-def _pickers(args: Any, fleet: Fleet) -> list[PickerApi]:
+def _pickers(urls: list[str] | None, fleet: Fleet, drain: bool) -> list[PickerApi]:
     from extproc.ops.status import HttpPicker, default_picker_url
 
-    urls = args.picker or [default_picker_url(fleet)]
-    # Only unload and reload drain; the others work where the token file is not at hand.
-    token = read_control_token(fleet) if args.models_command in {"unload", "reload"} else None
-    return [HttpPicker(url, control_token=token) for url in urls]
+    # Only what drains needs the control token; the rest works where the token file is not at hand.
+    token = read_control_token(fleet) if drain else None
+    return [HttpPicker(url, control_token=token) for url in urls or [default_picker_url(fleet)]]
 
 
-def _envoys(args: Any, fleet: Fleet) -> list[EnvoyApi]:
+def _envoys(urls: list[str] | None, fleet: Fleet) -> list[EnvoyApi]:
     from extproc.ops.status import HttpEnvoyAdmin, default_envoy_admin_url
 
-    urls = args.envoy or [default_envoy_admin_url(fleet)]
-    return [HttpEnvoyAdmin(url) for url in urls]
+    return [HttpEnvoyAdmin(url) for url in urls or [default_envoy_admin_url(fleet)]]
 
 
-def _printer(out: TextIO, clock: Callable[[], float]) -> Callable[[str], None]:
+def make_ops(args: Any, fleet: Fleet, triton: GrpcTriton, progress: Callable[[str], None], *, drain: bool) -> Ops:
+    """The operations context for the common options (``--picker``, ``--envoy``, ``--timeout``, and
+    ``--load-timeout``, ``--drain-timeout`` where the command has them); ``drain``: it may drain hosts."""
+    # Picks made just before the drain reach Envoy's rq_active within an admin poll or two.
+    settle_s = max(1.0, 3 * fleet.picker.poll.envoy_admin_ms / 1000)
+    timeouts = Timeouts(index_s=args.timeout, settle_s=settle_s)
+    if getattr(args, "load_timeout", None) is not None:
+        timeouts = replace(timeouts, load_s=args.load_timeout)
+    if getattr(args, "drain_timeout", None) is not None:
+        timeouts = replace(timeouts, drain_s=args.drain_timeout)
+    return Ops(fleet, triton, _pickers(args.picker, fleet, drain), _envoys(args.envoy, fleet), timeouts, progress)
+
+
+def printer(out: TextIO, clock: Callable[[], float]) -> Callable[[str], None]:
+    """Progress lines, each with the seconds since the command started."""
     start = clock()
     lock = threading.Lock()
 
@@ -75,15 +87,9 @@ def run_cli(args: Any, fleet: Fleet, out: TextIO | None = None) -> int:
     failed or a goal was not reached, 2 the plan was refused (problems, without ``--force``)."""
     out = out or sys.stdout
     triton = GrpcTriton(read_admin_key(fleet))
-    # Picks made just before the drain reach Envoy's rq_active within an admin poll or two.
-    settle_s = max(1.0, 3 * fleet.picker.poll.envoy_admin_ms / 1000)
-    timeouts = Timeouts(index_s=args.timeout, settle_s=settle_s)
-    if getattr(args, "load_timeout", None) is not None:
-        timeouts = replace(timeouts, load_s=args.load_timeout)
-    if getattr(args, "drain_timeout", None) is not None:
-        timeouts = replace(timeouts, drain_s=args.drain_timeout)
     try:
-        ops = Ops(fleet, triton, _pickers(args, fleet), _envoys(args, fleet), timeouts, _printer(out, time.monotonic))
+        drain = args.models_command in {"unload", "reload"}
+        ops = make_ops(args, fleet, triton, printer(out, time.monotonic), drain=drain)
         return _run(args, ops, out)
     except OpsError as exc:
         out.flush()

@@ -81,6 +81,9 @@ def merged_view(statuses: Sequence[PickerStatus]) -> dict[str, PickerHost]:
                 ejected=host.ejected or other.ejected,
                 unhealthy=host.unhealthy or other.unhealthy,
                 age_s=host.age_s,
+                known=host.known & other.known,
+                batching=host.batching,
+                exec_ms=host.exec_ms,
             )
     return out
 

@@ -14,6 +14,10 @@ One :class:`TelemetryCollector` per picker process, on the picker's event loop:
   ``envoy_at``, and restarts each host's in-flight estimate from Envoy's count;
 - with ``picker.nvml_host`` set, NVML every ``poll.nvml_ms`` → that host's GPU memory (in a thread).
 
+A follower of another picker replica (``picker.replicas.follow``, see :mod:`extproc.replicas`) takes the
+hosts' telemetry from the replica it follows: while :attr:`TelemetryCollector.scraping` is off only the Envoy
+poll runs, and the hosts' loops skip their ticks until it is on again (the follower took over).
+
 Every request has a timeout of ``poll.request_timeout_ms``. A failed poll changes nothing, so the host's
 ``*_at`` timestamp ages and the scheduler's staleness filter drops it after ``poll.stale_after_ms``.
 Failures are logged when a poll starts failing and when it recovers, not on every attempt.
@@ -114,10 +118,18 @@ class TelemetryCollector:
     """
 
     def __init__(
-        self, fleet: Fleet, datastore: Datastore, *, nvml: NvmlReader | None = None, admin_key: str | None = None
+        self,
+        fleet: Fleet,
+        datastore: Datastore,
+        *,
+        nvml: NvmlReader | None = None,
+        admin_key: str | None = None,
+        scraping: bool = True,
     ) -> None:
-        """``admin_key``: the fleet's key for Triton's restricted APIs (see extproc/admin_key.py)."""
+        """``admin_key``: the fleet's key for Triton's restricted APIs (see extproc/admin_key.py).
+        ``scraping``: off, only Envoy is polled (see :meth:`set_scraping`)."""
         poll = fleet.picker.poll
+        self._scraping = scraping
         self._datastore = datastore
         self._timeout_s = poll.request_timeout_ms / 1000
         # A tick comes at most half a period early: due when the interval has passed, less that.
@@ -186,7 +198,26 @@ class TelemetryCollector:
         request timeout). Waits for a poll of the same source that is already under way to finish first."""
         if self._closed:
             raise RuntimeError("TelemetryCollector is closed")
-        await asyncio.gather(*(self._run_job(job) for job in self._jobs if not job.stopped))
+        await asyncio.gather(*(self._run_job(job) for job in self._jobs if not job.stopped and self._polls(job)))
+
+    @property
+    def scraping(self) -> bool:
+        """Whether the hosts (Triton, NVML) are polled; Envoy always is."""
+        return self._scraping
+
+    def set_scraping(self, scraping: bool) -> None:
+        """Start or stop polling the hosts (a follower taking over from, or handing back to, the replica
+        it follows). Stopping forgets the last scrapes, so that a later start derives no rates across the
+        gap; whatever the datastore holds meanwhile comes from elsewhere."""
+        if scraping == self._scraping:
+            return
+        self._scraping = scraping
+        if not scraping:
+            for host in self._hosts:
+                host.snapshot, host.moved, host.confirmed, host.indexed_at = None, True, False, None
+
+    def _polls(self, job: _Job) -> bool:
+        return self._scraping or job.kind == ENVOY
 
     def health(self) -> dict[str, bool | None]:
         """``"kind/target"`` → whether its last poll succeeded (``None``: not polled yet or disabled)."""
@@ -229,7 +260,7 @@ class TelemetryCollector:
             delay = next_at - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if job.due is None or job.due():
+            if self._polls(job) and (job.due is None or job.due()):
                 await self._run_job(job)
             next_at += job.period_s
             now = loop.time()

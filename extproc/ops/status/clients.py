@@ -30,6 +30,7 @@ __all__ = [
     "EnvoyHost",
     "HttpEnvoyAdmin",
     "HttpPicker",
+    "ModelBatching",
     "ModelLoad",
     "PickerApi",
     "PickerError",
@@ -57,6 +58,17 @@ class EnvoyError(OpsError):
 
 
 @dataclass(frozen=True, slots=True)
+class ModelBatching:
+    """How one model batches on one host (``batching`` and ``batch_cost_ms`` of ``/status``): what a copy
+    can serve at full load."""
+
+    max_batch: int = 1
+    instances: int = 1
+    fixed_ms: float | None = None  # the fitted exec(rows) = fixed_ms + item_ms x rows; None until fitted
+    item_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PickerHost:
     """One host in the picker's ``/status`` (see :func:`extproc.datastore.host_status`)."""
 
@@ -75,6 +87,9 @@ class PickerHost:
     ejected: bool = False
     unhealthy: bool = False
     age_s: Mapping[str, float | None] = field(default_factory=dict)
+    known: frozenset[str] = frozenset()  # every model the host's repository index lists, ready or not
+    batching: Mapping[str, ModelBatching] = field(default_factory=dict)
+    exec_ms: float | None = None
 
     @property
     def gpu_memory_free(self) -> int | None:
@@ -96,6 +111,7 @@ class ModelLoad:
     admitted: float = 0.0
     refused: float = 0.0  # for load: overloaded or over its client's fair share
     refused_at: float | None = None  # Unix time of the last such refusal
+    routed: float = 0.0  # requests routed (extproc_decisions_total), inference or not
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +132,13 @@ OVERLOADED_S: Final = 10.0
 
 
 def parse_overload(text: str) -> dict[str, ModelLoad]:
-    """``extproc_admissions_total`` and ``extproc_overload_refused_at_seconds`` of a picker's ``/metrics``
-    text, per model (summed over priorities; the text of a leader already sums its workers)."""
+    """``extproc_admissions_total``, ``extproc_overload_refused_at_seconds`` and ``extproc_decisions_total``
+    of a picker's ``/metrics`` text, per model (summed over the other labels; the text of a leader already
+    sums its workers)."""
     admitted: dict[str, float] = {}
     refused: dict[str, float] = {}
     refused_at: dict[str, float] = {}
+    routed: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             model = sample.labels.get("model")
@@ -131,8 +149,31 @@ def parse_overload(text: str) -> dict[str, ModelLoad]:
                 into[model] = into.get(model, 0.0) + sample.value
             elif sample.name == "extproc_overload_refused_at_seconds":
                 refused_at[model] = max(refused_at.get(model, 0.0), sample.value)
-    models = set(admitted) | set(refused) | set(refused_at)
-    return {m: ModelLoad(admitted.get(m, 0.0), refused.get(m, 0.0), refused_at.get(m)) for m in sorted(models)}
+            elif sample.name == "extproc_decisions_total":
+                routed[model] = routed.get(model, 0.0) + sample.value
+    models = set(admitted) | set(refused) | set(refused_at) | set(routed)
+    return {
+        m: ModelLoad(admitted.get(m, 0.0), refused.get(m, 0.0), refused_at.get(m), routed.get(m, 0.0))
+        for m in sorted(models)
+    }
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _batching(raw: dict[str, Any]) -> dict[str, ModelBatching]:
+    shapes, costs = _dict(raw.get("batching")), _dict(raw.get("batch_cost_ms"))
+    out: dict[str, ModelBatching] = {}
+    for model in {*shapes, *costs}:
+        shape, cost = _dict(shapes.get(model)), _dict(costs.get(model))
+        out[str(model)] = ModelBatching(
+            max_batch=max(1, _opt_int(shape.get("max_batch")) or 1),
+            instances=max(1, _opt_int(shape.get("instances")) or 1),
+            fixed_ms=_opt_float(cost.get("fixed")),
+            item_ms=_opt_float(cost.get("per_item")),
+        )
+    return out
 
 
 def _opt_float(value: Any) -> float | None:
@@ -174,6 +215,9 @@ def parse_picker_status(doc: Any, url: str = "") -> PickerStatus:
             ejected=bool(raw.get("ejected", False)),
             unhealthy=bool(raw.get("unhealthy", False)),
             age_s={str(k): _opt_float(v) for k, v in age_raw.items()} if isinstance(age_raw, dict) else {},
+            known=frozenset(str(m) for m in raw.get("known") or () if isinstance(m, str)),
+            batching=_batching(raw),
+            exec_ms=_opt_float(raw.get("exec_ms")),
         )
     return PickerStatus(url=url, ready=bool(doc.get("ready", False)), hosts=hosts)
 

@@ -1,0 +1,121 @@
+"""Demand-driven placement (``placement``): when the fleet loads more copies of a model, and when it unloads
+idle ones. Off by default; ``extproc placement explain`` shows what it would do (see
+:mod:`extproc.placement`).
+
+Why the settings look like this: a model's desired copies follow its demand over its measured capacity
+per copy at ``target_utilization``; it scales down only below ``scale_down_utilization`` and after
+``cooldown_s``, so that a steady load never makes it oscillate. Memory budgets come from GPU telemetry where
+the picker has it, else from the bytes declared here; a model's footprint is declared (a learned one is not
+built yet).
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import ByteSize, Field, model_validator
+
+from extproc.config.common import Strict, Tier
+from extproc.config.hosts import HostSpec, PoolSpec
+from extproc.config.models import ModelSpec
+
+__all__ = ["ModelPlacement", "PlacementSpec", "check_placement"]
+
+
+class ModelPlacement(Strict):
+    """One model the controller manages (``placement.models.NAME``); models not listed are left alone."""
+
+    # Copies (hosts with the model READY and routable) never fewer / more than these.
+    min_copies: int = Field(default=1, ge=0, le=100_000)
+    max_copies: int | None = Field(default=None, ge=1, le=100_000)
+    # Hosts an operator placed the model on: the controller counts them but never unloads from them.
+    pinned: tuple[str, ...] = ()
+    # Load new copies only on hosts with every one of these labels (hosts[].labels, pools[].labels).
+    labels: dict[str, str] = Field(default_factory=dict)
+    # GPU (or host) memory one copy takes; absent: placement.default_footprint_bytes.
+    footprint_bytes: ByteSize | None = None
+    # Requests per second one copy serves at full load; absent: measured (batch-cost fit, service time).
+    capacity_rps: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Self:
+        if self.max_copies is not None and self.max_copies < self.min_copies:
+            raise ValueError(f"max_copies ({self.max_copies}) is below min_copies ({self.min_copies})")
+        if len(set(self.pinned)) != len(self.pinned):
+            raise ValueError(f"pinned repeats a host: {list(self.pinned)}")
+        if self.max_copies is not None and len(self.pinned) > self.max_copies:
+            raise ValueError(f"pinned names {len(self.pinned)} hosts, more than max_copies ({self.max_copies})")
+        return self
+
+
+class PlacementSpec(Strict):
+    """The controller's settings (``placement``)."""
+
+    enabled: bool = False
+    # How often ``extproc placement run`` looks at demand and decides.
+    interval_s: float = Field(default=15.0, ge=1, le=3600)
+    # After a change to a model, no scale-down of it for this long (and no scale-up for up_cooldown_s).
+    cooldown_s: float = Field(default=300.0, ge=0, le=86_400)
+    up_cooldown_s: float = Field(default=30.0, ge=0, le=86_400)
+    # Loads and unloads started per round, over all models.
+    max_concurrent_changes: int = Field(default=2, ge=1, le=1000)
+    # Demand per copy, as a fraction of its capacity, that the controller aims at: it adds copies above it...
+    target_utilization: float = Field(default=0.7, gt=0, le=1)
+    # ...and removes them only below this lower bound (hysteresis).
+    scale_down_utilization: float = Field(default=0.35, ge=0, lt=1)
+    # Also add a copy when the mean queue wait over a model's copies exceeds this (ms); absent: not used.
+    queue_ms: float | None = Field(default=None, gt=0)
+    # Memory budget per host where the picker has no GPU memory telemetry: by host name, else by tier;
+    # neither: no budget (loads are not limited by memory).
+    host_memory_bytes: dict[str, ByteSize] = Field(default_factory=dict)
+    tier_memory_bytes: dict[Tier, ByteSize] = Field(default_factory=dict)
+    default_footprint_bytes: ByteSize = Field(default=ByteSize(2**30))
+    # A file whose existence pauses ``extproc placement run`` (it keeps planning and logging, changes
+    # nothing); relative paths are under runtime_dir. Absent: <runtime_dir>/placement.pause.
+    pause_file: str | None = Field(default=None, min_length=1)
+    models: dict[str, ModelPlacement] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> Self:
+        if self.scale_down_utilization >= self.target_utilization:
+            raise ValueError(
+                f"scale_down_utilization ({self.scale_down_utilization}) must be below target_utilization "
+                f"({self.target_utilization}): without a gap between them the controller would oscillate"
+            )
+        return self
+
+    def budget(self, host: str, tier: Tier) -> int | None:
+        """The declared memory budget of ``host`` in bytes, or None."""
+        declared = self.host_memory_bytes.get(host, self.tier_memory_bytes.get(tier))
+        return None if declared is None else int(declared)
+
+    def footprint(self, model: str) -> int:
+        spec = self.models.get(model)
+        declared = None if spec is None else spec.footprint_bytes
+        return int(self.default_footprint_bytes if declared is None else declared)
+
+
+def check_placement(
+    spec: PlacementSpec, hosts: tuple[HostSpec, ...], pools: tuple[PoolSpec, ...], models: tuple[ModelSpec, ...]
+) -> None:
+    """The checks that need the other sections: named hosts exist, pinned hosts are of the model's tiers."""
+    tier_of = {h.name: h.tier for h in hosts}
+
+    def known(host: str) -> bool:
+        return host in tier_of or any(p.named(host) for p in pools)
+
+    for host in spec.host_memory_bytes:
+        if not known(host):
+            raise ValueError(f"placement.host_memory_bytes: {host!r} is not a host of this fleet")
+    tiers = {m.name: m.tiers for m in models}
+    for name, model in spec.models.items():
+        for host in model.pinned:
+            if not known(host):
+                raise ValueError(f"placement.models.{name}.pinned: {host!r} is not a host of this fleet")
+            allowed = tiers.get(name)
+            tier = tier_of.get(host)
+            if allowed is not None and tier is not None and tier not in allowed:
+                raise ValueError(
+                    f"placement.models.{name}.pinned: {host!r} is of tier {tier.value!r}, not one of the "
+                    f"model's tiers ({', '.join(t.value for t in allowed)})"
+                )

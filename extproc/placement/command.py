@@ -1,0 +1,231 @@
+"""``extproc placement explain|run``: the placement controller from the command line (arguments are
+defined in extproc/cli.py).
+
+Why it acts through :mod:`extproc.ops`: loading on chosen hosts and unloading host by host through the
+drain path are what ``extproc models load`` and ``extproc models unload`` already do without failing a
+request, with the same refusals (never strand a model's last routable copy). The controller only decides
+which hosts, and when; it remembers its own changes (for the cool-down) while it runs.
+
+``run`` re-reads the fleet file every round: ``placement.enabled: false`` or the pause file pauses it (it
+keeps planning and logging what it would do), and a changed setting applies at the next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+from extproc.admin_key import read_admin_key
+from extproc.config import ConfigError, Fleet, load_fleet
+from extproc.ops import OpsError
+from extproc.ops.execute import HostResult, Ops, execute_load, execute_roll
+from extproc.ops.models import make_ops
+from extproc.ops.plans import merged_view, picker_statuses, plan_load, plan_roll
+from extproc.ops.status import PickerHost, PickerStatus
+from extproc.ops.triton_api import GrpcTriton, read_index
+from extproc.placement.explain import explain_json, format_explain
+from extproc.placement.inputs import DemandMeter, build_inputs
+from extproc.placement.plan import Action, HostInput, Plan, plan
+
+__all__ = ["Controller", "Round", "pause_reason", "run_cli"]
+
+log = structlog.get_logger(__name__)
+
+
+def pause_reason(fleet: Fleet) -> str | None:
+    """Why the controller must not change anything now, or None."""
+    if not fleet.placement.enabled:
+        return "placement.enabled is false"
+    path = Path(fleet.placement.pause_file or "placement.pause")
+    if not path.is_absolute():
+        path = Path(fleet.runtime_dir) / path
+    return f"{path} exists" if path.exists() else None
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One look at the fleet and what the plan made of it."""
+
+    plan: Plan
+    hosts: tuple[HostInput, ...]
+    view: dict[str, PickerHost]
+    window_s: float
+
+
+@dataclass
+class Controller:
+    """Looks at the pickers, plans, and carries the plan out through ``ops``. ``clock`` (monotonic, for
+    rates and cool-downs), ``wall`` (Unix time, for the pickers' refusal times) and ``sleep`` are
+    injectable for tests."""
+
+    ops: Ops
+    meter: DemandMeter = field(default_factory=DemandMeter)
+    last_change: dict[str, float] = field(default_factory=dict)
+    clock: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    _looked_at: float | None = None
+
+    def _look(self) -> tuple[list[PickerStatus], dict[str, float] | None]:
+        statuses = picker_statuses(self.ops.pickers)
+        return statuses, self.meter.update(statuses, self.clock())
+
+    def decide(self, window_s: float) -> Round:
+        """Plan from the demand since the last look, or over ``window_s`` from now at the first one."""
+        start = self._looked_at
+        statuses, rates = self._look()
+        if rates is None:
+            start = self.clock()
+            self.sleep(window_s)
+            statuses, rates = self._look()
+        now = self.clock()
+        self._looked_at = now
+        fleet = self.ops.fleet
+        view = merged_view(statuses)
+        models, hosts = build_inputs(fleet, view, statuses, rates, now_unix=self.wall(), last_change=self.last_change)
+        result = plan(models, hosts, fleet.placement, now)
+        return Round(result, tuple(hosts), view, now - (start if start is not None else now))
+
+    def act(self, decided: Round) -> list[tuple[Action, HostResult]]:
+        """Carry out the round's actions: loads at once per model, then unloads host by host (drained)."""
+        fleet = self.ops.fleet
+        actions = decided.plan.actions
+        if not actions:
+            return []
+        indexes = read_index(self.ops.triton, fleet.hosts, self.ops.timeouts.index_s)
+        done: list[tuple[Action, HostResult]] = []
+        for kind in ("load", "unload"):
+            for model in sorted({a.model for a in actions if a.kind == kind}):
+                chosen = [a for a in actions if a.kind == kind and a.model == model]
+                hosts = [a.host for a in chosen]
+                results = self._carry_out(kind, model, hosts, indexes, decided.view)
+                self.last_change[model] = self.clock()
+                by_host = {r.host: r for r in results}
+                for a in chosen:
+                    done.append(
+                        (a, by_host.get(a.host, HostResult(a.host, False, "not reached (an earlier host failed)")))
+                    )
+        return done
+
+    def _carry_out(
+        self, kind: str, model: str, hosts: list[str], indexes: Any, view: dict[str, PickerHost]
+    ) -> list[HostResult]:
+        fleet = self.ops.fleet
+        if kind == "load":
+            load = plan_load(fleet, model, indexes, view, hosts=hosts)
+            if load.problems:
+                return [HostResult(h, False, "refused: " + "; ".join(load.problems)) for h in hosts]
+            return execute_load(self.ops, load)
+        roll = plan_roll("unload", fleet, model, indexes, view, hosts=hosts, drain=True)
+        if roll.problems:
+            return [HostResult(h, False, "refused: " + "; ".join(roll.problems)) for h in hosts]
+        return execute_roll(self.ops, roll, drain=True)
+
+
+def _log_actions(decided: Round, outcome: str, done: list[tuple[Action, HostResult]] | None = None) -> None:
+    results = dict((a, r) for a, r in done or [])
+    for d in decided.plan.decisions:
+        for a in d.actions:
+            r = results.get(a)
+            log.info(
+                "placement_action",
+                action=a.kind,
+                model=a.model,
+                host=a.host,
+                reason=a.reason,
+                demand_rps=None if d.rate_rps is None else round(d.rate_rps, 2),
+                capacity_rps=None if d.capacity_rps is None else round(d.capacity_rps, 2),
+                current=d.current,
+                desired=d.desired,
+                outcome=outcome if r is None else ("done" if r.ok else "failed"),
+                message=None if r is None else r.message,
+                seconds=None if r is None else round(r.seconds, 2),
+            )
+
+
+def _reload(path: Path, fleet: Fleet) -> Fleet:
+    from extproc.discovery import resolve_pools
+
+    try:
+        fresh = load_fleet(path)
+    except ConfigError as exc:
+        log.warning("placement_config_rejected", error=str(exc))
+        return fleet
+    return asyncio.run(resolve_pools(fresh))
+
+
+def _run_loop(args: Any, controller: Controller) -> int:
+    failed = False
+    while True:
+        fleet = controller.ops.fleet
+        paused = pause_reason(fleet)
+        try:
+            decided = controller.decide(args.window)
+            if args.dry_run or paused is not None:
+                _log_actions(decided, "dry_run" if args.dry_run else "paused")
+                done: list[tuple[Action, HostResult]] = []
+            else:
+                done = controller.act(decided)
+                _log_actions(decided, "done", done)
+            failed = any(not r.ok for _, r in done)
+            log.info(
+                "placement_round",
+                paused=paused,
+                dry_run=args.dry_run,
+                window_s=round(decided.window_s, 1),
+                models=len(decided.plan.decisions),
+                actions=len(decided.plan.actions),
+                deferred=len(decided.plan.deferred),
+                failed=sum(1 for _, r in done if not r.ok),
+            )
+        except OpsError as exc:
+            log.warning("placement_round_failed", error=str(exc))
+            failed = True
+        if args.once:
+            return 1 if failed else 0
+        controller.sleep(fleet.placement.interval_s)
+        controller.ops = replace(controller.ops, fleet=_reload(args.config, fleet))
+
+
+def run_cli(args: Any, fleet: Fleet, out: TextIO | None = None) -> int:
+    """``extproc placement explain|run``. Exit status: 0 done, 1 an action failed (``run --once``) or a
+    picker did not answer, 2 the command could not start."""
+    out = out or sys.stdout
+    triton = GrpcTriton(read_admin_key(fleet))
+    try:
+        ops = make_ops(
+            args,
+            fleet,
+            triton,
+            lambda m: log.debug("placement_progress", message=m),
+            drain=args.placement_command == "run",
+        )
+        controller = Controller(ops)
+        if args.placement_command == "run":
+            return _run_loop(args, controller)
+        try:
+            decided = controller.decide(args.window)
+        except OpsError as exc:
+            print(f"extproc placement: {exc}", file=sys.stderr)
+            return 1
+        paused = pause_reason(fleet)
+        hosts, result = decided.hosts, decided.plan
+        if args.json:
+            doc = explain_json(result, hosts, fleet.placement, window_s=decided.window_s, paused=paused)
+            out.write(json.dumps(doc, indent=2) + "\n")
+        else:
+            out.write(format_explain(result, hosts, fleet.placement, window_s=decided.window_s, paused=paused))
+        return 0
+    except OpsError as exc:
+        print(f"extproc placement: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        triton.close()

@@ -1,0 +1,319 @@
+"""Telemetry shared between picker replicas (extproc.replicas), without servers: the frames' authentication,
+what a follower keeps of its own, the takeover and the fleet file's ``picker.replicas``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.decision import synthetic_fleet
+from extproc.config import ConfigError, Fleet, parse_fleet
+from extproc.datastore import Datastore
+from extproc.replicas import (
+    HEADER,
+    MAC_BYTES,
+    MAGIC,
+    MAX_FRAME_AGE_S,
+    NONCE_BYTES,
+    FrameError,
+    Opener,
+    ReplicaFollower,
+    ReplicaPublisher,
+    Session,
+    follow_snapshot,
+    read_replica_token,
+)
+from extproc.runtime.ports import free_ports
+from extproc.sharing import snapshot
+from extproc.telemetry.collector import ENVOY, TelemetryCollector
+
+SECRET = b"s3cret-shared-by-every-replica"
+UNPICKLED: list[str] = []
+
+
+def _record(note: str) -> str:
+    UNPICKLED.append(note)
+    return note
+
+
+class _Bomb:
+    """A payload whose unpickling is seen: it must never happen for a frame that fails its checks."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_record, ("unpickled",))
+
+
+BOMB = pickle.dumps(_Bomb())
+
+
+@pytest.fixture(autouse=True)
+def _no_unpickling() -> Any:
+    UNPICKLED.clear()
+    yield
+    UNPICKLED.clear()
+
+
+def _session(secret: bytes = SECRET) -> Session:
+    return Session(secret, b"f" * NONCE_BYTES + b"p" * NONCE_BYTES)
+
+
+def _frame(session: Session, sequence: int, clock: float, payload: bytes) -> tuple[bytes, bytes]:
+    frame = session.seal(sequence, clock, payload)
+    return frame[: HEADER.size + MAC_BYTES], frame[HEADER.size + MAC_BYTES :]
+
+
+def _open(opener: Opener, head: bytes, payload: bytes, now: float) -> Any:
+    return pickle.loads(opener.open(head, payload, now))
+
+
+def test_a_good_frame_opens() -> None:
+    opener = Opener(_session(), hello_at=100.0)
+    assert _open(opener, *_frame(_session(), 0, 5000.0, pickle.dumps({"a": 1})), now=100.01) == {"a": 1}
+    # The publisher's clock maps onto the follower's: its frame 1 s later is 1 s later here.
+    assert opener.offset == pytest.approx(100.0 - 5000.0)
+    assert _open(opener, *_frame(_session(), 1, 5001.0, pickle.dumps(2)), now=101.02) == 2
+
+
+def _flip(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+@pytest.mark.parametrize(
+    ("secret", "spoil"),
+    [
+        pytest.param(b"another-secret-of-16-chars", lambda h, p: (h, p), id="wrong-secret"),
+        pytest.param(SECRET, lambda h, p: (h, _flip(p)), id="tampered-payload"),
+        pytest.param(SECRET, lambda h, p: (_flip(h), p), id="tampered-mac"),
+        pytest.param(SECRET, lambda h, p: (h, p + b"x"), id="longer-payload"),
+    ],
+)
+def test_a_frame_that_does_not_verify_is_never_unpickled(secret: bytes, spoil: Any) -> None:
+    head, payload = spoil(*_frame(_session(secret), 0, 10.0, BOMB))
+    with pytest.raises(FrameError, match="MAC"):
+        Opener(_session(), hello_at=10.0).open(head, payload, 10.01)
+    assert UNPICKLED == []
+
+
+def test_a_frame_of_another_connection_is_refused() -> None:
+    other = Session(SECRET, b"x" * NONCE_BYTES + b"p" * NONCE_BYTES)
+    with pytest.raises(FrameError, match="MAC"):
+        Opener(_session(), hello_at=10.0).open(*_frame(other, 0, 10.0, BOMB), 10.01)
+    assert UNPICKLED == []
+
+
+def test_replayed_and_reordered_frames_are_refused() -> None:
+    opener = Opener(_session(), hello_at=10.0)
+    first = _frame(_session(), 0, 10.0, pickle.dumps(0))
+    assert _open(opener, *first, now=10.01) == 0
+    with pytest.raises(FrameError, match="replayed"):
+        opener.open(*_frame(_session(), 0, 10.05, BOMB), 10.06)
+    with pytest.raises(FrameError, match="replayed"):
+        opener.open(*_frame(_session(), 2, 10.05, BOMB), 10.06)
+    assert UNPICKLED == []
+
+
+def test_an_old_frame_is_refused() -> None:
+    opener = Opener(_session(), hello_at=10.0)
+    assert _open(opener, *_frame(_session(), 0, 500.0, pickle.dumps(0)), now=10.01) == 0
+    # Sent at the publisher's 501 s (11 s here), received more than MAX_FRAME_AGE_S later.
+    with pytest.raises(FrameError, match="old"):
+        opener.open(*_frame(_session(), 1, 501.0, BOMB), 11.0 + MAX_FRAME_AGE_S + 0.5)
+    assert UNPICKLED == []
+
+
+def test_a_frame_too_large_is_refused_before_it_is_read() -> None:
+    head = HEADER.pack(0, 0.0, 2**31) + b"\0" * MAC_BYTES
+    with pytest.raises(FrameError, match="bytes"):
+        Opener(_session(), hello_at=0.0).length(head)
+
+
+# --- applying the publisher's snapshot ---------------------------------------------------------------------
+
+
+def test_a_follower_keeps_its_envoy_view_drain_and_clock() -> None:
+    fleet, publisher = synthetic_fleet(3)
+    follower = Datastore(fleet)
+    mine = follower.hosts["h1"]
+    mine.envoy.active, mine.envoy.ejected, mine.envoy_at, mine.draining = 42, True, 7.0, True
+    theirs = publisher.hosts["h1"]
+    theirs.metrics_at = 1000.0
+    _, state = pickle.loads(snapshot(publisher, ()))
+    follow_snapshot(follower, state, offset=-900.0, seen={})
+    assert (mine.envoy.active, mine.envoy.ejected, mine.envoy_at, mine.draining) == (42, True, 7.0, True)
+    assert mine.ready == theirs.ready and mine.known == theirs.known
+    assert mine.load.service_ms == theirs.load.service_ms and mine.load.pending == theirs.load.pending
+    assert mine.metrics_at == pytest.approx(100.0)  # moved onto the follower's clock
+    assert theirs.index_at is not None and mine.index_at == pytest.approx(theirs.index_at - 900.0)
+    assert {k: [h.name for h in v] for k, v in follower.serving.items()} == {
+        k: [h.name for h in v] for k, v in publisher.serving.items()
+    }
+
+
+# --- over TCP ----------------------------------------------------------------------------------------------
+
+
+async def _handshake(port: int, secret: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    ours = os.urandom(NONCE_BYTES)
+    writer.write(MAGIC + ours)
+    theirs = await reader.readexactly(NONCE_BYTES)
+    writer.write(Session(secret, ours + theirs).proof())
+    return reader, writer
+
+
+async def test_a_follower_without_the_secret_gets_nothing() -> None:
+    _, store = synthetic_fleet(2)
+    (port,) = free_ports(1)
+    publisher = ReplicaPublisher(store, f"127.0.0.1:{port}", SECRET)
+    await publisher.start()
+    try:
+        reader, writer = await _handshake(port, b"not-the-secret-at-all")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing sent
+        writer.close()
+        reader, writer = await _handshake(port, SECRET)
+        head = await asyncio.wait_for(reader.readexactly(HEADER.size + MAC_BYTES), 5)
+        assert HEADER.unpack_from(head)[0] == 0
+        writer.close()
+    finally:
+        await publisher.stop()
+
+
+async def test_a_forged_publisher_is_never_unpickled() -> None:
+    """A publisher without the secret: its frames are refused unread, and the follower takes over."""
+    fleet, _ = synthetic_fleet(2)
+
+    async def forger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = await reader.readexactly(len(MAGIC) + NONCE_BYTES)
+        writer.write(b"p" * NONCE_BYTES)
+        await reader.readexactly(MAC_BYTES)
+        session = Session(b"a-guessed-secret-of-some-length", hello[len(MAGIC) :] + b"p" * NONCE_BYTES)
+        for sequence in range(20):
+            writer.write(session.seal(sequence, 0.0, BOMB))
+            await asyncio.sleep(0.02)
+        writer.close()
+
+    server = await asyncio.start_server(forger, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    modes: list[bool] = []
+
+    async def on_following(following: bool) -> None:
+        modes.append(following)
+
+    follower = ReplicaFollower(Datastore(fleet), f"127.0.0.1:{port}", SECRET, 0.5, on_following)
+    task = asyncio.create_task(follower.run())
+    try:
+        await asyncio.sleep(1.0)
+    finally:
+        task.cancel()
+        server.close()
+    assert UNPICKLED == []
+    assert modes == [False] and not follower.following
+
+
+async def test_a_follower_follows_takes_over_and_follows_again() -> None:
+    fleet, published = synthetic_fleet(3)
+    published.hosts["h0"].load.pending = 17
+    published.changed()
+    (port,) = free_ports(1)
+    address = f"127.0.0.1:{port}"
+    modes: list[bool] = []
+
+    async def on_following(following: bool) -> None:
+        modes.append(following)
+
+    store = Datastore(fleet)
+    follower = ReplicaFollower(store, address, SECRET, 0.5, on_following)
+    task = asyncio.create_task(follower.run())
+    publisher = ReplicaPublisher(published, address, SECRET)
+    await publisher.start()
+    try:
+        await asyncio.wait_for(follower.received.wait(), 5)
+        assert follower.following and store.hosts["h0"].load.pending == 17
+        await publisher.stop()
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            if modes:
+                break
+        assert modes == [False] and not follower.following
+        publisher = ReplicaPublisher(published, address, SECRET)
+        await publisher.start()
+        # Back once the snapshots have come for takeover_after again, not at the first.
+        await asyncio.sleep(0.3)
+        assert modes == [False]
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            if len(modes) == 2:
+                break
+        assert modes == [False, True] and follower.following
+    finally:
+        task.cancel()
+        await publisher.stop()
+
+
+async def test_a_collector_that_follows_polls_envoy_only() -> None:
+    fleet, store = synthetic_fleet(2)
+    collector = TelemetryCollector(fleet, store, scraping=False)
+    try:
+        await collector.refresh_once()
+        polled = {name for name, ok in collector.health().items() if ok is not None}
+        assert polled == {f"{ENVOY}/envoy"}
+        collector.set_scraping(True)
+        assert collector.scraping
+    finally:
+        await collector.aclose()
+
+
+# --- the fleet file ----------------------------------------------------------------------------------------
+
+
+def _fleet(tmp_path: Path, **replicas: Any) -> Fleet:
+    data = {
+        "hosts": [{"name": "a", "address": "10.0.0.1", "tier": "gpu"}],
+        "picker": {"replicas": replicas},
+    }
+    return parse_fleet(data, str(tmp_path / "fleet.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("replicas", "problem"),
+    [
+        ({"publish": "0.0.0.0:9006", "follow": "leader:9006", "token_file": "t"}, "exclude each other"),
+        ({"follow": "leader:9006"}, "need token_file"),
+        ({"publish": "9006", "token_file": "t"}, "is not HOST:PORT"),
+        ({"follow": "leader:9006", "token_file": "t", "takeover_after_ms": 2500}, "stale"),
+        ({"follow": "leader:9006", "token_file": "t", "takeover_after_ms": 100}, "greater than or equal to 500"),
+    ],
+)
+def test_invalid_replicas_settings(tmp_path: Path, replicas: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        _fleet(tmp_path, **replicas)
+
+
+def test_no_replicas_no_token(tmp_path: Path) -> None:
+    assert read_replica_token(_fleet(tmp_path)) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(None, "cannot read"), ("", "is empty"), ("short", "16 to 4096"), ("a token with spaces!", "16 to 4096")],
+)
+def test_a_bad_token_file_refuses_the_start(tmp_path: Path, content: str | None, problem: str) -> None:
+    token = tmp_path / "token"
+    if content is not None:
+        token.write_text(content)
+    fleet = _fleet(tmp_path, follow="leader:9006", token_file=str(token))
+    with pytest.raises(ConfigError) as info:
+        read_replica_token(fleet)
+    assert str(info.value).startswith(f"{tmp_path / 'fleet.yaml'}: key picker.replicas.token_file: ")
+    assert problem in str(info.value)
+
+
+def test_a_good_token_file(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("x" * 32 + "\n")
+    assert read_replica_token(_fleet(tmp_path, publish="127.0.0.1:9006", token_file=str(token))) == b"x" * 32
