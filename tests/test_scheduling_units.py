@@ -103,3 +103,31 @@ def test_gpu_utilization_prefers_the_idler_gpu() -> None:
     decision = Scheduler(f, store).decide(InferenceRequest(Protocol.HTTP, "m"))
     assert isinstance(decision, Route)
     assert [h.name for h in decision.hosts] == ["g2", "g1", "g0"]  # unknown (no GPU) counts as idle
+
+
+def test_model_queue_counts_only_the_requests_own_models_queue() -> None:
+    """Triton queues each model apart: g0 is busier, but with another model's requests, g1 with this
+    model's. By the host's count (in_flight) g1 comes first; by the model's queue g0 is free."""
+    hosts = [{"name": f"g{i}", "address": f"10.0.0.{i + 1}", "tier": "gpu"} for i in range(2)]
+    f = parse_fleet(
+        {
+            "hosts": hosts,
+            "models": [{"name": "m"}, {"name": "other"}],
+            "picker": {"profile": {"scorers": {"model_queue": 1}}},
+        },
+        "fleet.yaml",
+    )
+    store = Datastore(f, clock=lambda: NOW)
+    for host in store.hosts.values():
+        models = {"m": frozenset({"1"}), "other": frozenset({"1"})}
+        store.update_index(host, models, frozenset(models), NOW)
+        host.metrics_at = NOW
+        host.load.service_ms = 2.0
+    store.changed()
+    g0, g1 = store.hosts.values()
+    g0.load.model_pending, g0.load.pending = {"other": 8}, 8
+    g1.load.model_pending, g1.load.pending = {"m": 6}, 6
+    store.changed()
+    decision = Scheduler(f, store).decide(InferenceRequest(Protocol.HTTP, "m"))
+    assert isinstance(decision, Route)
+    assert [h.name for h in decision.hosts] == ["g0", "g1"]

@@ -50,6 +50,8 @@ class Candidate:
     # used. ``max_rows``: the most rows one request may have (max_batch).
     rows: float
     max_rows: float
+    # The model the candidates are compared for (None: a request that names none).
+    model: str | None
 
     def __init__(
         self,
@@ -65,6 +67,7 @@ class Candidate:
         per_batch: float | None = None,
         rows: float = 0.0,
         max_rows: float = 1.0,
+        model: str | None = None,
     ) -> None:
         self.host = host
         self.base_ms = base_ms
@@ -80,6 +83,7 @@ class Candidate:
         self.per_batch = per_batch
         self.rows = rows
         self.max_rows = max_rows
+        self.model = model
 
     def in_flight(self, now: float) -> float:
         """:meth:`HostState.in_flight` from the telemetry resolved here: the one input read live, in one
@@ -177,6 +181,7 @@ def prepare(hosts: Sequence[HostState], model: str | None, static: WeightedScore
                 per_batch,
                 rows if sized else 0.0,
                 float(configured.max_batch) if configured is not None else 1.0,
+                model,
             )
         )
     _add_static_costs(out, static)
@@ -295,11 +300,27 @@ class GpuUtilization(Scorer):
         return [c.host.load.gpu_utilization or 0.0 for c in candidates]
 
 
+class ModelQueue(Scorer):
+    """The request's model's work in flight on each host (:meth:`HostState.model_in_flight`: this picker's
+    picks of it drained at the model's rate, or Triton's queue of it if larger): Triton queues each model
+    apart, so on a host that serves several a request waits behind its own model's requests, which the
+    host's whole count (``in_flight``) overstates. A request that names no model is scored by the host's."""
+
+    def score(
+        self, candidates: Sequence[Candidate], in_flight: list[float], own: float = 1.0, now: float = 0.0
+    ) -> list[float]:
+        return [
+            n if c.model is None else c.host.model_in_flight(c.model, now)
+            for c, n in zip(candidates, in_flight)  # noqa: B905
+        ]
+
+
 registry.SCORERS.register("expected_completion", ExpectedCompletion)
 registry.SCORERS.register("pending_queue", PendingQueue)
 registry.SCORERS.register("in_flight", InFlight)
 registry.SCORERS.register("gpu_memory", GpuMemory)
 registry.SCORERS.register("gpu_utilization", GpuUtilization)
+registry.SCORERS.register("model_queue", ModelQueue)
 
 # A profile's scorers with their weights (above 0), built once per profile (see :func:`build`).
 WeightedScorers = tuple[tuple[Scorer, float], ...]
