@@ -26,23 +26,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
-import grpc
 import structlog
 from aiohttp import web
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from extproc.admin_key import read_admin_key
-from extproc.config import ConfigError, EppSpec, Fleet
+from extproc.config import ConfigError, Fleet
 from extproc.control import AUTHORIZATION, SCHEME, authorized, read_control_token
 from extproc.datastore import Datastore
 from extproc.discovery import Discovery
-from extproc.handlers.server import add_to_server
+from extproc.edges import GRPC_OPTIONS, edges, epp_certificate
+from extproc.parts import Part, cancel
 from extproc.replicas import ReplicaFollower, ReplicaPublisher, read_replica_token
 from extproc.sharing import Publisher, Subscriber
 from extproc.telemetry.collector import TelemetryCollector
-from extproc.tls import ensure_self_signed
 
 if TYPE_CHECKING:
     from extproc.app import Picker
@@ -69,52 +67,7 @@ RoleName = Literal["single", "leader", "worker"]
 _FIRST_SNAPSHOT_S = 10.0
 # How often a worker adds its decisions to the multiprocess directory the leader's /metrics reads.
 _WORKER_METRICS_FLUSH_S = 1.0
-# Health-checked service names: the server as a whole ("") and the ext_proc service.
-_HEALTH_SERVICES = ("", "envoy.service.ext_proc.v3.ExternalProcessor")
-# An endpoint picker's, as GIE's protocol names them (its liveness and readiness probes ask for these).
-_EPP_HEALTH_SERVICES = (*_HEALTH_SERVICES, "liveness", "readiness")
-# Listen addresses that name no host, hence no name for a certificate.
-_ANY_ADDRESS = frozenset({"0.0.0.0", "::", "[::]"})
-
-GRPC_OPTIONS: Final = [
-    # Envoy opens one stream per request over a few connections; do not let gRPC cap them.
-    ("grpc.max_concurrent_streams", 100_000),
-    ("grpc.so_reuseport", 1),
-    # Envoy bounds each message: a chunked REST body is buffered whole, up to envoy.max_request_bytes, and
-    # reaches the picker as one message. gRPC's default 4 MiB limit failed those streams, and Envoy then
-    # sent the body on without the picker's checks (failing open).
-    ("grpc.max_receive_message_length", -1),
-]
-
-
-async def cancel(task: asyncio.Task[None] | None) -> None:
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 # --- parts -------------------------------------------------------------------------------------------------
-
-
-class Part:
-    """One piece of a running picker; every hook does nothing unless the part needs it."""
-
-    async def start(self) -> None:
-        """In the role's order: telemetry before the gRPC server, so the first requests route on data."""
-
-    async def reload(self, config: Fleet) -> None:
-        """A new fleet file (under the picker's switching lock), before the picker switches to it."""
-
-    def switch(self, fleet: Fleet, datastore: Datastore) -> None:
-        """The picker now routes over ``fleet`` and ``datastore`` (config reload or new pool hosts). Runs
-        between two requests for every part (it must not await); :meth:`settle` then follows."""
-
-    async def settle(self) -> None:
-        """After every part switched: let go of what served the previous fleet."""
-
-    async def stop(self) -> None:
-        """In the reverse of the role's order."""
 
 
 class _Http(Part):
@@ -386,81 +339,6 @@ class _FlushingMetrics(Part):
         await cancel(self._task)
 
 
-class _GrpcEdge(Part):
-    """The ext_proc gRPC server, with the standard gRPC health service (Kubernetes gRPC probes,
-    grpc-health-probe, Envoy's gRPC health checks): NOT_SERVING until the picker serves, and again from the
-    start of a shutdown."""
-
-    def __init__(self, picker: Picker, address: str) -> None:
-        self._server = grpc.aio.server(options=GRPC_OPTIONS)
-        add_to_server(picker.processor, self._server)
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        self._server.add_insecure_port(address)
-
-    async def start(self) -> None:
-        await self._server.start()
-        for service in _HEALTH_SERVICES:
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-
-    async def stop(self) -> None:
-        await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace=1.0)
-
-
-class _EppEdge(Part):
-    """The ext_proc gRPC server for GIE gateways (``picker.epp``: the Endpoint Picker Protocol), over TLS,
-    with the health service there and, for Kubernetes' probes, alone on a plaintext port."""
-
-    def __init__(self, picker: Picker, spec: EppSpec) -> None:
-        self._server = grpc.aio.server(options=GRPC_OPTIONS)
-        add_to_server(picker.processor, self._server, epp=True)
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        if spec.tls:
-            _epp_certificate(spec)
-            key, cert = Path(spec.key_file).read_bytes(), Path(spec.cert_file).read_bytes()
-            self._server.add_secure_port(spec.listen, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            self._server.add_insecure_port(spec.listen)
-        self._probes: grpc.aio.Server | None = None
-        if spec.health_port is not None:
-            self._probes = grpc.aio.server(options=GRPC_OPTIONS)
-            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._probes)
-            self._probes.add_insecure_port(f"{spec.listen.rpartition(':')[0]}:{spec.health_port}")
-
-    async def start(self) -> None:
-        await self._server.start()
-        if self._probes is not None:
-            await self._probes.start()
-        for service in _EPP_HEALTH_SERVICES:
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-
-    async def stop(self) -> None:
-        await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace=1.0)
-        if self._probes is not None:
-            await self._probes.stop(grace=None)
-
-
-def _epp_certificate(spec: EppSpec) -> None:
-    """The EPP listener's self-signed certificate, where asked for and missing. A leader makes it before its
-    workers start, so that they do not all write it at once."""
-    if spec.tls and spec.self_signed:
-        host = spec.listen.rpartition(":")[0]
-        names = [] if host in _ANY_ADDRESS else [host]
-        ensure_self_signed(Path(spec.cert_file), Path(spec.key_file), names)
-
-
-def _edges(picker: Picker, address: str) -> list[Part]:
-    """The ext_proc servers: the picker's own dialect, and the Endpoint Picker Protocol where configured."""
-    edges: list[Part] = [_GrpcEdge(picker, address)]
-    spec = picker.fleet.picker.epp
-    if spec is not None:
-        edges.append(_EppEdge(picker, spec))
-    return edges
-
-
 # --- roles -------------------------------------------------------------------------------------------------
 
 
@@ -527,7 +405,7 @@ class Single(_Resolving):
 
     def parts(self, picker: Picker) -> list[Part]:
         address = picker.fleet.picker.listen_addresses[0]
-        return [_Http(picker), *_telemetry(picker), _Discovering(picker), *_edges(picker, address)]
+        return [_Http(picker), *_telemetry(picker), _Discovering(picker), *edges(picker, address)]
 
 
 class Leader(_Resolving):
@@ -552,7 +430,7 @@ class Leader(_Resolving):
 
     def parts(self, picker: Picker) -> list[Part]:
         if picker.fleet.picker.epp is not None:
-            _epp_certificate(picker.fleet.picker.epp)
+            epp_certificate(picker.fleet.picker.epp)
         return [_Http(picker), *_telemetry(picker), _Publishing(picker), _Discovering(picker)]
 
 
@@ -583,7 +461,7 @@ class Worker:
 
     def parts(self, picker: Picker) -> list[Part]:
         address = picker.fleet.picker.listen_addresses[self.index]
-        return [_Subscribing(picker), _FlushingMetrics(picker), *_edges(picker, address)]
+        return [_Subscribing(picker), _FlushingMetrics(picker), *edges(picker, address)]
 
 
 def _unix_sockets(addresses: Sequence[str]) -> list[Path]:
