@@ -295,9 +295,10 @@ def test_model_unloaded_from_one_host(healthy: FaultStack) -> None:
         host = fleet.busiest(("embed_normalize",))
         repository = f"http://{fleet.endpoint(host)}/v2/repository/models/embed_normalize"
         admin = fleet.stack.admin_headers()
-        unloaded_at = time.time()
         try:
             assert http_status(f"{repository}/unload", timeout_s=30, method="POST", headers=admin) == 200
+            # Triton answers once the model is unloaded, which waits for its requests in flight.
+            unloaded_at = time.time()
             load.sleep_until(6)
         finally:
             reloaded_at = time.time()
