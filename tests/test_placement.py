@@ -103,6 +103,31 @@ def test_never_unloads_the_last_copy_of_a_model_with_traffic() -> None:
     assert unloads(plan([model(rate=0.0)], hs, s, now=0.0)) == ["h0"]
 
 
+def test_no_demand_scales_down_without_a_measured_capacity() -> None:
+    s = settings(cooldown_s=0)
+    hs = with_copies(hosts(), "m", ["h0", "h1"])
+    idle = plan([model(["h0", "h1"], rate=0.0, cap=None)], hs, s, now=0.0)
+    assert idle.decisions[0].desired == 1 and len(unloads(idle)) == 1
+    assert idle.decisions[0].reason == "no demand: below 0.35 utilization; min 1"
+    # Unknown demand, or a controller told never to scale down (scale_down_utilization 0): kept.
+    assert plan([model(["h0", "h1"], rate=None, cap=None)], hs, s, now=0.0).actions == ()
+    assert (
+        plan([model(["h0", "h1"], rate=0.0, cap=None)], hs, settings(scale_down_utilization=0), now=0.0).actions == ()
+    )
+
+
+def test_unloads_leave_the_default_tier_its_copies() -> None:
+    s = settings(cooldown_s=0)
+    # The gpu copy is busier (another model's traffic), but cpu is the model's default tier: gpu's goes.
+    hs = [
+        HostInput("c", "cpu", models=frozenset({"m"}), in_flight=0.0),
+        HostInput("g", "gpu", models=frozenset({"m"}), in_flight=5.0),
+    ]
+    p = plan([model(["c", "g"], rate=0.0, tiers=("cpu", "gpu"))], hs, s, now=0.0)
+    assert unloads(p) == ["g"] and "a copy outside its default tier (cpu)" in p.actions[0].reason
+    assert unloads(plan([model(["c", "g"], rate=0.0, tiers=("gpu", "cpu"))], hs, s, now=0.0)) == ["c"]
+
+
 def test_a_memory_budget_for_two_models_never_gets_a_third() -> None:
     s = settings(default_footprint_bytes=GIB, max_concurrent_changes=10)
     # h0 has room for two 1 GiB models and holds one; h1 is full.
@@ -223,8 +248,11 @@ def test_status_and_metrics_give_batching_known_models_and_routed_counts() -> No
     host = parse_picker_status({"ready": True, "hosts": {"a": raw}}).hosts["a"]
     assert host.known == {"m", "n"} and host.batching["m"] == ModelBatching(8, 2, 2.0, 0.75)
     # 2 instances x 8 requests / (2 + 0.75 x 8) ms = 2000 req/s.
-    assert copy_capacity(host.batching["m"], host) == (2000.0, "batch fit")
-    assert copy_capacity(None, replace(host, service_ms=4.0)) == (250.0, "service time")
+    assert copy_capacity("m", host) == (2000.0, "batch fit")
+    alone = replace(host, service_ms=4.0, ready={"n": ("1",)})
+    assert copy_capacity("n", alone) == (250.0, "service time")
+    # The host's service time is over all its models: with another READY there, it is not n's.
+    assert copy_capacity("n", replace(alone, ready={"n": ("1",), "m": ("1",)})) == (None, "unknown")
     text = 'extproc_decisions_total{model="m",tier="gpu",host="a",reason="best"} 7\n'
     assert parse_overload(text)["m"].routed == 7.0
 

@@ -43,7 +43,7 @@ def format_explain(
     lines = [
         f"placement {state}: target utilization {settings.target_utilization:g}, scale down below "
         f"{settings.scale_down_utilization:g}, cool-down {settings.cooldown_s:g} s (up {settings.up_cooldown_s:g} s), "
-        f"at most {settings.max_concurrent_changes} changes a round; demand over {window_s:g} s",
+        f"at most {settings.max_concurrent_changes} changes a round; demand over {window_s:.1f} s",
     ]
     if not result.decisions:
         lines.append("no model is managed: list models under placement.models")
@@ -82,7 +82,7 @@ def explain_json(
     return {
         "enabled": settings.enabled,
         "paused": paused,
-        "window_s": window_s,
+        "window_s": round(window_s, 3),
         "models": [
             {
                 "model": d.model,

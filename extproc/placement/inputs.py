@@ -11,7 +11,8 @@ missing; this module turns both into plain numbers (or None, said as such) so th
   pickers (each replica sees its share).
 - Capacity per copy: declared (``placement.models.NAME.capacity_rps``), else from the batch-cost fit at a
   full batch (instances x max_batch / exec(max_batch), one row per request), else from the host's
-  per-request service time (instances / service_ms); the mean over the copies that have one.
+  per-request service time (instances / service_ms) where the model is the host's only READY one (the
+  service time is the host's, over all its models); the mean over the copies that have one.
 - Memory per host: Triton's GPU memory telemetry where the picker has it, else the declared budget with
   the declared footprints of the models READY there.
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 from extproc.config import Fleet, HostSpec
 from extproc.ops.plans import allowed_tiers
-from extproc.ops.status import ModelBatching, PickerHost, PickerStatus
+from extproc.ops.status import PickerHost, PickerStatus
 from extproc.placement.plan import HostInput, ModelInput
 
 __all__ = ["DemandMeter", "build_inputs", "copy_capacity"]
@@ -55,15 +56,20 @@ class DemandMeter:
         return rates if complete and statuses else None
 
 
-def copy_capacity(batching: ModelBatching | None, host: PickerHost) -> tuple[float | None, str]:
-    """What one copy on ``host`` serves at full load (req/s), and from what."""
+def copy_capacity(model: str, host: PickerHost) -> tuple[float | None, str]:
+    """What one copy of ``model`` on ``host`` serves at full load (req/s), and from what.
+
+    The host's service time is over all its models' requests (the picker's ``/status`` has no per-model
+    one), so it stands for the model's only where the model is the host's one READY model: elsewhere it is
+    another model's time as much as this one's (a busy model would lend its speed to an idle one)."""
+    batching = host.batching.get(model)
     instances = 1 if batching is None else batching.instances
     if batching is not None and batching.fixed_ms is not None and batching.item_ms is not None:
         batch = batching.max_batch
         exec_ms = batching.fixed_ms + batching.item_ms * batch
         if exec_ms > 0:
             return instances * batch * 1000.0 / exec_ms, "batch fit"
-    if host.service_ms:
+    if host.service_ms and set(host.ready) == {model}:
         return instances * 1000.0 / host.service_ms, "service time"
     return None, "unknown"
 
@@ -72,7 +78,7 @@ def _capacity(fleet: Fleet, model: str, copies: Sequence[PickerHost]) -> tuple[f
     spec = fleet.placement.models.get(model)
     if spec is not None and spec.capacity_rps is not None:
         return spec.capacity_rps, "declared"
-    measured = [copy_capacity(h.batching.get(model), h) for h in copies]
+    measured = [copy_capacity(model, h) for h in copies]
     values = [c for c, _ in measured if c is not None]
     if not values:
         return None, "unknown"

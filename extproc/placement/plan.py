@@ -91,6 +91,9 @@ class Plan:
 def _desired(m: ModelInput, s: PlacementSpec) -> tuple[int, str]:
     """The model's desired copies before bounds and cool-down, and why."""
     current = len(m.copies)
+    if m.rate_rps == 0 and current and not m.overloaded and s.scale_down_utilization > 0:
+        # No demand needs no measured capacity to judge: utilization is 0 whatever a copy serves.
+        return 0, f"no demand: below {s.scale_down_utilization:g} utilization"
     if m.rate_rps is None or m.capacity_rps is None:
         missing = "demand" if m.rate_rps is None else "capacity per copy"
         return current, f"{missing} not measured yet: keep {current}"
@@ -177,11 +180,19 @@ def _load_targets(
 
 
 def _unload_victims(m: ModelInput, count: int, hosts: Mapping[str, HostInput], s: PlacementSpec) -> list[HostInput]:
-    """The ``count`` copies to unload: never pinned ones; the least loaded first, then the slowest."""
+    """The ``count`` copies to unload: never pinned ones; those of the model's least preferred tier first
+    (the reverse of where loads go, so its default tier keeps its copies), then the least loaded, then the
+    slowest."""
     spec = s.models.get(m.name)
     pinned = set() if spec is None else set(spec.pinned)
     copies = [hosts[h] for h in m.copies if h in hosts and h not in pinned]
-    return sorted(copies, key=lambda h: (h.in_flight, -(h.service_ms or 0.0), h.name))[:count]
+
+    def key(h: HostInput) -> tuple[int, float, float, str]:
+        tiers = m.tiers or ()
+        preference = tiers.index(h.tier) if h.tier in tiers else len(tiers)
+        return (-preference, h.in_flight, -(h.service_ms or 0.0), h.name)
+
+    return sorted(copies, key=key)[:count]
 
 
 def _fmt_bytes(n: int) -> str:
@@ -223,9 +234,10 @@ def plan(models: Sequence[ModelInput], hosts: Sequence[HostInput], settings: Pla
         elif held is None and desired < current:
             victims = _unload_victims(m, current - desired, by_name, settings)
             for host in victims:
-                actions.append(
-                    Action("unload", m.name, host.name, f"{current} -> {desired} copies ({why}); least loaded copy")
-                )
+                which = "least loaded copy"
+                if m.tiers and host.tier != m.tiers[0]:
+                    which = f"a copy outside its default tier ({m.tiers[0]})"
+                actions.append(Action("unload", m.name, host.name, f"{current} -> {desired} copies ({why}); {which}"))
             if len(victims) < current - desired:
                 held = "the other copies are pinned"
         taken, rest = actions[:budget], actions[budget:]
