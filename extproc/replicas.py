@@ -34,7 +34,6 @@ against the completions the publisher saw, see :class:`~extproc.datastore.Traffi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -51,6 +50,7 @@ import structlog
 from extproc.admin_key import read_secret_file
 from extproc.config import Fleet
 from extproc.datastore import TELEMETRY_FIELDS, Datastore, HostState, TrafficShare, TritonLoad
+from extproc.parts import cancel
 from extproc.sharing import PUSH_INTERVAL_S, read_snapshot, snapshot
 from extproc.telemetry.triton_metrics import SHARE_FORGET, traffic_share
 
@@ -306,10 +306,7 @@ class ReplicaPublisher:
             await asyncio.gather(*(self._push(f, payload) for f in list(self._followers)))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         for follower in self._followers:
             follower.writer.close()
         if self._server is not None:

@@ -21,6 +21,7 @@ import structlog
 
 from extproc.config import HostSpec
 from extproc.datastore import Datastore
+from extproc.parts import cancel
 
 log = structlog.get_logger(__name__)
 
@@ -88,10 +89,7 @@ class Publisher:
                 await asyncio.gather(*(self._push(w, data) for w in list(self._writers)))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         for writer in self._writers:
             writer.close()
         if self._server is not None:
