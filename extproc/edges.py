@@ -38,16 +38,23 @@ GRPC_OPTIONS: Final = [
 ]
 
 
+def _ext_proc_server(picker: Picker, epp: bool) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A gRPC server with the picker's processor (``epp``: in the Endpoint Picker Protocol) and the health
+    service, not yet listening."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    add_to_server(picker.processor, server, epp=epp)
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return server, servicer
+
+
 class _GrpcEdge(Part):
     """The ext_proc gRPC server, with the standard gRPC health service (Kubernetes gRPC probes,
     grpc-health-probe, Envoy's gRPC health checks): NOT_SERVING until the picker serves, and again from the
     start of a shutdown."""
 
     def __init__(self, picker: Picker, address: str) -> None:
-        self._server = grpc.aio.server(options=GRPC_OPTIONS)
-        add_to_server(picker.processor, self._server)
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._server, self._health = _ext_proc_server(picker, epp=False)
         self._server.add_insecure_port(address)
 
     async def start(self) -> None:
@@ -65,10 +72,7 @@ class _EppEdge(Part):
     with the health service there and, for Kubernetes' probes, alone on a plaintext port."""
 
     def __init__(self, picker: Picker, spec: EppSpec) -> None:
-        self._server = grpc.aio.server(options=GRPC_OPTIONS)
-        add_to_server(picker.processor, self._server, epp=True)
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._server, self._health = _ext_proc_server(picker, epp=True)
         if spec.tls:
             epp_certificate(spec)
             key, cert = Path(spec.key_file).read_bytes(), Path(spec.cert_file).read_bytes()
