@@ -120,24 +120,23 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         first = _first_message(data)
         if first is None:
             return
+        headers = first.headers
+        path = headers.get(":path", "")
+        method = grpc_method(path)
         gie: EppStream | None = None
         if epp:
             gie = epp_stream(data, self._served_log, self._client_api, self._fairness_header)
             if gie.refusal is not None:
                 # Before anything else: not a request this gateway serves (see extproc.client_api).
-                grpc_call = grpc_method(first.headers.get(":path", "")) is not None
-                refused = InferenceRequest(Protocol.GRPC if grpc_call else Protocol.HTTP)
+                refused = InferenceRequest(Protocol.GRPC if method is not None else Protocol.HTTP)
                 yield self._responder.answer(gie.refusal, refused)
-                self._responder.refused(gie.refusal, refused, first.headers.get("x-request-id"))
+                self._responder.refused(gie.refusal, refused, headers.get("x-request-id"))
                 return
         if not self._scheduler.has_telemetry():
             # Just started: no repository index yet, so every model would look unknown (404). Failing the
             # stream makes Envoy fail open to its own load balancer until the first telemetry is in.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the picker has no telemetry yet")
         started = time.perf_counter()
-        headers = first.headers
-        path = headers.get(":path", "")
-        method = grpc_method(path)
         # A GIE gateway forwards the client's own headers: there the key is the operator's header, read by
         # epp_stream, never the client's copy of ours.
         client = (gie.client if gie is not None else headers.get(CLIENT_KEY_HEADER)) or ""
