@@ -150,6 +150,9 @@ def _ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     run.add_argument("--once", action="store_true", help="one round, then exit (1 if an action failed)")
     run.add_argument("--load-timeout", type=float, metavar="S", help="seconds per load (default 300)")
     run.add_argument("--drain-timeout", type=float, metavar="S", help="seconds to wait for in-flight (60)")
+    run.add_argument(
+        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics here (placement.metrics_port)"
+    )
     for p in (explain, run):
         p.add_argument(
             "--window", type=float, default=5.0, metavar="S", help="seconds to measure demand over at the first look"

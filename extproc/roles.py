@@ -41,6 +41,7 @@ from extproc.parts import Part, cancel
 from extproc.replicas import ReplicaFollower, ReplicaPublisher, read_replica_token
 from extproc.sharing import Publisher, Subscriber
 from extproc.telemetry.collector import TelemetryCollector
+from extproc.telemetry.tls import read_triton_tls
 
 if TYPE_CHECKING:
     from extproc.app import Picker
@@ -158,16 +159,25 @@ class _Collecting(Part):
     def __init__(self, picker: Picker, scraping: bool = True) -> None:
         """``scraping`` off: Envoy alone is polled (a follower replica, until :meth:`scrape`)."""
         self._picker = picker
+        # Read here and on reload, as the admin key is: a change of the pools' hosts rebuilds the collector
+        # and must not fail on a file. A bad file refuses the start.
+        self._tls = read_triton_tls(picker.config)
         self._collector = self._new(picker.fleet, picker.datastore, scraping)
         self._task: asyncio.Task[None] | None = None
         self._retiring: list[tuple[TelemetryCollector, asyncio.Task[None] | None]] = []
 
     def _new(self, fleet: Fleet, datastore: Datastore, scraping: bool) -> TelemetryCollector:
-        return TelemetryCollector(fleet, datastore, admin_key=self._picker.admin_key, scraping=scraping)
+        return TelemetryCollector(fleet, datastore, admin_key=self._picker.admin_key, tls=self._tls, scraping=scraping)
 
     async def start(self) -> None:
         await self._collector.refresh_once()
         self._task = asyncio.create_task(self._collector.run(), name="telemetry")
+
+    async def reload(self, config: Fleet) -> None:
+        try:
+            self._tls = read_triton_tls(config)
+        except ConfigError as exc:
+            log.error("telemetry_tls_unreadable", problem=str(exc), note="scraping with the previous TLS files")
 
     async def scrape(self, scraping: bool) -> None:
         """Start (at once: a round of every poll) or stop scraping the hosts; Envoy is polled throughout."""

@@ -16,10 +16,14 @@ What is checked:
   (the sidecar variant: per-pod Service addresses), their ports, Triton's ports and models, the picker's and
   Envoy's ports, Envoy's concurrency and config paths; the ConfigMaps' Envoy bootstraps are exactly
   ``extproc envoy-config`` of their fleet files, and Envoy accepts them;
+- the optional autoscalers (KEDA ScaledObjects, HPAs and the Prometheus adapter's rule): each Triton
+  StatefulSet has one, on the placement controller's per-tier metric as its registry exports it, from the
+  StatefulSet's replicas up, never scaling down;
 - the Istio EnvoyFilter: its shape, every patch value loaded through envoy-data-plane's typed classes, equal
   to the gateway's rendered config where it must be, applied to a sidecar-shaped bootstrap that Envoy
   validates, and ext_proc running on the Triton virtual host only (a short Envoy run on loopback);
-- the Grafana dashboard: every expression names metrics that exist (the picker's registry, Envoy's
+- the Grafana dashboard: every expression names metrics that exist (the picker's and the placement
+  controller's registries, Envoy's
   /stats/prometheus, Triton's metrics) and groups by labels those metrics have.
 """
 
@@ -52,12 +56,14 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager i
 from prometheus_client import generate_latest
 
 from extproc.admin_key import triton_flags
-from extproc.config import Fleet, HostSpec, PoolSpec, Tier, load_fleet, parse_fleet
+from extproc.config import Fleet, HostSpec, PlacementSpec, PoolSpec, Tier, load_fleet, parse_fleet
 from extproc.datastore import Datastore
 from extproc.discovery import Discovery
 from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, render_bootstrap, render_yaml
 from extproc.headers import cluster_name
 from extproc.metrics import PickerMetrics
+from extproc.placement.metrics import PlacementMetrics
+from extproc.placement.plan import HostInput, ModelInput, plan
 from extproc.runtime.ports import free_ports
 from extproc.telemetry import triton_metrics
 from extproc.tls import ensure_self_signed
@@ -70,10 +76,14 @@ K8S_BASE = "deploy/k8s/base"
 CPU_ONLY = "deploy/k8s/overlays/cpu-only"
 ISTIO = "deploy/mesh/istio"
 SIDECAR = "deploy/mesh/sidecar"
-KUSTOMIZATIONS = (K8S_BASE, CPU_ONLY, ISTIO, SIDECAR)
+AUTOSCALING_KEDA = "deploy/k8s/overlays/autoscaling-keda"
+AUTOSCALING_HPA = "deploy/k8s/overlays/autoscaling-hpa"
+ADAPTER_RULES = "deploy/k8s/autoscaling/hpa/prometheus-adapter-rules.yaml"
+KUSTOMIZATIONS = (K8S_BASE, CPU_ONLY, ISTIO, SIDECAR, AUTOSCALING_KEDA, AUTOSCALING_HPA)
 # Gateway-style kustomizations: (directory, Envoy's fleet file, the picker's fleet file(s)).
 BASE_FLEET = f"{K8S_BASE}/fleet.yaml"
 BASE_PICKER_FLEET = f"{K8S_BASE}/picker-fleet.yaml"
+BASE_TELEMETRY_FLEET = f"{K8S_BASE}/telemetry-fleet.yaml"
 SIDECAR_FLEET = f"{SIDECAR}/fleet.yaml"
 DASHBOARD = REPO / "deploy" / "grafana" / "extproc-dashboard.json"
 TRITON_MODELS = REPO / "triton_models"
@@ -82,9 +92,13 @@ TRITON_MODELS = REPO / "triton_models"
 # newest whose schemas kubernetes-validate ships.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 # Secrets the operator provides (docs/deployment.md); everything else a manifest references must be in it.
-EXTERNAL_SECRETS = frozenset({"extproc-gateway-tls", "extproc-admin-key", "extproc-control-token"})
+EXTERNAL_SECRETS = frozenset(
+    {"extproc-gateway-tls", "extproc-admin-key", "extproc-control-token", "extproc-replica-token"}
+)
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "Job"})
 ISTIO_GROUPS = frozenset({"networking.istio.io", "security.istio.io", "telemetry.istio.io"})
+# KEDA's ScaledObject: a CRD too; see the autoscaling tests.
+KEDA_GROUPS = frozenset({"keda.sh"})
 
 
 # ------------------------------------------------------------------------------------------- tool access
@@ -262,8 +276,8 @@ def test_resources_match_the_kubernetes_schema(kustomization: str, version: str)
     kv = _kubernetes_validate()
     checked = 0
     for resource in _rendered(kustomization):
-        if resource["apiVersion"].split("/")[0] in ISTIO_GROUPS:
-            continue  # CRDs: no schema offline; see the Istio tests below
+        if resource["apiVersion"].split("/")[0] in ISTIO_GROUPS | KEDA_GROUPS:
+            continue  # CRDs: no schema offline; see the Istio and autoscaling tests below
         try:
             kv.validate(resource, version, strict=True)
         except kv.ValidationError as exc:
@@ -645,11 +659,101 @@ def test_base_agrees_with_its_fleet_files() -> None:
 
 def test_picker_fleet_differs_from_envoys_only_where_it_must() -> None:
     envoy_side, picker_side = _yaml_file(BASE_FLEET), _yaml_file(BASE_PICKER_FLEET)
+    assert picker_side["picker"].pop("replicas")["follow"] == "extproc-telemetry:9100"
     assert picker_side["picker"].pop("listen") == "0.0.0.0:9000"
     assert envoy_side["picker"].pop("listen") == "extproc-picker:9000"
     assert envoy_side["envoy"]["admin"].pop("address") == "0.0.0.0"
     assert picker_side["envoy"]["admin"].pop("address") == "extproc-envoy-admin"
     assert picker_side == envoy_side
+
+
+# The telemetry publisher (telemetry.yaml): one Deployment scrapes, the picker replicas follow it.
+
+
+def _replica_secret(workload: Resource, fleet: Fleet) -> Resource:
+    """The volume that holds ``picker.replicas.token_file`` in ``workload``'s picker container."""
+    token_file = fleet.picker.replicas.token_file
+    assert token_file is not None
+    mounts = {m["mountPath"]: m["name"] for m in _container(workload, "picker")["volumeMounts"]}
+    volume: Resource = {v["name"]: v for v in _pod_spec(workload)["volumes"]}[mounts[str(Path(token_file).parent)]]
+    return volume
+
+
+@pytest.mark.parametrize("kustomization", [K8S_BASE, CPU_ONLY])
+def test_telemetry_is_published_once_and_followed_by_every_picker(kustomization: str) -> None:
+    resources = _rendered(kustomization)
+    publisher, pickers = (_named(resources, "Deployment", n) for n in ("extproc-telemetry", "extproc-picker"))
+    published, followed = _fleet(BASE_TELEMETRY_FLEET), _fleet(BASE_PICKER_FLEET)
+    _check_picker_container(resources, publisher, published)
+    configmap = _mounted_configmap(resources, publisher, _container(publisher, "picker"), "/etc/extproc/fleet.yaml")
+    assert configmap["data"]["fleet.yaml"] == (REPO / BASE_TELEMETRY_FLEET).read_text(encoding="utf-8")
+    # One scraper, outside Envoy's picker cluster: its ext_proc listener is a Unix socket.
+    assert publisher["spec"]["replicas"] == 1 and pickers["spec"]["replicas"] >= 2
+    assert published.picker.unix_socket is not None
+    # It publishes on its container's port; the followers reach that port through its Service.
+    publish, follow = published.picker.replicas.publish, followed.picker.replicas.follow
+    assert publish is not None and follow is not None and followed.picker.replicas.publish is None
+    assert int(publish.rpartition(":")[2]) == _container_ports(publisher)["replicas"]
+    host, _, port = follow.rpartition(":")
+    svc = _named(resources, "Service", host)
+    (svc_port,) = [p for p in svc["spec"]["ports"] if p["port"] == int(port)]
+    assert svc_port["targetPort"] == "replicas"
+    assert _selected_workloads(resources, _ns(svc), svc["spec"]["selector"]) == [publisher]
+    # Both ends hold the same Secret, readable by the picker's group only.
+    for workload, fleet in ((publisher, published), (pickers, followed)):
+        volume = _replica_secret(workload, fleet)
+        assert volume["secret"] == {"secretName": "extproc-replica-token", "defaultMode": 0o440}
+        assert _pod_spec(workload)["securityContext"]["fsGroup"] == _pod_spec(workload)["securityContext"]["runAsGroup"]
+    assert published.picker.replicas.token_file == followed.picker.replicas.token_file
+
+
+def test_telemetry_fleet_differs_from_the_pickers_only_where_it_must() -> None:
+    picker_side, publisher_side = _yaml_file(BASE_PICKER_FLEET), _yaml_file(BASE_TELEMETRY_FLEET)
+    assert picker_side["picker"].pop("listen") == "0.0.0.0:9000"
+    assert publisher_side["picker"].pop("listen").startswith("unix:")
+    followed, published = picker_side["picker"].pop("replicas"), publisher_side["picker"].pop("replicas")
+    assert followed.pop("follow") == "extproc-telemetry:9100" and published.pop("publish") == "0.0.0.0:9100"
+    assert followed == published
+    assert publisher_side == picker_side
+
+
+def _may_reach(resources: tuple[Resource, ...], workload: Resource, port: str) -> list[Resource]:
+    """The peers that the NetworkPolicies selecting ``workload``'s pods let reach its port ``port``."""
+    peers: list[Resource] = []
+    for policy in _of_kind(resources, "NetworkPolicy"):
+        if workload not in _selected_workloads(resources, _ns(policy), policy["spec"]["podSelector"]["matchLabels"]):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            if not rule.get("ports") or any(p["port"] == port for p in rule["ports"]):
+                peers += rule.get("from", [{}])  # a rule without peers admits everyone
+    return peers
+
+
+def _admits(resources: tuple[Resource, ...], peers: list[Resource], workload: Resource) -> bool:
+    return any(
+        "podSelector" in peer
+        and "namespaceSelector" not in peer
+        and workload in _selected_workloads(resources, _ns(workload), peer["podSelector"]["matchLabels"])
+        for peer in peers
+    )
+
+
+@pytest.mark.parametrize("kustomization", [K8S_BASE, CPU_ONLY])
+def test_only_the_pickers_reach_the_snapshot_port(kustomization: str) -> None:
+    resources = _rendered(kustomization)
+    publisher, pickers = (_named(resources, "Deployment", n) for n in ("extproc-telemetry", "extproc-picker"))
+    peers = _may_reach(resources, publisher, "replicas")
+    assert peers == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "extproc-picker"}}}]
+    assert _admits(resources, peers, pickers)
+    # The publisher reaches what it scrapes, and so do the pickers (they scrape while it is silent).
+    gateway = _named(resources, "Deployment", "extproc-gateway")
+    tritons = _of_kind(resources, "StatefulSet")
+    assert tritons
+    for scraper in (publisher, pickers):
+        assert _admits(resources, _may_reach(resources, gateway, "admin"), scraper)
+        for triton in tritons:
+            for port in ("grpc", "metrics"):
+                assert _admits(resources, _may_reach(resources, triton, port), scraper), (triton, port)
 
 
 def test_sidecar_agrees_with_its_fleet_files() -> None:
@@ -720,6 +824,110 @@ def test_envoy_validates_the_gateway_bootstrap(tmp_path: Path) -> None:
 
 def test_envoy_validates_the_sidecar_bootstrap(tmp_path: Path) -> None:
     _validate((REPO / SIDECAR / "envoy.yaml").read_text(encoding="utf-8"), tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- autoscaling
+
+HOSTS_WANTED = "extproc_placement_tier_hosts_wanted"
+# The ScaledObject fields we use or may need (keda.sh/v1alpha1); no schema offline, so an unknown one fails.
+SCALED_OBJECT_FIELDS = frozenset(
+    {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval", "cooldownPeriod", "advanced",
+     "triggers", "fallback", "idleReplicaCount", "initialCooldownPeriod"}
+)  # fmt: skip
+
+
+def _placement_series() -> dict[str, set[str]]:
+    """The placement controller's /metrics series (name → labels): its registry after one planned round."""
+    settings = PlacementSpec.model_validate({"models": {"m": {}}})
+    hosts = [HostInput(name="h", tier="gpu", available=frozenset({"m"}), models=frozenset({"m"}))]
+    models = [ModelInput(name="m", rate_rps=1.0, capacity_rps=1.0, copies=("h",))]
+    metrics = PlacementMetrics()
+    metrics.planned(models, plan(models, hosts, settings, 0.0), hosts, settings, paused=False, at=0.0)
+    return _exposition_labels(generate_latest(metrics.registry).decode())
+
+
+def _autoscaling(resource: Resource) -> tuple[str, dict[str, str], int, int, Resource]:
+    """A ScaledObject's or HPA's (metric, its label matchers, min and max replicas, HPA behavior)."""
+    spec = resource["spec"]
+    if resource["kind"] == "ScaledObject":
+        (trigger,) = spec["triggers"]
+        assert (trigger["type"], trigger["metricType"]) == ("prometheus", "AverageValue"), trigger
+        assert float(trigger["metadata"]["threshold"]) == 1.0, "the metric is a replica count: 1 per replica"
+        assert trigger["metadata"]["serverAddress"].startswith("http"), trigger
+        match = re.fullmatch(r"max\((\w+)\{([^}]*)\}\)", trigger["metadata"]["query"])
+        assert match, trigger["metadata"]["query"]
+        matchers = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+        behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        return match.group(1), matchers, spec["minReplicaCount"], spec["maxReplicaCount"], behavior
+    (metric,) = spec["metrics"]
+    external = metric["external"]
+    assert external["target"] == {"type": "AverageValue", "averageValue": "1"}, external
+    labels = external["metric"]["selector"]["matchLabels"]
+    return external["metric"]["name"], labels, spec["minReplicas"], spec["maxReplicas"], spec["behavior"]
+
+
+def test_the_base_leaves_replicas_to_the_operator() -> None:
+    # Autoscaling is opt-in: only its overlays (or the components in an overlay of yours) add autoscalers.
+    kinds = {r["kind"] for r in _rendered(K8S_BASE)}
+    assert not kinds & {"ScaledObject", "HorizontalPodAutoscaler"}
+
+
+@pytest.mark.parametrize(
+    ("kustomization", "kind"), [(AUTOSCALING_KEDA, "ScaledObject"), (AUTOSCALING_HPA, "HorizontalPodAutoscaler")]
+)
+def test_each_triton_tier_scales_to_the_hosts_placement_wants(kustomization: str, kind: str) -> None:
+    resources = _rendered(kustomization)
+    series = _placement_series()
+    statefulsets = {s["metadata"]["name"]: s for s in _of_kind(resources, "StatefulSet")}
+    scalers = _of_kind(resources, kind)
+    targets = [s["spec"]["scaleTargetRef"] for s in scalers]
+    assert sorted(t["name"] for t in targets) == sorted(statefulsets), "one autoscaler per Triton StatefulSet"
+    for scaler in scalers:
+        ref = scaler["spec"]["scaleTargetRef"]
+        assert (ref["apiVersion"], ref["kind"]) == ("apps/v1", "StatefulSet"), ref
+        sts = statefulsets[ref["name"]]
+        assert _ns(scaler) == _ns(sts) == "triton-lb"
+        metric, matchers, low, high, behavior = _autoscaling(scaler)
+        assert metric == HOSTS_WANTED and metric in series, f"{metric} is not a series the controller exports"
+        assert set(matchers) <= series[metric], f"{metric} has no label {set(matchers) - series[metric]}"
+        assert matchers == {"tier": _pod_labels(sts)["triton-lb/tier"]}, "another tier's signal"
+        assert low == sts["spec"]["replicas"] < high, "from the StatefulSet's replicas up"
+        # Removing a pod drops its copies without a drain: the autoscaler never does.
+        assert behavior["scaleDown"] == {"selectPolicy": "Disabled"}, behavior
+
+
+def test_scaled_objects_are_well_formed() -> None:
+    # No CRD schema offline: the fields are KEDA's, and the HPA behavior KEDA passes on is a valid HPA's.
+    kv = _kubernetes_validate()
+    scaled = _of_kind(_rendered(AUTOSCALING_KEDA), "ScaledObject")
+    assert scaled
+    for resource in scaled:
+        assert resource["apiVersion"] == "keda.sh/v1alpha1"
+        assert set(resource["spec"]) <= SCALED_OBJECT_FIELDS, set(resource["spec"]) - SCALED_OBJECT_FIELDS
+        assert set(resource["spec"]["advanced"]) == {"horizontalPodAutoscalerConfig"}
+        hpa = {
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": resource["metadata"]["name"]},
+            "spec": {
+                "scaleTargetRef": resource["spec"]["scaleTargetRef"],
+                "maxReplicas": resource["spec"]["maxReplicaCount"],
+                "behavior": resource["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"],
+            },
+        }
+        for version in K8S_VERSIONS:
+            kv.validate(hpa, version, strict=True)
+
+
+def test_prometheus_adapter_rule_serves_the_hpa_metric() -> None:
+    (rule,) = _yaml_file(ADAPTER_RULES)["externalRules"]
+    hpas = _of_kind(_rendered(AUTOSCALING_HPA), "HorizontalPodAutoscaler")
+    assert {_autoscaling(h)[0] for h in hpas} == {rule["name"]["as"]}
+    assert re.match(rf"{HOSTS_WANTED}\{{", rule["seriesQuery"]), rule["seriesQuery"]
+    # The controller's series carry no namespace of the HPA's: the adapter must not add one.
+    assert rule["resources"] == {"namespaced": False}
+    query = rule["metricsQuery"]
+    assert "<<.Series>>{<<.LabelMatchers>>}" in query and re.search(r"\bby \(tier\)", query), query
 
 
 # --------------------------------------------------------------------------------------------------- Istio
@@ -1372,7 +1580,7 @@ def test_dashboard_covers_the_metrics_that_matter() -> None:
 
 @pytest.mark.e2e
 def test_dashboard_queries_name_real_metrics_and_labels(envoy_series: dict[str, set[str]]) -> None:
-    known = {**_picker_series(), **envoy_series, **_triton_series()}
+    known = {**_picker_series(), **envoy_series, **_triton_series(), **_placement_series()}
     for expr in _exprs(_dashboard()):
         bare = re.sub(r'"[^"]*"', '""', expr)
         bare = re.sub(r"\[[^\]]*\]", "", bare)
@@ -1383,7 +1591,9 @@ def test_dashboard_queries_name_real_metrics_and_labels(envoy_series: dict[str, 
         metrics = [n for n in names if n not in _PROMQL_WORDS]
         assert metrics, expr
         for name in metrics:
-            assert name in known, f"{name} is not exposed (picker registry, Envoy 1.40 stats, Triton): {expr}"
+            assert name in known, (
+                f"{name} is not exposed (picker and placement registries, Envoy 1.40 stats, Triton): {expr}"
+            )
         labels_available = set(_TARGET_LABELS)
         for name in metrics:
             labels_available |= known[name]

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.runtime.ports import free_ports
 from tests.stack import REPO, Stack, local_fleet, routable, start_stack, stop_stack, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -150,3 +152,34 @@ def test_e2e_placement_run_loads_a_second_copy_and_the_picker_routes_to_both(sta
     assert explain.returncode == 0, explain.stdout + explain.stderr
     (decision,) = json.loads(explain.stdout)["models"]
     assert (decision["model"], decision["current"]) == (MODEL, 2), decision
+    # The controller's series, from a running controller (dry run: it changes nothing).
+    (port,) = free_ports(1)
+    argv = [sys.executable, "-m", "extproc", "placement", "run", "--dry-run", "--window", "1"]
+    argv += ["--config", str(stack.run_dir / "fleet.yaml"), "--metrics-port", str(port)]
+    with (stack.run_dir / "placement-run.log").open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        series: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+        def scraped() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                    text = response.read().decode()
+            except OSError:
+                return False
+            series.clear()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    series[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+            return ("extproc_placement_paused", ()) in series
+
+        wait_for(scraped, 60, "the controller's first round on /metrics")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    key = (("model", MODEL), ("tier", "gpu"))
+    assert series[("extproc_placement_copies", key)] == 2.0, series
+    assert series[("extproc_placement_desired_copies", key)] in {1.0, 2.0}, series  # no demand now: may scale down
+    assert series[("extproc_placement_capacity_per_copy_rps", (("model", MODEL),))] == 4.0, series
+    assert series[("extproc_placement_tier_hosts", (("tier", "gpu"),))] == 2.0, series
+    assert series[("extproc_placement_tier_hosts_wanted", (("tier", "gpu"),))] == 2.0, series

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.parse
@@ -207,7 +208,7 @@ def finite(result: list[dict[str, Any]]) -> bool:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The local stack, plus an empty DNS pool."""
+    """The local stack, plus an empty DNS pool and a model for the placement controller to plan."""
     run_dir = tmp_path_factory.mktemp("prometheus-stack")
     with dns_server({POOL_DNS: []}) as dns:
         fleet = local_fleet(run_dir)
@@ -215,6 +216,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         pool = {"name": "spare", "dns": POOL_DNS, "tier": "cpu", "refresh_s": 1.0}
         fleet["pools"] = [{**pool, "http_port": http, "grpc_port": grpc, "metrics_port": metrics}]
         fleet["dns_resolvers"] = [dns.address]
+        # A managed model (placement stays off): the controller's per-model series have data.
+        fleet["placement"] = {"models": {"embed_normalize": {}}}
         stack = start_stack(run_dir, fleet)
         try:
             yield stack
@@ -260,13 +263,31 @@ class Traffic:
 
 
 @pytest.fixture
-def prometheus(stack: Stack, tmp_path: Path) -> Iterator[Prometheus]:
-    """A Prometheus scraping the stack's picker, Envoy and Triton hosts every second, with the alert rules."""
+def placement(stack: Stack, tmp_path: Path) -> Iterator[str]:
+    """The placement controller on the stack's fleet file (its placement is off: it plans and exports only),
+    serving its metrics; yields their address."""
+    (port,) = free_ports(1)
+    argv = (
+        sys.executable, "-m", "extproc", "placement", "run", "--config", str(stack.run_dir / "fleet.yaml"),
+        "--metrics-port", str(port), "--window", "1",
+    )  # fmt: skip
+    process = launch(ProcessSpec(argv, dict(os.environ), str(REPO)), tmp_path / "placement.log")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_processes([process])
+
+
+@pytest.fixture
+def prometheus(stack: Stack, placement: str, tmp_path: Path) -> Iterator[Prometheus]:
+    """A Prometheus scraping the stack's picker, Envoy, Triton hosts and the placement controller every
+    second, with the alert rules."""
     fleet = stack.fleet
     scrape: dict[str, list[str] | tuple[str, list[str]]] = {
         "extproc-picker": [f"127.0.0.1:{fleet['picker']['metrics_port']}"],
         "envoy": ("/stats/prometheus", [f"127.0.0.1:{fleet['envoy']['admin']['port']}"]),
         "triton": [f"{h['address']}:{h['metrics_port']}" for h in fleet["hosts"]],
+        "extproc-placement": [placement],
     }
     prometheus = Prometheus(tmp_path / "prometheus", scrape)
     try:

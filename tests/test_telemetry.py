@@ -1,5 +1,6 @@
 """Telemetry: the parsers on captured pages, the load maths, Envoy's view applied to a Datastore, NVML
-through a fake at the pynvml layer, and the collector against real local HTTP and gRPC servers.
+through a fake at the pynvml layer, the collector against real local HTTP and gRPC servers, and its scrapes
+over TLS (envoy.upstream_tls) through TLS sidecars in front of a real Triton.
 
 Fixtures in tests/data/:
 - triton_metrics_cpu_t0.txt, _t1.txt: two scrapes 50 ms apart of a real Triton 2.51 (nvidia-pytriton
@@ -17,8 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import ssl
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -31,8 +38,10 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from extproc.config import Fleet, parse_fleet
+from extproc.app import Picker
+from extproc.config import ConfigError, Fleet, parse_fleet
 from extproc.datastore import Datastore, HostState, TrafficShare, TritonLoad
+from extproc.runtime.ports import free_ports
 from extproc.telemetry import collector as collector_module
 from extproc.telemetry import nvml as nvml_module
 from extproc.telemetry.collector import TelemetryCollector
@@ -45,6 +54,7 @@ from extproc.telemetry.envoy_admin import (
 )
 from extproc.telemetry.nvml import NvmlReader, parse_visible_devices
 from extproc.telemetry.repository import RepositoryClient, index_from_models
+from extproc.telemetry.tls import read_triton_tls
 from extproc.telemetry.triton_metrics import (
     DRAIN_DRIFT,
     MIN_SHARE,
@@ -60,6 +70,8 @@ from extproc.telemetry.triton_metrics import (
     parse_metrics,
     traffic_share,
 )
+from tests.stack import REPO, TcpProxy, http_status, launch, stop_processes, triton_spec, wait_for
+from tests.test_security import Pki, make_pki
 
 DATA = Path(__file__).parent / "data"
 
@@ -1056,3 +1068,208 @@ async def test_idle_hosts_and_confirmed_indexes_are_polled_less(stack: Stack) ->
         with pytest.raises(asyncio.CancelledError):
             await task
         await collector.aclose()
+
+
+# -- TLS to the hosts (envoy.upstream_tls) -----------------------------------------------------------------
+
+TLS_MODEL = "embed_normalize"
+
+
+def upstream_tls_fleet(metrics_port: int, grpc_port: int, **upstream_tls: str) -> Fleet:
+    """One host whose metrics and gRPC ports are TLS sidecars (its HTTP port is not scraped); Envoy's admin
+    is a closed port (its poll fails, which changes nothing here)."""
+    admin_port, http_port = free_ports(2)
+    return parse_fleet(
+        {
+            "hosts": [
+                {
+                    "name": "t",
+                    "address": "127.0.0.1",
+                    "http_port": http_port,
+                    "grpc_port": grpc_port,
+                    "metrics_port": metrics_port,
+                    "tier": "cpu",
+                }
+            ],
+            "picker": {"poll": {"request_timeout_ms": 2000, "stale_after_ms": 4000}},
+            "envoy": {
+                "fallback_tier": "cpu",
+                "admin": {"address": "127.0.0.1", "port": admin_port},
+                "upstream_tls": upstream_tls,
+            },
+        }
+    )
+
+
+def test_reading_the_tls_files_names_the_key_and_problem(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    assert read_triton_tls(upstream_tls_fleet(1, 2, ca_file=str(pki.ca), server_name="a")) is not None
+    assert read_triton_tls(parse_fleet({"hosts": [{"name": "h", "address": "10.0.0.1", "tier": "gpu"}]})) is None
+    (tmp_path / "not-pem").write_text("no certificate here\n")
+    cases = {
+        "ca_file: cannot read": {"ca_file": str(tmp_path / "absent")},
+        "ca_file: .* holds no PEM certificate": {"ca_file": str(tmp_path / "not-pem")},
+        "cert_file: .* are not a PEM certificate and its key": {
+            "ca_file": str(pki.ca),
+            "cert_file": str(pki.client_cert),
+            "key_file": str(pki.triton_key),  # another certificate's key
+        },
+        "key_file: cannot read": {
+            "ca_file": str(pki.ca),
+            "cert_file": str(pki.client_cert),
+            "key_file": str(tmp_path / "absent.key"),
+        },
+    }
+    for problem, files in cases.items():
+        with pytest.raises(ConfigError, match=f"^<memory>: key envoy.upstream_tls.{problem}"):
+            read_triton_tls(upstream_tls_fleet(1, 2, server_name="triton.test", **files))
+
+
+async def test_a_picker_refuses_to_start_without_its_tls_files(tmp_path: Path) -> None:
+    fleet = upstream_tls_fleet(1001, 1002, ca_file=str(tmp_path / "absent"), server_name="triton.test")
+    with pytest.raises(ConfigError, match=f"key envoy.upstream_tls.ca_file: cannot read {tmp_path}/absent"):
+        Picker(fleet)
+
+
+@pytest.mark.e2e
+def test_a_reload_with_unreadable_tls_files_keeps_the_previous_ones(tmp_path: Path) -> None:
+    """``extproc serve`` with envoy.upstream_tls (its host does not exist: nothing is scraped): a reload whose CA
+    file is gone is applied, scraping with the files read before, and says so."""
+    pki = make_pki(tmp_path)
+    metrics_port, *host_ports = free_ports(4)
+    fleet: dict[str, Any] = {
+        "hosts": [
+            {"name": "h", "address": "127.0.0.1", "tier": "gpu"}
+            | dict(zip(("http_port", "grpc_port", "metrics_port"), host_ports, strict=True))
+        ],
+        "runtime_dir": str(tmp_path),
+        "picker": {"listen": f"unix:{tmp_path}/picker.sock", "metrics_port": metrics_port},
+        "envoy": {"upstream_tls": {"ca_file": str(pki.ca), "server_name": "triton.test"}},
+    }
+    config = tmp_path / "fleet.yaml"
+    config.write_text(json.dumps(fleet))
+    command = [sys.executable, "-m", "extproc", "--log-format", "json", "serve", "--config", str(config)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    events: list[dict[str, Any]] = []
+    assert process.stderr is not None
+    reader = threading.Thread(
+        target=lambda: events.extend(json.loads(line) for line in process.stderr or () if line.startswith("{")),
+        daemon=True,
+    )
+    reader.start()
+    try:
+        status = f"http://127.0.0.1:{metrics_port}/status"
+        wait_for(lambda: http_status(status) == 200, 30, "the picker to answer /status")
+        pki.ca.rename(tmp_path / "ca.moved")
+        process.send_signal(signal.SIGHUP)  # a reload of the same file
+        wait_for(lambda: any(e["event"] == "config_reloaded" for e in events), 30, "the reload")
+        (unreadable,) = [e for e in events if e["event"] == "telemetry_tls_unreadable"]
+        assert "key envoy.upstream_tls.ca_file: cannot read" in unreadable["problem"]
+        assert http_status(status) == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@dataclass
+class TlsTriton:
+    pki: Pki
+    metrics: TcpProxy
+    grpc: TcpProxy
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def tls_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsTriton]:
+    """A real Triton host with TLS-terminating sidecars on its metrics and gRPC ports (the sidecar of the
+    upstream TLS tests in tests/test_security.py), which require a client certificate of the test CA."""
+    run_dir = tmp_path_factory.mktemp("tls-triton")
+    pki = make_pki(run_dir)
+    http_port, grpc_port, metrics_port, metrics_tls, grpc_tls = free_ports(5)
+    host = {"address": "127.0.0.1", "http_port": http_port, "grpc_port": grpc_port}
+    triton = launch(triton_spec(run_dir, host, [TLS_MODEL], metrics_port), run_dir / "triton.log")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.triton_cert, pki.triton_key)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    context.load_verify_locations(pki.ca)
+    context.verify_mode = ssl.CERT_REQUIRED
+    sidecars = TlsTriton(
+        pki, TcpProxy(metrics_tls, metrics_port, tls=context), TcpProxy(grpc_tls, grpc_port, tls=context), run_dir
+    )
+    try:
+        ready = f"http://127.0.0.1:{http_port}/v2/health/ready"
+        wait_for(lambda: http_status(ready) == 200, 120, "Triton to be ready", interval_s=0.25)
+        sidecars.metrics.start()
+        sidecars.grpc.start()
+        yield sidecars
+    finally:
+        sidecars.metrics.stop()
+        sidecars.grpc.stop()
+        stop_processes([triton])
+
+
+@pytest.mark.e2e
+async def test_scrapes_speak_tls_to_hosts_that_do(tls_triton: TlsTriton) -> None:
+    """With envoy.upstream_tls the metrics page, the repository index and the model config are all read
+    through the TLS sidecars of a real Triton, with the client certificate they require."""
+    pki = tls_triton.pki
+    fleet = upstream_tls_fleet(
+        tls_triton.metrics.listen_port,
+        tls_triton.grpc.listen_port,
+        ca_file=str(pki.ca),
+        server_name="triton.test",
+        cert_file=str(pki.client_cert),
+        key_file=str(pki.client_key),
+    )
+    tls = read_triton_tls(fleet)
+    assert tls is not None
+    handshakes = (tls_triton.metrics.handshakes, tls_triton.grpc.handshakes)
+    store = Datastore(fleet)
+    async with TelemetryCollector(fleet, store, tls=tls) as collector:
+        await collector.refresh_once()
+        await collector.refresh_once()  # a second scrape, on the connections of the first
+        health = collector.health()
+        assert (health["triton_metrics/t"], health["repository/t"]) == (True, True), health
+        host = store.hosts["t"]
+        assert set(host.ready) == {TLS_MODEL} and host.metrics_at is not None and host.index_at is not None
+        assert TLS_MODEL in host.batching  # the model config, read over gRPC with TLS
+    assert tls_triton.metrics.handshakes > handshakes[0] and tls_triton.grpc.handshakes > handshakes[1]
+    # Without TLS the same ports answer nothing a scrape can use.
+    plain = Datastore(fleet)
+    async with TelemetryCollector(fleet, plain) as collector:
+        await collector.refresh_once()
+        assert plain.hosts["t"].metrics_at is None and plain.hosts["t"].index_at is None
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("wrong", ["ca", "server_name"])
+async def test_scrapes_refuse_a_host_they_cannot_verify(
+    tls_triton: TlsTriton, wrong: str, tmp_path: Path, logs: LogList
+) -> None:
+    """A CA that did not sign the host's certificate, or a server name it does not carry: no telemetry from
+    the host (it goes stale, so it gets no requests), and the log says why."""
+    pki = tls_triton.pki
+    ca = make_pki(tmp_path).ca if wrong == "ca" else pki.ca
+    fleet = upstream_tls_fleet(
+        tls_triton.metrics.listen_port,
+        tls_triton.grpc.listen_port,
+        ca_file=str(ca),
+        server_name="other.test" if wrong == "server_name" else "triton.test",
+        cert_file=str(pki.client_cert),
+        key_file=str(pki.client_key),
+    )
+    store = Datastore(fleet)
+    async with TelemetryCollector(fleet, store, tls=read_triton_tls(fleet)) as collector:
+        await collector.refresh_once()
+        health = collector.health()
+    host = store.hosts["t"]
+    assert (health["triton_metrics/t"], health["repository/t"]) == (False, False), health
+    assert host.metrics_at is None and host.index_at is None and not host.ready
+    failing = {e["source"]: e["error"] for e in logs if e["event"] == "telemetry poll failing" and e["target"] == "t"}
+    # Each library's words for it, as they reach the log.
+    metrics, repository = {
+        "ca": ("certificate verify failed: certificate signature failure", "certificate signature failure"),
+        "server_name": ("Hostname mismatch, certificate is not valid for 'other.test'", "Hostname Verification"),
+    }[wrong]
+    assert metrics in failing["triton_metrics"], failing
+    assert repository in failing["repository"], failing

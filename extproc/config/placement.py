@@ -15,7 +15,7 @@ from typing import Self
 
 from pydantic import ByteSize, Field, model_validator
 
-from extproc.config.common import Strict, Tier
+from extproc.config.common import Port, Strict, Tier
 from extproc.config.hosts import HostSpec, PoolSpec
 from extproc.config.models import ModelSpec
 
@@ -74,6 +74,10 @@ class PlacementSpec(Strict):
     # nothing); relative paths are under runtime_dir. Absent: <runtime_dir>/placement.pause.
     pause_file: str | None = Field(default=None, min_length=1)
     models: dict[str, ModelPlacement] = Field(default_factory=dict)
+    # Where ``extproc placement run`` serves its Prometheus metrics (/metrics, read-only: nothing there
+    # changes the fleet, so no token guards it); absent: not served (``--metrics-port`` overrides).
+    metrics_address: str = "127.0.0.1"
+    metrics_port: Port | None = None
 
     @model_validator(mode="after")
     def _hysteresis(self) -> Self:

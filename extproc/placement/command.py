@@ -7,7 +7,9 @@ request, with the same refusals (never strand a model's last routable copy). The
 which hosts, and when; it remembers its own changes (for the cool-down) while it runs.
 
 ``run`` re-reads the fleet file every round: ``placement.enabled: false`` or the pause file pauses it (it
-keeps planning and logging what it would do), and a changed setting applies at the next round.
+keeps planning and logging what it would do), and a changed setting applies at the next round. With
+``--metrics-port`` (or ``placement.metrics_port``) it serves its Prometheus series
+(:mod:`extproc.placement.metrics`) for as long as it runs.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
+from wsgiref.simple_server import WSGIServer
 
 import structlog
+from prometheus_client import start_http_server
 
 from extproc.admin_key import read_admin_key
 from extproc.config import ConfigError, Fleet, load_fleet
@@ -33,7 +37,8 @@ from extproc.ops.status import PickerHost, PickerStatus
 from extproc.ops.triton_api import GrpcTriton, read_index
 from extproc.placement.explain import explain_json, format_explain
 from extproc.placement.inputs import DemandMeter, build_inputs
-from extproc.placement.plan import Action, HostInput, Plan, plan
+from extproc.placement.metrics import PlacementMetrics
+from extproc.placement.plan import Action, HostInput, ModelInput, Plan, plan
 
 __all__ = ["Controller", "Round", "pause_reason", "run_cli"]
 
@@ -57,6 +62,7 @@ class Round:
     plan: Plan
     hosts: tuple[HostInput, ...]
     view: dict[str, PickerHost]
+    models: tuple[ModelInput, ...]
     window_s: float
 
 
@@ -92,7 +98,7 @@ class Controller:
         view = merged_view(statuses)
         models, hosts = build_inputs(fleet, view, statuses, rates, now_unix=self.wall(), last_change=self.last_change)
         result = plan(models, hosts, fleet.placement, now)
-        return Round(result, tuple(hosts), view, now - (start if start is not None else now))
+        return Round(result, tuple(hosts), view, tuple(models), now - (start if start is not None else now))
 
     def act(self, decided: Round) -> list[tuple[Action, HostResult]]:
         """Carry out the round's actions: loads at once per model, then unloads host by host (drained)."""
@@ -162,19 +168,58 @@ def _reload(path: Path, fleet: Fleet) -> Fleet:
     return asyncio.run(resolve_pools(fresh))
 
 
-def _run_loop(args: Any, controller: Controller) -> int:
+def _serve_metrics(args: Any, fleet: Fleet, metrics: PlacementMetrics) -> WSGIServer | None:
+    """Serve /metrics from a daemon thread, where a port is set; the caller shuts the server down."""
+    port = args.metrics_port if args.metrics_port is not None else fleet.placement.metrics_port
+    if port is None:
+        return None
+    # The address and port bind once: a changed setting applies at the next start, as the picker's do.
+    server, _ = start_http_server(port, fleet.placement.metrics_address, metrics.registry)
+    log.info("placement_metrics", address=fleet.placement.metrics_address, port=port)
+    return server
+
+
+def _count(metrics: PlacementMetrics, decided: Round, outcome: str, done: list[tuple[Action, HostResult]]) -> None:
+    results = dict(done)
+    for a in decided.plan.actions:
+        r = results.get(a)
+        metrics.acted(a, outcome if r is None else ("done" if r.ok else "failed"))
+
+
+def _run_loop(args: Any, controller: Controller, metrics: PlacementMetrics) -> int:
+    server = _serve_metrics(args, controller.ops.fleet, metrics)
+    try:
+        return _rounds(args, controller, metrics)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+def _rounds(args: Any, controller: Controller, metrics: PlacementMetrics) -> int:
     failed = False
     while True:
         fleet = controller.ops.fleet
         paused = pause_reason(fleet)
         try:
             decided = controller.decide(args.window)
+            metrics.planned(
+                decided.models,
+                decided.plan,
+                decided.hosts,
+                fleet.placement,
+                paused=args.dry_run or paused is not None,
+                at=controller.wall(),
+            )
             if args.dry_run or paused is not None:
-                _log_actions(decided, "dry_run" if args.dry_run else "paused")
+                outcome = "dry_run" if args.dry_run else "paused"
+                _log_actions(decided, outcome)
                 done: list[tuple[Action, HostResult]] = []
             else:
+                outcome = "done"
                 done = controller.act(decided)
                 _log_actions(decided, "done", done)
+            _count(metrics, decided, outcome, done)
             failed = any(not r.ok for _, r in done)
             log.info(
                 "placement_round",
@@ -189,6 +234,7 @@ def _run_loop(args: Any, controller: Controller) -> int:
         except OpsError as exc:
             log.warning("placement_round_failed", error=str(exc))
             failed = True
+        metrics.round_ended(not failed)
         if args.once:
             return 1 if failed else 0
         controller.sleep(fleet.placement.interval_s)
@@ -210,7 +256,7 @@ def run_cli(args: Any, fleet: Fleet, out: TextIO | None = None) -> int:
         )
         controller = Controller(ops)
         if args.placement_command == "run":
-            return _run_loop(args, controller)
+            return _run_loop(args, controller, PlacementMetrics())
         try:
             decided = controller.decide(args.window)
         except OpsError as exc:

@@ -56,7 +56,9 @@ def format_explain(
             "?" if d.utilization is None else f"{100 * d.utilization:.0f}%",
             str(d.current),
             str(d.desired),
-            d.reason + (f" [held: {d.held}]" if d.held else ""),
+            d.reason
+            + (f" [held: {d.held}]" if d.held else "")
+            + (f" [unplaced: {d.unplaced}, the fleet needs more hosts]" if d.unplaced else ""),
         ]
         for d in result.decisions
     ]
@@ -94,6 +96,7 @@ def explain_json(
                 "desired": d.desired,
                 "reason": d.reason,
                 "held": d.held,
+                "unplaced": d.unplaced,
                 "actions": [action(a) for a in d.actions],
             }
             for d in result.decisions

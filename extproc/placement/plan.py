@@ -76,6 +76,9 @@ class ModelDecision:
     reason: str
     actions: tuple[Action, ...] = ()
     held: str | None = None  # why the desired copies are not reached this round
+    # Copies demand asks for (within min/max_copies) that no host can take: too few hosts of its tiers hold
+    # it in their repository, or those that do are out of memory. The fleet needs more hosts for these.
+    unplaced: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +207,7 @@ def plan(models: Sequence[ModelInput], hosts: Sequence[HostInput], settings: Pla
     ``settings.max_concurrent_changes`` actions, the rest ``deferred`` (scale-ups first, by shortfall)."""
     by_name = {h.name: h for h in hosts}
     used = {h.name: h.used_bytes for h in hosts}
-    drafts: list[tuple[ModelInput, int, int, str, str | None]] = []
+    drafts: list[tuple[ModelInput, int, int, str, str | None, int]] = []
     for m in models:
         eligible = sum(
             1 for h in hosts if (m.name in h.available or m.name in h.models) and (m.tiers is None or h.tier in m.tiers)
@@ -213,18 +216,21 @@ def plan(models: Sequence[ModelInput], hosts: Sequence[HostInput], settings: Pla
         desired, bound = _bounded(m, settings, wanted, max(eligible, len(m.copies)))
         if bound is not None:
             why += f"; {bound}"
+        # The same bounds without the hosts there are now: what more hosts would let it have.
+        unbounded, _ = _bounded(m, settings, wanted, max(wanted, eligible, len(m.copies)))
         current = len(m.copies)
         held = None if desired == current else _cooling(m, settings, desired > current, now)
-        drafts.append((m, current, desired, why, held))
+        drafts.append((m, current, desired, why, held, unbounded - desired))
     # Scale-ups first, the largest relative shortfall first, so that a cap on changes goes where it helps.
     order = sorted(drafts, key=lambda d: (-(d[2] - d[1]) / max(d[1], 1), d[0].name))
     budget = settings.max_concurrent_changes
     decided: dict[str, ModelDecision] = {}
     deferred: list[Action] = []
-    for m, current, desired, why, held in order:
+    for m, current, desired, why, held, unplaced in order:
         actions: list[Action] = []
         if held is None and desired > current:
             targets, short = _load_targets(m, desired - current, hosts, used, settings)
+            unplaced += desired - current - len(targets)
             footprint = settings.footprint(m.name)
             for host in targets:
                 used[host.name] += footprint
@@ -250,6 +256,6 @@ def plan(models: Sequence[ModelInput], hosts: Sequence[HostInput], settings: Pla
             utilization = m.rate_rps / (current * m.capacity_rps)
         decided[m.name] = ModelDecision(
             m.name, m.rate_rps, m.capacity_rps, m.capacity_source, current, desired, utilization, why,
-            tuple(taken), held,
+            tuple(taken), held, max(unplaced, 0),
         )  # fmt: skip
     return Plan(tuple(decided[m.name] for m in sorted(models, key=lambda m: m.name)), tuple(deferred))

@@ -4,6 +4,7 @@
 - :mod:`.envoy_admin`: Envoy's ``/clusters?format=json`` → per-host :class:`~extproc.datastore.EnvoyView`.
 - :mod:`.repository`: Triton's repository index (gRPC) → which models each host has READY.
 - :mod:`.nvml`: GPU memory through NVML for the sidecar host.
+- :mod:`.tls`: TLS to the hosts for all of the above, where ``envoy.upstream_tls`` says they speak it.
 - :mod:`.collector`: :class:`TelemetryCollector`, the loops that run all of the above.
 """
 

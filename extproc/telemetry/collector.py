@@ -18,6 +18,9 @@ A follower of another picker replica (``picker.replicas.follow``, see :mod:`extp
 hosts' telemetry from the replica it follows: while :attr:`TelemetryCollector.scraping` is off only the Envoy
 poll runs, and the hosts' loops skip their ticks until it is on again (the follower took over).
 
+Where ``envoy.upstream_tls`` says the hosts speak TLS, the metrics page is read over HTTPS and the index
+over gRPC with TLS, checked against its CA and server name (:mod:`.tls`); Envoy's admin stays plaintext.
+
 Every request has a timeout of ``poll.request_timeout_ms``. A failed poll changes nothing, so the host's
 ``*_at`` timestamp ages and the scheduler's staleness filter drops it after ``poll.stale_after_ms``.
 Failures are logged when a poll starts failing and when it recovers, not on every attempt.
@@ -34,6 +37,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,6 +53,7 @@ from extproc.datastore import Datastore, HostState, TritonLoad
 from extproc.telemetry.envoy_admin import apply_envoy_view, parse_clusters
 from extproc.telemetry.nvml import GpuReading, NvmlReader
 from extproc.telemetry.repository import RepositoryClient, apply_index
+from extproc.telemetry.tls import TritonTls
 from extproc.telemetry.triton_metrics import TritonSnapshot, derive_load, parse_metrics
 
 log = structlog.get_logger(__name__)
@@ -87,6 +92,7 @@ class _Job:
 class _Host:
     state: HostState
     repository: RepositoryClient
+    metrics_url: str
     snapshot: TritonSnapshot | None = None  # the last successful scrape
     # Whether its counters moved between its last two scrapes: traffic, even when none is in flight now.
     moved: bool = True
@@ -124,11 +130,14 @@ class TelemetryCollector:
         *,
         nvml: NvmlReader | None = None,
         admin_key: str | None = None,
+        tls: TritonTls | None = None,
         scraping: bool = True,
     ) -> None:
         """``admin_key``: the fleet's key for Triton's restricted APIs (see extproc/admin_key.py).
+        ``tls``: the hosts speak TLS (``envoy.upstream_tls``, see :mod:`.tls`); None: plaintext.
         ``scraping``: off, only Envoy is polled (see :meth:`set_scraping`)."""
         poll = fleet.picker.poll
+        self._tls = tls
         self._scraping = scraping
         self._datastore = datastore
         self._timeout_s = poll.request_timeout_ms / 1000
@@ -137,7 +146,12 @@ class TelemetryCollector:
         self._confirmed_index_s = (poll.confirmed_repository_ms - poll.repository_ms / 2) / 1000
         self._session: aiohttp.ClientSession | None = None
         self._hosts = [
-            _Host(state, RepositoryClient(state.spec.grpc_endpoint, admin_key)) for state in datastore.hosts.values()
+            _Host(
+                state,
+                RepositoryClient(state.spec.grpc_endpoint, admin_key, tls),
+                tls.metrics_url(state.spec) if tls is not None else state.spec.metrics_url,
+            )
+            for state in datastore.hosts.values()
         ]
         admin = fleet.envoy.admin
         self.envoy_url = f"http://{_endpoint(admin.address, admin.port)}/clusters?format=json"
@@ -315,14 +329,17 @@ class TelemetryCollector:
             )
         return self._session
 
-    async def _get(self, url: str) -> bytes:
-        async with self._http().get(url) as response:
+    async def _get(self, url: str, tls: TritonTls | None = None) -> bytes:
+        """``tls``: a Triton host's page where the hosts speak TLS (Envoy's admin never does)."""
+        ssl_context: ssl.SSLContext | bool = True if tls is None else tls.context
+        server_name = None if tls is None else tls.server_name
+        async with self._http().get(url, ssl=ssl_context, server_hostname=server_name) as response:
             if response.status != 200:
                 raise PollError(f"GET {url}: HTTP {response.status}")
             return await response.read()
 
     async def _poll_metrics(self, host: _Host) -> None:
-        body = await self._get(host.state.spec.metrics_url)
+        body = await self._get(host.metrics_url, self._tls)
         snapshot = parse_metrics(body.decode("utf-8", "replace"))
         now = self._datastore.now()
         envoy_at = host.state.envoy_at

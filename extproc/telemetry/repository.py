@@ -1,4 +1,5 @@
-"""Which models a Triton host has READY: its repository index, read over gRPC.
+"""Which models a Triton host has READY: its repository index, read over gRPC (with TLS where
+``envoy.upstream_tls`` is set, see :mod:`.tls`).
 
 ``inference.GRPCInferenceService/RepositoryIndex`` lists every model of the host's repository with one
 entry per version, e.g. (Triton 2.51, explicit model control)::
@@ -20,6 +21,7 @@ import tritonclient.grpc.aio as triton_grpc
 from extproc.admin_key import GRPC_HEADER
 from extproc.batch_cost import Batching
 from extproc.datastore import Datastore, HostState
+from extproc.telemetry.tls import TritonTls
 
 READY: Final = "READY"
 
@@ -95,16 +97,25 @@ def apply_index(datastore: Datastore, host: HostState, index: RepositoryIndex, n
 
 class RepositoryClient:
     """One host's gRPC channel, opened on first use (inside the running event loop). ``admin_key``: the
-    fleet's key, which the index (a model-repository API) needs on hosts that restrict it."""
+    fleet's key, which the index (a model-repository API) needs on hosts that restrict it. ``tls``: the
+    host speaks TLS (``envoy.upstream_tls``); None: plaintext."""
 
-    def __init__(self, endpoint: str, admin_key: str | None = None) -> None:
+    def __init__(self, endpoint: str, admin_key: str | None = None, tls: TritonTls | None = None) -> None:
         self.endpoint = endpoint
         self._admin_headers = {GRPC_HEADER: admin_key} if admin_key is not None else None
+        self._tls = tls
         self._client: Any = None
 
     def _connected(self) -> Any:
         if self._client is None:
-            self._client = triton_grpc.InferenceServerClient(url=self.endpoint, channel_args=_CHANNEL_ARGS)
+            if self._tls is None:
+                self._client = triton_grpc.InferenceServerClient(url=self.endpoint, channel_args=_CHANNEL_ARGS)
+            else:
+                self._client = triton_grpc.InferenceServerClient(
+                    url=self.endpoint,
+                    creds=self._tls.credentials,
+                    channel_args=[*_CHANNEL_ARGS, *self._tls.channel_args()],
+                )
         return self._client
 
     async def index(self, timeout_s: float) -> RepositoryIndex:
