@@ -141,7 +141,10 @@ def triton_command(
         f"--backend-directory={backend_dir.resolve()}",
         "--model-control-mode=explicit",
         *(f"--load-model={name}" for name in models),
-        "--strict-readiness=true",
+        # Not strict: strict readiness makes the whole server unready while any model unloads, so Envoy's
+        # health checks would take every model's traffic off the host (and the picker's quarantine would
+        # take the unload for a crash). The picker follows each model's readiness from the index instead.
+        "--strict-readiness=false",
         "--exit-on-error=true",
         f"--http-address={address}",
         f"--http-port={http_port}",
