@@ -197,6 +197,9 @@ def test_the_pickers_fleet_file_is_the_bases_plus_epp() -> None:
     base = yaml.safe_load((REPO / BASE_PICKER_FLEET).read_text(encoding="utf-8"))
     ours = yaml.safe_load((REPO / EPP_PICKER_FLEET).read_text(encoding="utf-8"))
     epp = ours["picker"].pop("epp")
+    # The base's pickers follow its telemetry publisher (deploy/k8s/base/telemetry.yaml); this variant runs
+    # none, so its pickers scrape the hosts themselves.
+    assert base["picker"].pop("replicas")["follow"]
     assert ours == base
     assert epp["cert_file"].startswith(base["runtime_dir"]), "written at start: under the pod's writable /tmp"
     for variant in VARIANTS:
