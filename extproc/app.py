@@ -19,6 +19,7 @@ from extproc.datastore import Datastore
 from extproc.discovery import Discovery, effective_fleet
 from extproc.handlers.server import Processor
 from extproc.metrics import PickerMetrics
+from extproc.placement.wake import Waker
 from extproc.roles import GRPC_OPTIONS, Role, RoleName, role_for, role_named
 from extproc.scheduling.scheduler import Scheduler
 
@@ -57,7 +58,7 @@ class Picker:
         self.admin_key = self.role.admin_key(config)
         # One switch of fleet at a time: a config reload and a change of the pools' hosts may race.
         self._switching = asyncio.Lock()
-        self.processor = Processor(fleet, self.scheduler, self.metrics)
+        self.processor = Processor(fleet, self.scheduler, self.metrics, Waker(fleet, self.metrics))
         self.workers = self.role.workers(fleet)
         self._parts = self.role.parts(self)
         self.ready = False

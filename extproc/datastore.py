@@ -253,22 +253,27 @@ class HostState:
         )
 
 
+def routable(host: HostState, now: float, max_age_s: float) -> bool:
+    """What the scheduler's filters require of a candidate, besides having the model READY."""
+    return (
+        host.fresh(now, max_age_s)
+        and not host.draining
+        and not host.envoy.ejected
+        and not host.envoy.unhealthy
+        and host.envoy_at is not None
+    )
+
+
 def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, object]:
     """One host as JSON-friendly data, for the picker's ``/status`` endpoint."""
 
     def age(at: float | None) -> float | None:
         return None if at is None else round(now - at, 3)
 
-    fresh = host.fresh(now, max_age_s)
     return {
         "tier": host.tier.value,
-        "fresh": fresh,
-        # What the scheduler's filters require of a candidate (besides having the model READY).
-        "routable": fresh
-        and not host.draining
-        and not host.envoy.ejected
-        and not host.envoy.unhealthy
-        and host.envoy_at is not None,
+        "fresh": host.fresh(now, max_age_s),
+        "routable": routable(host, now, max_age_s),
         "ready": {model: sorted(versions) for model, versions in sorted(host.ready.items())},
         # Every model the repository index lists, ready or not.
         "known": sorted(host.known),

@@ -55,6 +55,13 @@ class PickerMetrics:
             "down (a possible query of death).",
             registry=decision_registry,
         )
+        self.scale_from_zero = Counter(
+            "extproc_scale_from_zero_loads",
+            "Loads the picker made of a model no host had READY, asked for by a request (placement."
+            "scale_from_zero), by model and outcome (started, done, failed).",
+            ["model", "outcome"],
+            registry=decision_registry,
+        )
         self.admissions = Counter(
             "extproc_admissions",
             "Inference requests admitted or refused for load, by model, priority and outcome (admitted, "

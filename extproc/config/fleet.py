@@ -62,6 +62,12 @@ class Fleet(Strict):
         if self.envoy.fallback_tier not in self.tiers:
             raise ValueError(f"envoy.fallback_tier {self.envoy.fallback_tier.value!r} has no hosts and no pools")
         check_placement(self.placement, self.hosts, self.pools, self.models)
+        hold_ms = self.placement.scale_from_zero.hold_ms
+        if hold_ms > self.picker.body_timeout_ms:
+            raise ValueError(
+                f"placement.scale_from_zero.hold_ms ({hold_ms}) is above picker.body_timeout_ms "
+                f"({self.picker.body_timeout_ms}): Envoy waits no longer than that for the picker's answer"
+            )
         return self
 
     def profile(self, model: ModelSpec | None, tier: Tier) -> Profile:

@@ -11,15 +11,15 @@ built yet).
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import ByteSize, Field, model_validator
 
-from extproc.config.common import Port, Strict, Tier
+from extproc.config.common import Port, PositiveMs, Strict, Tier
 from extproc.config.hosts import HostSpec, PoolSpec
 from extproc.config.models import ModelSpec
 
-__all__ = ["ModelPlacement", "PlacementSpec", "check_placement"]
+__all__ = ["ModelPlacement", "PlacementSpec", "ScaleFromZero", "check_placement"]
 
 
 class ModelPlacement(Strict):
@@ -48,6 +48,25 @@ class ModelPlacement(Strict):
         return self
 
 
+class ScaleFromZero(Strict):
+    """What a request gets for a model of ``placement.models`` that a host's repository has but no host has
+    READY (``placement.scale_from_zero``). The picker that sees it loads the model on the host the
+    controller would choose (its tiers, labels and memory budget), once however many requests ask."""
+
+    # off: the request gets Triton's answer (404, the model is not loaded), nothing is loaded.
+    # refuse: 503 with retry-after while the model loads; requests after it is READY are served.
+    # hold: the request waits up to hold_ms for the model to be READY (and warm: Triton runs a model's
+    # model_warmup before it reports it READY), then is routed; past that, 503 with retry-after.
+    mode: Literal["off", "refuse", "hold"] = "off"
+    # At most picker.body_timeout_ms: Envoy waits no longer for the picker's answer.
+    hold_ms: PositiveMs = 8_000
+    # A load that takes longer is given up (Triton may still finish it; the next request sees the copy).
+    load_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    # After a failed load, requests for the model get the answer of mode off for this long, instead of
+    # asking a host that just failed again.
+    retry_after_failure_s: float = Field(default=30.0, ge=0, le=3600)
+
+
 class PlacementSpec(Strict):
     """The controller's settings (``placement``)."""
 
@@ -74,6 +93,7 @@ class PlacementSpec(Strict):
     # nothing); relative paths are under runtime_dir. Absent: <runtime_dir>/placement.pause.
     pause_file: str | None = Field(default=None, min_length=1)
     models: dict[str, ModelPlacement] = Field(default_factory=dict)
+    scale_from_zero: ScaleFromZero = ScaleFromZero()
     # Where ``extproc placement run`` serves its Prometheus metrics (/metrics, read-only: nothing there
     # changes the fleet, so no token guards it); absent: not served (``--metrics-port`` overrides).
     metrics_address: str = "127.0.0.1"

@@ -52,6 +52,7 @@ from extproc.handlers.tensors import TensorHeadReader
 from extproc.handlers.wire import RequestHeaders, read_request_headers
 from extproc.headers import CLIENT_KEY_HEADER
 from extproc.metrics import PickerMetrics
+from extproc.placement.wake import Waker, Waking
 from extproc.scheduling.quarantine import Quarantine
 from extproc.scheduling.scheduler import Scheduler
 from extproc.scheduling.types import Decision, InferenceRequest, Protocol, Reject, Route
@@ -69,8 +70,11 @@ _READ_WIRE = compiled()
 
 
 class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds-protos ships no stubs
-    def __init__(self, fleet: Fleet, scheduler: Scheduler, metrics: PickerMetrics) -> None:
+    def __init__(self, fleet: Fleet, scheduler: Scheduler, metrics: PickerMetrics, waker: Waker | None = None) -> None:
+        """``waker``: scale from zero (``placement.scale_from_zero``); None where this process cannot load
+        models."""
         self._metrics = metrics
+        self._waker = waker
         self._error_log = LogBudget(1)
         self._served_log = LogBudget(1)
         spec = fleet.picker.quarantine
@@ -82,6 +86,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         """Use a new fleet and scheduler from the next request on (config reload); streams in progress
         finish with what they started with."""
         self._scheduler = scheduler
+        if self._waker is not None:
+            self._waker.configure(fleet)
         self._quarantine.use(scheduler.datastore)
         self._streams.per_client = fleet.picker.max_streams_per_client
         self._max_request_bytes = fleet.envoy.max_request_bytes
@@ -92,6 +98,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         self._max_tensor_elements = fleet.picker.max_tensor_elements
         # How long the first body chunk may take before the picker asks Envoy to wait longer for its answer.
         self._late_after_s = fleet.picker.message_timeout_ms / 2000
+        self._body_timeout_s = fleet.picker.body_timeout_ms / 1000
         self._extend = ep.ProcessingResponse(
             override_message_timeout=duration_pb2.Duration(
                 seconds=fleet.picker.body_timeout_ms // 1000, nanos=fleet.picker.body_timeout_ms % 1000 * 1_000_000
@@ -155,6 +162,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
             reader: TensorHeadReader | None = None
             # The quarantine's fingerprint of a REST request answered before its body: taken at the first chunk.
             fingerprint_due = False
+            # When the picker asked Envoy to wait longer for its answer (it may ask once per message).
+            extended_at: float | None = None
             try:
                 streams = (first.streamed_body or (gie is not None and gie.request_duplex)) and not first.end_of_stream
                 if method is None:
@@ -168,6 +177,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                             # quarantined an identical one is refused before any host has even its headers.
                             read, late = await self._first_body(body)
                             if late:
+                                extended_at = time.monotonic()
                                 yield self._extend
                             body = _prepend(await read, body)
                             if sequence:
@@ -182,6 +192,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                     if streams and grpc_names_model(method):
                         read, late = await self._first_body(body)
                         if late:
+                            extended_at = time.monotonic()
                             yield self._extend
                         body = _prepend(await read, body)
                         guard = GrpcBodyGuard(headers.get("grpc-encoding"), self._max_request_bytes)
@@ -195,6 +206,15 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                         request.allowed = gie.subset
                         request.client = gie.client
                     decision = self._scheduler.decide(request)
+                    waker, waking = self._waker, None
+                    if waker is not None and _not_loaded(decision, request, method):
+                        waking = waker.wake(request.model or "", self._scheduler.datastore)
+                    if waker is not None and waking is not None:
+                        # A GIE gateway's wait for the picker is its own (it may not take an extension): no hold.
+                        if waker.mode == "hold" and extended_at is None and gie is None:
+                            extended_at = time.monotonic()
+                            yield self._extend
+                        decision = await self._after_waking(request, method, waking, extended_at)
                     if isinstance(decision, Reject) and _host_answers(decision, method, path):
                         # A Triton host writes this answer (see _host_answers): any live host, as for a request
                         # that names no model (which also keeps client-chosen names out of the routing metrics).
@@ -277,6 +297,23 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         finally:
             if counted:
                 self._streams.close(client)
+
+    async def _after_waking(
+        self, request: InferenceRequest, method: str | None, waking: Waking, extended_at: float | None
+    ) -> Decision:
+        """The answer to a request whose model is being loaded (scale from zero): in ``hold`` mode, the
+        route once the model is READY, if it is before the hold (and Envoy's wait) ends; else 503 and
+        retry-after."""
+        assert self._waker is not None
+        model = request.model or ""
+        if self._waker.mode == "hold" and extended_at is not None:
+            # Envoy waits body_timeout_ms from the extension, and not a moment more.
+            left_s = self._body_timeout_s - (time.monotonic() - extended_at) - 0.2
+            if await self._waker.ready(model, lambda: self._scheduler.datastore, min(self._waker.hold_s, left_s)):
+                decision = self._scheduler.decide(request)
+                if not _not_loaded(decision, request, method):
+                    return decision
+        return _loading(model, waking.host)
 
     async def _first_body(self, body: AsyncIterator[ep.ProcessingRequest]) -> tuple[asyncio.Task[Any], bool]:
         """Start reading the body's first message, which Envoy sends without waiting for our answer (usually
@@ -489,6 +526,24 @@ def _is_ready_path(path: str) -> bool:
     """``/v2/models/{m}[/versions/{v}]/ready``."""
     parts = path.split("?", 1)[0].split("/")
     return len(parts) in (5, 7) and parts[-1] == "ready"
+
+
+def _not_loaded(decision: Decision, request: InferenceRequest, method: str | None) -> bool:
+    """An inference request (REST or gRPC, unary or a stream) refused because no host has its model READY:
+    what scale from zero answers (a readiness probe or a metadata call never loads a model)."""
+    if not isinstance(decision, Reject) or decision.reason not in ("model_not_ready", "no_ready_host"):
+        return False
+    return request.infer or method == "ModelStreamInfer"
+
+
+def _loading(model: str, host: str) -> Reject:
+    return Reject(
+        503,
+        f"model '{model}' is not loaded on any host; the fleet is loading it (on {host}): retry after the delay "
+        "in retry-after",
+        "loading",
+        retry_after=True,
+    )
 
 
 def _quarantined(held_s: float) -> Reject:

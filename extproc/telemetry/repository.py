@@ -130,6 +130,11 @@ class RepositoryClient:
         response = await self._connected().get_model_config(model, client_timeout=timeout_s)
         return batching_from_config(response.config)
 
+    async def load(self, model: str, timeout_s: float) -> None:
+        """Load ``model`` (its versions per its version policy; Triton runs its warm-up before it answers);
+        raises as :meth:`index` does, with Triton's reason where it gives one."""
+        await self._connected().load_model(model, headers=self._admin_headers, client_timeout=timeout_s)
+
     async def aclose(self) -> None:
         client, self._client = self._client, None
         if client is not None:
