@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from benchmarks.routing import find_scenario, load_scenario
-from benchmarks.sim import cli
+from benchmarks.sim import cli, diagnose
 from benchmarks.sim.engine import OK, RESET, Sim
 from benchmarks.sim.policies import FACTORIES, Picker, buckets
 from benchmarks.sim.scenario import (
@@ -312,6 +312,23 @@ def test_the_picker_sends_sizes_the_fleet_classifies_by() -> None:
     for r in range(len(sim.trace)):
         expected_cpu = sim.trace.rows[r] == 1
         assert (sim.host_of[r] == 0) == expected_cpu
+
+
+def test_the_diagnosis_observes_the_pickers_run_without_changing_it() -> None:
+    """The diagnosed run decides as benchmarks.sim's picker x1 does; its shares add up; the simulated batch
+    cost is the scenario's times the host's factor; with one-row requests Triton's request-weighted rows
+    per execution are at least the counted ones (Jensen), which is what biases the fit."""
+    s = scenario()
+    sim, rows = diagnose.diagnose(s)
+    plain, _ = run(s, "picker")
+    assert sim.host_of == plain.host_of
+    assert sum(r["request_share"] for r in rows) == pytest.approx(1.0)
+    fast, slow = sorted(rows, key=lambda r: r["group"])
+    assert (fast["true_fixed_ms"], fast["true_per_row_ms"]) == pytest.approx((8.0, 2.0))
+    assert (slow["true_fixed_ms"], slow["true_per_row_ms"]) == pytest.approx((32.0, 8.0))
+    assert fast["request_share"] > 0.9 and fast["in_flight_envoy"] > 1.0
+    assert all(r["request_weighted_rows_per_batch"] >= r["rows_per_batch"] >= 1.0 for r in rows)
+    assert len(diagnose.format_report(rows).splitlines()) == 2 + len(rows)
 
 
 def test_telemetry_buckets_spread_every_host_once() -> None:

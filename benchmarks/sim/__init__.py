@@ -9,5 +9,7 @@ runs one scenario of ``benchmarks/scenarios/sim/``; ``--all`` runs the family an
 - :mod:`~benchmarks.sim.engine`: the event loop, Triton's dynamic batcher and counters, Envoy's retries;
 - :mod:`~benchmarks.sim.policies`: round robin, least request, the simple expected-completion picker, the
   real picker and the oracle;
-- :mod:`~benchmarks.sim.report` and :mod:`~benchmarks.sim.cli`: summaries, tables, JSON.
+- :mod:`~benchmarks.sim.report` and :mod:`~benchmarks.sim.cli`: summaries, tables, JSON;
+- :mod:`~benchmarks.sim.diagnose` (``python -m benchmarks.sim.diagnose -s NAME``): the picker's in-flight
+  estimates, work and batch-cost fits at its decisions against what the simulated fleet held.
 """
