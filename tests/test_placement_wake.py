@@ -166,6 +166,25 @@ def test_ready_waits_for_the_copy_and_gives_up_at_the_deadline() -> None:
     asyncio.run(scenario())
 
 
+def test_held_requests_share_one_watcher() -> None:
+    async def scenario() -> None:
+        store = Datastore(fleet("hold"))
+        live(store, {})
+        loads = Loads()
+        waker = Waker(fleet("hold"), loader=loads)
+        assert waker.wake("resnet", store) is not None
+        waits = [asyncio.create_task(waker.ready("resnet", lambda: store, 2.0)) for _ in range(20)]
+        await asyncio.sleep(0.01)
+        watchers = [t for t in asyncio.all_tasks() if t.get_name() == "scale-from-zero-watch-resnet"]
+        assert len(watchers) == 1
+        loads.done.set()
+        live(store, {"g1": ["resnet"]})
+        assert await asyncio.gather(*waits) == [True] * 20
+        await waker.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_hold_is_bounded_by_envoys_wait() -> None:
     with pytest.raises(ConfigError, match="hold_ms"):
         parse_fleet(

@@ -16,10 +16,11 @@ operator chose to manage, and nothing else of the repositories.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
@@ -38,7 +39,8 @@ __all__ = ["Loader", "Waker", "Waking", "load_from_repository"]
 
 log = structlog.get_logger(__name__)
 
-# How often a held request looks whether its model is READY yet (the repository poll writes it).
+# How often a model's held requests are looked at: whether a host has it READY yet (the repository poll
+# writes it).
 _POLL_S: Final = 0.05
 
 # Loads ``model`` on a host of the fleet; raises on failure (after at most the timeout, in seconds).
@@ -64,6 +66,8 @@ class Waker:
         self._metrics = metrics
         self._loader = loader or load_from_repository
         self._loads: dict[str, Waking] = {}
+        # model → set when a held request may stop waiting (see ready)
+        self._watched: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def configure(self, fleet: Fleet) -> None:
@@ -99,9 +103,7 @@ class Waker:
             return None
         waking = Waking(host.name, now)
         self._loads[model] = waking
-        task = asyncio.create_task(self._load(model, host, settings.load_timeout_s), name=f"scale-from-zero-{model}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._start(self._load(model, host, settings.load_timeout_s), f"scale-from-zero-{model}")
         log.info("scale_from_zero_load", model=model, host=host.name)
         self._count(model, "started")
         return waking
@@ -113,15 +115,37 @@ class Waker:
     async def ready(self, model: str, datastore: Callable[[], Datastore], timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for a routable host to have ``model`` READY (``datastore``: the picker's
         current one, which a config reload replaces) or for its load to fail; whether one has. (A host just
-        done loading may not be routable for a moment: its metrics scrape may have timed out meanwhile.)"""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if _served(datastore(), model):
-                return True
-            waking = self._loads.get(model)
-            if waking is None or waking.failed_at is not None or time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(_POLL_S)
+        done loading may not be routable for a moment: its metrics scrape may have timed out meanwhile.)
+        However many requests wait, one task per model looks."""
+        if _served(datastore(), model):
+            return True
+        event = self._watched.get(model)
+        if event is None:
+            event = self._watched[model] = asyncio.Event()
+            self._start(self._watch(model, datastore, event), f"scale-from-zero-watch-{model}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout_s)
+        return _served(datastore(), model)
+
+    async def _watch(self, model: str, datastore: Callable[[], Datastore], event: asyncio.Event) -> None:
+        """Set ``event`` once a routable host has ``model`` READY, or its load failed or is over and the
+        picker's view had time to show it."""
+        try:
+            while not _served(datastore(), model):
+                waking = self._loads.get(model)
+                if waking is None or waking.failed_at is not None:
+                    return
+                if waking.done_at is not None and time.monotonic() - waking.done_at > self._index_lag_s():
+                    return
+                await asyncio.sleep(_POLL_S)
+        finally:
+            event.set()
+            self._watched.pop(model, None)
+
+    def _start(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _choose(self, model: str, datastore: Datastore) -> HostSpec | None:
         """The host the placement controller would load ``model`` on now, or None (logged) where none can
