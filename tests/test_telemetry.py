@@ -17,6 +17,7 @@ Fixtures in tests/data/:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import ssl
@@ -40,10 +41,11 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from extproc.app import Picker
 from extproc.config import ConfigError, Fleet, parse_fleet
-from extproc.datastore import Datastore, HostState, TrafficShare, TritonLoad
+from extproc.datastore import Datastore, HostState, ModelTimes, TrafficShare, TritonLoad
 from extproc.runtime.ports import free_ports
 from extproc.telemetry import collector as collector_module
 from extproc.telemetry import nvml as nvml_module
+from extproc.telemetry import triton_metrics as triton_metrics_module
 from extproc.telemetry.collector import TelemetryCollector
 from extproc.telemetry.envoy_admin import (
     EndpointStatus,
@@ -1035,6 +1037,30 @@ def test_service_times_per_model() -> None:
     assert again.models == load.models
 
 
+def test_a_page_with_still_counters_derives_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle host's next scrape (the same counters) keeps the derived times without taking a difference per
+    series, and leaves what the difference of zero would: every model of the page has times, and the
+    traffic share counts one more interval."""
+    m2 = 'model="new",version="1"'
+    before = parse_metrics(triton_page({M1: Counters()}))
+    after = parse_metrics(triton_page({M1: Counters(20, 20, 10, 1000, 20 * 6_000), m2: Counters()}))
+    load = derive_load(before, after, TritonLoad(), answered=20)
+    again = parse_metrics(triton_page({M1: Counters(20, 20, 10, 1000, 20 * 6_000), m2: Counters()}))
+    general = derive_load(after, again, dataclasses.replace(load, models={}), answered=20)
+
+    def no_differences(*args: object) -> None:
+        raise AssertionError("counters still: no difference per series to take")
+
+    monkeypatch.setattr(triton_metrics_module, "_series_deltas", no_differences)
+    still = derive_load(after, again, load, answered=20)
+    assert still.models == load.models and set(still.models) == {M1.split('"')[1], "new"}
+    assert (still.queue_ms, still.service_ms, still.exec_ms) == (load.queue_ms, load.service_ms, load.exec_ms)
+    assert still.share.intervals == load.share.intervals + 1 and still.share.answered_mark == 20
+    # Models the last load has no times for get empty ones, as the general case gives them.
+    fresh = derive_load(after, again, dataclasses.replace(load, models={}), answered=20)
+    assert fresh.models == general.models == {"m1": ModelTimes(), "new": ModelTimes()}
+
+
 async def test_idle_hosts_and_confirmed_indexes_are_polled_less(stack: Stack) -> None:
     """An idle host (counters still, nothing in flight) is scraped every idle_metrics_ms; a busy one every
     triton_metrics_ms. While the page lists exactly the READY model versions, each scrape confirms the
@@ -1068,6 +1094,89 @@ async def test_idle_hosts_and_confirmed_indexes_are_polled_less(stack: Stack) ->
         with pytest.raises(asyncio.CancelledError):
             await task
         await collector.aclose()
+
+
+async def test_envoy_admin_is_polled_less_while_the_fleet_is_idle(stack: Stack) -> None:
+    """While Envoy's last two answers are alike with nothing in flight, no host has anything in flight and
+    no host's counters moved, /clusters is read every idle_envoy_admin_ms; a pick of the picker's own has it
+    read at the next tick, and traffic that Envoy reports keeps it at envoy_admin_ms."""
+    fleet = stack.fleet(poll={"idle_metrics_ms": 400, "idle_envoy_admin_ms": 1000})
+    quiet = json.dumps(
+        envoy_doc({("triton_cpu_http", "127.0.0.1", 1000 + i): (0, False, False) for i in range(2)})
+    ).encode()
+    busy = json.dumps(envoy_doc({("triton_cpu_http", "127.0.0.1", 1000): (2, False, False)})).encode()
+    envoy = stack.envoy
+    envoy.body = lambda: (quiet, "application/json")
+    for triton in stack.tritons.values():
+        triton.busy = False
+    store = Datastore(fleet)
+    collector = TelemetryCollector(fleet, store)
+    a = store.hosts["a"]
+    task = asyncio.create_task(collector.run())
+    try:
+        await until(lambda: min(stamps(*store.hosts.values())) > 0)
+        await asyncio.sleep(0.5)  # past the first scrapes, which count as moved
+        polls = envoy.requests
+        await asyncio.sleep(2.2)
+        assert 1 <= envoy.requests - polls <= 3, envoy.requests - polls  # 1 s idle, not 50 ms
+
+        # Right after an idle poll, a pick: the next 50 ms tick reads Envoy, not the next idle poll.
+        polls = envoy.requests
+        await until(lambda: envoy.requests > polls, within_s=1.5)
+        await asyncio.sleep(0.05)
+        polls = envoy.requests
+        a.record_pick(store.now())
+        await until(lambda: envoy.requests > polls, within_s=0.3)
+
+        # Envoy reports requests in flight: every tick again.
+        envoy.body = lambda: (busy, "application/json")
+        await until(lambda: a.envoy.active == 2, within_s=1.5)
+        polls = envoy.requests
+        await asyncio.sleep(0.5)
+        assert envoy.requests - polls >= 6, envoy.requests - polls
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await collector.aclose()
+
+
+@pytest.mark.parametrize(
+    ("poll", "problem"),
+    [
+        ({"envoy_admin_ms": 500, "idle_envoy_admin_ms": 400}, "idle_envoy_admin_ms is shorter than envoy_admin_ms"),
+        ({"idle_envoy_admin_ms": 2500}, r"idle_envoy_admin_ms \+ request_timeout_ms \(3500\) exceed stale_after_ms"),
+    ],
+)
+def test_idle_envoy_polls_must_keep_its_view_fresh(poll: dict[str, int], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        parse_fleet({"hosts": [{"name": "h", "address": "10.0.0.1", "tier": "gpu"}], "picker": {"poll": poll}})
+
+
+def test_loops_of_one_kind_wake_on_a_few_phases(stack: Stack) -> None:
+    """Many loops of one kind share ten phases of their period (they wake together, one pass of the event
+    loop for each phase); fewer loops get one phase each."""
+    many = stack.fleet().model_dump(mode="json", exclude={"source"})
+    many["hosts"] = [
+        {
+            "name": f"h{i}",
+            "address": "127.0.0.1",
+            "http_port": 2000 + i,
+            "grpc_port": 3000 + i,
+            "metrics_port": 4000 + i,
+            "tier": "cpu",
+        }
+        for i in range(25)
+    ]
+    offsets: dict[str, list[float]] = {}
+    for job, offset in TelemetryCollector(parse_fleet(many), Datastore(parse_fleet(many)))._offsets():
+        offsets.setdefault(job.kind, []).append(offset)
+    period = 0.05  # triton_metrics_ms
+    assert sorted(set(offsets["triton_metrics"])) == pytest.approx([period * k / 10 for k in range(10)])
+    assert offsets["triton_metrics"] == sorted(offsets["triton_metrics"])  # neighbours share a phase
+    assert offsets["envoy_admin"] == [0.0]
+    few = TelemetryCollector(stack.fleet(), Datastore(stack.fleet()))._offsets()
+    assert sorted(o for job, o in few if job.kind == "repository") == pytest.approx([0.0, 0.03])
 
 
 # -- TLS to the hosts (envoy.upstream_tls) -----------------------------------------------------------------

@@ -9,8 +9,9 @@ and a real Envoy rendered from the fleet file run beside them, as ``extproc up``
 
 Reported per phase (idle, then counters advancing): the CPU of the picker, Envoy and the emulator, the
 picker's RSS and CPU per host-second, telemetry age p50/p99/max per source from the picker's ``/status``,
-the size, fetch and parse time of Envoy's ``/clusters`` JSON, and the requests each emulated host sees per
-second (scrapes, index and config calls, Envoy's health checks). How: :mod:`benchmarks.fleet.bench`.
+the size, fetch and parse time of Envoy's ``/clusters`` JSON and how often the picker read it, and the
+requests each emulated host sees per second (scrapes, index and config calls, Envoy's health checks).
+``--profile FILE`` runs the picker under cProfile. How: :mod:`benchmarks.fleet.bench`.
 
     .venv/bin/python -m benchmarks.fleet --hosts 300 --rate 20 --duration 20 --output benchmarks/results/fleet-300.json
 """

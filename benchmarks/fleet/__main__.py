@@ -51,6 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results (default {shown(DEFAULT_OUTPUT)})"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="run the picker under cProfile and write its stats (pstats) here when it exits",
+    )
     parser.add_argument("--keep-dir", type=Path, default=None, help="keep the run directory (logs, fleet file) here")
     args = parser.parse_args(argv)
     try:
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         poll=args.poll or None,
         request_rate=args.request_rate,
         gpu_share=args.gpu_share,
+        profile=None if args.profile is None else str(args.profile),
     )
     try:
         report = run(settings, args.keep_dir)
@@ -127,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         "decision_s: bucket upper bounds of the picker's extproc_decision_seconds histogram over the phase.",
         "One grpc.aio server answers every emulated host's gRPC port: gRPC calls per host are the total / hosts.",
         "Envoy is real (rendered from the fleet file) and health-checks every host (http_health, grpc_HealthCheck).",
-        "envoy_admin.picker_parse_cores_est: json.loads + parse_clusters of one /clusters document, timed in the "
-        "benchmark process, times the picker's poll rate.",
+        "envoy_admin.polls_per_s: the picker's /clusters polls over the phase (Envoy's "
+        "http.admin.downstream_rq_total); picker_parse_cores_est: json.loads + parse_clusters of one /clusters "
+        "document, timed in the benchmark process, times that rate.",
     ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")

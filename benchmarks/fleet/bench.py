@@ -14,7 +14,8 @@
    RSS, the requests each emulated host saw per second by kind; in the requests phase also the requests'
    latency and errors and the picker's decision time (``extproc_decision_seconds``, bucket bounds).
 4. After each phase, samples the picker's ``/status`` (age of each host's metrics, index and Envoy view:
-   p50/p99/max per source) and times one Envoy ``/clusters?format=json`` fetch and its parse.
+   p50/p99/max per source) and times one Envoy ``/clusters?format=json`` fetch and its parse; the picker's
+   polls of it over the phase are Envoy's count of admin requests.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Settings:
     fresh_timeout_s: float = 60.0  # how long to wait for every host fresh before measuring anyway
     request_rate: float = 100.0  # requests/s through Envoy in the requests phase (0: no such phase)
     poll: dict[str, int] | None = None  # picker.poll overrides
+    profile: str | None = None  # run the picker under cProfile, its stats (pstats) written to this file at exit
 
 
 def cpu_seconds(pid: int) -> float:
@@ -200,7 +202,8 @@ class FleetBench:
                 lambda: all(self._ok(f"http://127.0.0.1:{h['http_port']}/v2/health/ready") for h in hosts[s.hosts :]),
             )
         progress(f"starting the picker ({total} hosts)")
-        self._spawn("picker", [sys.executable, "-m", "extproc", "serve", "--config", str(fleet_path)], env)
+        profiler = ["-m", "cProfile", "-o", str(Path(s.profile).resolve())] if s.profile is not None else []
+        self._spawn("picker", [sys.executable, *profiler, "-m", "extproc", "serve", "--config", str(fleet_path)], env)
         envoy_yaml = self.run_dir / "envoy.yaml"
         envoy_yaml.write_text(render_yaml(fleet), encoding="utf-8")
         progress("starting Envoy")
@@ -300,6 +303,7 @@ class FleetBench:
             generator = OpenLoop(self.listener_port, inference_request(self.listener_port), initial_connections=8)
             offsets = [i / request_rate for i in range(int(request_rate * s.duration_s))]
             sender = threading.Thread(target=lambda: records.append(generator.run(offsets)), daemon=True)
+        admin0 = self.admin_requests()
         cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
         t0 = time.monotonic()
         if sender is not None:
@@ -314,6 +318,8 @@ class FleetBench:
             sender.join(30)
         wall = time.monotonic() - t0
         cpu = {n: round((cpu_seconds(p) - cpu0[n]) / wall, 4) for n, p in pids.items()}
+        # Only the picker asks Envoy's admin during the phase (the benchmark's own request comes after).
+        admin_polls = (self.admin_requests() - admin0 - 1) / wall
         after_stats = self.emulator_stats()
         total = s.hosts + s.real
         result: dict[str, Any] = {
@@ -332,7 +338,7 @@ class FleetBench:
             result["decision_s"] = histogram_quantiles(decisions0, self.decision_buckets())
         result["emulator_answer_ms"] = self.probe_emulator()
         result["telemetry_age_s"] = self.ages()
-        result["envoy_admin"] = self.envoy_admin_cost()
+        result["envoy_admin"] = self.envoy_admin_cost(admin_polls)
         return result
 
     def probe_emulator(self, samples: int = 10) -> dict[str, Any]:
@@ -407,7 +413,14 @@ class FleetBench:
         out["stale_after_s"] = self.stale_after_s
         return out
 
-    def envoy_admin_cost(self) -> dict[str, Any]:
+    def admin_requests(self) -> int:
+        """Requests Envoy's admin endpoint has answered (this one not counted)."""
+        url = self.admin_url.replace("/clusters?format=json", "/stats?filter=^http.admin.downstream_rq_total$")
+        return int(_get(url).decode().partition(":")[2])
+
+    def envoy_admin_cost(self, polls: float) -> dict[str, Any]:
+        """The size, fetch and parse time of one ``/clusters``; ``polls``: the picker's polls per second,
+        as counted."""
         from extproc.telemetry.envoy_admin import parse_clusters
 
         fetch, parse, size = [], [], 0
@@ -420,13 +433,12 @@ class FleetBench:
             fetch.append(t1 - t0)
             parse.append(t2 - t1)
             size = len(body)
-        polls = 1000 / self.fleet_poll["envoy_admin_ms"]
         parse_ms = min(parse) * 1000
         return {
             "clusters_json_bytes": size,
             "fetch_ms": round(min(fetch) * 1000, 2),
             "parse_ms": round(parse_ms, 2),
-            "polls_per_s": polls,
+            "polls_per_s": round(polls, 2),
             "picker_parse_cores_est": round(parse_ms * polls / 1000, 4),
         }
 

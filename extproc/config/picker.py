@@ -35,6 +35,9 @@ class PollSpec(Strict):
     # at once).
     confirmed_repository_ms: PositiveMs = 10_000
     envoy_admin_ms: PositiveMs = 200
+    # While Envoy reported nothing in flight and no new request at its last two polls, and the picker
+    # sees nothing in flight and no host's counters moving, Envoy's /clusters is read this often instead.
+    idle_envoy_admin_ms: PositiveMs = 1000
     nvml_ms: PositiveMs = 500
     # Telemetry older than this makes its host a non-candidate.
     stale_after_ms: PositiveMs = 3000
@@ -46,11 +49,18 @@ class PollSpec(Strict):
             raise ValueError("idle_metrics_ms is shorter than triton_metrics_ms")
         if self.confirmed_repository_ms < self.repository_ms:
             raise ValueError("confirmed_repository_ms is shorter than repository_ms")
+        if self.idle_envoy_admin_ms < self.envoy_admin_ms:
+            raise ValueError("idle_envoy_admin_ms is shorter than envoy_admin_ms")
         # An idle host must still be fresh between two scrapes, with a poll's timeout to spare.
         if self.idle_metrics_ms + self.request_timeout_ms > self.stale_after_ms:
             raise ValueError(
                 f"idle_metrics_ms + request_timeout_ms ({self.idle_metrics_ms + self.request_timeout_ms}) exceed "
                 f"stale_after_ms ({self.stale_after_ms}): idle hosts would go stale between scrapes"
+            )
+        if self.idle_envoy_admin_ms + self.request_timeout_ms > self.stale_after_ms:
+            raise ValueError(
+                f"idle_envoy_admin_ms + request_timeout_ms ({self.idle_envoy_admin_ms + self.request_timeout_ms}) "
+                f"exceed stale_after_ms ({self.stale_after_ms}): Envoy's view would go stale between polls"
             )
         return self
 

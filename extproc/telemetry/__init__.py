@@ -5,6 +5,7 @@
 - :mod:`.repository`: Triton's repository index (gRPC) → which models each host has READY.
 - :mod:`.nvml`: GPU memory through NVML for the sidecar host.
 - :mod:`.tls`: TLS to the hosts for all of the above, where ``envoy.upstream_tls`` says they speak it.
+- :mod:`.http`: the GETs of the metrics page and ``/clusters``, over connections kept between polls.
 - :mod:`.collector`: :class:`TelemetryCollector`, the loops that run all of the above.
 """
 

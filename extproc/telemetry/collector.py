@@ -11,7 +11,9 @@ One :class:`TelemetryCollector` per picker process, on the picker's event loop:
   ``poll.confirmed_repository_ms``: a model loaded or unloaded shows on the page, and the next tick reads
   the index;
 - Envoy's admin ``/clusters?format=json`` every ``poll.envoy_admin_ms`` → every host's ``envoy``,
-  ``envoy_at``, and restarts each host's in-flight estimate from Envoy's count;
+  ``envoy_at``, and restarts each host's in-flight estimate from Envoy's count; while the fleet is idle
+  (Envoy's last two polls alike with nothing in flight, and no host with anything in flight by the
+  picker's estimate or counters that moved at its last scrape) only every ``poll.idle_envoy_admin_ms``;
 - with ``picker.nvml_host`` set, NVML every ``poll.nvml_ms`` → that host's GPU memory (in a thread).
 
 A follower of another picker replica (``picker.replicas.follow``, see :mod:`extproc.replicas`) takes the
@@ -27,8 +29,10 @@ Failures are logged when a poll starts failing and when it recovers, not on ever
 
 Each loop runs its polls one at a time on a fixed grid (``start + k x period``): a poll that overruns
 its period skips the ticks it missed instead of starting a second poll or bursting to catch up, and a
-slow poll does not shift the phase of later ones. Loops of one kind are spread over the period so that
-the hosts are not all scraped in the same millisecond.
+slow poll does not shift the phase of later ones. Loops of one kind are spread over ``_PHASES`` phases
+of the period so that the hosts are not all scraped in the same millisecond, while the loops of one phase
+wake together: one pass of the event loop runs them all, and their answers come back together, where a
+phase per loop would cost a pass (an ``epoll_wait``, the timer heap) per loop and tick.
 """
 
 from __future__ import annotations
@@ -37,20 +41,19 @@ import asyncio
 import dataclasses
 import json
 import math
-import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
 from typing import Final, Self
 
-import aiohttp
 import structlog
 from tritonclient.utils import InferenceServerException
 
 from extproc.config import Fleet
 from extproc.datastore import Datastore, HostState, TritonLoad
-from extproc.telemetry.envoy_admin import apply_envoy_view, parse_clusters
+from extproc.telemetry.envoy_admin import EndpointStatus, apply_envoy_view, parse_clusters
+from extproc.telemetry.http import PageClient, Target
 from extproc.telemetry.nvml import GpuReading, NvmlReader
 from extproc.telemetry.repository import RepositoryClient, apply_index
 from extproc.telemetry.tls import TritonTls
@@ -64,10 +67,8 @@ ENVOY: Final = "envoy_admin"
 NVML: Final = "nvml"
 
 _MAX_ERROR_CHARS: Final = 300
-
-
-class PollError(Exception):
-    """A poll got an answer that is not usable (e.g. an HTTP status other than 200)."""
+# Phases per period of the loops of one kind (fewer where fewer loops).
+_PHASES: Final = 10
 
 
 class _Disabled(Exception):
@@ -92,7 +93,7 @@ class _Job:
 class _Host:
     state: HostState
     repository: RepositoryClient
-    metrics_url: str
+    metrics: Target
     snapshot: TritonSnapshot | None = None  # the last successful scrape
     # Whether its counters moved between its last two scrapes: traffic, even when none is in flight now.
     moved: bool = True
@@ -137,25 +138,33 @@ class TelemetryCollector:
         ``tls``: the hosts speak TLS (``envoy.upstream_tls``, see :mod:`.tls`); None: plaintext.
         ``scraping``: off, only Envoy is polled (see :meth:`set_scraping`)."""
         poll = fleet.picker.poll
-        self._tls = tls
         self._scraping = scraping
         self._datastore = datastore
         self._timeout_s = poll.request_timeout_ms / 1000
         # A tick comes at most half a period early: due when the interval has passed, less that.
         self._idle_metrics_s = (poll.idle_metrics_ms - poll.triton_metrics_ms / 2) / 1000
         self._confirmed_index_s = (poll.confirmed_repository_ms - poll.repository_ms / 2) / 1000
-        self._session: aiohttp.ClientSession | None = None
+        self._idle_envoy_s = (poll.idle_envoy_admin_ms - poll.envoy_admin_ms / 2) / 1000
+        self._pages = PageClient()
         self._hosts = [
             _Host(
                 state,
                 RepositoryClient(state.spec.grpc_endpoint, admin_key, tls),
-                tls.metrics_url(state.spec) if tls is not None else state.spec.metrics_url,
+                Target.parse(state.spec.metrics_url)
+                if tls is None
+                else Target.parse(tls.metrics_url(state.spec), tls.context, tls.server_name),
             )
             for state in datastore.hosts.values()
         ]
         admin = fleet.envoy.admin
         self.envoy_url = f"http://{_endpoint(admin.address, admin.port)}/clusters?format=json"
+        self._envoy = Target.parse(self.envoy_url)
         self._envoy_missing: frozenset[str] = frozenset()
+        # Envoy's last answer, and when it came (None: its last poll failed), and whether it was the same
+        # as the one before with nothing in flight.
+        self._envoy_endpoints: dict[str, EndpointStatus] | None = None
+        self._envoy_polled_at: float | None = None
+        self._envoy_quiet = False
 
         self._jobs: list[_Job] = []
         for host in self._hosts:
@@ -178,7 +187,7 @@ class TelemetryCollector:
                     partial(self._index_due, host),
                 )
             )
-        self._jobs.append(_Job(ENVOY, "envoy", poll.envoy_admin_ms / 1000, self._poll_envoy))
+        self._jobs.append(_Job(ENVOY, "envoy", poll.envoy_admin_ms / 1000, self._poll_envoy, self._envoy_due))
 
         self._nvml_host: HostState | None = None
         self._nvml: NvmlReader | None = None
@@ -238,13 +247,11 @@ class TelemetryCollector:
         return {f"{j.kind}/{j.target}": (None if j.stopped else j.ok) for j in self._jobs}
 
     async def aclose(self) -> None:
-        """Close the HTTP session, the gRPC channels and NVML. Cancel :meth:`run` first."""
+        """Close the HTTP connections, the gRPC channels and NVML. Cancel :meth:`run` first."""
         if self._closed:
             return
         self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._pages.aclose()
         await asyncio.gather(*(host.repository.aclose() for host in self._hosts), return_exceptions=True)
         if self._nvml is not None and (self._nvml_read is None or self._nvml_read.done()):
             await asyncio.to_thread(self._nvml.close)
@@ -260,12 +267,17 @@ class TelemetryCollector:
     # -- scheduling -----------------------------------------------------------------------------------
 
     def _offsets(self) -> list[tuple[_Job, float]]:
-        """Each job with its start delay: jobs of one kind spread evenly over their period."""
+        """Each job with its start delay: jobs of one kind spread evenly over ``_PHASES`` phases of their
+        period."""
         by_kind: dict[str, list[_Job]] = {}
         for job in self._jobs:
             if not job.stopped:
                 by_kind.setdefault(job.kind, []).append(job)
-        return [(job, job.period_s * i / len(jobs)) for jobs in by_kind.values() for i, job in enumerate(jobs)]
+        out = []
+        for jobs in by_kind.values():
+            phases = min(_PHASES, len(jobs))
+            out += [(job, job.period_s * (i * phases // len(jobs)) / phases) for i, job in enumerate(jobs)]
+        return out
 
     async def _loop(self, job: _Job, offset: float) -> None:
         loop = asyncio.get_running_loop()
@@ -319,27 +331,26 @@ class TelemetryCollector:
         at = host.indexed_at
         return not host.confirmed or at is None or self._datastore.now() - at >= self._confirmed_index_s
 
+    def _envoy_due(self) -> bool:
+        """Every tick while anything is in flight or moving; while the fleet is idle once per
+        ``poll.idle_envoy_admin_ms``. The picker's own picks count at once; those of other processes
+        (workers, other gateways) show in Envoy's counts at the next idle poll, or in the hosts' counters."""
+        at = self._envoy_polled_at
+        if at is None or not self._envoy_quiet:
+            return True
+        now = self._datastore.now()
+        if now - at >= self._idle_envoy_s:
+            return True
+        return any(host.moved or host.state.in_flight(now) > 0 for host in self._hosts)
+
     # -- the polls ------------------------------------------------------------------------------------
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self._timeout_s),
-                connector=aiohttp.TCPConnector(limit=max(100, 2 * len(self._hosts) + 8)),
-            )
-        return self._session
-
-    async def _get(self, url: str, tls: TritonTls | None = None) -> bytes:
-        """``tls``: a Triton host's page where the hosts speak TLS (Envoy's admin never does)."""
-        ssl_context: ssl.SSLContext | bool = True if tls is None else tls.context
-        server_name = None if tls is None else tls.server_name
-        async with self._http().get(url, ssl=ssl_context, server_hostname=server_name) as response:
-            if response.status != 200:
-                raise PollError(f"GET {url}: HTTP {response.status}")
-            return await response.read()
+    async def _get(self, target: Target) -> bytes:
+        async with asyncio.timeout(self._timeout_s):
+            return await self._pages.get(target)
 
     async def _poll_metrics(self, host: _Host) -> None:
-        body = await self._get(host.metrics_url, self._tls)
+        body = await self._get(host.metrics)
         snapshot = parse_metrics(body.decode("utf-8", "replace"))
         now = self._datastore.now()
         envoy_at = host.state.envoy_at
@@ -349,7 +360,8 @@ class TelemetryCollector:
         load = derive_load(host.snapshot, snapshot, host.state.load, answered)
         if host.state is self._nvml_host and self._gpu is not None:
             _apply_gpu(load, self._gpu)
-        host.moved = host.snapshot is None or snapshot.totals != host.snapshot.totals
+        last = host.snapshot
+        host.moved = last is None or (snapshot.series != last.series and snapshot.totals != last.totals)
         host.snapshot = snapshot
         self._datastore.set_load(host.state, load, now)
         host.confirmed = host.indexed_at is not None and snapshot.model_versions() == _ready_versions(host.state)
@@ -385,9 +397,15 @@ class TelemetryCollector:
         self._datastore.set_batching(state, batching)
 
     async def _poll_envoy(self) -> None:
-        body = await self._get(self.envoy_url)
+        self._envoy_polled_at = None
+        body = await self._get(self._envoy)
         endpoints = parse_clusters(json.loads(body))
-        missing = frozenset(apply_envoy_view(self._datastore, endpoints, self._datastore.now()))
+        now = self._datastore.now()
+        missing = frozenset(apply_envoy_view(self._datastore, endpoints, now))
+        self._envoy_quiet = endpoints == self._envoy_endpoints and not any(
+            status.rq_active or status.rq_pending_active for status in endpoints.values()
+        )
+        self._envoy_endpoints, self._envoy_polled_at = endpoints, now
         if missing != self._envoy_missing:
             if missing:
                 log.warning("hosts missing from Envoy's triton clusters", hosts=sorted(missing))

@@ -36,7 +36,7 @@ class TritonTls:
     """What a TLS scrape needs, read from the files ``envoy.upstream_tls`` names."""
 
     server_name: str
-    context: ssl.SSLContext  # for the metrics page (aiohttp)
+    context: ssl.SSLContext  # for the metrics page (extproc.telemetry.http)
     credentials: grpc.ChannelCredentials  # for the repository index and model configs
 
     def metrics_url(self, host: HostSpec) -> str:

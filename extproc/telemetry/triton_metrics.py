@@ -24,6 +24,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Final, NamedTuple
 
 from extproc.datastore import ModelTimes, TrafficShare, TritonLoad
@@ -102,12 +103,8 @@ class TritonSnapshot:
 
     def model_versions(self) -> frozenset[tuple[str, str]]:
         """The (model, version) pairs the page has series for: the model versions Triton has loaded."""
-        out = set()
-        for labels in self.series:
-            model, version = _MODEL_LABEL.search(labels), _VERSION_LABEL.search(labels)
-            if model is not None and version is not None:
-                out.add((model.group(1), version.group(1)))
-        return frozenset(out)
+        pairs = (_model_version(labels) for labels in self.series)
+        return frozenset(pair for pair in pairs if pair is not None)
 
 
 def _value(rest: str, line: str) -> float:
@@ -207,8 +204,7 @@ def model_deltas(previous: TritonSnapshot, current: TritonSnapshot) -> dict[str,
     """As :func:`counter_delta`, per model (summed over its versions)."""
     sums: dict[str, list[float]] = {}
     for labels, delta in _series_deltas(previous, current).items():
-        match = _MODEL_LABEL.search(labels)
-        totals = sums.setdefault(match.group(1) if match else "", [0.0] * _N_COUNTERS)
+        totals = sums.setdefault(_model(labels), [0.0] * _N_COUNTERS)
         for i, d in enumerate(delta):
             totals[i] += d
     return {model: Counters(*totals) for model, totals in sums.items()}
@@ -216,6 +212,21 @@ def model_deltas(previous: TritonSnapshot, current: TritonSnapshot) -> dict[str,
 
 _MODEL_LABEL: Final = re.compile(r'(?:^|,)model="((?:[^"\\]|\\.)*)"')
 _VERSION_LABEL: Final = re.compile(r'(?:^|,)version="((?:[^"\\]|\\.)*)"')
+# Label sets repeat at every scrape of every host: each is parsed once (a few series per model and GPU).
+_LABEL_CACHE: Final = 4096
+
+
+@lru_cache(maxsize=_LABEL_CACHE)
+def _model(labels: str) -> str:
+    """The series' model ("" where it has no model label)."""
+    match = _MODEL_LABEL.search(labels)
+    return match.group(1) if match else ""
+
+
+@lru_cache(maxsize=_LABEL_CACHE)
+def _model_version(labels: str) -> tuple[str, str] | None:
+    model, version = _MODEL_LABEL.search(labels), _VERSION_LABEL.search(labels)
+    return None if model is None or version is None else (model.group(1), version.group(1))
 
 
 def _series_deltas(previous: TritonSnapshot, current: TritonSnapshot) -> dict[str, tuple[float, ...]]:
@@ -337,7 +348,15 @@ def derive_load(
     totals = ModelTimes(last.service_ms, last.exec_ms, last.drain_ms)
     models = dict(last.models)
     share, scale = last.share, last.envoy_scale
-    if previous is not None:
+    if previous is not None and current.series == previous.series:
+        # Counters still (an idle host): nothing to derive. What the general case leaves after zero deltas:
+        # every model of the page has times, and the share counts one more interval.
+        for labels in current.series:
+            model = _model(labels)
+            if model not in models:
+                models[model] = ModelTimes()
+        share, scale = traffic_share(share, answered, 0.0)
+    elif previous is not None:
         delta = counter_delta(previous, current)
         if delta.request_success > 0:
             queue_ms = delta.queue_us / delta.request_success / 1000
