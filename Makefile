@@ -61,4 +61,5 @@ bench: $(BUILT)
 	@echo "  $(BIN)/python -m benchmarks.compare_revisions  the overhead benchmark of two worktrees, alternately"
 	@echo "  $(BIN)/python -m benchmarks.sim --all          the fleet simulator's scenario family"
 	@echo "  $(BIN)/python -m benchmarks.fleet --hosts N    telemetry cost over N emulated Triton hosts"
+	@echo "  $(BIN)/python -m benchmarks.placement          placement controller off vs on: demand shift (--steady S)"
 	$(BIN)/python -m benchmarks.decision $(BENCH_ARGS)

@@ -11,7 +11,9 @@ from the repository root with the project's environment, ``.venv/bin/python -m b
 - ``plot``: a latency-CDF PNG from a JSON file of latencies;
 - ``compare_revisions``: the overhead benchmark of two worktrees, alternately;
 - ``sim``: a discrete-event fleet simulation in which the real scheduler decides (``scenarios/sim/*.yaml``);
-- ``fleet``: the picker's telemetry cost over up to 1,000 emulated Triton hosts (and real ones beside them).
+- ``fleet``: the picker's telemetry cost over up to 1,000 emulated Triton hosts (and real ones beside them);
+- ``placement``: the placement controller off and on over a demand shift on a real fleet, and ``--steady``
+  for flapping (``scenarios/placement/``).
 
 Results go to ``results/`` by default; the ones the docs quote are committed there. The tests import these
 modules, but never assert a timing.

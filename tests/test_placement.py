@@ -185,6 +185,17 @@ def test_unloads_the_least_loaded_then_slowest_copy() -> None:
     assert unloads(plan([model(["a", "b", "c"], rate=1.0)], hs, s, now=0.0)) == ["c", "b"]
 
 
+def test_an_unload_spares_a_host_with_another_models_only_copy() -> None:
+    """Unloading drains the host for every model there, and the model operations refuse to strand one:
+    the host that holds another model's only routable copy goes last, whatever its load."""
+    s = settings(cooldown_s=0)
+    hs = [
+        HostInput("a", "gpu", models=frozenset({"m", "n"}), in_flight=0.0, service_ms=9.0),
+        HostInput("b", "gpu", models=frozenset({"m"}), in_flight=3.0, service_ms=1.0),
+    ]
+    assert unloads(plan([model(["a", "b"], rate=0.0)], hs, s, now=0.0)) == ["b"]
+
+
 def test_max_concurrent_changes_defers_the_rest_scale_ups_first() -> None:
     s = settings(max_concurrent_changes=2, cooldown_s=0)
     hs = with_copies(with_copies(hosts(6), "m", ["h0"]), "n", ["h0", "h1", "h2"])

@@ -11,6 +11,7 @@ carries the actions out through the fleet-wide model operations (:mod:`extproc.o
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -183,17 +184,20 @@ def _load_targets(
 
 
 def _unload_victims(m: ModelInput, count: int, hosts: Mapping[str, HostInput], s: PlacementSpec) -> list[HostInput]:
-    """The ``count`` copies to unload: never pinned ones; those of the model's least preferred tier first
-    (the reverse of where loads go, so its default tier keeps its copies), then the least loaded, then the
-    slowest."""
+    """The ``count`` copies to unload: never pinned ones; those on hosts that hold another model's only
+    routable copy last (an unload drains its host for every model there, and the model operations refuse
+    to strand one); then those of the model's least preferred tier first (the reverse of where loads go, so
+    its default tier keeps its copies), then the least loaded, then the slowest."""
     spec = s.models.get(m.name)
     pinned = set() if spec is None else set(spec.pinned)
     copies = [hosts[h] for h in m.copies if h in hosts and h not in pinned]
+    routable = Counter(model for h in hosts.values() if h.routable for model in h.models)
 
-    def key(h: HostInput) -> tuple[int, float, float, str]:
+    def key(h: HostInput) -> tuple[bool, int, float, float, str]:
+        strands = any(routable[other] <= 1 for other in h.models if other != m.name)
         tiers = m.tiers or ()
         preference = tiers.index(h.tier) if h.tier in tiers else len(tiers)
-        return (-preference, h.in_flight, -(h.service_ms or 0.0), h.name)
+        return (strands, -preference, h.in_flight, -(h.service_ms or 0.0), h.name)
 
     return sorted(copies, key=key)[:count]
 
