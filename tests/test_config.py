@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from extproc.config import ConfigError, Tier, load_fleet, parse_fleet
+from extproc.config.picker import PollSpec
 
 LOCAL = Path(__file__).parent.parent / "deploy" / "local" / "fleet.yaml"
 
@@ -169,3 +170,18 @@ def test_every_command_refuses_an_invalid_file(tmp_path: Path, command: str) -> 
     assert result.returncode == 2
     assert f"{path}: key hosts[0].http_port:" in result.stderr
     assert "valid integer" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("poll", "hosts", "seconds"),
+    [
+        ({}, 3, 0.020),  # a small fleet's counts stay fresh
+        ({}, 50, 0.100),  # 2 ms a host
+        ({}, 100, 0.200),
+        ({}, 1000, 0.200),  # never slower than 200 ms under traffic
+        ({"idle_envoy_admin_ms": 150, "stale_after_ms": 3000}, 1000, 0.150),  # nor than the idle interval
+        ({"envoy_admin_ms": 50}, 1000, 0.050),  # a set interval is kept
+    ],
+)
+def test_envoys_read_interval_follows_the_fleets_size(poll: dict[str, int], hosts: int, seconds: float) -> None:
+    assert PollSpec(**poll).envoy_admin_s(hosts) == pytest.approx(seconds)

@@ -75,7 +75,7 @@ class _Ticker:
         self.tick = tick
         self.metrics = buckets(n, poll.triton_metrics_ms / 1000.0, tick, rng.random())
         self.repository = buckets(n, poll.repository_ms / 1000.0, tick, rng.random())
-        self.envoy_every = max(1, round(poll.envoy_admin_ms / 1000.0 / tick))
+        self.envoy_every = max(1, round(poll.envoy_admin_s(n) / tick))
         self.envoy_phase = rng.randrange(self.envoy_every)
         self.count = 0
 

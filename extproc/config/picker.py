@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Final, Self
 
 from pydantic import Field, field_validator, model_validator
 
@@ -25,6 +25,11 @@ __all__ = [
 ]
 
 
+# The range of the Envoy read interval that PollSpec.envoy_admin_s chooses by the fleet's size.
+_FASTEST_ENVOY_MS: Final = 20
+_SLOWEST_ENVOY_MS: Final = 200
+
+
 class PollSpec(Strict):
     triton_metrics_ms: PositiveMs = 250
     # An idle host (nothing in flight, its counters still at its last scrape) is scraped this often instead.
@@ -34,7 +39,9 @@ class PollSpec(Strict):
     # confirms the index, and the index itself is read this often instead (a change on the page is read
     # at once).
     confirmed_repository_ms: PositiveMs = 10_000
-    envoy_admin_ms: PositiveMs = 200
+    # How often Envoy's /clusters is read while requests are in flight: its counts of each host's requests
+    # are the picker's most perishable input. Absent: by the fleet's size (see envoy_admin_s).
+    envoy_admin_ms: PositiveMs | None = None
     # While Envoy reported nothing in flight and no new request at its last two polls, and the picker
     # sees nothing in flight and no host's counters moving, Envoy's /clusters is read this often instead.
     idle_envoy_admin_ms: PositiveMs = 1000
@@ -49,7 +56,7 @@ class PollSpec(Strict):
             raise ValueError("idle_metrics_ms is shorter than triton_metrics_ms")
         if self.confirmed_repository_ms < self.repository_ms:
             raise ValueError("confirmed_repository_ms is shorter than repository_ms")
-        if self.idle_envoy_admin_ms < self.envoy_admin_ms:
+        if self.envoy_admin_ms is not None and self.idle_envoy_admin_ms < self.envoy_admin_ms:
             raise ValueError("idle_envoy_admin_ms is shorter than envoy_admin_ms")
         # An idle host must still be fresh between two scrapes, with a poll's timeout to spare.
         if self.idle_metrics_ms + self.request_timeout_ms > self.stale_after_ms:
@@ -63,6 +70,16 @@ class PollSpec(Strict):
                 f"exceed stale_after_ms ({self.stale_after_ms}): Envoy's view would go stale between polls"
             )
         return self
+
+    def envoy_admin_s(self, hosts: int) -> float:
+        """The interval of Envoy's /clusters reads under traffic, in seconds, for a fleet of ``hosts``:
+        ``envoy_admin_ms``, else 2 ms a host, from 20 to 200 ms (and not above ``idle_envoy_admin_ms``).
+        A read costs the picker about 0.06 ms a host (fetch and parse), so this keeps it near 3 % of a core
+        up to 100 hosts while a small fleet's counts stay fresh; a fleet larger than that pays more for the
+        same 200 ms."""
+        if self.envoy_admin_ms is not None:
+            return self.envoy_admin_ms / 1000
+        return min(max(2 * hosts, _FASTEST_ENVOY_MS), _SLOWEST_ENVOY_MS, self.idle_envoy_admin_ms) / 1000
 
 
 class SaturationSpec(Strict):

@@ -60,7 +60,7 @@ def make_ops(args: Any, fleet: Fleet, triton: GrpcTriton, progress: Callable[[st
     """The operations context for the common options (``--picker``, ``--envoy``, ``--timeout``, and
     ``--load-timeout``, ``--drain-timeout`` where the command has them); ``drain``: it may drain hosts."""
     # Picks made just before the drain reach Envoy's rq_active within an admin poll or two.
-    settle_s = max(1.0, 3 * fleet.picker.poll.envoy_admin_ms / 1000)
+    settle_s = max(1.0, 3 * fleet.picker.poll.envoy_admin_s(len(fleet.hosts)))
     timeouts = Timeouts(index_s=args.timeout, settle_s=settle_s)
     if getattr(args, "load_timeout", None) is not None:
         timeouts = replace(timeouts, load_s=args.load_timeout)

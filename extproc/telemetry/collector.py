@@ -10,7 +10,8 @@ One :class:`TelemetryCollector` per picker process, on the picker's event loop:
   scrape confirms the index (``index_at``), and the index is read only every
   ``poll.confirmed_repository_ms``: a model loaded or unloaded shows on the page, and the next tick reads
   the index;
-- Envoy's admin ``/clusters?format=json`` every ``poll.envoy_admin_ms`` → every host's ``envoy``,
+- Envoy's admin ``/clusters?format=json`` every ``poll.envoy_admin_ms`` (by default by the fleet's size, see
+  :meth:`~extproc.config.picker.PollSpec.envoy_admin_s`) → every host's ``envoy``,
   ``envoy_at``, and restarts each host's in-flight estimate from Envoy's count; while the fleet is idle
   (Envoy's last two polls alike with nothing in flight, and no host with anything in flight by the
   picker's estimate or counters that moved at its last scrape) only every ``poll.idle_envoy_admin_ms``;
@@ -144,7 +145,8 @@ class TelemetryCollector:
         # A tick comes at most half a period early: due when the interval has passed, less that.
         self._idle_metrics_s = (poll.idle_metrics_ms - poll.triton_metrics_ms / 2) / 1000
         self._confirmed_index_s = (poll.confirmed_repository_ms - poll.repository_ms / 2) / 1000
-        self._idle_envoy_s = (poll.idle_envoy_admin_ms - poll.envoy_admin_ms / 2) / 1000
+        envoy_s = poll.envoy_admin_s(len(datastore.hosts))
+        self._idle_envoy_s = poll.idle_envoy_admin_ms / 1000 - envoy_s / 2
         self._pages = PageClient()
         self._hosts = [
             _Host(
@@ -187,7 +189,7 @@ class TelemetryCollector:
                     partial(self._index_due, host),
                 )
             )
-        self._jobs.append(_Job(ENVOY, "envoy", poll.envoy_admin_ms / 1000, self._poll_envoy, self._envoy_due))
+        self._jobs.append(_Job(ENVOY, "envoy", envoy_s, self._poll_envoy, self._envoy_due))
 
         self._nvml_host: HostState | None = None
         self._nvml: NvmlReader | None = None
