@@ -47,6 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds to wait for every host fresh before measuring anyway (default 60)",
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase (default 10)")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="> 1: the picker publishes its telemetry; after the idle phase, replicas - 1 followers join and "
+        "an idle phase measures the scrapes each host sees with them (default 1)",
+    )
     parser.add_argument("--gpu-share", type=float, default=0.5, help="share of hosts serving the GPU-shaped page")
     parser.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results (default {shown(DEFAULT_OUTPUT)})"
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         request_rate=args.request_rate,
         gpu_share=args.gpu_share,
         profile=None if args.profile is None else str(args.profile),
+        replicas=args.replicas,
     )
     try:
         report = run(settings, args.keep_dir)

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -63,6 +64,7 @@ class Settings:
     request_rate: float = 100.0  # requests/s through Envoy in the requests phase (0: no such phase)
     poll: dict[str, int] | None = None  # picker.poll overrides
     profile: str | None = None  # run the picker under cProfile, its stats (pstats) written to this file at exit
+    replicas: int = 1  # > 1: the picker publishes its telemetry and replicas - 1 followers join for a phase
 
 
 def cpu_seconds(pid: int) -> float:
@@ -106,6 +108,8 @@ class FleetBench:
         self.listener_port = 0
         self.picker_metrics_url = ""
         self.emulated: list[dict[str, Any]] = []
+        self.fleet_doc: dict[str, Any] = {}
+        self.replica_ports: list[int] = []
 
     # -- start/stop --------------------------------------------------------------------------------------
 
@@ -136,6 +140,8 @@ class FleetBench:
         total = s.hosts + s.real
         ports = free_ports(3 * total + 3)
         listener_port, admin_port, picker_port = ports[-3:]
+        # The publisher's snapshot port and each follower's metrics port.
+        replica_ports = free_ports(s.replicas) if s.replicas > 1 else []
         hosts = [
             {"http_port": ports[3 * i], "grpc_port": ports[3 * i + 1], "metrics_port": ports[3 * i + 2]}
             for i in range(total)
@@ -161,7 +167,7 @@ class FleetBench:
             self.stats_url = f"http://127.0.0.1:{emulated[0]['http_port']}/emulator"
         for i, host in enumerate(hosts[s.hosts :]):
             self._start_triton(f"real{i}", host, env)
-        fleet_doc = {
+        fleet_doc: dict[str, Any] = {
             "model_repository": str(REPO_ROOT / "triton_models"),
             "runtime_dir": str(self.run_dir),
             "hosts": [
@@ -183,6 +189,7 @@ class FleetBench:
                 "metrics_port": picker_port,
                 "log_level": "warning",
                 **({"poll": s.poll} if s.poll else {}),
+                **self._publishing(replica_ports),
             },
             "envoy": {
                 "listener": {"address": "127.0.0.1", "port": listener_port},
@@ -193,6 +200,8 @@ class FleetBench:
         }
         fleet_path = self.run_dir / "fleet.yaml"
         fleet_path.write_text(json.dumps(fleet_doc, indent=1), encoding="utf-8")
+        self.fleet_doc = fleet_doc
+        self.replica_ports = replica_ports
         fleet = load_fleet(fleet_path)
         self.stale_after_s = fleet.picker.poll.stale_after_ms / 1000
         self.fleet_poll = fleet.picker.poll.model_dump()
@@ -231,6 +240,33 @@ class FleetBench:
                 progress(f"{fresh}/{total} hosts fresh")
                 last_report = now
             time.sleep(1.0)  # /status of a large fleet is not free for the picker
+
+    def _publishing(self, ports: list[int]) -> dict[str, Any]:
+        """The picker's ``replicas`` section where followers will join: it publishes on the first port."""
+        if not ports:
+            return {}
+        token = self.run_dir / "replica.token"
+        token.write_text(secrets.token_urlsafe(32), encoding="ascii")
+        return {"replicas": {"publish": f"127.0.0.1:{ports[0]}", "token_file": str(token)}}
+
+    def start_followers(self) -> None:
+        """Start ``replicas - 1`` more pickers that follow the first (each with its own socket and metrics
+        port, polling the same Envoy), and wait until each serves its /status."""
+        publisher = self.fleet_doc["picker"]["replicas"]
+        env = child_env()
+        env["EXTPROC_PURE_PYTHON"] = "1"
+        for i, port in enumerate(self.replica_ports[1:], start=1):
+            doc = json.loads(json.dumps(self.fleet_doc))
+            doc["picker"].update(
+                listen=f"unix:{self.run_dir}/picker-{i}.sock",
+                metrics_port=port,
+                replicas={"follow": publisher["publish"], "token_file": publisher["token_file"]},
+            )
+            path = self.run_dir / f"fleet-follower-{i}.yaml"
+            path.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+            progress(f"starting follower {i}")
+            self._spawn(f"follower{i}", [sys.executable, "-m", "extproc", "serve", "--config", str(path)], env)
+            self._wait(f"follower {i}'s /status", lambda port=port: self._ok(f"http://127.0.0.1:{port}/status"))
 
     def _start_triton(self, name: str, host: dict[str, Any], env: dict[str, str]) -> None:
         from extproc.runtime.triton import prepare_backend_dir, triton_command, triton_env
@@ -502,6 +538,11 @@ def run(settings: Settings, keep_dir: Path | None = None) -> dict[str, Any]:
         report["idle"] = bench.phase("idle", 0.0)
         if settings.rate > 0 and settings.hosts:
             report["load"] = bench.phase(f"load {settings.rate:g}/s/host", settings.rate)
+        if settings.replicas > 1:
+            bench.start_followers()
+            # What each Triton host sees from the scrapes, with followers beside the publisher: compare
+            # with the idle phase's, the publisher alone.
+            report["replicas"] = bench.phase(f"idle, {settings.replicas} replicas", 0.0)
         if settings.request_rate > 0:
             # The counters advance with the requests Envoy sends, not with the emulated rate.
             report["requests"] = bench.phase(
