@@ -87,8 +87,8 @@ class EnvoySpec(Strict):
     # those over max_request_bytes; several such messages at once can keep the picker past
     # picker.message_timeout_ms, and a request Envoy then lets through unchecked (failing open) reaches Triton.
     allow_grpc_compression: bool = False
-    # TLS to the Triton hosts; null: plaintext (a trusted network). The picker's own telemetry (metrics,
-    # repository index) still connects in plaintext.
+    # TLS to the Triton hosts, Envoy's and the picker's telemetry alike (extproc/telemetry/tls.py); null:
+    # plaintext (a trusted network).
     upstream_tls: UpstreamTlsSpec | None = None
     concurrency: int = Field(default=1, ge=1, le=256)
     base_id: int = Field(default=0, ge=0)
