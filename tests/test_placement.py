@@ -185,6 +185,16 @@ def test_unloads_the_least_loaded_then_slowest_copy() -> None:
     assert unloads(plan([model(["a", "b", "c"], rate=1.0)], hs, s, now=0.0)) == ["c", "b"]
 
 
+def test_a_saturated_copy_of_unknown_capacity_still_gets_another() -> None:
+    """Saturated from its first request, a copy never shows the batch sizes a capacity fit needs; the
+    picker refusing requests for load (or a long queue, with queue_ms) still adds a copy."""
+    hs = with_copies(hosts(), "m", ["h0"])
+    assert loads(plan([model(rate=100.0, cap=None, overloaded=True)], hs, settings(), now=0.0)) == ["h1"]
+    queued = model(rate=100.0, cap=None, queue_ms=900.0)
+    assert loads(plan([queued], hs, settings(queue_ms=500), now=0.0)) == ["h1"]
+    assert loads(plan([model(rate=100.0, cap=None)], hs, settings(), now=0.0)) == []
+
+
 def test_an_unload_spares_a_host_with_another_models_only_copy() -> None:
     """Unloading drains the host for every model there, and the model operations refuse to strand one:
     the host that holds another model's only routable copy goes last, whatever its load."""

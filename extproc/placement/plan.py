@@ -99,6 +99,11 @@ def _desired(m: ModelInput, s: PlacementSpec) -> tuple[int, str]:
         # No demand needs no measured capacity to judge: utilization is 0 whatever a copy serves.
         return 0, f"no demand: below {s.scale_down_utilization:g} utilization"
     if m.rate_rps is None or m.capacity_rps is None:
+        # A copy saturated from its first request runs only full batches, so the batch-cost fit that
+        # measures its capacity never forms: the picker's refusals and the queue still say it is short.
+        signal = _pressure(m, s)
+        if signal is not None:
+            return current + 1, signal
         missing = "demand" if m.rate_rps is None else "capacity per copy"
         return current, f"{missing} not measured yet: keep {current}"
     per_copy = m.capacity_rps * s.target_utilization
