@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from benchmarks import RESULTS_DIR, SCENARIOS_DIR, quiet_logs, shown
 from benchmarks.loadgen import DEADLINE, OK_STATUSES, TIMEOUT, LoadSpec, MixEntry, Records, percentile
@@ -67,9 +67,9 @@ from benchmarks.routing import (
     json_safe,
     localize_hosts,
     read_scenario_yaml,
+    validate_scenario,
 )
 from extproc.build import compiled
-from extproc.config import key_path
 from extproc.headers import PRIORITY_HEADER
 from extproc.runtime.stack import StartupError
 
@@ -207,13 +207,7 @@ def merged(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
 
 def parse_overload_scenario(data: Any, source: str = "<memory>") -> OverloadScenario:
     """Validate a scenario (already parsed YAML): its schema, and each mode's fleet as a fleet file."""
-    if not isinstance(data, dict):
-        raise ScenarioError(f"{source}: a scenario must be a mapping at the top level")
-    try:
-        scenario = OverloadScenario.model_validate({**data, "source": source})
-    except ValidationError as exc:
-        problems = [f"{source}: key {key_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
-        raise ScenarioError("\n".join(problems)) from None
+    scenario = validate_scenario(OverloadScenario, data, source)
     placeholder = localize_hosts(scenario.fleet, iter(range(20000, 60000)))
     fleets = [_validate_fleet(scenario.mode_fleet(m, placeholder), source) for m in scenario.modes]
     problems = []

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from benchmarks import REPO_ROOT, RESULTS_DIR, SCENARIOS_DIR, child_env, quiet_logs, shown
 from benchmarks.loadgen import OK_STATUSES, LoadSpec, MixEntry, Records, percentile
@@ -65,9 +65,10 @@ from benchmarks.routing import (
     json_safe,
     localize_hosts,
     read_scenario_yaml,
+    validate_scenario,
 )
 from extproc.build import compiled
-from extproc.config import Fleet, key_path
+from extproc.config import Fleet
 from extproc.runtime.ports import free_ports
 from extproc.runtime.stack import StartupError
 
@@ -119,14 +120,7 @@ class PlacementScenario(BaseModel):
 
 def parse_placement_scenario(data: Any, source: str = "<memory>") -> PlacementScenario:
     """Validate a scenario: schema, the embedded fleet (with placeholder ports), and their consistency."""
-    if not isinstance(data, dict):
-        raise ScenarioError(f"{source}: a scenario must be a mapping at the top level")
-    try:
-        scenario = PlacementScenario.model_validate({**data, "source": source})
-    except ValidationError as exc:
-        raise ScenarioError(
-            "\n".join(f"{source}: key {key_path(e['loc'])}: {e['msg']}" for e in exc.errors())
-        ) from None
+    scenario = validate_scenario(PlacementScenario, data, source)
     fleet = _validate_fleet(localize_hosts(scenario.fleet, iter(range(20000, 60000))), source)
     problems = []
     managed = set(fleet.placement.models)

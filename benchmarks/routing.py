@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -157,15 +157,24 @@ def _validate_fleet(data: dict[str, Any], source: str) -> Fleet:
         raise ScenarioError("\n".join(lines)) from None
 
 
-def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
-    """Validate a scenario (already parsed YAML): schema, the embedded fleet, and their consistency."""
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def validate_scenario(model: type[_Model], data: Any, source: str) -> _Model:
+    """A benchmark's scenario (already parsed YAML) as ``model``, its schema checked; raises
+    :class:`ScenarioError` naming the file, each key and its problem."""
     if not isinstance(data, dict):
         raise ScenarioError(f"{source}: a scenario must be a mapping at the top level")
     try:
-        scenario = Scenario.model_validate({**data, "source": source})
+        return model.model_validate({**data, "source": source})
     except ValidationError as exc:
         problems = [f"{source}: key {key_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise ScenarioError("\n".join(problems)) from None
+
+
+def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
+    """Validate a scenario (already parsed YAML): schema, the embedded fleet, and their consistency."""
+    scenario = validate_scenario(Scenario, data, source)
     fleet = scenario.fleet_for_validation()
     problems = []
     loaded: set[str] = set()
