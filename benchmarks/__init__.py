@@ -22,8 +22,9 @@ modules, but never assert a timing.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 PACKAGE_DIR: Final = Path(__file__).resolve().parent
 REPO_ROOT: Final = PACKAGE_DIR.parent
@@ -47,6 +48,17 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     parts = [str(REPO_ROOT), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
     return env
+
+
+def stop_process(process: subprocess.Popen[Any], timeout_s: float) -> None:
+    """SIGTERM ``process`` if it runs, and SIGKILL it if it has not exited ``timeout_s`` later."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def quiet_logs() -> None:

@@ -50,7 +50,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from benchmarks import REPO_ROOT, RESULTS_DIR, SCENARIOS_DIR, child_env, quiet_logs, shown
+from benchmarks import REPO_ROOT, RESULTS_DIR, SCENARIOS_DIR, child_env, quiet_logs, shown, stop_process
 from benchmarks.loadgen import OK_STATUSES, LoadSpec, MixEntry, Records, percentile
 from benchmarks.overload import merged
 from benchmarks.routing import (
@@ -437,12 +437,7 @@ def controller(front: Front, metrics_port: int) -> Iterator[Path]:
             tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
             raise StartupError(f"extproc placement run exited with code {process.returncode} during the run:\n{tail}")
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 30)
 
 
 def run_mode(

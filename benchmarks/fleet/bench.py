@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
-from benchmarks import REPO_ROOT, child_env
+from benchmarks import REPO_ROOT, child_env, stop_process
 
 _TICK: Final = os.sysconf("SC_CLK_TCK")
 _START_TIMEOUT_S: Final = 240.0
@@ -294,13 +294,7 @@ class FleetBench:
         # Envoy and the picker first, one at a time, so that the picker logs no poll failures of hosts
         # that stopped before it.
         for child in reversed(list(self.children.values())):
-            if child.poll() is None:
-                child.terminate()
-            try:
-                child.wait(15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            stop_process(child, 15)
         for log in self.logs:
             log.close()
 
