@@ -44,6 +44,13 @@ def live(store: Datastore, ready: dict[str, list[str]]) -> None:
         host.metrics_at = host.envoy_at = now
 
 
+def started(settings: Fleet, ready: dict[str, list[str]], loads: Loads) -> tuple[Datastore, Waker]:
+    """A datastore of ``settings``'s hosts, live with ``ready`` READY, and a waker that loads with ``loads``."""
+    store = Datastore(settings)
+    live(store, ready)
+    return store, Waker(settings, loader=loads)
+
+
 class Loads:
     """What the waker asked to load; each load waits for :meth:`finish` (or fails with ``error``)."""
 
@@ -102,10 +109,9 @@ def test_one_load_per_model_on_the_host_the_controller_would_choose() -> None:
 )
 def test_nothing_is_loaded(mode: str, model: str, ready: dict[str, list[str]]) -> None:
     async def scenario() -> None:
-        store = Datastore(fleet(mode))
-        live(store, ready)
         loads = Loads()
-        assert Waker(fleet(mode), loader=loads).wake(model, store) is None
+        store, waker = started(fleet(mode), ready, loads)
+        assert waker.wake(model, store) is None
         await asyncio.sleep(0)
         assert loads.asked == []
 
@@ -115,10 +121,10 @@ def test_nothing_is_loaded(mode: str, model: str, ready: dict[str, list[str]]) -
 def test_no_host_within_the_memory_budget_loads_nothing() -> None:
     async def scenario() -> None:
         settings = fleet(tier_memory_bytes={"gpu": "6GiB"})
-        store = Datastore(settings)
-        live(store, {"g1": ["bert"], "g2": ["bert"]})  # 4 of 6 GiB used on each: no room for 4 more
         loads = Loads()
-        assert Waker(settings, loader=loads).wake("resnet", store) is None
+        # 4 of 6 GiB used on each: no room for 4 more
+        store, waker = started(settings, {"g1": ["bert"], "g2": ["bert"]}, loads)
+        assert waker.wake("resnet", store) is None
         await asyncio.sleep(0)
         assert loads.asked == []
 
@@ -127,11 +133,9 @@ def test_no_host_within_the_memory_budget_loads_nothing() -> None:
 
 def test_a_failed_load_is_not_retried_until_the_delay_passes() -> None:
     async def scenario() -> None:
-        store = Datastore(fleet())
-        live(store, {})
         loads = Loads(error=RuntimeError("failed to load 'resnet'"))
         loads.done.set()
-        waker = Waker(fleet(), loader=loads)
+        store, waker = started(fleet(), {}, loads)
         assert waker.wake("resnet", store) is not None
         await asyncio.sleep(0.01)
         assert waker.wake("resnet", store) is None
@@ -146,10 +150,8 @@ def test_a_failed_load_is_not_retried_until_the_delay_passes() -> None:
 
 def test_ready_waits_for_the_copy_and_gives_up_at_the_deadline() -> None:
     async def scenario() -> None:
-        store = Datastore(fleet("hold"))
-        live(store, {})
         loads = Loads()
-        waker = Waker(fleet("hold"), loader=loads)
+        store, waker = started(fleet("hold"), {}, loads)
         assert waker.wake("resnet", store) is not None
         assert not await waker.ready("resnet", lambda: store, 0.1)
 
@@ -168,10 +170,8 @@ def test_ready_waits_for_the_copy_and_gives_up_at_the_deadline() -> None:
 
 def test_held_requests_share_one_watcher() -> None:
     async def scenario() -> None:
-        store = Datastore(fleet("hold"))
-        live(store, {})
         loads = Loads()
-        waker = Waker(fleet("hold"), loader=loads)
+        store, waker = started(fleet("hold"), {}, loads)
         assert waker.wake("resnet", store) is not None
         waits = [asyncio.create_task(waker.ready("resnet", lambda: store, 2.0)) for _ in range(20)]
         await asyncio.sleep(0.01)
