@@ -206,15 +206,15 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                         request.allowed = gie.subset
                         request.client = gie.client
                     decision = self._scheduler.decide(request)
-                    waker, waking = self._waker, None
+                    waker = self._waker
                     if waker is not None and _not_loaded(decision, request, method):
                         waking = waker.wake(request.model or "", self._scheduler.datastore)
-                    if waker is not None and waking is not None:
-                        # A GIE gateway's wait for the picker is its own (it may not take an extension): no hold.
-                        if waker.mode == "hold" and extended_at is None and gie is None:
-                            extended_at = time.monotonic()
-                            yield self._extend
-                        decision = await self._after_waking(request, method, waking, extended_at)
+                        if waking is not None:
+                            # No hold behind a GIE gateway: its wait for the picker is its own.
+                            if waker.mode == "hold" and extended_at is None and gie is None:
+                                extended_at = time.monotonic()
+                                yield self._extend
+                            decision = await self._after_waking(request, method, waking, extended_at)
                     if isinstance(decision, Reject) and _host_answers(decision, method, path):
                         # A Triton host writes this answer (see _host_answers): any live host, as for a request
                         # that names no model (which also keeps client-chosen names out of the routing metrics).
