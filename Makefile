@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# The picker's per-request modules, compiled with mypyc (setup.py lists them): after an edit to one, the
+# The picker's per-request modules, extproc/datapath, compiled with mypyc (setup.py): after an edit to one, the
 # old compiled module would still be the one imported, so `make` compiles again.
 BUILT    := $(VENV)/.compiled
-COMPILED := $(shell sed -n 's/^    "\(extproc\/.*\.py\)",$$/\1/p' setup.py)
+COMPILED := $(shell find extproc/datapath -name '*.py')
 CONFIG ?= deploy/local/fleet.yaml
 
 .PHONY: run test lint install envoy-config clean

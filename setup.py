@@ -1,13 +1,9 @@
-"""Compiles the picker's per-request modules with mypyc (the compiler that ships with mypy), which runs
-them as C: the scheduler's decision takes half the instructions of the same code interpreted (README,
-"Performance"). Everything else in pyproject.toml.
+"""Compiles the picker's per-request path, ``extproc/datapath``, with mypyc (the compiler that ships with
+mypy): why, and what its modules must keep to, is in docs/development.md ("The compiled modules").
+Everything else is in pyproject.toml.
 
 Without a C compiler, or with ``EXTPROC_PURE_PYTHON=1``, the package installs as plain Python: same
-behaviour, slower decisions (``extproc serve`` logs which one runs). The modules below must stay plain,
-fully typed Python that mypyc accepts: no async generators, no monkeypatching, class constants as
-``ClassVar``, no frozen dataclass that is pickled. To stay fast compiled: module constants ``Final`` (others
-are looked up in the module's dictionary at each use), and a written ``__init__`` (``init=False``) for a
-dataclass made per request (the generated one stays interpreted: 2k instructions a call against 0.4k).
+behaviour, slower decisions (``extproc serve`` logs which one runs).
 """
 
 from __future__ import annotations
@@ -19,36 +15,9 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-# Every module a routed request runs through, apart from the gRPC stream itself (handlers/server.py: mypyc
-# does not compile async generators).
-COMPILED = [
-    "extproc/batch_cost.py",
-    "extproc/datastore.py",
-    "extproc/handlers/grpc_body.py",
-    "extproc/handlers/head_scanner.py",
-    "extproc/handlers/json_text.py",
-    "extproc/handlers/parse.py",
-    "extproc/handlers/request.py",
-    "extproc/handlers/response.py",
-    "extproc/handlers/tensor_checks.py",
-    "extproc/handlers/tensor_data.py",
-    "extproc/handlers/tensors.py",
-    "extproc/handlers/wire.py",
-    "extproc/headers.py",
-    "extproc/metrics.py",
-    "extproc/scheduling/admission.py",
-    "extproc/scheduling/affinity.py",
-    "extproc/scheduling/classify.py",
-    "extproc/scheduling/fairness.py",
-    "extproc/scheduling/filters.py",
-    "extproc/scheduling/pickers.py",
-    "extproc/scheduling/quarantine.py",
-    "extproc/scheduling/registry.py",
-    "extproc/scheduling/scheduler.py",
-    "extproc/scheduling/scorers.py",
-    "extproc/scheduling/sequences.py",
-    "extproc/scheduling/types.py",
-]
+# The per-request path, compiled whole: every module a routed request runs through, apart from the gRPC stream
+# handlers (extproc/handlers: mypyc does not compile async generators).
+COMPILED = sorted(str(path) for path in Path("extproc/datapath").rglob("*.py"))
 
 
 class OptionalBuildExt(build_ext):

@@ -28,8 +28,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from extproc.config import Fleet, HostSpec, load_fleet
-from extproc.handlers.parse import grpc_method, parse_rest_path
-from extproc.handlers.response import routing_answer
+from extproc.datapath.protocol.parse import grpc_method, parse_rest_path
+from extproc.datapath.protocol.response import routing_answer
 from extproc.telemetry.envoy_admin import parse_clusters
 from extproc.telemetry.triton_metrics import Counters, TritonSnapshot, model_deltas, parse_metrics
 

@@ -24,11 +24,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from benchmarks import quiet_logs
 from extproc.config import Fleet, parse_fleet
-from extproc.datastore import Datastore
+from extproc.datapath.datastore import Datastore
+from extproc.datapath.metrics import PickerMetrics
+from extproc.datapath.scheduling.scheduler import Scheduler
+from extproc.datapath.scheduling.types import InferenceRequest, Protocol, Route
 from extproc.handlers.server import Processor
-from extproc.metrics import PickerMetrics
-from extproc.scheduling.scheduler import Scheduler
-from extproc.scheduling.types import InferenceRequest, Protocol, Route
 
 MODELS = ("resnet", "bert", "mlp", "embed")
 

@@ -19,7 +19,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from extproc.headers import EPP_DESTINATION_HEADER, EPP_NAMESPACE, EPP_SERVED_KEY, EPP_SUBSET_KEY, EPP_SUBSET_NAMESPACE
+from extproc.datapath.headers import (
+    EPP_DESTINATION_HEADER,
+    EPP_NAMESPACE,
+    EPP_SERVED_KEY,
+    EPP_SUBSET_KEY,
+    EPP_SUBSET_NAMESPACE,
+)
 
 # The upstream host that served a response, as the gateway adds it to every response: the tests' view of
 # where a request went (like the conformance echo server's), and the source of the served endpoint.

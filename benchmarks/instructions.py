@@ -49,12 +49,12 @@ _ENV: Final = {**os.environ, "PYTHONHASHSEED": "0"}
 def part_runner(part: str, n_hosts: int) -> Callable[[int], None]:
     """A function that runs ``part`` of the request path n times."""
     from benchmarks.decision import one_stream, rest_request_bytes, synthetic_fleet
-    from extproc.handlers.request import rest_request
-    from extproc.handlers.response import Responder
+    from extproc.datapath.metrics import PickerMetrics
+    from extproc.datapath.protocol.request import rest_request
+    from extproc.datapath.protocol.response import Responder
+    from extproc.datapath.protocol.wire import read_request_headers
+    from extproc.datapath.scheduling.scheduler import Scheduler
     from extproc.handlers.server import Processor
-    from extproc.handlers.wire import read_request_headers
-    from extproc.metrics import PickerMetrics
-    from extproc.scheduling.scheduler import Scheduler
 
     fleet, store = synthetic_fleet(n_hosts, "argmax")
     scheduler = Scheduler(fleet, store)

@@ -39,7 +39,7 @@ import grpc
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from extproc.headers import TIER_HINT_HEADER, TIMEOUT_HEADER, UPSTREAM_HOST_HEADER
+from extproc.datapath.headers import TIER_HINT_HEADER, TIMEOUT_HEADER, UPSTREAM_HOST_HEADER
 
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 # Status of a request that got no answer within the load's timeout, and prefixes of the other outcomes.

@@ -70,7 +70,7 @@ from benchmarks.routing import (
     validate_scenario,
 )
 from extproc.build import compiled
-from extproc.headers import PRIORITY_HEADER
+from extproc.datapath.headers import PRIORITY_HEADER
 from extproc.runtime.stack import StartupError
 
 DEFAULT_SCENARIO = SCENARIOS_DIR / "overload" / "timed_batch.yaml"

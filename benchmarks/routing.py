@@ -58,8 +58,8 @@ from benchmarks.loadgen import LAG_BEHIND_MS, OK_STATUSES, LoadSpec, Records, Ru
 from benchmarks.overhead.measure import http_get
 from benchmarks.plot import write_latency_cdf
 from extproc.config import ConfigError, Fleet, HostSpec, key_path, parse_fleet
+from extproc.datapath.headers import PICKER_CLUSTER, cluster_name
 from extproc.envoy_config import EXT_PROC_FILTER, render_bootstrap, render_yaml
-from extproc.headers import PICKER_CLUSTER, cluster_name
 from extproc.runtime.ports import free_ports
 from extproc.runtime.process import Supervisor
 from extproc.runtime.stack import StartupError, _picker_sees, find_envoy

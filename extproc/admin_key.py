@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Final
 
 from extproc.config import ConfigError, Fleet
-from extproc.headers import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER
+from extproc.datapath.headers import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER
 
 HEADER: Final = ADMIN_KEY_HEADER
 GRPC_HEADER: Final = ADMIN_KEY_GRPC_HEADER

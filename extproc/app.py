@@ -15,13 +15,13 @@ import uvloop
 
 from extproc.build import compiled
 from extproc.config import ConfigError, Fleet, HostSpec, file_stamp, load_fleet
-from extproc.datastore import Datastore
+from extproc.datapath.datastore import Datastore
+from extproc.datapath.metrics import PickerMetrics
+from extproc.datapath.scheduling.scheduler import Scheduler
 from extproc.discovery import Discovery, effective_fleet
 from extproc.handlers.server import Processor
-from extproc.metrics import PickerMetrics
 from extproc.placement.wake import Waker
 from extproc.roles import GRPC_OPTIONS, Role, RoleName, role_for, role_named
-from extproc.scheduling.scheduler import Scheduler
 
 __all__ = ["GRPC_OPTIONS", "Picker", "Role", "RoleName", "run", "serve"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extproc.scheduling import scheduler
+from extproc.datapath.scheduling import scheduler
 
 
 def compiled() -> bool:

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from extproc.handlers.parse import GRPC_PREFIX
-from extproc.scheduling.types import Reject
+from extproc.datapath.protocol.parse import GRPC_PREFIX
+from extproc.datapath.scheduling.types import Reject
 
 __all__ = [
     "CLOSED_APIS",

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 
 from extproc.config import Fleet
-from extproc.datastore import Datastore
+from extproc.datapath.datastore import Datastore
 
 __all__ = ["Part", "cancel"]
 

@@ -28,7 +28,7 @@ frame's age is never under-estimated), then from whichever frame arrived fastest
 
 **What a follower keeps of its own.** Envoy's view of each host (``envoy``, ``envoy_at``), the drain flag
 (drain and undrain apply per replica) and its gateway's share of each host's traffic (its Envoy's answers
-against the completions the publisher saw, see :class:`~extproc.datastore.TrafficShare`).
+against the completions the publisher saw, see :class:`~extproc.datapath.datastore.TrafficShare`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import structlog
 
 from extproc.admin_key import read_secret_file
 from extproc.config import Fleet
-from extproc.datastore import TELEMETRY_FIELDS, Datastore, HostState, TrafficShare, TritonLoad
+from extproc.datapath.datastore import TELEMETRY_FIELDS, Datastore, HostState, TrafficShare, TritonLoad
 from extproc.parts import cancel
 from extproc.sharing import PUSH_INTERVAL_S, read_snapshot, snapshot
 from extproc.telemetry.triton_metrics import SHARE_FORGET, traffic_share

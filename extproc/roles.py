@@ -34,7 +34,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from extproc.admin_key import read_admin_key
 from extproc.config import ConfigError, Fleet
 from extproc.control import AUTHORIZATION, SCHEME, authorized, read_control_token
-from extproc.datastore import Datastore
+from extproc.datapath.datastore import Datastore
 from extproc.discovery import Discovery
 from extproc.edges import GRPC_OPTIONS, edges, epp_certificate
 from extproc.parts import Part, cancel

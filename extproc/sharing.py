@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from extproc.config import HostSpec
-from extproc.datastore import Datastore
+from extproc.datapath.datastore import Datastore
 from extproc.parts import cancel
 
 log = structlog.get_logger(__name__)

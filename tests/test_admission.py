@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 
 from extproc.config import ConfigError, Fleet, Tier
-from extproc.datastore import Datastore, HostState
-from extproc.handlers.request import grpc_timeout_ms, rest_request, rest_timeout_ms
-from extproc.scheduling.fairness import OVERFLOW_KEY, FairShares
-from extproc.scheduling.scheduler import Scheduler
-from extproc.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
+from extproc.datapath.datastore import Datastore, HostState
+from extproc.datapath.protocol.request import grpc_timeout_ms, rest_request, rest_timeout_ms
+from extproc.datapath.scheduling.fairness import OVERFLOW_KEY, FairShares
+from extproc.datapath.scheduling.scheduler import Scheduler
+from extproc.datapath.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
 from tests.test_scheduler import busy, fleet, frozen, live
 
 # Each host takes 100 ms a request (no batching measured): n requests in flight -> (n + 1) x 100 ms.

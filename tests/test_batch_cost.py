@@ -7,8 +7,8 @@ import random
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from extproc.batch_cost import BatchCost, BatchFit, Batching, completion_ms, per_request
-from extproc.datastore import TritonLoad
+from extproc.datapath.batch_cost import BatchCost, BatchFit, Batching, completion_ms, per_request
+from extproc.datapath.datastore import TritonLoad
 from extproc.telemetry.repository import batching_from_config
 from extproc.telemetry.triton_metrics import Counters, TritonSnapshot, derive_load
 

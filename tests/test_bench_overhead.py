@@ -29,9 +29,7 @@ from benchmarks.overhead.server import (
     touch_datastore,
 )
 from extproc.config import Tier
-from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, ROUTER_FILTER, render_bootstrap
-from extproc.handlers.server import Processor
-from extproc.headers import (
+from extproc.datapath.headers import (
     EPP_DESTINATION_HEADER,
     EPP_NAMESPACE,
     HOSTS_HEADER,
@@ -39,8 +37,10 @@ from extproc.headers import (
     READ_HEADERS,
     TIER_HEADER,
 )
+from extproc.datapath.scheduling.types import InferenceRequest, Protocol, Route
+from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, ROUTER_FILTER, render_bootstrap
+from extproc.handlers.server import Processor
 from extproc.runtime.ports import free_ports
-from extproc.scheduling.types import InferenceRequest, Protocol, Route
 
 UPSTREAM = [18001, 18002, 18003]
 SPARE = [18101, 18102, 18103, 18104, 18105, 18106]

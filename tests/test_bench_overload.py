@@ -46,7 +46,7 @@ from benchmarks.overload import (
     windows,
 )
 from benchmarks.routing import ScenarioError
-from extproc.headers import PRIORITY_HEADER
+from extproc.datapath.headers import PRIORITY_HEADER
 from extproc.runtime.ports import free_ports
 
 REPO = Path(__file__).resolve().parent.parent

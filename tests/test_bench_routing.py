@@ -35,8 +35,8 @@ from benchmarks.routing import (
     summarize,
 )
 from extproc.config import Fleet
+from extproc.datapath.headers import PICKER_CLUSTER, cluster_name
 from extproc.envoy_config import EXT_PROC_FILTER, render_bootstrap
-from extproc.headers import PICKER_CLUSTER, cluster_name
 from extproc.runtime.stack import find_envoy
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""One record per host (extproc.datastore): every field of HostState is classified once, the record's fields
+"""One record per host (extproc.datapath.datastore): every field of HostState is classified once, the record's fields
 travel to workers, survive a reload and show in /status, and only the Datastore writes them, so that what a
 scheduler prepared from old values is out of date as soon as they change."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.decision import synthetic_fleet
-from extproc.batch_cost import Batching
-from extproc.datastore import (
+from extproc.datapath.batch_cost import Batching
+from extproc.datapath.datastore import (
     ESTIMATE_FIELDS,
     IDENTITY_FIELDS,
     TELEMETRY_FIELDS,

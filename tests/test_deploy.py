@@ -57,11 +57,11 @@ from prometheus_client import generate_latest
 
 from extproc.admin_key import triton_flags
 from extproc.config import Fleet, HostSpec, PlacementSpec, PoolSpec, Tier, load_fleet, parse_fleet
-from extproc.datastore import Datastore
+from extproc.datapath.datastore import Datastore
+from extproc.datapath.headers import cluster_name
+from extproc.datapath.metrics import PickerMetrics
 from extproc.discovery import Discovery
 from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, render_bootstrap, render_yaml
-from extproc.headers import cluster_name
-from extproc.metrics import PickerMetrics
 from extproc.placement.metrics import PlacementMetrics
 from extproc.placement.plan import HostInput, ModelInput, plan
 from extproc.runtime.ports import free_ports

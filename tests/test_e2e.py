@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from extproc.headers import HOSTS_HEADER, TIER_HEADER, TIER_HINT_HEADER, UPSTREAM_HOST_HEADER
+from extproc.datapath.headers import HOSTS_HEADER, TIER_HEADER, TIER_HINT_HEADER, UPSTREAM_HOST_HEADER
 from extproc.runtime.process import group_members
 from tests.models import F32, mlp_expected
 from tests.stack import Stack, alive, local_fleet, start_stack, stop_stack

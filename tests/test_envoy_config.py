@@ -21,15 +21,7 @@ import pytest
 from cryptography import x509
 
 from extproc.config import Fleet, load_fleet, parse_fleet
-from extproc.envoy_config import (
-    BUFFER_FILTER,
-    EXT_PROC_FILTER,
-    HEADER_MUTATION_FILTER,
-    ROUTER_FILTER,
-    render_bootstrap,
-    render_yaml,
-)
-from extproc.headers import (
+from extproc.datapath.headers import (
     CLIENT_KEY_HEADER,
     HOSTS_HEADER,
     PICKER_CLUSTER,
@@ -37,6 +29,14 @@ from extproc.headers import (
     TIER_HEADER,
     UPSTREAM_HOST_HEADER,
     cluster_name,
+)
+from extproc.envoy_config import (
+    BUFFER_FILTER,
+    EXT_PROC_FILTER,
+    HEADER_MUTATION_FILTER,
+    ROUTER_FILTER,
+    render_bootstrap,
+    render_yaml,
 )
 from extproc.runtime.ports import free_ports
 from extproc.tls import ensure_self_signed

@@ -17,9 +17,8 @@ from structlog.testing import capture_logs
 from tritonclient.grpc import service_pb2
 
 from extproc.config import Fleet, parse_fleet
-from extproc.datastore import Datastore
-from extproc.handlers.server import Processor
-from extproc.headers import (
+from extproc.datapath.datastore import Datastore
+from extproc.datapath.headers import (
     EPP_DESTINATION_HEADER,
     EPP_NAMESPACE,
     EPP_SERVED_KEY,
@@ -27,8 +26,9 @@ from extproc.headers import (
     EPP_SUBSET_NAMESPACE,
     HOSTS_HEADER,
 )
-from extproc.metrics import PickerMetrics
-from extproc.scheduling.scheduler import Scheduler
+from extproc.datapath.metrics import PickerMetrics
+from extproc.datapath.scheduling.scheduler import Scheduler
+from extproc.handlers.server import Processor
 
 _DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 GPU_REST, CPU_REST = "10.0.0.1:8000", "10.0.1.1:8000"

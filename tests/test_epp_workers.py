@@ -13,7 +13,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-from extproc.headers import EPP_DESTINATION_HEADER
+from extproc.datapath.headers import EPP_DESTINATION_HEADER
 from extproc.runtime.ports import free_ports
 from tests.stack import Stack, children, local_fleet, start_stack, stop_stack
 

@@ -1,4 +1,4 @@
-"""The gRPC body guard (extproc.handlers.grpc_body), fed as Envoy feeds the picker: in chunks of any size."""
+"""The gRPC body guard (extproc.datapath.protocol.grpc_body), fed as Envoy feeds the picker: in chunks of any size."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
-from extproc.handlers.grpc_body import GrpcBodyGuard
-from extproc.handlers.parse import MalformedRequest, RequestRejected, RequestTooLarge
+from extproc.datapath.protocol.grpc_body import GrpcBodyGuard
+from extproc.datapath.protocol.parse import MalformedRequest, RequestRejected, RequestTooLarge
 
 LIMIT = 1024 * 1024
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 
 from extproc.config import Tier, parse_fleet
-from extproc.datastore import Datastore
-from extproc.metrics import DECISION_BUCKETS, PickerMetrics
+from extproc.datapath.datastore import Datastore
+from extproc.datapath.metrics import DECISION_BUCKETS, PickerMetrics
 
 FLEET = parse_fleet({"hosts": [{"name": "g1", "address": "10.0.0.1", "tier": "gpu"}], "models": [{"name": "m"}]})
 # On a bound (a Histogram counts it in that bound's bucket), between bounds, above the last, and zero.
@@ -44,8 +44,8 @@ def test_routed_requests_wait_for_the_flush() -> None:
 
 def test_admissions_are_counted_per_model_priority_and_outcome() -> None:
     """Inference requests only, and only the load verdicts (an unknown model's 404 is not one)."""
-    from extproc.handlers.response import Responder
-    from extproc.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
+    from extproc.datapath.protocol.response import Responder
+    from extproc.datapath.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
 
     store = Datastore(FLEET)
     metrics = PickerMetrics(store)

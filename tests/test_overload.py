@@ -83,7 +83,7 @@ async def _burst(stack: Stack, kinds: list[dict[str, str]], rate_rps: float, dur
 @pytest.fixture(autouse=True)
 def settled(stack: Stack) -> None:
     """Each test starts once the queue an earlier one left (at most a deadline's worth) has drained and
-    its clients are forgotten (extproc.scheduling.fairness)."""
+    its clients are forgotten (extproc.datapath.scheduling.fairness)."""
     time.sleep(DEADLINE_MS / 1000 + 6.0)
 
 

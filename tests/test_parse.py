@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
-from extproc.handlers.parse import (
+from extproc.datapath.protocol.parse import (
     NO_MODEL,
     MalformedRequest,
     Target,

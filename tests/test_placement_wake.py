@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from extproc.config import ConfigError, Fleet, HostSpec, parse_fleet
-from extproc.datastore import Datastore
-from extproc.metrics import PickerMetrics
+from extproc.datapath.datastore import Datastore
+from extproc.datapath.metrics import PickerMetrics
 from extproc.placement.wake import Waker
 
 MODELS = ("resnet", "bert")

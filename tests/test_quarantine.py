@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from extproc.config import parse_fleet
-from extproc.datastore import Datastore
-from extproc.metrics import PickerMetrics
-from extproc.scheduling.quarantine import Quarantine
+from extproc.datapath.datastore import Datastore
+from extproc.datapath.metrics import PickerMetrics
+from extproc.datapath.scheduling.quarantine import Quarantine
 
 HOLD_S = 60.0
 WINDOW_S = 5.0

@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.decision import synthetic_fleet
 from extproc.config import ConfigError, Fleet, parse_fleet
-from extproc.datastore import Datastore
+from extproc.datapath.datastore import Datastore
 from extproc.replicas import (
     HEADER,
     MAC_BYTES,

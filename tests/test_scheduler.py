@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extproc.batch_cost import BatchCost, Batching
 from extproc.config import Fleet, Tier, parse_fleet
-from extproc.datastore import Datastore, HostState, ModelTimes
-from extproc.scheduling import registry
-from extproc.scheduling.classify import classify
-from extproc.scheduling.pickers import Argmax
-from extproc.scheduling.scheduler import Scheduler
-from extproc.scheduling.scorers import Candidate, prepare
-from extproc.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
+from extproc.datapath.batch_cost import BatchCost, Batching
+from extproc.datapath.datastore import Datastore, HostState, ModelTimes
+from extproc.datapath.scheduling import registry
+from extproc.datapath.scheduling.classify import classify
+from extproc.datapath.scheduling.pickers import Argmax
+from extproc.datapath.scheduling.scheduler import Scheduler
+from extproc.datapath.scheduling.scorers import Candidate, prepare
+from extproc.datapath.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
 
 
 def fleet(**overrides: Any) -> Fleet:

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 
 from extproc.config import ConfigError, Fleet, parse_fleet
-from extproc.datastore import Datastore
-from extproc.scheduling import registry
-from extproc.scheduling.filters import Filter, Fresh, Healthy
-from extproc.scheduling.pickers import Picker, PowerOfTwo
-from extproc.scheduling.scheduler import Scheduler
-from extproc.scheduling.scorers import Scorer
-from extproc.scheduling.types import InferenceRequest, Protocol, Route
+from extproc.datapath.datastore import Datastore
+from extproc.datapath.scheduling import registry
+from extproc.datapath.scheduling.filters import Filter, Fresh, Healthy
+from extproc.datapath.scheduling.pickers import Picker, PowerOfTwo
+from extproc.datapath.scheduling.scheduler import Scheduler
+from extproc.datapath.scheduling.scorers import Scorer
+from extproc.datapath.scheduling.types import InferenceRequest, Protocol, Route
 
 NOW = 1000.0
 

@@ -31,8 +31,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tritonclient.grpc import service_pb2
 
 from extproc.config import EnvoySpec, PickerSpec, parse_fleet
+from extproc.datapath.headers import HOSTS_HEADER, TIER_HEADER, UPSTREAM_HOST_HEADER
 from extproc.envoy_config import render_bootstrap
-from extproc.headers import HOSTS_HEADER, TIER_HEADER, UPSTREAM_HOST_HEADER
 from extproc.runtime.ports import free_ports
 from tests.stack import (
     Stack,

@@ -1,13 +1,13 @@
-"""Open-sequence accounting (extproc.scheduling.sequences) over hand-built hosts, and through the scheduler."""
+"""Open-sequence accounting (extproc.datapath.scheduling.sequences) over hand-built hosts, and through the scheduler."""
 
 from __future__ import annotations
 
-from extproc.batch_cost import Batching
 from extproc.config import parse_fleet
-from extproc.datastore import Datastore, HostState
-from extproc.scheduling.scheduler import Scheduler
-from extproc.scheduling.sequences import OpenSequences
-from extproc.scheduling.types import InferenceRequest, Protocol, Reject, Route
+from extproc.datapath.batch_cost import Batching
+from extproc.datapath.datastore import Datastore, HostState
+from extproc.datapath.scheduling.scheduler import Scheduler
+from extproc.datapath.scheduling.sequences import OpenSequences
+from extproc.datapath.scheduling.types import InferenceRequest, Protocol, Reject, Route
 
 SLOTS = 4
 IDLE_S = 10.0

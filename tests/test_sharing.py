@@ -4,8 +4,8 @@ has is what a worker gets."""
 from __future__ import annotations
 
 from benchmarks.decision import synthetic_fleet
-from extproc.batch_cost import BatchCost, BatchFit, Batching
-from extproc.datastore import Datastore, ModelTimes
+from extproc.datapath.batch_cost import BatchCost, BatchFit, Batching
+from extproc.datapath.datastore import Datastore, ModelTimes
 from extproc.sharing import apply_snapshot, read_snapshot, snapshot
 
 

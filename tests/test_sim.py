@@ -23,7 +23,7 @@ from benchmarks.sim.scenario import (
     parse_sim_scenario,
 )
 from benchmarks.sim.trace import build_trace
-from extproc.scheduling.scheduler import Scheduler
+from extproc.datapath.scheduling.scheduler import Scheduler
 from extproc.telemetry.triton_metrics import parse_metrics
 
 

@@ -450,8 +450,8 @@ def test_models_refusing_for_load_are_named_from_the_pickers_metrics() -> None:
     from prometheus_client import generate_latest
 
     from extproc.config import Tier
-    from extproc.datastore import Datastore
-    from extproc.metrics import PickerMetrics
+    from extproc.datapath.datastore import Datastore
+    from extproc.datapath.metrics import PickerMetrics
 
     metrics = PickerMetrics(Datastore(fleet()))
     for _ in range(3):

@@ -21,7 +21,7 @@ import yaml
 from structlog.testing import capture_logs
 
 from extproc.config import load_fleet
-from extproc.headers import UPSTREAM_HOST_HEADER
+from extproc.datapath.headers import UPSTREAM_HOST_HEADER
 from extproc.runtime import stack as runtime
 from extproc.runtime.process import RestartPolicy, Supervisor, describe_exit, end_group, group_members
 from tests.stack import (

@@ -41,7 +41,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from extproc.app import Picker
 from extproc.config import ConfigError, Fleet, parse_fleet
-from extproc.datastore import Datastore, HostState, ModelTimes, TrafficShare, TritonLoad
+from extproc.datapath.datastore import Datastore, HostState, ModelTimes, TrafficShare, TritonLoad
 from extproc.runtime.ports import free_ports
 from extproc.telemetry import collector as collector_module
 from extproc.telemetry import nvml as nvml_module

@@ -16,8 +16,8 @@ import tritonclient.http as httpclient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.handlers.parse import MalformedRequest
-from extproc.handlers.tensors import InputSpec, ModelInputs, TensorHead, TensorHeadReader
+from extproc.datapath.protocol.parse import MalformedRequest
+from extproc.datapath.protocol.tensors import InputSpec, ModelInputs, TensorHead, TensorHeadReader
 
 MAX_ELEMENTS = 1 << 20
 SIZES = {

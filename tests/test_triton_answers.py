@@ -16,12 +16,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from tritonclient.grpc import service_pb2
 
 from extproc.config import Fleet, parse_fleet
-from extproc.datastore import Datastore
+from extproc.datapath.datastore import Datastore
+from extproc.datapath.headers import HOSTS_HEADER, TIER_HEADER
+from extproc.datapath.metrics import PickerMetrics
+from extproc.datapath.scheduling.scheduler import Scheduler
+from extproc.datapath.scheduling.types import InferenceRequest, Priority, Protocol, Reject
 from extproc.handlers.server import Processor
-from extproc.headers import HOSTS_HEADER, TIER_HEADER
-from extproc.metrics import PickerMetrics
-from extproc.scheduling.scheduler import Scheduler
-from extproc.scheduling.types import InferenceRequest, Priority, Protocol, Reject
 
 UNKNOWN_MODEL = "Request for unknown model: 'nope' is not found"
 

@@ -45,7 +45,7 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as httpclient_aio
 from tritonclient.utils import InferenceServerException
 
-from extproc.headers import UPSTREAM_HOST_HEADER
+from extproc.datapath.headers import UPSTREAM_HOST_HEADER
 from tests.stack import Stack, local_fleet, start_stack, stop_stack
 
 pytestmark = pytest.mark.e2e

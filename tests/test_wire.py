@@ -1,4 +1,4 @@
-"""The request-headers reader (extproc.handlers.wire) against the protobuf library: the same answer for
+"""The request-headers reader (extproc.datapath.protocol.wire) against the protobuf library: the same answer for
 every message Envoy could send, and None (never a wrong answer or an exception) for anything else."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from benchmarks import overhead as ov
 from benchmarks.decision import rest_request_bytes
 from benchmarks.overhead.server import picker_servicer
+from extproc.datapath.headers import READ_HEADERS
+from extproc.datapath.protocol.wire import read_request_headers
 from extproc.handlers.server import Processor, request_headers_of
-from extproc.handlers.wire import read_request_headers
-from extproc.headers import READ_HEADERS
 
 # Header names the picker reads, and some it does not (Envoy's forward_rules keep those away, but the
 # reader must not depend on it).

@@ -9,8 +9,8 @@
 
 ``python -m benchmarks.overhead.server picker --listen unix:PATH --config FLEET``
     The real picker's request path: :class:`~extproc.handlers.server.Processor` +
-    :class:`~extproc.scheduling.scheduler.Scheduler` + :class:`~extproc.metrics.PickerMetrics` over a
-    :class:`~extproc.datastore.Datastore`, wired as :class:`extproc.app.Picker` wires them, on the same
+    :class:`~extproc.datapath.scheduling.scheduler.Scheduler` + :class:`~extproc.datapath.metrics.PickerMetrics` over a
+    :class:`~extproc.datapath.datastore.Datastore`, wired as :class:`extproc.app.Picker` wires them, on the same
     grpc.aio server under uvloop. Every request gets a real decision: classify, filter (READY, healthy,
     fresh), score (expected wait, GPU memory) and rank over the fleet's hosts.
 
@@ -49,12 +49,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from benchmarks.overhead.stack import READY_LINE
 from extproc.app import GRPC_OPTIONS
 from extproc.config import Fleet, load_fleet
-from extproc.datastore import Datastore
-from extproc.handlers.response import routing_answer
+from extproc.datapath.datastore import Datastore
+from extproc.datapath.metrics import PickerMetrics
+from extproc.datapath.protocol.response import routing_answer
+from extproc.datapath.scheduling.scheduler import Scheduler
 from extproc.handlers.server import Processor, add_to_server
 from extproc.logs import configure
-from extproc.metrics import PickerMetrics
-from extproc.scheduling.scheduler import Scheduler
 
 # How often the stand-in for the telemetry collector refreshes the datastore (the Envoy admin poll's
 # default period, the fastest of the real poll loops).

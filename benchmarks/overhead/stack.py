@@ -13,7 +13,7 @@ from benchmarks.gateway import epp_cluster, gateway_bootstrap, listen_address, p
 
 # envoy_config (envoy-data-plane) and the runtime are imported where they are used.
 from extproc.config import Fleet, parse_fleet
-from extproc.headers import EPP_DESTINATION_HEADER, HOSTS_HEADER, PICKER_CLUSTER
+from extproc.datapath.headers import EPP_DESTINATION_HEADER, HOSTS_HEADER, PICKER_CLUSTER
 
 # The variants every run measures; ``--epp`` adds EPP_VARIANT (the picker in the Endpoint Picker Protocol,
 # behind a gateway-shaped Envoy), which needs a processor and a gateway of its own.

@@ -1,5 +1,5 @@
 """The fleet simulator: a deterministic discrete-event simulation of Triton hosts, Envoy gateways and the
-picker's telemetry, in which the real :class:`~extproc.scheduling.scheduler.Scheduler` makes the decisions.
+picker's telemetry, in which the real :class:`~extproc.datapath.scheduling.scheduler.Scheduler` makes the decisions.
 
 ``python -m benchmarks.sim --scenario NAME|FILE [--seed N] [--policies ...] [--pickers 1 2 4 8] [--output FILE]``
 runs one scenario of ``benchmarks/scenarios/sim/``; ``--all`` runs the family and prints one table.

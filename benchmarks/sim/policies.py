@@ -4,9 +4,9 @@
 - ``expected_completion_baseline``: the simple picker of issue 18, per gateway: Envoy's ``rq_active`` polled
   every 20 ms plus its own picks since, each host's mean batch time from Triton's counters (scraped like the
   picker's), and the host minimising ``(in_flight / max_batch + 1) x mean_batch_time``.
-- ``picker``: the real :class:`extproc.scheduling.scheduler.Scheduler` (the scenario's fleet file, so the
+- ``picker``: the real :class:`extproc.datapath.scheduling.scheduler.Scheduler` (the scenario's fleet file, so the
   default profile unless the scenario sets one), one per gateway, each over its own real
-  :class:`extproc.datastore.Datastore` fed through the real telemetry code: every scrape renders the host's
+  :class:`extproc.datapath.datastore.Datastore` fed through the real telemetry code: every scrape renders the host's
   counters as Triton's ``/metrics`` text and runs :func:`~extproc.telemetry.triton_metrics.parse_metrics` and
   :func:`~extproc.telemetry.triton_metrics.derive_load`; the repository index goes through
   :func:`~extproc.telemetry.repository.apply_index` and Envoy's view through
@@ -23,11 +23,11 @@ import random
 from collections.abc import Callable, Sequence
 
 from benchmarks.sim.engine import Batcher, Gateway, Policy, Sim
-from extproc.batch_cost import Batching
 from extproc.config import Fleet
-from extproc.datastore import Datastore, HostState
-from extproc.scheduling.scheduler import Scheduler
-from extproc.scheduling.types import InferenceRequest, Protocol, Reject
+from extproc.datapath.batch_cost import Batching
+from extproc.datapath.datastore import Datastore, HostState
+from extproc.datapath.scheduling.scheduler import Scheduler
+from extproc.datapath.scheduling.types import InferenceRequest, Protocol, Reject
 from extproc.telemetry.envoy_admin import EndpointStatus, apply_envoy_view
 from extproc.telemetry.repository import RepositoryIndex, apply_index
 from extproc.telemetry.triton_metrics import TritonSnapshot, derive_load, parse_metrics

@@ -1,5 +1,5 @@
 """The models: which tier serves each request (tier rules) and how its hosts are chosen there (scheduling
-profiles, whose units are named as :mod:`extproc.scheduling.registry` registers them)."""
+profiles, whose units are named as :mod:`extproc.datapath.scheduling.registry` registers them)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from extproc.config.common import PositiveMs, Strict, Tier
-from extproc.scheduling import registry
+from extproc.datapath.scheduling import registry
 
 __all__ = ["FilterName", "ModelSpec", "PickerName", "Profile", "ScorerName", "TierRule"]
 
 
 def _registered(units: registry.Registry[Any]) -> AfterValidator:
-    """Refuses a name that no unit of ``units`` is registered under (extproc/scheduling/registry.py)."""
+    """Refuses a name that no unit of ``units`` is registered under (extproc/datapath/scheduling/registry.py)."""
 
     def check(name: str) -> str:
         names = units.names()
@@ -28,7 +28,7 @@ def _registered(units: registry.Registry[Any]) -> AfterValidator:
     return AfterValidator(check)
 
 
-# The names of the scheduling units: see extproc/scheduling/{filters,scorers,pickers}.py for what each does.
+# The names of the scheduling units: see extproc/datapath/scheduling/{filters,scorers,pickers}.py for what each does.
 FilterName = Annotated[str, _registered(registry.FILTERS)]
 ScorerName = Annotated[str, _registered(registry.SCORERS)]
 PickerName = Annotated[str, _registered(registry.PICKERS)]

@@ -131,7 +131,7 @@ class OverloadSpec(Strict):
 
 class QuarantineSpec(Strict):
     """Requests in flight on a host that went down (possible queries of death): see
-    extproc/scheduling/quarantine.py."""
+    extproc/datapath/scheduling/quarantine.py."""
 
     # How long such a request is refused (503, retry-after); 0: never refused.
     hold_s: float = Field(default=60.0, ge=0, le=86_400)

@@ -15,10 +15,10 @@ What the config does, in request order:
    tables the picker also applies on its Endpoint Picker listener), naming the API and why the gateway does
    not offer it; 404 outside Triton's API.
 1. The HTTP connection manager's early header mutation strips the routing headers and the admin key's
-   (:data:`~extproc.headers.STRIPPED_HEADERS`) from the client's request before the route is selected, so only
+   (:data:`~extproc.datapath.headers.STRIPPED_HEADERS`) from the client's request before the route is selected, so only
    the picker can choose a tier or a host, even when the picker fails open; the ``header_mutation`` filter
    strips them again.
-2. ``ext_proc`` asks the picker (cluster :data:`~extproc.headers.PICKER_CLUSTER`), which answers with the tier
+2. ``ext_proc`` asks the picker (cluster :data:`~extproc.datapath.headers.PICKER_CLUSTER`), which answers with the tier
    header (selects the route, hence the tier's cluster) and the hosts header (read by the cluster's
    ``override_host`` load-balancing policy). If the picker does not answer, the request goes on unchanged
    (fail open) and takes the fallback routes to ``envoy.fallback_tier``, whose clusters balance by least

@@ -19,9 +19,9 @@ from envoy_data_plane.envoy.type import v3 as type_v3
 from envoy_data_plane.google.protobuf import Any as PbAny
 
 from extproc.config import Fleet, PoolSpec, Tier, resolver_address
+from extproc.datapath.headers import HOSTS_HEADER, PICKER_CLUSTER, cluster_name
 from extproc.envoy_config.common import REST_HEALTH_PATH, _socket_address
 from extproc.envoy_config.tls import _upstream_tls
-from extproc.headers import HOSTS_HEADER, PICKER_CLUSTER, cluster_name
 
 _UPSTREAM_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 # Envoy's overprovisioning factor, in percent: the healthy share of priority 0 times this is the load it

@@ -19,6 +19,7 @@ from envoy_data_plane.envoy.type.matcher import v3 as matcher
 from envoy_data_plane.google.protobuf import Any as PbAny
 
 from extproc.config import Fleet
+from extproc.datapath.headers import CLIENT_KEY_HEADER, PICKER_CLUSTER, READ_HEADERS, STRIPPED_HEADERS
 from extproc.envoy_config.common import (
     BUFFER_FILTER,
     EXT_PROC_FILTER,
@@ -28,7 +29,6 @@ from extproc.envoy_config.common import (
     _socket_address,
 )
 from extproc.envoy_config.routes import _processing_mode, _route_configuration
-from extproc.headers import CLIENT_KEY_HEADER, PICKER_CLUSTER, READ_HEADERS, STRIPPED_HEADERS
 
 # Seconds a client has to send its request line and headers (HCM request_headers_timeout).
 REQUEST_HEADERS_TIMEOUT_S: Final = 10

@@ -33,13 +33,13 @@ from extproc.client_api import (
     closed_apis,
 )
 from extproc.config import Fleet, Tier
+from extproc.datapath.headers import TIER_HEADER, UPSTREAM_HOST_HEADER, cluster_name
 from extproc.envoy_config.common import (
     BUFFER_FILTER,
     EXT_PROC_FILTER,
     ROUTE_CONFIG_NAME,
     UPSTREAM_HOST_FORMAT,
 )
-from extproc.headers import TIER_HEADER, UPSTREAM_HOST_HEADER, cluster_name
 
 _NOT_FOUND_BODY = json.dumps({"error": NOT_FOUND_MESSAGE})
 # gRPC status NOT_FOUND, as Triton sends it (trailers-only, so in the response headers) for a model it does

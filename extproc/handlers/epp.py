@@ -6,7 +6,7 @@ A GIE gateway asks its picker the same question over the same ext_proc stream, b
 - it may limit the choice to a subset of endpoints (filter metadata ``envoy.lb.subset_hint``); none of them
   usable is answered 503;
 - it reads the answer from ``x-gateway-destination-endpoint`` (header and ``envoy.lb`` dynamic metadata),
-  not from our tier and hosts headers (see :meth:`extproc.handlers.response.Responder.epp_answer`);
+  not from our tier and hosts headers (see :meth:`extproc.datapath.protocol.response.Responder.epp_answer`);
 - its routes, not ours, put requests in front of the picker: the allow-list of client APIs and the strips
   that our Envoy config applies (:mod:`extproc.client_api`; a REST body's content type, client copies of
   the admin key) are the picker's to apply here;
@@ -28,9 +28,9 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from extproc.client_api import ClientApi
-from extproc.handlers.response import LogBudget
-from extproc.headers import EPP_NAMESPACE, EPP_SERVED_KEY, EPP_SUBSET_KEY, EPP_SUBSET_NAMESPACE
-from extproc.scheduling.types import Reject
+from extproc.datapath.headers import EPP_NAMESPACE, EPP_SERVED_KEY, EPP_SUBSET_KEY, EPP_SUBSET_NAMESPACE
+from extproc.datapath.protocol.response import LogBudget
+from extproc.datapath.scheduling.types import Reject
 
 log = structlog.get_logger(__name__)
 

@@ -26,9 +26,10 @@ from google.protobuf import duration_pb2
 from extproc.build import compiled
 from extproc.client_api import ClientApi
 from extproc.config import Fleet
-from extproc.handlers.epp import EppStream, epp_stream
-from extproc.handlers.grpc_body import GrpcBodyGuard
-from extproc.handlers.parse import (
+from extproc.datapath.headers import CLIENT_KEY_HEADER
+from extproc.datapath.metrics import PickerMetrics
+from extproc.datapath.protocol.grpc_body import GrpcBodyGuard
+from extproc.datapath.protocol.parse import (
     NO_MODEL,
     MalformedRequest,
     RequestRejected,
@@ -36,7 +37,7 @@ from extproc.handlers.parse import (
     grpc_names_model,
     parse_grpc_frame,
 )
-from extproc.handlers.request import (
+from extproc.datapath.protocol.request import (
     decimal_length,
     grpc_timeout_ms,
     header_map,
@@ -46,16 +47,15 @@ from extproc.handlers.request import (
     rows_hint,
     sequence_id,
 )
-from extproc.handlers.response import LogBudget, Responder, clip
+from extproc.datapath.protocol.response import LogBudget, Responder, clip
+from extproc.datapath.protocol.tensors import TensorHeadReader
+from extproc.datapath.protocol.wire import RequestHeaders, read_request_headers
+from extproc.datapath.scheduling.quarantine import Quarantine
+from extproc.datapath.scheduling.scheduler import Scheduler
+from extproc.datapath.scheduling.types import Decision, InferenceRequest, Protocol, Reject, Route
+from extproc.handlers.epp import EppStream, epp_stream
 from extproc.handlers.streams import OpenStreams
-from extproc.handlers.tensors import TensorHeadReader
-from extproc.handlers.wire import RequestHeaders, read_request_headers
-from extproc.headers import CLIENT_KEY_HEADER
-from extproc.metrics import PickerMetrics
 from extproc.placement.wake import Waker, Waking
-from extproc.scheduling.quarantine import Quarantine
-from extproc.scheduling.scheduler import Scheduler
-from extproc.scheduling.types import Decision, InferenceRequest, Protocol, Reject, Route
 
 log = structlog.get_logger(__name__)
 
@@ -423,7 +423,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
 def add_to_server(processor: Processor, server: grpc.aio.Server, epp: bool = False) -> None:
     """Serve ``processor`` as Envoy's ExternalProcessor on ``server`` (``epp``: in the Endpoint Picker
     Protocol, for GIE gateways). Unlike the generated ``add_ExternalProcessorServicer_to_server``, messages
-    reach it as bytes: it reads the first one itself (:mod:`extproc.handlers.wire`) and parses the others
+    reach it as bytes: it reads the first one itself (:mod:`extproc.datapath.protocol.wire`) and parses the others
     with protobuf."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Process": grpc.stream_stream_rpc_method_handler(

@@ -3,14 +3,14 @@
 A gRPC ``ModelStreamInfer`` stream lives as long as its client keeps it open, and holds memory in Envoy, in
 the picker (its ext_proc stream) and in Triton all that time: a client opening thousands of them grows all
 three. The picker counts the streams open per client key (the header Envoy sets, see
-:mod:`extproc.scheduling.fairness`) and refuses a client's stream beyond ``picker.max_streams_per_client``
+:mod:`extproc.datapath.scheduling.fairness`) and refuses a client's stream beyond ``picker.max_streams_per_client``
 (429, gRPC ``RESOURCE_EXHAUSTED``) before it reaches a host. Unary calls are not counted: they end with
 their answer, and admission bounds them.
 """
 
 from __future__ import annotations
 
-from extproc.scheduling.types import Reject
+from extproc.datapath.scheduling.types import Reject
 
 __all__ = ["OpenStreams"]
 

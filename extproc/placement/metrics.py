@@ -8,7 +8,7 @@ repositories, min/max copies); a busy tier with room is the controller's to fix,
 The picker sees demand per host, not which copies could still be placed, and each picker replica sees only
 its share of it.
 
-Why a registry of its own, in this module rather than :mod:`extproc.metrics`: the controller is its own
+Why a registry of its own, in this module rather than :mod:`extproc.datapath.metrics`: the controller is its own
 process (not the picker), and the gauges are the last round's plan (a :class:`RoundSeries` collector reads
 it at scrape time), so a model dropped from ``placement.models`` loses its series with the next round.
 """

@@ -26,8 +26,8 @@ import structlog
 
 from extproc.admin_key import read_admin_key
 from extproc.config import Fleet, HostSpec
-from extproc.datastore import Datastore, routable
-from extproc.metrics import PickerMetrics
+from extproc.datapath.datastore import Datastore, routable
+from extproc.datapath.metrics import PickerMetrics
 from extproc.ops.status import parse_picker_status
 from extproc.parts import cancel
 from extproc.placement.inputs import build_inputs

@@ -1,4 +1,4 @@
-"""The poll loops that keep the :class:`~extproc.datastore.Datastore` current, off the request path.
+"""The poll loops that keep the :class:`~extproc.datapath.datastore.Datastore` current, off the request path.
 
 One :class:`TelemetryCollector` per picker process, on the picker's event loop:
 
@@ -52,7 +52,7 @@ import structlog
 from tritonclient.utils import InferenceServerException
 
 from extproc.config import Fleet
-from extproc.datastore import Datastore, HostState, TritonLoad
+from extproc.datapath.datastore import Datastore, HostState, TritonLoad
 from extproc.telemetry.envoy_admin import EndpointStatus, apply_envoy_view, parse_clusters
 from extproc.telemetry.http import PageClient, Target
 from extproc.telemetry.nvml import GpuReading, NvmlReader

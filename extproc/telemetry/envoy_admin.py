@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from extproc.datastore import Datastore, EnvoyView
+from extproc.datapath.datastore import Datastore, EnvoyView
 
 TRITON_CLUSTER_PREFIX: Final = "triton_"
 
@@ -135,7 +135,7 @@ def apply_envoy_view(datastore: Datastore, endpoints: Mapping[str, EndpointStatu
     Per host: ``active`` and ``routed`` are ``rq_active`` and ``rq_total`` summed over its REST and gRPC
     endpoints, ``ejected`` / ``unhealthy`` are set when either endpoint failed outlier detection / active
     health checking. The host's in-flight estimate restarts from Envoy's live count (which includes the
-    picks made since), scaled to every gateway's (see :meth:`~extproc.datastore.HostState.envoy_count`).
+    picks made since), scaled to every gateway's (see :meth:`~extproc.datapath.datastore.HostState.envoy_count`).
     ``envoy_at`` is set for hosts Envoy lists; a host in none of the ``triton_*`` clusters gets an empty
     view and keeps its old ``envoy_at``.
     """

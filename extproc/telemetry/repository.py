@@ -19,8 +19,8 @@ from typing import Any, Final, Protocol
 import tritonclient.grpc.aio as triton_grpc
 
 from extproc.admin_key import GRPC_HEADER
-from extproc.batch_cost import Batching
-from extproc.datastore import Datastore, HostState
+from extproc.datapath.batch_cost import Batching
+from extproc.datapath.datastore import Datastore, HostState
 from extproc.telemetry.tls import TritonTls
 
 READY: Final = "READY"

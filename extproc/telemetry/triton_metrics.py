@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Final, NamedTuple
 
-from extproc.datastore import ModelTimes, TrafficShare, TritonLoad
+from extproc.datapath.datastore import ModelTimes, TrafficShare, TritonLoad
 
 REQUEST_SUCCESS: Final = "nv_inference_request_success"
 INFERENCE_COUNT: Final = "nv_inference_count"
@@ -265,7 +265,7 @@ def _times(last: ModelTimes, delta: Counters) -> ModelTimes:
     rows = max(1.0, delta.inference_count / done)
     sample = batch_ms / batch
     drain = sample if last.drain_ms is None else min(sample, last.drain_ms * DRAIN_DRIFT)
-    fit = last.fit.add(batch * rows, batch_ms)  # per row: see extproc.batch_cost
+    fit = last.fit.add(batch * rows, batch_ms)  # per row: see extproc.datapath.batch_cost
     return ModelTimes(
         _smooth(last.service_ms, sample),
         _smooth(last.exec_ms, batch_ms),
@@ -322,7 +322,7 @@ def derive_load(
 ) -> TritonLoad:
     """The host's load after scrape ``current``, given the scrape before it and the load derived then, and
     Envoy's count of its requests to the host answered so far, as last polled (``answered``, see
-    :meth:`~extproc.datastore.EnvoyView.answered`; None: unknown or out of date).
+    :meth:`~extproc.datapath.datastore.EnvoyView.answered`; None: unknown or out of date).
 
     - ``pending`` and the GPU gauges come from ``current`` alone.
     - ``queue_ms``: mean time a request completed in the interval waited in Triton's queue,

@@ -70,7 +70,7 @@ class ModelBatching:
 
 @dataclass(frozen=True, slots=True)
 class PickerHost:
-    """One host in the picker's ``/status`` (see :func:`extproc.datastore.host_status`)."""
+    """One host in the picker's ``/status`` (see :func:`extproc.datapath.datastore.host_status`)."""
 
     name: str
     tier: str

@@ -8,9 +8,9 @@ from collections.abc import Iterable, Sequence
 from operator import attrgetter
 from typing import ClassVar, Final
 
-from extproc.datastore import HostState
-from extproc.scheduling import registry
-from extproc.scheduling.registry import Context, Unit
+from extproc.datapath.datastore import HostState
+from extproc.datapath.scheduling import registry
+from extproc.datapath.scheduling.registry import Context, Unit
 
 _METRICS_AT: Final = attrgetter("metrics_at")
 _INDEX_AT: Final = attrgetter("index_at")

@@ -14,8 +14,6 @@ same fingerprint went to a host that is still up in the meantime, or was routed 
 a dead host within a poll, so it is not seen routed again and again. This keeps a fleet whose clients all send
 the same request serving when a host dies for another reason, also on a tier of one host. A suspect whose
 host comes back is still refused until its hold ends.
-
-Plain, fully typed Python (compiled with mypyc where a C compiler is found, see ``setup.py``).
 """
 
 from __future__ import annotations
@@ -25,8 +23,8 @@ from typing import Final
 
 import structlog
 
-from extproc.datastore import Datastore
-from extproc.metrics import PickerMetrics
+from extproc.datapath.datastore import Datastore
+from extproc.datapath.metrics import PickerMetrics
 
 __all__ = ["Quarantine"]
 

@@ -3,7 +3,7 @@
 Per request: the model's tier comes from the fleet file's rules; the scheduling profile (filters,
 weighted scorers, picker) from the model, else its tier, else the picker's default. A tier with no
 candidate, or one whose best host cannot take the request, spills over to the model's other tiers where it
-is loaded. Inference requests are admitted by their deadline (:mod:`extproc.scheduling.admission`): when no
+is loaded. Inference requests are admitted by their deadline (:mod:`extproc.datapath.scheduling.admission`): when no
 allowed tier can serve one in time, it is refused (429). Other requests that name a model (metadata,
 readiness) are never refused for load, except sheddable ones when every tier is saturated.
 
@@ -25,16 +25,16 @@ from dataclasses import dataclass
 from typing import Final
 
 from extproc.config import Fleet, ModelSpec, Profile, Tier
-from extproc.datastore import Datastore, HostState
-from extproc.scheduling import filters, registry, scorers
-from extproc.scheduling.admission import Admission
-from extproc.scheduling.affinity import rendezvous
-from extproc.scheduling.classify import classify
-from extproc.scheduling.filters import Filters
-from extproc.scheduling.pickers import Argmax, Picker
-from extproc.scheduling.scorers import Candidate, WeightedScorers, prepare
-from extproc.scheduling.sequences import OpenSequences
-from extproc.scheduling.types import Decision, InferenceRequest, Priority, Protocol, Reject, Route
+from extproc.datapath.datastore import Datastore, HostState
+from extproc.datapath.scheduling import filters, registry, scorers
+from extproc.datapath.scheduling.admission import Admission
+from extproc.datapath.scheduling.affinity import rendezvous
+from extproc.datapath.scheduling.classify import classify
+from extproc.datapath.scheduling.filters import Filters
+from extproc.datapath.scheduling.pickers import Argmax, Picker
+from extproc.datapath.scheduling.scorers import Candidate, WeightedScorers, prepare
+from extproc.datapath.scheduling.sequences import OpenSequences
+from extproc.datapath.scheduling.types import Decision, InferenceRequest, Priority, Protocol, Reject, Route
 
 # Triton's own answers (2.51) to a model or version it does not serve, where the picker answers for it: the
 # same status (REST 404, gRPC NOT_FOUND) and words, so that a client that tells errors by their message
@@ -88,7 +88,7 @@ def triton_version(version: str, protocol: Protocol) -> int | Reject:
 
 @dataclass(frozen=True, slots=True)
 class _Units:
-    """A profile's units, built once from the fleet file (see :mod:`extproc.scheduling.registry`)."""
+    """A profile's units, built once from the fleet file (see :mod:`extproc.datapath.scheduling.registry`)."""
 
     filters: Filters
     static: WeightedScorers  # summed once per plan (see scorers.prepare)
@@ -276,7 +276,7 @@ class Scheduler:
 
     def _admit(self, request: InferenceRequest, order: tuple[_Step, ...], now: float) -> Decision | None:
         """The first tier whose best candidate can serve the request within its limit (see
-        :mod:`extproc.scheduling.admission`), unless the client is over its share; else refused."""
+        :mod:`extproc.datapath.scheduling.admission`), unless the client is over its share; else refused."""
         admission = self._admission
         model = request.model or ""
         deadline = admission.deadline_ms(request)
@@ -300,7 +300,7 @@ class Scheduler:
     def _sequence(self, request: InferenceRequest, order: tuple[_Step, ...], now: float) -> Decision | None:
         """The sequence's home among the first tier with candidates; load and saturation do not move it, but
         a new sequence is refused while every sequence slot of its home (or its client's share) is taken, and
-        a request for another client's open sequence is refused (see extproc.scheduling.sequences)."""
+        a request for another client's open sequence is refused (see extproc.datapath.scheduling.sequences)."""
         model, sequence_id = request.model or "", request.sequence_id or ""
         for candidate_tier, units in order:
             plan = self._plan(candidate_tier, model, request.version)

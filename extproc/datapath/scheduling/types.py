@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from extproc.config import Tier
-from extproc.datastore import HostState
+from extproc.datapath.datastore import HostState
 
 
 class Protocol(StrEnum):
@@ -22,9 +22,9 @@ class Priority(StrEnum):
     SHEDDABLE = "sheddable"  # may get 429 when its tier is saturated
 
 
-# Built for every request, hence not frozen (a frozen init costs 3x) and with a written __init__: compiled
-# by mypyc (setup.py), a dataclass's generated __init__ stays interpreted, 2k instructions a call against
-# 0.4k for this one. The dataclass still gives eq, repr and dataclasses.replace.
+# Built for every request, hence not frozen and with a written __init__: compiled, a dataclass's generated
+# __init__ stays interpreted (docs/development.md). The dataclass still gives eq, repr and
+# dataclasses.replace.
 @dataclass(slots=True, init=False)
 class InferenceRequest:
     """One request as the picker understands it, parsed from Envoy's headers (and, for gRPC, the first body

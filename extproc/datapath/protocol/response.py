@@ -1,8 +1,4 @@
-"""The scheduler's decision → Envoy's answer (a ProcessingResponse), and what the picker records of it.
-
-Runs once per request on the picker's hot path, and is compiled with mypyc where a C compiler is found
-(see ``setup.py``): keep it plain, fully typed Python.
-"""
+"""The scheduler's decision → Envoy's answer (a ProcessingResponse), and what the picker records of it."""
 
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from extproc.config import Tier
-from extproc.headers import (
+from extproc.datapath.headers import (
     ADMIN_KEY_GRPC_HEADER,
     ADMIN_KEY_HEADER,
     ENVOY_TIMEOUT_HEADER,
@@ -26,8 +22,8 @@ from extproc.headers import (
     HOSTS_HEADER,
     TIER_HEADER,
 )
-from extproc.metrics import PickerMetrics
-from extproc.scheduling.types import Decision, InferenceRequest, Protocol, Reject, Route
+from extproc.datapath.metrics import PickerMetrics
+from extproc.datapath.scheduling.types import Decision, InferenceRequest, Protocol, Reject, Route
 
 log = structlog.get_logger(__name__)
 

@@ -4,7 +4,7 @@ Triton's HTTP frontend sizes a JSON-encoded input from its ``shape`` and allocat
 ``data``: ``{"inputs":[{"name":"INPUT","shape":[1,1000000000000],"datatype":"FP32","data":[1,2,3,4]}]}``
 throws ``std::bad_alloc`` and the whole server exits (Triton 2.51). Its JSON parser (RapidJSON) also recurses
 once per nesting level. :class:`TensorHeadReader` reads a KServe v2 request body as it streams past the
-picker and refuses, with :class:`~extproc.handlers.parse.MalformedRequest` (a 400), inputs whose size the
+picker and refuses, with :class:`~extproc.datapath.protocol.parse.MalformedRequest` (a 400), inputs whose size the
 body cannot back (JSON data needs a byte per element at least, binary data the exact size), requests over an
 element cap or off the model's configuration, and JSON nested deeper than ``json_text.MAX_DEPTH``,
 without ever holding the body.
@@ -71,11 +71,18 @@ from __future__ import annotations
 
 from typing import Final
 
-from extproc.handlers.head_scanner import HeadScanner
-from extproc.handlers.json_text import MAX_DEPTH, DuplicateKey, parse_json, repeated
-from extproc.handlers.parse import MalformedRequest
-from extproc.handlers.tensor_checks import INPUT_ROLES, R_DATA, R_INPUT_OTHER, InputSpec, ModelInputs, TensorHead
-from extproc.handlers.tensor_data import InputHead, read_data
+from extproc.datapath.protocol.head_scanner import HeadScanner
+from extproc.datapath.protocol.json_text import MAX_DEPTH, DuplicateKey, parse_json, repeated
+from extproc.datapath.protocol.parse import MalformedRequest
+from extproc.datapath.protocol.tensor_checks import (
+    INPUT_ROLES,
+    R_DATA,
+    R_INPUT_OTHER,
+    InputSpec,
+    ModelInputs,
+    TensorHead,
+)
+from extproc.datapath.protocol.tensor_data import InputHead, read_data
 
 __all__ = ["InputSpec", "ModelInputs", "TensorHead", "TensorHeadReader"]
 

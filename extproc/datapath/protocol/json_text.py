@@ -1,5 +1,5 @@
 """The JSON text of a request's head as Triton's parser, RapidJSON 1.1, reads it (see
-:mod:`extproc.handlers.tensors`): the bytes and regular expressions the scanner finds the end of a value by
+:mod:`extproc.datapath.protocol.tensors`): the bytes and regular expressions the scanner finds the end of a value by
 (strings and their escapes, scalars, nesting: with a depth counter, no recursion), the numbers RapidJSON
 holds (:func:`fits_double`), :func:`parse_json` for the JSON the reader keeps, and how its messages show
 the client's JSON."""
@@ -11,7 +11,7 @@ import re
 import sys
 from typing import Final
 
-from extproc.handlers.parse import MalformedRequest
+from extproc.datapath.protocol.parse import MalformedRequest
 
 # Nesting of the whole JSON text (the top-level object counts 1, an input's data array 4): real requests
 # nest a handful of levels, RapidJSON recurses once per level.
@@ -96,7 +96,7 @@ class Float:
 
 
 class DuplicateKey:
-    """What :func:`parse_json` gives for an object that repeats a key (see :mod:`extproc.handlers.tensors`)."""
+    """What :func:`parse_json` gives for an object that repeats a key (see :mod:`extproc.datapath.protocol.tensors`)."""
 
     def __init__(self, key: str) -> None:
         self.key = key

@@ -9,7 +9,7 @@ admitted is refused at once (429 and a ``retry-after`` from the predicted drain 
 its caller will have left before it is served: a queue past the deadline only grows.
 
 Under contention (the best host over half full for the request) each client key gets an equal share of the
-model's admissions (:mod:`extproc.scheduling.fairness`): a client over its share is refused there, so the
+model's admissions (:mod:`extproc.datapath.scheduling.fairness`): a client over its share is refused there, so the
 rest of the room is left to the clients below theirs.
 """
 
@@ -19,9 +19,9 @@ import math
 from typing import Final
 
 from extproc.config import Fleet
-from extproc.scheduling.fairness import FairShares
-from extproc.scheduling.scorers import Candidate
-from extproc.scheduling.types import InferenceRequest, Priority, Reject
+from extproc.datapath.scheduling.fairness import FairShares
+from extproc.datapath.scheduling.scorers import Candidate
+from extproc.datapath.scheduling.types import InferenceRequest, Priority, Reject
 
 __all__ = ["Admission"]
 

@@ -28,7 +28,7 @@ _BAD_NAME_CHARS: Final = re.compile(r"[/\x00-\x1f\x7f]")
 class RequestRejected(ValueError):
     """A request the picker answers itself; the message is safe to show the client."""
 
-    # ClassVar: compiled by mypyc (setup.py), a plain class attribute here would be an instance attribute
+    # ClassVar: compiled, a plain class attribute here would be an instance attribute
     # that an exception's __init__ never sets.
     status: ClassVar[int] = 400
     reason: ClassVar[str] = "malformed"

@@ -7,11 +7,11 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
 
-from extproc.datastore import HostState
-from extproc.scheduling import registry
-from extproc.scheduling.filters import Filters, passes, passing
-from extproc.scheduling.registry import Context, Unit
-from extproc.scheduling.scorers import Candidate, WeightedScorers, cost
+from extproc.datapath.datastore import HostState
+from extproc.datapath.scheduling import registry
+from extproc.datapath.scheduling.filters import Filters, passes, passing
+from extproc.datapath.scheduling.registry import Context, Unit
+from extproc.datapath.scheduling.scorers import Candidate, WeightedScorers, cost
 
 
 class Picker(Unit):
@@ -37,7 +37,7 @@ class Picker(Unit):
     ) -> list[Candidate]:
         """At most ``max_hosts`` of two or more candidates, best first (a single candidate needs no
         ranking); ``scorers`` are the profile's per-request ones (see :func:`cost`), ``own`` the request's work
-        (see :meth:`~extproc.scheduling.scheduler.Scheduler.work`)."""
+        (see :meth:`~extproc.datapath.scheduling.scheduler.Scheduler.work`)."""
 
 
 class Argmax(Picker):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from hashlib import blake2b
 
-from extproc.datastore import HostState
+from extproc.datapath.datastore import HostState
 
 
 def rendezvous(hosts: Sequence[HostState], model: str, sequence_id: str) -> list[HostState]:

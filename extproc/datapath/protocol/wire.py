@@ -6,8 +6,6 @@ more than the rest of the decision compiled (docs/design.md, "The wire reader").
 wire format costs a small part of that. Anything this reader does not expect (another kind of message, an
 encoding Envoy does not produce, malformed bytes) gives None, and the caller parses the message with the
 protobuf library instead, which also reports what is wrong.
-
-Compiled with mypyc where a C compiler is found (see ``setup.py``): plain, fully typed Python.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from extproc.headers import READ_HEADERS
+from extproc.datapath.headers import READ_HEADERS
 
 # Field numbers (envoy/service/ext_proc/v3/external_processor.proto, envoy/config/core/v3/base.proto).
 _REQUEST_HEADERS: Final = 2  # ProcessingRequest.request_headers: HttpHeaders, one of the `request` oneof (2..7)
@@ -38,7 +36,7 @@ _LEN: Final = 2
 _FIXED32: Final = 5
 
 
-@dataclass(slots=True, init=False)  # a written __init__: see extproc.scheduling.types.InferenceRequest
+@dataclass(slots=True, init=False)  # a written __init__: see extproc.datapath.scheduling.types.InferenceRequest
 class RequestHeaders:
     """What the picker reads of the request-headers message."""
 

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from extproc.batch_cost import BatchCost, BatchFit, Batching
 from extproc.config import Fleet, HostSpec, Tier
+from extproc.datapath.batch_cost import BatchCost, BatchFit, Batching
 
 
-@dataclass(slots=True)  # not frozen: see extproc.batch_cost.BatchCost
+@dataclass(slots=True)  # not frozen: see extproc.datapath.batch_cost.BatchCost
 class ModelTimes:
     """One model's smoothed per-request service time and execution (batch) time on a host, in ms."""
 
@@ -25,14 +25,14 @@ class ModelTimes:
     # The lowest per-request time seen lately (largest batches): how fast a deep queue drains, since the
     # dynamic batcher forms bigger batches as the queue grows.
     drain_ms: float | None = None
-    # exec(rows) fitted over the scrape intervals (see extproc.batch_cost); None until batch sizes varied.
+    # exec(rows) fitted over the scrape intervals (see extproc.datapath.batch_cost); None until batch sizes varied.
     fit: BatchFit = field(default_factory=BatchFit)
     cost: BatchCost | None = None
     # Mean rows (batch dimension) per request, smoothed: Δnv_inference_count / Δnv_inference_request_success.
     rows_per_request: float | None = None
 
 
-@dataclass(slots=True)  # not frozen: see extproc.batch_cost.BatchCost
+@dataclass(slots=True)  # not frozen: see extproc.datapath.batch_cost.BatchCost
 class TrafficShare:
     """What fraction of a host's requests went through this picker's Envoy: exponentially weighted sums of
     the requests of Envoy's that the host answered (``rq_total - rq_active``) and of those Triton completed,

@@ -1,4 +1,4 @@
-"""The incremental scanner of a request's JSON head (see :mod:`extproc.handlers.tensors`): where the reader is
+"""The incremental scanner of a request's JSON head (see :mod:`extproc.datapath.protocol.tensors`): where the reader is
 in the request's structure, and where each key and value ends, chunk by chunk, without holding the body."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import codecs
 from typing import Final
 
-from extproc.handlers.json_text import (
+from extproc.datapath.protocol.json_text import (
     BACKSLASH,
     CLOSE_RUN,
     COLON,
@@ -34,8 +34,8 @@ from extproc.handlers.json_text import (
     run_end,
     too_deep,
 )
-from extproc.handlers.parse import MalformedRequest
-from extproc.handlers.tensor_checks import (
+from extproc.datapath.protocol.parse import MalformedRequest
+from extproc.datapath.protocol.tensor_checks import (
     INPUT_ROLES,
     R_DATA,
     R_INPUT_KEY,
@@ -46,7 +46,7 @@ from extproc.handlers.tensor_checks import (
     HeadChecks,
     ModelInputs,
 )
-from extproc.handlers.tensor_data import InputHead, tally_run
+from extproc.datapath.protocol.tensor_data import InputHead, tally_run
 
 # Where the scanner is in the request's structure.
 _S_ROOT: Final = 0  # before the top-level object
@@ -79,12 +79,12 @@ _INPUT_DEPTH: Final = 3
 
 
 class HeadScanner(HeadChecks):
-    """The incremental scanner of :mod:`extproc.handlers.tensors` (see there): a state machine over the
+    """The incremental scanner of :mod:`extproc.datapath.protocol.tensors` (see there): a state machine over the
     request's structure (the top-level object, its ``inputs`` array, each input object) that hands every key
     and value to a value scanner (:meth:`_scan_value`), which finds where the value ends, keeps it for
-    :func:`~extproc.handlers.json_text.parse_json` or, for an input's data, tallies it
-    (:func:`~extproc.handlers.tensor_data.tally_run`). The base of
-    :class:`~extproc.handlers.tensors.TensorHeadReader`, which feeds it the text it does not parse whole."""
+    :func:`~extproc.datapath.protocol.json_text.parse_json` or, for an input's data, tallies it
+    (:func:`~extproc.datapath.protocol.tensor_data.tally_run`). The base of
+    :class:`~extproc.datapath.protocol.tensors.TensorHeadReader`, which feeds it the text it does not parse whole."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The checks of a request's tensor headers and parameters (see :mod:`extproc.handlers.tensors`): datatypes
+"""The checks of a request's tensor headers and parameters (see :mod:`extproc.datapath.protocol.tensors`): datatypes
 and their element sizes, shapes and the element cap, binary data sizes, the model configuration's inputs,
 and the parameters and outputs Triton reads, of the JSON types it takes."""
 
@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from extproc.handlers.json_text import (
+from extproc.datapath.protocol.json_text import (
     SURE_INTEGER,
     UINT64_MAX,
     DuplicateKey,
@@ -18,8 +18,8 @@ from extproc.handlers.json_text import (
     show,
     too_big,
 )
-from extproc.handlers.parse import MalformedRequest
-from extproc.handlers.tensor_data import InputHead, check_data
+from extproc.datapath.protocol.parse import MalformedRequest
+from extproc.datapath.protocol.tensor_data import InputHead, check_data
 
 # Bytes per element of each KServe v2 datatype; 0 for BYTES, whose elements are 4-byte-length-prefixed
 # strings of any size.
@@ -137,7 +137,7 @@ class HeadChecks:
     """The checks of what a request's head declares, the same whichever way the reader reads its JSON (one
     json.loads, or the scanner): an input's members as they come, each input once it ends
     (:meth:`_close_input`), the inputs together (:meth:`_close_inputs`), the request's other members. The
-    base of :class:`~extproc.handlers.tensors.TensorHeadReader`, whose public attributes they set."""
+    base of :class:`~extproc.datapath.protocol.tensors.TensorHeadReader`, whose public attributes they set."""
 
     def __init__(
         self, body_length: int | None, json_length: int | None, max_elements: int, spec: ModelInputs | None

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from extproc.datastore import Datastore
+from extproc.datapath.datastore import Datastore
 from extproc.discovery import Discovery
 
 # Upper bounds of the decision-time histogram, in seconds.

@@ -1,9 +1,9 @@
 """The scheduling units by name: every filter, scorer and picker a profile of the fleet file may name.
 
 A unit is a class implementing one of three small contracts, each defined with its units:
-:class:`~extproc.scheduling.filters.Filter` (may this host take the request?),
-:class:`~extproc.scheduling.scorers.Scorer` (a cost per candidate host) and
-:class:`~extproc.scheduling.pickers.Picker` (the candidates ranked, best first). The module that defines a
+:class:`~extproc.datapath.scheduling.filters.Filter` (may this host take the request?),
+:class:`~extproc.datapath.scheduling.scorers.Scorer` (a cost per candidate host) and
+:class:`~extproc.datapath.scheduling.pickers.Picker` (the candidates ranked, best first). The module that defines a
 unit registers it, next to its definition::
 
     registry.SCORERS.register("gpu_memory", GpuMemory)
@@ -24,12 +24,16 @@ from abc import ABC
 from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 if TYPE_CHECKING:
-    from extproc.scheduling.filters import Filter
-    from extproc.scheduling.pickers import Picker
-    from extproc.scheduling.scorers import Scorer
+    from extproc.datapath.scheduling.filters import Filter
+    from extproc.datapath.scheduling.pickers import Picker
+    from extproc.datapath.scheduling.scorers import Scorer
 
 # The modules that define units. A new unit goes into one of them; a new module of units is added here.
-UNITS: Final = ("extproc.scheduling.filters", "extproc.scheduling.scorers", "extproc.scheduling.pickers")
+UNITS: Final = (
+    "extproc.datapath.scheduling.filters",
+    "extproc.datapath.scheduling.scorers",
+    "extproc.datapath.scheduling.pickers",
+)
 
 
 class Context:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from extproc.config import ModelSpec, Tier
-from extproc.scheduling.types import InferenceRequest
+from extproc.datapath.scheduling.types import InferenceRequest
 
 
 def classify(request: InferenceRequest, spec: ModelSpec) -> Tier:

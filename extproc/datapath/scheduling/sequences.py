@@ -7,15 +7,13 @@ Triton's backlog, without a timeout: a client that starts sequences and never en
 other client's new sequence hang until its own expire. The picker sees every start and end in the requests'
 parameters, so it counts the sequences open on each host (forgetting those idle longer than Triton keeps
 them) and answers a start that would wait with 429 and ``retry-after`` instead. A start is also refused
-while its client (the request's client key, see :mod:`extproc.scheduling.fairness`) holds its share of the
+while its client (the request's client key, see :mod:`extproc.datapath.scheduling.fairness`) holds its share of the
 host's slots (``picker.overload.max_sequence_share``), so that one client cannot take every slot; and a
 request for a sequence open for another client is refused (403), so that no client can add to, end or
 restart another's sequence.
 
 The count is this picker process's: with ``picker.workers`` N each worker sees about 1/N of the sequences
 and counts each N times; picker replicas each count their own share.
-
-Plain, fully typed Python (compiled with mypyc where a C compiler is found, see ``setup.py``).
 """
 
 from __future__ import annotations
@@ -23,8 +21,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Final
 
-from extproc.datastore import HostState
-from extproc.scheduling.types import InferenceRequest, Reject
+from extproc.datapath.datastore import HostState
+from extproc.datapath.scheduling.types import InferenceRequest, Reject
 
 __all__ = ["OpenSequences"]
 

@@ -13,17 +13,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
-from extproc.batch_cost import BatchCost, Batching, completion_ms, per_request
-from extproc.datastore import HostState
-from extproc.scheduling import registry
-from extproc.scheduling.registry import Context, Unit
+from extproc.datapath.batch_cost import BatchCost, Batching, completion_ms, per_request
+from extproc.datapath.datastore import HostState
+from extproc.datapath.scheduling import registry
+from extproc.datapath.scheduling.registry import Context, Unit
 
 # Per-request service time assumed when no host has been measured yet.
 _UNMEASURED_SERVICE_MS: Final = 1.0
 
 
 # Built for every host at each change (and per request for power_of_two's sample): not frozen (a frozen init
-# costs 3x), and with a written __init__ (see extproc.scheduling.types.InferenceRequest).
+# costs 3x), and with a written __init__ (see extproc.datapath.scheduling.types.InferenceRequest).
 @dataclass(slots=True, init=False)
 class Candidate:
     """A host that passed the filters, with the telemetry its scores need, as of the last datastore change.
@@ -131,7 +131,7 @@ def prepare(hosts: Sequence[HostState], model: str | None, static: WeightedScore
 
     Where the model's batching is known on every host (model config) and its batch cost fitted on at least
     one, from the batch structure: running batches, queued full batches, and the batch the request joins
-    (see :func:`extproc.batch_cost.completion_ms`): a host with a short queue costs a request little, since
+    (see :func:`extproc.datapath.batch_cost.completion_ms`): a host with a short queue costs a request little, since
     the batcher adds it to the next batch. The batch cost is fitted per row and ``max_batch`` counts rows:
     both are turned into requests at the model's mean rows per request (Triton's rows over its requests,
     averaged over the candidates), so a queue of multi-row requests fills more batches than its count
@@ -230,7 +230,8 @@ class Scorer(Unit):
         self, candidates: Sequence[Candidate], in_flight: list[float], own: float = 1.0, now: float = 0.0
     ) -> list[float]:
         """One cost per candidate; ``in_flight[i]`` is ``candidates[i]``'s in-flight count now, ``own`` the
-        request's work (see :meth:`~extproc.scheduling.scheduler.Scheduler.work`), ``now`` the decision's time."""
+        request's work (see :meth:`~extproc.datapath.scheduling.scheduler.Scheduler.work`), ``now`` the
+        decision's time."""
 
 
 class ExpectedCompletion(Scorer):
@@ -346,7 +347,7 @@ def _add_static_costs(candidates: list[Candidate], static: WeightedScorers) -> N
 
 def cost(candidates: Sequence[Candidate], scorers: WeightedScorers, now: float, own: float = 1.0) -> list[float]:
     """Each scorer's costs normalised to [0, 1] (divided by the highest; all 0 if none is above 0), weighted
-    and summed, for a request of ``own`` work (see :meth:`~extproc.scheduling.scheduler.Scheduler.work`).
+    and summed, for a request of ``own`` work (see :meth:`~extproc.datapath.scheduling.scheduler.Scheduler.work`).
     The static scorers' part was summed by :func:`prepare` over the candidates prepared together, which are
     the ones compared here."""
     in_flight = [c.in_flight(now) for c in candidates]

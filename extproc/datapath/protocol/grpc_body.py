@@ -1,10 +1,10 @@
 """Watch a gRPC request body as it streams through the picker, message by message, and refuse what Triton
 must not get.
 
-The picker reads only the first message's head to route (:func:`extproc.handlers.parse.parse_grpc_frame`);
+The picker reads only the first message's head to route (:func:`extproc.datapath.protocol.parse.parse_grpc_frame`);
 the rest of the body passes through it chunk by chunk, and each chunk reaches Triton only once the picker
 has acknowledged it. :class:`GrpcBodyGuard` follows the gRPC framing across those chunks and raises
-:class:`~extproc.handlers.parse.RequestRejected` before the chunk that would let through:
+:class:`~extproc.datapath.protocol.parse.RequestRejected` before the chunk that would let through:
 
 - a compressed message that inflates past ``max_message_bytes``: Triton inflates a message whole and
   without a limit of its own (1 MB of gzip became 2.5 GB of its memory, and stayed), so the inflated size
@@ -19,8 +19,6 @@ has acknowledged it. :class:`GrpcBodyGuard` follows the gRPC framing across thos
 Only the field tags and the model's name and version are read (other values are skipped, never copied),
 and a compressed message is inflated in bounded steps whose output is scanned and dropped, so the picker's
 memory does not grow with the body.
-
-Compiled with mypyc where a C compiler is found (see ``setup.py``): keep it plain, fully typed Python.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from __future__ import annotations
 import zlib
 from typing import Final
 
-from extproc.handlers.parse import MalformedRequest, RequestTooLarge
+from extproc.datapath.protocol.parse import MalformedRequest, RequestTooLarge
 
 __all__ = ["GrpcBodyGuard"]
 

@@ -28,7 +28,7 @@ MIN_BATCH_VARIANCE: Final = 0.05
 
 
 # Not frozen, though never changed once made: the leader pickles these to its workers (extproc.sharing),
-# and compiled by mypyc (setup.py) a frozen dataclass cannot be unpickled (its __setattr__ refuses).
+# and compiled a frozen dataclass cannot be unpickled (its __setattr__ refuses).
 @dataclass(slots=True)
 class BatchCost:
     """One execution of ``batch`` items takes ``fixed_ms + item_ms x batch``: rows as fitted (see the module

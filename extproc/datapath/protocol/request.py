@@ -1,8 +1,4 @@
-"""Envoy's request headers → what the scheduler is asked (:class:`InferenceRequest`).
-
-Runs once per request on the picker's hot path, and is compiled with mypyc where a C compiler is found
-(see ``setup.py``), like the scheduler it feeds: keep it plain, fully typed Python.
-"""
+"""Envoy's request headers → what the scheduler is asked (:class:`InferenceRequest`)."""
 
 from __future__ import annotations
 
@@ -10,8 +6,7 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from extproc.config import Tier
-from extproc.handlers.parse import parse_rest_path
-from extproc.headers import (
+from extproc.datapath.headers import (
     CLIENT_KEY_HEADER,
     GRPC_TIMEOUT_HEADER,
     PRIORITY_HEADER,
@@ -21,7 +16,8 @@ from extproc.headers import (
     TIER_HINT_HEADER,
     TIMEOUT_HEADER,
 )
-from extproc.scheduling.types import InferenceRequest, Priority, Protocol
+from extproc.datapath.protocol.parse import parse_rest_path
+from extproc.datapath.scheduling.types import InferenceRequest, Priority, Protocol
 
 _TIERS: Final = {t.value: t for t in Tier}
 _PRIORITIES: Final = {p.value: p for p in Priority}

@@ -1,4 +1,4 @@
-"""An input's data, as :mod:`extproc.handlers.tensors` reads it: counted and classified (the JSON types of
+"""An input's data, as :mod:`extproc.datapath.protocol.tensors` reads it: counted and classified (the JSON types of
 its elements, its integers outside int64 or uint64, its numbers RapidJSON cannot hold) from its parsed list
 (:func:`read_data`) or, as the scanner skips it, from its text, run by run (:func:`tally_run`), then
 checked against the input's shape and datatype (:func:`check_data`)."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Final, cast
 
-from extproc.handlers.json_text import (
+from extproc.datapath.protocol.json_text import (
     INT64_MAX,
     INT64_MIN,
     LBRACKET,
@@ -29,7 +29,7 @@ from extproc.handlers.json_text import (
     show,
     too_big,
 )
-from extproc.handlers.parse import MalformedRequest
+from extproc.datapath.protocol.parse import MalformedRequest
 
 # What JSON elements each datatype takes (Triton reads them with RapidJSON's IsNumber, IsInt64, IsUint64,
 # IsBool, IsString), and what the reader calls it in its messages.
@@ -122,7 +122,7 @@ def tally_run(head: InputHead, data: bytes, start: int, stop: int) -> None:
 
     A few C calls over the run: the element count is the data's commas + 1 - its empty arrays (an array
     of n > 0 elements or arrays has n - 1 commas), whatever the nesting; a string is one element, and the
-    bytes outside strings say which JSON types the others are (see :mod:`extproc.handlers.tensors`). What
+    bytes outside strings say which JSON types the others are (see :mod:`extproc.datapath.protocol.tensors`). What
     only a whole number says (its sign, its size) is looked for in the run's whole numbers; the one it ends
     with is carried to the next run (``head.carried``), which may go on with it, and looked at there."""
     text = data
