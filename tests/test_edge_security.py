@@ -522,6 +522,20 @@ async def _open_stream(channel: grpc.aio.Channel, closed: asyncio.Event) -> tupl
     return grpc.StatusCode.OK, call
 
 
+async def _open_stream_answered(
+    channel: grpc.aio.Channel, closed: asyncio.Event, attempts: int = 5
+) -> tuple[grpc.StatusCode, object]:
+    """:func:`_open_stream`, again while the answer is INTERNAL: on these routes Envoy fails a stream closed
+    when the picker answers after its message timeout (a loaded machine), which says nothing about the
+    limit; any other answer is returned at once."""
+    for _ in range(attempts - 1):
+        code, call = await _open_stream(channel, closed)
+        if code is not grpc.StatusCode.INTERNAL:
+            return code, call
+        await asyncio.sleep(0.5)
+    return await _open_stream(channel, closed)
+
+
 def test_h4_one_client_holds_at_most_its_streams_open(stack: Stack) -> None:
     """Each long-lived stream holds memory in Envoy, the picker and Triton: one client (here, its address)
     may hold picker.max_streams_per_client open; the next is refused with RESOURCE_EXHAUSTED before any
@@ -542,12 +556,12 @@ def test_h4_one_client_holds_at_most_its_streams_open(stack: Stack) -> None:
                     _open_stream(channels[i % 2], closed) for i in range(batch, min(batch + 10, STREAMS_PER_CLIENT))
                 )
                 held += await asyncio.gather(*opened)
-            over, _ = await _open_stream(channels[0], closed)
+            over, _ = await _open_stream_answered(channels[0], closed)
             first = held[0][1]
             assert isinstance(first, grpc.aio.Call)
             first.cancel()
             await asyncio.sleep(1.0)  # Envoy ends the picker's stream of the cancelled call
-            again, _ = await _open_stream(channels[1], closed)
+            again, _ = await _open_stream_answered(channels[1], closed)
             return [code for code, _ in held], over, again
         finally:
             closed.set()
