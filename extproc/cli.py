@@ -86,8 +86,18 @@ def _ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     ``extproc placement {explain,run}`` (extproc/placement/)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", type=Path, default=Path(DEFAULT_CONFIG), help="fleet file (YAML)")
-    common.add_argument("--picker", action="append", metavar="URL", help="picker HTTP endpoint (repeat for replicas)")
-    common.add_argument("--envoy", action="append", metavar="URL", help="Envoy admin endpoint (repeatable)")
+    common.add_argument(
+        "--picker",
+        action="append",
+        metavar="URL",
+        help="picker HTTP endpoint (repeat for replicas; dns+http://NAME:PORT: every address NAME resolves to)",
+    )
+    common.add_argument(
+        "--envoy",
+        action="append",
+        metavar="URL",
+        help="Envoy admin endpoint (repeatable; dns+http://NAME:PORT: every address NAME resolves to)",
+    )
     common.add_argument("--timeout", type=float, default=5.0, help="seconds per repository/status call")
     models = sub.add_parser("models", help="Triton model repository operations across the fleet.")
     models_sub = models.add_subparsers(dest="models_command", required=True)

@@ -6,7 +6,8 @@
   unload) on every host, behind a small client interface; :mod:`extproc.ops.plans`, planning (which hosts,
   in which order, what would go wrong) as pure functions; :mod:`extproc.ops.execute`, executors that drain
   a host in the picker before unloading a model from it; :mod:`extproc.ops.present`, what is printed; and
-  :mod:`extproc.ops.models`, the command line glue.
+  :mod:`extproc.ops.models`, the command line glue; :mod:`extproc.ops.endpoints`, the pickers and Envoys
+  that ``--picker`` and ``--envoy`` name (a URL, or every address of a DNS name).
 
 Everything here is synchronous (a command line tool); work across hosts runs on a thread pool.
 """

@@ -25,6 +25,7 @@ from extproc.admin_key import read_admin_key
 from extproc.config import Fleet, HostSpec, Tier
 from extproc.control import read_control_token
 from extproc.ops import OpsError
+from extproc.ops.endpoints import expand
 from extproc.ops.execute import Ops, Timeouts, execute_load, execute_roll
 from extproc.ops.plans import merged_view, picker_statuses, plan_load, plan_place, plan_roll
 from extproc.ops.present import (
@@ -39,7 +40,7 @@ from extproc.ops.present import (
 from extproc.ops.status import EnvoyApi, PickerApi
 from extproc.ops.triton_api import GrpcTriton, read_index
 
-__all__ = ["make_ops", "printer", "run_cli"]
+__all__ = ["make_ops", "printer", "run_cli", "with_endpoints"]
 
 
 def _pickers(urls: list[str] | None, fleet: Fleet, drain: bool) -> list[PickerApi]:
@@ -47,13 +48,19 @@ def _pickers(urls: list[str] | None, fleet: Fleet, drain: bool) -> list[PickerAp
 
     # Only what drains needs the control token; the rest works where the token file is not at hand.
     token = read_control_token(fleet) if drain else None
-    return [HttpPicker(url, control_token=token) for url in urls or [default_picker_url(fleet)]]
+    return [HttpPicker(url, control_token=token) for url in expand(urls or [default_picker_url(fleet)])]
 
 
 def _envoys(urls: list[str] | None, fleet: Fleet) -> list[EnvoyApi]:
     from extproc.ops.status import HttpEnvoyAdmin, default_envoy_admin_url
 
-    return [HttpEnvoyAdmin(url) for url in urls or [default_envoy_admin_url(fleet)]]
+    return [HttpEnvoyAdmin(url) for url in expand(urls or [default_envoy_admin_url(fleet)])]
+
+
+def with_endpoints(ops: Ops, args: Any, *, drain: bool) -> Ops:
+    """``ops`` acting through the pickers and Envoys that ``--picker`` and ``--envoy`` name now: their
+    ``dns+`` names resolved again (see :mod:`extproc.ops.endpoints`)."""
+    return replace(ops, pickers=_pickers(args.picker, ops.fleet, drain), envoys=_envoys(args.envoy, ops.fleet))
 
 
 def make_ops(args: Any, fleet: Fleet, triton: GrpcTriton, progress: Callable[[str], None], *, drain: bool) -> Ops:

@@ -11,6 +11,8 @@ from dataclasses import replace
 from typing import Any, TextIO
 
 from extproc.config import Fleet, HostSpec
+from extproc.ops import OpsError
+from extproc.ops.endpoints import expand
 from extproc.ops.status.clients import (
     EnvoyApi,
     HttpEnvoyAdmin,
@@ -80,12 +82,14 @@ def run_cli(args: Any, fleet: Fleet, out: TextIO | None = None) -> int:
     """``extproc status``: ``--once``, ``--watch [SECONDS]`` (the default on a terminal), ``--json``, and
     the view: ``--tier``, ``--state``, ``--model``, ``--sort``, ``--top``."""
     out = out or sys.stdout
-    pickers = [HttpPicker(url, args.timeout) for url in (args.picker or [default_picker_url(fleet)])]
-    envoys = (
-        []
-        if args.no_envoy
-        else [HttpEnvoyAdmin(url, args.timeout) for url in (args.envoy or [default_envoy_admin_url(fleet)])]
-    )
+    try:
+        picker_urls = expand(args.picker or [default_picker_url(fleet)])
+        envoy_urls = [] if args.no_envoy else expand(args.envoy or [default_envoy_admin_url(fleet)])
+    except OpsError as exc:
+        print(f"extproc status: {exc}", file=sys.stderr)
+        return 2
+    pickers = [HttpPicker(url, args.timeout) for url in picker_urls]
+    envoys = [HttpEnvoyAdmin(url, args.timeout) for url in envoy_urls]
     watch_s: float | None = args.watch
     if watch_s is None and not args.once and not args.json and out.isatty():
         watch_s = 2.0
