@@ -16,6 +16,10 @@ What is checked:
   (the sidecar variant: per-pod Service addresses), their ports, Triton's ports and models, the picker's and
   Envoy's ports, Envoy's concurrency and config paths; the ConfigMaps' Envoy bootstraps are exactly
   ``extproc envoy-config`` of their fleet files, and Envoy accepts them;
+- the optional placement controller: one pod that never runs twice, its args parsed by the real CLI, the
+  pickers' fleet file (valid, the base's plus `placement`) and keys, every picker and gateway pod found through
+  a headless Service of theirs alone (the pickers still the base's Deployment), its metrics port,
+  NetworkPolicies both ways; its preStop hook run against the real controller process;
 - the optional autoscalers (KEDA ScaledObjects, HPAs and the Prometheus adapter's rule): each Triton
   StatefulSet has one, on the placement controller's per-tier metric as its registry exports it, from the
   StatefulSet's replicas up, never scaling down;
@@ -29,12 +33,15 @@ What is checked:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
+import ipaddress
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -46,6 +53,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import betterproto2
 import pytest
@@ -56,18 +64,23 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager i
 from prometheus_client import generate_latest
 
 from extproc.admin_key import triton_flags
+from extproc.cli import _parser
 from extproc.config import Fleet, HostSpec, PlacementSpec, PoolSpec, Tier, load_fleet, parse_fleet
 from extproc.datapath.datastore import Datastore
 from extproc.datapath.headers import cluster_name
 from extproc.datapath.metrics import PickerMetrics
 from extproc.discovery import Discovery
 from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, render_bootstrap, render_yaml
+from extproc.ops import OpsError
+from extproc.ops.endpoints import DNS_PREFIX, Resolver, expand
+from extproc.ops.execute import Timeouts
 from extproc.placement.metrics import PlacementMetrics
 from extproc.placement.plan import HostInput, ModelInput, plan
 from extproc.runtime.ports import free_ports
 from extproc.telemetry import triton_metrics
 from extproc.tls import ensure_self_signed
 from tests.dns_server import DnsServer
+from tests.stack import wait_for
 
 Resource = dict[str, Any]
 
@@ -78,8 +91,9 @@ ISTIO = "deploy/mesh/istio"
 SIDECAR = "deploy/mesh/sidecar"
 AUTOSCALING_KEDA = "deploy/k8s/overlays/autoscaling-keda"
 AUTOSCALING_HPA = "deploy/k8s/overlays/autoscaling-hpa"
+PLACEMENT = "deploy/k8s/overlays/placement"
 ADAPTER_RULES = "deploy/k8s/autoscaling/hpa/prometheus-adapter-rules.yaml"
-KUSTOMIZATIONS = (K8S_BASE, CPU_ONLY, ISTIO, SIDECAR, AUTOSCALING_KEDA, AUTOSCALING_HPA)
+KUSTOMIZATIONS = (K8S_BASE, CPU_ONLY, ISTIO, SIDECAR, PLACEMENT, AUTOSCALING_KEDA, AUTOSCALING_HPA)
 # Gateway-style kustomizations: (directory, Envoy's fleet file, the picker's fleet file(s)).
 BASE_FLEET = f"{K8S_BASE}/fleet.yaml"
 BASE_PICKER_FLEET = f"{K8S_BASE}/picker-fleet.yaml"
@@ -826,6 +840,306 @@ def test_envoy_validates_the_sidecar_bootstrap(tmp_path: Path) -> None:
     _validate((REPO / SIDECAR / "envoy.yaml").read_text(encoding="utf-8"), tmp_path)
 
 
+# --------------------------------------------------------------------------------- the placement controller
+
+PLACEMENT_FLEET = "deploy/k8s/placement/picker-fleet.yaml"
+# Every kustomization that runs the controller: its own overlay and the autoscaling ones, which read its metric.
+WITH_PLACEMENT = (PLACEMENT, AUTOSCALING_KEDA, AUTOSCALING_HPA)
+
+
+def _placement_controller(resources: tuple[Resource, ...]) -> tuple[Resource, argparse.Namespace]:
+    """The one workload that runs ``extproc placement run``, and its arguments as the real CLI parses them."""
+    found = [w for w in _workloads(resources) for c in _containers(w) if "placement" in c.get("args", [])]
+    assert len(found) == 1, f"expected one placement controller, found {len(found)}"
+    (workload,) = found
+    (container,) = _containers(workload)
+    args = _parser().parse_args(container["args"])
+    assert (args.command, args.placement_command) == ("placement", "run")
+    return workload, args
+
+
+def _secret_at(workload: Resource, container: Resource, path: str) -> Resource:
+    """The Secret volume ``container`` mounts at the directory of ``path``."""
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    directory = str(PurePosixPath(path).parent)
+    assert directory in mounts, f"{container['name']}: nothing mounted at {directory}"
+    volume: Resource = {v["name"]: v for v in _pod_spec(workload)["volumes"]}[mounts[directory]]
+    assert "secret" in volume, f"{container['name']}: {directory} is not a Secret"
+    return volume
+
+
+def test_the_placement_fleet_is_the_pickers_plus_placement() -> None:
+    # `extproc check` of the file, then: the base's picker fleet file with only the placement section added.
+    fleet = _fleet(PLACEMENT_FLEET)
+    assert fleet.placement.enabled
+    assert fleet.placement.metrics_address == "0.0.0.0", "Prometheus reaches the pod IP"
+    assert set(fleet.placement.models) <= {m.name for m in fleet.models}
+    ours, base = _yaml_file(PLACEMENT_FLEET), _yaml_file(BASE_PICKER_FLEET)
+    assert ours.pop("placement") and "placement" not in base
+    assert ours == base, f"keep {PLACEMENT_FLEET} in step with {BASE_PICKER_FLEET}"
+
+
+@pytest.mark.parametrize("kustomization", WITH_PLACEMENT)
+def test_one_placement_controller_with_the_pickers_fleet_and_keys(kustomization: str) -> None:
+    resources = _rendered(kustomization)
+    workload, args = _placement_controller(resources)
+    (container,) = _containers(workload)
+    # Never two at once: one replica, and a rollout stops the old pod before it starts the new one.
+    assert workload["kind"] == "Deployment" and workload["spec"]["replicas"] == 1
+    assert _ns(workload) == "triton-lb"
+    assert workload["spec"]["strategy"] == {"type": "Recreate"}
+    assert not args.dry_run and not args.once
+    # The pickers' ConfigMap, with the placement section: the same pools, models, admin key and token.
+    pickers = _named(resources, "Deployment", "extproc-picker")
+    configmap = _mounted_configmap(resources, workload, container, str(args.config))
+    assert configmap is _mounted_configmap(resources, pickers, _container(pickers, "picker"), "/etc/extproc/fleet.yaml")
+    assert configmap["data"][args.config.name] == (REPO / PLACEMENT_FLEET).read_text(encoding="utf-8")
+    fleet = _fleet(PLACEMENT_FLEET)
+    assert fleet.admin_key_file is not None and fleet.picker.control_token_file is not None
+    # The admin key of the hosts' restricted repository API, and the pickers' drain token, readable by its group.
+    for path, secret in ((fleet.admin_key_file, "extproc-admin-key"),
+                         (fleet.picker.control_token_file, "extproc-control-token")):  # fmt: skip
+        volume = _secret_at(workload, container, path)
+        assert volume["secret"] == {"secretName": secret, "defaultMode": 0o440}
+    pod_sc = _pod_spec(workload)["securityContext"]
+    assert pod_sc["fsGroup"] == pod_sc["runAsGroup"]
+    assert container["image"] == _container(pickers, "picker")["image"], "the same extproc image as the pickers"
+    # Its metrics on the port Prometheus's annotation and the probes name.
+    ports = _container_ports(workload)
+    assert args.metrics_port == ports["metrics"]
+    assert workload["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
+    for probe_kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe_kind]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe_kind
+
+
+def _cluster_dns(resources: tuple[Resource, ...]) -> Resolver:
+    """A stand-in for the cluster's DNS, answering from the rendered manifests: a headless Service's name
+    resolves to one address per pod of the workloads it selects (their replicas), another Service's to one
+    (its ClusterIP); any other name to nothing."""
+    services = {s["metadata"]["name"]: s for s in _of_kind(resources, "Service")}
+    workloads = _workloads(resources)
+
+    def resolve(name: str, port: int) -> list[str]:
+        svc = services.get(name)
+        if svc is None:
+            raise socket.gaierror(socket.EAI_NONAME, f"{name}: no such Service")
+        if svc["spec"].get("clusterIP") != "None":
+            return [str(ipaddress.ip_address("10.96.0.1") + list(services).index(name))]
+        selected = _selected_workloads(resources, _ns(svc), svc["spec"]["selector"])
+        pod_ip = ipaddress.ip_address("10.244.0.0")
+        return [
+            str(pod_ip + 256 * workloads.index(w) + i) for w in selected for i in range(w["spec"].get("replicas", 1))
+        ]
+
+    return resolve
+
+
+def _check_endpoints(
+    resources: tuple[Resource, ...], controller: Resource, url: str, workload: Resource, port_name: str
+) -> None:
+    """``url`` is ``dns+http://NAME:PORT`` naming every pod of ``workload`` on its port ``port_name``: NAME is a
+    headless Service of the controller's namespace that selects that workload alone and serves that port."""
+    assert url.startswith(DNS_PREFIX), f"{url}: one fixed address, not every pod"
+    parts = urlsplit(url.removeprefix(DNS_PREFIX))
+    assert parts.scheme == "http" and parts.hostname and not parts.path, url
+    assert "." not in parts.hostname, f"{url}: a Service of the controller's own namespace, by its short name"
+    svc = _named(resources, "Service", parts.hostname)
+    assert _ns(svc) == _ns(controller)
+    assert svc["spec"].get("clusterIP") == "None", f"{url}: a ClusterIP Service resolves to one address"
+    assert _selected_workloads(resources, _ns(svc), svc["spec"]["selector"]) == [workload], f"{url}: other pods"
+    # The name resolves to the pods' own addresses, so the URL's port is the container's.
+    port = _container_ports(workload)[port_name]
+    assert parts.port == port, f"{url}: {workload['metadata']['name']} serves {port_name} on {port}"
+    assert any(p["port"] == port and p.get("targetPort", port) in (port_name, port) for p in svc["spec"]["ports"])
+    # The controller's URLs, as it expands them each round: one per pod.
+    replicas = workload["spec"]["replicas"]
+    expanded = expand([url], _cluster_dns(resources))
+    assert len(expanded) == replicas and all(u.endswith(f":{port}") for u in expanded), expanded
+
+
+def _gateway_admin_port() -> int:
+    """Envoy's admin port as the gateway's rendered bootstrap binds it."""
+    admin_port: int = _fleet(BASE_FLEET).envoy.admin.port
+    return admin_port
+
+
+@pytest.mark.parametrize("kustomization", WITH_PLACEMENT)
+def test_the_placement_controller_finds_every_picker_and_gateway_replica(kustomization: str) -> None:
+    # It sums every picker's demand and drains a host on each before an unload, then waits until no Envoy
+    # replica has a request in flight to it: it must reach each pod, however many there are.
+    resources = _rendered(kustomization)
+    controller, args = _placement_controller(resources)
+    pickers = _named(resources, "Deployment", "extproc-picker")
+    gateway = _named(resources, "Deployment", "extproc-gateway")
+    assert _fleet(PLACEMENT_FLEET).picker.metrics_port == _container_ports(pickers)["metrics"]
+    assert _gateway_admin_port() == _container_ports(gateway)["admin"]
+    assert len(args.picker) == 1 and len(args.envoy) == 1, "each through one name"
+    _check_endpoints(resources, controller, args.picker[0], pickers, "metrics")
+    _check_endpoints(resources, controller, args.envoy[0], gateway, "admin")
+    # A terminating gateway pod still serves what it has (its preStop sleep): in the answers until it is gone.
+    envoy_svc = _named(resources, "Service", urlsplit(args.envoy[0].removeprefix(DNS_PREFIX)).hostname or "")
+    assert envoy_svc["spec"]["publishNotReadyAddresses"] is True
+    # The pickers stay the base's Deployment: the same pods, replicas and rollout.
+    base = copy.deepcopy(_named(_rendered(K8S_BASE), "Deployment", "extproc-picker"))
+    ours = copy.deepcopy(pickers)
+    for d in (ours, base):  # the generated ConfigMap's name differs by its content's hash
+        for volume in _pod_spec(d)["volumes"]:
+            if volume["name"] == "fleet":
+                volume["configMap"]["name"] = volume["configMap"]["name"].rsplit("-", 1)[0]
+    assert ours == base
+
+
+@pytest.mark.parametrize(
+    ("flag", "url"),
+    [
+        ("--picker", "http://extproc-picker:9090"),  # one address: whichever pod DNS answers first
+        ("--picker", "dns+http://extproc-picker:9000"),  # the gRPC port
+        ("--picker", "dns+http://extproc-gateway-pods:9090"),  # the gateway's pods
+        ("--picker", "dns+http://extproc-telemetry:9090"),  # a ClusterIP Service
+        ("--envoy", "dns+http://extproc-envoy-admin:9901"),  # a ClusterIP Service: one replica
+        ("--envoy", "dns+http://extproc-picker:9901"),  # the pickers' pods
+        ("--envoy", "dns+http://extproc-gateway-pods:8080"),  # the gateway's listener
+        ("--envoy", "dns+http://extproc-gateway-pods.monitoring:9901"),  # another namespace
+        ("--envoy", "dns+http://extproc-triton:9901"),  # no such Service
+    ],
+)
+def test_the_endpoint_check_catches_a_wrong_service(flag: str, url: str) -> None:
+    resources = _rendered(PLACEMENT)
+    controller, _ = _placement_controller(resources)
+    workload, port = {
+        "--picker": (_named(resources, "Deployment", "extproc-picker"), "metrics"),
+        "--envoy": (_named(resources, "Deployment", "extproc-gateway"), "admin"),
+    }[flag]
+    args = _parser().parse_args(["placement", "run", flag, url])
+    with pytest.raises(AssertionError):
+        _check_endpoints(resources, controller, getattr(args, flag.removeprefix("--"))[0], workload, port)
+
+
+def test_the_cluster_dns_stand_in_answers_as_cluster_dns_would() -> None:
+    # The check above leans on it: one address per pod behind a headless Service, one for a ClusterIP one.
+    resources = _rendered(PLACEMENT)
+    resolve = _cluster_dns(resources)
+    pickers = _named(resources, "Deployment", "extproc-picker")
+    assert len(set(resolve("extproc-picker", 9090))) == pickers["spec"]["replicas"]
+    assert len(resolve("extproc-envoy-admin", 9901)) == 1
+    assert set(resolve("extproc-picker", 9090)).isdisjoint(resolve("extproc-gateway-pods", 9901))
+    with pytest.raises(OpsError, match="does not resolve"):
+        expand(["dns+http://extproc-triton:9901"], resolve)
+
+
+@pytest.mark.parametrize("kustomization", WITH_PLACEMENT)
+def test_the_placement_controller_reaches_what_it_calls_and_only_prometheus_reaches_it(kustomization: str) -> None:
+    resources = _rendered(kustomization)
+    controller, _ = _placement_controller(resources)
+    pickers = _named(resources, "Deployment", "extproc-picker")
+    assert _admits(resources, _may_reach(resources, pickers, "metrics"), controller)
+    assert _admits(
+        resources, _may_reach(resources, _named(resources, "Deployment", "extproc-gateway"), "admin"), controller
+    )
+    tritons = [s for s in _of_kind(resources, "StatefulSet") if _pod_labels(s)["app.kubernetes.io/name"] == "triton"]
+    assert tritons
+    for triton in tritons:
+        # The repository API (extproc.ops.triton_api) and the metrics page (extproc.placement.footprints).
+        for port in ("grpc", "metrics"):
+            assert _admits(resources, _may_reach(resources, triton, port), controller), (
+                triton["metadata"]["name"],
+                port,
+            )
+        assert not _admits(resources, _may_reach(resources, triton, "http"), controller), "no inference"
+    # Its only port, and only for Prometheus's namespace (a policy selects it, so nothing else gets in).
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert list(_container_ports(controller)) == ["metrics"]
+    assert _may_reach(resources, controller, "metrics") == [monitoring]
+    # The base's own peers keep what they had.
+    assert _admits(
+        resources, _may_reach(resources, pickers, "grpc"), _named(resources, "Deployment", "extproc-gateway")
+    )
+
+
+def _pre_stop(workload: Resource) -> list[str]:
+    command: list[str] = _container(workload, "placement")["lifecycle"]["preStop"]["exec"]["command"]
+    return command
+
+
+def test_the_placement_controller_stops_between_rounds() -> None:
+    # SIGTERM ends it at once; the preStop hook pauses it and waits for the round in flight (see below).
+    workload, args = _placement_controller(_rendered(PLACEMENT))
+    fleet = _fleet(PLACEMENT_FLEET)
+    command = _pre_stop(workload)
+    assert command[:2] == ["python", "-c"]
+    pause, url = command[3:]
+    assert pause == fleet.placement.pause_file
+    assert PurePosixPath(pause).parent == PurePosixPath("/tmp"), "on the pod's writable emptyDir"
+    assert url == f"http://127.0.0.1:{args.metrics_port}/metrics" and fleet.placement.metrics_address == "0.0.0.0"
+    # The counter the script waits on, as the controller's registry exposes it after a round.
+    metrics = PlacementMetrics()
+    metrics.round_ended(True)
+    (counter,) = re.findall(r"\^(\w+)\\\{", command[2])
+    assert counter in _exposition_labels(generate_latest(metrics.registry).decode()), counter
+    # Long enough for an unload's drain and the next round to come.
+    grace = _pod_spec(workload)["terminationGracePeriodSeconds"]
+    assert grace > Timeouts().drain_s + fleet.placement.interval_s
+
+
+@pytest.mark.e2e
+def test_the_pre_stop_hook_returns_once_a_round_has_ended(tmp_path: Path) -> None:
+    # The hook's own script against the controller, run with the manifest's arguments except where they name
+    # the cluster. Its pickers accept connections and never answer, so each round is in flight for the
+    # picker client's timeout and then fails: a round that ends.
+    workload, _ = _placement_controller(_rendered(PLACEMENT))
+    argv = list(_container(workload, "placement")["args"])
+    for secret in ("key", "token"):
+        (tmp_path / secret).write_text("k" * 32)
+        (tmp_path / secret).chmod(0o600)
+    fleet = _yaml_file(PLACEMENT_FLEET)
+    fleet["admin_key_file"] = str(tmp_path / "key")
+    fleet["picker"]["control_token_file"] = fleet["picker"]["replicas"]["token_file"] = str(tmp_path / "token")
+    fleet["runtime_dir"] = str(tmp_path)
+    ports = iter(free_ports(3 * len(fleet["pools"]) + 1))
+    for pool in fleet["pools"]:  # nothing listens there: the rounds end at the pickers
+        pool.update(dns="localhost", http_port=next(ports), grpc_port=next(ports), metrics_port=next(ports))
+    pause = tmp_path / "placement.pause"
+    fleet["placement"].update(interval_s=1, pause_file=str(pause))
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(fleet))
+    port = next(ports)
+    silent = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{port}/metrics"
+    argv[argv.index("--config") + 1] = str(tmp_path / "fleet.yaml")
+    argv[argv.index("--metrics-port") + 1] = str(port)
+    # The pickers and Envoys of --picker and --envoy (their dns+ names resolve in the cluster only).
+    argv = [f"http://127.0.0.1:{silent.getsockname()[1]}" if "://" in a else a for a in argv]
+    log = (tmp_path / "controller.log").open("w")
+    controller = subprocess.Popen([sys.executable, "-m", "extproc", *argv], stdout=log, stderr=subprocess.STDOUT)
+    try:
+
+        def rounds() -> float:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                text = response.read().decode()
+            return sum(float(v) for v in re.findall(r"^extproc_placement_rounds_total\{.*\} (\S+)$", text, re.M))
+
+        def serving() -> bool:
+            try:
+                return rounds() >= 0
+            except OSError:
+                return controller.poll() is not None
+
+        wait_for(serving, 30, "the controller's /metrics")
+        assert controller.poll() is None, (tmp_path / "controller.log").read_text()
+        before = rounds()
+        command = _pre_stop(workload)
+        hook = subprocess.run(
+            [sys.executable, *command[1:3], str(pause), url], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert hook.returncode == 0, hook.stderr
+        assert pause.exists()
+        assert rounds() > before, "the hook returned before a round ended"
+    finally:
+        controller.terminate()
+        controller.wait(timeout=10)
+        log.close()
+        silent.close()
+
+
 # --------------------------------------------------------------------------------------------- autoscaling
 
 HOSTS_WANTED = "extproc_placement_tier_hosts_wanted"
@@ -870,6 +1184,8 @@ def test_the_base_leaves_replicas_to_the_operator() -> None:
     # Autoscaling is opt-in: only its overlays (or the components in an overlay of yours) add autoscalers.
     kinds = {r["kind"] for r in _rendered(K8S_BASE)}
     assert not kinds & {"ScaledObject", "HorizontalPodAutoscaler"}
+    # Nor does it run the placement controller (its own overlay, and the autoscaling ones, do).
+    assert not [c for w in _workloads(_rendered(K8S_BASE)) for c in _containers(w) if "placement" in c.get("args", [])]
 
 
 @pytest.mark.parametrize(
