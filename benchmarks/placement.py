@@ -299,6 +299,29 @@ def controller_changes(lines: Sequence[str], load_start: float) -> list[Change]:
     return changes
 
 
+def controller_notes(lines: Sequence[str]) -> dict[str, Any]:
+    """From the controller's JSON log lines: per model, the rounds that wanted fewer copies but waited for
+    ``scale_down_after_s`` (``placement_scale_down_waiting``) and the longest low demand among them; and
+    the footprints it measured at its loads (``placement_footprint``)."""
+    waiting: dict[str, dict[str, float]] = {}
+    footprints: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if record.get("event") == "placement_scale_down_waiting":
+            seen = waiting.setdefault(str(record["model"]), {"rounds": 0, "longest_low_s": 0.0})
+            seen["rounds"] += 1
+            seen["longest_low_s"] = max(seen["longest_low_s"], float(record.get("low_for_s") or 0.0))
+        elif record.get("event") == "placement_footprint":
+            keys = ("model", "host", "counted", "delta_bytes", "memory", "why")
+            footprints.append({k: record.get(k) for k in keys})
+    return {"scale_downs_waiting": dict(sorted(waiting.items())), "footprints": footprints}
+
+
 def most_changes_per_window(changes: Sequence[Change], window_s: float) -> dict[str, int]:
     """Per model, the most changes that fall in any ``window_s`` long interval."""
     out: dict[str, int] = {}
@@ -373,6 +396,7 @@ class Watched:
     changes: list[Change]
     generator: dict[str, Any]
     fleet: Fleet
+    notes: dict[str, Any] = field(default_factory=dict)  # controller_notes of its log
 
 
 class Watcher:
@@ -473,7 +497,7 @@ def run_mode(
         bench.stop()
     return records, Watched(
         on, load_start, watcher.samples, controller_changes(lines, load_start),
-        {**generator, "cpu_cores": cores, "notes": notes}, bench.fleet,
+        {**generator, "cpu_cores": cores, "notes": notes}, bench.fleet, controller_notes(lines),
     )  # fmt: skip
 
 
@@ -499,6 +523,8 @@ def analyse_shift(scenario: PlacementScenario, load: LoadSpec, records: Records,
     }
     if s.budget_host is not None and watched.controller:
         result["budget"] = budget_check(watched.samples, changes, s.budget_host, s.model_b.model)
+    if watched.controller:
+        result["controller_log"] = watched.notes
     return result
 
 
@@ -551,6 +577,7 @@ def analyse_steady(
     }
     if scenario.budget_host is not None:
         result["budget"] = budget_check(watched.samples, changes, scenario.budget_host, scenario.model_b.model)
+    result["controller_log"] = watched.notes
     return result
 
 
@@ -583,6 +610,7 @@ def format_shift(results: Mapping[str, Mapping[str, Any]], comparison: Mapping[s
         for c in r["changes"]:
             lines.append(_change_line(c))
         lines.append("  copies: " + "; ".join(", ".join(f"{k} {v}" for k, v in row.items()) for row in r["copies"]))
+        lines += _notes_lines(r.get("controller_log", {}))
         if "budget" in r:
             lines.append(_budget_line(r["budget"]))
     lines.append("")
@@ -601,6 +629,7 @@ def format_steady(r: Mapping[str, Any]) -> str:
     for c in r["changes"]:
         lines.append(_change_line(c))
     lines.append("copies: " + "; ".join(", ".join(f"{k} {v}" for k, v in row.items()) for row in r["copies"]))
+    lines += _notes_lines(r.get("controller_log", {}))
     if "budget" in r:
         lines.append(_budget_line(r["budget"]))
     lines += [f"  {name}: {ok}" for name, ok in r["checks"].items()]
@@ -610,6 +639,19 @@ def format_steady(r: Mapping[str, Any]) -> str:
 def _change_line(c: Mapping[str, Any]) -> str:
     line = f"  t={c['at']:6.1f} s  {c['kind']:<6} {c['model']:<16} {','.join(c['hosts'])}  {c['outcomes']}"
     return line + (f"  {c['reason']}" if c.get("reason") else "")
+
+
+def _notes_lines(notes: Mapping[str, Any]) -> list[str]:
+    lines = [
+        f"  scale-down of {model} waiting for its window in {int(w['rounds'])} rounds"
+        f" (longest low demand {w['longest_low_s']:g} s)"
+        for model, w in notes.get("scale_downs_waiting", {}).items()
+    ]
+    lines += [
+        f"  footprint of {f['model']} on {f['host']}: {f['delta_bytes']} bytes ({f['memory']}), {f['why']}"
+        for f in notes.get("footprints", [])
+    ]
+    return lines
 
 
 def _budget_line(b: Mapping[str, Any]) -> str:

@@ -23,6 +23,7 @@ from benchmarks.placement import (
     budget_check,
     compare,
     controller_changes,
+    controller_notes,
     copies_timeline,
     excursions,
     most_changes_per_window,
@@ -172,6 +173,24 @@ def test_controller_changes_group_one_rounds_actions_per_model() -> None:
     assert most_changes_per_window(changes, 18.0) == {"a": 1, "b": 1}
     assert reversals(changes, 60.0) == 1
     assert reversals(changes, 18.0) == 0
+
+
+def test_controller_notes_count_waiting_scale_downs_and_list_footprints() -> None:
+    lines = [
+        log_line("placement_scale_down_waiting", 1.0, model="b", low_for_s=0.0),
+        log_line("placement_scale_down_waiting", 2.0, model="b", low_for_s=1.0),
+        log_line("placement_scale_down_waiting", 9.0, model="b", low_for_s=0.0),
+        "not json",
+        log_line(
+            "placement_footprint", 10.0, model="b", host="g2", counted=True, delta_bytes=5, memory="cpu", why="learned"
+        ),
+    ]
+    assert controller_notes(lines) == {
+        "scale_downs_waiting": {"b": {"rounds": 3, "longest_low_s": 1.0}},
+        "footprints": [
+            {"model": "b", "host": "g2", "counted": True, "delta_bytes": 5, "memory": "cpu", "why": "learned"}
+        ],
+    }
 
 
 def test_copies_timeline_keeps_the_samples_where_a_count_changed() -> None:

@@ -1056,36 +1056,20 @@ def test_the_placement_controller_reaches_what_it_calls_and_only_prometheus_reac
     )
 
 
-def _pre_stop(workload: Resource) -> list[str]:
-    command: list[str] = _container(workload, "placement")["lifecycle"]["preStop"]["exec"]["command"]
-    return command
-
-
 def test_the_placement_controller_stops_between_rounds() -> None:
-    # SIGTERM ends it at once; the preStop hook pauses it and waits for the round in flight (see below).
-    workload, args = _placement_controller(_rendered(PLACEMENT))
+    # On SIGTERM the controller finishes the round in flight (an unload ends with its host undrained) and
+    # starts no other: the grace period must hold an unload's drain and the next round to come.
+    workload, _ = _placement_controller(_rendered(PLACEMENT))
     fleet = _fleet(PLACEMENT_FLEET)
-    command = _pre_stop(workload)
-    assert command[:2] == ["python", "-c"]
-    pause, url = command[3:]
-    assert pause == fleet.placement.pause_file
-    assert PurePosixPath(pause).parent == PurePosixPath("/tmp"), "on the pod's writable emptyDir"
-    assert url == f"http://127.0.0.1:{args.metrics_port}/metrics" and fleet.placement.metrics_address == "0.0.0.0"
-    # The counter the script waits on, as the controller's registry exposes it after a round.
-    metrics = PlacementMetrics()
-    metrics.round_ended(True)
-    (counter,) = re.findall(r"\^(\w+)\\\{", command[2])
-    assert counter in _exposition_labels(generate_latest(metrics.registry).decode()), counter
-    # Long enough for an unload's drain and the next round to come.
+    assert "lifecycle" not in _container(workload, "placement"), "no hook: the controller handles SIGTERM"
     grace = _pod_spec(workload)["terminationGracePeriodSeconds"]
     assert grace > Timeouts().drain_s + fleet.placement.interval_s
 
 
 @pytest.mark.e2e
-def test_the_pre_stop_hook_returns_once_a_round_has_ended(tmp_path: Path) -> None:
-    # The hook's own script against the controller, run with the manifest's arguments except where they name
-    # the cluster. Its pickers accept connections and never answer, so each round is in flight for the
-    # picker client's timeout and then fails: a round that ends.
+def test_the_controller_with_the_manifests_arguments_stops_on_sigterm_once_its_round_ends(tmp_path: Path) -> None:
+    # The manifest's arguments except where they name the cluster. Its pickers accept connections and never
+    # answer, so each round is in flight for the picker client's timeout and then fails: a round that ends.
     workload, _ = _placement_controller(_rendered(PLACEMENT))
     argv = list(_container(workload, "placement")["args"])
     for secret in ("key", "token"):
@@ -1098,8 +1082,7 @@ def test_the_pre_stop_hook_returns_once_a_round_has_ended(tmp_path: Path) -> Non
     ports = iter(free_ports(3 * len(fleet["pools"]) + 1))
     for pool in fleet["pools"]:  # nothing listens there: the rounds end at the pickers
         pool.update(dns="localhost", http_port=next(ports), grpc_port=next(ports), metrics_port=next(ports))
-    pause = tmp_path / "placement.pause"
-    fleet["placement"].update(interval_s=1, pause_file=str(pause))
+    fleet["placement"].update(interval_s=1)
     (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(fleet))
     port = next(ports)
     silent = socket.create_server(("127.0.0.1", 0))
@@ -1112,32 +1095,26 @@ def test_the_pre_stop_hook_returns_once_a_round_has_ended(tmp_path: Path) -> Non
     controller = subprocess.Popen([sys.executable, "-m", "extproc", *argv], stdout=log, stderr=subprocess.STDOUT)
     try:
 
-        def rounds() -> float:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                text = response.read().decode()
-            return sum(float(v) for v in re.findall(r"^extproc_placement_rounds_total\{.*\} (\S+)$", text, re.M))
-
         def serving() -> bool:
             try:
-                return rounds() >= 0
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    return bool(response.status == 200)
             except OSError:
                 return controller.poll() is not None
 
         wait_for(serving, 30, "the controller's /metrics")
         assert controller.poll() is None, (tmp_path / "controller.log").read_text()
-        before = rounds()
-        command = _pre_stop(workload)
-        hook = subprocess.run(
-            [sys.executable, *command[1:3], str(pause), url], capture_output=True, text=True, timeout=60, check=False
-        )
-        assert hook.returncode == 0, hook.stderr
-        assert pause.exists()
-        assert rounds() > before, "the hook returned before a round ended"
-    finally:
         controller.terminate()
-        controller.wait(timeout=10)
+        code = controller.wait(timeout=60)
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+            controller.wait(timeout=10)
         log.close()
         silent.close()
+    text = (tmp_path / "controller.log").read_text()
+    assert code == 0, text[-2000:]
+    assert "placement_stopped" in text
 
 
 # --------------------------------------------------------------------------------------------- autoscaling

@@ -7,18 +7,24 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from extproc.cli import _parser
-from extproc.config import ConfigError, PlacementSpec, Tier, parse_fleet
+from extproc.config import ConfigError, Fleet, HostSpec, PlacementSpec, Tier, parse_fleet
 from extproc.ops.status import ModelBatching, ModelLoad, PickerHost, PickerStatus, parse_overload, parse_picker_status
 from extproc.ops.triton_api import READY
 from extproc.placement.command import Controller, pause_reason
 from extproc.placement.explain import explain_json, format_explain
+from extproc.placement.footprints import KEEP, SETTLE_S, Footprints, MemoryReading, Outcome, parse_memory
 from extproc.placement.inputs import DemandMeter, build_inputs, copy_capacity
-from extproc.placement.plan import HostInput, ModelInput, Plan, plan
+from extproc.placement.metrics import PlacementMetrics
+from extproc.placement.plan import HostInput, ModelInput, Plan, footprint, plan
 from tests.test_models_ops import FLEET, REPOSITORY, FakePicker, World, ops_for, world
 
 GIB = 2**30
@@ -36,6 +42,10 @@ def hosts(n: int = 4, tier: str = "gpu", **kw: Any) -> list[HostInput]:
 def model(
     copies: Sequence[str] = ("h0",), rate: float | None = 10.0, cap: float | None = 10.0, **kw: Any
 ) -> ModelInput:
+    """A model whose demand has been low for long already, unless ``low_since`` says otherwise: the tests of
+    what a scale-down does start where its window (scale_down_after_s) has passed."""
+    kw.setdefault("low_since", -1e9)
+    kw.setdefault("low_most", 0)
     return ModelInput(name=kw.pop("name", "m"), rate_rps=rate, capacity_rps=cap, copies=tuple(copies), **kw)
 
 
@@ -108,7 +118,7 @@ def test_no_demand_scales_down_without_a_measured_capacity() -> None:
     hs = with_copies(hosts(), "m", ["h0", "h1"])
     idle = plan([model(["h0", "h1"], rate=0.0, cap=None)], hs, s, now=0.0)
     assert idle.decisions[0].desired == 1 and len(unloads(idle)) == 1
-    assert idle.decisions[0].reason == "no demand: below 0.35 utilization; min 1"
+    assert idle.decisions[0].reason.startswith("no demand: below 0.35 utilization; min 1; low for ")
     # Unknown demand, or a controller told never to scale down (scale_down_utilization 0): kept.
     assert plan([model(["h0", "h1"], rate=None, cap=None)], hs, s, now=0.0).actions == ()
     assert (
@@ -229,6 +239,68 @@ def test_overload_and_queue_signals_add_a_copy() -> None:
     assert plan([queued], hs, settings(), now=0.0).decisions[0].desired == 1
 
 
+def rounds(
+    demands: Sequence[float], copies: Sequence[str], s: PlacementSpec, interval: float = 1.0
+) -> list[tuple[float, Plan]]:
+    """One plan per demand, ``interval`` seconds apart, each round's low-demand state carried to the next
+    as the controller does; copies unloaded or loaded are gone or there at the next round."""
+    held = list(copies)
+    low: tuple[float | None, int | None] = (None, None)
+    out = []
+    for k, rate in enumerate(demands):
+        now = k * interval
+        hs = with_copies(hosts(6), "m", held)
+        p = plan([model(held, rate=rate, low_since=low[0], low_most=low[1])], hs, s, now=now)
+        d = p.decisions[0]
+        low = (d.low_since, d.low_most)
+        held = [h for h in held if h not in unloads(p)] + loads(p)
+        out.append((now, p))
+    return out
+
+
+def test_one_round_of_low_demand_never_unloads_a_copy() -> None:
+    # interval_s 1: a round in which a stalled machine saw no demand, among rounds at 0.5 utilization.
+    s = settings(interval_s=1, cooldown_s=0, scale_down_after_s=10)
+    seen = rounds([15.0] * 5 + [0.0] + [15.0] * 20, ["h0", "h1", "h2"], s)
+    assert [a for _, p in seen for a in p.actions] == []
+    stalled = seen[5][1].decisions[0]
+    assert (stalled.desired, stalled.held, stalled.low_for_s) == (
+        1,
+        "scale-down after 10 s of low demand: low for 0 s",
+        0.0,
+    )
+    assert seen[6][1].decisions[0].low_since is None  # demand back: the window starts afresh next time
+
+
+def test_scale_down_waits_for_its_window_then_goes_to_the_most_any_round_wanted() -> None:
+    s = settings(interval_s=1, cooldown_s=0, scale_down_after_s=10, max_concurrent_changes=5)
+    # 4 copies of 10 req/s: 8 req/s wants 2 (utilization 0.2), 0 req/s wants 1; both below 0.35.
+    seen = rounds([8.0, 0.0] * 5 + [0.0] * 5, ["h0", "h1", "h2", "h3"], s)
+    waiting = [p for now, p in seen if now < 10]
+    assert all(p.actions == () for p in waiting)
+    assert waiting[7].decisions[0].held == "scale-down after 10 s of low demand: low for 7 s"
+    now, due = seen[10]
+    d = due.decisions[0]
+    assert (d.current, d.desired, len(unloads(due))) == (4, 2, 2)
+    assert "low for 10 s, at most 2 wanted" in d.reason and d.low_since is None
+    # The next scale-down (to 1) waits for a window of its own.
+    later = [p for t, p in seen if t > now]
+    assert all(p.actions == () for p in later) and later[-1].decisions[0].low_for_s == 3.0
+
+
+def test_scale_up_stays_immediate_within_a_low_window() -> None:
+    s = settings(interval_s=1, up_cooldown_s=0, cooldown_s=0, scale_down_after_s=60)
+    seen = rounds([0.0, 0.0, 30.0], ["h0", "h1"], s)
+    assert seen[1][1].actions == () and len(loads(seen[2][1])) == 2  # ceil(30 / 7) = 5 wanted, 4 hosts left
+
+
+def test_the_scale_down_window_defaults_to_four_rounds_and_at_least_a_minute() -> None:
+    assert settings().scale_down_window_s == 60.0
+    assert settings(interval_s=1).scale_down_window_s == 60.0
+    assert settings(interval_s=30).scale_down_window_s == 120.0
+    assert settings(interval_s=30, scale_down_after_s=30).scale_down_window_s == 30.0
+
+
 # --- settings ---------------------------------------------------------------------------------------------
 
 
@@ -243,6 +315,11 @@ def test_overload_and_queue_signals_add_a_copy() -> None:
         ({"tier_memory_bytes": {"tpu": 1}}, "placement.tier_memory_bytes.tpu", "'cpu' or 'gpu'"),
         ({"models": {"solo": {"footprint_bytes": "lots"}}}, "placement.models.solo.footprint_bytes", "value and unit"),
         ({"interval_s": 0}, "placement.interval_s", "greater than or equal to 1"),
+        (
+            {"interval_s": 10, "scale_down_after_s": 5},
+            "placement.scale_down_after_s",
+            "5 s is shorter than interval_s (10 s)",
+        ),
         ({"bogus": 1}, "placement.bogus", "Extra inputs"),
     ],
 )
@@ -257,7 +334,9 @@ def test_placement_defaults_off_and_byte_sizes_parse() -> None:
     s = parse_fleet({**FLEET, "placement": {"tier_memory_bytes": {"gpu": "8GiB"}, "host_memory_bytes": {"a": "4GiB"},
                                             "models": {"solo": {"footprint_bytes": "512MiB"}}}}).placement  # fmt: skip
     assert s.budget("a", Tier.GPU) == 4 * GIB and s.budget("b", Tier.GPU) == 8 * GIB and s.budget("c", Tier.CPU) is None
-    assert s.footprint("solo") == GIB // 2 and s.footprint("other") == GIB
+    assert footprint(s, {}, "solo") == (GIB // 2, "declared") and footprint(s, {}, "other") == (GIB, "default")
+    assert footprint(s, {"solo": GIB, "other": 3 * GIB}, "other") == (3 * GIB, "learned")
+    assert footprint(s, {"solo": GIB}, "solo") == (GIB // 2, "declared")  # declared wins over learned
 
 
 # --- inputs from a picker ---------------------------------------------------------------------------------
@@ -325,7 +404,9 @@ def controller(w: World, placement: dict[str, Any]) -> tuple[Controller, dict[st
     w.fleet = parse_fleet({**FLEET, "placement": {"enabled": True, **placement}})
     routed: dict[str, float] = {}
     ops, _ = ops_for(w, [CountingPicker(w, routed)], settle_s=0.0)
-    return Controller(ops, clock=w.clock, wall=lambda: 0.0, sleep=w.sleep), routed
+    # No host's metrics page is reachable (the hosts are fakes): no footprint is measured unless a test
+    # gives pages (FakeGpuPages).
+    return Controller(ops, clock=w.clock, wall=lambda: 0.0, sleep=w.sleep, memory=lambda fleet, host: None), routed
 
 
 def test_controller_loads_a_second_copy_under_demand_then_unloads_it_through_drain() -> None:
@@ -371,7 +452,7 @@ def test_explain_is_one_line_per_model_then_actions_and_json() -> None:
     p = plan([model(rate=20.0), model(name="n", copies=["h0"], rate=1.0)], hs, s, now=0.0)
     text = format_explain(p, hs, s, window_s=5.0, paused=None)
     lines = text.splitlines()
-    assert lines[1].split()[:7] == ["MODEL", "DEMAND", "CAP/COPY", "FROM", "UTIL", "COPIES", "DESIRED"]
+    assert lines[1].split()[:8] == ["MODEL", "DEMAND", "CAP/COPY", "FROM", "UTIL", "FOOTPRINT", "COPIES", "DESIRED"]
     assert lines[2].startswith("m ") and lines[3].startswith("n ")
     assert "actions: 1 (1 deferred)" in text and "  load   m on h" in text
     doc = explain_json(p, hs, s, window_s=5.0, paused=None)
@@ -382,3 +463,128 @@ def test_cli_parses_the_placement_commands() -> None:
     args = _parser().parse_args(["placement", "run", "--dry-run", "--once", "--window", "2"])
     assert (args.placement_command, args.dry_run, args.once, args.window) == ("run", True, True, 2.0)
     assert _parser().parse_args(["placement", "explain", "--json"]).json is True
+
+
+# --- learned footprints -------------------------------------------------------------------------------------
+
+# A fake of the lowest layer the controller reads memory from: Triton's metrics page. The page is the
+# recorded-shape GPU page of tests/data (two GPUs, as a GPU build of Triton writes them), its first GPU's
+# nv_gpu_memory_used_bytes set from the models READY on the host in the fake world.
+GPU_PAGE = (Path(__file__).parent / "data" / "triton_metrics_gpu.txt").read_text(encoding="utf-8")
+CPU_PAGE = (Path(__file__).parent / "data" / "triton_metrics_cpu_t0.txt").read_text(encoding="utf-8")
+FIRST_GPU_USED = 'nv_gpu_memory_used_bytes{gpu_uuid="GPU-5e9c3b1a-7f4d-2c8e-91a0-6b3d4e5f7a81"} '
+
+
+class FakeGpuPages:
+    """Each host's metrics page: the recorded GPU page with its first GPU's used memory at ``base`` plus
+    the ``sizes`` of the models READY there."""
+
+    def __init__(self, w: World, sizes: dict[str, int], base: int = 2 * GIB) -> None:
+        self.w, self.sizes, self.base = w, sizes, base
+        self.reads: list[str] = []
+
+    def page(self, host: str) -> str:
+        used = self.base + sum(self.sizes.get(m, 0) for m, (state, _) in self.w.states[host].items() if state == READY)
+        return "\n".join(
+            FIRST_GPU_USED + str(used) if line.startswith(FIRST_GPU_USED) else line for line in GPU_PAGE.splitlines()
+        )
+
+    def read(self, fleet: Fleet, host: HostSpec) -> MemoryReading | None:
+        self.reads.append(host.name)
+        return parse_memory(self.page(host.name))
+
+
+def test_memory_readings_sum_the_gpus_else_read_cpu_memory() -> None:
+    assert parse_memory(GPU_PAGE) == MemoryReading(gpu_used=21474836480 + 8589934592, cpu_used=41875931136)
+    assert parse_memory(GPU_PAGE).used() == (21474836480 + 8589934592, "gpu")
+    assert parse_memory(CPU_PAGE).used() == (422858752, "cpu")  # a real CPU-only Triton's page
+    assert parse_memory("").used() is None
+
+
+def reading(gib: float) -> MemoryReading:
+    return MemoryReading(gpu_used=int(gib * GIB))
+
+
+def test_footprints_keep_the_largest_recent_load_and_skip_overlapped_ones() -> None:
+    f = Footprints()
+
+    def measure(model: str, host: str, before: float, after: float, ready: set[str], at: float) -> list[Outcome]:
+        f.loading(model, host, reading(before), frozenset({"x"}), at)
+        f.changed("load", model, host, at, at + 1.0, ok=True)
+        assert f.settle(at + 2.0, lambda h: reading(after), {host: frozenset(ready)}) == []  # not settled yet
+        return f.settle(at + 1.0 + SETTLE_S, lambda h: reading(after), {host: frozenset(ready)})
+
+    (o,) = measure("m", "h0", 10.0, 12.0, {"x", "m"}, at=0.0)
+    assert (o.learned, o.delta_bytes, o.source) == (True, 2 * GIB, "gpu") and f.learned() == {"m": 2 * GIB}
+    measure("m", "h1", 10.0, 11.5, {"x", "m"}, at=100.0)
+    assert f.learned() == {"m": 2 * GIB}  # the largest of the recent ones
+    # Another model appeared on the host meanwhile (an operator's load): not counted.
+    (o,) = measure("m", "h2", 10.0, 15.0, {"x", "m", "y"}, at=200.0)
+    assert not o.learned and "READY models changed" in o.why
+    # Memory went down (something else freed more): not counted.
+    (o,) = measure("m", "h3", 10.0, 9.0, {"x", "m"}, at=300.0)
+    assert not o.learned and o.why == "memory did not grow"
+    # The controller unloaded another model on the host just before: not counted.
+    f.changed("unload", "y", "h4", 398.0, 399.0, ok=True)
+    (o,) = measure("m", "h4", 10.0, 20.0, {"x", "m"}, at=400.0)
+    assert not o.learned and "1 other change" in o.why
+    # A failed load is not measured; unreadable memory is not measured.
+    f.loading("n", "h0", reading(1.0), frozenset(), 500.0)
+    f.changed("load", "n", "h0", 500.0, 501.0, ok=False)
+    f.loading("n", "h1", None, frozenset(), 500.0)
+    assert f.settle(600.0, lambda h: reading(5.0), {"h0": frozenset({"n"})}) == []
+    # The largest of the last KEEP observations: older, larger ones age out.
+    for k in range(KEEP):
+        measure("m", "h5", 10.0, 11.0, {"x", "m"}, at=1000.0 + 100 * k)
+    assert f.learned() == {"m": GIB}
+
+
+def test_a_learned_footprint_counts_in_the_budget_where_none_is_declared() -> None:
+    hs = [HostInput("h0", "gpu", budget_bytes=4 * GIB, used_bytes=2 * GIB, available=frozenset({"m"}))]
+    wanted = [model(copies=(), rate=50.0)]
+    assert loads(plan(wanted, hs, settings(), now=0.0)) == ["h0"]  # the default 1 GiB fits
+    refused = plan(wanted, hs, settings(), now=0.0, learned={"m": 3 * GIB})
+    assert refused.actions == () and "over memory budget" in (refused.decisions[0].held or "")
+    assert (refused.decisions[0].footprint_bytes, refused.decisions[0].footprint_source) == (3 * GIB, "learned")
+    declared = settings(models={"m": {"footprint_bytes": "1GiB"}})
+    assert loads(plan(wanted, hs, declared, now=0.0, learned={"m": 3 * GIB})) == ["h0"]
+
+
+def test_controller_learns_a_footprint_at_its_load_and_shows_it() -> None:
+    w = world(a={"embed": READY})
+    c, routed = controller(
+        w, {"models": {"embed": {"capacity_rps": 10}}, "up_cooldown_s": 0, "tier_memory_bytes": {"gpu": "8GiB"}}
+    )
+    pages = FakeGpuPages(w, {"embed": 3 * GIB})
+    c.memory = pages.read
+    routed["embed"] = 0.0
+    c.decide(5.0)
+    routed["embed"] += 12.0 * 15.0
+    w.sleep(15.0)
+    decided = c.decide(5.0)
+    assert decided.plan.decisions[0].footprint_source == "default"
+    assert [(a.kind, a.host) for a in decided.plan.actions] == [("load", "b")]
+    c.act(decided)
+    assert pages.reads == ["b"]  # before the load
+    w.sleep(SETTLE_S)
+    with capture_logs() as logs:
+        after = c.decide(5.0)
+    (line,) = [r for r in logs if r["event"] == "placement_footprint"]
+    assert (line["model"], line["host"], line["counted"], line["delta_bytes"]) == ("embed", "b", True, 3 * GIB)
+    d = after.plan.decisions[0]
+    assert (d.footprint_bytes, d.footprint_source) == (3 * GIB, "learned")
+    # Where the budget is declared, the copies READY there count at their learned footprint.
+    assert {h.name: h.used_bytes for h in after.hosts if h.tier == "gpu"} == {"a": 3 * GIB, "b": 3 * GIB}
+    assert "3.0 GiB learned" in format_explain(
+        after.plan, after.hosts, c.ops.fleet.placement, window_s=5.0, paused=None
+    )
+    doc = explain_json(after.plan, after.hosts, c.ops.fleet.placement, window_s=5.0, paused=None)
+    assert (doc["models"][0]["footprint_bytes"], doc["models"][0]["footprint_source"]) == (3 * GIB, "learned")
+    metrics = PlacementMetrics()
+    metrics.planned(after.models, after.plan, after.hosts, c.ops.fleet.placement, paused=False, at=0.0)
+    series = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+    }
+    assert series[("extproc_placement_model_footprint_bytes", (("model", "embed"), ("source", "learned")))] == 3 * GIB

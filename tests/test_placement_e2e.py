@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.runtime.ports import free_ports
@@ -176,10 +177,70 @@ def test_e2e_placement_run_loads_a_second_copy_and_the_picker_routes_to_both(sta
         wait_for(scraped, 60, "the controller's first round on /metrics")
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        code = process.wait(timeout=30)
+    # SIGTERM stops it between rounds (a pod being stopped), not halfway through one.
+    assert code == 0, (stack.run_dir / "placement-run.log").read_text()[-2000:]
+    assert "placement_stopped" in (stack.run_dir / "placement-run.log").read_text()
     key = (("model", MODEL), ("tier", "gpu"))
     assert series[("extproc_placement_copies", key)] == 2.0, series
     assert series[("extproc_placement_desired_copies", key)] in {1.0, 2.0}, series  # no demand now: may scale down
     assert series[("extproc_placement_capacity_per_copy_rps", (("model", MODEL),))] == 4.0, series
     assert series[("extproc_placement_tier_hosts", (("tier", "gpu"),))] == 2.0, series
     assert series[("extproc_placement_tier_hosts_wanted", (("tier", "gpu"),))] == 2.0, series
+
+
+def test_e2e_the_controller_learns_a_footprint_from_the_memory_change_at_its_load(stack: Stack) -> None:
+    """The CPU build of Triton exports ``nv_cpu_memory_used_bytes`` (no GPU series): the controller reads it
+    from the host's metrics page before its load of MODEL (no footprint declared) and again after, and
+    serves what it learned."""
+    wait_for(lambda: routable(stack, "triton-a", [MODEL]) and routable(stack, "triton-b"), 60, "both hosts routable")
+    fleet = yaml.safe_load((stack.run_dir / "fleet.yaml").read_text())
+    fleet["placement"]["interval_s"] = 1
+    config = stack.run_dir / "fleet-1s.yaml"
+    config.write_text(yaml.safe_dump(fleet))
+    (port,) = free_ports(1)
+    argv = [sys.executable, "-m", "extproc", "--log-format", "json", "placement", "run", "--window", "1"]
+    argv += ["--config", str(config), "--metrics-port", str(port)]
+    log_path = stack.run_dir / "placement-learn.log"
+    with Traffic(stack, MODEL, rate=20.0), log_path.open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+
+            def learned() -> float | None:
+                try:
+                    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                except OSError:
+                    return None
+                for family in text_string_to_metric_families(text):
+                    for s in family.samples:
+                        labels = {"model": MODEL, "source": "learned"}
+                        if s.name == "extproc_placement_model_footprint_bytes" and s.labels == labels:
+                            return s.value
+                return None
+
+            def measured() -> bool:
+                records = log_records(log_path.read_text(encoding="utf-8", errors="replace"))
+                return any(r.get("event") == "placement_footprint" for r in records)
+
+            wait_for(measured, 60, "the controller to measure its load")
+            wait_for(lambda: learned() is not None or not _counted(log_path), 10, "the learned footprint's series")
+            served = learned()
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    records = log_records(log_path.read_text(encoding="utf-8", errors="replace"))
+    (load,) = [r for r in records if r.get("event") == "placement_action"]
+    assert (load["action"], load["host"], load["outcome"]) == ("load", "triton-b", "done"), load
+    (footprint, *_) = [r for r in records if r.get("event") == "placement_footprint"]
+    # Read before and after the load, from the CPU build's nv_cpu_memory_used_bytes.
+    assert footprint["memory"] == "cpu" and footprint["delta_bytes"] is not None, footprint
+    if not footprint["counted"] and footprint["why"] == "memory did not grow":
+        # The machine's used memory: other processes on a shared machine freed more than the load took.
+        pytest.skip(f"the machine's memory changed by {footprint['delta_bytes']} bytes over the load: not counted")
+    assert footprint["counted"] and footprint["delta_bytes"] > 0, footprint
+    assert served == footprint["delta_bytes"], (served, footprint)
+
+
+def _counted(log_path: Path) -> bool:
+    records = log_records(log_path.read_text(encoding="utf-8", errors="replace"))
+    return any(r.get("event") == "placement_footprint" and r.get("counted") for r in records)

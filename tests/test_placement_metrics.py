@@ -5,16 +5,21 @@ exposition a scrape reads, and the counters a controller round adds."""
 from __future__ import annotations
 
 import argparse
+import threading
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from extproc.config import PlacementSpec, parse_fleet
+from extproc.ops import OpsError
+from extproc.ops.execute import Ops
 from extproc.ops.triton_api import READY
 from extproc.placement.command import _run_loop, _serve_metrics
 from extproc.placement.explain import explain_json, format_explain
@@ -193,17 +198,48 @@ def test_a_controller_round_counts_its_actions_and_serves_metrics(tmp_path: Path
     assert got[("extproc_placement_rounds_total", (("outcome", "ok"),))] == 1
     assert got[("extproc_placement_copies", (("model", "embed"), ("tier", "gpu")))] == 1.0  # when it planned
     assert got[("extproc_placement_desired_copies", (("model", "embed"), ("tier", "gpu")))] == 2.0
-    # Paused (placement.enabled false), demand gone past the cool-down: the unload is counted, not done.
+    # Paused (placement.enabled false), demand gone past the cool-down and for the scale-down window (two
+    # rounds 60 s apart): the unload is counted, not done.
     c.ops = replace(c.ops, fleet=parse_fleet({**FLEET, "placement": {"models": {"embed": {"capacity_rps": 10}}}}))
     w.sleep(301.0)
     events = len(w.events)
+    assert _run_loop(args, c, metrics) == 0
+    assert not samples(metrics).get(
+        ("extproc_placement_actions_total", (("action", "unload"), ("model", "embed"), ("outcome", "paused")))
+    )
+    w.sleep(60.0)
     assert _run_loop(args, c, metrics) == 0
     got = samples(metrics)
     assert got[("extproc_placement_paused", ())] == 1.0
     assert got[("extproc_placement_copies", (("model", "embed"), ("tier", "gpu")))] == 2.0
     assert got[("extproc_placement_desired_copies", (("model", "embed"), ("tier", "gpu")))] == 1.0
     assert got[("extproc_placement_actions_total", (("action", "unload"), ("model", "embed"), ("outcome", "paused")))]
-    assert got[("extproc_placement_rounds_total", (("outcome", "ok"),))] == 2
+    assert got[("extproc_placement_rounds_total", (("outcome", "ok"),))] == 3
+    assert len(w.events) == events
+
+
+def test_a_stalled_round_logs_the_scale_down_it_waits_for_and_changes_nothing(tmp_path: Path) -> None:
+    w = world(a={"embed": READY}, b={"embed": READY})
+    placement = {"models": {"embed": {"capacity_rps": 10}}, "interval_s": 1, "cooldown_s": 0, "scale_down_after_s": 5}
+    c, routed = controller(w, placement)
+    routed["embed"] = 0.0
+    c.decide(1.0)  # its first look, over a second without requests: low from here
+    args = argparse.Namespace(dry_run=False, once=True, window=1.0, metrics_port=None, config=tmp_path / "f.yaml")
+    events = len(w.events)
+    for second in (1, 2, 3):  # three more stalled rounds
+        w.sleep(1.0)
+        with capture_logs() as logs:
+            assert _run_loop(args, c, PlacementMetrics()) == 0
+        waiting = [r for r in logs if r["event"] == "placement_scale_down_waiting"]
+        assert [(r["model"], r["current"], r["desired"], r["low_for_s"], r["window_s"]) for r in waiting] == [
+            ("embed", 2, 1, float(second), 5.0)
+        ]
+        assert waiting[0]["held"] == f"scale-down after 5 s of low demand: low for {second} s"
+    routed["embed"] += 8.0  # a second at 8 req/s (0.4 utilization): the window starts afresh
+    w.sleep(1.0)
+    with capture_logs() as logs:
+        _run_loop(args, c, PlacementMetrics())
+    assert not [r for r in logs if r["event"].startswith("placement_scale_down")] and c.low == {}
     assert len(w.events) == events
 
 
@@ -230,3 +266,93 @@ def test_explain_says_which_copies_need_more_hosts() -> None:
     p = plan([model(copies=["gpu0", "gpu1"], rate=35.0)], hs, s, now=0.0)
     assert "[unplaced: 3, the fleet needs more hosts]" in format_explain(p, hs, s, window_s=5.0, paused=None)
     assert explain_json(p, hs, s, window_s=5.0, paused=None)["models"][0]["unplaced"] == 3
+
+
+def test_a_stop_ends_the_loop_between_rounds(tmp_path: Path) -> None:
+    """SIGTERM sets ``stopping``: the round in flight ends, no other starts."""
+    w = world(a={"embed": READY})
+    c, routed = controller(w, {"models": {"embed": {"capacity_rps": 10}}, "interval_s": 5})
+    routed["embed"] = 0.0
+    stopping = threading.Event()
+    rounds: list[float] = []
+
+    def sleep(seconds: float) -> None:  # between rounds, then the stop arrives
+        rounds.append(seconds)
+        routed["embed"] += 12.0 * seconds
+        w.sleep(seconds)
+        if len(rounds) == 2:
+            stopping.set()
+
+    c.sleep = sleep
+    args = argparse.Namespace(dry_run=False, once=False, window=5.0, metrics_port=None, config=tmp_path / "f.yaml")
+    c.ops = replace(c.ops, fleet=parse_fleet({**FLEET, "placement": {"enabled": True, "interval_s": 5}}))
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump({**FLEET, "placement": {"enabled": True, "interval_s": 5}}))
+    events = len(w.events)
+    with capture_logs() as logs:
+        assert _run_loop(args, c, PlacementMetrics(), stopping) == 0
+    # The first look's window (5 s), then its next round's pause (5 s) with the stop: no third round.
+    assert rounds == [5.0, 5.0]
+    assert [r["event"] for r in logs if r["event"] in {"placement_round", "placement_stopped"}] == [
+        "placement_round",
+        "placement_stopped",
+    ]
+    assert len(w.events) == events
+
+
+def test_a_stop_during_the_first_look_acts_on_nothing(tmp_path: Path) -> None:
+    w = world(a={"embed": READY})
+    c, routed = controller(w, {"models": {"embed": {"capacity_rps": 10}}})
+    routed["embed"] = 0.0
+    stopping = threading.Event()
+
+    def sleep(seconds: float) -> None:  # the stop comes while the first look measures its window
+        routed["embed"] += 50.0 * seconds
+        w.sleep(seconds)
+        stopping.set()
+
+    c.sleep = sleep
+    args = argparse.Namespace(dry_run=False, once=False, window=5.0, metrics_port=None, config=tmp_path / "f.yaml")
+    events = len(w.events)
+    with capture_logs() as logs:
+        assert _run_loop(args, c, PlacementMetrics(), stopping) == 0
+    assert [r["event"] for r in logs if r["event"].startswith("placement_")] == ["placement_stopped"]
+    assert len(w.events) == events
+
+
+def test_each_round_looks_up_the_pickers_and_envoys_again(tmp_path: Path) -> None:
+    w = world(a={"embed": READY})
+    c, routed = controller(w, {"models": {"embed": {"capacity_rps": 10}}})
+    routed["embed"] = 0.0
+    looked: list[int] = []
+
+    def endpoints(ops: Ops) -> Ops:
+        looked.append(len(looked))
+        return ops
+
+    c.endpoints = endpoints
+    args = argparse.Namespace(dry_run=True, once=True, window=1.0, metrics_port=None, config=tmp_path / "f.yaml")
+    for _ in range(3):
+        w.sleep(15.0)
+        assert _run_loop(args, c, PlacementMetrics()) == 0
+    assert looked == [0, 1, 2]
+
+
+def test_a_lookup_that_fails_makes_a_failed_round_that_changes_nothing(tmp_path: Path) -> None:
+    w = world(a={"embed": READY})
+    c, routed = controller(w, {"models": {"embed": {"capacity_rps": 10}}})
+    routed["embed"] = 0.0
+
+    def endpoints(ops: Ops) -> Ops:
+        raise OpsError("dns+http://extproc-picker:9090: extproc-picker resolves to no address")
+
+    c.endpoints = endpoints
+    metrics = PlacementMetrics()
+    args = argparse.Namespace(dry_run=False, once=True, window=1.0, metrics_port=None, config=tmp_path / "f.yaml")
+    events = len(w.events)
+    with capture_logs() as logs:
+        assert _run_loop(args, c, metrics) == 1
+    assert [r["error"] for r in logs if r["event"] == "placement_round_failed"] == [
+        "dns+http://extproc-picker:9090: extproc-picker resolves to no address"
+    ]
+    assert samples(metrics)[("extproc_placement_rounds_total", (("outcome", "failed"),))] == 1
+    assert len(w.events) == events

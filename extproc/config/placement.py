@@ -4,16 +4,17 @@ idle ones. Off by default; ``extproc placement explain`` shows what it would do 
 
 Why the settings look like this: a model's desired copies follow its demand over its measured capacity
 per copy at ``target_utilization``; it scales down only below ``scale_down_utilization`` and after
-``cooldown_s``, so that a steady load never makes it oscillate. Memory budgets come from GPU telemetry where
-the picker has it, else from the bytes declared here; a model's footprint is declared (a learned one is not
-built yet).
+``cooldown_s``, and only once every round over ``scale_down_after_s`` has wanted fewer copies, so that
+neither a steady load nor one round that saw little demand (a stalled machine) makes it oscillate; it scales
+up at once. Memory budgets come from GPU telemetry where the picker has it, else from the bytes declared
+here; a model's footprint is declared, else learned from the memory change at its loads.
 """
 
 from __future__ import annotations
 
 from typing import Literal, Self
 
-from pydantic import ByteSize, Field, model_validator
+from pydantic import ByteSize, Field, ValidationInfo, field_validator, model_validator
 
 from extproc.config.common import Port, PositiveMs, Strict, Tier
 from extproc.config.hosts import HostSpec, PoolSpec
@@ -32,7 +33,8 @@ class ModelPlacement(Strict):
     pinned: tuple[str, ...] = ()
     # Load new copies only on hosts with every one of these labels (hosts[].labels, pools[].labels).
     labels: dict[str, str] = Field(default_factory=dict)
-    # GPU (or host) memory one copy takes; absent: placement.default_footprint_bytes.
+    # GPU (or host) memory one copy takes; absent: learned from the memory change at the controller's loads
+    # of it, and until then placement.default_footprint_bytes.
     footprint_bytes: ByteSize | None = None
     # Requests per second one copy serves at full load; absent: measured (batch-cost fit, service time).
     capacity_rps: float | None = Field(default=None, gt=0)
@@ -76,6 +78,9 @@ class PlacementSpec(Strict):
     # After a change to a model, no scale-down of it for this long (and no scale-up for up_cooldown_s).
     cooldown_s: float = Field(default=300.0, ge=0, le=86_400)
     up_cooldown_s: float = Field(default=30.0, ge=0, le=86_400)
+    # A scale-down needs every round over this long to want fewer copies (one round's low demand may be a
+    # stalled machine, not a change of load); absent: 4 rounds and at least 60 s.
+    scale_down_after_s: float | None = Field(default=None, gt=0, le=86_400)
     # Loads and unloads started per round, over all models.
     max_concurrent_changes: int = Field(default=2, ge=1, le=1000)
     # Demand per copy, as a fraction of its capacity, that the controller aims at: it adds copies above it...
@@ -99,6 +104,24 @@ class PlacementSpec(Strict):
     metrics_address: str = "127.0.0.1"
     metrics_port: Port | None = None
 
+    @field_validator("scale_down_after_s")
+    @classmethod
+    def _at_least_a_round(cls, value: float | None, info: ValidationInfo) -> float | None:
+        interval = info.data.get("interval_s")
+        if value is not None and interval is not None and value < interval:
+            raise ValueError(
+                f"{value:g} s is shorter than interval_s ({interval:g} s): low demand must be seen over at least "
+                "one round before a scale-down"
+            )
+        return value
+
+    @property
+    def scale_down_window_s(self) -> float:
+        """How long low demand must last before a scale-down (``scale_down_after_s`` or its default)."""
+        if self.scale_down_after_s is not None:
+            return self.scale_down_after_s
+        return max(60.0, 4 * self.interval_s)
+
     @model_validator(mode="after")
     def _hysteresis(self) -> Self:
         if self.scale_down_utilization >= self.target_utilization:
@@ -112,11 +135,6 @@ class PlacementSpec(Strict):
         """The declared memory budget of ``host`` in bytes, or None."""
         declared = self.host_memory_bytes.get(host, self.tier_memory_bytes.get(tier))
         return None if declared is None else int(declared)
-
-    def footprint(self, model: str) -> int:
-        spec = self.models.get(model)
-        declared = None if spec is None else spec.footprint_bytes
-        return int(self.default_footprint_bytes if declared is None else declared)
 
 
 def check_placement(

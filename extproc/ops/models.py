@@ -63,9 +63,12 @@ def with_endpoints(ops: Ops, args: Any, *, drain: bool) -> Ops:
     return replace(ops, pickers=_pickers(args.picker, ops.fleet, drain), envoys=_envoys(args.envoy, ops.fleet))
 
 
-def make_ops(args: Any, fleet: Fleet, triton: GrpcTriton, progress: Callable[[str], None], *, drain: bool) -> Ops:
+def make_ops(
+    args: Any, fleet: Fleet, triton: GrpcTriton, progress: Callable[[str], None], *, drain: bool, endpoints: bool = True
+) -> Ops:
     """The operations context for the common options (``--picker``, ``--envoy``, ``--timeout``, and
-    ``--load-timeout``, ``--drain-timeout`` where the command has them); ``drain``: it may drain hosts."""
+    ``--load-timeout``, ``--drain-timeout`` where the command has them); ``drain``: it may drain hosts;
+    ``endpoints`` false: no picker or Envoy yet (see :func:`with_endpoints`)."""
     # Picks made just before the drain reach Envoy's rq_active within an admin poll or two.
     settle_s = max(1.0, 3 * fleet.picker.poll.envoy_admin_s(len(fleet.hosts)))
     timeouts = Timeouts(index_s=args.timeout, settle_s=settle_s)
@@ -73,7 +76,8 @@ def make_ops(args: Any, fleet: Fleet, triton: GrpcTriton, progress: Callable[[st
         timeouts = replace(timeouts, load_s=args.load_timeout)
     if getattr(args, "drain_timeout", None) is not None:
         timeouts = replace(timeouts, drain_s=args.drain_timeout)
-    return Ops(fleet, triton, _pickers(args.picker, fleet, drain), _envoys(args.envoy, fleet), timeouts, progress)
+    ops = Ops(fleet, triton, timeouts=timeouts, progress=progress)
+    return with_endpoints(ops, args, drain=drain) if endpoints else ops
 
 
 def printer(out: TextIO, clock: Callable[[], float]) -> Callable[[str], None]:

@@ -6,6 +6,7 @@ live telemetry, and the actions go through :mod:`extproc.ops`; one module each.
 
 - :mod:`extproc.placement.plan`: the decision (desired copies per model, the loads and unloads), pure;
 - :mod:`extproc.placement.inputs`: its inputs from the pickers' ``/status`` and ``/metrics``;
+- :mod:`extproc.placement.footprints`: models' footprints learned from the memory change at load;
 - :mod:`extproc.placement.explain`: what ``extproc placement explain`` prints;
 - :mod:`extproc.placement.command`: ``extproc placement explain|run``;
 - :mod:`extproc.placement.wake`: scale from zero, in the picker: a request for a managed model that no host

@@ -1,6 +1,6 @@
 """What ``extproc placement explain`` prints: one line per model (demand, capacity per copy, utilization,
-current and desired copies, why), then the planned actions with their reasons, then a summary of the hosts'
-memory; or the same as JSON. One line per model and a summary of hosts keep it readable at hundreds of
+footprint, current and desired copies, why), then the planned actions with their reasons, then a summary
+of the hosts' memory; or the same as JSON. One line per model and a summary of hosts keep it readable at hundreds of
 hosts; the actions are few by construction (``max_concurrent_changes``)."""
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ __all__ = ["explain_json", "format_explain"]
 
 def _rate(value: float | None) -> str:
     return "?" if value is None else f"{value:.1f}/s"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def _action(a: Action) -> str:
@@ -42,7 +46,8 @@ def format_explain(
         state = f"paused ({paused})"
     lines = [
         f"placement {state}: target utilization {settings.target_utilization:g}, scale down below "
-        f"{settings.scale_down_utilization:g}, cool-down {settings.cooldown_s:g} s (up {settings.up_cooldown_s:g} s), "
+        f"{settings.scale_down_utilization:g} for {settings.scale_down_window_s:g} s, cool-down "
+        f"{settings.cooldown_s:g} s (up {settings.up_cooldown_s:g} s), "
         f"at most {settings.max_concurrent_changes} changes a round; demand over {window_s:.1f} s",
     ]
     if not result.decisions:
@@ -54,6 +59,7 @@ def format_explain(
             _rate(d.capacity_rps),
             d.capacity_source,
             "?" if d.utilization is None else f"{100 * d.utilization:.0f}%",
+            f"{_bytes(d.footprint_bytes)} {d.footprint_source}",
             str(d.current),
             str(d.desired),
             d.reason
@@ -63,8 +69,8 @@ def format_explain(
         for d in result.decisions
     ]
     if rows:
-        headers = ["MODEL", "DEMAND", "CAP/COPY", "FROM", "UTIL", "COPIES", "DESIRED", "WHY"]
-        lines += format_table(headers, rows, right=frozenset({1, 2, 4, 5, 6}))
+        headers = ["MODEL", "DEMAND", "CAP/COPY", "FROM", "UTIL", "FOOTPRINT", "COPIES", "DESIRED", "WHY"]
+        lines += format_table(headers, rows, right=frozenset({1, 2, 4, 6, 7}))
     actions = result.actions
     lines.append(f"actions: {len(actions)}" + (f" ({len(result.deferred)} deferred)" if result.deferred else ""))
     lines += [_action(a) for a in actions]
@@ -85,6 +91,7 @@ def explain_json(
         "enabled": settings.enabled,
         "paused": paused,
         "window_s": round(window_s, 3),
+        "scale_down_after_s": settings.scale_down_window_s,
         "models": [
             {
                 "model": d.model,
@@ -97,6 +104,9 @@ def explain_json(
                 "reason": d.reason,
                 "held": d.held,
                 "unplaced": d.unplaced,
+                "low_for_s": None if d.low_for_s is None else round(d.low_for_s, 3),
+                "footprint_bytes": d.footprint_bytes,
+                "footprint_source": d.footprint_source,
                 "actions": [action(a) for a in d.actions],
             }
             for d in result.decisions

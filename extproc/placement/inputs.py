@@ -14,7 +14,7 @@ missing; this module turns both into plain numbers (or None, said as such) so th
   per-request service time (instances / service_ms) where the model is the host's only READY one (the
   service time is the host's, over all its models); the mean over the copies that have one.
 - Memory per host: Triton's GPU memory telemetry where the picker has it, else the declared budget with
-  the declared footprints of the models READY there.
+  the footprints (declared, else learned, else the default) of the models READY there.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from extproc.config import Fleet, HostSpec
 from extproc.ops.plans import allowed_tiers
 from extproc.ops.status import PickerHost, PickerStatus
-from extproc.placement.plan import HostInput, ModelInput
+from extproc.placement.plan import HostInput, ModelInput, footprint
 
 __all__ = ["DemandMeter", "build_inputs", "copy_capacity"]
 
@@ -86,7 +86,7 @@ def _capacity(fleet: Fleet, model: str, copies: Sequence[PickerHost]) -> tuple[f
     return sum(values) / len(values), "+".join(sources)
 
 
-def _host_input(fleet: Fleet, spec: HostSpec, view: PickerHost | None) -> HostInput:
+def _host_input(fleet: Fleet, spec: HostSpec, view: PickerHost | None, learned: Mapping[str, int]) -> HostInput:
     settings = fleet.placement
     ready = frozenset(() if view is None else view.ready)
     budget: int | None
@@ -94,7 +94,7 @@ def _host_input(fleet: Fleet, spec: HostSpec, view: PickerHost | None) -> HostIn
         budget, used, source = view.gpu_memory_total, view.gpu_memory_used or 0, "gpu"
     else:
         budget = settings.budget(spec.name, spec.tier)
-        used = sum(settings.footprint(m) for m in ready)
+        used = sum(footprint(settings, learned, m)[0] for m in ready)
         source = "none" if budget is None else "declared"
     return HostInput(
         name=spec.name,
@@ -119,13 +119,17 @@ def build_inputs(
     *,
     now_unix: float,
     last_change: Mapping[str, float] | None = None,
+    low: Mapping[str, tuple[float, int]] | None = None,
+    learned: Mapping[str, int] | None = None,
 ) -> tuple[list[ModelInput], list[HostInput]]:
     """The inputs of :func:`~extproc.placement.plan.plan` for the models ``placement.models`` lists.
 
     ``view``: the pickers' merged view (:func:`extproc.ops.plans.merged_view`); ``rates``: from a
-    :class:`DemandMeter` (None: not measured yet); ``last_change``: the controller's memory of its changes.
+    :class:`DemandMeter` (None: not measured yet); ``last_change``: the controller's memory of its changes;
+    ``low``: of the low demand its last plan saw (:attr:`~extproc.placement.plan.ModelInput.low_since`);
+    ``learned``: the footprints it learned (:mod:`extproc.placement.footprints`).
     """
-    hosts = [_host_input(fleet, spec, view.get(spec.name)) for spec in fleet.hosts]
+    hosts = [_host_input(fleet, spec, view.get(spec.name), learned or {}) for spec in fleet.hosts]
     # Refused for load lately, as ``extproc status`` says it (``OVERLOADED_S``).
     overloaded = {m for status in statuses for m in status.overloaded(now_unix)}
     models: list[ModelInput] = []
@@ -134,6 +138,7 @@ def build_inputs(
         capacity, source = _capacity(fleet, name, copies)
         queues = [v.queue_ms for v in copies if v.queue_ms is not None]
         tiers = allowed_tiers(fleet, name)
+        since, most = (None, None) if low is None or name not in low else low[name]
         models.append(
             ModelInput(
                 name=name,
@@ -145,6 +150,8 @@ def build_inputs(
                 queue_ms=sum(queues) / len(queues) if queues else None,
                 overloaded=name in overloaded,
                 last_change=None if last_change is None else last_change.get(name),
+                low_since=since,
+                low_most=most,
             )
         )
     return models, hosts

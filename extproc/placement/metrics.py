@@ -1,6 +1,6 @@
 """The placement controller's Prometheus series (``extproc placement run --metrics-port``): per model its
-demand, capacity per copy and copies (now and desired, per tier), per tier the demand, the capacity and the
-hosts it needs, and counters of rounds and actions. Listed in docs/reference/metrics.md.
+demand, capacity per copy, footprint and copies (now and desired, per tier), per tier the demand, the
+capacity and the hosts it needs, and counters of rounds and actions. Listed in docs/reference/metrics.md.
 
 Why the controller exports the per-tier autoscaling signal and not the picker: only the controller knows
 whether more demand can be met by loading copies on hosts the tier already has (memory headroom, model
@@ -128,7 +128,7 @@ def tier_signals(
         needed = max(short.values(), default=0)
         budgets = [h.budget_bytes for h in members if h.budget_bytes]
         if short and budgets:
-            footprints = sum(settings.footprint(model) * n for model, n in short.items())
+            footprints = sum(decisions[model].footprint_bytes * n for model, n in short.items())
             needed = max(needed, math.ceil(footprints / (sum(budgets) / len(budgets))))
         full = sum(1 for h in members if h.headroom is not None and h.headroom < settings.default_footprint_bytes)
         signals.append(
@@ -182,6 +182,12 @@ class RoundSeries(Collector):
             "Copies of a managed model the last plan wants, with its reason's bounds (min/max copies, hosts).",
             ["model", "tier"],
         )
+        footprint = gauge(
+            "extproc_placement_model_footprint_bytes",
+            "Memory one copy of a managed model takes in the budgets, by source (declared; learned from the "
+            "memory change at the controller's loads; default: placement.default_footprint_bytes).",
+            ["model", "source"],
+        )
         unplaced = gauge(
             "extproc_placement_unplaced_copies",
             "Copies demand asks for that no host can take (too few hosts, or no memory left on them).",
@@ -233,6 +239,7 @@ class RoundSeries(Collector):
                 for tier, n in sorted(desired_by_tier(m, d, snap.plan.deferred, snap.hosts).items()):
                     desired.add_metric([d.model, tier], float(n))
                 unplaced.add_metric([d.model], float(d.unplaced))
+                footprint.add_metric([d.model, d.footprint_source], float(d.footprint_bytes))
             for s in tier_signals(snap.models, snap.plan, snap.hosts, snap.settings):
                 tier_hosts.add_metric([s.tier], float(s.hosts))
                 tier_full.add_metric([s.tier], float(s.full_hosts))
@@ -240,7 +247,7 @@ class RoundSeries(Collector):
                 tier_capacity.add_metric([s.tier], s.capacity_rps)
                 tier_unplaced.add_metric([s.tier], float(s.unplaced))
                 tier_wanted.add_metric([s.tier], float(s.hosts_wanted))
-        yield from (paused, last_round, demand, capacity, copies, desired, unplaced, deferred)
+        yield from (paused, last_round, demand, capacity, copies, desired, unplaced, footprint, deferred)
         yield from (tier_hosts, tier_full, tier_demand, tier_capacity, tier_unplaced, tier_wanted)
 
 

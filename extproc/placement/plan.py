@@ -1,8 +1,9 @@
 """Placement decisions as a pure function: per model demand and capacity, per host memory and models, the
 settings and the time in; the loads and unloads to make, each with its reason and numbers, out.
 
-Why pure: the rules that keep a controller from hurting the fleet (hysteresis, cool-down, the last copy of
-a model with traffic, memory budgets, pinned placements, a cap on concurrent changes) are the part worth
+Why pure: the rules that keep a controller from hurting the fleet (hysteresis, cool-down, low demand
+sustained over a window before a scale-down, the last copy of a model with traffic, memory budgets, pinned
+placements, a cap on concurrent changes) are the part worth
 testing exhaustively, and they need no Triton, picker or clock to be tested (tests/test_placement.py).
 :mod:`extproc.placement.inputs` builds the inputs from a live picker; :mod:`extproc.placement.command`
 carries the actions out through the fleet-wide model operations (:mod:`extproc.ops`).
@@ -18,7 +19,7 @@ from typing import Literal
 
 from extproc.config import PlacementSpec
 
-__all__ = ["Action", "HostInput", "ModelDecision", "ModelInput", "Plan", "plan"]
+__all__ = ["Action", "HostInput", "ModelDecision", "ModelInput", "Plan", "footprint", "plan"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,10 @@ class ModelInput:
     queue_ms: float | None = None  # mean queue wait over its copies' hosts
     overloaded: bool = False  # the picker refused requests for it for load lately
     last_change: float | None = None  # when the controller last loaded or unloaded it (None: never)
+    # Since when every round has wanted fewer copies than it had (None: the last round did not), and the
+    # most copies any of those rounds wanted: what a scale-down goes to once that has lasted long enough.
+    low_since: float | None = None
+    low_most: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,14 @@ class ModelDecision:
     # Copies demand asks for (within min/max_copies) that no host can take: too few hosts of its tiers hold
     # it in their repository, or those that do are out of memory. The fleet needs more hosts for these.
     unplaced: int = 0
+    # While the round wants fewer copies: since when every round has (the next round's ModelInput.low_since),
+    # the most copies those rounds wanted, and for how long (seconds). None otherwise, and after a scale-down.
+    low_since: float | None = None
+    low_most: int | None = None
+    low_for_s: float | None = None
+    # What one copy takes in the memory budgets, and from where: declared, learned or default.
+    footprint_bytes: int = 0
+    footprint_source: str = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +103,18 @@ class Plan:
     @property
     def actions(self) -> tuple[Action, ...]:
         return tuple(a for d in self.decisions for a in d.actions)
+
+
+def footprint(settings: PlacementSpec, learned: Mapping[str, int], model: str) -> tuple[int, str]:
+    """What one copy of ``model`` takes in a memory budget, and from where: its declared
+    ``footprint_bytes``, else the footprint the controller learned at its loads
+    (:mod:`extproc.placement.footprints`), else ``default_footprint_bytes``."""
+    spec = settings.models.get(model)
+    if spec is not None and spec.footprint_bytes is not None:
+        return int(spec.footprint_bytes), "declared"
+    if model in learned:
+        return learned[model], "learned"
+    return int(settings.default_footprint_bytes), "default"
 
 
 def _desired(m: ModelInput, s: PlacementSpec) -> tuple[int, str]:
@@ -150,6 +175,16 @@ def _cooling(m: ModelInput, s: PlacementSpec, up: bool, now: float) -> str | Non
     return f"cool-down: {left:.0f} s left" if left > 0 else None
 
 
+def _low(m: ModelInput, desired: int, now: float) -> tuple[float, int] | None:
+    """Since when every round has wanted fewer copies than it has, counting this one, and the most copies
+    those rounds wanted; None when this round does not want fewer."""
+    if desired >= len(m.copies):
+        return None
+    if m.low_since is None or m.low_most is None:
+        return now, desired
+    return m.low_since, max(m.low_most, desired)
+
+
 def _matches(host: HostInput, m: ModelInput, s: PlacementSpec) -> bool:
     spec = s.models.get(m.name)
     labels = {} if spec is None else spec.labels
@@ -157,11 +192,10 @@ def _matches(host: HostInput, m: ModelInput, s: PlacementSpec) -> bool:
 
 
 def _load_targets(
-    m: ModelInput, count: int, hosts: Sequence[HostInput], used: dict[str, int], s: PlacementSpec
+    m: ModelInput, count: int, hosts: Sequence[HostInput], used: dict[str, int], s: PlacementSpec, footprint: int
 ) -> tuple[list[HostInput], str | None]:
-    """The ``count`` best hosts to load ``m`` on: its default tier first, then the most memory headroom
-    (hosts with a known budget before those without), then fewest models, then name."""
-    footprint = s.footprint(m.name)
+    """The ``count`` best hosts to load ``m`` (``footprint`` bytes a copy) on: its default tier first, then
+    the most memory headroom (hosts with a known budget before those without), then fewest models, then name."""
     candidates: list[HostInput] = []
     full = 0
     for host in hosts:
@@ -211,12 +245,19 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def plan(models: Sequence[ModelInput], hosts: Sequence[HostInput], settings: PlacementSpec, now: float) -> Plan:
+def plan(
+    models: Sequence[ModelInput],
+    hosts: Sequence[HostInput],
+    settings: PlacementSpec,
+    now: float,
+    learned: Mapping[str, int] | None = None,
+) -> Plan:
     """Decide every model's desired copies and the actions to get there; at most
-    ``settings.max_concurrent_changes`` actions, the rest ``deferred`` (scale-ups first, by shortfall)."""
+    ``settings.max_concurrent_changes`` actions, the rest ``deferred`` (scale-ups first, by shortfall).
+    ``learned``: the footprints the controller learned, by model (see :func:`footprint`)."""
     by_name = {h.name: h for h in hosts}
     used = {h.name: h.used_bytes for h in hosts}
-    drafts: list[tuple[ModelInput, int, int, str, str | None, int]] = []
+    drafts: list[tuple[ModelInput, int, int, str, str | None, int, tuple[float, int] | None]] = []
     for m in models:
         eligible = sum(
             1 for h in hosts if (m.name in h.available or m.name in h.models) and (m.tiers is None or h.tier in m.tiers)
@@ -229,20 +270,30 @@ def plan(models: Sequence[ModelInput], hosts: Sequence[HostInput], settings: Pla
         unbounded, _ = _bounded(m, settings, wanted, max(wanted, eligible, len(m.copies)))
         current = len(m.copies)
         held = None if desired == current else _cooling(m, settings, desired > current, now)
-        drafts.append((m, current, desired, why, held, unbounded - desired))
+        low = _low(m, desired, now)
+        if low is not None and held is None:
+            window = settings.scale_down_window_s
+            since, most = low
+            if now - since < window:
+                held = f"scale-down after {window:g} s of low demand: low for {now - since:.0f} s"
+            else:
+                # Never below what a round of the window wanted.
+                why += f"; low for {now - since:.0f} s, at most {most} wanted"
+                desired = min(current, most)
+        drafts.append((m, current, desired, why, held, unbounded - desired, low))
     # Scale-ups first, the largest relative shortfall first, so that a cap on changes goes where it helps.
     order = sorted(drafts, key=lambda d: (-(d[2] - d[1]) / max(d[1], 1), d[0].name))
     budget = settings.max_concurrent_changes
     decided: dict[str, ModelDecision] = {}
     deferred: list[Action] = []
-    for m, current, desired, why, held, unplaced in order:
+    for m, current, desired, why, held, unplaced, low in order:
         actions: list[Action] = []
+        size, size_source = footprint(settings, learned or {}, m.name)
         if held is None and desired > current:
-            targets, short = _load_targets(m, desired - current, hosts, used, settings)
+            targets, short = _load_targets(m, desired - current, hosts, used, settings, size)
             unplaced += desired - current - len(targets)
-            footprint = settings.footprint(m.name)
             for host in targets:
-                used[host.name] += footprint
+                used[host.name] += size
                 room = "" if host.budget_bytes is None else f", {_fmt_bytes(host.budget_bytes - used[host.name])} left"
                 actions.append(Action("load", m.name, host.name, f"{current} -> {desired} copies ({why}){room}"))
             held = short
@@ -263,8 +314,12 @@ def plan(models: Sequence[ModelInput], hosts: Sequence[HostInput], settings: Pla
         utilization = None
         if m.rate_rps is not None and m.capacity_rps is not None and current:
             utilization = m.rate_rps / (current * m.capacity_rps)
+        if any(a.kind == "unload" for a in taken):
+            low = None  # the next scale-down waits for a window of its own
         decided[m.name] = ModelDecision(
             m.name, m.rate_rps, m.capacity_rps, m.capacity_source, current, desired, utilization, why,
             tuple(taken), held, max(unplaced, 0),
+            low_since=None if low is None else low[0], low_most=None if low is None else low[1],
+            low_for_s=None if low is None else now - low[0], footprint_bytes=size, footprint_source=size_source,
         )  # fmt: skip
     return Plan(tuple(decided[m.name] for m in sorted(models, key=lambda m: m.name)), tuple(deferred))
