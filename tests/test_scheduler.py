@@ -269,15 +269,44 @@ def test_in_flight_estimate_drains_at_the_measured_service_rate() -> None:
     assert host.in_flight(101.005) == pytest.approx(1)
 
 
+def test_in_flight_estimate_drains_at_every_instances_rate() -> None:
+    """``service_ms`` is one request's share of an execution, and a model's instances execute at once: a
+    busy host with two instances finishes two requests per ``service_ms``."""
+    host = HostState(fleet().hosts[0])
+    host.load.service_ms = 5.0
+    host.batching = {"embed": Batching(max_batch=8, instances=2), "mlp": Batching(max_batch=8)}
+    host.reset_estimate(10, 100.0)
+    assert host.in_flight(100.01) == pytest.approx(6)  # 10 ms: 2 x 2 done
+    assert host.in_flight(100.025) == 0
+    host.record_pick(100.025, weight=4, model="embed")
+    assert host.model_in_flight("embed", 100.03) == pytest.approx(2)
+
+
+@pytest.mark.parametrize("envoy_scale", [1.0, 4.0])
+def test_triton_queue_drains_since_its_scrape_at_this_gateways_share(envoy_scale: float) -> None:
+    """Triton's queue is up to a scrape interval old: as a floor under the estimate it drains since the
+    scrape, at this gateway's share of the host's rate (the other gateways keep adding theirs)."""
+    host = HostState(fleet().hosts[0])
+    host.load.service_ms, host.load.pending, host.load.envoy_scale, host.metrics_at = 5.0, 8, envoy_scale, 100.0
+    assert host.in_flight(100.0) == 8
+    assert host.in_flight(100.02) == pytest.approx(8 - 4 / envoy_scale)
+    assert host.in_flight(100.2) == 0
+
+
 # --- profiles, pickers, saturation, sequences ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("service_ms", [None, 0.0, 5.0])
 @pytest.mark.parametrize("pending", [0, 3])
-def test_a_candidate_reads_the_same_in_flight_as_its_host(service_ms: float | None, pending: int) -> None:
+@pytest.mark.parametrize("scraped_at", [None, 100.0])
+@pytest.mark.parametrize(("instances", "envoy_scale"), [(1, 1.0), (2, 3.0)])
+def test_a_candidate_reads_the_same_in_flight_as_its_host(
+    service_ms: float | None, pending: int, scraped_at: float | None, instances: int, envoy_scale: float
+) -> None:
     """Candidates resolve the drain rate and Triton's queue once; the live estimate must read the same."""
     host = HostState(fleet().hosts[0])
-    host.load.service_ms, host.load.pending = service_ms, pending
+    host.load.service_ms, host.load.pending, host.load.envoy_scale = service_ms, pending, envoy_scale
+    host.metrics_at, host.batching = scraped_at, {"embed": Batching(max_batch=4, instances=instances)}
     (candidate,) = prepare([host], "embed")
     at = [100.0, 100.001, 100.01, 100.05, 101.0]
     assert [candidate.in_flight(t) for t in at] == [host.in_flight(t) for t in at], "no estimate yet"

@@ -165,17 +165,38 @@ class HostState:
     def tier(self) -> Tier:
         return self.spec.tier
 
+    def drain_per_s(self) -> float:
+        """Requests a busy host finishes per second (0: unmeasured): ``service_ms`` is one request's share
+        of an execution's time, and its model's instances execute at once (the most of any of its models)."""
+        service_ms = self.load.service_ms
+        if not service_ms:
+            return 0.0
+        instances = 1
+        for batching in self.batching.values():
+            if batching.instances > instances:
+                instances = batching.instances
+        return 1000.0 * instances / service_ms
+
     def _drained(self, now: float) -> float:
-        if self.estimate_at is None or not self.load.service_ms:
+        if self.estimate_at is None:
             return self.estimate
-        # A busy host finishes one request per service_ms; an empty one finishes nothing.
-        return max(0.0, self.estimate - (now - self.estimate_at) * 1000.0 / self.load.service_ms)
+        # A busy host finishes drain_per_s requests a second; an empty one finishes nothing.
+        return max(0.0, self.estimate - (now - self.estimate_at) * self.drain_per_s())
 
     def in_flight(self, now: float) -> float:
         """Best estimate of requests on this host now: the estimate queue (Envoy's last count, plus our
         picks since, both scaled to the whole host's traffic by ``load.envoy_scale``, drained at the
         measured rate), or Triton's queue if larger (requests that did not come through this Envoy)."""
-        return max(self._drained(now), float(self.load.pending))
+        return max(self._drained(now), self._pending(now))
+
+    def _pending(self, now: float) -> float:
+        """Triton's queue, up to a scrape interval old, less what has been served since: the host drains it
+        at its rate while the other gateways (whose picks this picker does not see) add their share of the
+        host's traffic, so it drains at this gateway's share of the rate (all of it with one gateway)."""
+        pending, at = float(self.load.pending), self.metrics_at
+        if at is None or now <= at:
+            return pending
+        return max(0.0, pending - (now - at) * (self.drain_per_s() / self.load.envoy_scale))
 
     def record_pick(self, now: float, weight: int = 1, model: str | None = None, work: float = 1.0) -> None:
         """A request sent to the host; ``work``: its size in requests of its model's mean size (the
@@ -204,7 +225,7 @@ class HostState:
         excess = self.excess
         if excess == 0.0 or not self.load.service_ms:
             return excess
-        left = 1.0 - (now - self.excess_at) * 1000.0 / self.load.service_ms / self.excess_span
+        left = 1.0 - (now - self.excess_at) * self.drain_per_s() / self.excess_span
         return excess * left if left > 0.0 else 0.0
 
     def model_in_flight(self, model: str, now: float) -> float:
@@ -225,7 +246,9 @@ class HostState:
         service_ms = times.service_ms if times is not None else self.load.service_ms
         if not service_ms:
             return value
-        return max(0.0, value - (now - at) * 1000.0 / service_ms)
+        batching = self.batching.get(model)
+        instances = batching.instances if batching is not None else 1
+        return max(0.0, value - (now - at) * 1000.0 * instances / service_ms)
 
     def reset_estimate(self, in_flight: float, now: float) -> None:
         """A fresh count of requests in flight (Envoy's poll, see :meth:`envoy_count`) replaces the estimate."""

@@ -8,6 +8,7 @@ with every pick.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ class Candidate:
     batching: Batching | None
     pending: float
     gpu_memory: float
-    # Requests the host's in-flight estimate drains per second (1000 / its service_ms; 0 when unmeasured).
+    # Requests the host's in-flight estimate drains per second (HostState.drain_per_s; 0 when unmeasured).
     drain_per_s: float
     # The weighted, normalised sum of the static scorers (see :func:`prepare`).
     static_cost: float
@@ -52,6 +53,10 @@ class Candidate:
     max_rows: float
     # The model the candidates are compared for (None: a request that names none).
     model: str | None
+    # Triton's queue (``pending``) was scraped at ``pending_at`` (inf: never) and drains since at
+    # ``pending_per_s`` requests a second (see HostState.in_flight).
+    pending_at: float
+    pending_per_s: float
 
     def __init__(
         self,
@@ -68,6 +73,8 @@ class Candidate:
         rows: float = 0.0,
         max_rows: float = 1.0,
         model: str | None = None,
+        pending_at: float = math.inf,
+        pending_per_s: float = 0.0,
     ) -> None:
         self.host = host
         self.base_ms = base_ms
@@ -84,6 +91,8 @@ class Candidate:
         self.rows = rows
         self.max_rows = max_rows
         self.model = model
+        self.pending_at = pending_at
+        self.pending_per_s = pending_per_s
 
     def in_flight(self, now: float) -> float:
         """:meth:`HostState.in_flight` from the telemetry resolved here: the one input read live, in one
@@ -91,8 +100,13 @@ class Candidate:
         host = self.host
         at = host.estimate_at
         n = host.estimate if at is None else host.estimate - (now - at) * self.drain_per_s
+        pending = self.pending
+        if pending > 0.0 and now > self.pending_at:
+            pending -= (now - self.pending_at) * self.pending_per_s
+            if pending < 0.0:
+                pending = 0.0
         # pending >= 0, so this is also the drained estimate's floor of 0.
-        return n if n > self.pending else self.pending
+        return n if n > pending else pending
 
     def completion_ms(self, in_flight: float, own: float = 1.0, excess: float = 0.0) -> float:
         """When a request of ``own`` work (in requests of the model's mean size) sent now would finish here,
@@ -166,6 +180,7 @@ def prepare(hosts: Sequence[HostState], model: str | None, static: WeightedScore
             batching = host.batching[model]
             cost, per_batch = per_request(costs[i], batching, rows)
         configured = host.batching.get(model) if model is not None else None
+        drain_per_s = host.drain_per_s()
         sized = configured is not None and configured.max_batch > 1 and times[i][4] is not None
         out.append(
             Candidate(
@@ -176,12 +191,14 @@ def prepare(hosts: Sequence[HostState], model: str | None, static: WeightedScore
                 batching,
                 float(load.pending),
                 used / total if used is not None and total else 0.0,
-                1000.0 / load.service_ms if load.service_ms else 0.0,
+                drain_per_s,
                 0.0,
                 per_batch,
                 rows if sized else 0.0,
                 float(configured.max_batch) if configured is not None else 1.0,
                 model,
+                math.inf if host.metrics_at is None else host.metrics_at,
+                drain_per_s / load.envoy_scale,
             )
         )
     _add_static_costs(out, static)
