@@ -57,6 +57,7 @@ bench: $(BUILT)
 	@echo "  $(BIN)/python -m benchmarks.instructions       instructions per request (needs valgrind)"
 	@echo "  $(BIN)/python -m benchmarks.overhead           picker vs plain Envoy and a bare processor (wrk optional)"
 	@echo "  $(BIN)/python -m benchmarks.routing -s NAME    picker vs Envoy's balancers, benchmarks/scenarios/NAME.yaml"
+	@echo "  $(BIN)/python -m benchmarks.capacity -s NAME   each policy's capacity at a p99 SLO (--slo-ms), same scenarios"
 	@echo "  $(BIN)/python -m benchmarks.plot FILE.json     a latency-CDF PNG from series of latencies"
 	@echo "  $(BIN)/python -m benchmarks.compare_revisions  the overhead benchmark of two worktrees, alternately"
 	@echo "  $(BIN)/python -m benchmarks.sim --all          the fleet simulator's scenario family"

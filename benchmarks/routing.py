@@ -895,12 +895,24 @@ class FleetBench:
             supervisor.stop()
 
     def run_loadgen(
-        self, label: str, load: LoadSpec, gateway: str, work_dir: Path, front: Supervisor | None = None
+        self,
+        label: str,
+        load: LoadSpec,
+        gateway: str,
+        work_dir: Path,
+        front: Supervisor | None = None,
+        progress: bool = True,
     ) -> tuple[Records, dict[str, float], dict[str, float], list[dict[str, float]]]:
         """``load`` against ``gateway`` (``http://ADDRESS:PORT``, REST and gRPC), from a child process; its
         records, the generator's own stats, and the CPU cores each part (Tritons, ``front``'s processes,
-        the generator) used, over the whole load and per second."""
-        spec = RunSpec(label=label, http_base=gateway, grpc_target=gateway.removeprefix("http://"), load=load)
+        the generator) used, over the whole load and per second. ``progress``: the generator's line a second."""
+        spec = RunSpec(
+            label=label,
+            http_base=gateway,
+            grpc_target=gateway.removeprefix("http://"),
+            load=load,
+            progress=progress,
+        )
         work_dir.mkdir(parents=True, exist_ok=True)
         spec_path = work_dir / f"{label}-loadgen-spec.json"
         out_path = work_dir / f"{label}-loadgen-out.json"
