@@ -2,11 +2,14 @@
 
 Several picker replicas (pods, each an Envoy with its picker, or gateways) that each scraped every Triton
 host would multiply the scrape load on every host. So one replica **publishes** (``replicas.publish``): it
-scrapes as a lone picker does and pushes a snapshot of every host's telemetry, over TCP, to the replicas
-that **follow** it (``replicas.follow``). A follower keeps polling its own Envoy (its in-flight counts and
-ejections are its own) and takes the rest from the snapshots; when none has come for
-``takeover_after_ms`` it scrapes the hosts itself (``telemetry_leader_lost``), and it follows again once the
-publisher's snapshots have come without a break for as long again (``telemetry_leader_back``).
+scrapes as a lone picker does and pushes its hosts' telemetry, over TCP, to the replicas that **follow** it
+(``replicas.follow``): a follower's first snapshot holds every host, each later one the hosts whose
+record the publisher's datastore has written since the one before (a scrape, an index read), so that an
+idle host costs its followers one record per scrape rather than one per push. A follower keeps polling its
+own Envoy (its in-flight counts and ejections are its own) and takes the rest from the snapshots; when none
+has come for ``takeover_after_ms`` it scrapes the hosts itself (``telemetry_leader_lost``), and it follows
+again once the publisher's snapshots have come without a break for as long again
+(``telemetry_leader_back``).
 
 **The channel.** Every replica holds the same secret (``replicas.token_file``). A follower connects and
 sends a fresh nonce; the publisher answers with its own; the follower proves that it holds the secret with
@@ -51,7 +54,7 @@ from extproc.admin_key import read_secret_file
 from extproc.config import Fleet
 from extproc.datapath.datastore import TELEMETRY_FIELDS, Datastore, HostState, TrafficShare, TritonLoad
 from extproc.parts import cancel
-from extproc.sharing import PUSH_INTERVAL_S, read_snapshot, snapshot
+from extproc.sharing import PUSH_INTERVAL_S, pack, read_snapshot, snapshot
 from extproc.telemetry.triton_metrics import SHARE_FORGET, traffic_share
 
 __all__ = [
@@ -171,6 +174,8 @@ class Opener:
 # The fields of a host's record that stay the follower's own, and those that are timestamps to move onto its
 # clock (every other ``*_at``).
 _OWN_FIELDS: Final = ("envoy", "envoy_at", "draining")
+# The positions of the others in a record: what the publisher compares to tell a written record.
+_SHARED: Final = tuple(i for i, key in enumerate(TELEMETRY_FIELDS) if key not in _OWN_FIELDS)
 
 
 @dataclass
@@ -246,6 +251,8 @@ class ReplicaPublisher:
         self._host, self._port = host.strip("[]"), int(port)
         self._secret = secret
         self._followers: set[_Follower] = set()
+        # Each host's record as the last push read it: the next push sends the hosts written since.
+        self._sent: dict[str, tuple[Any, ...]] = {}
         self._server: asyncio.Server | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -302,8 +309,21 @@ class ReplicaPublisher:
             if not self._followers or (self.datastore.generation == generation and now - sent_at < HEARTBEAT_S):
                 continue
             generation, sent_at = self.datastore.generation, now
-            payload = snapshot(self.datastore, ())
+            payload = pack((), self._written())
             await asyncio.gather(*(self._push(f, payload) for f in list(self._followers)))
+
+    def _written(self) -> dict[str, tuple[Any, ...]]:
+        """The records of the hosts written since the last call, by name (every host at the first). The
+        datastore replaces a field's value whenever it writes one (never changes it in place), so a value
+        that is the same object is unchanged; a follower keeps its own of the other fields."""
+        store, sent = self.datastore, self._sent
+        records = {name: store.telemetry(host) for name, host in store.hosts.items()}
+        self._sent = records
+        return {
+            name: record
+            for name, record in records.items()
+            if (last := sent.get(name)) is None or any(record[i] is not last[i] for i in _SHARED)
+        }
 
     async def stop(self) -> None:
         await cancel(self._task)

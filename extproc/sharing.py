@@ -33,7 +33,12 @@ Discovered = tuple[HostSpec, ...]
 
 
 def snapshot(datastore: Datastore, discovered: Discovered) -> bytes:
-    state = {name: datastore.telemetry(host) for name, host in datastore.hosts.items()}
+    return pack(discovered, {name: datastore.telemetry(host) for name, host in datastore.hosts.items()})
+
+
+def pack(discovered: Discovered, state: dict[str, tuple[Any, ...]]) -> bytes:
+    """A snapshot of the hosts in ``state`` alone (their :meth:`~Datastore.telemetry` records), for
+    :func:`read_snapshot`."""
     return pickle.dumps((discovered, state), protocol=pickle.HIGHEST_PROTOCOL)
 
 

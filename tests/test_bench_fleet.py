@@ -104,7 +104,17 @@ async def test_emulator_over_the_wire() -> None:
 @pytest.mark.e2e
 def test_small_fleet_run_sees_every_host_fresh() -> None:
     start = time.monotonic()
-    report = run(Settings(hosts=4, rate=20.0, duration_s=2.0, status_samples=2, request_rate=20.0, replicas=2))
+    report = run(
+        Settings(
+            hosts=4,
+            rate=20.0,
+            duration_s=2.0,
+            status_samples=2,
+            request_rate=20.0,
+            replicas=2,
+            decision_samples=True,
+        )
+    )
     assert time.monotonic() - start < 120
     for phase in ("idle", "load", "requests"):
         result = report[phase]
@@ -119,9 +129,11 @@ def test_small_fleet_run_sees_every_host_fresh() -> None:
     requests = report["requests"]
     assert requests["requests"]["ok"] == requests["requests"]["requests"] == 40
     assert requests["decision_s"]["count"] >= 40
+    assert requests["decision_us"]["n"] >= 40  # every decision, as the picker logged it
     assert "http_other" not in requests["scrapes_per_host_s"]
     # A follower replica takes the publisher's snapshots: the hosts see no more scrapes than with one picker.
     replicas = report["replicas"]
     assert replicas["cpu_cores"]["follower1"] > 0
     alone = report["idle"]["scrapes_per_host_s"]["http_metrics"]["mean"]
     assert replicas["scrapes_per_host_s"]["http_metrics"]["mean"] <= 1.5 * alone
+    assert replicas["followers_telemetry_age_s"]["follower1"]["fresh_hosts_min"] == 4

@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.decision import synthetic_fleet
 from extproc.config import ConfigError, Fleet, parse_fleet
-from extproc.datapath.datastore import Datastore
+from extproc.datapath.datastore import Datastore, EnvoyView, TritonLoad
 from extproc.replicas import (
     HEADER,
     MAC_BYTES,
@@ -29,7 +29,7 @@ from extproc.replicas import (
     read_replica_token,
 )
 from extproc.runtime.ports import free_ports
-from extproc.sharing import snapshot
+from extproc.sharing import read_snapshot, snapshot
 from extproc.telemetry.collector import ENVOY, TelemetryCollector
 
 SECRET = b"s3cret-shared-by-every-replica"
@@ -178,6 +178,35 @@ async def test_a_follower_without_the_secret_gets_nothing() -> None:
         reader, writer = await _handshake(port, SECRET)
         head = await asyncio.wait_for(reader.readexactly(HEADER.size + MAC_BYTES), 5)
         assert HEADER.unpack_from(head)[0] == 0
+        writer.close()
+    finally:
+        await publisher.stop()
+
+
+async def _next_state(reader: asyncio.StreamReader) -> dict[str, tuple[Any, ...]]:
+    head = await asyncio.wait_for(reader.readexactly(HEADER.size + MAC_BYTES), 5)
+    (_, _, length) = HEADER.unpack_from(head)
+    return dict(read_snapshot(await reader.readexactly(length))[1])
+
+
+async def test_a_publisher_sends_every_host_first_then_those_written() -> None:
+    """A follower's first snapshot holds every host; later ones only the hosts whose shared fields the
+    datastore wrote since the push before (not its Envoy view, which each replica keeps its own)."""
+    _, store = synthetic_fleet(3)
+    (port,) = free_ports(1)
+    publisher = ReplicaPublisher(store, f"127.0.0.1:{port}", SECRET)
+    await publisher.start()
+    try:
+        reader, writer = await _handshake(port, SECRET)
+        assert set(await _next_state(reader)) == {"h0", "h1", "h2"}
+        await asyncio.sleep(0.3)  # the publisher's first push, with every host, has gone
+        while await _next_state(reader):
+            pass
+        store.set_envoy(store.hosts["h0"], EnvoyView(active=3), store.now())
+        store.set_load(store.hosts["h1"], TritonLoad(pending=5), store.now())
+        state = await _next_state(reader)
+        assert set(state) == {"h1"} and state["h1"][0].pending == 5
+        assert await _next_state(reader) == {}  # a heartbeat
         writer.close()
     finally:
         await publisher.stop()

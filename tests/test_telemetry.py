@@ -1141,6 +1141,52 @@ async def test_envoy_admin_is_polled_less_while_the_fleet_is_idle(stack: Stack) 
         await collector.aclose()
 
 
+async def test_a_follower_polls_its_idle_envoy_at_the_idle_rate(stack: Stack) -> None:
+    """A follower replica (not scraping) has no counters of its own: while its Envoy is quiet and nothing is
+    in flight by its estimate, /clusters is read every idle_envoy_admin_ms even though the hosts are busy
+    elsewhere; its first pick has it read at the next tick, and so does a Triton queue the leader
+    published."""
+    fleet = stack.fleet(poll={"idle_metrics_ms": 400, "idle_envoy_admin_ms": 1000})
+    quiet = json.dumps(
+        envoy_doc({("triton_cpu_http", "127.0.0.1", 1000 + i): (0, False, False) for i in range(2)})
+    ).encode()
+    stack.envoy.body = lambda: (quiet, "application/json")
+    envoy = stack.envoy
+    store = Datastore(fleet)
+    collector = TelemetryCollector(fleet, store, scraping=False)
+    a = store.hosts["a"]
+    task = asyncio.create_task(collector.run())
+    try:
+        await until(lambda: a.envoy_at is not None)
+        await asyncio.sleep(0.2)  # two alike answers
+        polls = envoy.requests
+        await asyncio.sleep(2.2)
+        assert 1 <= envoy.requests - polls <= 3, envoy.requests - polls  # 1 s idle, not 50 ms
+        assert all(triton.http.requests == 0 for triton in stack.tritons.values())
+
+        # Right after an idle poll, the follower's first pick: the next 50 ms tick reads Envoy.
+        polls = envoy.requests
+        await until(lambda: envoy.requests > polls, within_s=1.5)
+        await asyncio.sleep(0.05)
+        polls = envoy.requests
+        a.record_pick(store.now())
+        await until(lambda: envoy.requests > polls, within_s=0.3)
+
+        # Idle again (Envoy's count restarted the estimate at 0); then the leader publishes a queue on a.
+        await asyncio.sleep(0.2)
+        polls = envoy.requests
+        await until(lambda: envoy.requests > polls, within_s=1.5)
+        await asyncio.sleep(0.05)
+        polls = envoy.requests
+        store.set_load(a, TritonLoad(pending=3))
+        await until(lambda: envoy.requests > polls, within_s=0.3)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await collector.aclose()
+
+
 @pytest.mark.parametrize(
     ("poll", "problem"),
     [

@@ -54,6 +54,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="> 1: the picker publishes its telemetry; after the idle phase, replicas - 1 followers join and "
         "an idle phase measures the scrapes each host sees with them (default 1)",
     )
+    parser.add_argument(
+        "--decision-samples",
+        action="store_true",
+        help="the picker logs at debug level, and the requests phase reports every decision's time from its "
+        "log (decision_us: p50/p99/max), besides the histogram's bucket bounds",
+    )
+    parser.add_argument(
+        "--picker",
+        default=None,
+        help="the default scheduling profile's picker (picker.profile.picker, e.g. power_of_two; default: the "
+        "picker's)",
+    )
     parser.add_argument("--gpu-share", type=float, default=0.5, help="share of hosts serving the GPU-shaped page")
     parser.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results (default {shown(DEFAULT_OUTPUT)})"
@@ -115,6 +127,12 @@ def summary(report: dict[str, Any]) -> str:
                 f" latency p50/p99 {r['latency']['p50_ms']:.2f}/{r['latency']['p99_ms']:.2f} ms;"
                 f" decision p50/p99 <= {d['p50_le']}/{d['p99_le']} s ({d['count']:g} decisions)"
             )
+            logged = p.get("decision_us")
+            if logged:
+                lines.append(
+                    f"  decision time (logged): p50/p99/max {logged['p50']}/{logged['p99']}/{logged['max']} us"
+                    f" ({logged['n']} decisions)"
+                )
     return "\n".join(lines)
 
 
@@ -131,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu_share=args.gpu_share,
         profile=None if args.profile is None else str(args.profile),
         replicas=args.replicas,
+        decision_samples=args.decision_samples,
+        picker=args.picker,
     )
     try:
         report = run(settings, args.keep_dir)
@@ -140,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     report["notes"] = [
         "CPU is measured idle, with the emulated hosts' counters advancing at --rate (no request through Envoy: "
         "the picker's CPU is telemetry only), and with --request-rate inference requests/s through Envoy.",
-        "decision_s: bucket upper bounds of the picker's extproc_decision_seconds histogram over the phase.",
+        "decision_s: bucket upper bounds of the picker's extproc_decision_seconds histogram over the phase; "
+        "decision_us (--decision-samples): the same times as the picker logged each (routed, decision_us), "
+        "from the request reaching the picker to its answer written.",
         "One grpc.aio server answers every emulated host's gRPC port: gRPC calls per host are the total / hosts.",
         "Envoy is real (rendered from the fleet file) and health-checks every host (http_health, grpc_HealthCheck).",
         "envoy_admin.polls_per_s: the picker's /clusters polls over the phase (Envoy's "

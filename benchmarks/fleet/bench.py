@@ -26,6 +26,7 @@ import platform
 import random
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,8 @@ from benchmarks import REPO_ROOT, child_env, stop_process
 
 _TICK: Final = os.sysconf("SC_CLK_TCK")
 _START_TIMEOUT_S: Final = 240.0
+_REAL_BATCH: Final = 10  # real Triton hosts started together
+_EPHEMERAL_START: Final = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
 REAL_MODELS: Final = ("embed_normalize", "mlp_classifier")
 MODELS: Final = ("embed_normalize", "mlp_classifier", "seq_accumulate", "timed_batch")
 
@@ -65,6 +68,28 @@ class Settings:
     poll: dict[str, int] | None = None  # picker.poll overrides
     profile: str | None = None  # run the picker under cProfile, its stats (pstats) written to this file at exit
     replicas: int = 1  # > 1: the picker publishes its telemetry and replicas - 1 followers join for a phase
+    # Every decision's time, read from the picker's debug log ("routed", decision_us), besides the histogram.
+    decision_samples: bool = False
+    picker: str | None = None  # the default profile's picker (picker.profile.picker; None: the fleet default)
+
+
+def fixed_ports(count: int, first: int = 20000) -> list[int]:
+    """``count`` TCP ports free on loopback right now, from ``first`` up (below the ephemeral range, where
+    no outgoing connection takes one meanwhile)."""
+    ports: list[int] = []
+    port = first + random.randrange(0, 5000)
+    while len(ports) < count:
+        if port >= _EPHEMERAL_START:
+            raise FleetBenchError(f"not {count} free ports between {first} and {_EPHEMERAL_START}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                pass
+            else:
+                ports.append(port)
+        port += 1
+    return ports
 
 
 def cpu_seconds(pid: int) -> float:
@@ -138,7 +163,10 @@ class FleetBench:
 
         s = self.settings
         total = s.hosts + s.real
-        ports = free_ports(3 * total + 3)
+        # The emulator binds its ports at once; the real hosts, Envoy and the picker bind theirs up to minutes
+        # later, while a hundred processes open connections: theirs are below the kernel's ephemeral range,
+        # where no connection takes a port picked free meanwhile.
+        ports = free_ports(3 * s.hosts) + fixed_ports(3 * s.real + 3)
         listener_port, admin_port, picker_port = ports[-3:]
         # The publisher's snapshot port and each follower's metrics port.
         replica_ports = free_ports(s.replicas) if s.replicas > 1 else []
@@ -165,8 +193,14 @@ class FleetBench:
             if line != "READY":
                 raise FleetBenchError(f"the emulator did not start (log: {self.run_dir}/emulator.log)")
             self.stats_url = f"http://127.0.0.1:{emulated[0]['http_port']}/emulator"
-        for i, host in enumerate(hosts[s.hosts :]):
-            self._start_triton(f"real{i}", host, env)
+        real = list(enumerate(hosts[s.hosts :]))
+        for first in range(0, len(real), _REAL_BATCH):
+            # A batch at a time: a hundred Tritons starting their python-backend stubs at once on a busy
+            # machine can lose one (boost::interprocess::lock_exception) before it serves.
+            batch = real[first : first + _REAL_BATCH]
+            for i, host in batch:
+                self._start_triton(f"real{i}", host, env)
+            self._wait(f"real Triton hosts {first} to {first + len(batch) - 1}", lambda b=batch: self._ready(b))
         fleet_doc: dict[str, Any] = {
             "model_repository": str(REPO_ROOT / "triton_models"),
             "runtime_dir": str(self.run_dir),
@@ -187,8 +221,9 @@ class FleetBench:
             "picker": {
                 "listen": f"unix:{self.run_dir}/picker.sock",
                 "metrics_port": picker_port,
-                "log_level": "warning",
+                "log_level": "debug" if s.decision_samples else "warning",
                 **({"poll": s.poll} if s.poll else {}),
+                **({"profile": {"picker": s.picker}} if s.picker else {}),
                 **self._publishing(replica_ports),
             },
             "envoy": {
@@ -205,11 +240,6 @@ class FleetBench:
         fleet = load_fleet(fleet_path)
         self.stale_after_s = fleet.picker.poll.stale_after_ms / 1000
         self.fleet_poll = fleet.picker.poll.model_dump()
-        if s.real:
-            self._wait(
-                f"{s.real} real Triton host(s)",
-                lambda: all(self._ok(f"http://127.0.0.1:{h['http_port']}/v2/health/ready") for h in hosts[s.hosts :]),
-            )
         progress(f"starting the picker ({total} hosts)")
         profiler = ["-m", "cProfile", "-o", str(Path(s.profile).resolve())] if s.profile is not None else []
         self._spawn("picker", [sys.executable, *profiler, "-m", "extproc", "serve", "--config", str(fleet_path)], env)
@@ -282,6 +312,9 @@ class FleetBench:
         )
         self._spawn(name, argv, triton_env(1.0) | {"PYTHONPATH": env["PYTHONPATH"]})
 
+    def _ready(self, hosts: list[tuple[int, dict[str, Any]]]) -> bool:
+        return all(self._ok(f"http://127.0.0.1:{host['http_port']}/v2/health/ready") for _, host in hosts)
+
     @staticmethod
     def _ok(url: str) -> bool:
         try:
@@ -334,6 +367,7 @@ class FleetBench:
             offsets = [i / request_rate for i in range(int(request_rate * s.duration_s))]
             sender = threading.Thread(target=lambda: records.append(generator.run(offsets)), daemon=True)
         admin0 = self.admin_requests()
+        log_at = self.picker_log.stat().st_size
         cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
         t0 = time.monotonic()
         if sender is not None:
@@ -366,10 +400,16 @@ class FleetBench:
                 k: summary[k] for k in ("rate_rps", "requests", "ok", "errors", "achieved_rps", "latency")
             }
             result["decision_s"] = histogram_quantiles(decisions0, self.decision_buckets())
+            if s.decision_samples:
+                result["decision_us"] = decision_times(self.picker_log, log_at)
         result["emulator_answer_ms"] = self.probe_emulator()
         result["telemetry_age_s"] = self.ages()
         result["envoy_admin"] = self.envoy_admin_cost(admin_polls)
         return result
+
+    @property
+    def picker_log(self) -> Path:
+        return self.run_dir / "picker.log"
 
     def probe_emulator(self, samples: int = 10) -> dict[str, Any]:
         """How fast the emulator answers a client other than the picker (so that a stale picker is not the
@@ -418,12 +458,13 @@ class FleetBench:
             load[f"grpc_{method}"] = {"mean": round(count / wall / n, 3)}
         return load
 
-    def ages(self) -> dict[str, Any]:
+    def ages(self, status_url: str | None = None) -> dict[str, Any]:
+        """Telemetry age per source over a few samples of the picker's /status (or another replica's)."""
         samples: dict[str, list[float]] = {}
         never: dict[str, int] = {}  # per source, host samples with no successful poll yet
         fresh, loaded = [], []
         for _ in range(self.settings.status_samples):
-            hosts = self.status()["hosts"]
+            hosts = json.loads(_get(status_url or self.status_url))["hosts"]
             fresh.append(sum(1 for h in hosts.values() if h["fresh"]))
             # Hosts whose derived load shows requests executing (the counters advance).
             loaded.append(sum(1 for h in hosts.values() if h.get("exec_ms")))
@@ -485,6 +526,19 @@ def inference_request(port: int) -> bytes:
     return head.encode("ascii") + body
 
 
+def decision_times(log: Path, offset: int) -> dict[str, Any]:
+    """p50/p99/max of the decision times (µs) the picker logged ("routed", at debug) past ``offset``."""
+    times = []
+    with log.open("rb") as lines:
+        lines.seek(offset)
+        for line in lines:
+            if b'"routed"' in line:
+                event = json.loads(line)
+                if event.get("event") == "routed":
+                    times.append(float(event["decision_us"]))
+    return percentiles(times)
+
+
 def histogram_quantiles(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
     """p50/p99 (the upper bound of the bucket holding the quantile, seconds; "+Inf" past the last bound) of
     what ``after`` added."""
@@ -537,6 +591,11 @@ def run(settings: Settings, keep_dir: Path | None = None) -> dict[str, Any]:
             # What each Triton host sees from the scrapes, with followers beside the publisher: compare
             # with the idle phase's, the publisher alone.
             report["replicas"] = bench.phase(f"idle, {settings.replicas} replicas", 0.0)
+            # The followers' view of the hosts: as fresh as the publisher's, from its snapshots.
+            report["replicas"]["followers_telemetry_age_s"] = {
+                f"follower{i}": bench.ages(f"http://127.0.0.1:{port}/status")
+                for i, port in enumerate(bench.replica_ports[1:], start=1)
+            }
         if settings.request_rate > 0:
             # The counters advance with the requests Envoy sends, not with the emulated rate.
             report["requests"] = bench.phase(

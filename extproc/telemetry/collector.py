@@ -14,7 +14,8 @@ One :class:`TelemetryCollector` per picker process, on the picker's event loop:
   :meth:`~extproc.config.picker.PollSpec.envoy_admin_s`) → every host's ``envoy``,
   ``envoy_at``, and restarts each host's in-flight estimate from Envoy's count; while the fleet is idle
   (Envoy's last two polls alike with nothing in flight, and no host with anything in flight by the
-  picker's estimate or counters that moved at its last scrape) only every ``poll.idle_envoy_admin_ms``;
+  picker's estimate or counters that moved at its last scrape; a follower, which scrapes nothing, goes by
+  the first two alone) only every ``poll.idle_envoy_admin_ms``;
 - with ``picker.nvml_host`` set, NVML every ``poll.nvml_ms`` → that host's GPU memory (in a thread).
 
 A follower of another picker replica (``picker.replicas.follow``, see :mod:`extproc.replicas`) takes the
@@ -336,14 +337,20 @@ class TelemetryCollector:
     def _envoy_due(self) -> bool:
         """Every tick while anything is in flight or moving; while the fleet is idle once per
         ``poll.idle_envoy_admin_ms``. The picker's own picks count at once; those of other processes
-        (workers, other gateways) show in Envoy's counts at the next idle poll, or in the hosts' counters."""
+        (workers, other gateways) show in Envoy's counts at the next idle poll, or in the hosts' counters.
+
+        A follower (not scraping) has no counters of its own to see move, and needs none: its Envoy counts
+        only its own gateway's requests, of which its own picks count at once and its workers' show in
+        Envoy's counts at the next idle poll; other gateways' traffic never shows in its Envoy, and reaches
+        its routing through the published Triton queues, which its in-flight estimates include."""
         at = self._envoy_polled_at
         if at is None or not self._envoy_quiet:
             return True
         now = self._datastore.now()
         if now - at >= self._idle_envoy_s:
             return True
-        return any(host.moved or host.state.in_flight(now) > 0 for host in self._hosts)
+        scraped = self._scraping  # a follower's ``host.moved`` says nothing: it scrapes no host
+        return any((scraped and host.moved) or host.state.in_flight(now) > 0 for host in self._hosts)
 
     # -- the polls ------------------------------------------------------------------------------------
 
