@@ -369,8 +369,8 @@ def budget_check(samples: Sequence[Sample], changes: Sequence[Change], host: str
     """Whether the controller kept off ``host``: no action of it there, the host's models the same in every
     sample; and whether demand asked for a copy of ``model`` that no host could take meanwhile."""
     models = {tuple(sorted(s.ready.get(host, []))) for s in samples if host in s.ready}
-    key = f'extproc_placement_unplaced_copies{{model="{model}"}}'
-    unplaced = max((s.series.get(key, 0.0) for s in samples), default=0.0)
+    tiers = f'extproc_placement_unplaced_copies{{model="{model}",'  # one series per tier: their sum
+    unplaced = max((sum(v for k, v in s.series.items() if k.startswith(tiers)) for s in samples), default=0.0)
     acted = [asdict(c) for c in changes if host in c.hosts]
     return {
         "host": host,

@@ -210,7 +210,7 @@ def test_copies_timeline_keeps_the_samples_where_a_count_changed() -> None:
 
 
 def test_budget_check_holds_only_without_actions_or_changes_there() -> None:
-    key = 'extproc_placement_unplaced_copies{model="b"}'
+    key = 'extproc_placement_unplaced_copies{model="b",tier="gpu"}'
     samples = [
         Sample(START, {"g1": ["b"], "g3": ["x", "y"]}, {key: 0.0}),
         Sample(START + 1, {"g1": ["b"], "g3": ["x", "y"]}, {key: 1.0}),

@@ -1133,7 +1133,7 @@ def _placement_series() -> dict[str, set[str]]:
     hosts = [HostInput(name="h", tier="gpu", available=frozenset({"m"}), models=frozenset({"m"}))]
     models = [ModelInput(name="m", rate_rps=1.0, capacity_rps=1.0, copies=("h",))]
     metrics = PlacementMetrics()
-    metrics.planned(models, plan(models, hosts, settings, 0.0), hosts, settings, paused=False, at=0.0)
+    metrics.planned(plan(models, hosts, settings, 0.0), hosts, settings, paused=False, at=0.0)
     return _exposition_labels(generate_latest(metrics.registry).decode())
 
 

@@ -22,9 +22,9 @@ from extproc.ops.triton_api import READY
 from extproc.placement.command import Controller, pause_reason
 from extproc.placement.explain import explain_json, format_explain
 from extproc.placement.footprints import KEEP, SETTLE_S, Footprints, MemoryReading, Outcome, parse_memory
-from extproc.placement.inputs import DemandMeter, build_inputs, copy_capacity
+from extproc.placement.inputs import Demand, DemandMeter, build_inputs, copy_capacity
 from extproc.placement.metrics import PlacementMetrics
-from extproc.placement.plan import HostInput, ModelInput, Plan, footprint, plan
+from extproc.placement.plan import HostInput, ModelInput, Plan, TierInput, footprint, plan
 from tests.test_models_ops import FLEET, REPOSITORY, FakePicker, World, ops_for, world
 
 GIB = 2**30
@@ -118,7 +118,8 @@ def test_no_demand_scales_down_without_a_measured_capacity() -> None:
     hs = with_copies(hosts(), "m", ["h0", "h1"])
     idle = plan([model(["h0", "h1"], rate=0.0, cap=None)], hs, s, now=0.0)
     assert idle.decisions[0].desired == 1 and len(unloads(idle)) == 1
-    assert idle.decisions[0].reason.startswith("no demand: below 0.35 utilization; min 1; low for ")
+    assert idle.decisions[0].reason.startswith("no demand: below 0.35 utilization; low for ")
+    assert idle.decisions[0].reason.endswith("at most 0 wanted; min 1 over its tiers")
     # Unknown demand, or a controller told never to scale down (scale_down_utilization 0): kept.
     assert plan([model(["h0", "h1"], rate=None, cap=None)], hs, s, now=0.0).actions == ()
     assert (
@@ -126,15 +127,16 @@ def test_no_demand_scales_down_without_a_measured_capacity() -> None:
     )
 
 
-def test_unloads_leave_the_default_tier_its_copies() -> None:
+def test_min_copies_over_tiers_keep_the_default_tiers_copy() -> None:
     s = settings(cooldown_s=0)
-    # The gpu copy is busier (another model's traffic), but cpu is the model's default tier: gpu's goes.
+    # Neither tier has demand; min_copies 1 over its tiers: the copy of its default tier (cpu) stays.
     hs = [
         HostInput("c", "cpu", models=frozenset({"m"}), in_flight=0.0),
         HostInput("g", "gpu", models=frozenset({"m"}), in_flight=5.0),
     ]
     p = plan([model(["c", "g"], rate=0.0, tiers=("cpu", "gpu"))], hs, s, now=0.0)
-    assert unloads(p) == ["g"] and "a copy outside its default tier (cpu)" in p.actions[0].reason
+    assert unloads(p) == ["g"] and p.actions[0].reason.startswith("gpu: 1 -> 0 copies (no demand")
+    assert {d.tier: d.desired for d in p.decisions} == {"cpu": 1, "gpu": 0}
     assert unloads(plan([model(["c", "g"], rate=0.0, tiers=("gpu", "cpu"))], hs, s, now=0.0)) == ["c"]
 
 
@@ -153,7 +155,7 @@ def test_a_memory_budget_for_two_models_never_gets_a_third() -> None:
     assert "over memory budget" in (p.decisions[1].held or "")
 
 
-def test_loads_go_to_the_most_headroom_in_the_default_tier_first() -> None:
+def test_loads_go_to_the_most_headroom_of_the_tier() -> None:
     s = settings(max_concurrent_changes=10)
     hs = [
         HostInput("c0", "cpu", budget_bytes=64 * GIB, available=frozenset({"m"})),
@@ -163,8 +165,9 @@ def test_loads_go_to_the_most_headroom_in_the_default_tier_first() -> None:
     ]
     p = plan([model(copies=(), rate=100.0, tiers=("gpu",))], hs, s, now=0.0)
     assert loads(p) == ["g1", "g0"]  # never the cpu tier, never where the repository lacks it
+    # Demand of its default tier (no copy: all of it) loads on that tier only, however much more it wants.
     p = plan([model(copies=(), rate=100.0, tiers=("gpu", "cpu"))], hs, s, now=0.0)
-    assert loads(p) == ["g1", "g0", "c0"]
+    assert loads(p) == ["g1", "g0"] and p.decisions[0].unplaced == 13
 
 
 def test_labels_and_routability_limit_where_it_loads() -> None:
@@ -339,6 +342,173 @@ def test_placement_defaults_off_and_byte_sizes_parse() -> None:
     assert footprint(s, {"solo": GIB}, "solo") == (GIB // 2, "declared")  # declared wins over learned
 
 
+# --- per (model, tier) -----------------------------------------------------------------------------------
+
+
+def two_tiers(*copies: str) -> list[HostInput]:
+    hs = [HostInput(f"{t}{i}", t, available=frozenset({"m"})) for t in ("gpu", "cpu") for i in range(3)]
+    return with_copies(hs, "m", copies)
+
+
+def tier(name: str, rate: float | None, cap: float | None = 10.0, **kw: Any) -> TierInput:
+    """A tier whose demand has been low for long already (as :func:`model`)."""
+    kw.setdefault("low_since", -1e9)
+    kw.setdefault("low_most", 0)
+    return TierInput(name, rate, cap, **kw)
+
+
+def tiered(copies: Sequence[str], *tiers: TierInput) -> ModelInput:
+    return ModelInput("m", None, None, copies=tuple(copies), tiers=("gpu", "cpu"), by_tier=tiers)
+
+
+def by_tier(p: Plan) -> dict[str, tuple[int, int]]:
+    return {d.tier: (d.current, d.desired) for d in p.decisions}
+
+
+def test_demand_on_the_cpu_tier_only_gets_a_cpu_copy() -> None:
+    # gpu is its default tier, but every request was classified to cpu: 14 req/s / (10 x 0.7) = 2 cpu copies.
+    s = settings(max_concurrent_changes=5)
+    p = plan([tiered(["cpu0"], tier("gpu", 0.0), tier("cpu", 14.0))], two_tiers("cpu0"), s, now=0.0)
+    assert loads(p) == ["cpu1"] and by_tier(p) == {"gpu": (0, 0), "cpu": (1, 2)}
+    assert p.actions[0].reason.startswith("cpu: 1 -> 2 copies (above target: 14.0 req/s / (10.0 x 0.7) = 2)")
+
+
+def test_each_tier_scales_from_its_own_capacity_per_copy() -> None:
+    # The same 60 req/s: 3 gpu copies at 30 a copy, 9 cpu copies at 10 (only 3 cpu hosts: 6 unplaced).
+    s = settings(max_concurrent_changes=10)
+    m = tiered(["gpu0", "cpu0"], tier("gpu", 60.0, 30.0), tier("cpu", 60.0, 10.0))
+    p = plan([m], two_tiers("gpu0", "cpu0"), s, now=0.0)
+    assert by_tier(p) == {"gpu": (1, 3), "cpu": (1, 3)}
+    assert {d.tier: d.unplaced for d in p.decisions} == {"gpu": 0, "cpu": 6}
+
+
+def test_a_tiers_scale_down_leaves_the_other_tiers_copy() -> None:
+    # gpu's demand fell to one copy's worth; cpu's copy is as busy as ever: only gpu copies go.
+    s = settings(cooldown_s=0, max_concurrent_changes=5)
+    hs = two_tiers("gpu0", "gpu1", "gpu2", "cpu0")
+    m = tiered(["cpu0", "gpu0", "gpu1", "gpu2"], tier("gpu", 5.0), tier("cpu", 5.0))
+    p = plan([m], hs, s, now=0.0)
+    assert sorted(unloads(p)) == ["gpu0", "gpu1"]
+    assert "cpu0" not in unloads(p) and by_tier(p) == {"gpu": (3, 1), "cpu": (1, 1)}
+    # No demand left on gpu at all: gpu goes to none, the cpu copy with its traffic stays.
+    p = plan([tiered(["cpu0", "gpu0"], tier("gpu", 0.0), tier("cpu", 5.0))], two_tiers("gpu0", "cpu0"), s, now=0.0)
+    assert unloads(p) == ["gpu0"] and by_tier(p) == {"gpu": (1, 0), "cpu": (1, 1)}
+
+
+def test_cool_down_and_scale_down_window_are_per_tier() -> None:
+    s = settings(cooldown_s=300, up_cooldown_s=30, scale_down_after_s=60)
+    # gpu just changed (cool-down), cpu did not: cpu scales up.
+    m = tiered(["gpu0", "cpu0"], tier("gpu", 20.0, last_change=0.0), tier("cpu", 14.0))
+    p = plan([m], two_tiers("gpu0", "cpu0"), s, now=10.0)
+    assert loads(p) == ["cpu1"]
+    assert next(d for d in p.decisions if d.tier == "gpu").held == "cool-down: 20 s left"
+    # gpu has been low for long, cpu only since now: gpu scales down, cpu waits for its window.
+    m = tiered(["gpu0", "gpu1", "cpu0", "cpu1"], tier("gpu", 5.0), tier("cpu", 5.0, low_since=None, low_most=None))
+    p = plan([m], two_tiers("gpu0", "gpu1", "cpu0", "cpu1"), s, now=1000.0)
+    assert unloads(p) == ["gpu0"]
+    cpu = next(d for d in p.decisions if d.tier == "cpu")
+    assert (cpu.desired, cpu.low_since, cpu.held) == (1, 1000.0, "scale-down after 60 s of low demand: low for 0 s")
+
+
+def test_min_copies_count_over_all_tiers() -> None:
+    s = settings(cooldown_s=0, max_concurrent_changes=5, models={"m": {"min_copies": 2}})
+    idle = (tier("gpu", 0.0), tier("cpu", 0.0))
+    # One copy on each tier: two over its tiers, none goes.
+    p = plan([tiered(["gpu0", "cpu0"], *idle)], two_tiers("gpu0", "cpu0"), s, now=0.0)
+    assert p.actions == () and by_tier(p) == {"gpu": (1, 1), "cpu": (1, 1)}
+    # Three: the least preferred tier's copy goes.
+    p = plan([tiered(["gpu0", "gpu1", "cpu0"], *idle)], two_tiers("gpu0", "gpu1", "cpu0"), s, now=0.0)
+    assert unloads(p) == ["cpu0"] and by_tier(p) == {"gpu": (2, 2), "cpu": (1, 0)}
+    # One: the second goes to its default tier.
+    p = plan([tiered(["cpu0"], *idle)], two_tiers("cpu0"), s, now=0.0)
+    assert loads(p) == ["gpu0"] and by_tier(p) == {"gpu": (0, 1), "cpu": (1, 1)}
+    # max_copies over its tiers too: the least preferred tier gives up its share first.
+    capped = settings(max_concurrent_changes=10, models={"m": {"max_copies": 3}})
+    m = tiered(["gpu0", "cpu0"], tier("gpu", 14.0), tier("cpu", 14.0))
+    assert by_tier(plan([m], two_tiers("gpu0", "cpu0"), capped, now=0.0)) == {"gpu": (1, 2), "cpu": (1, 1)}
+
+
+def test_a_tier_the_bounds_keep_waits_for_no_scale_down_window() -> None:
+    s = settings(scale_down_after_s=60)
+    fresh = {"low_since": None, "low_most": None}
+    p = plan(
+        [tiered(["gpu0", "cpu0"], tier("gpu", 0.0, **fresh), tier("cpu", 0.0, **fresh))],
+        two_tiers("gpu0", "cpu0"),
+        s,
+        now=0.0,
+    )
+    gpu, cpu = (next(d for d in p.decisions if d.tier == t) for t in ("gpu", "cpu"))
+    assert (gpu.desired, gpu.held, gpu.low_since) == (1, None, None)  # min_copies 1 keeps its default tier's
+    assert (cpu.desired, cpu.held, cpu.low_since) == (0, "scale-down after 60 s of low demand: low for 0 s", 0.0)
+
+
+def test_the_last_copy_with_traffic_is_never_unloaded() -> None:
+    s = settings(cooldown_s=0, models={"m": {"min_copies": 0}})
+    # Refused for load (counted on gpu, its home tier, which has no copy yet) and no demand on cpu: the
+    # gpu copy loads, and the cpu copy stays until one is READY elsewhere.
+    m = tiered(["cpu0"], tier("gpu", 0.0, overloaded=True), tier("cpu", 0.0))
+    p = plan([m], two_tiers("cpu0"), s, now=0.0)
+    assert loads(p) == ["gpu0"] and unloads(p) == []
+    assert by_tier(p) == {"gpu": (0, 1), "cpu": (1, 1)}
+    # The same with demand not measured on a tier: it may have traffic.
+    m = tiered(["cpu0", "gpu0"], tier("gpu", 0.0), tier("cpu", None))
+    assert unloads(plan([m], two_tiers("cpu0", "gpu0"), s, now=0.0)) == ["gpu0"]
+    m = tiered(["gpu0"], tier("gpu", 0.0), tier("cpu", None))
+    assert unloads(plan([m], two_tiers("gpu0"), s, now=0.0)) == []
+    # Without traffic on any tier, min_copies 0 lets the last copy go.
+    m = tiered(["gpu0"], tier("gpu", 0.0), tier("cpu", 0.0))
+    assert unloads(plan([m], two_tiers("gpu0"), s, now=0.0)) == ["gpu0"]
+
+
+def test_spilled_requests_count_where_they_ran_and_ask_for_the_tier_they_were_meant_for() -> None:
+    # 7 req/s meant for gpu ran on cpu (gpu saturated): cpu keeps what serves them, gpu gets one more copy.
+    s = settings(cooldown_s=0, max_concurrent_changes=5)
+    m = tiered(["gpu0", "cpu0"], tier("gpu", 7.0, spilled_rps=7.0), tier("cpu", 7.0))
+    p = plan([m], two_tiers("gpu0", "cpu0"), s, now=0.0)
+    assert loads(p) == ["gpu1"] and by_tier(p) == {"gpu": (1, 2), "cpu": (1, 1)}
+    assert "7.0 req/s spilled over to other tiers: one more copy" in p.actions[0].reason
+
+
+def test_inputs_per_tier_from_the_pickers_counters() -> None:
+    # mlp: tiers cpu (default), gpu; a and b are gpu hosts, c the cpu one.
+    fleet = parse_fleet(
+        {**FLEET, "placement": {"models": {"mlp": {"capacity_rps": {"gpu": 40}}, "embed": {"capacity_rps": 5}}}}
+    )
+    view = {
+        "a": PickerHost("a", "gpu", fresh=True, routable=True, ready={"mlp": ("1",)}, known=frozenset({"mlp"})),
+        "c": PickerHost("c", "cpu", fresh=True, routable=True, ready={"mlp": ("1",)}, known=frozenset({"mlp"}),
+                        service_ms=100.0),
+    }  # fmt: skip
+    demand = Demand({("mlp", "gpu"): 9.0, ("mlp", "cpu"): 2.0}, {("mlp", "gpu"): 4.0}, {"mlp": 1.0})
+    models, _ = build_inputs(fleet, view, [], demand, now_unix=0.0, last_change={("mlp", "gpu"): 5.0})
+    mlp = next(m for m in models if m.name == "mlp")
+    got = {t.tier: (t.rate_rps, t.capacity_rps, t.capacity_source, t.spilled_rps, t.last_change) for t in mlp.by_tier}
+    # The refusal counts on cpu (its default tier), and so do the requests that spilled over to gpu.
+    assert got == {"cpu": (3.0, 10.0, "service time", 4.0, None), "gpu": (9.0, 40.0, "declared", 0.0, 5.0)}
+    assert mlp.rate_rps == 12.0
+    embed = next(m for m in models if m.name == "embed")
+    assert [(t.tier, t.capacity_rps) for t in embed.by_tier] == [("gpu", 5.0)]
+
+
+def test_capacity_rps_is_one_number_or_one_per_tier() -> None:
+    s = settings(models={"a": {"capacity_rps": 5}, "b": {"capacity_rps": {"gpu": 100, "cpu": 4}}})
+    assert (s.models["a"].capacity("gpu"), s.models["a"].capacity("cpu")) == (5.0, 5.0)
+    assert (s.models["b"].capacity("gpu"), s.models["b"].capacity("cpu")) == (100.0, 4.0)
+    assert settings(models={"c": {"capacity_rps": {"gpu": 100}}}).models["c"].capacity("cpu") is None
+    with pytest.raises(ValueError, match="greater than 0"):
+        settings(models={"b": {"capacity_rps": {"gpu": 0}}})
+
+
+def test_explain_has_a_row_per_model_and_tier() -> None:
+    s = settings()
+    hs = two_tiers("gpu0", "cpu0")
+    p = plan([tiered(["gpu0", "cpu0"], tier("gpu", 5.0), tier("cpu", 1.0, None))], hs, s, now=0.0)
+    rows = [line.split()[:2] for line in format_explain(p, hs, s, window_s=5.0, paused=None).splitlines()[2:4]]
+    assert rows == [["m", "cpu"], ["m", "gpu"]]
+    doc = explain_json(p, hs, s, window_s=5.0, paused=None)
+    assert [(d["tier"], d["current"], d["desired"]) for d in doc["models"]] == [("cpu", 1, 1), ("gpu", 1, 1)]
+
+
 # --- inputs from a picker ---------------------------------------------------------------------------------
 
 
@@ -353,19 +523,27 @@ def test_status_and_metrics_give_batching_known_models_and_routed_counts() -> No
     assert copy_capacity("n", alone) == (250.0, "service time")
     # The host's service time is over all its models: with another READY there, it is not n's.
     assert copy_capacity("n", replace(alone, ready={"n": ("1",), "m": ("1",)})) == (None, "unknown")
-    text = 'extproc_decisions_total{model="m",tier="gpu",host="a",reason="best"} 7\n'
-    assert parse_overload(text)["m"].routed == 7.0
+    text = (
+        'extproc_decisions_total{model="m",tier="gpu",host="a",reason="classified"} 7\n'
+        'extproc_decisions_total{model="m",tier="cpu",host="c",reason="classified"} 2\n'
+        'extproc_decisions_total{model="m",tier="cpu",host="d",reason="spillover"} 3\n'
+    )
+    load = parse_overload(text)["m"]
+    assert load.routed == 12.0 and load.routed_by_tier == {"gpu": 7.0, "cpu": 5.0}
+    assert load.spilled_by_tier == {"cpu": 3.0}
 
 
 def test_demand_meter_rates_over_pickers_and_restarts() -> None:
-    def status(url: str, **counts: float) -> PickerStatus:
-        return PickerStatus(url, True, {}, {m: ModelLoad(routed=c) for m, c in counts.items()})
+    def status(url: str, gpu: float, cpu: float = 0.0, spilled: float = 0.0, refused: float = 0.0) -> PickerStatus:
+        load = ModelLoad(refused=refused, routed_by_tier={"gpu": gpu, "cpu": cpu}, spilled_by_tier={"cpu": spilled})
+        return PickerStatus(url, True, {}, {"m": load})
 
     meter = DemandMeter()
-    assert meter.update([status("p1", m=100), status("p2", m=50)], 0.0) is None
-    rates = meter.update([status("p1", m=150), status("p2", m=60)], 10.0)
-    assert rates == {"m": 6.0}
-    assert meter.update([status("p1", m=20), status("p2", m=60)], 20.0) == {"m": 2.0}  # p1 restarted
+    assert meter.update([status("p1", 100), status("p2", 50)], 0.0) is None
+    rates = meter.update([status("p1", 150, cpu=20, spilled=10, refused=5), status("p2", 60)], 10.0)
+    assert rates == Demand({("m", "gpu"): 6.0, ("m", "cpu"): 2.0}, {("m", "cpu"): 1.0}, {"m": 0.5})
+    later = meter.update([status("p1", 20, cpu=20, spilled=10, refused=5), status("p2", 60)], 20.0)  # p1 restarted
+    assert later is not None and later.routed == {("m", "gpu"): 2.0, ("m", "cpu"): 0.0}
 
 
 def test_build_inputs_uses_gpu_memory_where_known_else_declared() -> None:
@@ -381,7 +559,10 @@ def test_build_inputs_uses_gpu_memory_where_known_else_declared() -> None:
     assert (by["b"].memory_source, by["b"].budget_bytes, by["b"].used_bytes) == ("declared", 4 * GIB, GIB)
     assert by["c"].memory_source == "none" and not by["c"].routable
     [embed] = models
-    assert embed.copies == ("a",) and embed.capacity_rps == 100.0 and embed.tiers == ("gpu",)
+    assert embed.copies == ("a",) and embed.tiers == ("gpu",)
+    assert [(t.tier, t.rate_rps, t.capacity_rps, t.capacity_source) for t in embed.by_tier] == [
+        ("gpu", 3.0, 100.0, "service time")
+    ]  # demand of no known tier counts on its home tier
 
 
 # --- the controller through the model operations ----------------------------------------------------------
@@ -397,7 +578,9 @@ class CountingPicker(FakePicker):
     def status(self) -> PickerStatus:
         base = super().status()
         hosts = {n: replace(h, known=frozenset(REPOSITORY), service_ms=100.0) for n, h in base.hosts.items()}
-        return replace(base, hosts=hosts, overload={m: ModelLoad(routed=c) for m, c in self.routed.items()})
+        # The models of these tests run on gpu hosts: the picker counts them on that tier.
+        loads = {m: ModelLoad(routed=c, routed_by_tier={"gpu": c}) for m, c in self.routed.items()}
+        return replace(base, hosts=hosts, overload=loads)
 
 
 def controller(w: World, placement: dict[str, Any]) -> tuple[Controller, dict[str, float]]:
@@ -452,7 +635,7 @@ def test_explain_is_one_line_per_model_then_actions_and_json() -> None:
     p = plan([model(rate=20.0), model(name="n", copies=["h0"], rate=1.0)], hs, s, now=0.0)
     text = format_explain(p, hs, s, window_s=5.0, paused=None)
     lines = text.splitlines()
-    assert lines[1].split()[:8] == ["MODEL", "DEMAND", "CAP/COPY", "FROM", "UTIL", "FOOTPRINT", "COPIES", "DESIRED"]
+    assert lines[1].split()[:8] == ["MODEL", "TIER", "DEMAND", "CAP/COPY", "FROM", "UTIL", "FOOTPRINT", "COPIES"]
     assert lines[2].startswith("m ") and lines[3].startswith("n ")
     assert "actions: 1 (1 deferred)" in text and "  load   m on h" in text
     doc = explain_json(p, hs, s, window_s=5.0, paused=None)
@@ -581,7 +764,7 @@ def test_controller_learns_a_footprint_at_its_load_and_shows_it() -> None:
     doc = explain_json(after.plan, after.hosts, c.ops.fleet.placement, window_s=5.0, paused=None)
     assert (doc["models"][0]["footprint_bytes"], doc["models"][0]["footprint_source"]) == (3 * GIB, "learned")
     metrics = PlacementMetrics()
-    metrics.planned(after.models, after.plan, after.hosts, c.ops.fleet.placement, paused=False, at=0.0)
+    metrics.planned(after.plan, after.hosts, c.ops.fleet.placement, paused=False, at=0.0)
     series = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())

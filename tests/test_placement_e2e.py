@@ -184,7 +184,7 @@ def test_e2e_placement_run_loads_a_second_copy_and_the_picker_routes_to_both(sta
     key = (("model", MODEL), ("tier", "gpu"))
     assert series[("extproc_placement_copies", key)] == 2.0, series
     assert series[("extproc_placement_desired_copies", key)] in {1.0, 2.0}, series  # no demand now: may scale down
-    assert series[("extproc_placement_capacity_per_copy_rps", (("model", MODEL),))] == 4.0, series
+    assert series[("extproc_placement_capacity_per_copy_rps", key)] == 4.0, series
     assert series[("extproc_placement_tier_hosts", (("tier", "gpu"),))] == 2.0, series
     assert series[("extproc_placement_tier_hosts_wanted", (("tier", "gpu"),))] == 2.0, series
 

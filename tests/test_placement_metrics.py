@@ -23,8 +23,8 @@ from extproc.ops.execute import Ops
 from extproc.ops.triton_api import READY
 from extproc.placement.command import _run_loop, _serve_metrics
 from extproc.placement.explain import explain_json, format_explain
-from extproc.placement.metrics import PlacementMetrics, desired_by_tier, new_copy_tier, tier_signals
-from extproc.placement.plan import HostInput, ModelInput, Plan, plan
+from extproc.placement.metrics import PlacementMetrics, tier_signals
+from extproc.placement.plan import HostInput, ModelInput, Plan, TierInput, home_tier, plan
 from extproc.runtime.ports import free_ports
 from tests.test_models_ops import FLEET, world
 from tests.test_placement import controller, model, with_copies
@@ -52,7 +52,7 @@ def samples(metrics: PlacementMetrics) -> dict[tuple[str, tuple[tuple[str, str],
 
 def signal(models: Sequence[ModelInput], hs: list[HostInput], s: PlacementSpec) -> tuple[Plan, dict[str, Any]]:
     p = plan(models, hs, s, now=0.0)
-    return p, {t.tier: t for t in tier_signals(models, p, hs, s)}
+    return p, {t.tier: t for t in tier_signals(p, hs, s)}
 
 
 # --- copies no host can take, and the hosts a tier needs ----------------------------------------------------
@@ -99,21 +99,21 @@ def test_full_hosts_count_and_the_memory_unplaced_copies_need() -> None:
     assert gpu.hosts_wanted == 6
 
 
-def test_unplaced_copies_belong_to_the_models_default_tier() -> None:
+def test_unplaced_copies_belong_to_the_tier_whose_demand_asks_for_them() -> None:
     hs = tier_hosts("gpu", 1) + tier_hosts("cpu", 1)
-    m = model(copies=["gpu0"], rate=35.0, tiers=("gpu", "cpu"))
     hs = with_copies(hs, "m", ["gpu0"])
-    p, tiers = signal([m], hs, settings())
-    assert [a.host for a in p.actions] == ["cpu0"]
-    assert (tiers["gpu"].unplaced, tiers["cpu"].unplaced) == (3, 0)
-    assert (tiers["gpu"].hosts_wanted, tiers["cpu"].hosts_wanted) == (4, 1)
+    # gpu's demand wants 5 gpu copies: 4 more gpu hosts, none of the cpu tier (which has no demand).
+    p, tiers = signal([model(copies=["gpu0"], rate=35.0, tiers=("gpu", "cpu"))], hs, settings())
+    assert p.actions == () and [(d.tier, d.unplaced) for d in p.decisions] == [("gpu", 4)]
+    assert (tiers["gpu"].unplaced, tiers["cpu"].unplaced) == (4, 0)
+    assert (tiers["gpu"].hosts_wanted, tiers["cpu"].hosts_wanted) == (5, 1)
     # Without declared tiers: the tier most hosts with it in their repository are of.
     free = model(copies=[], rate=1.0)
-    assert new_copy_tier(free, tier_hosts("gpu", 1) + tier_hosts("cpu", 2)) == "cpu"
-    assert new_copy_tier(free, tier_hosts("gpu", 1, available=frozenset())) is None
+    assert home_tier(free, tier_hosts("gpu", 1) + tier_hosts("cpu", 2)) == "cpu"
+    assert home_tier(free, tier_hosts("gpu", 1, available=frozenset())) is None
 
 
-def test_demand_and_capacity_split_over_the_copies_tiers() -> None:
+def test_demand_and_capacity_per_tier_come_from_the_decisions() -> None:
     hs = with_copies(tier_hosts("gpu", 3) + tier_hosts("cpu", 1), "m", ["gpu0", "gpu1", "cpu0"])
     models = [
         model(copies=["cpu0", "gpu0", "gpu1"], rate=6.0, cap=10.0, tiers=("gpu", "cpu")),
@@ -127,28 +127,28 @@ def test_demand_and_capacity_split_over_the_copies_tiers() -> None:
 # --- desired copies per tier ------------------------------------------------------------------------------
 
 
-def test_desired_by_tier_follows_the_actions_and_sums_to_the_desired_copies() -> None:
-    hs = with_copies(tier_hosts("gpu", 2) + tier_hosts("cpu", 2), "m", ["gpu0"])
-    m = model(copies=["gpu0"], rate=28.0, tiers=("gpu", "cpu"))  # 4 copies: gpu1, then the cpu hosts
-    p = plan([m], hs, settings(max_concurrent_changes=2), now=0.0)
-    (d,) = p.decisions
-    assert len(d.actions) == 2 and len(p.deferred) == 1
-    assert desired_by_tier(m, d, p.deferred, hs) == {"gpu": 2, "cpu": 2}
-
-
-def test_desired_by_tier_while_a_cool_down_holds_the_change() -> None:
-    hs = with_copies(tier_hosts("gpu", 2) + tier_hosts("cpu", 2), "m", ["gpu0", "cpu0", "cpu1"])
-    s = settings(cooldown_s=300, up_cooldown_s=300)
-    # Up, held: the new copy counts in the default tier.
-    up = model(copies=["gpu0"], rate=14.0, tiers=("gpu", "cpu"), last_change=0.0)
-    p = plan([up], hs, s, now=10.0)
-    assert p.actions == () and desired_by_tier(up, p.decisions[0], (), hs) == {"gpu": 2}
-    # Down, held: copies leave the least preferred tier first, which keeps its series at 0.
-    down = model(copies=["cpu0", "cpu1", "gpu0"], rate=0.0, tiers=("gpu", "cpu"), last_change=0.0)
-    p = plan([down], hs, s, now=10.0)
-    (d,) = p.decisions
-    assert (d.current, d.desired, d.actions) == (3, 1, ())
-    assert desired_by_tier(down, d, (), hs) == {"gpu": 1, "cpu": 0}
+def test_desired_and_current_copies_per_tier_are_the_decisions() -> None:
+    hs = with_copies(tier_hosts("gpu", 2) + tier_hosts("cpu", 2), "m", ["gpu0", "cpu0"])
+    m = ModelInput(
+        "m", None, None, copies=("cpu0", "gpu0"), tiers=("gpu", "cpu"),
+        by_tier=(TierInput("gpu", 28.0, 10.0), TierInput("cpu", 0.0, 10.0, last_change=0.0)),
+    )  # fmt: skip
+    s = settings(max_concurrent_changes=1)
+    p = plan([m], hs, s, now=10.0)  # gpu: 1 -> 4, 2 hosts; cpu: 1 -> 0, held by its cool-down
+    assert len(p.actions) == 1 and len(p.deferred) == 0
+    metrics = PlacementMetrics()
+    metrics.planned(p, hs, s, paused=False, at=0.0)
+    got = samples(metrics)
+    assert {t: got[("extproc_placement_desired_copies", (("model", "m"), ("tier", t)))] for t in ("gpu", "cpu")} == {
+        "gpu": 2.0,
+        "cpu": 0.0,
+    }
+    assert {t: got[("extproc_placement_copies", (("model", "m"), ("tier", t)))] for t in ("gpu", "cpu")} == {
+        "gpu": 1.0,
+        "cpu": 1.0,
+    }
+    assert got[("extproc_placement_unplaced_copies", (("model", "m"), ("tier", "gpu")))] == 2.0
+    assert got[("extproc_placement_demand_rps", (("model", "m"), ("tier", "cpu")))] == 0.0
 
 
 # --- the exposition and the controller's counters ---------------------------------------------------------
@@ -161,22 +161,22 @@ def test_the_exposition_shows_the_last_round_only() -> None:
     s = settings()
     models = [model(copies=["gpu0", "gpu1"], rate=35.0), model(name="n", copies=["gpu0"], rate=None)]
     p = plan(models, hs, s, now=0.0)
-    metrics.planned(models, p, hs, s, paused=True, at=1234.0)
+    metrics.planned(p, hs, s, paused=True, at=1234.0)
     got = samples(metrics)
     assert got[("extproc_placement_paused", ())] == 1.0
     assert got[("extproc_placement_last_round_timestamp_seconds", ())] == 1234.0
-    assert got[("extproc_placement_demand_rps", (("model", "m"),))] == 35.0
-    assert ("extproc_placement_demand_rps", (("model", "n"),)) not in got  # not measured yet: absent
-    assert got[("extproc_placement_capacity_per_copy_rps", (("model", "m"),))] == 10.0
+    assert got[("extproc_placement_demand_rps", (("model", "m"), ("tier", "gpu")))] == 35.0
+    assert ("extproc_placement_demand_rps", (("model", "n"), ("tier", "gpu"))) not in got  # not measured: absent
+    assert got[("extproc_placement_capacity_per_copy_rps", (("model", "m"), ("tier", "gpu")))] == 10.0
     assert got[("extproc_placement_copies", (("model", "m"), ("tier", "gpu")))] == 2.0
     assert got[("extproc_placement_desired_copies", (("model", "m"), ("tier", "gpu")))] == 2.0
-    assert got[("extproc_placement_unplaced_copies", (("model", "m"),))] == 3.0
+    assert got[("extproc_placement_unplaced_copies", (("model", "m"), ("tier", "gpu")))] == 3.0
     assert got[("extproc_placement_tier_hosts_wanted", (("tier", "gpu"),))] == 5.0
     assert got[("extproc_placement_tier_hosts", (("tier", "gpu"),))] == 2.0
     assert got[("extproc_placement_tier_demand_rps", (("tier", "gpu"),))] == 35.0
     # The next round without model m: its series are gone.
     p = plan(models[1:], hs, s, now=1.0)
-    metrics.planned(models[1:], p, hs, s, paused=False, at=1235.0)
+    metrics.planned(p, hs, s, paused=False, at=1235.0)
     got = samples(metrics)
     assert got[("extproc_placement_paused", ())] == 0.0
     assert not [key for key in got if ("model", "m") in key[1]]

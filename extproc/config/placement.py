@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal, Self
 
-from pydantic import ByteSize, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ByteSize, Field, PositiveFloat, ValidationInfo, field_validator, model_validator
 
 from extproc.config.common import Port, PositiveMs, Strict, Tier
 from extproc.config.hosts import HostSpec, PoolSpec
@@ -36,8 +36,15 @@ class ModelPlacement(Strict):
     # GPU (or host) memory one copy takes; absent: learned from the memory change at the controller's loads
     # of it, and until then placement.default_footprint_bytes.
     footprint_bytes: ByteSize | None = None
-    # Requests per second one copy serves at full load; absent: measured (batch-cost fit, service time).
-    capacity_rps: float | None = Field(default=None, gt=0)
+    # Requests per second one copy serves at full load: one number for every tier, or one per tier (a GPU
+    # copy and a CPU copy differ by far); absent, or a tier not listed: measured (batch-cost fit, service time).
+    capacity_rps: PositiveFloat | dict[Tier, PositiveFloat] | None = None
+
+    def capacity(self, tier: str) -> float | None:
+        """The declared capacity per copy on ``tier``, or None (measured)."""
+        if isinstance(self.capacity_rps, dict):
+            return next((float(v) for t, v in self.capacity_rps.items() if t.value == tier), None)
+        return self.capacity_rps
 
     @model_validator(mode="after")
     def _bounds(self) -> Self:

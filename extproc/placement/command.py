@@ -44,7 +44,7 @@ from extproc.ops.status import PickerHost, PickerStatus
 from extproc.ops.triton_api import GrpcTriton, read_index
 from extproc.placement.explain import explain_json, format_explain
 from extproc.placement.footprints import Footprints, MemoryReading, read_memory
-from extproc.placement.inputs import DemandMeter, build_inputs
+from extproc.placement.inputs import Demand, DemandMeter, build_inputs
 from extproc.placement.metrics import PlacementMetrics
 from extproc.placement.plan import Action, HostInput, ModelInput, Plan, plan
 
@@ -82,10 +82,10 @@ class Controller:
 
     ops: Ops
     meter: DemandMeter = field(default_factory=DemandMeter)
-    last_change: dict[str, float] = field(default_factory=dict)
-    # model -> (since when every round has wanted fewer copies, the most copies they wanted): the window a
+    last_change: dict[tuple[str, str], float] = field(default_factory=dict)  # (model, tier) -> when
+    # (model, tier) -> (since when every round has wanted fewer copies, the most copies they wanted): the window a
     # scale-down waits for (PlacementSpec.scale_down_after_s), carried from each plan to the next.
-    low: dict[str, tuple[float, int]] = field(default_factory=dict)
+    low: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
     footprints: Footprints = field(default_factory=Footprints)
     memory: Callable[[Fleet, HostSpec], MemoryReading | None] = read_memory  # a host's, from its metrics page
     # The pickers and Envoys to act through, looked up again at the start of each round of ``run`` (their
@@ -96,7 +96,7 @@ class Controller:
     sleep: Callable[[float], None] = time.sleep
     _looked_at: float | None = None
 
-    def _look(self) -> tuple[list[PickerStatus], dict[str, float] | None]:
+    def _look(self) -> tuple[list[PickerStatus], Demand | None]:
         statuses = picker_statuses(self.ops.pickers)
         return statuses, self.meter.update(statuses, self.clock())
 
@@ -120,7 +120,7 @@ class Controller:
         )  # fmt: skip
         result = plan(models, hosts, fleet.placement, now, learned)
         self.low = {
-            d.model: (d.low_since, d.low_most)
+            (d.model, d.tier): (d.low_since, d.low_most)
             for d in result.decisions
             if d.low_since is not None and d.low_most is not None
         }
@@ -186,7 +186,9 @@ class Controller:
                     for host in hosts:
                         ok = host in by_host and by_host[host].ok
                         self.footprints.changed(kind, model, host, started, ended, ok)
-                self.last_change[model] = ended
+                tier_of = {h.name: h.tier.value for h in fleet.hosts}
+                for host in hosts:
+                    self.last_change[(model, tier_of.get(host, ""))] = ended
                 for a in chosen:
                     done.append(
                         (a, by_host.get(a.host, HostResult(a.host, False, "not reached (an earlier host failed)")))
@@ -217,6 +219,7 @@ def _log_actions(
             log.info(
                 "placement_scale_down_waiting",
                 model=d.model,
+                tier=d.tier,
                 demand_rps=None if d.rate_rps is None else round(d.rate_rps, 2),
                 capacity_rps=None if d.capacity_rps is None else round(d.capacity_rps, 2),
                 current=d.current,
@@ -232,6 +235,7 @@ def _log_actions(
                 "placement_action",
                 action=a.kind,
                 model=a.model,
+                tier=d.tier,
                 host=a.host,
                 reason=a.reason,
                 demand_rps=None if d.rate_rps is None else round(d.rate_rps, 2),
@@ -312,7 +316,6 @@ def _rounds(args: Any, controller: Controller, metrics: PlacementMetrics, stoppi
             if stopping.is_set():
                 break  # before acting on a round cut short
             metrics.planned(
-                decided.models,
                 decided.plan,
                 decided.hosts,
                 fleet.placement,

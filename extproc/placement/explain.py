@@ -1,7 +1,7 @@
-"""What ``extproc placement explain`` prints: one line per model (demand, capacity per copy, utilization,
-footprint, current and desired copies, why), then the planned actions with their reasons, then a summary
-of the hosts' memory; or the same as JSON. One line per model and a summary of hosts keep it readable at hundreds of
-hosts; the actions are few by construction (``max_concurrent_changes``)."""
+"""What ``extproc placement explain`` prints: one line per (model, tier) (demand, capacity per copy,
+utilization, footprint, current and desired copies, why), then the planned actions with their reasons, then
+a summary of the hosts' memory; or the same as JSON. One line per (model, tier) and a summary of hosts keep
+it readable at hundreds of hosts; the actions are few by construction (``max_concurrent_changes``)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def format_explain(
     rows = [
         [
             d.model,
+            d.tier or "-",
             _rate(d.rate_rps),
             _rate(d.capacity_rps),
             d.capacity_source,
@@ -69,8 +70,8 @@ def format_explain(
         for d in result.decisions
     ]
     if rows:
-        headers = ["MODEL", "DEMAND", "CAP/COPY", "FROM", "UTIL", "FOOTPRINT", "COPIES", "DESIRED", "WHY"]
-        lines += format_table(headers, rows, right=frozenset({1, 2, 4, 6, 7}))
+        headers = ["MODEL", "TIER", "DEMAND", "CAP/COPY", "FROM", "UTIL", "FOOTPRINT", "COPIES", "DESIRED", "WHY"]
+        lines += format_table(headers, rows, right=frozenset({2, 3, 5, 7, 8}))
     actions = result.actions
     lines.append(f"actions: {len(actions)}" + (f" ({len(result.deferred)} deferred)" if result.deferred else ""))
     lines += [_action(a) for a in actions]
@@ -95,6 +96,7 @@ def explain_json(
         "models": [
             {
                 "model": d.model,
+                "tier": d.tier,
                 "demand_rps": d.rate_rps,
                 "capacity_per_copy_rps": d.capacity_rps,
                 "capacity_source": d.capacity_source,

@@ -1,6 +1,7 @@
-"""The placement controller's Prometheus series (``extproc placement run --metrics-port``): per model its
-demand, capacity per copy, footprint and copies (now and desired, per tier), per tier the demand, the
-capacity and the hosts it needs, and counters of rounds and actions. Listed in docs/reference/metrics.md.
+"""The placement controller's Prometheus series (``extproc placement run --metrics-port``): per (model, tier)
+its demand, capacity per copy and copies (now and desired), as the plan's decisions have them; per model its
+footprint; per tier the demand, the capacity and the hosts it needs; and counters of rounds and actions.
+Listed in docs/reference/metrics.md.
 
 Why the controller exports the per-tier autoscaling signal and not the picker: only the controller knows
 whether more demand can be met by loading copies on hosts the tier already has (memory headroom, model
@@ -16,8 +17,7 @@ it at scrape time), so a model dropped from ``placement.models`` loses its serie
 from __future__ import annotations
 
 import math
-from collections import Counter as Tally
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter
@@ -25,54 +25,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from extproc.config import PlacementSpec
-from extproc.placement.plan import Action, HostInput, ModelDecision, ModelInput, Plan
+from extproc.placement.plan import Action, HostInput, Plan
 
-__all__ = ["PlacementMetrics", "TierSignal", "desired_by_tier", "new_copy_tier", "tier_signals"]
-
-
-def new_copy_tier(m: ModelInput, hosts: Sequence[HostInput]) -> str | None:
-    """The tier that new hosts for ``m`` belong to: its default tier, else the tier most of the hosts that
-    have it in their repository are of (ties: by name); None where no host has it."""
-    if m.tiers:
-        return m.tiers[0]
-    tally = Tally(h.tier for h in hosts if m.name in h.available or m.name in h.models)
-    if not tally:
-        return None
-    return min(tally, key=lambda t: (-tally[t], t))
-
-
-def _copies_by_tier(m: ModelInput, tier_of: Mapping[str, str]) -> Tally[str]:
-    return Tally(tier_of[h] for h in m.copies if h in tier_of)
-
-
-def desired_by_tier(
-    m: ModelInput, d: ModelDecision, deferred: Iterable[Action], hosts: Sequence[HostInput]
-) -> dict[str, int]:
-    """The plan's desired copies of ``m`` split by tier: the copies there now, moved by this round's and the
-    deferred actions; what the actions do not cover (held by a cool-down, or no host can take it) goes to
-    the model's default tier when adding, and leaves its least preferred tiers first when removing, as the
-    plan's loads and unloads would. The values sum to ``d.desired``."""
-    tier_of = {h.name: h.tier for h in hosts}
-    now = _copies_by_tier(m, tier_of)
-    by_tier = Tally(now)
-    for a in (*d.actions, *(a for a in deferred if a.model == m.name)):
-        tier = tier_of.get(a.host)
-        if tier is not None:
-            by_tier[tier] += 1 if a.kind == "load" else -1
-    rest = d.desired - sum(by_tier.values())
-    if rest > 0:
-        tier = new_copy_tier(m, hosts)
-        if tier is not None:
-            by_tier[tier] += rest
-    preference = list(m.tiers or ())
-    for tier in sorted(by_tier, key=lambda t: -(preference.index(t) if t in preference else len(preference))):
-        if rest >= 0:
-            break
-        taken = min(by_tier[tier], -rest)
-        by_tier[tier] -= taken
-        rest += taken
-    # A tier it leaves keeps its series (at 0), so desired and current copies compare tier by tier.
-    return {tier: count for tier, count in by_tier.items() if count > 0 or tier in now}
+__all__ = ["PlacementMetrics", "TierSignal", "tier_signals"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +37,7 @@ class TierSignal:
     tier: str
     hosts: int  # hosts of the tier the controller sees (routable or not)
     full_hosts: int  # hosts with a memory budget and no room for the default footprint
-    demand_rps: float  # managed models' demand, split over their copies' tiers (no copy: the default tier)
+    demand_rps: float  # managed models' demand on the tier
     capacity_rps: float  # managed copies on the tier x their capacity per copy (where measured)
     unplaced: int  # copies demand asks for that no host of the tier can take
     hosts_wanted: int  # hosts + those the unplaced copies need
@@ -92,35 +47,27 @@ class TierSignal:
         return self.hosts_wanted - self.hosts
 
 
-def tier_signals(
-    models: Sequence[ModelInput], result: Plan, hosts: Sequence[HostInput], settings: PlacementSpec
-) -> list[TierSignal]:
-    """Per tier (those of the hosts, and those unplaced copies belong to), sorted by name.
+def tier_signals(result: Plan, hosts: Sequence[HostInput], settings: PlacementSpec) -> list[TierSignal]:
+    """Per tier (those of the hosts, and those with unplaced copies), sorted by name, from the plan's
+    (model, tier) decisions (but those of a model no host has: no tier to count them on).
 
     The hosts a tier needs beyond its own: each new host takes at most one copy of a model, so at least the
     largest number of one model's unplaced copies; and where the tier's hosts have memory budgets, enough
     of the mean budget to hold the unplaced copies' footprints."""
-    decisions = {d.model: d for d in result.decisions}
-    tier_of = {h.name: h.tier for h in hosts}
     demand: dict[str, float] = {}
     capacity: dict[str, float] = {}
     unplaced: dict[str, dict[str, int]] = {}
-    for m in models:
-        copies = _copies_by_tier(m, tier_of)
-        total = sum(copies.values())
-        home = new_copy_tier(m, hosts)
-        if m.rate_rps is not None:
-            if total:
-                for tier, n in copies.items():
-                    demand[tier] = demand.get(tier, 0.0) + m.rate_rps * n / total
-            elif home is not None:
-                demand[home] = demand.get(home, 0.0) + m.rate_rps
-        if m.capacity_rps is not None:
-            for tier, n in copies.items():
-                capacity[tier] = capacity.get(tier, 0.0) + m.capacity_rps * n
-        d = decisions.get(m.name)
-        if d is not None and d.unplaced and home is not None:
-            unplaced.setdefault(home, {})[m.name] = d.unplaced
+    footprints: dict[str, int] = {}
+    for d in result.decisions:
+        if not d.tier:
+            continue
+        if d.rate_rps is not None:
+            demand[d.tier] = demand.get(d.tier, 0.0) + d.rate_rps
+        if d.capacity_rps is not None:
+            capacity[d.tier] = capacity.get(d.tier, 0.0) + d.capacity_rps * d.current
+        if d.unplaced:
+            unplaced.setdefault(d.tier, {})[d.model] = d.unplaced
+            footprints[d.model] = d.footprint_bytes
     signals = []
     for tier in sorted({h.tier for h in hosts} | set(unplaced)):
         members = [h for h in hosts if h.tier == tier]
@@ -128,8 +75,8 @@ def tier_signals(
         needed = max(short.values(), default=0)
         budgets = [h.budget_bytes for h in members if h.budget_bytes]
         if short and budgets:
-            footprints = sum(decisions[model].footprint_bytes * n for model, n in short.items())
-            needed = max(needed, math.ceil(footprints / (sum(budgets) / len(budgets))))
+            total = sum(footprints[model] * n for model, n in short.items())
+            needed = max(needed, math.ceil(total / (sum(budgets) / len(budgets))))
         full = sum(1 for h in members if h.headroom is not None and h.headroom < settings.default_footprint_bytes)
         signals.append(
             TierSignal(
@@ -147,7 +94,6 @@ def tier_signals(
 
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
-    models: tuple[ModelInput, ...]
     plan: Plan
     hosts: tuple[HostInput, ...]
     settings: PlacementSpec
@@ -170,16 +116,20 @@ class RoundSeries(Collector):
             "1 while the controller only plans (placement.enabled false, or the pause file exists), else 0.",
         )
         last_round = gauge("extproc_placement_last_round_timestamp_seconds", "Unix time of the last round's plan.")
-        demand = gauge("extproc_placement_demand_rps", "Requests per second for a managed model.", ["model"])
+        demand = gauge(
+            "extproc_placement_demand_rps", "Requests per second for a managed model on a tier.", ["model", "tier"]
+        )
         capacity = gauge(
             "extproc_placement_capacity_per_copy_rps",
-            "Requests per second one copy of a managed model serves at full load (declared or measured).",
-            ["model"],
+            "Requests per second one copy of a managed model on a tier serves at full load (declared or measured).",
+            ["model", "tier"],
         )
-        copies = gauge("extproc_placement_copies", "Routable copies (READY) of a managed model.", ["model", "tier"])
+        copies = gauge(
+            "extproc_placement_copies", "Routable copies (READY) of a managed model on a tier.", ["model", "tier"]
+        )
         desired = gauge(
             "extproc_placement_desired_copies",
-            "Copies of a managed model the last plan wants, with its reason's bounds (min/max copies, hosts).",
+            "Copies of a managed model on a tier the last plan wants, with its bounds (min/max copies, hosts).",
             ["model", "tier"],
         )
         footprint = gauge(
@@ -190,8 +140,8 @@ class RoundSeries(Collector):
         )
         unplaced = gauge(
             "extproc_placement_unplaced_copies",
-            "Copies demand asks for that no host can take (too few hosts, or no memory left on them).",
-            ["model"],
+            "Copies demand asks for that no host of the tier can take (too few hosts, or no memory left on them).",
+            ["model", "tier"],
         )
         deferred = gauge(
             "extproc_placement_deferred_actions", "Actions the last plan left to later rounds (max_concurrent_changes)."
@@ -204,7 +154,7 @@ class RoundSeries(Collector):
         )
         tier_demand = gauge(
             "extproc_placement_tier_demand_rps",
-            "Managed models' requests per second, split over the tiers of their copies.",
+            "Managed models' requests per second on the tier.",
             ["tier"],
         )
         tier_capacity = gauge(
@@ -226,21 +176,18 @@ class RoundSeries(Collector):
             paused.add_metric([], float(snap.paused))
             last_round.add_metric([], snap.at)
             deferred.add_metric([], float(len(snap.plan.deferred)))
-            by_model = {m.name: m for m in snap.models}
-            tier_of = {h.name: h.tier for h in snap.hosts}
             for d in snap.plan.decisions:
-                m = by_model[d.model]
+                labels = [d.model, d.tier]
                 if d.rate_rps is not None:
-                    demand.add_metric([d.model], d.rate_rps)
+                    demand.add_metric(labels, d.rate_rps)
                 if d.capacity_rps is not None:
-                    capacity.add_metric([d.model], d.capacity_rps)
-                for tier, n in sorted(_copies_by_tier(m, tier_of).items()):
-                    copies.add_metric([d.model, tier], float(n))
-                for tier, n in sorted(desired_by_tier(m, d, snap.plan.deferred, snap.hosts).items()):
-                    desired.add_metric([d.model, tier], float(n))
-                unplaced.add_metric([d.model], float(d.unplaced))
+                    capacity.add_metric(labels, d.capacity_rps)
+                copies.add_metric(labels, float(d.current))
+                desired.add_metric(labels, float(d.desired))
+                unplaced.add_metric(labels, float(d.unplaced))
+            for d in {d.model: d for d in snap.plan.decisions}.values():
                 footprint.add_metric([d.model, d.footprint_source], float(d.footprint_bytes))
-            for s in tier_signals(snap.models, snap.plan, snap.hosts, snap.settings):
+            for s in tier_signals(snap.plan, snap.hosts, snap.settings):
                 tier_hosts.add_metric([s.tier], float(s.hosts))
                 tier_full.add_metric([s.tier], float(s.full_hosts))
                 tier_demand.add_metric([s.tier], s.demand_rps)
@@ -273,7 +220,6 @@ class PlacementMetrics:
 
     def planned(
         self,
-        models: Sequence[ModelInput],
         result: Plan,
         hosts: Sequence[HostInput],
         settings: PlacementSpec,
@@ -282,7 +228,7 @@ class PlacementMetrics:
         at: float,
     ) -> None:
         """Publish a round's plan (the gauges show it until the next one)."""
-        self._round.last = _Snapshot(tuple(models), result, tuple(hosts), settings, paused, at)
+        self._round.last = _Snapshot(result, tuple(hosts), settings, paused, at)
 
     def acted(self, action: Action, outcome: str) -> None:
         self.actions.labels(action.model, action.kind, outcome).inc()

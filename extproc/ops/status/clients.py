@@ -112,6 +112,10 @@ class ModelLoad:
     refused: float = 0.0  # for load: overloaded or over its client's fair share
     refused_at: float | None = None  # Unix time of the last such refusal
     routed: float = 0.0  # requests routed (extproc_decisions_total), inference or not
+    # The same by the tier they were routed to (where they ran), and those of them that spilled over there
+    # from the tier they were classified to (reason spillover): the placement controller's demand per tier.
+    routed_by_tier: Mapping[str, float] = field(default_factory=dict)
+    spilled_by_tier: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +137,13 @@ OVERLOADED_S: Final = 10.0
 
 def parse_overload(text: str) -> dict[str, ModelLoad]:
     """``extproc_admissions_total``, ``extproc_overload_refused_at_seconds`` and ``extproc_decisions_total``
-    of a picker's ``/metrics`` text, per model (summed over the other labels; the text of a leader already
-    sums its workers)."""
+    of a picker's ``/metrics`` text, per model (summed over the other labels but the decisions' tier; the
+    text of a leader already sums its workers)."""
     admitted: dict[str, float] = {}
     refused: dict[str, float] = {}
     refused_at: dict[str, float] = {}
-    routed: dict[str, float] = {}
+    routed: dict[str, dict[str, float]] = {}
+    spilled: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             model = sample.labels.get("model")
@@ -150,10 +155,22 @@ def parse_overload(text: str) -> dict[str, ModelLoad]:
             elif sample.name == "extproc_overload_refused_at_seconds":
                 refused_at[model] = max(refused_at.get(model, 0.0), sample.value)
             elif sample.name == "extproc_decisions_total":
-                routed[model] = routed.get(model, 0.0) + sample.value
+                tier = sample.labels.get("tier", "")
+                into_tier = routed.setdefault(model, {})
+                into_tier[tier] = into_tier.get(tier, 0.0) + sample.value
+                if sample.labels.get("reason") == "spillover":
+                    into_tier = spilled.setdefault(model, {})
+                    into_tier[tier] = into_tier.get(tier, 0.0) + sample.value
     models = set(admitted) | set(refused) | set(refused_at) | set(routed)
     return {
-        m: ModelLoad(admitted.get(m, 0.0), refused.get(m, 0.0), refused_at.get(m), routed.get(m, 0.0))
+        m: ModelLoad(
+            admitted.get(m, 0.0),
+            refused.get(m, 0.0),
+            refused_at.get(m),
+            sum(routed.get(m, {}).values()),
+            routed.get(m, {}),
+            spilled.get(m, {}),
+        )
         for m in sorted(models)
     }
 
