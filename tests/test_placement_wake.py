@@ -131,6 +131,26 @@ def test_no_host_within_the_memory_budget_loads_nothing() -> None:
     asyncio.run(scenario())
 
 
+def test_a_full_default_tier_loads_on_the_models_next_tier() -> None:
+    async def scenario() -> None:
+        # resnet may run on gpu, then cpu; both gpu hosts are full (4 of 6 GiB used), c1 has room.
+        settings = parse_fleet(
+            {
+                **fleet().model_dump(mode="json", exclude_defaults=True),
+                "models": [{"name": "resnet", "tiers": ["gpu", "cpu"]}],
+            }
+        )
+        settings = settings.model_copy(
+            update={"placement": settings.placement.model_copy(update={"tier_memory_bytes": {"gpu": 6 * 2**30}})}
+        )
+        loads = Loads()
+        store, waker = started(settings, {"g1": ["bert"], "g2": ["bert"]}, loads)
+        waking = waker.wake("resnet", store)
+        assert waking is not None and waking.host == "c1"
+
+    asyncio.run(scenario())
+
+
 def test_a_failed_load_is_not_retried_until_the_delay_passes() -> None:
     async def scenario() -> None:
         loads = Loads(error=RuntimeError("failed to load 'resnet'"))

@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import structlog
@@ -31,7 +31,7 @@ from extproc.datapath.metrics import PickerMetrics
 from extproc.ops.status import parse_picker_status
 from extproc.parts import cancel
 from extproc.placement.inputs import build_inputs
-from extproc.placement.plan import plan
+from extproc.placement.plan import HostInput, ModelInput, home_tier, plan
 from extproc.telemetry.repository import RepositoryClient
 from extproc.telemetry.tls import read_triton_tls
 
@@ -152,13 +152,19 @@ class Waker:
         take it: none of its tiers and labels holds it in its repository and is routable, or memory is full."""
         view = parse_picker_status({"ready": True, "hosts": datastore.status()}).hosts
         models, hosts = build_inputs(self._fleet, view, [], {model: 1.0}, now_unix=time.time())
-        decided = plan([m for m in models if m.name == model], hosts, self._fleet.placement, time.time())
-        loads = [a for a in decided.actions if a.kind == "load"]
-        if not loads:
-            held = [d.held for d in decided.decisions if d.held]
-            log.warning("scale_from_zero_no_host", model=model, reason=held[0] if held else "no host can load it")
-            return None
-        return next(h for h in self._fleet.hosts if h.name == loads[0].host)
+        wanted = [m for m in models if m.name == model]
+        held: list[str] = []
+        # Its default tier first; where that has no room, each of its other tiers in turn, as its requests
+        # would spill there.
+        tried = [*wanted, *(replace(w, tiers=(t,)) for w in wanted for t in _other_tiers(w, hosts))]
+        for m in tried:
+            decided = plan([m], hosts, self._fleet.placement, time.time())
+            loads = [a for a in decided.actions if a.kind == "load"]
+            if loads:
+                return next(h for h in self._fleet.hosts if h.name == loads[0].host)
+            held += [d.held for d in decided.decisions if d.held]
+        log.warning("scale_from_zero_no_host", model=model, reason=held[0] if held else "no host can load it")
+        return None
 
     async def _load(self, model: str, host: HostSpec, timeout_s: float) -> None:
         started = time.monotonic()
@@ -198,3 +204,11 @@ async def load_from_repository(fleet: Fleet, host: HostSpec, model: str, timeout
 def _served(store: Datastore, model: str) -> bool:
     now = store.now()
     return any(model in h.ready and routable(h, now, store.stale_after_s) for h in store.hosts.values())
+
+
+def _other_tiers(m: ModelInput, hosts: Sequence[HostInput]) -> list[str]:
+    """The tiers ``m`` may run on besides its home tier: its other allowed tiers, or (any tier allowed) those
+    of the hosts that have it in their repository."""
+    home = home_tier(m, hosts)
+    tiers = m.tiers[1:] if m.tiers else sorted({h.tier for h in hosts if m.name in h.available})
+    return [t for t in tiers if t != home]
