@@ -23,8 +23,8 @@ from extproc.datapath.scheduling.registry import Context, Unit
 _UNMEASURED_SERVICE_MS: Final = 1.0
 
 
-# Built for every host at each change (and per request for power_of_two's sample): not frozen (a frozen init
-# costs 3x), and with a written __init__ (see extproc.datapath.scheduling.types.InferenceRequest).
+# Built for every host at each change (and per request for power_of_two's sample): not frozen (a frozen
+# dataclass's __init__ is slower), and with a written __init__ (see docs/development.md).
 @dataclass(slots=True, init=False)
 class Candidate:
     """A host that passed the filters, with the telemetry its scores need, as of the last datastore change.
