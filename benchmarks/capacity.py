@@ -52,7 +52,6 @@ from benchmarks import RESULTS_DIR, SCENARIOS_DIR, quiet_logs, shown
 from benchmarks.loadgen import LAG_BEHIND_MS, OK_STATUSES, LoadSpec, Records, percentile
 from benchmarks.overload import _revision
 from benchmarks.routing import (
-    _CLK_TCK,
     SETTLE_S,
     Front,
     Policy,
@@ -65,6 +64,7 @@ from benchmarks.routing import (
     fleet_description,
     json_safe,
     load_scenario,
+    stat_table,
 )
 from extproc.build import compiled
 from extproc.runtime.stack import StartupError
@@ -284,19 +284,7 @@ def judge(records: Records, warmup_s: float, slo_ms: float, max_lag_ms: float) -
 
 def priority_table() -> dict[int, tuple[int, float]]:
     """Every process: pid → (nice, CPU seconds used so far), from ``/proc``."""
-    table: dict[int, tuple[int, float]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2 :].split()
-            # After "pid (comm) ": state, ppid, ..., utime (12th), stime (13th), ..., nice (17th).
-            table[int(entry.name)] = (int(fields[16]), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
-    return table
+    return stat_table(16)
 
 
 def normal_priority_cpu_s(before: Mapping[int, tuple[int, float]], after: Mapping[int, tuple[int, float]]) -> float:

@@ -424,6 +424,12 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 def process_table() -> dict[int, tuple[int, float]]:
     """Every process on the machine: pid → (parent pid, CPU seconds used so far), from ``/proc``."""
+    return stat_table(1)
+
+
+def stat_table(field: int) -> dict[int, tuple[int, float]]:
+    """Every process on the machine: pid → (its ``/proc/PID/stat`` field ``field``, counted from the state
+    after "pid (comm) " as 0, as an integer; CPU seconds used so far)."""
     table: dict[int, tuple[int, float]] = {}
     with contextlib.suppress(OSError):
         for entry in os.scandir("/proc"):
@@ -434,8 +440,8 @@ def process_table() -> dict[int, tuple[int, float]]:
             except OSError:
                 continue
             fields = stat[stat.rfind(")") + 2 :].split()
-            # After "pid (comm) ": state, ppid, ..., utime (12th), stime (13th).
-            table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+            # After "pid (comm) ": state, ppid, ..., utime (12th), stime (13th), ..., nice (17th).
+            table[int(entry.name)] = (int(fields[field]), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
     return table
 
 
