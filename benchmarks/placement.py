@@ -268,18 +268,23 @@ def parse_time(stamp: str) -> float:
     return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def controller_changes(lines: Sequence[str], load_start: float) -> list[Change]:
-    """The controller's changes from its JSON log lines (``placement_action``, each round closed by a
-    ``placement_round`` line), times in seconds from ``load_start`` (Unix time)."""
-    changes: list[Change] = []
-    pending: dict[str, list[dict[str, Any]]] = {}
+def log_records(lines: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """The JSON objects among structured log lines; other lines are skipped."""
     for line in lines:
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(record, dict):
-            continue
+        if isinstance(record, dict):
+            yield record
+
+
+def controller_changes(lines: Sequence[str], load_start: float) -> list[Change]:
+    """The controller's changes from its JSON log lines (``placement_action``, each round closed by a
+    ``placement_round`` line), times in seconds from ``load_start`` (Unix time)."""
+    changes: list[Change] = []
+    pending: dict[str, list[dict[str, Any]]] = {}
+    for record in log_records(lines):
         if record.get("event") == "placement_action":
             pending.setdefault(str(record["model"]), []).append(record)
         elif record.get("event") == "placement_round":
@@ -305,13 +310,7 @@ def controller_notes(lines: Sequence[str]) -> dict[str, Any]:
     the footprints it measured at its loads (``placement_footprint``)."""
     waiting: dict[str, dict[str, float]] = {}
     footprints: list[dict[str, Any]] = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict):
-            continue
+    for record in log_records(lines):
         if record.get("event") == "placement_scale_down_waiting":
             seen = waiting.setdefault(str(record["model"]), {"rounds": 0, "longest_low_s": 0.0})
             seen["rounds"] += 1
