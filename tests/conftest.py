@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
+from extproc.build import stale_compiled_modules
 from tests.stack import E2E_GUARD, require_e2e
 
-PACKAGE = Path(__file__).resolve().parent.parent / "extproc"
 # Programs that serve once started; their one-shot uses are allowed anywhere.
 _SERVERS = frozenset({"envoy", "tritonserver", "prometheus", "wrk"})
 _ONE_SHOT_FLAGS = frozenset({"--version", "--help"})
@@ -51,16 +51,6 @@ def _guarded_popen_init(original: Any) -> Any:
         original(self, args, *rest, **kwargs)
 
     return init
-
-
-def stale_compiled_modules(package: Path = PACKAGE) -> list[str]:
-    """The sources in ``package`` changed after they were compiled."""
-    stale = []
-    for compiled in package.rglob("*.so"):
-        source = compiled.with_name(compiled.name.split(".", 1)[0] + ".py")
-        if source.exists() and source.stat().st_mtime > compiled.stat().st_mtime:
-            stale.append(str(source.relative_to(package.parent)))
-    return sorted(stale)
 
 
 def pytest_configure(config: pytest.Config) -> None:

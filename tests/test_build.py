@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.build import compiled
-from tests.conftest import stale_compiled_modules
+from extproc.build import compiled, stale_compiled_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 # The unit tests of the per-request modules, which need no server.
