@@ -54,7 +54,7 @@ from extproc.admin_key import read_secret_file
 from extproc.config import Fleet
 from extproc.datapath.datastore import TELEMETRY_FIELDS, Datastore, HostState, TrafficShare, TritonLoad
 from extproc.parts import cancel
-from extproc.sharing import PUSH_INTERVAL_S, pack, read_snapshot, snapshot
+from extproc.sharing import PUSH_INTERVAL_S, Snapshot, Written, pack, read_snapshot, snapshot
 from extproc.telemetry.triton_metrics import SHARE_FORGET, traffic_share
 
 __all__ = [
@@ -192,6 +192,7 @@ def follow_snapshot(
     """Apply a publisher's ``state`` (see :func:`extproc.sharing.snapshot`) to a follower's datastore: its
     own Envoy view, drain flag and traffic share kept, the timestamps moved by ``offset`` (follower's clock
     minus the publisher's). ``seen``: what the previous snapshots said, by host (updated)."""
+    records: dict[str, tuple[Any, ...]] = {}
     for name, record in state.items():
         host = datastore.hosts.get(name)
         if host is None:  # a host this replica's fleet does not have (yet)
@@ -205,7 +206,8 @@ def follow_snapshot(
             if key.endswith("_at") and key not in _OWN_FIELDS and value is not None:
                 values[key] = value + offset
         values["load"] = _own_share(datastore, host, values["load"], metrics_at, seen)
-        datastore.set_telemetry(host, tuple(values[key] for key in TELEMETRY_FIELDS))
+        records[name] = tuple(values[key] for key in TELEMETRY_FIELDS)
+    datastore.set_records(records)
 
 
 def _own_share(
@@ -252,7 +254,7 @@ class ReplicaPublisher:
         self._secret = secret
         self._followers: set[_Follower] = set()
         # Each host's record as the last push read it: the next push sends the hosts written since.
-        self._sent: dict[str, tuple[Any, ...]] = {}
+        self._written = Written(_SHARED)
         self._server: asyncio.Server | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -309,21 +311,8 @@ class ReplicaPublisher:
             if not self._followers or (self.datastore.generation == generation and now - sent_at < HEARTBEAT_S):
                 continue
             generation, sent_at = self.datastore.generation, now
-            payload = pack((), self._written())
+            payload = pack(Snapshot(self._written.take(self.datastore)))
             await asyncio.gather(*(self._push(f, payload) for f in list(self._followers)))
-
-    def _written(self) -> dict[str, tuple[Any, ...]]:
-        """The records of the hosts written since the last call, by name (every host at the first). The
-        datastore replaces a field's value whenever it writes one (never changes it in place), so a value
-        that is the same object is unchanged; a follower keeps its own of the other fields."""
-        store, sent = self.datastore, self._sent
-        records = {name: store.telemetry(host) for name, host in store.hosts.items()}
-        self._sent = records
-        return {
-            name: record
-            for name, record in records.items()
-            if (last := sent.get(name)) is None or any(record[i] is not last[i] for i in _SHARED)
-        }
 
     async def stop(self) -> None:
         await cancel(self._task)
@@ -403,8 +392,7 @@ class ReplicaFollower:
                     payload = await reader.readexactly(opener.length(head))
                 verified = opener.open(head, payload, loop.time())
                 assert opener.offset is not None
-                _, state = read_snapshot(verified)
-                await self._frame(state, opener.offset, loop.time())
+                await self._frame(read_snapshot(verified).records, opener.offset, loop.time())
         finally:
             writer.close()
 

@@ -1,10 +1,14 @@
 """Telemetry shared from one leader process to the picker's worker processes (``picker.workers > 1``).
 
 The leader runs the only telemetry collector, so Triton and Envoy are scraped once per host whatever the
-number of workers, and pushes a snapshot of every host's live state to each worker over a Unix socket
-(owner-only, in the runtime directory) every ``PUSH_INTERVAL_S``. Workers apply it to their own datastore
-and keep their own picks-since-poll accounting between Envoy polls. The leader alone resolves the fleet's
-pools; each snapshot carries the hosts they resolved to, so that every worker routes over the same hosts.
+number of workers, and pushes snapshots to each worker over a Unix socket (owner-only, in the runtime
+directory) every ``PUSH_INTERVAL_S``: a worker's first holds every host's record, each later one the records
+the leader's datastore has written since the one before (:class:`Written`) and the time of the leader's
+latest Envoy poll, which every host left out takes (:meth:`~extproc.datapath.datastore.Datastore.envoy_polled`):
+a large fleet's snapshot then costs a worker, which decides on the same event loop, the hosts that changed
+rather than all of them. Workers apply snapshots to their own datastore and keep their own picks-since-poll
+accounting between Envoy polls. The leader alone resolves the fleet's pools; a snapshot carries the hosts
+they resolved to when those changed, so that every worker routes over the same hosts.
 """
 
 from __future__ import annotations
@@ -14,46 +18,126 @@ import contextlib
 import pickle
 import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
 from extproc.config import HostSpec
-from extproc.datapath.datastore import Datastore
+from extproc.datapath.datastore import TELEMETRY_FIELDS, Datastore
 from extproc.parts import cancel
 
 log = structlog.get_logger(__name__)
 
 PUSH_INTERVAL_S = 0.05
+# The most host records in one frame of a snapshot (see frames()).
+FRAME_RECORDS: Final = 16
 _LENGTH = struct.Struct(">I")
 
 
 Discovered = tuple[HostSpec, ...]
 
 
+@dataclass(slots=True)
+class Snapshot:
+    """What one push carries (see the module's docstring)."""
+
+    records: dict[str, tuple[Any, ...]]  # by host name: Datastore.telemetry's record
+    discovered: Discovered | None = None  # None: the same as in the last snapshot
+    # The leader's latest Envoy poll (None: none yet, or not carried), and the hosts whose Envoy time is
+    # another (Envoy does not list them), with theirs.
+    envoy_at: float | None = None
+    envoy_lagging: dict[str, float | None] = field(default_factory=dict)
+
+
+def records(datastore: Datastore) -> dict[str, tuple[Any, ...]]:
+    return {name: datastore.telemetry(host) for name, host in datastore.hosts.items()}
+
+
 def snapshot(datastore: Datastore, discovered: Discovered) -> bytes:
-    return pack(discovered, {name: datastore.telemetry(host) for name, host in datastore.hosts.items()})
+    """Every host's record, for a worker or a follower that has none yet."""
+    return pack(Snapshot(records(datastore), discovered))
 
 
-def pack(discovered: Discovered, state: dict[str, tuple[Any, ...]]) -> bytes:
-    """A snapshot of the hosts in ``state`` alone (their :meth:`~Datastore.telemetry` records), for
-    :func:`read_snapshot`."""
-    return pickle.dumps((discovered, state), protocol=pickle.HIGHEST_PROTOCOL)
+def pack(snapshot: Snapshot) -> bytes:
+    return pickle.dumps(
+        (snapshot.records, snapshot.discovered, snapshot.envoy_at, snapshot.envoy_lagging),
+        protocol=pickle.HIGHEST_PROTOCOL,
+    )
 
 
-def read_snapshot(data: bytes) -> tuple[Discovered, dict[str, tuple[Any, ...]]]:
+def read_snapshot(data: bytes) -> Snapshot:
     # Only our own leader writes to this socket (owner-only permissions), so unpickling is safe.
-    discovered, state = pickle.loads(data)
-    assert all(isinstance(h, HostSpec) for h in discovered)
-    return discovered, state
+    state, discovered, envoy_at, lagging = pickle.loads(data)
+    assert discovered is None or all(isinstance(h, HostSpec) for h in discovered)
+    return Snapshot(state, discovered, envoy_at, lagging)
 
 
-def apply_snapshot(datastore: Datastore, state: dict[str, tuple[Any, ...]]) -> None:
-    for name, record in state.items():
-        host = datastore.hosts.get(name)
-        if host is not None:  # else a host our (older or newer) fleet file does not have
-            datastore.set_telemetry(host, record)
+def apply_snapshot(datastore: Datastore, snapshot: Snapshot) -> None:
+    # A host our (older or newer) fleet file does not have is skipped.
+    datastore.set_records(snapshot.records)
+    if snapshot.envoy_at is not None:
+        datastore.envoy_polled(snapshot.envoy_at, snapshot.envoy_lagging, snapshot.records)
+
+
+def frames(snapshot: Snapshot) -> bytes:
+    """The snapshot as length-prefixed frames of at most :data:`FRAME_RECORDS` records each: the first with
+    the discovered hosts, the last with Envoy's time. A worker applies one frame at a time and lets its
+    requests through in between, so that a snapshot of many hosts never holds a decision up for long."""
+    names = list(snapshot.records)
+    chunks = [names[i : i + FRAME_RECORDS] for i in range(0, len(names), FRAME_RECORDS)] or [[]]
+    out = []
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        data = pack(
+            Snapshot(
+                {name: snapshot.records[name] for name in chunk},
+                snapshot.discovered if i == 0 else None,
+                snapshot.envoy_at if last else None,
+                snapshot.envoy_lagging if last else {},
+            )
+        )
+        out += [_LENGTH.pack(len(data)), data]
+    return b"".join(out)
+
+
+class Written:
+    """Which hosts' records a datastore has written since the last :meth:`take`, by the fields at
+    ``positions`` of the record. The datastore replaces a field's value whenever it writes one (never
+    changes it in place; an Envoy view equal to the last keeps the last's object), so a value that is the
+    same object is unchanged."""
+
+    def __init__(self, positions: tuple[int, ...]) -> None:
+        self._positions = positions
+        self._sent: dict[str, tuple[Any, ...]] = {}
+
+    @property
+    def last(self) -> dict[str, tuple[Any, ...]]:
+        """Every host's record as the last :meth:`take` read it."""
+        return self._sent
+
+    def take(self, datastore: Datastore) -> dict[str, tuple[Any, ...]]:
+        """The records of the hosts written since the last call, by name (every host at the first)."""
+        sent, positions = self._sent, self._positions
+        now = self._sent = records(datastore)
+        return {
+            name: record
+            for name, record in now.items()
+            if (last := sent.get(name)) is None or any(record[i] is not last[i] for i in positions)
+        }
+
+
+# Every field but Envoy's time, which each push carries once for all hosts (Snapshot.envoy_at).
+_ENVOY_AT: Final = TELEMETRY_FIELDS.index("envoy_at")
+_WORKER_FIELDS: Final = tuple(i for i in range(len(TELEMETRY_FIELDS)) if i != _ENVOY_AT)
+
+
+def envoy_times(state: dict[str, tuple[Any, ...]]) -> tuple[float | None, dict[str, float | None]]:
+    """The latest Envoy time of the hosts' records, and the hosts with another, with theirs."""
+    times = {name: record[_ENVOY_AT] for name, record in state.items()}
+    latest = max((t for t in times.values() if t is not None), default=None)
+    return latest, {name: t for name, t in times.items() if t != latest}
 
 
 class Publisher:
@@ -66,6 +150,9 @@ class Publisher:
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._written = Written(_WORKER_FIELDS)
+        self._sent_discovered: Discovered | None = None
+        self._sent_envoy_at: float | None = None
 
     async def start(self) -> None:
         self._path.unlink(missing_ok=True)
@@ -75,12 +162,14 @@ class Publisher:
 
     async def _accept(self, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        state = records(self.datastore)
+        envoy_at, lagging = envoy_times(state)
         with contextlib.suppress(ConnectionError):
-            await self._push(writer, snapshot(self.datastore, self.discovered))
+            await self._push(writer, frames(Snapshot(state, self.discovered, envoy_at, lagging)))
 
     async def _push(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         try:
-            writer.write(_LENGTH.pack(len(data)) + data)
+            writer.write(data)
             await writer.drain()
         except ConnectionError:
             self._writers.discard(writer)
@@ -89,9 +178,15 @@ class Publisher:
     async def _push_forever(self) -> None:
         while True:
             await asyncio.sleep(PUSH_INTERVAL_S)
-            if self._writers:
-                data = snapshot(self.datastore, self.discovered)
-                await asyncio.gather(*(self._push(w, data) for w in list(self._writers)))
+            # Taken whether or not a worker listens: a worker that connects gets every record first.
+            written = self._written.take(self.datastore)
+            envoy_at, lagging = envoy_times(self._written.last)
+            discovered = None if self.discovered is self._sent_discovered else self.discovered
+            if not self._writers or (not written and discovered is None and envoy_at == self._sent_envoy_at):
+                continue
+            self._sent_discovered, self._sent_envoy_at = self.discovered, envoy_at
+            data = frames(Snapshot(written, discovered, envoy_at, lagging))
+            await asyncio.gather(*(self._push(w, data) for w in list(self._writers)))
 
     async def stop(self) -> None:
         await cancel(self._task)
@@ -123,9 +218,11 @@ class Subscriber:
             try:
                 while True:
                     (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-                    discovered, state = read_snapshot(await reader.readexactly(length))
-                    await self._on_hosts(discovered)
-                    apply_snapshot(self.datastore, state)
+                    snapshot = read_snapshot(await reader.readexactly(length))
+                    if snapshot.discovered is not None:
+                        await self._on_hosts(snapshot.discovered)
+                    apply_snapshot(self.datastore, snapshot)
+                    await asyncio.sleep(0)  # the requests waiting meanwhile go first (see frames())
                     self.received.set()
             except (asyncio.IncompleteReadError, ConnectionError):
                 log.warning("telemetry_leader_lost", note="reconnecting; routing on the last snapshot meanwhile")

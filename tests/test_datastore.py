@@ -70,7 +70,7 @@ def test_the_record_travels_to_workers_and_survives_a_reload() -> None:
     leader.hosts["h1"].record_pick(leader.now())
 
     worker = Datastore(fleet)
-    apply_snapshot(worker, read_snapshot(snapshot(leader, ()))[1])
+    apply_snapshot(worker, read_snapshot(snapshot(leader, ())))
     reloaded = Datastore(fleet)
     reloaded.adopt(leader)
     for name, sent in leader.hosts.items():

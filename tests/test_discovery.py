@@ -200,11 +200,13 @@ async def test_workers_take_the_discovered_hosts_from_the_leaders_snapshot(serve
     try:
         host = leader.datastore.hosts["gpu-10-0-0-5"]
         host.draining, host.metrics_at = True, 12.5
-        discovered, state = read_snapshot(snapshot(leader.datastore, leader.discovered))
+        sent = read_snapshot(snapshot(leader.datastore, leader.discovered))
         assert set(worker.datastore.hosts) == {"cpu-a"}
+        assert sent.discovered is not None
+        discovered = sent.discovered
         await worker.use_discovered(discovered)
         generation = worker.datastore.generation
-        apply_snapshot(worker.datastore, state)
+        apply_snapshot(worker.datastore, sent)
         assert worker.datastore.generation > generation, "the worker's scheduler must see the leader's telemetry"
         assert set(worker.datastore.hosts) == set(leader.datastore.hosts)
         assert worker.datastore.hosts["gpu-10-0-0-5"].draining

@@ -142,7 +142,7 @@ def test_a_follower_keeps_its_envoy_view_drain_and_clock() -> None:
     mine.envoy.active, mine.envoy.ejected, mine.envoy_at, mine.draining = 42, True, 7.0, True
     theirs = publisher.hosts["h1"]
     theirs.metrics_at = 1000.0
-    _, state = pickle.loads(snapshot(publisher, ()))
+    state = read_snapshot(snapshot(publisher, ())).records
     follow_snapshot(follower, state, offset=-900.0, seen={})
     assert (mine.envoy.active, mine.envoy.ejected, mine.envoy_at, mine.draining) == (42, True, 7.0, True)
     assert mine.ready == theirs.ready and mine.known == theirs.known
@@ -186,7 +186,7 @@ async def test_a_follower_without_the_secret_gets_nothing() -> None:
 async def _next_state(reader: asyncio.StreamReader) -> dict[str, tuple[Any, ...]]:
     head = await asyncio.wait_for(reader.readexactly(HEADER.size + MAC_BYTES), 5)
     (_, _, length) = HEADER.unpack_from(head)
-    return dict(read_snapshot(await reader.readexactly(length))[1])
+    return read_snapshot(await reader.readexactly(length)).records
 
 
 async def test_a_publisher_sends_every_host_first_then_those_written() -> None:

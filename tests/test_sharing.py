@@ -1,12 +1,17 @@
-"""The leader's telemetry snapshot for its workers (extproc.sharing), without processes: what the leader
-has is what a worker gets."""
+"""The leader's telemetry snapshots for its workers (extproc.sharing), without processes: what the leader
+has is what a worker gets, and a later snapshot carries only what changed."""
 
 from __future__ import annotations
+
+import asyncio
+import dataclasses
+import struct
+from pathlib import Path
 
 from benchmarks.decision import synthetic_fleet
 from extproc.datapath.batch_cost import BatchCost, BatchFit, Batching
 from extproc.datapath.datastore import Datastore, ModelTimes
-from extproc.sharing import apply_snapshot, read_snapshot, snapshot
+from extproc.sharing import FRAME_RECORDS, Publisher, Snapshot, apply_snapshot, read_snapshot, snapshot
 
 
 def test_a_snapshot_carries_every_kind_of_telemetry() -> None:
@@ -18,10 +23,10 @@ def test_a_snapshot_carries_every_kind_of_telemetry() -> None:
     host.envoy.ejected, host.draining = True, True
     worker = Datastore(fleet)
 
-    discovered, state = read_snapshot(snapshot(leader, ()))
-    apply_snapshot(worker, state)
+    shared = read_snapshot(snapshot(leader, ()))
+    apply_snapshot(worker, shared)
 
-    assert discovered == ()
+    assert shared.discovered == ()
     for name, sent in leader.hosts.items():
         got = worker.hosts[name]
         assert (got.load, got.envoy, got.batching, got.draining) == (
@@ -36,3 +41,62 @@ def test_a_snapshot_carries_every_kind_of_telemetry() -> None:
     assert {k: [h.name for h in v] for k, v in worker.serving.items()} == {
         k: [h.name for h in v] for k, v in leader.serving.items()
     }
+
+
+async def _next(reader: asyncio.StreamReader) -> Snapshot:
+    """One snapshot, from its frames: the last carries Envoy's time (every host of the fleet below has one)."""
+    merged = Snapshot({})
+    while merged.envoy_at is None:
+        (length,) = struct.unpack(">I", await asyncio.wait_for(reader.readexactly(4), 5))
+        frame = read_snapshot(await reader.readexactly(length))
+        assert len(frame.records) <= FRAME_RECORDS
+        merged.records |= frame.records
+        merged.discovered = merged.discovered if frame.discovered is None else frame.discovered
+        merged.envoy_at, merged.envoy_lagging = frame.envoy_at, frame.envoy_lagging
+    return merged
+
+
+async def test_a_worker_gets_every_host_first_then_those_written_and_envoys_time(tmp_path: Path) -> None:
+    """A large fleet's snapshot costs a worker the hosts that changed: an Envoy poll that finds a host as
+    it was leaves its record out, and the poll's time alone restarts that host's in-flight estimate."""
+    fleet, leader = synthetic_fleet(100)
+    worker = Datastore(fleet)
+    publisher = Publisher(leader, tmp_path / "share.sock", ())
+    await publisher.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "share.sock"))
+        first = await _next(reader)
+        assert set(first.records) == set(leader.hosts) and first.discovered == ()
+        apply_snapshot(worker, first)
+        await asyncio.sleep(0.2)  # the pushes of what the publisher had before, if any, have gone
+
+        picked = worker.hosts["h7"]
+        picked.record_pick(worker.now(), weight=3)
+        assert picked.in_flight(worker.now()) > picked.envoy_count(picked.envoy.active)
+        polled_at = leader.now()
+        for host in leader.hosts.values():  # as Envoy's poll writes it: h5 has one more in flight
+            active = host.envoy.active + (host.name == "h5")
+            leader.set_envoy(host, dataclasses.replace(host.envoy, active=active), polled_at)
+        while (later := await _next(reader)).envoy_at != polled_at:
+            pass
+        assert set(later.records) == {"h5"} and later.discovered is None and later.envoy_lagging == {}
+
+        apply_snapshot(worker, later)
+        assert worker.hosts["h5"].envoy.active == leader.hosts["h5"].envoy.active
+        assert all(host.envoy_at == polled_at for host in worker.hosts.values())
+        assert picked.estimate == picked.envoy_count(picked.envoy.active) and picked.picks_since_poll == 0
+        writer.close()
+    finally:
+        await publisher.stop()
+
+
+def test_an_envoy_view_equal_to_the_last_keeps_its_object_and_the_layout() -> None:
+    _, store = synthetic_fleet(2)
+    host = store.hosts["h1"]
+    view, layout, generation = host.envoy, store.layout, store.generation
+    store.set_envoy(host, dataclasses.replace(view), store.now())
+    assert host.envoy is view and store.layout == layout and store.generation > generation
+    store.set_envoy(host, dataclasses.replace(view, active=view.active + 1), store.now())
+    assert host.envoy is not view and store.layout == layout
+    store.set_envoy(host, dataclasses.replace(view, ejected=True), store.now())
+    assert store.layout > layout, "an ejection changes which hosts may be candidates"

@@ -8,7 +8,7 @@ runs on one event loop, so plain attribute updates are consistent without locks.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -345,11 +345,20 @@ class Datastore:
         # Counts the changes to the hosts' telemetry and flags: what a scheduler prepared from them before
         # a change is out of date after it (see :meth:`changed`).
         self.generation = 0
+        # Counts the changes among them that decide which hosts may be candidates at all: a model's READY
+        # hosts, a drain, a model's batching, Envoy's ejections and failed health checks (see
+        # :meth:`relaid`). A scheduler may rank on scores a few changes old, never on such a change.
+        self.layout = 0
 
     def changed(self) -> None:
         """Say that some host's telemetry (:data:`TELEMETRY_FIELDS`) was just written: the writers below
         call it; only the in-flight estimate (read live by every decision) is exempt."""
         self.generation += 1
+
+    def relaid(self) -> None:
+        """Say that a write changed which hosts may be candidates (see :attr:`layout`); also a change."""
+        self.layout += 1
+        self.changed()
 
     def set_load(self, host: HostState, load: TritonLoad, scraped_at: float | None = None) -> None:
         """The host's load: from a scrape of its metrics (``scraped_at``), or with other readings (NVML)."""
@@ -359,20 +368,32 @@ class Datastore:
         self.changed()
 
     def set_envoy(self, host: HostState, view: EnvoyView | None, now: float) -> None:
-        """Envoy's view of the host (None: Envoy does not list it; its last view's time is kept)."""
+        """Envoy's view of the host (None: Envoy does not list it; its last view's time is kept). A view
+        equal to the last keeps the last's object, so that a worker's snapshot leaves the host out (see
+        :mod:`extproc.sharing`)."""
         if view is None:
-            host.envoy = EnvoyView()
+            view = EnvoyView()
         else:
-            host.envoy, host.envoy_at = view, now
+            host.envoy_at = now
+        old = host.envoy
+        if view != old:
+            host.envoy = view
+            if view.ejected != old.ejected or view.unhealthy != old.unhealthy:
+                self.relaid()
+                return
         self.changed()
 
     def set_batching(self, host: HostState, batching: dict[str, Batching]) -> None:
+        relaid = batching != host.batching
         host.batching = batching
-        self.changed()
+        if relaid:
+            self.relaid()
+        else:
+            self.changed()
 
     def set_draining(self, host: HostState, draining: bool) -> None:
         host.draining = draining
-        self.changed()
+        self.relaid()
 
     def telemetry(self, host: HostState) -> tuple[Any, ...]:
         """The host's record (:data:`TELEMETRY_FIELDS`, in that order), for :meth:`set_telemetry`."""
@@ -381,18 +402,52 @@ class Datastore:
     def set_telemetry(self, host: HostState, record: tuple[Any, ...]) -> None:
         """Write the whole record, as :meth:`telemetry` read it (from another process, or before a reload);
         the in-flight estimate restarts from Envoy's count when that count is newer."""
-        values = dict(zip(TELEMETRY_FIELDS, record, strict=True))
-        envoy, envoy_at = values["envoy"], values["envoy_at"]
-        assert isinstance(values["load"], TritonLoad) and isinstance(envoy, EnvoyView)
-        previous_envoy_at = host.envoy_at
-        reindex = values["ready"].keys() != host.ready.keys() or values["known"] != host.known
-        for name, value in values.items():
-            setattr(host, name, value)
-        if envoy_at is not None and envoy_at != previous_envoy_at:
-            host.reset_estimate(host.envoy_count(envoy.active), envoy_at)  # includes the picks since
+        self.set_records({host.name: record})
+
+    def set_records(self, records: dict[str, tuple[Any, ...]]) -> None:
+        """:meth:`set_telemetry` for each host named (a host this datastore does not have is skipped), with
+        the (tier, model) index rebuilt once at the end rather than after each host."""
+        reindex = relaid = False
+        for name, record in records.items():
+            host = self.hosts.get(name)
+            if host is None:
+                continue
+            values = dict(zip(TELEMETRY_FIELDS, record, strict=True))
+            envoy, envoy_at = values["envoy"], values["envoy_at"]
+            assert isinstance(values["load"], TritonLoad) and isinstance(envoy, EnvoyView)
+            previous_envoy_at, previous_envoy = host.envoy_at, host.envoy
+            if values["ready"].keys() != host.ready.keys() or values["known"] != host.known:
+                reindex = True
+            elif not relaid:
+                relaid = (
+                    values["draining"] != host.draining
+                    or values["batching"] != host.batching
+                    or envoy.ejected != previous_envoy.ejected
+                    or envoy.unhealthy != previous_envoy.unhealthy
+                )
+            for field_name, value in values.items():
+                setattr(host, field_name, value)
+            if envoy_at is not None and envoy_at != previous_envoy_at:
+                host.reset_estimate(host.envoy_count(envoy.active), envoy_at)  # includes the picks since
         if reindex:
             self._reindex()
-        self.changed()
+        elif relaid:
+            self.relaid()
+        else:
+            self.changed()
+
+    def envoy_polled(self, at: float, lagging: dict[str, float | None], written: Container[str]) -> None:
+        """A worker's share of its leader's latest Envoy poll, made at ``at``: a host that the snapshot left
+        out (not in ``written``: its Envoy view is the same object as before) takes the poll's time (or its
+        own, in ``lagging``, where Envoy does not list it), and its in-flight estimate restarts from Envoy's
+        count, which includes the picks made since. Envoy's time is read by no prepared state: no change."""
+        for name, host in self.hosts.items():
+            if name in written:
+                continue
+            host_at = lagging.get(name, at)
+            if host_at is not None and host_at != host.envoy_at:
+                host.envoy_at = host_at
+                host.reset_estimate(host.envoy_count(host.envoy.active), host_at)
 
     def adopt(self, old: Datastore) -> None:
         """Carry live state over from the datastore of the previous config (reload): hosts with the same name
@@ -430,7 +485,7 @@ class Datastore:
                 serving.setdefault((host.tier, model), []).append(host)
         self.serving = {key: tuple(hosts) for key, hosts in serving.items()}
         self.known_models = frozenset().union(*(h.known for h in self.hosts.values()))
-        self.changed()
+        self.relaid()
 
     def model_known(self, model: str) -> bool:
         """Whether any host lists the model at all (loaded or not)."""
