@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from extproc.config import parse_fleet
@@ -37,10 +39,10 @@ def quarantine(store: Datastore) -> Quarantine:
     return Quarantine(store, PickerMetrics(store), HOLD_S, WINDOW_S)
 
 
-def down(store: Datastore, host: str, unhealthy: bool = True) -> None:
+def down(store: Datastore, host: str, unhealthy: bool = True, ejected: bool = False) -> None:
     """As Envoy's admin poll writes it."""
-    store.hosts[host].envoy.unhealthy = unhealthy
-    store.changed()
+    state = store.hosts[host]
+    store.set_envoy(state, dataclasses.replace(state.envoy, unhealthy=unhealthy, ejected=ejected), store.now())
 
 
 def test_a_request_in_flight_on_a_host_that_goes_down_is_refused_for_a_while(
@@ -112,8 +114,7 @@ def test_a_request_routed_again_and_again_is_no_suspect(store: Datastore, quaran
 
 def test_an_ejected_host_counts_as_down(store: Datastore, quarantine: Quarantine) -> None:
     quarantine.routed(1, "g3")
-    store.hosts["g3"].envoy.ejected = True
-    store.changed()
+    down(store, "g3", unhealthy=False, ejected=True)
     assert quarantine.refused_for(1) > 0.0
 
 

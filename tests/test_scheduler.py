@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from typing import Any
@@ -16,7 +17,7 @@ from extproc.datapath.datastore import Datastore, HostState, ModelTimes
 from extproc.datapath.scheduling import registry
 from extproc.datapath.scheduling.classify import classify
 from extproc.datapath.scheduling.pickers import Argmax
-from extproc.datapath.scheduling.scheduler import Scheduler
+from extproc.datapath.scheduling.scheduler import INLINE_PREPARE_HOSTS, Scheduler
 from extproc.datapath.scheduling.scorers import Candidate, prepare
 from extproc.datapath.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
 
@@ -690,3 +691,32 @@ def test_request_work_from_rows_hint_bytes_or_the_mean() -> None:
     store.changed()
     (candidate,) = prepare([store.hosts["g1"]], "embed")
     assert scheduler.work(grpc("embed", rows=8), candidate) == 1.0
+
+
+@pytest.mark.parametrize("hosts", [INLINE_PREPARE_HOSTS, INLINE_PREPARE_HOSTS + 1])
+def test_a_large_plan_is_prepared_again_after_the_decision_never_on_an_old_layout(hosts: int) -> None:
+    """A plan of more than INLINE_PREPARE_HOSTS hosts ranks on the scores it has until refresh(), which
+    the edge calls once it has answered; a smaller one is prepared again within the decision. Either
+    drops a drained host at once."""
+    data = {
+        "hosts": [{"name": f"g{i}", "address": f"10.0.{i // 256}.{i % 256}", "tier": "gpu"} for i in range(hosts)],
+        "models": [{"name": "mlp", "tiers": ["gpu"]}],
+    }
+    store = Datastore(parse_fleet(data), clock=frozen)
+    live(store, {f"g{i}": ["mlp"] for i in range(hosts)})
+    target = store.hosts["g5"]
+    target.load.service_ms = 1000.0
+    scheduler = Scheduler(store.fleet, store)
+    assert names(scheduler.decide(http("mlp")))[0] != "g5"
+
+    for host in store.hosts.values():  # a scrape: now every host but g5 is slow
+        store.set_load(host, dataclasses.replace(host.load, service_ms=2.0 if host is target else 1000.0))
+    second = names(scheduler.decide(http("mlp")))[0]
+    if hosts > INLINE_PREPARE_HOSTS:
+        assert second != "g5" and scheduler.refresh_due
+        scheduler.refresh()
+    assert not scheduler.refresh_due
+    assert names(scheduler.decide(http("mlp")))[0] == "g5"
+
+    store.set_draining(target, True)
+    assert "g5" not in names(scheduler.decide(http("mlp")))

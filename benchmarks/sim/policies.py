@@ -186,6 +186,7 @@ class _PickerGateway:
             template.protocol, template.model, size_bytes=sim.size_bytes[r], rows=sim.rows[r] if grpc else None
         )
         decision = self.scheduler.decide(request)
+        self.scheduler.refresh()  # as the edge does once it has answered
         if isinstance(decision, Reject):
             return _REJECT_STATUS.get(decision.status, 6)
         index_of = self.index_of

@@ -243,6 +243,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                     best = decision.hosts[0]
                     gie.picked = best.grpc_endpoint if request.protocol is Protocol.GRPC else best.http_endpoint
             responder.record(decision, request, headers.get("x-request-id"), started)
+            if self._scheduler.refresh_due:
+                # After the answer, so that no decision waits for a large plan's preparation (see Scheduler).
+                asyncio.get_running_loop().call_soon(self._scheduler.refresh)
             if isinstance(decision, Reject) or (gie is None and not first.streamed_body):
                 # Nothing more will come on this stream (Envoy only streams bodies on routes set to): end it
                 # now instead of waiting for Envoy to close it, which saves a wake-up per request.

@@ -59,12 +59,12 @@ class Quarantine:
         self._routed: OrderedDict[int, _Routes] = OrderedDict()
         self._until: dict[int, float] = {}  # quarantined fingerprint → end of its hold
         self._down: set[str] = set()
-        self._generation = -1
+        self._layout = -1
 
     def use(self, datastore: Datastore) -> None:
         """A new datastore (config reload): hosts that stay keep their names, so what is known stays valid."""
         self._store = datastore
-        self._generation = -1
+        self._layout = -1
 
     def refused_for(self, fingerprint: int) -> float:
         """Seconds left of ``fingerprint``'s quarantine; 0 when it may be routed."""
@@ -102,10 +102,11 @@ class Quarantine:
         routes.hosts[host] = self._store.now()
 
     def _follow_hosts(self) -> None:
-        """Notice hosts that went down since the datastore last changed (Envoy's poll writes it)."""
-        if self._generation == self._store.generation:
+        """Notice hosts that went down since the datastore's layout last changed (an ejection or a failed
+        health check in Envoy's poll changes it)."""
+        if self._layout == self._store.layout:
             return
-        self._generation = self._store.generation
+        self._layout = self._store.layout
         down = {name for name, host in self._store.hosts.items() if host.envoy.unhealthy or host.envoy.ejected}
         for host in down - self._down:
             self._went_down(host, down)

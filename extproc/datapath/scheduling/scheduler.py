@@ -10,7 +10,13 @@ readiness) are never refused for load, except sheddable ones when every tier is 
 Most of a decision only changes when telemetry does: which hosts pass the filters, their measured times,
 batch costs, GPU memory. The scheduler prepares that once per (tier, model, version) and datastore
 generation, as a plan of candidates; per request it reads only the hosts' in-flight counts (which every
-pick moves), scores and picks.
+pick moves), scores and picks. Preparing costs time in proportion to the plan's hosts, and a large fleet's
+telemetry changes between almost any two requests: a plan of more than :data:`INLINE_PREPARE_HOSTS` hosts
+is prepared again after the decision that found it out of date (:meth:`Scheduler.refresh`, which the edge
+calls once it has answered), so that decision ranks on scores one telemetry change old. Never on an old
+layout: a change of which hosts may be candidates at all (a model loaded or unloaded, a drain, an
+ejection) drops the plans before the next decision (``Datastore.layout``), as does a host's telemetry
+going stale (``_Plan.stale_at``).
 """
 
 from __future__ import annotations
@@ -100,15 +106,22 @@ class _Units:
 _Step = tuple[Tier, _Units]
 
 
+# The most hosts a plan may have and still be prepared again within the decision that finds it out of date.
+INLINE_PREPARE_HOSTS: Final = 64
+
+
 @dataclass(slots=True)
 class _Plan:
     """One (tier, model, version): the tier's hosts with the model (version), and those that pass the
-    profile's filters, prepared as candidates (when first needed). Valid until the datastore changes; the
-    candidates also until ``stale_at``, when the first of them may stop passing (see Filter.holds_until)."""
+    profile's filters, prepared as candidates (when first needed). Valid until the datastore's layout
+    changes; the candidates until its generation does (see :meth:`Scheduler.refresh` for large plans), and
+    until ``stale_at``, when the first of them may stop passing (see Filter.holds_until)."""
 
     hosts: tuple[HostState, ...]
     candidates: tuple[Candidate, ...] = ()
     stale_at: float = -math.inf  # not prepared yet
+    generation: int = -1  # the datastore's, when prepared
+    due: bool = False  # waits in Scheduler._due for refresh()
 
 
 class Scheduler:
@@ -140,8 +153,10 @@ class Scheduler:
         self._open_sequences = OpenSequences(pick_weight, fleet.picker.overload.max_sequence_share)
         # Whether a model keeps a sequence on one host, until the datastore changes (see is_sequence_model).
         self._sequence_models: dict[str, bool] = {}
-        # The datastore generation the plans and the unlisted models' orders were made from.
-        self._generation = -1
+        # The datastore layout the plans and the unlisted models' orders were made from.
+        self._layout = -1
+        # Large plans decided on out of date, with what refresh() prepares them with.
+        self._due: list[tuple[_Plan, str, _Units]] = []
         # The mean rows of each model's requests that carry them, and the mean size in bytes of those that
         # do not, [REST, gRPC] (see work).
         # Each value: (the mean, the requests it was taken over).
@@ -208,13 +223,30 @@ class Scheduler:
         return Route(route.tier, route.hosts + tuple(spill), route.reason, work=route.work) if spill else route
 
     def _follow_datastore(self) -> None:
-        """Drop what was derived from an older datastore generation."""
-        if self._generation != self._store.generation:
+        """Drop what was derived from an older datastore layout."""
+        if self._layout != self._store.layout:
             self._plans.clear()
+            self._due.clear()
             self._implicit_specs.clear()
             self._implicit_orders.clear()
             self._sequence_models.clear()
-            self._generation = self._store.generation
+            self._layout = self._store.layout
+
+    @property
+    def refresh_due(self) -> bool:
+        """Some large plan was decided on out of date: :meth:`refresh` would prepare it again."""
+        return bool(self._due)
+
+    def refresh(self) -> None:
+        """Prepare again the large plans that decisions found out of date, off those decisions' time: the
+        edge calls it once it has answered (the simulator after each decision)."""
+        due, self._due = self._due, []
+        if due and self._layout == self._store.layout:
+            now = self._store.now()
+            for plan, model, units in due:
+                plan.due = False
+                if plan.generation != self._store.generation:
+                    self._prepare(plan, model, units, now)
 
     def is_sequence_model(self, model: str) -> bool:
         """Marked ``sequence`` in the fleet file, or served with a sequence batcher by some host. Only such a
@@ -376,12 +408,23 @@ class Scheduler:
         return plan
 
     def _prepared(self, plan: _Plan, model: str, units: _Units, now: float) -> tuple[Candidate, ...]:
-        """Every host of the plan that passes the profile's filters, prepared (again once stale)."""
+        """Every host of the plan that passes the profile's filters, prepared (again once stale or, for a
+        small plan, out of date; a large one is left to :meth:`refresh`)."""
         if now > plan.stale_at:
-            passing = filters.passing(plan.hosts, units.filters, now)
-            plan.candidates = tuple(prepare(passing, model, units.static))
-            plan.stale_at = filters.holds_until(units.filters, passing)
+            self._prepare(plan, model, units, now)
+        elif plan.generation != self._store.generation:
+            if len(plan.hosts) <= INLINE_PREPARE_HOSTS:
+                self._prepare(plan, model, units, now)
+            elif not plan.due:
+                plan.due = True
+                self._due.append((plan, model, units))
         return plan.candidates
+
+    def _prepare(self, plan: _Plan, model: str, units: _Units, now: float) -> None:
+        passing = filters.passing(plan.hosts, units.filters, now)
+        plan.candidates = tuple(prepare(passing, model, units.static))
+        plan.stale_at = filters.holds_until(units.filters, passing)
+        plan.generation = self._store.generation
 
     def _ranked(
         self, request: InferenceRequest, tier: Tier, units: _Units, now: float
