@@ -10,6 +10,7 @@ from typing import Any
 
 from benchmarks import RESULTS_DIR, shown
 from benchmarks.fleet.bench import FleetBenchError, Settings, progress, run
+from extproc.build import PACKAGE, stale_compiled_modules
 
 DEFAULT_OUTPUT = RESULTS_DIR / "fleet.json"
 
@@ -65,6 +66,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="the default scheduling profile's picker (picker.profile.picker, e.g. power_of_two; default: the "
         "picker's)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="picker.workers (default 1): > 1, a leader process collects the telemetry and that many worker "
+        "processes decide on its snapshots",
+    )
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="the picker runs the compiled per-request modules, as `make install` builds them (default: plain "
+        "Python, as EXTPROC_PURE_PYTHON=1)",
     )
     parser.add_argument("--gpu-share", type=float, default=0.5, help="share of hosts serving the GPU-shaped page")
     parser.add_argument(
@@ -151,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         replicas=args.replicas,
         decision_samples=args.decision_samples,
         picker=args.picker,
+        workers=args.workers,
+        compiled=args.compiled,
     )
+    if settings.compiled and (not list(PACKAGE.rglob("*.so")) or stale_compiled_modules()):
+        print("benchmarks.fleet: --compiled needs the compiled modules current: run `make install`", file=sys.stderr)
+        return 2
     try:
         report = run(settings, args.keep_dir)
     except (FleetBenchError, OSError) as exc:

@@ -71,6 +71,8 @@ class Settings:
     # Every decision's time, read from the picker's debug log ("routed", decision_us), besides the histogram.
     decision_samples: bool = False
     picker: str | None = None  # the default profile's picker (picker.profile.picker; None: the fleet default)
+    workers: int = 1  # picker.workers: > 1, a leader process collects telemetry and the workers decide
+    compiled: bool = False  # the picker runs the compiled modules (else plain Python, as the emulator)
 
 
 def fixed_ports(count: int, first: int = 20000) -> list[int]:
@@ -92,8 +94,25 @@ def fixed_ports(count: int, first: int = 20000) -> list[int]:
     return ports
 
 
+def _stat_fields(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (the picker's workers)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(_stat_fields(int(entry.name))[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
@@ -224,6 +243,7 @@ class FleetBench:
                 "log_level": "debug" if s.decision_samples else "warning",
                 **({"poll": s.poll} if s.poll else {}),
                 **({"profile": {"picker": s.picker}} if s.picker else {}),
+                **({"workers": s.workers} if s.workers > 1 else {}),
                 **self._publishing(replica_ports),
             },
             "envoy": {
@@ -240,9 +260,11 @@ class FleetBench:
         fleet = load_fleet(fleet_path)
         self.stale_after_s = fleet.picker.poll.stale_after_ms / 1000
         self.fleet_poll = fleet.picker.poll.model_dump()
-        progress(f"starting the picker ({total} hosts)")
+        progress(f"starting the picker ({total} hosts, {'compiled' if s.compiled else 'plain Python'})")
         profiler = ["-m", "cProfile", "-o", str(Path(s.profile).resolve())] if s.profile is not None else []
-        self._spawn("picker", [sys.executable, *profiler, "-m", "extproc", "serve", "--config", str(fleet_path)], env)
+        picker_env = {k: v for k, v in env.items() if k != "EXTPROC_PURE_PYTHON"} if s.compiled else env
+        argv = [sys.executable, *profiler, "-m", "extproc", "serve", "--config", str(fleet_path)]
+        self._spawn("picker", argv, picker_env)
         envoy_yaml = self.run_dir / "envoy.yaml"
         envoy_yaml.write_text(render_yaml(fleet), encoding="utf-8")
         progress("starting Envoy")
@@ -358,6 +380,8 @@ class FleetBench:
         self.set_rate(rate)
         time.sleep(min(3.0, s.duration_s / 3))  # the picker's derived load settles
         pids = {n: c.pid for n, c in self.children.items()}
+        # A leader's workers decide; the leader collects telemetry (CPU reported apart and summed as "picker").
+        pids |= {f"picker_worker{i}": pid for i, pid in enumerate(sorted(children(pids["picker"])))}
         before_stats = self.emulator_stats()
         decisions0 = self.decision_buckets()
         records: list[Any] = []
@@ -382,6 +406,9 @@ class FleetBench:
             sender.join(30)
         wall = time.monotonic() - t0
         cpu = {n: round((cpu_seconds(p) - cpu0[n]) / wall, 4) for n, p in pids.items()}
+        if s.workers > 1:
+            cpu["picker_leader"] = cpu["picker"]
+            cpu["picker"] = round(sum(v for n, v in cpu.items() if n.startswith("picker_")), 4)
         # Only the picker asks Envoy's admin during the phase (the benchmark's own request comes after).
         admin_polls = (self.admin_requests() - admin0 - 1) / wall
         after_stats = self.emulator_stats()
