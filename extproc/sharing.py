@@ -33,6 +33,8 @@ log = structlog.get_logger(__name__)
 PUSH_INTERVAL_S = 0.05
 # The most host records in one frame of a snapshot (see frames()).
 FRAME_RECORDS: Final = 16
+# In a record, a field unchanged since the last snapshot (see Written): pickled as itself.
+SAME: Final = ...
 _LENGTH = struct.Struct(">I")
 
 
@@ -49,6 +51,7 @@ class Snapshot:
     # another (Envoy does not list them), with theirs.
     envoy_at: float | None = None
     envoy_lagging: dict[str, float | None] = field(default_factory=dict)
+    complete: bool = True  # the last frame of a snapshot (see frames())
 
 
 def records(datastore: Datastore) -> dict[str, tuple[Any, ...]]:
@@ -62,21 +65,27 @@ def snapshot(datastore: Datastore, discovered: Discovered) -> bytes:
 
 def pack(snapshot: Snapshot) -> bytes:
     return pickle.dumps(
-        (snapshot.records, snapshot.discovered, snapshot.envoy_at, snapshot.envoy_lagging),
+        (snapshot.records, snapshot.discovered, snapshot.envoy_at, snapshot.envoy_lagging, snapshot.complete),
         protocol=pickle.HIGHEST_PROTOCOL,
     )
 
 
 def read_snapshot(data: bytes) -> Snapshot:
     # Only our own leader writes to this socket (owner-only permissions), so unpickling is safe.
-    state, discovered, envoy_at, lagging = pickle.loads(data)
+    state, discovered, envoy_at, lagging, complete = pickle.loads(data)
     assert discovered is None or all(isinstance(h, HostSpec) for h in discovered)
-    return Snapshot(state, discovered, envoy_at, lagging)
+    return Snapshot(state, discovered, envoy_at, lagging, complete)
 
 
 def apply_snapshot(datastore: Datastore, snapshot: Snapshot) -> None:
-    # A host our (older or newer) fleet file does not have is skipped.
-    datastore.set_records(snapshot.records)
+    records = {}
+    for name, record in snapshot.records.items():
+        host = datastore.hosts.get(name)
+        if host is not None:  # else a host our (older or newer) fleet file does not have
+            if any(v is SAME for v in record):
+                record = tuple(o if v is SAME else v for v, o in zip(record, datastore.telemetry(host), strict=True))
+            records[name] = record
+    datastore.set_records(records)
     if snapshot.envoy_at is not None:
         datastore.envoy_polled(snapshot.envoy_at, snapshot.envoy_lagging, snapshot.records)
 
@@ -96,6 +105,7 @@ def frames(snapshot: Snapshot) -> bytes:
                 snapshot.discovered if i == 0 else None,
                 snapshot.envoy_at if last else None,
                 snapshot.envoy_lagging if last else {},
+                last,
             )
         )
         out += [_LENGTH.pack(len(data)), data]
@@ -105,11 +115,14 @@ def frames(snapshot: Snapshot) -> bytes:
 class Written:
     """Which hosts' records a datastore has written since the last :meth:`take`, by the fields at
     ``positions`` of the record. The datastore replaces a field's value whenever it writes one (never
-    changes it in place; an Envoy view equal to the last keeps the last's object), so a value that is the
-    same object is unchanged."""
+    changes it in place; an Envoy view or a load equal to the last keeps the last's object), so a value
+    that is the same object is unchanged. With ``elide``, a record taken holds ``...`` (:data:`SAME`) for
+    each field unchanged since the last take (:func:`apply_snapshot` fills them in): an idle host's scrape
+    then travels as its time alone, not as its whole load."""
 
-    def __init__(self, positions: tuple[int, ...]) -> None:
+    def __init__(self, positions: tuple[int, ...], elide: bool = False) -> None:
         self._positions = positions
+        self._elide = elide
         self._sent: dict[str, tuple[Any, ...]] = {}
 
     @property
@@ -121,11 +134,16 @@ class Written:
         """The records of the hosts written since the last call, by name (every host at the first)."""
         sent, positions = self._sent, self._positions
         now = self._sent = records(datastore)
-        return {
-            name: record
-            for name, record in now.items()
-            if (last := sent.get(name)) is None or any(record[i] is not last[i] for i in positions)
-        }
+        out = {}
+        for name, record in now.items():
+            last = sent.get(name)
+            if last is None:
+                out[name] = record
+            elif any(record[i] is not last[i] for i in positions):
+                out[name] = (
+                    tuple(SAME if v is o else v for v, o in zip(record, last, strict=True)) if self._elide else record
+                )
+        return out
 
 
 # Every field but Envoy's time, which each push carries once for all hosts (Snapshot.envoy_at).
@@ -150,7 +168,7 @@ class Publisher:
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
         self._task: asyncio.Task[None] | None = None
-        self._written = Written(_WORKER_FIELDS)
+        self._written = Written(_WORKER_FIELDS, elide=True)
         self._sent_discovered: Discovered | None = None
         self._sent_envoy_at: float | None = None
 
@@ -200,13 +218,22 @@ class Publisher:
 
 class Subscriber:
     """A worker's side: keeps its datastore in step with the leader's, reconnecting if the leader restarts.
-    ``on_hosts`` gets the discovered hosts of each snapshot first, and may replace :attr:`datastore`."""
+    ``on_hosts`` gets the discovered hosts of each snapshot first, and may replace the datastore
+    (:meth:`use`)."""
 
     def __init__(self, datastore: Datastore, path: Path, on_hosts: Callable[[Discovered], Awaitable[None]]) -> None:
         self.datastore = datastore
         self._path = path
         self._on_hosts = on_hosts
+        self._resync = False
         self.received = asyncio.Event()
+
+    def use(self, datastore: Datastore) -> None:
+        """Apply snapshots to ``datastore`` from now on (a reload, or new discovered hosts). The leader's
+        later snapshots leave out what it sent before, which a host that the new datastore started afresh
+        lacks: the subscriber connects again, and the leader sends every record first."""
+        self.datastore = datastore
+        self._resync = True
 
     async def run(self) -> None:
         while True:
@@ -216,14 +243,16 @@ class Subscriber:
                 await asyncio.sleep(0.1)
                 continue
             try:
-                while True:
+                self._resync = False
+                while not self._resync:
                     (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
                     snapshot = read_snapshot(await reader.readexactly(length))
                     if snapshot.discovered is not None:
                         await self._on_hosts(snapshot.discovered)
                     apply_snapshot(self.datastore, snapshot)
+                    if snapshot.complete and not self._resync:
+                        self.received.set()
                     await asyncio.sleep(0)  # the requests waiting meanwhile go first (see frames())
-                    self.received.set()
             except (asyncio.IncompleteReadError, ConnectionError):
                 log.warning("telemetry_leader_lost", note="reconnecting; routing on the last snapshot meanwhile")
             finally:
