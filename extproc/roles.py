@@ -232,7 +232,7 @@ class _Subscribing(Part):
             await asyncio.wait_for(self._subscriber.received.wait(), timeout=_FIRST_SNAPSHOT_S)
 
     def switch(self, fleet: Fleet, datastore: Datastore) -> None:
-        self._subscriber.use(datastore)
+        self._subscriber.datastore = datastore
 
     async def stop(self) -> None:
         await cancel(self._task)

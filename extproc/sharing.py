@@ -33,8 +33,6 @@ log = structlog.get_logger(__name__)
 PUSH_INTERVAL_S = 0.05
 # The most host records in one frame of a snapshot (see frames()).
 FRAME_RECORDS: Final = 16
-# In a record, a field unchanged since the last snapshot (see Written): pickled as itself.
-SAME: Final = ...
 _LENGTH = struct.Struct(">I")
 
 
@@ -78,14 +76,8 @@ def read_snapshot(data: bytes) -> Snapshot:
 
 
 def apply_snapshot(datastore: Datastore, snapshot: Snapshot) -> None:
-    records = {}
-    for name, record in snapshot.records.items():
-        host = datastore.hosts.get(name)
-        if host is not None:  # else a host our (older or newer) fleet file does not have
-            if any(v is SAME for v in record):
-                record = tuple(o if v is SAME else v for v, o in zip(record, datastore.telemetry(host), strict=True))
-            records[name] = record
-    datastore.set_records(records)
+    # A host our (older or newer) fleet file does not have is skipped.
+    datastore.set_records(snapshot.records)
     if snapshot.envoy_at is not None:
         datastore.envoy_polled(snapshot.envoy_at, snapshot.envoy_lagging, snapshot.records)
 
@@ -115,14 +107,11 @@ def frames(snapshot: Snapshot) -> bytes:
 class Written:
     """Which hosts' records a datastore has written since the last :meth:`take`, by the fields at
     ``positions`` of the record. The datastore replaces a field's value whenever it writes one (never
-    changes it in place; an Envoy view or a load equal to the last keeps the last's object), so a value
-    that is the same object is unchanged. With ``elide``, a record taken holds ``...`` (:data:`SAME`) for
-    each field unchanged since the last take (:func:`apply_snapshot` fills them in): an idle host's scrape
-    then travels as its time alone, not as its whole load."""
+    changes it in place; an Envoy view equal to the last keeps the last's object), so a value that is the
+    same object is unchanged."""
 
-    def __init__(self, positions: tuple[int, ...], elide: bool = False) -> None:
+    def __init__(self, positions: tuple[int, ...]) -> None:
         self._positions = positions
-        self._elide = elide
         self._sent: dict[str, tuple[Any, ...]] = {}
 
     @property
@@ -134,16 +123,11 @@ class Written:
         """The records of the hosts written since the last call, by name (every host at the first)."""
         sent, positions = self._sent, self._positions
         now = self._sent = records(datastore)
-        out = {}
-        for name, record in now.items():
-            last = sent.get(name)
-            if last is None:
-                out[name] = record
-            elif any(record[i] is not last[i] for i in positions):
-                out[name] = (
-                    tuple(SAME if v is o else v for v, o in zip(record, last, strict=True)) if self._elide else record
-                )
-        return out
+        return {
+            name: record
+            for name, record in now.items()
+            if (last := sent.get(name)) is None or any(record[i] is not last[i] for i in positions)
+        }
 
 
 # Every field but Envoy's time, which each push carries once for all hosts (Snapshot.envoy_at).
@@ -168,7 +152,7 @@ class Publisher:
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
         self._task: asyncio.Task[None] | None = None
-        self._written = Written(_WORKER_FIELDS, elide=True)
+        self._written = Written(_WORKER_FIELDS)
         self._sent_discovered: Discovered | None = None
         self._sent_envoy_at: float | None = None
 
@@ -218,22 +202,13 @@ class Publisher:
 
 class Subscriber:
     """A worker's side: keeps its datastore in step with the leader's, reconnecting if the leader restarts.
-    ``on_hosts`` gets the discovered hosts of each snapshot first, and may replace the datastore
-    (:meth:`use`)."""
+    ``on_hosts`` gets the discovered hosts of each snapshot first, and may replace :attr:`datastore`."""
 
     def __init__(self, datastore: Datastore, path: Path, on_hosts: Callable[[Discovered], Awaitable[None]]) -> None:
         self.datastore = datastore
         self._path = path
         self._on_hosts = on_hosts
-        self._resync = False
         self.received = asyncio.Event()
-
-    def use(self, datastore: Datastore) -> None:
-        """Apply snapshots to ``datastore`` from now on (a reload, or new discovered hosts). The leader's
-        later snapshots leave out what it sent before, which a host that the new datastore started afresh
-        lacks: the subscriber connects again, and the leader sends every record first."""
-        self.datastore = datastore
-        self._resync = True
 
     async def run(self) -> None:
         while True:
@@ -243,14 +218,13 @@ class Subscriber:
                 await asyncio.sleep(0.1)
                 continue
             try:
-                self._resync = False
-                while not self._resync:
+                while True:
                     (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
                     snapshot = read_snapshot(await reader.readexactly(length))
                     if snapshot.discovered is not None:
                         await self._on_hosts(snapshot.discovered)
                     apply_snapshot(self.datastore, snapshot)
-                    if snapshot.complete and not self._resync:
+                    if snapshot.complete:  # a worker serves once it has every host, not a frame's worth
                         self.received.set()
                     await asyncio.sleep(0)  # the requests waiting meanwhile go first (see frames())
             except (asyncio.IncompleteReadError, ConnectionError):

@@ -361,11 +361,8 @@ class Datastore:
         self.changed()
 
     def set_load(self, host: HostState, load: TritonLoad, scraped_at: float | None = None) -> None:
-        """The host's load: from a scrape of its metrics (``scraped_at``), or with other readings (NVML). A
-        load equal to the last keeps the last's object (an idle host's scrape), so that a worker's snapshot
-        carries only the scrape's time (see :mod:`extproc.sharing`)."""
-        if load != host.load:
-            host.load = load
+        """The host's load: from a scrape of its metrics (``scraped_at``), or with other readings (NVML)."""
+        host.load = load
         if scraped_at is not None:
             host.metrics_at = scraped_at
         self.changed()
