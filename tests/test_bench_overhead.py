@@ -632,7 +632,7 @@ async def test_picker_servicer_makes_real_decisions() -> None:
 
 def test_decision_benchmark_times_each_path() -> None:
     for result in decision.run([10, 20], 30, ["argmax", "power_of_two"]):
-        for path in ("decide", "decide_after_change", "edge"):
+        for path in ("decide", "decide_after_change", "refresh_after_answer", "edge"):
             timing = result[path]
             assert 0 < timing["p50_us"] <= timing["p99_us"], (result["picker"], result["hosts"], path)
 
