@@ -232,6 +232,8 @@ def test_rest_sequences_from_tritonclient_stay_on_their_host(stack: Stack) -> No
     routed = [json.loads(line) for line in stack.log("picker").splitlines() if '"routed"' in line]
     rest_ids = {r["sequence_id"] for r in routed if r["protocol"] == "http" and r["model"] == "seq_accumulate"}
     assert {str(i) for i in sequences} <= rest_ids
+    # Each decision's time, and the part of it until the answer was ready (before gRPC sent it).
+    assert all(0 < r["answer_us"] <= r["decision_us"] for r in routed)
 
 
 def test_rest_sequence_header_pins_the_host(stack: Stack) -> None:

@@ -143,9 +143,10 @@ def summary(report: dict[str, Any]) -> str:
             )
             logged = p.get("decision_us")
             if logged:
+                ready = logged["answer"]
                 lines.append(
                     f"  decision time (logged): p50/p99/max {logged['p50']}/{logged['p99']}/{logged['max']} us"
-                    f" ({logged['n']} decisions)"
+                    f" ({logged['n']} decisions); the answer ready in p50/p99 {ready['p50']}/{ready['p99']} us"
                 )
     return "\n".join(lines)
 
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         "the picker's CPU is telemetry only), and with --request-rate inference requests/s through Envoy.",
         "decision_s: bucket upper bounds of the picker's extproc_decision_seconds histogram over the phase; "
         "decision_us (--decision-samples): the same times as the picker logged each (routed, decision_us), "
-        "from the request reaching the picker to its answer written.",
+        "from the request reaching the picker to its answer written; answer: to the answer ready, before gRPC "
+        "sent it (the rest is sending it and waiting for the process's turn on a busy machine).",
         "One grpc.aio server answers every emulated host's gRPC port: gRPC calls per host are the total / hosts.",
         "Envoy is real (rendered from the fleet file) and health-checks every host (http_health, grpc_HealthCheck).",
         "envoy_admin.polls_per_s: the picker's /clusters polls over the phase (Envoy's "

@@ -554,8 +554,9 @@ def inference_request(port: int) -> bytes:
 
 
 def decision_times(log: Path, offset: int) -> dict[str, Any]:
-    """p50/p99/max of the decision times (µs) the picker logged ("routed", at debug) past ``offset``."""
-    times = []
+    """p50/p99/max of the decision times (µs) the picker logged ("routed", at debug) past ``offset``, and
+    (``answer``) of the part until the answer was ready, before gRPC sent it."""
+    times, answers = [], []
     with log.open("rb") as lines:
         lines.seek(offset)
         for line in lines:
@@ -563,7 +564,8 @@ def decision_times(log: Path, offset: int) -> dict[str, Any]:
                 event = json.loads(line)
                 if event.get("event") == "routed":
                     times.append(float(event["decision_us"]))
-    return percentiles(times)
+                    answers.append(float(event["answer_us"]))
+    return {**percentiles(times), "answer": percentiles(answers)}
 
 
 def histogram_quantiles(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:

@@ -235,14 +235,13 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                     log.exception("picker_error", path=clip(path), error_type=type(exc).__name__)
                 raise
             responder = self._responder
-            if gie is None:
-                yield responder.answer(decision, request)
-            else:
-                yield responder.epp_answer(decision, request)
-                if isinstance(decision, Route):
-                    best = decision.hosts[0]
-                    gie.picked = best.grpc_endpoint if request.protocol is Protocol.GRPC else best.http_endpoint
-            responder.record(decision, request, headers.get("x-request-id"), started)
+            answer = responder.answer(decision, request) if gie is None else responder.epp_answer(decision, request)
+            answered = time.perf_counter()
+            yield answer
+            if gie is not None and isinstance(decision, Route):
+                best = decision.hosts[0]
+                gie.picked = best.grpc_endpoint if request.protocol is Protocol.GRPC else best.http_endpoint
+            responder.record(decision, request, headers.get("x-request-id"), started, answered)
             if self._scheduler.refresh_due:
                 # After the answer, so that no decision waits for a large plan's preparation (see Scheduler).
                 asyncio.get_running_loop().call_soon(self._scheduler.refresh)

@@ -175,10 +175,20 @@ class Responder:
             immediate.body = json.dumps({"error": reject.message}, separators=(",", ":"), ensure_ascii=False).encode()
         return ep.ProcessingResponse(immediate_response=immediate)
 
-    def record(self, decision: Decision, request: InferenceRequest, request_id: str | None, started: float) -> None:
+    def record(
+        self,
+        decision: Decision,
+        request: InferenceRequest,
+        request_id: str | None,
+        started: float,
+        answered: float | None = None,
+    ) -> None:
         """Count the decision in the picker's metrics (and log it: every rejection, routes at debug);
-        ``started`` is when the request reached the picker (``time.perf_counter()``)."""
-        elapsed = time.perf_counter() - started
+        ``started`` is when the request reached the picker, ``answered`` when its answer was ready, before
+        gRPC sent it (``time.perf_counter()``): the time between is the picker's work, the rest sending the
+        answer and waiting for the process's turn (a busy machine)."""
+        now = time.perf_counter()
+        elapsed = now - started
         model = request.model or ""
         if request.infer:
             # Only models some host lists get an admission verdict: the label's values are bounded.
@@ -200,6 +210,7 @@ class Responder:
                     reason=decision.reason,
                     sequence_id=request.sequence_id,
                     decision_us=round(elapsed * 1e6, 1),
+                    answer_us=round(((answered if answered is not None else now) - started) * 1e6, 1),
                 )
         else:
             self._metrics.decision_seconds.observe(elapsed)
