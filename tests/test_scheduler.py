@@ -720,3 +720,22 @@ def test_a_large_plan_is_prepared_again_after_the_decision_never_on_an_old_layou
 
     store.set_draining(target, True)
     assert "g5" not in names(scheduler.decide(http("mlp")))
+
+
+@pytest.mark.parametrize("hosts", [INLINE_PREPARE_HOSTS, INLINE_PREPARE_HOSTS + 1])
+def test_a_version_unloaded_leaves_its_plan_at_once(hosts: int) -> None:
+    """A host whose model changes versions (the same model READY, another version) changes the layout:
+    a request for the version it no longer has never goes there, even on a large plan's old scores."""
+    data = {
+        "hosts": [{"name": f"g{i}", "address": f"10.0.{i // 256}.{i % 256}", "tier": "gpu"} for i in range(hosts)],
+        "models": [{"name": "mlp", "tiers": ["gpu"]}],
+    }
+    store = Datastore(parse_fleet(data), clock=frozen)
+    live(store, {f"g{i}": ["mlp"] for i in range(hosts)}, service_ms=1000.0)
+    target = store.hosts["g5"]
+    target.load.service_ms = 2.0
+    scheduler = Scheduler(store.fleet, store)
+    assert names(scheduler.decide(http("mlp", version="1")))[0] == "g5"
+    store.update_index(target, {"mlp": frozenset({"2"})}, target.known, store.now())
+    assert "g5" not in names(scheduler.decide(http("mlp", version="1")))
+    assert names(scheduler.decide(http("mlp", version="2"))) == ["g5"]

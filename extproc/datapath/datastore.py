@@ -420,7 +420,8 @@ class Datastore:
                 reindex = True
             elif not relaid:
                 relaid = (
-                    values["draining"] != host.draining
+                    values["ready"] != host.ready
+                    or values["draining"] != host.draining
                     or values["batching"] != host.batching
                     or envoy.ejected != previous_envoy.ejected
                     or envoy.unhealthy != previous_envoy.unhealthy
@@ -465,12 +466,17 @@ class Datastore:
     def update_index(
         self, host: HostState, ready: dict[str, frozenset[str]], known: frozenset[str], now: float
     ) -> None:
-        """Apply one host's repository index; rebuilds the (tier, model) index only when READY sets change."""
+        """Apply one host's repository index; rebuilds the (tier, model) index only when READY sets change,
+        and changes the layout when READY versions do (a scheduler's plans are per version)."""
         changed = ready.keys() != host.ready.keys() or known != host.known
+        versions = ready != host.ready
         host.ready, host.known, host.index_at = ready, known, now
         if changed:
             self._reindex()
-        self.changed()
+        elif versions:
+            self.relaid()
+        else:
+            self.changed()
 
     def confirm_index(self, host: HostState, now: float) -> None:
         """The host's metrics page lists exactly the model versions its index has READY: the index still
