@@ -18,7 +18,9 @@ _INDEX_AT: Final = attrgetter("index_at")
 
 class Filter(Unit):
     """Whether a host may take the profile's requests. The scheduler keeps what passed (prepared as
-    candidates) until the datastore changes or :meth:`holds_until`."""
+    candidates) until the datastore changes or :meth:`holds_until`; on a large plan, until the edge has
+    answered the decision that found a change (see :mod:`~extproc.datapath.scheduling.scheduler`), unless
+    the change was to the datastore's layout."""
 
     # Applied by the scheduler through the datastore's (tier, model) index, before the other filters:
     # :meth:`passes` is never called.

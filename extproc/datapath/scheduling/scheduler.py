@@ -14,9 +14,9 @@ pick moves), scores and picks. Preparing costs time in proportion to the plan's 
 telemetry changes between almost any two requests: a plan of more than :data:`INLINE_PREPARE_HOSTS` hosts
 is prepared again after the decision that found it out of date (:meth:`Scheduler.refresh`, which the edge
 calls once it has answered), so that decision ranks on scores one telemetry change old. Never on an old
-layout: a change of which hosts may be candidates at all (a model loaded or unloaded, a drain, an
-ejection) drops the plans before the next decision (``Datastore.layout``), as does a host's telemetry
-going stale (``_Plan.stale_at``).
+layout: a change of which hosts may be candidates at all (a model or version loaded or unloaded, a
+drain, an ejection) drops the plans before the next decision (``Datastore.layout``), as does a host's
+telemetry going stale (``_Plan.stale_at``).
 """
 
 from __future__ import annotations
