@@ -411,7 +411,7 @@ def test_envoys_count_and_the_picks_are_scaled_to_the_hosts_whole_traffic() -> N
     assert store.hosts["b"].estimate == 0.0
     # A worker applies the leader's record the same way.
     worker = Datastore(envoy_fleet())
-    worker.set_telemetry(worker.hosts["a"], store.telemetry(a))
+    worker.set_records({"a": store.telemetry(a)})
     assert worker.hosts["a"].estimate == 12.0
 
 

@@ -86,6 +86,11 @@ class EnvoyView:
         return None if self.routed is None else self.routed - self.active
 
 
+def _verdict_changed(old: EnvoyView, new: EnvoyView) -> bool:
+    """Envoy's ejection or health-check verdict on a host changed: a layout change (see Datastore.layout)."""
+    return new.ejected != old.ejected or new.unhealthy != old.unhealthy
+
+
 # The fields of HostState that make up what the picker knows about a host (its telemetry and the operator's
 # drain flag): the one record that the leader sends its workers (extproc.sharing), that a reload carries over
 # (Datastore.adopt) and that /status shows (host_status). The Datastore writes them (its set_* methods and
@@ -378,7 +383,7 @@ class Datastore:
         old = host.envoy
         if view != old:
             host.envoy = view
-            if view.ejected != old.ejected or view.unhealthy != old.unhealthy:
+            if _verdict_changed(old, view):
                 self.relaid()
                 return
         self.changed()
@@ -396,17 +401,13 @@ class Datastore:
         self.relaid()
 
     def telemetry(self, host: HostState) -> tuple[Any, ...]:
-        """The host's record (:data:`TELEMETRY_FIELDS`, in that order), for :meth:`set_telemetry`."""
+        """The host's record (:data:`TELEMETRY_FIELDS`, in that order), for :meth:`set_records`."""
         return tuple(getattr(host, name) for name in TELEMETRY_FIELDS)
 
-    def set_telemetry(self, host: HostState, record: tuple[Any, ...]) -> None:
-        """Write the whole record, as :meth:`telemetry` read it (from another process, or before a reload);
-        the in-flight estimate restarts from Envoy's count when that count is newer."""
-        self.set_records({host.name: record})
-
     def set_records(self, records: dict[str, tuple[Any, ...]]) -> None:
-        """:meth:`set_telemetry` for each host named (a host this datastore does not have is skipped), with
-        the (tier, model) index rebuilt once at the end rather than after each host."""
+        """Write each named host's whole record, as :meth:`telemetry` read it (from another process); a host
+        this datastore does not have is skipped. A host's in-flight estimate restarts from Envoy's count
+        when that count is newer; the (tier, model) index is rebuilt once at the end, not after each host."""
         reindex = relaid = False
         for name, record in records.items():
             host = self.hosts.get(name)
@@ -423,8 +424,7 @@ class Datastore:
                     values["ready"] != host.ready
                     or values["draining"] != host.draining
                     or values["batching"] != host.batching
-                    or envoy.ejected != previous_envoy.ejected
-                    or envoy.unhealthy != previous_envoy.unhealthy
+                    or _verdict_changed(previous_envoy, envoy)
                 )
             for field_name, value in values.items():
                 setattr(host, field_name, value)
