@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from benchmarks import REPO_ROOT, RESULTS_DIR, SCENARIOS_DIR, child_env, quiet_logs, shown, stop_process
 from benchmarks.loadgen import OK_STATUSES, LoadSpec, MixEntry, Records, percentile
 from benchmarks.overload import merged
+from benchmarks.ports import free_ports
 from benchmarks.routing import (
     FleetBench,
     Front,
@@ -69,7 +70,6 @@ from benchmarks.routing import (
 )
 from extproc.build import compiled
 from extproc.config import Fleet
-from extproc.runtime.ports import free_ports
 from extproc.runtime.stack import StartupError
 
 DEFAULT_SCENARIO = SCENARIOS_DIR / "placement" / "shift.yaml"

@@ -57,10 +57,10 @@ from benchmarks import REPO_ROOT, RESULTS_DIR, SCENARIOS_DIR, child_env, quiet_l
 from benchmarks.loadgen import LAG_BEHIND_MS, OK_STATUSES, LoadSpec, Records, RunSpec, percentile
 from benchmarks.overhead.measure import http_get
 from benchmarks.plot import write_latency_cdf
+from benchmarks.ports import free_ports
 from extproc.config import ConfigError, Fleet, HostSpec, key_path, parse_fleet
 from extproc.datapath.headers import PICKER_CLUSTER, cluster_name
 from extproc.envoy_config import EXT_PROC_FILTER, render_bootstrap, render_yaml
-from extproc.runtime.ports import free_ports
 from extproc.runtime.process import Supervisor
 from extproc.runtime.stack import StartupError, _picker_sees, find_envoy
 from extproc.runtime.triton import prepare_backend_dir, triton_command, triton_env

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.runtime.ports import free_ports
+from benchmarks.ports import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 REPOSITORY = REPO / "triton_models"

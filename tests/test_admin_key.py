@@ -19,6 +19,7 @@ import pytest
 import yaml
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from benchmarks.ports import free_ports
 from extproc.admin_key import (
     GRPC_HEADER,
     HEADER,
@@ -30,7 +31,6 @@ from extproc.admin_key import (
 from extproc.app import Picker
 from extproc.config import ConfigError, Fleet, HostSpec, Tier, parse_fleet
 from extproc.ops.triton_api import GrpcTriton, TritonError
-from extproc.runtime.ports import free_ports
 from extproc.runtime.triton import triton_command
 from extproc.telemetry.repository import RepositoryClient
 from tests.stack import REPO, Stack, local_fleet, start_stack, stop_stack

@@ -13,8 +13,8 @@ import pytest
 from benchmarks.fleet import pages
 from benchmarks.fleet.bench import Settings, run
 from benchmarks.fleet.emulator import _chunked_end, serve
+from benchmarks.ports import free_ports
 from extproc.datapath.datastore import TritonLoad
-from extproc.runtime.ports import free_ports
 from extproc.telemetry.repository import RepositoryClient, batching_from_config, index_from_models
 from extproc.telemetry.triton_metrics import derive_load, parse_metrics
 

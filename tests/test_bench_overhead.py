@@ -28,6 +28,7 @@ from benchmarks.overhead.server import (
     picker_servicer,
     touch_datastore,
 )
+from benchmarks.ports import free_ports
 from extproc.config import Tier
 from extproc.datapath.headers import (
     EPP_DESTINATION_HEADER,
@@ -40,7 +41,6 @@ from extproc.datapath.headers import (
 from extproc.datapath.scheduling.types import InferenceRequest, Protocol, Route
 from extproc.envoy_config import EXT_PROC_FILTER, HEADER_MUTATION_FILTER, ROUTER_FILTER, render_bootstrap
 from extproc.handlers.server import Processor
-from extproc.runtime.ports import free_ports
 
 UPSTREAM = [18001, 18002, 18003]
 SPARE = [18101, 18102, 18103, 18104, 18105, 18106]

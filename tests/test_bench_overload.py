@@ -45,9 +45,9 @@ from benchmarks.overload import (
     sliding_p99,
     windows,
 )
+from benchmarks.ports import free_ports
 from benchmarks.routing import ScenarioError
 from extproc.datapath.headers import PRIORITY_HEADER
-from extproc.runtime.ports import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = sorted((REPO / "benchmarks" / "scenarios" / "overload").glob("*.yaml"))

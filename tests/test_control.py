@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
+from benchmarks.ports import free_ports
 from extproc.cli import _parser
 from extproc.config import ConfigError, parse_fleet
 from extproc.control import authorized, read_control_token
 from extproc.ops import models as m
 from extproc.ops.status import HttpPicker, PickerError
-from extproc.runtime.ports import free_ports
 from tests.stack import REPO
 
 TOKEN = "s3cret-token-0123456789"

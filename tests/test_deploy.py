@@ -63,6 +63,7 @@ from envoy_data_plane.envoy.config.route import v3 as route_v3
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager import v3 as hcm_v3
 from prometheus_client import generate_latest
 
+from benchmarks.ports import free_ports
 from extproc.admin_key import triton_flags
 from extproc.cli import _parser
 from extproc.config import Fleet, HostSpec, PlacementSpec, PoolSpec, Tier, load_fleet, parse_fleet
@@ -76,7 +77,6 @@ from extproc.ops.endpoints import DNS_PREFIX, Resolver, expand
 from extproc.ops.execute import Timeouts
 from extproc.placement.metrics import PlacementMetrics
 from extproc.placement.plan import HostInput, ModelInput, plan
-from extproc.runtime.ports import free_ports
 from extproc.telemetry import triton_metrics
 from extproc.tls import ensure_self_signed
 from tests.dns_server import DnsServer

@@ -18,13 +18,13 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.ports import free_ports
 from extproc import discovery as discovery_module
 from extproc.app import Picker
 from extproc.config import Fleet, parse_fleet
 from extproc.datapath.datastore import Datastore
 from extproc.datapath.metrics import PickerMetrics
 from extproc.discovery import Discovery, DiscoveryError, _resolver, resolve, resolve_pools
-from extproc.runtime.ports import free_ports
 from extproc.sharing import apply_snapshot, read_snapshot, snapshot
 from tests.dns_server import DnsServer, dns_server
 

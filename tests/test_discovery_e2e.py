@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from extproc.runtime.ports import free_ports
+from benchmarks.ports import free_ports
 from extproc.sharing import PUSH_INTERVAL_S
 from tests.dns_server import DnsServer, dns_server
 from tests.stack import (

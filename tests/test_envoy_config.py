@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from benchmarks.ports import free_ports
 from extproc.config import Fleet, load_fleet, parse_fleet
 from extproc.datapath.headers import (
     CLIENT_KEY_HEADER,
@@ -38,7 +39,6 @@ from extproc.envoy_config import (
     render_bootstrap,
     render_yaml,
 )
-from extproc.runtime.ports import free_ports
 from extproc.tls import ensure_self_signed
 
 REPO = Path(__file__).resolve().parent.parent

@@ -37,7 +37,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from benchmarks.gateway import SERVED_HEADER, epp_cluster, gateway_bootstrap, pool_listener
-from extproc.runtime.ports import free_ports
+from benchmarks.ports import free_ports
 from tests.models import F32, mlp_expected
 from tests.stack import Stack, local_fleet, picks, start_stack, stop_stack, wait_for
 

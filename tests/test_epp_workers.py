@@ -13,8 +13,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
+from benchmarks.ports import free_ports
 from extproc.datapath.headers import EPP_DESTINATION_HEADER
-from extproc.runtime.ports import free_ports
 from tests.stack import Stack, children, local_fleet, start_stack, stop_stack
 
 pytestmark = pytest.mark.e2e

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from extproc.runtime.ports import free_ports
+from benchmarks.ports import free_ports
 from tests.stack import (
     Load,
     LoadResult,

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.runtime.ports import free_ports
+from benchmarks.ports import free_ports
 from tests.stack import REPO, Stack, local_fleet, routable, start_stack, stop_stack, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -17,6 +17,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from benchmarks.ports import free_ports
 from extproc.config import PlacementSpec, parse_fleet
 from extproc.ops import OpsError
 from extproc.ops.execute import Ops
@@ -25,7 +26,6 @@ from extproc.placement.command import _run_loop, _serve_metrics
 from extproc.placement.explain import explain_json, format_explain
 from extproc.placement.metrics import PlacementMetrics, tier_signals
 from extproc.placement.plan import HostInput, ModelInput, Plan, TierInput, home_tier, plan
-from extproc.runtime.ports import free_ports
 from tests.test_models_ops import FLEET, world
 from tests.test_placement import controller, model, with_copies
 

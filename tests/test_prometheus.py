@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.runtime.ports import free_ports
+from benchmarks.ports import free_ports
 from tests.dns_server import dns_server
 from tests.stack import (
     REPO,

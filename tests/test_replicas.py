@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from benchmarks.decision import synthetic_fleet
+from benchmarks.ports import free_ports
 from extproc.config import ConfigError, Fleet, parse_fleet
 from extproc.datapath.datastore import Datastore, EnvoyView, TritonLoad
 from extproc.replicas import (
@@ -28,7 +29,6 @@ from extproc.replicas import (
     follow_snapshot,
     read_replica_token,
 )
-from extproc.runtime.ports import free_ports
 from extproc.sharing import read_snapshot, snapshot
 from extproc.telemetry.collector import ENVOY, TelemetryCollector
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.runtime.ports import free_ports
+from benchmarks.ports import free_ports
 from tests.stack import (
     REPO,
     Load,

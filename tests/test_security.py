@@ -30,10 +30,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tritonclient.grpc import service_pb2
 
+from benchmarks.ports import free_ports
 from extproc.config import EnvoySpec, PickerSpec, parse_fleet
 from extproc.datapath.headers import HOSTS_HEADER, TIER_HEADER, UPSTREAM_HOST_HEADER
 from extproc.envoy_config import render_bootstrap
-from extproc.runtime.ports import free_ports
 from tests.stack import (
     Stack,
     TcpProxy,

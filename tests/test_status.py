@@ -433,7 +433,7 @@ def test_http_picker_and_envoy_admin(server: str) -> None:
 
 
 def test_http_clients_report_a_closed_port() -> None:
-    from extproc.runtime.ports import free_ports
+    from benchmarks.ports import free_ports
 
     (port,) = free_ports(1)
     with pytest.raises(st.PickerError, match="refused"):

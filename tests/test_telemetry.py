@@ -39,10 +39,10 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from benchmarks.ports import free_ports
 from extproc.app import Picker
 from extproc.config import ConfigError, Fleet, parse_fleet
 from extproc.datapath.datastore import Datastore, HostState, ModelTimes, TrafficShare, TritonLoad
-from extproc.runtime.ports import free_ports
 from extproc.telemetry import collector as collector_module
 from extproc.telemetry import nvml as nvml_module
 from extproc.telemetry import triton_metrics as triton_metrics_module

@@ -175,9 +175,9 @@ class FleetBench:
             time.sleep(0.3)
 
     def start(self) -> None:
+        from benchmarks.ports import free_ports
         from extproc.config import load_fleet
         from extproc.envoy_config import render_yaml
-        from extproc.runtime.ports import free_ports
         from extproc.runtime.stack import find_envoy
 
         s = self.settings

@@ -62,7 +62,7 @@ def main() -> int:
     import tritonclient.grpc as grpcclient
     from google.protobuf import json_format
 
-    from extproc.runtime.ports import free_ports
+    from benchmarks.ports import free_ports
     from extproc.runtime.triton import prepare_backend_dir, triton_command, triton_env
 
     http_port, grpc_port, metrics_port = free_ports(3)

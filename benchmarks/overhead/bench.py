@@ -60,7 +60,7 @@ from benchmarks.overhead.stack import (
     upstream_bootstrap,
     variant_bootstrap,
 )
-from extproc.runtime.ports import free_ports
+from benchmarks.ports import free_ports
 from extproc.runtime.process import Child, Supervisor
 
 SOAK_SAMPLE_EVERY: Final = 50_000
