@@ -51,15 +51,28 @@ def require_e2e(what: str) -> None:
         raise RuntimeError(f"a test not marked e2e starts a server ({what}); mark it pytest.mark.e2e")
 
 
+# How long Envoy waits for the picker in the tests' stacks, instead of the 100 ms default: the suite runs
+# several modules at once on a small machine, where a picker process can be off the CPU for longer than
+# 100 ms, and a request that fails open then goes where the picker did not send it. The tests of that
+# timeout itself set it back (test_edge_security.py's H3 tests).
+TEST_MESSAGE_TIMEOUT_MS = 1000
+
+
 def local_fleet(run_dir: Path, **picker: Any) -> dict[str, Any]:
-    """The local fleet (deploy/local/fleet.yaml) moved to free ports and a private run directory."""
+    """The local fleet (deploy/local/fleet.yaml) moved to free ports and a private run directory; ``picker``
+    keys override its picker section."""
     data: dict[str, Any] = yaml.safe_load((REPO / "deploy" / "local" / "fleet.yaml").read_text())
     ports = iter(free_ports(3 * len(data["hosts"]) + 4))
     for host in data["hosts"]:
         host.update(http_port=next(ports), grpc_port=next(ports), metrics_port=next(ports))
     data["model_repository"] = str(REPOSITORY)
     data["runtime_dir"] = str(run_dir)
-    data["picker"].update(listen=f"unix:{run_dir}/picker.sock", metrics_port=next(ports), log_level="debug")
+    data["picker"].update(
+        listen=f"unix:{run_dir}/picker.sock",
+        metrics_port=next(ports),
+        log_level="debug",
+        message_timeout_ms=TEST_MESSAGE_TIMEOUT_MS,
+    )
     data["picker"].update(picker)
     envoy = data["envoy"]
     envoy["listener"]["port"] = next(ports)

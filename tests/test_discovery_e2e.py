@@ -39,6 +39,7 @@ NAME = "triton-gpu.inference.test"
 A, B = "127.0.0.2", "127.0.0.3"  # Linux routes all of 127/8 to the loopback interface
 REFRESH_S = 1.0
 MODEL = "embed_normalize"
+WORKERS_FOLLOW_S = 10 * PUSH_INTERVAL_S
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +148,9 @@ def test_hosts_join_and_leave_through_dns_under_load(stack: Stack, dns: DnsServe
         removed = time.time()
         dns.set(NAME, [B])
         gone = removed + wait_for(lambda: host_a not in stack.picker_status()["hosts"], 15, "A to leave the picker")
-        # /status is the leader's view; workers take it from the leader's next snapshot push.
-        gone += 2 * PUSH_INTERVAL_S
+        # /status is the leader's view; workers take it from the leader's next snapshot push, which a busy
+        # machine (the suite runs several modules at once) can hold up for a few intervals.
+        gone += WORKERS_FOLLOW_S
         assert pool_gauge(stack) == 1
         # Envoy keeps a host that left DNS while it passes its health checks (eventually consistent
         # discovery): requests in flight to it finish; the picker no longer names it.

@@ -51,12 +51,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 
-from tests.stack import Stack, alive, module_stack, pid_of, wait_for
+from tests.stack import TEST_MESSAGE_TIMEOUT_MS, Stack, alive, module_stack, pid_of, wait_for
 
 pytestmark = pytest.mark.e2e
 
 MAX_REQUEST_BYTES = 8 * 1024 * 1024  # envoy.max_request_bytes of this module's fleet
 TIMEOUT_S = 20.0
+# Later than Envoy's wait for the picker (picker.message_timeout_ms): Envoy would fail open at this delay.
+LATE_S = 1.5 * TEST_MESSAGE_TIMEOUT_MS / 1000
 TRITONS = ("triton-a", "triton-b", "triton-c")
 GRPC = "/inference.GRPCInferenceService/"
 TIMED_BATCH = json.dumps(
@@ -430,13 +432,13 @@ def _collect(into: list[object], result: object, error: object) -> None:
 def test_h3_a_stream_whose_first_request_comes_late_is_routed_by_the_picker(stack: Stack) -> None:
     """tritonclient's start_stream() opens the stream at once and sends requests later; mlp_classifier is
     on triton-a alone in the GPU tier, so a stream that failed open to the GPU tier would land on triton-b
-    half the time and fail."""
+    half the time and fail; Envoy's count of timed-out waits says so every time."""
     timeouts = envoy_stat(stack, "ext_proc.message_timeouts")
-    for _ in range(4):
+    for _ in range(2):
         results: list[object] = []
         client = grpcclient.InferenceServerClient(stack.http_url)
         client.start_stream(callback=functools.partial(_collect, results), headers={"x-triton-tier-hint": "gpu"})
-        time.sleep(0.3)
+        time.sleep(LATE_S)
         x = np.ones((1, 16), np.float32)
         inputs = [grpcclient.InferInput("INPUT0", [1, 16], "FP32")]
         inputs[0].set_data_from_numpy(x)
@@ -477,10 +479,12 @@ def test_h3_a_rest_sequence_body_that_lags_its_headers_keeps_its_host(stack: Sta
         ]
         return int(head.split()[1]), served[0] if served else ""
 
-    for seq in range(7100, 7106):
+    timeouts = envoy_stat(stack, "ext_proc.message_timeouts")
+    for seq in range(7100, 7103):
         status, home = send(seq, True, 0.0)
         assert status == 200
-        assert send(seq, False, 0.3) == (200, home)
+        assert send(seq, False, LATE_S) == (200, home)
+    assert envoy_stat(stack, "ext_proc.message_timeouts") == timeouts
 
 
 # ------------------------------------------------------------------------------------ H4 stream caps
