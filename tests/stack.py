@@ -53,8 +53,8 @@ def require_e2e(what: str) -> None:
 
 # How long Envoy waits for the picker in the tests' stacks, instead of the 100 ms default: the suite runs
 # several modules at once on a small machine, where a picker process can be off the CPU for longer than
-# 100 ms, and a request that fails open then goes where the picker did not send it. The tests of that
-# timeout itself set it back (test_edge_security.py's H3 tests).
+# 100 ms, and a request that fails open then goes where the picker did not send it. The tests of late
+# messages (test_edge_security.py's H3 tests) send theirs later than this.
 TEST_MESSAGE_TIMEOUT_MS = 1000
 
 
