@@ -363,8 +363,7 @@ class _Beating(Part):
     async def _beat(self) -> None:
         while True:
             datastore = self._picker.datastore  # the current fleet's, after a reload too
-            if not_running := datastore.beat(datastore.now()):
-                self._picker.metrics.not_running.inc(not_running)
+            datastore.beat(datastore.now())
             await asyncio.sleep(BEAT_S)
 
     async def stop(self) -> None:

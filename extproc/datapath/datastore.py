@@ -376,16 +376,15 @@ class Datastore:
         self.layout += 1
         self.changed()
 
-    def beat(self, now: float) -> float:
+    def beat(self, now: float) -> None:
         """The process is running: called every :data:`BEAT_S` and as each request arrives. After a gap of
         more than :data:`PAUSE_S` since the last beat, the hosts' metrics and indexes read before it are
         given the gap back: they aged while the picker could not poll, and judging them stale would refuse
         the first requests after it (503) until the next polls answer. What was read after the gap, and
-        Envoy's counts (their in-flight estimates drain by the clock), are left as they are. Returns the
-        seconds given back (0 without a gap)."""
+        Envoy's counts (their in-flight estimates drain by the clock), are left as they are."""
         last, self.beat_at = self.beat_at, now
         if last is None or now - last <= PAUSE_S:
-            return 0.0
+            return
         gap = now - last
         log.warning("picker_was_not_running", seconds=round(gap, 3))
         for host in self.hosts.values():
@@ -394,7 +393,6 @@ class Datastore:
             if host.index_at is not None and host.index_at <= last:
                 host.index_at += gap
         self.relaid()
-        return gap
 
     def set_load(self, host: HostState, load: TritonLoad, scraped_at: float | None = None) -> None:
         """The host's load: from a scrape of its metrics (``scraped_at``), or with other readings (NVML)."""
