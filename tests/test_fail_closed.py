@@ -18,13 +18,18 @@ from tests.stack import Stack, local_fleet, pid_of, start_stack, stop_stack
 
 pytestmark = pytest.mark.e2e
 
+STALE_AFTER_MS = 30_000
 BODY = json.dumps({"inputs": [{"name": "INPUT", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}).encode()
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     run_dir = tmp_path_factory.mktemp("fail-closed")
-    stack = start_stack(run_dir, local_fleet(run_dir, fail_open_checked=False))
+    fleet = local_fleet(run_dir, fail_open_checked=False)
+    # The stall outlasts Envoy's wait for the picker once per request sent during it: hosts' telemetry must
+    # not turn stale meanwhile (the picker would then refuse the first requests after it, 503).
+    fleet["picker"]["poll"]["stale_after_ms"] = STALE_AFTER_MS
+    stack = start_stack(run_dir, fleet)
     try:
         yield stack
     finally:
@@ -57,9 +62,6 @@ def grpc_infer(stack: Stack) -> grpc.StatusCode:
 
 
 def test_checked_requests_are_refused_while_the_picker_is_stalled(stack: Stack) -> None:
-    """Envoy waits for the stopped picker a second per request (the tests' message timeout), so the stop
-    outlasts the telemetry's stale limit (3 s): the time the picker was stopped does not count against its
-    hosts' telemetry, and the first request after it is routed, not refused."""
     infer = "/v2/models/embed_normalize/infer"
     assert status(stack, infer, BODY) == 200 and grpc_infer(stack) is grpc.StatusCode.OK
     pid = pid_of(stack, "picker")

@@ -12,12 +12,8 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import structlog
-
 from extproc.config import Fleet, HostSpec, Tier
 from extproc.datapath.batch_cost import BatchCost, BatchFit, Batching
-
-log = structlog.get_logger(__name__)
 
 
 @dataclass(slots=True)  # not frozen: see extproc.datapath.batch_cost.BatchCost
@@ -111,11 +107,6 @@ TELEMETRY_FIELDS: Final = (
     "index_at",
     "envoy_at",
 )
-# How often a process that decides beats (Datastore.beat), and the gap between two beats over which it was
-# not running: stopped (SIGSTOP, a paused VM, CPU throttling) or its event loop held.
-BEAT_S: Final = 0.1
-PAUSE_S: Final = 1.0
-
 # The other fields: the host's identity, and the in-flight estimate, which every pick moves and every
 # decision reads live (never prepared, so written without a generation change).
 IDENTITY_FIELDS: Final = ("spec", "http_endpoint", "grpc_endpoint")
@@ -363,8 +354,6 @@ class Datastore:
         # hosts, a drain, a model's batching, Envoy's ejections and failed health checks (see
         # :meth:`relaid`). A scheduler may rank on scores a few changes old, never on such a change.
         self.layout = 0
-        # When this process last showed it was running (see :meth:`beat`).
-        self.beat_at: float | None = None
 
     def changed(self) -> None:
         """Say that some host's telemetry (:data:`TELEMETRY_FIELDS`) was just written: the writers below
@@ -375,24 +364,6 @@ class Datastore:
         """Say that a write changed which hosts may be candidates (see :attr:`layout`); also a change."""
         self.layout += 1
         self.changed()
-
-    def beat(self, now: float) -> None:
-        """The process is running: called every :data:`BEAT_S` and as each request arrives. After a gap of
-        more than :data:`PAUSE_S` since the last beat, the hosts' metrics and indexes read before it are
-        given the gap back: they aged while the picker could not poll, and judging them stale would refuse
-        the first requests after it (503) until the next polls answer. What was read after the gap, and
-        Envoy's counts (their in-flight estimates drain by the clock), are left as they are."""
-        last, self.beat_at = self.beat_at, now
-        if last is None or now - last <= PAUSE_S:
-            return
-        gap = now - last
-        log.warning("picker_was_not_running", seconds=round(gap, 3))
-        for host in self.hosts.values():
-            if host.metrics_at is not None and host.metrics_at <= last:
-                host.metrics_at += gap
-            if host.index_at is not None and host.index_at <= last:
-                host.index_at += gap
-        self.relaid()
 
     def set_load(self, host: HostState, load: TritonLoad, scraped_at: float | None = None) -> None:
         """The host's load: from a scrape of its metrics (``scraped_at``), or with other readings (NVML)."""
