@@ -10,7 +10,7 @@ COMPILED := $(shell find extproc/datapath -name '*.py')
 CONFIG ?= deploy/local/fleet.yaml
 # Test modules run at once (pytest-xdist), each whole in one process so that its stack starts once; most
 # of a module's time is spent waiting on its servers, so more of them than cores still gains.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint install envoy-config clean
 
