@@ -358,8 +358,8 @@ def fronts(bench: RoutingBench, policies: Sequence[Policy]) -> Iterator[dict[Pol
     taken from the policy being probed."""
     with contextlib.ExitStack() as stack:
         started = {
-            p: stack.enter_context(bench.front(p, p.value, i, baseline_pool=bench.scenario.baseline_pool))
-            for i, p in enumerate(policies)
+            p: stack.enter_context(bench.front(p, p.value, baseline_pool=bench.scenario.baseline_pool))
+            for p in policies
         }
         for front in started.values():
             signal_front(front, signal.SIGSTOP)

@@ -697,8 +697,8 @@ def run_scenario(
         capacity = measure_capacity(bench, scenario)
         load = mode_load(scenario, capacity["rps"])
         ph = phases(scenario)
-        for index, mode in enumerate(chosen):
-            with bench.front(Policy.PICKER, mode.name, index, scenario.mode_fleet(mode, bench.fleet_data)) as front:
+        for mode in chosen:
+            with bench.front(Policy.PICKER, mode.name, scenario.mode_fleet(mode, bench.fleet_data)) as front:
                 bench.say(
                     f"{mode.name}: {ph.fairness_end:g} s: unloaded until {ph.unloaded_end:g} s, overload "
                     f"({scenario.factor:g} x {capacity['rps']:.1f} req/s) until {ph.overload_end:g} s, recovery "

@@ -463,9 +463,7 @@ def controller(front: Front, metrics_port: int) -> Iterator[Path]:
         stop_process(process, 30)
 
 
-def run_mode(
-    scenario: PlacementScenario, mode: str, index: int, load: LoadSpec, run_dir: Path
-) -> tuple[Records, Watched]:
+def run_mode(scenario: PlacementScenario, mode: str, load: LoadSpec, run_dir: Path) -> tuple[Records, Watched]:
     """One mode on fresh Triton hosts: its records, and what was watched meanwhile."""
     on = mode != "controller-off"
     bench = FleetBench(scenario.fleet, scenario.source, run_dir / mode, scenario.drain_timeout_s, "placement")
@@ -473,7 +471,7 @@ def run_mode(
     fleet_data = merged(bench.fleet_data, {"placement": {"enabled": on}})
     try:
         bench.start_tritons()
-        with bench.front(Policy.PICKER, mode, index, fleet_data) as front:
+        with bench.front(Policy.PICKER, mode, fleet_data) as front:
             picker = front.fleet.picker
             status_url = f"http://{picker.metrics_address}:{picker.metrics_port}/status"
             (port,) = free_ports(1)
@@ -707,7 +705,7 @@ def run(
     try:
         if steady_s is not None:
             load = steady_load(scenario, steady_s)
-            records, watched = run_mode(scenario, "steady", 0, load, run_dir)
+            records, watched = run_mode(scenario, "steady", load, run_dir)
             fleet = watched.fleet
             result = analyse_steady(scenario, records, watched, fleet.placement.cooldown_s)
             report = {**_header(scenario, fleet, started_at), "steady_s": steady_s, "steady": result}
@@ -718,8 +716,8 @@ def run(
             load = shift_load(scenario)
             results: dict[str, Any] = {}
             generators: dict[str, Any] = {}
-            for index, mode in enumerate(MODES):
-                records, watched = run_mode(scenario, mode, index, load, run_dir)
+            for mode in MODES:
+                records, watched = run_mode(scenario, mode, load, run_dir)
                 results[mode] = analyse_shift(scenario, load, records, watched)
                 generators[mode] = watched.generator
             comparison = compare(results, scenario.slo_ms)

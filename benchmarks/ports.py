@@ -5,6 +5,10 @@ that was free when it was chosen can be taken by any client socket's ``connect()
 it, which load generators, and test modules run side by side, make likely. A process never hands out the
 same port twice. Under pytest-xdist each worker takes its own slice of the range (the processes a test starts
 inherit it), so two workers never hand out the same port either; within a slice, processes choose at random.
+
+Envoy's ``--base-id`` needs the same care: two Envoys on one machine with the same base id share hot-restart
+sockets and shared memory, and which of them fails, or how, depends on their epochs. A port handed out here
+doubles as a base id, so base ids are as distinct as ports are.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import socket
 from pathlib import Path
 from typing import Final
 
-__all__ = ["free_ports"]
+__all__ = ["envoy_base_id", "free_ports"]
 
 # Well clear of the ports that services commonly listen on.
 _LOWEST: Final = 20000
@@ -41,6 +45,14 @@ def free_ports(count: int) -> list[int]:
     if len(found) < count:
         raise RuntimeError(f"no {count} free loopback ports in {low}-{high - 1}")
     return found
+
+
+def envoy_base_id() -> int:
+    """An Envoy ``--base-id`` that no other Envoy these helpers start is given.
+
+    Hot restart names its sockets ``base_id * 10 + epoch``, so distinct base ids stay apart for epochs below 10.
+    """
+    return free_ports(1)[0]
 
 
 def _range() -> tuple[int, int]:

@@ -57,7 +57,7 @@ from benchmarks import REPO_ROOT, RESULTS_DIR, SCENARIOS_DIR, child_env, quiet_l
 from benchmarks.loadgen import LAG_BEHIND_MS, OK_STATUSES, LoadSpec, Records, RunSpec, percentile
 from benchmarks.overhead.measure import http_get
 from benchmarks.plot import write_latency_cdf
-from benchmarks.ports import free_ports
+from benchmarks.ports import envoy_base_id, free_ports
 from extproc.config import ConfigError, Fleet, HostSpec, key_path, parse_fleet
 from extproc.datapath.headers import PICKER_CLUSTER, cluster_name
 from extproc.envoy_config import EXT_PROC_FILTER, render_bootstrap, render_yaml
@@ -740,7 +740,6 @@ class FleetBench:
             self.endpoint_names[h.http_endpoint] = h.name
             self.endpoint_names[h.grpc_endpoint] = h.name
         self.tritons = Supervisor(run_dir / "logs")
-        self._base_id = 300 + os.getpid() % 1000
 
     def say(self, message: str) -> None:
         """A progress line on stderr, prefixed with the benchmark's name."""
@@ -834,20 +833,18 @@ class FleetBench:
         self,
         policy: Policy,
         name: str,
-        index: int,
         fleet_data: Mapping[str, Any] | None = None,
         baseline_pool: str = "all_hosts",
     ) -> Iterator[Front]:
         """Envoy (and, for ``Policy.PICKER`` or ``BASELINE``, its processor) on fresh ports for ``fleet_data``
-        (default the fleet's), ready to route to every host; stopped on leaving. ``index`` keeps Envoy base ids
-        apart."""
+        (default the fleet's), ready to route to every host; stopped on leaving."""
         policy_dir = self.run_dir / name
         policy_dir.mkdir(parents=True, exist_ok=True)
         data = localize_front(
             self.fleet_data if fleet_data is None else fleet_data,
             policy_dir,
             iter(free_ports(3)),
-            self._base_id + index,
+            envoy_base_id(),
         )
         fleet = _validate_fleet(data, self.source)
         config_path = policy_dir / "fleet.yaml"
@@ -974,8 +971,8 @@ class RoutingBench(FleetBench):
         super().__init__(scenario.fleet, scenario.source, run_dir, scenario.drain_timeout_s)
         self.scenario = scenario
 
-    def run_policy(self, policy: Policy, index: int) -> PolicyResult:
-        with self.front(policy, policy.value, index, baseline_pool=self.scenario.baseline_pool) as front:
+    def run_policy(self, policy: Policy) -> PolicyResult:
+        with self.front(policy, policy.value, baseline_pool=self.scenario.baseline_pool) as front:
             before = self.triton_snapshot()
             envoy_before = envoy_host_requests(_envoy_clusters(front.admin) or {}, self.endpoint_names)
             load = self.scenario.load
@@ -1048,8 +1045,8 @@ def run_scenario(
     _progress(f"scenario {scenario.name}: run directory {run_dir}")
     try:
         bench.start_tritons()
-        for index, policy in enumerate(chosen):
-            result = bench.run_policy(policy, index)
+        for policy in chosen:
+            result = bench.run_policy(policy)
             summary = summarize(result, scenario, bench.fleet, bench.endpoint_names)
             summaries.append(summary)
             rec = result.records

@@ -63,7 +63,7 @@ from envoy_data_plane.envoy.config.route import v3 as route_v3
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager import v3 as hcm_v3
 from prometheus_client import generate_latest
 
-from benchmarks.ports import free_ports
+from benchmarks.ports import envoy_base_id, free_ports
 from extproc.admin_key import triton_flags
 from extproc.cli import _parser
 from extproc.config import Fleet, HostSpec, PlacementSpec, PoolSpec, Tier, load_fleet, parse_fleet
@@ -1603,7 +1603,7 @@ def run_envoy(tmp_path: Path) -> Iterator[Any]:
                     "-c",
                     str(config_file),
                     "--base-id",
-                    str(40000 + os.getpid() % 20000 + len(processes)),
+                    str(envoy_base_id()),
                     "--concurrency",
                     "1",
                     "-l",
@@ -1785,7 +1785,7 @@ def envoy_series(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
             "-c",
             str(config_file),
             "--base-id",
-            str(60000 + os.getpid() % 5000),
+            str(envoy_base_id()),
             "--concurrency",
             "1",
             "-l",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import time
 import urllib.request
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.ports import free_ports
+from benchmarks.ports import envoy_base_id, free_ports
 from extproc.sharing import PUSH_INTERVAL_S
 from tests.dns_server import DnsServer, dns_server
 from tests.stack import (
@@ -107,7 +106,7 @@ def stack(
             "admin": {"port": admin},
             "tls": None,
             "expose_upstream_host": True,
-            "base_id": 500 + os.getpid() % 1000,
+            "base_id": envoy_base_id(),
         },
     }
     stack = start_stack(run_dir, fleet)

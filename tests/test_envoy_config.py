@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import re
 import shutil
 import ssl
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from benchmarks.ports import free_ports
+from benchmarks.ports import envoy_base_id, free_ports
 from extproc.config import Fleet, load_fleet, parse_fleet
 from extproc.datapath.headers import (
     CLIENT_KEY_HEADER,
@@ -804,7 +803,7 @@ def test_strict_dns_cluster_members_follow_the_records(tmp_path: Path) -> None:
             "pools": [{"name": "gpu", "dns": "pool.test", "tier": "gpu", "refresh_s": 0.5, **ports}],
             "dns_resolvers": [dns.address],
         }
-        with _lone_envoy(tmp_path, fleet, f"unix:{tmp_path}/picker.sock", listener, admin, 300 + os.getpid() % 1000):
+        with _lone_envoy(tmp_path, fleet, f"unix:{tmp_path}/picker.sock", listener, admin, envoy_base_id()):
 
             def members() -> set[str]:
                 with urllib.request.urlopen(f"http://127.0.0.1:{admin}/clusters?format=json", timeout=5) as response:
@@ -879,7 +878,7 @@ def test_envoy_ends_ext_proc_streams_cleanly(tmp_path: Path) -> None:
         "metrics_port": metrics_port,
     }
     try:
-        with _lone_envoy(tmp_path, {"hosts": [host]}, f"unix:{socket}", listener, admin, 400 + os.getpid() % 1000):
+        with _lone_envoy(tmp_path, {"hosts": [host]}, f"unix:{socket}", listener, admin, envoy_base_id()):
             for _ in range(requests):
                 # Nothing listens on the host: Envoy answers 503 itself, after the picker's answer.
                 assert http_status(f"http://127.0.0.1:{listener}/v2/models/m/infer", method="POST") == 503

@@ -62,3 +62,9 @@ def test_each_xdist_worker_has_its_own_slice(
     monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", count)
     assert ports._slice(20000, 32000) == expected
+
+
+def test_envoy_base_ids_never_repeat_nor_meet_a_port() -> None:
+    base_ids = [ports.envoy_base_id() for _ in range(20)]
+    assert len(set(base_ids)) == 20
+    assert set(base_ids).isdisjoint(free_ports(20))

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from benchmarks.ports import free_ports
+from benchmarks.ports import envoy_base_id, free_ports
 from tests.stack import (
     REPO,
     Load,
@@ -151,7 +151,7 @@ def _follower_fleet(
     envoy = follower["envoy"]
     envoy["listener"]["port"], envoy["admin"]["port"] = next(ports), next(ports)
     envoy["tls"] = None
-    envoy["base_id"] = data["envoy"]["base_id"] + 1
+    envoy["base_id"] = envoy_base_id()
     return follower
 
 

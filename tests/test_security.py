@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tritonclient.grpc import service_pb2
 
-from benchmarks.ports import free_ports
+from benchmarks.ports import envoy_base_id, free_ports
 from extproc.config import EnvoySpec, PickerSpec, parse_fleet
 from extproc.datapath.headers import HOSTS_HEADER, TIER_HEADER, UPSTREAM_HOST_HEADER
 from extproc.envoy_config import render_bootstrap
@@ -529,7 +529,7 @@ def lone_envoy_fleet(
             "admin": {"address": "127.0.0.1", "port": admin},
             "tls": None,
             "expose_upstream_host": True,
-            "base_id": 300 + (os.getpid() + listener) % 1000,
+            "base_id": envoy_base_id(),
             "upstream_tls": {"ca_file": str(ca), "server_name": server_name},
         },
     }

@@ -1,7 +1,7 @@
 """``extproc up`` restarts a Triton host that dies: the restart policy alone, the process plumbing on
 ``sh`` and ``sleep``, and a real host SIGKILLed under the real stack.
 
-Only the last test starts the stack, so only it carries the e2e mark."""
+The tests that start a server (a lone Envoy, the stack) carry the e2e mark."""
 
 from __future__ import annotations
 
@@ -20,17 +20,23 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
+from benchmarks.ports import free_ports
 from extproc.config import load_fleet
 from extproc.datapath.headers import UPSTREAM_HOST_HEADER
 from extproc.runtime import stack as runtime
 from extproc.runtime.process import RestartPolicy, Supervisor, describe_exit, end_group, group_members
 from tests.stack import (
+    ProcessSpec,
     Stack,
+    StackDidNotStart,
     alive,
     children,
+    http_status,
+    launch,
     local_fleet,
     routable,
     start_stack,
+    stop_processes,
     stop_stack,
     triton_shm_regions,
     wait_for,
@@ -138,6 +144,86 @@ def test_a_host_that_keeps_exiting_is_left_down(tmp_path: Path) -> None:
     (last,) = stack.supervisor.children
     assert json.loads((tmp_path / "processes.json").read_text()) == {"crashing": last.process.pid}
     assert left_down["pid"] == last.process.pid and last.process.returncode == 3
+
+
+# ------------------------------------------------------------------------------- a start-up that stalls
+
+
+@pytest.mark.e2e
+def test_a_stack_that_cannot_start_is_tried_twice_then_reported(tmp_path: Path) -> None:
+    """The test harness's start: a refused fleet file fails both tries, and the error carries the refusal."""
+    fleet = local_fleet(tmp_path)
+    fleet["picker"]["no_such_key"] = 1
+    with (
+        pytest.warns(UserWarning, match="trying once more"),
+        pytest.raises(StackDidNotStart, match=r"(?s)did not print READY.*no_such_key"),
+    ):
+        start_stack(tmp_path, fleet)
+
+
+@pytest.mark.e2e
+def test_an_envoy_that_never_initialises_is_explained(tmp_path: Path) -> None:
+    """A real Envoy waiting for its cluster discovery from a server that is not there: the timeout message of
+    `extproc up` carries Envoy's server state and the initialisation target it waits for."""
+    admin, xds = free_ports(2)
+    bootstrap = {
+        "node": {"id": "stalled", "cluster": "stalled"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "dynamic_resources": {
+            "cds_config": {
+                "resource_api_version": "V3",
+                # No initial fetch timeout: initialisation waits for the absent server for ever.
+                "initial_fetch_timeout": "0s",
+                "api_config_source": {
+                    "api_type": "GRPC",
+                    "transport_api_version": "V3",
+                    "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}],
+                },
+            }
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": "xds",
+                    "type": "STATIC",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": "xds",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {"socket_address": {"address": "127.0.0.1", "port_value": xds}}
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ]
+        },
+    }
+    config = tmp_path / "envoy.yaml"
+    config.write_text(yaml.safe_dump(bootstrap))
+    argv = (runtime.find_envoy(), "-c", str(config), "--disable-hot-restart", "--concurrency", "1")
+    envoy = launch(ProcessSpec(argv, dict(os.environ), str(tmp_path)), tmp_path / "envoy.log")
+    url = f"http://127.0.0.1:{admin}"
+    try:
+        wait_for(lambda: envoy.poll() is not None or http_status(url + "/ready") == 503, 30, "Envoy's admin")
+        assert envoy.poll() is None, (tmp_path / "envoy.log").read_text()[-2000:]
+        state = runtime._envoy_init_state(url)
+    finally:
+        stop_processes([envoy])
+    assert "/ready: 503 INITIALIZING" in state or "/ready: 503 PRE_INITIALIZING" in state, state
+    assert "cluster_manager.warming_clusters" in state, state
+    assert "no answer" in runtime._envoy_init_state(url), "Envoy is stopped: its admin cannot answer"
 
 
 # -------------------------------------------------------------------------------------- the real stack

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from benchmarks import REPO_ROOT, child_env, stop_process
+from benchmarks.ports import envoy_base_id
 
 _TICK: Final = os.sysconf("SC_CLK_TCK")
 _START_TIMEOUT_S: Final = 240.0
@@ -250,7 +251,7 @@ class FleetBench:
                 "listener": {"address": "127.0.0.1", "port": listener_port},
                 "admin": {"address": "127.0.0.1", "port": admin_port},
                 "tls": None,
-                "base_id": random.randint(1000, 60000),
+                "base_id": envoy_base_id(),
             },
         }
         fleet_path = self.run_dir / "fleet.yaml"

@@ -163,24 +163,36 @@ class Stack:
         envoy = self.fleet.envoy
         picker = self.fleet.picker
         gateway = f"http://{envoy.listener.address}:{envoy.listener.port}"
-        checks: list[tuple[str, Callable[[], bool]]] = [
-            (f"Triton {h.name}", _ready_check(f"http://{h.http_endpoint}/v2/health/ready")) for h in launched
-        ]
+        envoy_admin = f"http://{envoy.admin.address}:{envoy.admin.port}"
         picker_url = f"http://{picker.metrics_address}:{picker.metrics_port}"
+        # (what, the child whose log explains a timeout, the check)
+        checks: list[tuple[str, str, Callable[[], bool]]] = [
+            (f"Triton {h.name}", h.name, _ready_check(f"http://{h.http_endpoint}/v2/health/ready")) for h in launched
+        ]
         checks += [
-            ("picker", _ready_check(f"{picker_url}/ready")),
-            ("the picker's view of every host", lambda: _picker_sees(f"{picker_url}/status", launched)),
-            ("Envoy", _ready_check(f"http://{envoy.admin.address}:{envoy.admin.port}/ready")),
-            ("the gateway", _ready_check(f"{gateway}/v2/health/ready")),
+            ("picker", "picker", _ready_check(f"{picker_url}/ready")),
+            ("the picker's view of every host", "picker", lambda: _picker_sees(f"{picker_url}/status", launched)),
+            ("Envoy", "envoy", _ready_check(f"{envoy_admin}/ready")),
+            ("the gateway", "envoy", _ready_check(f"{gateway}/v2/health/ready")),
         ]
         deadline = time.monotonic() + _START_TIMEOUT_S
-        for name, check in checks:
+        for name, child_name, check in checks:
             _progress(f"waiting for {name}")
             while not check():
                 self._fail_on_exit()
                 if time.monotonic() > deadline:
-                    raise StartupError(f"{name} did not become ready within {_START_TIMEOUT_S:.0f} s")
+                    raise StartupError(
+                        f"{name} did not become ready within {_START_TIMEOUT_S:.0f} s"
+                        + (_envoy_init_state(envoy_admin) if child_name == "envoy" else "")
+                        + self._log_tail(child_name)
+                    )
                 time.sleep(0.25)
+
+    def _log_tail(self, child_name: str) -> str:
+        for child in self.supervisor.children:
+            if child.name == child_name:
+                return f"; last lines of {child.log_file}:\n{child.log_tail()}"
+        return ""
 
     def _fail_on_exit(self) -> None:
         for child in self.supervisor.exited():
@@ -310,6 +322,22 @@ def _picker_sees(status_url: str, launched: list[HostSpec]) -> bool:
         if not view.get("routable") or not set(host.launch.models) <= set(view.get("ready", {})):
             return False
     return True
+
+
+def _envoy_init_state(admin: str) -> str:
+    """What Envoy's admin says about its start-up: its server state, the initialisation targets it waits for,
+    and its clusters and listeners still warming (the cluster manager's waits are not init targets)."""
+    parts = []
+    for path in ("/ready", "/init_dump", "/stats?filter=warming|health_check.(attempt|success|failure)$"):
+        try:
+            with urllib.request.urlopen(admin + path, timeout=2.0) as response:
+                body = " ".join(response.read(4096).decode(errors="replace").split())
+        except urllib.error.HTTPError as exc:
+            body = f"{exc.code} {exc.read(4096).decode(errors='replace').strip()}"
+        except (urllib.error.URLError, OSError) as exc:
+            body = f"no answer ({exc})"
+        parts.append(f"{path}: {body}")
+    return "; Envoy's admin " + ", ".join(parts)
 
 
 def _ready_check(url: str) -> Callable[[], bool]:
