@@ -34,7 +34,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from extproc.admin_key import read_admin_key
 from extproc.config import ConfigError, Fleet
 from extproc.control import AUTHORIZATION, SCHEME, authorized, read_control_token
-from extproc.datapath.datastore import Datastore
+from extproc.datapath.datastore import BEAT_S, Datastore
 from extproc.discovery import Discovery
 from extproc.edges import GRPC_OPTIONS, edges, epp_certificate
 from extproc.parts import Part, cancel
@@ -349,6 +349,28 @@ class _FlushingMetrics(Part):
         await cancel(self._task)
 
 
+class _Beating(Part):
+    """A process that decides beats (:meth:`~extproc.datapath.datastore.Datastore.beat`), so that the time
+    it spends not running is not taken for hosts that stopped answering."""
+
+    def __init__(self, picker: Picker) -> None:
+        self._picker = picker
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._beat(), name="beat")
+
+    async def _beat(self) -> None:
+        while True:
+            datastore = self._picker.datastore  # the current fleet's, after a reload too
+            if not_running := datastore.beat(datastore.now()):
+                self._picker.metrics.not_running.inc(not_running)
+            await asyncio.sleep(BEAT_S)
+
+    async def stop(self) -> None:
+        await cancel(self._task)
+
+
 # --- roles -------------------------------------------------------------------------------------------------
 
 
@@ -415,7 +437,7 @@ class Single(_Resolving):
 
     def parts(self, picker: Picker) -> list[Part]:
         address = picker.fleet.picker.listen_addresses[0]
-        return [_Http(picker), *_telemetry(picker), _Discovering(picker), *edges(picker, address)]
+        return [_Http(picker), *_telemetry(picker), _Discovering(picker), _Beating(picker), *edges(picker, address)]
 
 
 class Leader(_Resolving):
@@ -471,7 +493,7 @@ class Worker:
 
     def parts(self, picker: Picker) -> list[Part]:
         address = picker.fleet.picker.listen_addresses[self.index]
-        return [_Subscribing(picker), _FlushingMetrics(picker), *edges(picker, address)]
+        return [_Subscribing(picker), _FlushingMetrics(picker), _Beating(picker), *edges(picker, address)]
 
 
 def _unix_sockets(addresses: Sequence[str]) -> list[Path]:

@@ -10,12 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from benchmarks.decision import synthetic_fleet
 from extproc.datapath.batch_cost import Batching
 from extproc.datapath.datastore import (
+    BEAT_S,
     ESTIMATE_FIELDS,
     IDENTITY_FIELDS,
+    PAUSE_S,
     TELEMETRY_FIELDS,
     Datastore,
     EnvoyView,
@@ -158,3 +161,79 @@ def test_only_the_pickers_own_request_carries_a_known_size_and_small_ones_never_
     for _ in range(5):
         other.record_pick(0.0, model="m", work=0.25)
     assert other.excess_work(0.0) == 0.0
+
+
+def _read_at(store: Datastore, host: HostState, at: float) -> None:
+    """The host's metrics and index, read at ``at``."""
+    store.set_load(host, host.load, at)
+    store.update_index(host, host.ready, host.known, at)
+
+
+def test_a_pause_of_the_process_gives_its_time_back_to_what_was_read_before_it() -> None:
+    """Stopped for 5 s (no beat): hosts read before the stop are as fresh after it as they were at its start,
+    whatever the stale limit (3 s here); a host read after it keeps its time; the layout changes, so no plan
+    judges freshness on the old times."""
+    _, store = synthetic_fleet(2)
+    before, after = store.hosts["h0"], store.hosts["h1"]
+    _read_at(store, before, 100.0)
+    store.beat(100.5)
+    _read_at(store, after, 105.2)  # a poll that answered between the resumption and the next beat
+    layout = store.layout
+    with structlog.testing.capture_logs() as logs:
+        assert store.beat(105.5) == 5.0
+    assert [(e["event"], e["seconds"]) for e in logs] == [("picker_was_not_running", 5.0)]
+    assert (before.metrics_at, before.index_at) == (105.0, 105.0)
+    assert before.fresh(105.5, store.stale_after_s)
+    assert (after.metrics_at, after.index_at) == (105.2, 105.2)
+    assert store.layout > layout
+
+
+def test_a_running_process_lets_unanswered_telemetry_turn_stale() -> None:
+    """Beats every BEAT_S: a host that stopped answering turns stale at the limit, and nothing is moved."""
+    _, store = synthetic_fleet(1)
+    host = store.hosts["h0"]
+    _read_at(store, host, 100.0)
+    layout, at = store.layout, 100.0
+    while at < 100.0 + store.stale_after_s + 0.5:
+        at += BEAT_S
+        store.beat(at)
+    assert host.metrics_at == 100.0 and store.layout == layout
+    assert not host.fresh(at, store.stale_after_s)
+
+
+def test_a_gap_up_to_the_pause_limit_is_not_a_pause() -> None:
+    _, store = synthetic_fleet(1)
+    host = store.hosts["h0"]
+    _read_at(store, host, 100.0)
+    store.beat(100.0)
+    assert store.beat(100.0 + PAUSE_S) == 0.0
+    assert host.metrics_at == 100.0
+
+
+def _queued(hosts: int, service_ms: float) -> tuple[Datastore, HostState]:
+    """A store whose first host had 40 requests queued (30 of m0, 10 of m1) at a scrape at 100 s."""
+    _, store = synthetic_fleet(hosts)
+    host = store.hosts["h0"]
+    host.batching.clear()
+    host.load.service_ms = service_ms
+    host.load.pending, host.load.model_pending = 40, {"m0": 30, "m1": 10}
+    _read_at(store, host, 100.0)
+    return store, host
+
+
+def test_a_pause_drains_the_queues_read_before_it_as_the_clock_would() -> None:
+    """400 requests a second drained: after a 5 s stop the queue counts as empty, per model too (not 40
+    requests 5 s old taken for now, which read as overload), as the clock alone has it where nothing was
+    moved."""
+    store, stopped = _queued(1, 2.5)
+    _, clocked = _queued(1, 2.5)
+    store.beat(100.0)
+    assert store.beat(105.0) == 5.0
+    assert stopped.load.pending == 0 and stopped.load.model_pending == {}
+    assert stopped.in_flight(105.0) == clocked.in_flight(105.0) == 0.0
+    # A shorter stop leaves part of the queue, in proportion per model: 20 a second drain 30 of 40 in 1.5 s.
+    store, host = _queued(1, 50.0)
+    store.beat(100.0)
+    assert store.beat(101.5) == 1.5
+    assert (host.load.pending, host.load.model_pending) == (10, {"m0": 7, "m1": 2})
+    assert host.metrics_at == 101.5

@@ -18,18 +18,13 @@ from tests.stack import Stack, local_fleet, pid_of, start_stack, stop_stack
 
 pytestmark = pytest.mark.e2e
 
-STALE_AFTER_MS = 30_000
 BODY = json.dumps({"inputs": [{"name": "INPUT", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}).encode()
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     run_dir = tmp_path_factory.mktemp("fail-closed")
-    fleet = local_fleet(run_dir, fail_open_checked=False)
-    # The stall outlasts Envoy's wait for the picker once per request sent during it: hosts' telemetry must
-    # not turn stale meanwhile (the picker would then refuse the first requests after it, 503).
-    fleet["picker"]["poll"]["stale_after_ms"] = STALE_AFTER_MS
-    stack = start_stack(run_dir, fleet)
+    stack = start_stack(run_dir, local_fleet(run_dir, fail_open_checked=False))
     try:
         yield stack
     finally:
@@ -62,6 +57,10 @@ def grpc_infer(stack: Stack) -> grpc.StatusCode:
 
 
 def test_checked_requests_are_refused_while_the_picker_is_stalled(stack: Stack) -> None:
+    """Envoy waits for the stopped picker a second per request (the tests' message timeout), so the stop
+    outlasts the telemetry's stale limit (3 s): the time the picker was stopped does not count against its
+    hosts' telemetry (it counts in extproc_not_running_seconds_total), and the first request after it is
+    routed, not refused."""
     infer = "/v2/models/embed_normalize/infer"
     assert status(stack, infer, BODY) == 200 and grpc_infer(stack) is grpc.StatusCode.OK
     pid = pid_of(stack, "picker")
@@ -76,3 +75,12 @@ def test_checked_requests_are_refused_while_the_picker_is_stalled(stack: Stack) 
     assert refused >= 500 and refused_grpc is not grpc.StatusCode.OK, (refused, refused_grpc)
     assert (health, metadata) == (200, 200)  # no body to check: these still fail open
     assert status(stack, infer, BODY) == 200 and grpc_infer(stack) is grpc.StatusCode.OK
+    assert not_running_s(stack) >= 2.0
+
+
+def not_running_s(stack: Stack) -> float:
+    with urllib.request.urlopen(stack.metrics_url, timeout=15) as response:
+        page = response.read().decode()
+    return sum(
+        float(line.split()[1]) for line in page.splitlines() if line.startswith("extproc_not_running_seconds_total")
+    )

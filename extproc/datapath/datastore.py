@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
+
+import structlog
 
 from extproc.config import Fleet, HostSpec, Tier
 from extproc.datapath.batch_cost import BatchCost, BatchFit, Batching
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(slots=True)  # not frozen: see extproc.datapath.batch_cost.BatchCost
@@ -107,6 +111,11 @@ TELEMETRY_FIELDS: Final = (
     "index_at",
     "envoy_at",
 )
+# How often a process that decides beats (Datastore.beat), and the gap between two beats over which it was
+# not running: stopped (SIGSTOP, a paused VM, CPU throttling) or its event loop held.
+BEAT_S: Final = 0.1
+PAUSE_S: Final = 1.0
+
 # The other fields: the host's identity, and the in-flight estimate, which every pick moves and every
 # decision reads live (never prepared, so written without a generation change).
 IDENTITY_FIELDS: Final = ("spec", "http_endpoint", "grpc_endpoint")
@@ -192,9 +201,9 @@ class HostState:
         """Best estimate of requests on this host now: the estimate queue (Envoy's last count, plus our
         picks since, both scaled to the whole host's traffic by ``load.envoy_scale``, drained at the
         measured rate), or Triton's queue if larger (requests that did not come through this Envoy)."""
-        return max(self._drained(now), self._pending(now))
+        return max(self._drained(now), self.pending_at(now))
 
-    def _pending(self, now: float) -> float:
+    def pending_at(self, now: float) -> float:
         """Triton's queue, up to a scrape interval old, less what has been served since: the host drains it
         at its rate while the other gateways (whose picks this picker does not see) add their share of the
         host's traffic, so it drains at this gateway's share of the rate (all of it with one gateway)."""
@@ -332,6 +341,15 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
     }
 
 
+def _queues_drained(load: TritonLoad, pending: float) -> TritonLoad:
+    """``load`` with its queue down to ``pending`` requests, and each model's queue down in proportion."""
+    if load.pending <= 0:
+        return load
+    kept = pending / load.pending
+    models = {m: int(n * kept) for m, n in load.model_pending.items() if int(n * kept) > 0}
+    return replace(load, pending=int(pending), model_pending=models)
+
+
 class Datastore:
     """All hosts of one fleet, by name and by tier."""
 
@@ -354,6 +372,8 @@ class Datastore:
         # hosts, a drain, a model's batching, Envoy's ejections and failed health checks (see
         # :meth:`relaid`). A scheduler may rank on scores a few changes old, never on such a change.
         self.layout = 0
+        # When this process last showed it was running (see :meth:`beat`).
+        self.beat_at: float | None = None
 
     def changed(self) -> None:
         """Say that some host's telemetry (:data:`TELEMETRY_FIELDS`) was just written: the writers below
@@ -364,6 +384,29 @@ class Datastore:
         """Say that a write changed which hosts may be candidates (see :attr:`layout`); also a change."""
         self.layout += 1
         self.changed()
+
+    def beat(self, now: float) -> float:
+        """The process is running: called every :data:`BEAT_S` and as each request arrives. After a gap of
+        more than :data:`PAUSE_S` since the last beat, the hosts' metrics and indexes read before it are
+        given the gap back: they aged while the picker could not poll, and judging them stale would refuse
+        the first requests after it (503) until the next polls answer. Triton's queues read before it are
+        drained to now first, as they would have been by the clock (:meth:`HostState.in_flight`): the hosts
+        served them meanwhile, and taking them for current would refuse requests as overload (429). What
+        was read after the gap, and Envoy's counts (their in-flight estimates drain by the clock), are left
+        as they are. Returns the seconds given back (0 without a gap)."""
+        last, self.beat_at = self.beat_at, now
+        if last is None or now - last <= PAUSE_S:
+            return 0.0
+        gap = now - last
+        log.warning("picker_was_not_running", seconds=round(gap, 3))
+        for host in self.hosts.values():
+            if host.metrics_at is not None and host.metrics_at <= last:
+                host.load = _queues_drained(host.load, host.pending_at(now))
+                host.metrics_at += gap
+            if host.index_at is not None and host.index_at <= last:
+                host.index_at += gap
+        self.relaid()
+        return gap
 
     def set_load(self, host: HostState, load: TritonLoad, scraped_at: float | None = None) -> None:
         """The host's load: from a scrape of its metrics (``scraped_at``), or with other readings (NVML)."""

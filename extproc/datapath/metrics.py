@@ -55,6 +55,12 @@ class PickerMetrics:
             "down (a possible query of death).",
             registry=decision_registry,
         )
+        self.not_running = Counter(
+            "extproc_not_running_seconds",
+            "Seconds this picker process was not running (stopped, or its event loop held over a second); its "
+            "hosts' telemetry is given that time back.",
+            registry=decision_registry,
+        )
         self.scale_from_zero = Counter(
             "extproc_scale_from_zero_loads",
             "Loads the picker made of a model no host had READY, asked for by a request (placement."
