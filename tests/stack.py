@@ -147,6 +147,13 @@ class Stack:
         return {HEADER: key}
 
 
+def envoy_stat(stack: Stack, suffix: str) -> int:
+    """The sum of Envoy's counters whose name ends with ``suffix``."""
+    with urllib.request.urlopen(f"{stack.admin_url}/stats?filter={suffix}", timeout=5) as response:
+        text = response.read().decode()
+    return sum(int(line.rsplit(":", 1)[1]) for line in text.splitlines() if line.split(":")[0].endswith(suffix))
+
+
 def admin_key(run_dir: Path) -> str | None:
     """The key ``extproc up`` generated in ``run_dir`` for its Triton hosts, None before it did."""
     from extproc.admin_key import generated_key_file

@@ -22,9 +22,11 @@ from tests.stack import (
     Load,
     MixEntry,
     Stack,
+    envoy_stat,
     http_status,
     launch,
     picker_view,
+    picks,
     start_stack,
     stop_processes,
     stop_stack,
@@ -134,6 +136,7 @@ def test_hosts_join_and_leave_through_dns_under_load(stack: Stack, dns: DnsServe
     host_a, host_b = f"gpu-{A.replace('.', '-')}", f"gpu-{B.replace('.', '-')}"
     served_a, served_b = f"{A}:{ports['http_port']}", f"{B}:{ports['http_port']}"
     assert set(stack.picker_status()["hosts"]) == {host_a}
+    failed_open_before = envoy_stat(stack, "ext_proc.failure_mode_allowed")
     load = Load(stack, [MixEntry("http", MODEL, "INPUT", (1, 4))], rate_rps=30, duration_s=24)
     try:
         load.sleep_until(6)
@@ -164,7 +167,11 @@ def test_hosts_join_and_leave_through_dns_under_load(stack: Stack, dns: DnsServe
     assert set(result.served(until=added)) == {served_a}
     both = result.served(since=joined + 1, until=removed)
     assert both[served_a] > 10 and both[served_b] > 10, both
-    assert set(result.served(since=gone)) == {served_b}
-    assert sum(result.served(since=gone).values()) > 30
+    # The picker names only B once A has left it. Envoy's own balancing, where it fails open (its wait for
+    # a picker held up on a busy machine ran out), may still pick A while A stays in its cluster.
+    assert [p for p in picks(stack, gone) if host_a in p.hosts] == []
+    late_on_a = result.served(since=gone)[served_a]
+    assert late_on_a <= envoy_stat(stack, "ext_proc.failure_mode_allowed") - failed_open_before, late_on_a
+    assert result.served(since=gone)[served_b] > 30
     assert joined - added < 5 * REFRESH_S + 3
     assert gone - removed < 3 * REFRESH_S

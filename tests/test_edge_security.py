@@ -51,7 +51,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 
-from tests.stack import TEST_MESSAGE_TIMEOUT_MS, Stack, alive, module_stack, pid_of, wait_for
+from tests.stack import TEST_MESSAGE_TIMEOUT_MS, Stack, alive, envoy_stat, module_stack, pid_of, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -98,13 +98,6 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmHWM for {pid}")
-
-
-def envoy_stat(stack: Stack, suffix: str) -> int:
-    """The sum of Envoy's counters whose name ends with ``suffix``."""
-    with urllib.request.urlopen(f"{stack.admin_url}/stats?filter={suffix}", timeout=5) as response:
-        text = response.read().decode()
-    return sum(int(line.rsplit(":", 1)[1]) for line in text.splitlines() if line.split(":")[0].endswith(suffix))
 
 
 def request(

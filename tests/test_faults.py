@@ -304,6 +304,7 @@ def test_model_unloaded_from_one_host(healthy: FaultStack) -> None:
         finally:
             reloaded_at = time.time()
             assert http_status(f"{repository}/load", timeout_s=60, method="POST", headers=admin) == 200
+            loaded_at = time.time()
         result = load.result()
     finally:
         load.kill()
@@ -316,9 +317,11 @@ def test_model_unloaded_from_one_host(healthy: FaultStack) -> None:
     )
     # Loading the model again stalls the host's other requests for a moment; a try that outlasts
     # per_try_timeout_s is answered 504 / UNAVAILABLE, not replayed elsewhere (see test_sigstop_triton_host).
+    # How many depends on how long the load stalls the host (longer on a busy machine), so the bound is in
+    # time: only requests sent while the model loaded.
     bad = result.not_ok()
     assert result.lost == 0 and all("upstream request timeout" in o.detail for o in bad), result.describe()
-    assert all(o.sent >= reloaded_at - 1.0 for o in bad) and len(bad) <= 10, result.describe()
+    assert all(reloaded_at - 1.0 <= o.sent <= loaded_at for o in bad), (reloaded_at, loaded_at, result.describe())
     # The unload shows on the host's metrics page, read every 250 ms, and the next tick reads the index:
     # allow a few scrapes, the index read and a margin for a loaded machine.
     assert no_picks_of(fleet, host, unloaded_at + 3.5, reloaded_at, model="embed_normalize") == []
