@@ -229,7 +229,10 @@ def test_sigkill_triton_host(healthy: FaultStack) -> None:
         f"last picked {last} after the kill; ranked again {back:.1f} s after the restart; failed: those in "
         f"flight at the kill ({dict(Counter(o.status for o in result.not_ok()))})",
     )
-    bad = result.not_ok()
+    # With one GPU host gone the other carries the load; on a busy machine it may not within the deadline,
+    # and the picker refuses what it cannot serve in time (429 / RESOURCE_EXHAUSTED, "is overloaded"): an
+    # answer, not a request the fault failed.
+    bad = [o for o in result.not_ok() if "is overloaded" not in o.detail]
     assert result.lost == 0 and all(o.status in {"http 503", "grpc UNAVAILABLE"} for o in bad), result.describe()
     # In flight at the kill: sent before it (a service time at most), never after.
     assert all(o.sent < killed_at + 0.05 for o in bad), result.describe()
