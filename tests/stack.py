@@ -10,7 +10,6 @@ import functools
 import json
 import math
 import os
-import selectors
 import signal
 import socket
 import ssl
@@ -20,7 +19,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +32,9 @@ from benchmarks.ports import envoy_base_id, free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 REPOSITORY = REPO / "triton_models"
-# Above `extproc up`'s own start-up limit, so that its message says what did not start, and why.
-READY_TIMEOUT_S = 300.0
+# Above `extproc up`'s own start-up limit, so that its message says what did not start and why, and below
+# pytest's limit for a test (pyproject.toml), so that this message is the one shown.
+READY_TIMEOUT_S = 240.0
 
 
 class _E2EGuard:
@@ -163,23 +162,8 @@ def admin_key(run_dir: Path) -> str | None:
 
 
 def start_stack(run_dir: Path, fleet: dict[str, Any]) -> Stack:
-    """`extproc up` on ``fleet``, returned once it printed READY.
-
-    A stack that does not start is started once more, with a warning that carries why: on a shared machine
-    running test modules side by side, one start-up in many can stall (the warning keeps the evidence), and a
-    module's every test would fail with it. One that fails twice is an error."""
-    try:
-        return _start_stack_once(run_dir, fleet)
-    except StackDidNotStart as first:
-        warnings.warn(f"trying once more: {first}", stacklevel=2)
-        return _start_stack_once(run_dir, fleet)
-
-
-class StackDidNotStart(RuntimeError):
-    """`extproc up` exited, or printed no READY in time; the message has its output and its children's logs."""
-
-
-def _start_stack_once(run_dir: Path, fleet: dict[str, Any]) -> Stack:
+    """`extproc up` on ``fleet``, returned once it printed READY; raises StackDidNotStart with its output and
+    the tail of each of its children's logs if it exits first or prints no READY in time."""
     require_e2e("extproc up")
     config = run_dir / "fleet.yaml"
     config.write_text(yaml.safe_dump(fleet, sort_keys=False))
@@ -191,33 +175,42 @@ def _start_stack_once(run_dir: Path, fleet: dict[str, Any]) -> Stack:
         cwd=REPO,
     )
     stack = Stack(fleet, run_dir, process)
-    assert process.stdout is not None
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not selector.select(timeout=1.0):
-            continue
-        line = process.stdout.readline()
-        if not line:
-            break
-        stack.output.append(line.rstrip())
-        if line.startswith("READY "):
-            # Keep reading, so `extproc up` never blocks on a full pipe, and tests can see its progress.
-            threading.Thread(target=_collect, args=(process, stack.output), daemon=True).start()
-            return stack
-    stop_stack(stack)
-    logs = [
-        f"--- last lines of {log}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        for log in sorted((run_dir / "logs").glob("*.log"))
-    ]
-    raise StackDidNotStart("\n".join(["extproc up did not print READY:", *stack.output[-40:], *logs]))
+    if not follow_until_ready(process, stack.output, READY_TIMEOUT_S):
+        stop_stack(stack)
+        logs = [
+            f"--- last lines of {log}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            for log in sorted((run_dir / "logs").glob("*.log"))
+        ]
+        raise StackDidNotStart("\n".join(["extproc up did not print READY:", *stack.output[-40:], *logs]))
+    return stack
 
 
-def _collect(process: subprocess.Popen[str], output: list[str]) -> None:
+def follow_until_ready(process: subprocess.Popen[str], output: list[str], timeout_s: float) -> bool:
+    """Whether ``process`` printed a line starting ``READY `` within ``timeout_s`` (False once it exits
+    without one). Every line it prints is appended to ``output`` by a thread that reads to the end, so the
+    process never blocks on a full pipe and tests can see its progress. (Waiting on the pipe's descriptor,
+    then reading a line, loses lines: the read takes all that arrived into the file object's buffer, and the
+    descriptor shows nothing more to read while READY sits there.)"""
+    ready, ended = threading.Event(), threading.Event()
+    threading.Thread(target=_collect, args=(process, output, ready, ended), daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not ready.wait(timeout=0.25):
+        if ended.is_set() or time.monotonic() > deadline:
+            return ready.is_set()
+    return True
+
+
+class StackDidNotStart(RuntimeError):
+    """`extproc up` exited, or printed no READY in time; the message has its output and its children's logs."""
+
+
+def _collect(process: subprocess.Popen[str], output: list[str], ready: threading.Event, ended: threading.Event) -> None:
     assert process.stdout is not None
     for line in process.stdout:
         output.append(line.rstrip())
+        if line.startswith("READY "):
+            ready.set()
+    ended.set()
 
 
 def alive(pid: int) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -31,6 +32,7 @@ from tests.stack import (
     StackDidNotStart,
     alive,
     children,
+    follow_until_ready,
     http_status,
     launch,
     local_fleet,
@@ -149,16 +151,40 @@ def test_a_host_that_keeps_exiting_is_left_down(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- a start-up that stalls
 
 
+def test_ready_is_seen_when_it_arrives_with_other_lines() -> None:
+    """The harness's wait for READY, on a process that prints its progress and READY in one write and then
+    stays: READY is seen at once, and every line is kept."""
+    process = subprocess.Popen(
+        ["sh", "-c", "printf 'waiting for Envoy\\nwaiting for the gateway\\nREADY http://x\\n'; sleep 30"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    output: list[str] = []
+    try:
+        assert follow_until_ready(process, output, timeout_s=10)
+    finally:
+        process.kill()
+        process.wait()
+    assert output == ["waiting for Envoy", "waiting for the gateway", "READY http://x"]
+
+
+def test_a_process_that_exits_without_ready_is_not_waited_for() -> None:
+    process = subprocess.Popen(["sh", "-c", "echo 'start-up failed'; exit 1"], stdout=subprocess.PIPE, text=True)
+    output: list[str] = []
+    assert not follow_until_ready(process, output, timeout_s=60)
+    assert process.wait(timeout=5) == 1 and output == ["start-up failed"]
+
+
 @pytest.mark.e2e
-def test_a_stack_that_cannot_start_is_tried_twice_then_reported(tmp_path: Path) -> None:
-    """The test harness's start: a refused fleet file fails both tries, and the error carries the refusal."""
+def test_a_stack_that_cannot_start_is_reported_with_why(tmp_path: Path) -> None:
+    """The test harness's start: a refused fleet file ends `extproc up` at once, and the error carries the
+    refusal."""
     fleet = local_fleet(tmp_path)
     fleet["picker"]["no_such_key"] = 1
-    with (
-        pytest.warns(UserWarning, match="trying once more"),
-        pytest.raises(StackDidNotStart, match=r"(?s)did not print READY.*no_such_key"),
-    ):
+    started = time.monotonic()
+    with pytest.raises(StackDidNotStart, match=r"(?s)did not print READY.*no_such_key"):
         start_stack(tmp_path, fleet)
+    assert time.monotonic() - started < 60, "the harness waited for READY from a process that had exited"
 
 
 @pytest.mark.e2e
