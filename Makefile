@@ -9,9 +9,8 @@ BUILT    := $(VENV)/.compiled
 COMPILED := $(shell find extproc/datapath -name '*.py')
 CONFIG ?= deploy/local/fleet.yaml
 # Test modules run at once (pytest-xdist), each whole in one process so that its stack starts once; most
-# of a module's time is spent waiting on its servers. More than two on a 2-core machine made the tests
-# that time faults under load fail now and then (the picker or a host off the CPU too long).
-TEST_WORKERS ?= 2
+# of a module's time is spent waiting on its servers, so three keep a 2-core machine busy, not overloaded.
+TEST_WORKERS ?= 3
 
 .PHONY: run test lint install envoy-config clean
 
