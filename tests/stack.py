@@ -333,14 +333,17 @@ def kill_and_wait(pid: int, sig: int = signal.SIGKILL, timeout_s: float = 10.0) 
     wait_for(lambda: not alive(pid), timeout_s, f"process {pid} to die", interval_s=0.02)
 
 
-def kill_triton_host(pid: int) -> None:
-    """SIGKILL Triton ``pid`` and then its python-backend stubs, as a host going down takes them all. A stub
-    whose server was killed alone usually exits by itself, but once in CI one outlived the test run."""
-    stubs = children(pid)
+def kill_triton_host(pid: int) -> float:
+    """SIGKILL Triton ``pid`` and then its python-backend stubs, as a host going down takes them all; returns
+    the wall-clock time of the server's SIGKILL. A stub whose server was killed alone usually exits by
+    itself, but once in CI one outlived the test run."""
+    stubs = children(pid)  # a scan of /proc: on a busy machine it takes a while, so the time is taken after
+    killed_at = time.time()
     kill_and_wait(pid)
     for stub in stubs:
         with contextlib.suppress(ProcessLookupError):
             kill_and_wait(stub)
+    return killed_at
 
 
 def children(pid: int) -> list[int]:

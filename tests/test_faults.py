@@ -205,8 +205,7 @@ def test_sigkill_triton_host(healthy: FaultStack) -> None:
         pid = pid_of(fleet.stack, victim)
         spec = process_spec(pid)
         regions = triton_shm_regions(pid)
-        killed_at = time.time()
-        kill_triton_host(pid)
+        killed_at = kill_triton_host(pid)
         load.sleep_until(6)
         restarted_at = time.time()
         spawn(fleet.stack, victim, spec)
@@ -277,8 +276,11 @@ def test_sigstop_triton_host(healthy: FaultStack) -> None:
     assert timed_out > 0, "no request hit the stalled host's per-try timeout: the fault did not reach any request"
     bad = result.not_ok()
     assert result.lost == 0 and all(o.status in {"http 504", "grpc UNAVAILABLE"} for o in bad), result.describe()
-    # Only requests the stalled host got before the picker stopped naming it, each after the per-try timeout.
-    assert all(stopped_at - 0.1 <= o.sent < stopped_at + 2.0 for o in bad), result.describe()
+    # Only requests the stalled host got before the picker stopped naming it, each after the per-try timeout:
+    # in flight at the stop (sent less than a per-try timeout before it: a try sent earlier was answered, or
+    # timed out, before the stop; on a busy machine a request waits in the host's queue a good part of that)
+    # or sent to it within 2 s after.
+    assert all(stopped_at - PER_TRY_TIMEOUT_S <= o.sent < stopped_at + 2.0 for o in bad), result.describe()
     assert all("upstream request timeout" in o.detail for o in bad), result.describe()
     assert no_picks_of(fleet, victim, stopped_at + 2.0, resumed_at) == []
     fleet.wait_healthy()
@@ -585,8 +587,7 @@ def test_whole_tier_down(healthy: FaultStack) -> None:
         pid = pid_of(fleet.stack, "triton-c")
         spec = process_spec(pid)
         regions = triton_shm_regions(pid)
-        killed_at = time.time()
-        kill_triton_host(pid)
+        killed_at = kill_triton_host(pid)
         try:
             wait_for(lambda: not routable(fleet.stack, "triton-c"), 10, "triton-c out of the picker's view")
             time.sleep(0.5)
