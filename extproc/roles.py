@@ -22,7 +22,7 @@ import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
@@ -330,45 +330,37 @@ class _Discovering(Part):
         await cancel(self._task)
 
 
-class _FlushingMetrics(Part):
+class _Periodic(Part):
+    """Calls ``tick`` every ``interval_s`` while the process serves."""
+
+    def __init__(self, name: str, interval_s: float, tick: Callable[[], None]) -> None:
+        self._name = name
+        self._interval_s = interval_s
+        self._tick = tick
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self._name)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            self._tick()
+
+    async def stop(self) -> None:
+        await cancel(self._task)
+
+
+def _flushing_metrics(picker: Picker) -> Part:
     """A worker's decisions, added to the multiprocess directory the leader's ``/metrics`` reads."""
-
-    def __init__(self, picker: Picker) -> None:
-        self._picker = picker
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._flush(), name="metrics-flush")
-
-    async def _flush(self) -> None:
-        while True:
-            await asyncio.sleep(_WORKER_METRICS_FLUSH_S)
-            self._picker.metrics.flush()
-
-    async def stop(self) -> None:
-        await cancel(self._task)
+    return _Periodic("metrics-flush", _WORKER_METRICS_FLUSH_S, lambda: picker.metrics.flush())
 
 
-class _Beating(Part):
+def _beating(picker: Picker) -> Part:
     """A process that decides beats (:meth:`~extproc.datapath.datastore.Datastore.beat`), so that the time
-    it spends not running is not taken for hosts that stopped answering."""
-
-    def __init__(self, picker: Picker) -> None:
-        self._picker = picker
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._beat(), name="beat")
-
-    async def _beat(self) -> None:
-        while True:
-            datastore = self._picker.datastore  # the current fleet's, after a reload too
-            if not_running := datastore.beat(datastore.now()):
-                self._picker.metrics.not_running.inc(not_running)
-            await asyncio.sleep(BEAT_S)
-
-    async def stop(self) -> None:
-        await cancel(self._task)
+    it spends not running is not taken for hosts that stopped answering. The current fleet's datastore,
+    after a reload too."""
+    return _Periodic("beat", BEAT_S, lambda: picker.metrics.beat(picker.datastore))
 
 
 # --- roles -------------------------------------------------------------------------------------------------
@@ -437,7 +429,7 @@ class Single(_Resolving):
 
     def parts(self, picker: Picker) -> list[Part]:
         address = picker.fleet.picker.listen_addresses[0]
-        return [_Http(picker), *_telemetry(picker), _Discovering(picker), _Beating(picker), *edges(picker, address)]
+        return [_Http(picker), *_telemetry(picker), _Discovering(picker), _beating(picker), *edges(picker, address)]
 
 
 class Leader(_Resolving):
@@ -493,7 +485,7 @@ class Worker:
 
     def parts(self, picker: Picker) -> list[Part]:
         address = picker.fleet.picker.listen_addresses[self.index]
-        return [_Subscribing(picker), _FlushingMetrics(picker), _Beating(picker), *edges(picker, address)]
+        return [_Subscribing(picker), _flushing_metrics(picker), _beating(picker), *edges(picker, address)]
 
 
 def _unix_sockets(addresses: Sequence[str]) -> list[Path]:

@@ -122,6 +122,12 @@ class PickerMetrics:
         if key[2] != "admitted":
             self._refused_at[key[0]] = time.time()
 
+    def beat(self, datastore: Datastore) -> None:
+        """:meth:`Datastore.beat <extproc.datapath.datastore.Datastore.beat>` now, counting the seconds it
+        gave back to the hosts' telemetry."""
+        if not_running := datastore.beat(datastore.now()):
+            self.not_running.inc(not_running)
+
     def flush(self) -> None:
         """Add the routed requests tallied since the last flush to the Prometheus series: before every
         scrape of this process's registry, and periodically in a worker (whose series the leader reads from

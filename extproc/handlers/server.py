@@ -140,9 +140,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                 self._responder.refused(gie.refusal, refused, headers.get("x-request-id"))
                 return
         # Before the beat task can run, if the process was just stopped.
-        datastore = self._scheduler.datastore
-        if not_running := datastore.beat(datastore.now()):
-            self._metrics.not_running.inc(not_running)
+        self._metrics.beat(self._scheduler.datastore)
         if not self._scheduler.has_telemetry():
             # Just started: no repository index yet, so every model would look unknown (404). Failing the
             # stream makes Envoy fail open to its own load balancer until the first telemetry is in.
