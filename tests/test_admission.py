@@ -11,7 +11,7 @@ from extproc.config import ConfigError, Fleet, Tier
 from extproc.datapath.datastore import Datastore, HostState
 from extproc.datapath.protocol.request import grpc_timeout_ms, rest_request, rest_timeout_ms
 from extproc.datapath.scheduling.fairness import OVERFLOW_KEY, FairShares
-from extproc.datapath.scheduling.scheduler import Scheduler
+from extproc.datapath.scheduling.scheduler import RESUME_S, Scheduler
 from extproc.datapath.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
 from tests.test_scheduler import busy, fleet, frozen, live
 
@@ -112,6 +112,17 @@ def test_standard_requests_are_refused_when_no_host_can_meet_half_their_deadline
     routed(sched.decide(infer()))
     refused(sched.decide(infer(priority=Priority.SHEDDABLE)))
     refused(sched.decide(infer(timeout_ms=1000)))  # a client deadline of 1 s leaves it 500 ms
+
+
+def test_requests_that_waited_for_a_stopped_picker_are_admitted() -> None:
+    """In the resumption after a stop (see Scheduler.resuming) the queues are this picker's picks of requests
+    Envoy may already have sent on: nothing is refused as overload until it ends."""
+    for resumed, admitted in ((frozen(), True), (frozen() - RESUME_S, False)):
+        sched, store = scheduler({"g1": 11, "g2": 11})
+        store.beat(resumed - 5.0)
+        store.beat(resumed)
+        decision = sched.decide(infer(priority=Priority.SHEDDABLE))
+        assert routed(decision).hosts if admitted else refused(decision)
 
 
 def test_retry_after_is_the_predicted_drain_time_capped() -> None:

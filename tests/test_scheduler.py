@@ -17,7 +17,7 @@ from extproc.datapath.datastore import Datastore, HostState, ModelTimes
 from extproc.datapath.scheduling import registry
 from extproc.datapath.scheduling.classify import classify
 from extproc.datapath.scheduling.pickers import Argmax
-from extproc.datapath.scheduling.scheduler import INLINE_PREPARE_HOSTS, Scheduler
+from extproc.datapath.scheduling.scheduler import INLINE_PREPARE_HOSTS, RESUME_S, Scheduler
 from extproc.datapath.scheduling.scorers import Candidate, prepare
 from extproc.datapath.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
 
@@ -410,6 +410,34 @@ def test_saturation_sheds_sheddable_requests_only() -> None:
     assert standard.reason == "saturated" and standard.hosts
     critical = scheduler.decide(InferenceRequest(Protocol.HTTP, "embed", priority=Priority.CRITICAL))
     assert isinstance(critical, Route)
+
+
+def test_no_request_is_shed_in_the_second_after_the_process_resumes() -> None:
+    """After a stop (no beat for 10 s) the requests that waited for the picker arrive at once, some already
+    sent on by Envoy, so the picker's own picks overcount: for RESUME_S it routes even sheddable requests
+    to the classified tier; after that it sheds again."""
+    f, s = saturated_store()
+    s.beat(frozen() - 10.0)
+    s.beat(frozen())
+    scheduler = Scheduler(f, s)
+    assert scheduler.resuming(frozen())
+    sheddable = route(scheduler.decide(InferenceRequest(Protocol.HTTP, "embed", priority=Priority.SHEDDABLE)))
+    assert sheddable.reason == "classified"
+    assert route(scheduler.decide(http("mlp", size=10))).tier is Tier.CPU  # no spillover either
+    f, s = saturated_store()
+    s.beat(frozen() - RESUME_S - 10.0)
+    s.beat(frozen() - RESUME_S)
+    scheduler = Scheduler(f, s)
+    assert not scheduler.resuming(frozen())
+    shed = scheduler.decide(InferenceRequest(Protocol.HTTP, "embed", priority=Priority.SHEDDABLE))
+    assert isinstance(shed, Reject) and shed.status == 429
+
+
+def test_the_resumption_lasts_at_least_a_message_timeout() -> None:
+    f, s = saturated_store(message_timeout_ms=2500)
+    s.beat(frozen() - 12.0)
+    s.beat(frozen() - 2.0)
+    assert Scheduler(f, s).resuming(frozen())
 
 
 def test_saturated_tier_spills_over_to_a_free_one() -> None:

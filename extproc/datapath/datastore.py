@@ -372,8 +372,10 @@ class Datastore:
         # hosts, a drain, a model's batching, Envoy's ejections and failed health checks (see
         # :meth:`relaid`). A scheduler may rank on scores a few changes old, never on such a change.
         self.layout = 0
-        # When this process last showed it was running (see :meth:`beat`).
+        # When this process last showed it was running, and when it last resumed after a gap (see
+        # :meth:`beat`).
         self.beat_at: float | None = None
+        self.resumed_at: float | None = None
 
     def changed(self) -> None:
         """Say that some host's telemetry (:data:`TELEMETRY_FIELDS`) was just written: the writers below
@@ -393,11 +395,13 @@ class Datastore:
         drained to now first, as they would have been by the clock (:meth:`HostState.in_flight`): the hosts
         served them meanwhile, and taking them for current would refuse requests as overload (429). What
         was read after the gap, and Envoy's counts (their in-flight estimates drain by the clock), are left
-        as they are. Returns the seconds given back (0 without a gap)."""
+        as they are. The resumption's time is kept in :attr:`resumed_at` (see :meth:`Scheduler.resuming`).
+        Returns the seconds given back (0 without a gap)."""
         last, self.beat_at = self.beat_at, now
         if last is None or now - last <= PAUSE_S:
             return 0.0
         gap = now - last
+        self.resumed_at = now
         log.warning("picker_was_not_running", seconds=round(gap, 3))
         for host in self.hosts.values():
             if host.metrics_at is not None and host.metrics_at <= last:

@@ -109,6 +109,10 @@ _Step = tuple[Tier, _Units]
 # The most hosts a plan may have and still be prepared again within the decision that finds it out of date.
 INLINE_PREPARE_HOSTS: Final = 64
 
+# The least time after a resumption in which no request is refused as overload (see Scheduler.resuming):
+# the backlog that built up while the process was stopped takes a while to read, longer on a busy machine.
+RESUME_S: Final = 1.0
+
 
 @dataclass(slots=True)
 class _Plan:
@@ -138,6 +142,7 @@ class Scheduler:
         self._specs = {m.name: m for m in fleet.models}
         self._saturation = fleet.picker.saturation
         self._admission = Admission(fleet)
+        self._resume_s = max(RESUME_S, fleet.picker.message_timeout_ms / 1000)
         self._context = registry.Context(fleet.picker.max_hosts, datastore.stale_after_s, rng or random.Random())
         self._plans: dict[tuple[Tier, str, str | None], _Plan] = {}
         # Each profile's units, by the profile's id: the fleet holds every profile for as long as this lives.
@@ -293,7 +298,7 @@ class Scheduler:
                 continue
             hosts = tuple([c.host for c in ranked])
             reason = "classified" if candidate_tier is order[0][0] else "spillover"
-            if not self._is_saturated(ranked[0], now, own):
+            if self.resuming(now) or not self._is_saturated(ranked[0], now, own):
                 return Route(candidate_tier, hosts, reason, work=own)
             saturated = saturated or Route(candidate_tier, hosts, "saturated", work=own)
         if saturated is not None and request.priority is Priority.SHEDDABLE:
@@ -318,6 +323,9 @@ class Scheduler:
             ranked, own = self._ranked(request, candidate_tier, units, now)
             if not ranked:
                 continue
+            reason = "classified" if candidate_tier is order[0][0] else "spillover"
+            if self.resuming(now):
+                return Route(candidate_tier, tuple([c.host for c in ranked]), reason, work=own)
             fraction, over = admission.load(request, ranked[0], model, limit, now, own)
             if fraction > 1:
                 least_over = over if least_over is None else min(least_over, over)
@@ -325,7 +333,6 @@ class Scheduler:
             refused = admission.fair(request, fraction, now)
             if refused is not None:
                 return refused
-            reason = "classified" if candidate_tier is order[0][0] else "spillover"
             return Route(candidate_tier, tuple([c.host for c in ranked]), reason, work=own)
         return None if least_over is None else admission.refuse(request, least_over, deadline)
 
@@ -491,6 +498,15 @@ class Scheduler:
         if sample is not None:
             return prepare(sample, model, units.static)
         return self._prepared(plan, model, units, now)
+
+    def resuming(self, now: float) -> bool:
+        """Whether the process resumed after a gap (see :meth:`Datastore.beat`) less than a message timeout
+        ago (at least :data:`RESUME_S`). Meanwhile no request is refused or spilled over as overload: the
+        requests that waited for the picker arrive at once, and those older than Envoy's message timeout
+        were already sent on without it, so this picker's own picks of them count work that is not there.
+        Envoy's next in-flight poll corrects the count."""
+        resumed_at = self._store.resumed_at
+        return resumed_at is not None and now - resumed_at < self._resume_s
 
     def _is_saturated(self, best: Candidate, now: float, own: float = 1.0) -> bool:
         """The best candidate is over a limit, so every candidate is (for argmax; nearly so for samples)."""
