@@ -5,6 +5,7 @@ the first requests get 503 with retry-after and a later one is served. Readiness
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -98,6 +99,34 @@ def test_hold_serves_the_first_request_of_a_model_no_host_has_loaded(stack: Stac
     assert f'extproc_scale_from_zero_loads_total{{model="{MODEL}",outcome="done"}} 1.0' in metrics
 
 
+def test_hold_outlasts_a_body_sent_after_the_load_began(stack: Stack) -> None:
+    """Envoy gives each body chunk it sends the picker a new message timeout, also while the picker holds the
+    request's headers: a body that reaches the gateway after the load began is waited for again, so the
+    request is still held and served, not sent on without the picker to a host that lacks the model."""
+    for host in ready_on(stack):
+        unload(stack, host)
+    wait_for(lambda: ready_on(stack) == [], 15, "the model unloaded in the picker's view")
+    # For three repository polls after a load the picker takes the model for loaded and not yet seen READY,
+    # and answers 503 (loading) instead of loading it again.
+    time.sleep(3 * stack.fleet["picker"]["poll"]["repository_ms"] / 1000)
+    loads = stack.log("picker").count('"scale_from_zero_load"')
+    address, port = stack.http_url.rsplit(":", 1)
+    connection = http.client.HTTPConnection(address, int(port), timeout=30)
+    connection.putrequest("POST", f"/v2/models/{MODEL}/infer")
+    connection.putheader("content-type", "application/json")
+    connection.putheader("content-length", str(len(BODY)))
+    connection.endheaders()
+    wait_for(lambda: stack.log("picker").count('"scale_from_zero_load"') > loads, 15, "the picker to start a load")
+    # Loading the model takes longer than what is left of the message timeout after this.
+    time.sleep(0.2)
+    connection.send(BODY.encode())
+    response = connection.getresponse()
+    body = response.read().decode()
+    assert response.status == 200, (response.status, body)
+    assert json.loads(body)["outputs"][0]["data"] == [1.0, 2.0, 3.0, 4.0]
+    connection.close()
+
+
 def test_refuse_answers_503_with_retry_after_until_the_copy_is_ready(stack: Stack) -> None:
     for host in ready_on(stack):
         unload(stack, host)
@@ -110,4 +139,4 @@ def test_refuse_answers_503_with_retry_after_until_the_copy_is_ready(stack: Stac
     assert "loading it" in json.loads(body)["error"]
     served = wait_for(lambda: infer(stack)[0] == 200, 60, "a request served once the copy is READY")
     assert served < 60
-    assert stack.log("picker").count('"scale_from_zero_load"') == 2
+    assert stack.log("picker").count('"scale_from_zero_load"') == 3

@@ -54,6 +54,7 @@ from extproc.datapath.scheduling.quarantine import Quarantine
 from extproc.datapath.scheduling.scheduler import Scheduler
 from extproc.datapath.scheduling.types import Decision, InferenceRequest, Protocol, Reject, Route
 from extproc.handlers.epp import EppStream, epp_stream
+from extproc.handlers.hold import Hold
 from extproc.handlers.streams import OpenStreams
 from extproc.placement.wake import Waker, Waking
 
@@ -216,7 +217,19 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
                             if waker.mode == "hold" and extended_at is None and gie is None:
                                 extended_at = time.monotonic()
                                 yield self._extend
-                            decision = await self._after_waking(request, method, waking, extended_at)
+                            waiting = self._after_waking(request, method, waking, extended_at)
+                            if extended_at is None:
+                                decision = await waiting
+                            else:
+                                hold = Hold(waiting, body)
+                                try:
+                                    async for _ in hold.arrivals():
+                                        yield self._extend
+                                    decision = await hold.decision()
+                                except BaseException:
+                                    hold.cancel()
+                                    raise
+                                body = hold.body()
                     if isinstance(decision, Reject) and _host_answers(decision, method, path):
                         # A Triton host writes this answer (see _host_answers): any live host, as for a request
                         # that names no model (which also keeps client-chosen names out of the routing metrics).
