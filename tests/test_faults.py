@@ -30,6 +30,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from benchmarks.ports import free_ports
+from extproc.telemetry.envoy_admin import STATS_QUERY, EndpointStats, parse_clusters, parse_endpoint_stats
 from tests.stack import (
     Load,
     LoadResult,
@@ -489,6 +490,8 @@ def test_failing_open_keeps_to_the_tier_while_one_host_of_it_is_healthy(healthy:
     os.kill(triton_b, signal.SIGSTOP)
     try:
         wait_for(lambda: envoy_health_failed(fleet, fleet.endpoint("triton-b")), 15, "triton-b out of rotation")
+        # The picker's cheap Envoy source says a host is out, so the picker reads /clusters for why.
+        assert not envoy_endpoint_stats(fleet).all_healthy
         triton_c_before = envoy_requests_to(fleet, fleet.endpoint("triton-c"))
         os.kill(picker, signal.SIGSTOP)
         try:
@@ -510,6 +513,25 @@ def test_failing_open_keeps_to_the_tier_while_one_host_of_it_is_healthy(healthy:
 
 
 # ------------------------------------------------------------------------------------------- telemetry
+
+
+def envoy_endpoint_stats(fleet: FaultStack) -> EndpointStats:
+    with urllib.request.urlopen(fleet.stack.admin_url + STATS_QUERY, timeout=5) as response:
+        return parse_endpoint_stats(response.read().decode())
+
+
+def test_envoy_endpoint_stats_agree_with_clusters(healthy: FaultStack) -> None:
+    """The gateway's per-endpoint stats (what the picker reads) and its /clusters, at rest: the same
+    endpoints, requests and requests in flight, and every host healthy."""
+    fleet = healthy
+    for _ in range(6):
+        assert rest_infer(fleet.stack, "timed_batch", TIMED_BODY)[0] == 200
+    stats = envoy_endpoint_stats(fleet)
+    with urllib.request.urlopen(f"{fleet.stack.admin_url}/clusters?format=json", timeout=5) as response:
+        clusters = parse_clusters(json.loads(response.read()))
+    assert stats.all_healthy
+    assert stats.endpoints == clusters
+    assert sum(s.rq_total for s in stats.endpoints.values()) >= 6
 
 
 def test_metrics_endpoint_down(healthy: FaultStack) -> None:

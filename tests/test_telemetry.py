@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -670,11 +671,14 @@ def test_nvml_driver_not_loaded_and_no_devices(monkeypatch: pytest.MonkeyPatch) 
 
 class FakeHttp:
     """One HTTP server on 127.0.0.1 (ephemeral port) answering one path: ``ok``, ``error`` (500) or
-    ``hang`` (never answers until released)."""
+    ``hang`` (never answers until released). ``also``: more paths, each always answered (counted in
+    ``also_requests``); any other path is 404."""
 
     def __init__(self, path: str, body: Callable[[], tuple[bytes, str]]) -> None:
         self.path = path
         self.body = body
+        self.also: dict[str, Callable[[], tuple[bytes, str]]] = {}
+        self.also_requests: Counter[str] = Counter()
         self.mode = "ok"
         self.requests = 0
         self.hung = 0
@@ -683,6 +687,13 @@ class FakeHttp:
         self.port = 0
 
     async def handle(self, request: web.Request) -> web.Response:
+        if request.path != self.path:
+            other = self.also.get(request.path_qs)
+            if other is None:
+                return web.Response(status=404, text="not found")
+            self.also_requests[request.path_qs] += 1
+            data, content_type = other()
+            return web.Response(body=data, content_type=content_type)
         self.requests += 1
         if self.mode == "error":
             return web.Response(status=500, text="internal error")
@@ -700,7 +711,7 @@ class FakeHttp:
 
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_get(self.path, self.handle)
+        app.router.add_get("/{path:.*}", self.handle)
         self._runner = web.AppRunner(app, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

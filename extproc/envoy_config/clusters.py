@@ -112,6 +112,9 @@ def _triton_cluster(fleet: Fleet, tier: Tier, protocol: str) -> cluster.Cluster:
         load_balancing_policy=_override_host_policy(),
         health_checks=[health_check],
         outlier_detection=_outlier_detection(),
+        # The picker reads each host's requests in flight from these (a filtered GET /stats), a fraction of
+        # what /clusters costs Envoy and the picker at fleet size.
+        track_cluster_stats=cluster.TrackClusterStats(per_endpoint_stats=True),
         common_lb_config=cluster.ClusterCommonLbConfig(
             # Envoy's default panic threshold is 50 %: in a tier of 2 hosts one unhealthy host would make
             # Envoy ignore health and send half the traffic to the dead one. 0 disables panic mode: only

@@ -10,8 +10,10 @@ One :class:`TelemetryCollector` per picker process, on the picker's event loop:
   scrape confirms the index (``index_at``), and the index is read only every
   ``poll.confirmed_repository_ms``: a model loaded or unloaded shows on the page, and the next tick reads
   the index;
-- Envoy's admin ``/clusters?format=json`` every ``poll.envoy_admin_ms`` (by default by the fleet's size, see
-  :meth:`~extproc.config.picker.PollSpec.envoy_admin_s`) → every host's ``envoy``,
+- Envoy's admin every ``poll.envoy_admin_ms`` (by default by the fleet's size, see
+  :meth:`~extproc.config.picker.PollSpec.envoy_admin_s`): its per-endpoint stats, and its
+  ``/clusters?format=json`` where those do not say everything (a host unhealthy or not listed, or no
+  per-endpoint stats; see :mod:`.envoy_admin`) → every host's ``envoy``,
   ``envoy_at``, and restarts each host's in-flight estimate from Envoy's count; while the fleet is idle
   (Envoy's last two polls alike with nothing in flight, and no host with anything in flight by the
   picker's estimate or counters that moved at its last scrape; a follower, which scrapes nothing, goes by
@@ -54,8 +56,14 @@ from tritonclient.utils import InferenceServerException
 
 from extproc.config import Fleet
 from extproc.datapath.datastore import Datastore, HostState, TritonLoad
-from extproc.telemetry.envoy_admin import EndpointStatus, apply_envoy_view, parse_clusters
-from extproc.telemetry.http import PageClient, Target
+from extproc.telemetry.envoy_admin import (
+    STATS_QUERY,
+    EndpointStatus,
+    apply_envoy_view,
+    parse_clusters,
+    parse_endpoint_stats,
+)
+from extproc.telemetry.http import HttpError, PageClient, Target
 from extproc.telemetry.nvml import GpuReading, NvmlReader
 from extproc.telemetry.repository import RepositoryClient, apply_index
 from extproc.telemetry.tls import TritonTls
@@ -67,6 +75,9 @@ METRICS: Final = "triton_metrics"
 REPOSITORY: Final = "repository"
 ENVOY: Final = "envoy_admin"
 NVML: Final = "nvml"
+# How long an Envoy whose stats held no per-endpoint stats is read through /clusters alone before they are
+# looked for again (its clusters may be replaced by ones that keep them).
+_ENVOY_STATS_RETRY_S: Final = 30.0
 
 _MAX_ERROR_CHARS: Final = 300
 # Phases per period of the loops of one kind (fewer where fewer loops).
@@ -160,8 +171,12 @@ class TelemetryCollector:
             for state in datastore.hosts.values()
         ]
         admin = fleet.envoy.admin
-        self.envoy_url = f"http://{_endpoint(admin.address, admin.port)}/clusters?format=json"
+        envoy_admin = f"http://{_endpoint(admin.address, admin.port)}"
+        self.envoy_url = f"{envoy_admin}/clusters?format=json"
         self._envoy = Target.parse(self.envoy_url)
+        self._envoy_stats = Target.parse(envoy_admin + STATS_QUERY)
+        # Until when only /clusters is read: Envoy's last stats had no per-endpoint stats in them.
+        self._envoy_stats_after = -math.inf
         self._envoy_missing: frozenset[str] = frozenset()
         # Envoy's last answer, and when it came (None: its last poll failed), and whether it was the same
         # as the one before with nothing in flight.
@@ -407,8 +422,9 @@ class TelemetryCollector:
 
     async def _poll_envoy(self) -> None:
         self._envoy_polled_at = None
-        body = await self._get(self._envoy)
-        endpoints = parse_clusters(json.loads(body))
+        endpoints = await self._envoy_endpoint_stats()
+        if endpoints is None:
+            endpoints = parse_clusters(json.loads(await self._get(self._envoy)))
         now = self._datastore.now()
         missing = frozenset(apply_envoy_view(self._datastore, endpoints, now))
         self._envoy_quiet = endpoints == self._envoy_endpoints and not any(
@@ -421,6 +437,29 @@ class TelemetryCollector:
             else:
                 log.warning("every host is in Envoy's triton clusters again")
             self._envoy_missing = missing
+
+    async def _envoy_endpoint_stats(self) -> dict[str, EndpointStatus] | None:
+        """Envoy's counts from its per-endpoint stats, where they are the whole view: every host listed and
+        every endpoint healthy. None: read ``/clusters`` (for why a host is unhealthy; or, for
+        :data:`_ENVOY_STATS_RETRY_S`, because this Envoy's clusters keep no per-endpoint stats)."""
+        now = self._datastore.now()
+        if now < self._envoy_stats_after:
+            return None
+        try:
+            text = (await self._get(self._envoy_stats)).decode("utf-8", "replace")
+        except HttpError:
+            self._envoy_stats_after = now + _ENVOY_STATS_RETRY_S
+            return None
+        stats = parse_endpoint_stats(text)
+        if not stats.endpoints:
+            self._envoy_stats_after = now + _ENVOY_STATS_RETRY_S
+            return None
+        endpoints = stats.endpoints
+        if not stats.all_healthy or not all(
+            h.http_endpoint in endpoints or h.grpc_endpoint in endpoints for h in self._datastore.hosts.values()
+        ):
+            return None
+        return endpoints
 
     async def _poll_nvml(self) -> None:
         assert self._nvml is not None and self._nvml_host is not None
