@@ -124,7 +124,8 @@ def test_small_fleet_run_sees_every_host_fresh() -> None:
             assert ages[source]["max"] <= ages["stale_after_s"]
         assert result["cpu_cores"]["picker"] > 0
         assert result["scrapes_per_host_s"]["http_metrics"]["mean"] > 0
-        assert result["envoy_admin"]["clusters_json_bytes"] > 0
+        admin = result["envoy_admin"]
+        assert admin["clusters_json_bytes"] > admin["stats_bytes"] > 0
     assert report["load"]["telemetry_age_s"]["hosts_with_exec_ms_min"] == 4
     requests = report["requests"]
     assert requests["requests"]["ok"] == requests["requests"]["requests"] == 40

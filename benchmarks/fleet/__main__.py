@@ -123,8 +123,9 @@ def summary(report: dict[str, Any]) -> str:
             f" ({p['picker_cpu_ms_per_host_second']:.3f} ms per host-second), RSS {p['picker_rss_mib']} MiB;"
             f" envoy {cpu.get('envoy', 0):.3f}, emulator {cpu.get('emulator', 0):.3f} cores",
             f"  telemetry age: {age}; fresh hosts (min) {ages['fresh_hosts_min']}/{n}",
-            f"  envoy admin: {admin['clusters_json_bytes']} bytes, fetch {admin['fetch_ms']} ms,"
-            f" parse {admin['parse_ms']} ms x {admin['polls_per_s']}/s",
+            f"  envoy admin, {admin['polls_per_s']} polls/s: endpoint stats {admin['stats_bytes']} bytes, fetch"
+            f" {admin['stats_fetch_ms']} ms, parse {admin['stats_parse_ms']} ms; /clusters (with a host out)"
+            f" {admin['clusters_json_bytes']} bytes, fetch {admin['fetch_ms']} ms, parse {admin['parse_ms']} ms",
             f"  requests per emulated host per s: {scrapes}",
         ]
         probe = p.get("emulator_answer_ms") or {}
@@ -186,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         "sent it (the rest is sending it and waiting for the process's turn on a busy machine).",
         "One grpc.aio server answers every emulated host's gRPC port: gRPC calls per host are the total / hosts.",
         "Envoy is real (rendered from the fleet file) and health-checks every host (http_health, grpc_HealthCheck).",
-        "envoy_admin.polls_per_s: the picker's /clusters polls over the phase (Envoy's "
-        "http.admin.downstream_rq_total); picker_parse_cores_est: json.loads + parse_clusters of one /clusters "
-        "document, timed in the benchmark process, times that rate.",
+        "envoy_admin.polls_per_s: the picker's admin requests over the phase (Envoy's "
+        "http.admin.downstream_rq_total); stats_*: one GET of the per-endpoint stats the picker polls and its "
+        "parse, timed in the benchmark process; fetch_ms/parse_ms/clusters_json_bytes: the same of /clusters, "
+        "which the picker reads besides while a host is out of rotation; picker_parse_cores_est: the stats "
+        "parse times the poll rate.",
     ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")

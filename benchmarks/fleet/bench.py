@@ -5,7 +5,7 @@
 2. Writes a fleet file (every host in the ``gpu`` tier serving the recorded models, the picker's default
    poll settings unless given) and starts the real picker (``python -m extproc serve --config``) and a
    real Envoy rendered from it (:func:`extproc.envoy_config.render_yaml`), as ``extproc up`` does; Envoy
-   health-checks every host (REST and gRPC) and serves the ``/clusters`` the picker polls.
+   health-checks every host (REST and gRPC) and serves the admin pages the picker polls.
 3. Waits until the picker sees every host fresh, then measures three phases of ``duration`` seconds: idle
    (counters still), load (each emulated host's counters advance at ``rate`` requests/s; no request goes
    through Envoy or the picker) and requests (``request_rate`` REST inference requests/s for
@@ -14,8 +14,8 @@
    RSS, the requests each emulated host saw per second by kind; in the requests phase also the requests'
    latency and errors and the picker's decision time (``extproc_decision_seconds``, bucket bounds).
 4. After each phase, samples the picker's ``/status`` (age of each host's metrics, index and Envoy view:
-   p50/p99/max per source) and times one Envoy ``/clusters?format=json`` fetch and its parse; the picker's
-   polls of it over the phase are Envoy's count of admin requests.
+   p50/p99/max per source) and times one fetch and parse of Envoy's per-endpoint stats and of its
+   ``/clusters?format=json``; the picker's polls over the phase are Envoy's count of admin requests.
 """
 
 from __future__ import annotations
@@ -518,27 +518,37 @@ class FleetBench:
         return int(_get(url).decode().partition(":")[2])
 
     def envoy_admin_cost(self, polls: float) -> dict[str, Any]:
-        """The size, fetch and parse time of one ``/clusters``; ``polls``: the picker's polls per second,
-        as counted."""
-        from extproc.telemetry.envoy_admin import parse_clusters
+        """The size, fetch and parse time of one read of Envoy's per-endpoint stats (what the picker polls
+        while every host is in rotation) and of one ``/clusters`` (what it reads besides while one is not);
+        ``polls``: the picker's polls per second, as counted."""
+        from extproc.telemetry.envoy_admin import STATS_QUERY, parse_clusters, parse_endpoint_stats
 
-        fetch, parse, size = [], [], 0
-        for _ in range(3):
-            t0 = time.perf_counter()
-            body = _get(self.admin_url)
-            t1 = time.perf_counter()
-            parse_clusters(json.loads(body))
-            t2 = time.perf_counter()
-            fetch.append(t1 - t0)
-            parse.append(t2 - t1)
-            size = len(body)
-        parse_ms = min(parse) * 1000
+        stats_url = self.admin_url.replace("/clusters?format=json", STATS_QUERY)
+        costs = {}
+        for name, url, parse in (
+            ("stats", stats_url, lambda body: parse_endpoint_stats(body.decode())),
+            ("clusters", self.admin_url, lambda body: parse_clusters(json.loads(body))),
+        ):
+            fetch, parsed, size = [], [], 0
+            for _ in range(3):
+                t0 = time.perf_counter()
+                body = _get(url)
+                t1 = time.perf_counter()
+                parse(body)
+                t2 = time.perf_counter()
+                fetch.append(t1 - t0)
+                parsed.append(t2 - t1)
+                size = len(body)
+            costs[name] = (size, round(min(fetch) * 1000, 2), round(min(parsed) * 1000, 2))
         return {
-            "clusters_json_bytes": size,
-            "fetch_ms": round(min(fetch) * 1000, 2),
-            "parse_ms": round(parse_ms, 2),
+            "stats_bytes": costs["stats"][0],
+            "stats_fetch_ms": costs["stats"][1],
+            "stats_parse_ms": costs["stats"][2],
+            "clusters_json_bytes": costs["clusters"][0],
+            "fetch_ms": costs["clusters"][1],
+            "parse_ms": costs["clusters"][2],
             "polls_per_s": round(polls, 2),
-            "picker_parse_cores_est": round(parse_ms * polls / 1000, 4),
+            "picker_parse_cores_est": round(costs["stats"][2] * polls / 1000, 4),
         }
 
 
