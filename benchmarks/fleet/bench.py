@@ -26,7 +26,6 @@ import platform
 import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,6 @@ from benchmarks.ports import envoy_base_id
 _TICK: Final = os.sysconf("SC_CLK_TCK")
 _START_TIMEOUT_S: Final = 240.0
 _REAL_BATCH: Final = 10  # real Triton hosts started together
-_EPHEMERAL_START: Final = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
 REAL_MODELS: Final = ("embed_normalize", "mlp_classifier")
 MODELS: Final = ("embed_normalize", "mlp_classifier", "seq_accumulate", "timed_batch")
 
@@ -74,25 +72,6 @@ class Settings:
     picker: str | None = None  # the default profile's picker (picker.profile.picker; None: the fleet default)
     workers: int = 1  # picker.workers: > 1, a leader process collects telemetry and the workers decide
     compiled: bool = False  # the picker runs the compiled modules (else plain Python, as the emulator)
-
-
-def fixed_ports(count: int, first: int = 20000) -> list[int]:
-    """``count`` TCP ports free on loopback right now, from ``first`` up (below the ephemeral range, where
-    no outgoing connection takes one meanwhile)."""
-    ports: list[int] = []
-    port = first + random.randrange(0, 5000)
-    while len(ports) < count:
-        if port >= _EPHEMERAL_START:
-            raise FleetBenchError(f"not {count} free ports between {first} and {_EPHEMERAL_START}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                pass
-            else:
-                ports.append(port)
-        port += 1
-    return ports
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -183,10 +162,9 @@ class FleetBench:
 
         s = self.settings
         total = s.hosts + s.real
-        # The emulator binds its ports at once; the real hosts, Envoy and the picker bind theirs up to minutes
-        # later, while a hundred processes open connections: theirs are below the kernel's ephemeral range,
-        # where no connection takes a port picked free meanwhile.
-        ports = free_ports(3 * s.hosts) + fixed_ports(3 * s.real + 3)
+        # From one allocator: the emulator binds its ports once it starts, and a port chosen free for Envoy
+        # before that could be one of them.
+        ports = free_ports(3 * total + 3)
         listener_port, admin_port, picker_port = ports[-3:]
         # The publisher's snapshot port and each follower's metrics port.
         replica_ports = free_ports(s.replicas) if s.replicas > 1 else []
