@@ -1,8 +1,8 @@
 """Envoy's per-endpoint stats as the picker's source of requests in flight (extproc.telemetry.envoy_admin,
 extproc.telemetry.collector), against pages recorded from Envoy 1.40:
 
-- envoy_endpoint_stats.txt: ``GET`` STATS_QUERY with clusters triton_gpu_http (127.0.0.1:18000 with two
-  slow requests in flight, 127.0.0.1:18002 with one) and triton_gpu_grpc ([::1]:18001), all healthy;
+- envoy_endpoint_stats.txt: ``GET`` STATS_QUERY with clusters triton_gpu_http (127.0.0.1:18000 with one
+  slow request in flight, 127.0.0.1:18002 with two) and triton_gpu_grpc ([::1]:18001), all healthy;
 - envoy_endpoint_stats_unhealthy.txt: the same after 127.0.0.1:18002 stopped and failed its health check.
 
 The collector reads them from a local HTTP server serving those pages' format; the real gateway's agreement
@@ -36,7 +36,6 @@ def stats_page(endpoints: Mapping[tuple[str, str, int], tuple[int, int, bool]]) 
         address = f"[{ip.replace(':', '_')}]" if ":" in ip else ip
         prefix = f"cluster.{cluster}.endpoint.{address}_{port}"
         lines += [f"{prefix}.rq_total: {total}", f"{prefix}.rq_active: {active}"]
-        lines += [f"{prefix}.rq_pending_active: 0", f"{prefix}.healthy: {int(healthy)}"]
     head = [
         f"cluster.{cluster}.membership_{name}: {value}"
         for cluster, (healthy, total) in members.items()
@@ -47,44 +46,48 @@ def stats_page(endpoints: Mapping[tuple[str, str, int], tuple[int, int, bool]]) 
 
 RECORDED = {
     ("triton_gpu_grpc", "::1", 18001): (0, 0, True),
-    ("triton_gpu_http", "127.0.0.1", 18000): (2, 3, True),
-    ("triton_gpu_http", "127.0.0.1", 18002): (1, 1, True),
+    ("triton_gpu_http", "127.0.0.1", 18000): (1, 2, True),
+    ("triton_gpu_http", "127.0.0.1", 18002): (2, 2, True),
 }
 
 
 def test_the_fake_page_is_envoys() -> None:
     recorded = (DATA / "envoy_endpoint_stats.txt").read_text()
     assert stats_page(RECORDED) == recorded
-    down = {**RECORDED, ("triton_gpu_http", "127.0.0.1", 18000): (0, 0, True)}
-    down[("triton_gpu_http", "127.0.0.1", 18002)] = (0, 1, False)
+    down = {**RECORDED, ("triton_gpu_http", "127.0.0.1", 18000): (0, 2, True)}
+    down[("triton_gpu_http", "127.0.0.1", 18002)] = (0, 2, False)
     assert stats_page(down) == (DATA / "envoy_endpoint_stats_unhealthy.txt").read_text()
 
 
 def test_parse_the_recorded_pages() -> None:
-    stats = parse_endpoint_stats((DATA / "envoy_endpoint_stats.txt").read_text())
+    keys: dict[str, str] = {}
+    stats = parse_endpoint_stats((DATA / "envoy_endpoint_stats.txt").read_text(), keys)
     assert stats.all_healthy
     assert stats.endpoints == {
-        "127.0.0.1:18000": EndpointStatus(rq_active=2, rq_total=3),
-        "127.0.0.1:18002": EndpointStatus(rq_active=1, rq_total=1),
+        "127.0.0.1:18000": EndpointStatus(rq_active=1, rq_total=2),
+        "127.0.0.1:18002": EndpointStatus(rq_active=2, rq_total=2),
         "[::1]:18001": EndpointStatus(),
     }
-    unhealthy = parse_endpoint_stats((DATA / "envoy_endpoint_stats_unhealthy.txt").read_text())
-    assert not unhealthy.all_healthy and len(unhealthy.endpoints) == 3
+    assert keys == {
+        "127.0.0.1_18000": "127.0.0.1:18000",
+        "127.0.0.1_18002": "127.0.0.1:18002",
+        "[__1]_18001": "[::1]:18001",
+    }
+    unhealthy = parse_endpoint_stats((DATA / "envoy_endpoint_stats_unhealthy.txt").read_text(), keys)
+    assert not unhealthy.all_healthy and len(unhealthy.endpoints) == 3 and len(keys) == 3
 
 
-def test_an_endpoint_in_two_clusters_is_summed_and_membership_alone_can_say_unhealthy() -> None:
+def test_an_endpoint_in_two_clusters_is_summed_and_membership_says_unhealthy() -> None:
     page = stats_page(
         {("triton_gpu_http", "10.0.0.7", 8000): (2, 5, True), ("triton_cpu_http", "10.0.0.7", 8000): (1, 1, True)}
     )
     assert parse_endpoint_stats(page).endpoints == {"10.0.0.7:8000": EndpointStatus(rq_active=3, rq_total=6)}
-    # An outlier ejection takes a host out of the cluster's healthy members.
-    ejected = page.replace(
-        "cluster.triton_cpu_http.membership_healthy: 1", "cluster.triton_cpu_http.membership_healthy: 0"
-    )
+    # An outlier ejection or a failed health check takes a host out of its cluster's healthy members.
+    ejected = page.replace("triton_cpu_http.membership_healthy: 1", "triton_cpu_http.membership_healthy: 0")
     assert not parse_endpoint_stats(ejected).all_healthy
 
 
-def test_what_the_filter_would_not_keep_is_ignored_and_bad_values_refused() -> None:
+def test_what_the_filter_would_not_keep_is_ignored() -> None:
     page = stats_page({("triton_gpu_http", "10.0.0.7", 8000): (2, 5, True)})
     noise = "server.live: 1\ncluster.other.endpoint.10.0.0.9_80.rq_active: 7\n"
     noise += "cluster.triton_gpu_http.upstream_rq_total: 9\n"
@@ -92,9 +95,13 @@ def test_what_the_filter_would_not_keep_is_ignored_and_bad_values_refused() -> N
     assert parse_endpoint_stats(noise + page) == parse_endpoint_stats(page)
     assert parse_endpoint_stats("").endpoints == {}
     with pytest.raises(EnvoyAdminError):
-        parse_endpoint_stats(page.replace("rq_active: 2", "rq_active: x"))
-    with pytest.raises(EnvoyAdminError):
         parse_endpoint_stats("cluster.triton_gpu_http.endpoint.nowhere.rq_active: 1\n")
+
+
+def test_the_endpoint_names_kept_are_bounded() -> None:
+    keys = {f"10.0.{i // 256}.{i % 256}_8000": "x" for i in range(200)}
+    parse_endpoint_stats(stats_page({("triton_gpu_http", "10.0.0.7", 8000): (0, 0, True)}), keys)
+    assert keys == {"10.0.0.7_8000": "10.0.0.7:8000"}
 
 
 def test_the_query_keeps_what_the_parser_reads() -> None:

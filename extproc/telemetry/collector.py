@@ -58,6 +58,7 @@ from extproc.config import Fleet
 from extproc.datapath.datastore import Datastore, HostState, TritonLoad
 from extproc.telemetry.envoy_admin import (
     STATS_QUERY,
+    EndpointStats,
     EndpointStatus,
     apply_envoy_view,
     parse_clusters,
@@ -177,6 +178,11 @@ class TelemetryCollector:
         self._envoy_stats = Target.parse(envoy_admin + STATS_QUERY)
         # Until when only /clusters is read: Envoy's last stats had no per-endpoint stats in them.
         self._envoy_stats_after = -math.inf
+        # The last stats read and what they said (an idle fleet's are the same each time), and the ip:port
+        # of each endpoint as the stats spell it.
+        self._envoy_stats_body = b""
+        self._envoy_stats_view: EndpointStats | None = None
+        self._envoy_endpoint_keys: dict[str, str] = {}
         self._envoy_missing: frozenset[str] = frozenset()
         # Envoy's last answer, and when it came (None: its last poll failed), and whether it was the same
         # as the one before with nothing in flight.
@@ -440,17 +446,20 @@ class TelemetryCollector:
 
     async def _envoy_endpoint_stats(self) -> dict[str, EndpointStatus] | None:
         """Envoy's counts from its per-endpoint stats, where they are the whole view: every host listed and
-        every endpoint healthy. None: read ``/clusters`` (for why a host is unhealthy; or, for
+        every cluster member healthy. None: read ``/clusters`` (for why a host is unhealthy; or, for
         :data:`_ENVOY_STATS_RETRY_S`, because this Envoy's clusters keep no per-endpoint stats)."""
         now = self._datastore.now()
         if now < self._envoy_stats_after:
             return None
         try:
-            text = (await self._get(self._envoy_stats)).decode("utf-8", "replace")
+            body = await self._get(self._envoy_stats)
         except HttpError:
             self._envoy_stats_after = now + _ENVOY_STATS_RETRY_S
             return None
-        stats = parse_endpoint_stats(text)
+        stats = self._envoy_stats_view
+        if stats is None or body != self._envoy_stats_body:
+            stats = parse_endpoint_stats(body.decode("utf-8", "replace"), self._envoy_endpoint_keys)
+            self._envoy_stats_body, self._envoy_stats_view = body, stats
         if not stats.endpoints:
             self._envoy_stats_after = now + _ENVOY_STATS_RETRY_S
             return None

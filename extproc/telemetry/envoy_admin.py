@@ -22,20 +22,23 @@ A cheaper source, where the clusters track per-endpoint stats (``track_cluster_s
 which ``extproc envoy-config`` sets): ``GET`` :data:`STATS_QUERY`, Envoy's text stats filtered to the
 in-flight counts of each endpoint of the ``triton_*`` clusters, and their health::
 
-    cluster.triton_gpu_http.endpoint.10.0.0.7_8000.rq_active: 3
-    cluster.triton_gpu_http.endpoint.[fd00__7]_8000.healthy: 1
-    cluster.triton_gpu_http.membership_healthy: 2
+    cluster.triton_gpu_http.membership_healthy: 1
     cluster.triton_gpu_http.membership_total: 2
+    cluster.triton_gpu_http.endpoint.10.0.0.7_8000.rq_total: 12
+    cluster.triton_gpu_http.endpoint.10.0.0.7_8000.rq_active: 3
+    cluster.triton_gpu_http.endpoint.[fd00__7]_8000.rq_total: 0
+    cluster.triton_gpu_http.endpoint.[fd00__7]_8000.rq_active: 0
 
-(``:`` in the address is written ``_``.) It does not say why a host is unhealthy, so
-:func:`parse_endpoint_stats` says whether every endpoint is healthy; where one is not, ``/clusters`` tells
-an outlier ejection from a failed health check.
+(``:`` in the address is written ``_``.) It does not say which host is out of rotation, or why, so
+:func:`parse_endpoint_stats` says whether every cluster has all its members healthy; where one has not,
+``/clusters`` tells an outlier ejection from a failed health check.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,10 +47,9 @@ from typing import Any, Final
 from extproc.datapath.datastore import Datastore, EnvoyView
 
 TRITON_CLUSTER_PREFIX: Final = "triton_"
-# Envoy matches the filter (RE2) against every stat's name; this one keeps 4 per endpoint and 2 per cluster.
+# Envoy matches the filter (RE2) against every stat's name; this one keeps 2 per endpoint and 2 per cluster.
 STATS_QUERY: Final = "/stats?filter=" + urllib.parse.quote(
-    rf"^cluster\.{TRITON_CLUSTER_PREFIX}[^.]*\."
-    r"(membership_(healthy|total)|endpoint\..*\.(rq_active|rq_pending_active|rq_total|healthy))$",
+    rf"^cluster\.{TRITON_CLUSTER_PREFIX}[^.]*\.(membership_(healthy|total)|endpoint\..*\.(rq_active|rq_total))$",
     safe="",
 )
 
@@ -149,72 +151,64 @@ def parse_clusters(doc: Any, prefix: str = TRITON_CLUSTER_PREFIX) -> dict[str, E
     return out
 
 
-_CLUSTER_STAT: Final = f"cluster.{TRITON_CLUSTER_PREFIX}"
-_MEMBERSHIP: Final = frozenset({"membership_healthy", "membership_total"})
-_ENDPOINT_STATS: Final = frozenset({"rq_active", "rq_pending_active", "rq_total", "healthy"})
+# The lines of STATS_QUERY's answer, each kind found by its literal start, which is quicker than a match of
+# every line: (endpoint, "active" or "total", value) and ("healthy" or "total", value).
+_ENDPOINT_STAT: Final = re.compile(
+    rf"cluster\.{TRITON_CLUSTER_PREFIX}[^.]*\.endpoint\.(\S+)\.rq_(active|total): (\d+)$", re.M
+)
+_MEMBERSHIP_STAT: Final = re.compile(
+    rf"cluster\.{TRITON_CLUSTER_PREFIX}[^.]*\.membership_(healthy|total): (\d+)$", re.M
+)
 
 
 @dataclass(frozen=True, slots=True)
 class EndpointStats:
     """What :data:`STATS_QUERY` answered: per-``ip:port`` counts (no health flags), and whether every
-    endpoint and cluster member was healthy (only then is that all there is to know)."""
+    cluster had all its members healthy (only then is that all there is to know)."""
 
     endpoints: dict[str, EndpointStatus]
     all_healthy: bool
 
 
-def parse_endpoint_stats(text: str) -> EndpointStats:
-    """Parse Envoy's text answer to :data:`STATS_QUERY` (``name: value`` per line). No endpoint in it: the
-    clusters do not track per-endpoint stats (an Envoy configured elsewhere), or list no hosts yet."""
-    counts: dict[str, dict[str, int]] = {}
-    members: dict[str, list[int]] = {}
-    all_healthy = True
-    for line in text.splitlines():
-        name, sep, raw = line.partition(": ")
-        if not sep or not name.startswith(_CLUSTER_STAT):
-            continue
-        cluster, _, rest = name.removeprefix("cluster.").partition(".")
-        if rest in _MEMBERSHIP:
-            stat = rest
-        elif rest.startswith("endpoint."):
-            endpoint, _, stat = rest.removeprefix("endpoint.").rpartition(".")
-            if stat not in _ENDPOINT_STATS:
-                continue
-        else:
-            continue
-        try:
-            value = int(raw)
-        except ValueError:
-            raise EnvoyAdminError(f"stat {name!r}: value {raw[:40]!r} is not an integer") from None
-        if stat in _MEMBERSHIP:
-            members.setdefault(cluster, [0, 0])[stat == "membership_total"] = value
-            continue
-        if stat == "healthy":
-            all_healthy = all_healthy and value == 1
-        key = f"{cluster}.{endpoint}"
-        stats = counts.get(key)
-        if stats is None:
-            stats = counts[key] = {}
-        stats[stat] = value
-    if any(healthy != total for healthy, total in members.values()):
-        all_healthy = False
+def parse_endpoint_stats(text: str, keys: dict[str, str] | None = None) -> EndpointStats:
+    """Parse Envoy's text answer to :data:`STATS_QUERY` (``name: value`` per line; other lines are left
+    out). No endpoint in it: the clusters do not track per-endpoint stats (an Envoy configured elsewhere), or
+    list no hosts yet. Requests waiting for a connection (``rq_pending_active``) are not in it: they are
+    Envoy's for an instant, and only ever told the picker whether the fleet was idle. ``keys``: Envoy's
+    spelling of each endpoint → its ``ip:port``, kept by the caller from one answer to the next."""
+    counts: dict[str, list[int]] = {}
+    for name, stat, value in _ENDPOINT_STAT.findall(text):
+        pair = counts.get(name)
+        if pair is None:
+            pair = counts[name] = [0, 0]
+        pair[stat == "total"] += int(value)
+    members = [0, 0]
+    for stat, value in _MEMBERSHIP_STAT.findall(text):
+        members[stat == "total"] += int(value)
+    if keys is None:
+        keys = {}
+    elif len(keys) > 2 * len(counts) + 64:  # endpoints that have left the clusters
+        keys.clear()
     out: dict[str, EndpointStatus] = {}
-    for key, stats in counts.items():
-        address, _, port = key.partition(".")[2].rpartition("_")
-        if address.startswith("["):
-            address = address[1:-1].replace("_", ":")
-        try:
-            endpoint = endpoint_key(address, int(port))
-        except ValueError:
-            raise EnvoyAdminError(f"endpoint stat {key!r}: no address and port") from None
-        status = EndpointStatus(
-            rq_active=stats.get("rq_active", 0),
-            rq_pending_active=stats.get("rq_pending_active", 0),
-            rq_total=stats.get("rq_total", 0),
-        )
-        seen = out.get(endpoint)
-        out[endpoint] = status if seen is None else seen.merge(status)
-    return EndpointStats(out, all_healthy)
+    for name, (active, total) in counts.items():
+        key = keys.get(name)
+        if key is None:
+            key = keys[name] = _endpoint_of(name)
+        status = EndpointStatus(rq_active=active, rq_total=total)
+        seen = out.get(key)
+        out[key] = status if seen is None else seen.merge(status)
+    return EndpointStats(out, members[0] == members[1])
+
+
+def _endpoint_of(name: str) -> str:
+    """``ip:port`` of an endpoint as Envoy names it in its stats (``10.0.0.7_8000``, ``[fd00__7]_8000``)."""
+    address, _, port = name.rpartition("_")
+    if address.startswith("["):
+        address = address[1:-1].replace("_", ":")
+    try:
+        return endpoint_key(address, int(port))
+    except ValueError:
+        raise EnvoyAdminError(f"endpoint stat name {name!r}: no address and port") from None
 
 
 def apply_envoy_view(datastore: Datastore, endpoints: Mapping[str, EndpointStatus], now: float) -> list[str]:
