@@ -176,8 +176,9 @@ def test_every_command_refuses_an_invalid_file(tmp_path: Path, command: str) -> 
     ("poll", "hosts", "seconds"),
     [
         ({}, 3, 0.020),  # a small fleet's counts stay fresh
-        ({}, 50, 0.100),  # 2 ms a host
-        ({}, 100, 0.200),
+        ({}, 40, 0.020),
+        ({}, 100, 0.050),  # 0.5 ms a host
+        ({}, 400, 0.200),
         ({}, 1000, 0.200),  # never slower than 200 ms under traffic
         ({"idle_envoy_admin_ms": 150, "stale_after_ms": 3000}, 1000, 0.150),  # nor than the idle interval
         ({"envoy_admin_ms": 50}, 1000, 0.050),  # a set interval is kept
