@@ -250,6 +250,8 @@ def test_sigstop_triton_host(healthy: FaultStack) -> None:
     SIGCONT (boost::interprocess::lock_exception) when server and stubs were stopped together."""
     fleet = healthy
     per_try_before = fleet.envoy_stat("cluster.triton_gpu_(http|grpc).upstream_rq_per_try_timeout")
+    ejections = "cluster.triton_gpu_(http|grpc).outlier_detection.ejections_enforced_total"
+    ejections_before = fleet.envoy_stat(ejections)
     load = Load(fleet.stack, GPU_MIX, RATE_RPS, duration_s=10)
     victim = ""
     try:
@@ -267,12 +269,14 @@ def test_sigstop_triton_host(healthy: FaultStack) -> None:
     finally:
         load.kill()
     timed_out = fleet.envoy_stat("cluster.triton_gpu_(http|grpc).upstream_rq_per_try_timeout") - per_try_before
+    # Why the picker stopped naming the host when it did: Envoy's ejections (or, without one, its health check).
+    ejected = fleet.envoy_stat(ejections) - ejections_before
     report(
         result,
         f"SIGSTOP a Triton host's server ({victim}) for 5 s",
         f"{timed_out} tries timed out after {PER_TRY_TIMEOUT_S} s (answered 504 / UNAVAILABLE, sent within "
         f"{max((o.sent - stopped_at for o in result.not_ok()), default=0):.2f} s of the stop); last picked "
-        f"{last_pick(fleet, victim, stopped_at, resumed_at)} after the stop",
+        f"{last_pick(fleet, victim, stopped_at, resumed_at)} after the stop; {ejected} ejections by Envoy",
     )
     assert timed_out > 0, "no request hit the stalled host's per-try timeout: the fault did not reach any request"
     bad = result.not_ok()
@@ -281,7 +285,9 @@ def test_sigstop_triton_host(healthy: FaultStack) -> None:
     # in flight at the stop (sent less than a per-try timeout before it: a try sent earlier was answered, or
     # timed out, before the stop; on a busy machine a request waits in the host's queue a good part of that)
     # or sent to it within 2 s after.
-    assert all(stopped_at - PER_TRY_TIMEOUT_S <= o.sent < stopped_at + 2.0 for o in bad), result.describe()
+    assert all(stopped_at - PER_TRY_TIMEOUT_S <= o.sent < stopped_at + 2.0 for o in bad), (
+        f"{ejected} ejections by Envoy; {result.describe()}"
+    )
     assert all("upstream request timeout" in o.detail for o in bad), result.describe()
     assert no_picks_of(fleet, victim, stopped_at + 2.0, resumed_at) == []
     fleet.wait_healthy()
