@@ -292,13 +292,14 @@ class Scheduler:
             return self._admit(request, order, now)
         model = request.model or ""
         saturated: Route | None = None
+        resuming = self.resuming(now)
         for candidate_tier, units in order:
             ranked, own = self._ranked(request, candidate_tier, units, now)
             if not ranked:
                 continue
             hosts = tuple([c.host for c in ranked])
             reason = "classified" if candidate_tier is order[0][0] else "spillover"
-            if self.resuming(now) or not self._is_saturated(ranked[0], now, own):
+            if resuming or not self._is_saturated(ranked[0], now, own):
                 return Route(candidate_tier, hosts, reason, work=own)
             saturated = saturated or Route(candidate_tier, hosts, "saturated", work=own)
         if saturated is not None and request.priority is Priority.SHEDDABLE:
@@ -319,20 +320,20 @@ class Scheduler:
         deadline = admission.deadline_ms(request)
         limit = admission.limit_ms(request, deadline)
         least_over: float | None = None
+        resuming = self.resuming(now)
         for candidate_tier, units in order:
             ranked, own = self._ranked(request, candidate_tier, units, now)
             if not ranked:
                 continue
+            if not resuming:
+                fraction, over = admission.load(request, ranked[0], model, limit, now, own)
+                if fraction > 1:
+                    least_over = over if least_over is None else min(least_over, over)
+                    continue
+                refused = admission.fair(request, fraction, now)
+                if refused is not None:
+                    return refused
             reason = "classified" if candidate_tier is order[0][0] else "spillover"
-            if self.resuming(now):
-                return Route(candidate_tier, tuple([c.host for c in ranked]), reason, work=own)
-            fraction, over = admission.load(request, ranked[0], model, limit, now, own)
-            if fraction > 1:
-                least_over = over if least_over is None else min(least_over, over)
-                continue
-            refused = admission.fair(request, fraction, now)
-            if refused is not None:
-                return refused
             return Route(candidate_tier, tuple([c.host for c in ranked]), reason, work=own)
         return None if least_over is None else admission.refuse(request, least_over, deadline)
 
