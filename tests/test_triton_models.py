@@ -217,7 +217,7 @@ def test_timed_batch_output(triton: Triton, protocol: str) -> None:
 
 
 def test_timed_batch_batches_concurrent_requests(triton: Triton) -> None:
-    before = _stats(triton, "timed_batch")
+    before = _quiet_stats(triton)
     done: queue.Queue[tuple[Any, Any]] = queue.Queue()
 
     def on_done(result: Any, error: Any) -> None:
@@ -264,6 +264,23 @@ def _stats_when(triton: Triton, settled: Callable[[dict[str, Any]], bool]) -> di
     return stats
 
 
+def _quiet_stats(triton: Triton) -> dict[str, Any]:
+    """timed_batch's statistics once they stop changing (or after 5 s).
+
+    An earlier test's last request can be counted after its client has the answer (see ``_stats_when``),
+    so a count read straight after it can miss that request and charge it to the next test.
+    """
+    deadline = time.monotonic() + 5
+    stats = _stats(triton, "timed_batch")
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        again = _stats(triton, "timed_batch")
+        if again == stats:
+            return again
+        stats = again
+    return stats
+
+
 def _compute(stats: dict[str, Any]) -> dict[str, int]:
     compute: dict[str, int] = stats["inference_stats"]["compute_infer"]
     return compute
@@ -271,7 +288,7 @@ def _compute(stats: dict[str, Any]) -> dict[str, int]:
 
 def _mean_compute_ms(triton: Triton, requests: int) -> float:
     """Mean execute() time of ``requests`` sequential one-item timed_batch requests, from Triton's stats."""
-    before = _compute(_stats(triton, "timed_batch"))
+    before = _compute(_quiet_stats(triton))
     x = np.ones((1, 4), np.float32)
     for _ in range(requests):
         infer(triton, "grpc", "timed_batch", {"INPUT0": x})
