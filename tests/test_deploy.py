@@ -1497,10 +1497,11 @@ def _istio_like_bootstrap(
                     "endpoints": [{"lb_endpoints": [endpoint(e["address"], port) for e in se["spec"]["endpoints"]]}],
                 },
                 "outlier_detection": {
+                    # Istio's translation: 0 consecutive 5xx leaves them counted but not enforced.
                     "consecutive_5xx": outlier["consecutive5xxErrors"],
+                    "enforcing_consecutive_5xx": 100 if outlier["consecutive5xxErrors"] else 0,
                     "consecutive_gateway_failure": outlier["consecutiveGatewayErrors"],
-                    "split_external_local_origin_errors": outlier["splitExternalLocalOriginErrors"],
-                    "consecutive_local_origin_failure": outlier["consecutiveLocalOriginFailures"],
+                    "enforcing_consecutive_gateway_failure": 100,
                     "interval": outlier["interval"],
                     "base_ejection_time": outlier["baseEjectionTime"],
                     "max_ejection_percent": outlier["maxEjectionPercent"],

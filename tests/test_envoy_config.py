@@ -7,6 +7,7 @@ import ipaddress
 import json
 import re
 import shutil
+import socket
 import ssl
 import stat
 import subprocess
@@ -615,6 +616,89 @@ def test_outlier_detection_really_ejects_in_small_fleets(local_fleet: Fleet) -> 
         assert outlier["interval"] == "1s"
         # Otherwise the next passing health check (within a second) would undo every ejection.
         assert outlier["successful_active_health_check_uneject_host"] is False
+
+
+@pytest.mark.e2e
+def test_a_host_that_accepts_but_never_answers_is_ejected_after_three_timeouts(
+    local_fleet: Fleet, tmp_path: Path
+) -> None:
+    """A real Envoy with the rendered outlier detection, one HTTP/1 host that accepts connections and never
+    answers (what a stopped or hung Triton looks like: the kernel still accepts): three requests one after
+    the other, each cut by the per-try timeout on a new connection, eject it; the fourth finds no host."""
+    from extproc.runtime.stack import find_envoy
+    from tests.stack import ProcessSpec, http_status, launch, wait_for
+
+    (cluster, *_) = _triton_clusters(render_bootstrap(local_fleet)).values()
+    listener, admin = free_ports(2)
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as stalled:
+        host = {
+            "endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": stalled.getsockname()[1]}}
+            }
+        }
+        route = {"cluster": "stalled", "timeout": "5s", "retry_policy": {"per_try_timeout": "0.2s", "num_retries": 0}}
+        manager = {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+            "HttpConnectionManager",
+            "stat_prefix": "test",
+            "route_config": {
+                "virtual_hosts": [
+                    {"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": route}]}
+                ]
+            },
+            "http_filters": [
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                }
+            ],
+        }
+        bootstrap = {
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+            "static_resources": {
+                "listeners": [
+                    {
+                        "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener}},
+                        "filter_chains": [
+                            {
+                                "filters": [
+                                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
+                                ]
+                            }
+                        ],
+                    }
+                ],
+                "clusters": [
+                    {
+                        "name": "stalled",
+                        "connect_timeout": "1s",
+                        "load_assignment": {"cluster_name": "stalled", "endpoints": [{"lb_endpoints": [host]}]},
+                        "outlier_detection": cluster["outlier_detection"],
+                        "common_lb_config": cluster["common_lb_config"],  # no panic mode
+                    }
+                ],
+            },
+        }
+        config = tmp_path / "envoy.json"
+        config.write_text(json.dumps(bootstrap))
+        argv = (find_envoy(), "-c", str(config), "--base-id", str(envoy_base_id()), "--concurrency", "1")
+        envoy = launch(ProcessSpec(argv, {}, str(tmp_path)), tmp_path / "envoy.log")
+        try:
+            wait_for(lambda: http_status(f"http://127.0.0.1:{admin}/ready") == 200, 60, "Envoy to start")
+
+            def stat(name: str) -> int:
+                url = f"http://127.0.0.1:{admin}/stats?filter=^cluster.stalled.{name}$"
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    return int(response.read().decode().rsplit(":", 1)[1])
+
+            for _ in range(3):
+                assert http_status(f"http://127.0.0.1:{listener}/v2/models/m/infer", method="POST") == 504
+            assert stat("upstream_cx_total") == 3, "each request did not get a new connection"
+            wait_for(lambda: stat("outlier_detection.ejections_enforced_total") == 1, 5, "the host to be ejected")
+            assert http_status(f"http://127.0.0.1:{listener}/v2/models/m/infer", method="POST") == 503
+        finally:
+            envoy.terminate()
+            envoy.wait(timeout=30)
 
 
 def test_picker_cluster_on_a_unix_socket(local_fleet: Fleet) -> None:

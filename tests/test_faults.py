@@ -111,6 +111,14 @@ class FaultStack:
             text = response.read().decode()
         return sum(int(line.rsplit(":", 1)[1]) for line in text.splitlines() if ":" in line)
 
+    def first_rise(self, name: str, start: int, until: float) -> float | None:
+        """When ``name`` first read above ``start`` (polled every 50 ms until ``until``); None: it did not."""
+        while time.time() < until:
+            if self.envoy_stat(name) > start:
+                return time.time()
+            time.sleep(0.05)
+        return None
+
     def busiest(self, models: tuple[str, ...], among: tuple[str, ...] = GPU_HOSTS, window_s: float = 2.0) -> str:
         """The host the picker put first most often for ``models`` in the last ``window_s``: a fault there
         hits requests, not an idle host."""
@@ -261,6 +269,7 @@ def test_sigstop_triton_host(healthy: FaultStack) -> None:
         stopped_at = time.time()
         os.kill(pid, signal.SIGSTOP)
         try:
+            ejected_at = fleet.first_rise(ejections, ejections_before, until=load.start + 7)
             load.sleep_until(7)
         finally:
             resumed_at = time.time()
@@ -270,13 +279,15 @@ def test_sigstop_triton_host(healthy: FaultStack) -> None:
         load.kill()
     timed_out = fleet.envoy_stat("cluster.triton_gpu_(http|grpc).upstream_rq_per_try_timeout") - per_try_before
     # Why the picker stopped naming the host when it did: Envoy's ejections (or, without one, its health check).
-    ejected = fleet.envoy_stat(ejections) - ejections_before
+    ejected = f"{fleet.envoy_stat(ejections) - ejections_before} ejections by Envoy" + (
+        f" (the first +{ejected_at - stopped_at:.2f} s after the stop)" if ejected_at else ""
+    )
     report(
         result,
         f"SIGSTOP a Triton host's server ({victim}) for 5 s",
         f"{timed_out} tries timed out after {PER_TRY_TIMEOUT_S} s (answered 504 / UNAVAILABLE, sent within "
         f"{max((o.sent - stopped_at for o in result.not_ok()), default=0):.2f} s of the stop); last picked "
-        f"{last_pick(fleet, victim, stopped_at, resumed_at)} after the stop; {ejected} ejections by Envoy",
+        f"{last_pick(fleet, victim, stopped_at, resumed_at)} after the stop; {ejected}",
     )
     assert timed_out > 0, "no request hit the stalled host's per-try timeout: the fault did not reach any request"
     bad = result.not_ok()
@@ -286,7 +297,7 @@ def test_sigstop_triton_host(healthy: FaultStack) -> None:
     # timed out, before the stop; on a busy machine a request waits in the host's queue a good part of that)
     # or sent to it within 2 s after.
     assert all(stopped_at - PER_TRY_TIMEOUT_S <= o.sent < stopped_at + 2.0 for o in bad), (
-        f"{ejected} ejections by Envoy; {result.describe()}"
+        f"{ejected}; {result.describe()}"
     )
     assert all("upstream request timeout" in o.detail for o in bad), result.describe()
     assert no_picks_of(fleet, victim, stopped_at + 2.0, resumed_at) == []

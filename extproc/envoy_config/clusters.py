@@ -213,22 +213,21 @@ def _override_host_policy() -> cluster.LoadBalancingPolicy:
 
 def _outlier_detection() -> cluster.OutlierDetection:
     return cluster.OutlierDetection(
-        # Envoy's default is 5; a host that fails 3 requests in a row is out. 5xx and gateway failures here
-        # count only responses the host sent (see split_external_local_origin_errors).
+        # Envoy's default is 5; a host that fails 3 requests in a row is out.
         consecutive_5xx=3,
         # ...but a 500 alone does not eject: Triton answers 500 to a malformed request (a JSON body it cannot
         # parse, a 'data' array that does not match its 'shape'), so any client could eject every healthy
-        # host, one after the other, with a few bad requests. Gateway failures (502/503/504), connect
-        # failures, resets and timeouts still eject.
+        # host, one after the other, with a few bad requests.
         enforcing_consecutive_5xx=0,
-        # Envoy's default enforcement for gateway failures (502/503/504) is 0 %, i.e. only counted.
+        # Envoy's default enforcement for gateway failures is 0 %, i.e. only counted. Besides the host's own
+        # 502/503/504 answers, Envoy counts a per-try timeout as a 504 and a connect failure or reset as a
+        # 503, so a host that stops answering is out after 3 of them.
         consecutive_gateway_failure=3,
         enforcing_consecutive_gateway_failure=100,
-        # Connect failures, resets and timeouts are counted on their own (Envoy's default mixes them into
-        # the 5xx count): 3 in a row eject the host even if it never answers with a status.
-        split_external_local_origin_errors=True,
-        consecutive_local_origin_failure=3,
-        enforcing_consecutive_local_origin_failure=100,
+        # Not split_external_local_origin_errors: there, each connection Envoy opens successfully clears
+        # the count of timeouts, and a host that accepts connections but never answers (a stopped or hung
+        # process: the kernel still accepts) gets a new HTTP/1 connection for nearly every request, so it
+        # reached 3 timeouts in a row only by chance, seconds late.
         # Envoy's defaults: evaluated every 10 s, ejected for 30 s (growing to 300 s). A fleet of a few
         # hosts cannot spare one for that long, nor keep a failing one for 10 s.
         interval=dt.timedelta(seconds=1),
