@@ -10,6 +10,7 @@ import pytest
 from extproc.config import ConfigError, Fleet, Tier
 from extproc.datapath.datastore import Datastore, HostState
 from extproc.datapath.protocol.request import grpc_timeout_ms, rest_request, rest_timeout_ms
+from extproc.datapath.scheduling.admission import Admission
 from extproc.datapath.scheduling.fairness import OVERFLOW_KEY, FairShares
 from extproc.datapath.scheduling.scheduler import RESUME_S, Scheduler
 from extproc.datapath.scheduling.types import InferenceRequest, Priority, Protocol, Reject, Route
@@ -37,14 +38,14 @@ def queued(host: HostState, n: int, models: tuple[str, ...] = ("embed", "mlp")) 
     host.load.model_pending = dict.fromkeys(models, n)
 
 
+MODELS = [
+    {"name": "mlp", "tiers": ["cpu", "gpu"], "rules": [{"tier": "gpu", "min_bytes": 1000}]},
+    {"name": "embed", "tiers": ["gpu"], "sequence": True, "deadline_ms": 2000},
+]
+
+
 def scheduler(in_flight: dict[str, int], **picker: Any) -> tuple[Scheduler, Datastore]:
-    f = fleet(
-        picker=picker,
-        models=[
-            {"name": "mlp", "tiers": ["cpu", "gpu"], "rules": [{"tier": "gpu", "min_bytes": 1000}]},
-            {"name": "embed", "tiers": ["gpu"], "sequence": True, "deadline_ms": 2000},
-        ],
-    )
+    f = fleet(picker=picker, models=MODELS)
     s = Datastore(f, clock=frozen)
     live(s, {"g1": ["embed", "mlp"], "g2": ["embed"], "c1": ["mlp"]}, service_ms=SERVICE_MS)
     for name, n in in_flight.items():
@@ -67,10 +68,20 @@ def routed(decision: Reject | Route) -> Route:
 
 
 def test_the_deadline_is_the_clients_capped_by_the_models() -> None:
+    admission = Admission(fleet(models=MODELS))
+    assert admission.deadline_ms(infer()) == 2000  # models[].deadline_ms
+    assert admission.deadline_ms(infer(timeout_ms=750.5)) == 750.5
+    assert admission.deadline_ms(infer(timeout_ms=10_000)) == 2000  # never more than the model's
+    assert admission.deadline_ms(infer("mlp", size=10)) == 60_000  # picker.overload.deadline_ms
+
+
+def test_envoys_timeout_is_the_models_deadline_whatever_the_client_asks() -> None:
+    """A client's shorter deadline is not Envoy's timeout: Envoy would count each one the host missed
+    against it (3 in a row eject it), and a client choosing a deadline says nothing about the host."""
     sched, _ = scheduler({})
     assert routed(sched.decide(infer())).timeout_ms == 2000  # models[].deadline_ms
-    assert routed(sched.decide(infer(timeout_ms=750.5))).timeout_ms == 751
-    assert routed(sched.decide(infer(timeout_ms=10_000))).timeout_ms == 2000  # never more than the model's
+    assert routed(sched.decide(infer(timeout_ms=750.5))).timeout_ms == 2000
+    assert routed(sched.decide(infer(timeout_ms=10_000))).timeout_ms == 2000
     assert routed(sched.decide(infer("mlp", size=10))).timeout_ms == 60_000  # picker.overload.deadline_ms
     # Only inference gets one: metadata and readiness keep the route's timeout.
     assert routed(sched.decide(InferenceRequest(Protocol.HTTP, "embed"))).timeout_ms is None

@@ -129,8 +129,8 @@ def test_fair_shares_by_the_named_header(stack: Stack) -> None:
 
 def test_the_deadline_travels_to_envoy_and_a_client_cannot_lift_it(stack: Stack) -> None:
     """With the copy's host stopped, a request admitted a moment before is answered 504 by Envoy at its
-    deadline (the client asked for 1.5 s and sent Envoy's own header for 10 min), and a gRPC call gets its
-    model's 2 s deadline, instead of waiting for a host that does not answer."""
+    model's 2 s deadline (the client asked for 1.5 s, which only admission uses, and sent Envoy's own header
+    for 10 min), and so is a gRPC call, instead of waiting for a host that does not answer."""
     pid = pid_of(stack, "triton-a")
     os.kill(pid, signal.SIGSTOP)
     try:

@@ -127,9 +127,6 @@ class Responder:
             else:
                 endpoints = ",".join([h.http_endpoint for h in decision.hosts])
             timeout = decision.timeout_ms
-            if request.timeout_ms is not None:
-                # The client's own deadline: a value per request, not worth caching.
-                return routing_answer(decision.tier, endpoints, timeout)
             key = (decision.tier, endpoints, timeout)
             answer = self._answers.get(key)
             if answer is None:

@@ -50,9 +50,15 @@ class Admission:
 
     def deadline_ms(self, request: InferenceRequest) -> float:
         """The request's deadline: the client's where it asks for less than its model allows."""
-        allowed = self._deadlines.get(request.model or "", self._default_deadline)
+        allowed = self.allowed_ms(request)
         asked = request.timeout_ms
         return asked if asked is not None and asked < allowed else allowed
+
+    def allowed_ms(self, request: InferenceRequest) -> float:
+        """The longest deadline the request's model allows: Envoy's timeout for it. Not the client's shorter
+        one: Envoy counts each timeout against the host (outlier detection ejects after 3 in a row), and a
+        deadline the client chose says nothing about the host; the client keeps its own deadline."""
+        return self._deadlines.get(request.model or "", self._default_deadline)
 
     def limit_ms(self, request: InferenceRequest, deadline_ms: float) -> float:
         """The most expected completion the request may be sent with."""

@@ -202,7 +202,7 @@ class Scheduler:
             return self._no_route(request)
         if isinstance(decision, Route):
             if request.infer and self._admission.enabled:
-                decision.timeout_ms = math.ceil(self._admission.deadline_ms(request))
+                decision.timeout_ms = math.ceil(self._admission.allowed_ms(request))
             return self._commit(decision, now, model)
         return decision
 
