@@ -220,14 +220,14 @@ def _outlier_detection() -> cluster.OutlierDetection:
         # host, one after the other, with a few bad requests.
         enforcing_consecutive_5xx=0,
         # Envoy's default enforcement for gateway failures is 0 %, i.e. only counted. Besides the host's own
-        # 502/503/504 answers, Envoy counts a per-try timeout as a 504 and a connect failure or reset as a
-        # 503, so a host that stops answering is out after 3 of them.
+        # 502/503/504 answers, Envoy counts a timeout as a 504 and a connect failure or reset as a 503, so a
+        # host that stops answering is out after 3 of them.
         consecutive_gateway_failure=3,
         enforcing_consecutive_gateway_failure=100,
         # Not split_external_local_origin_errors: there, each connection Envoy opens successfully clears
         # the count of timeouts, and a host that accepts connections but never answers (a stopped or hung
         # process: the kernel still accepts) gets a new HTTP/1 connection for nearly every request, so it
-        # reached 3 timeouts in a row only by chance, seconds late.
+        # would reach 3 timeouts in a row only by chance, seconds late.
         # Envoy's defaults: evaluated every 10 s, ejected for 30 s (growing to 300 s). A fleet of a few
         # hosts cannot spare one for that long, nor keep a failing one for 10 s.
         interval=dt.timedelta(seconds=1),
