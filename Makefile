@@ -9,9 +9,8 @@ BUILT    := $(VENV)/.compiled
 COMPILED := $(shell find extproc/datapath -name '*.py')
 CONFIG ?= deploy/local/fleet.yaml
 # Test modules run at once (pytest-xdist), each whole in one process so that its stack starts once; most
-# of a module's time is spent waiting on its servers. Three on a 2-core machine load it enough that the
-# tests that time faults under load fail now and then (docs/development.md).
-TEST_WORKERS ?= 2
+# of a module's time is spent waiting on its servers (docs/development.md).
+TEST_WORKERS ?= 3
 
 .PHONY: run test lint install envoy-config clean
 
