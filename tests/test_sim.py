@@ -21,6 +21,7 @@ from benchmarks.sim.scenario import (
     family,
     load_sim_scenario,
     parse_sim_scenario,
+    with_fleet_settings,
 )
 from benchmarks.sim.trace import build_trace
 from extproc.datapath.scheduling.scheduler import Scheduler
@@ -109,6 +110,21 @@ def test_a_real_slowdown_is_a_factor_event_of_the_hosts_launch_speed() -> None:
 def test_an_invalid_scenario_names_its_key(override: dict[str, Any], message: str) -> None:
     with pytest.raises(SimScenarioError, match=message):
         scenario(**override)
+
+
+def test_fleet_settings_change_the_fleet_and_refuse_what_the_schema_refuses() -> None:
+    base = scenario(fleet={"picker": {"poll": {"repository_ms": 2000}}})
+    changed = with_fleet_settings(base, ["picker.poll.triton_metrics_ms=50", "picker.profile.picker=power_of_two"])
+    fleet = changed.real_fleet()
+    assert fleet.picker.poll.triton_metrics_ms == 50 and fleet.picker.poll.repository_ms == 2000
+    assert fleet.picker.profile.picker == "power_of_two"
+    assert base.real_fleet().picker.poll.triton_metrics_ms != 50  # the scenario itself is unchanged
+    with pytest.raises(SimScenarioError, match=r"key fleet\.picker\.poll\.triton_metrics_msx"):
+        with_fleet_settings(base, ["picker.poll.triton_metrics_msx=50"])
+    with pytest.raises(SimScenarioError, match="expected KEY=VALUE"):
+        with_fleet_settings(base, ["picker.poll.triton_metrics_ms"])
+    with pytest.raises(SimScenarioError, match=r"fleet\.repository_ms is not a mapping"):
+        with_fleet_settings(base, ["picker.poll.repository_ms.x=1"])
 
 
 def test_trace_sizes_and_bursts_follow_the_scenario() -> None:
@@ -367,6 +383,8 @@ def test_the_command_writes_json_with_command_seed_and_scenario(
             "--pickers",
             "1",
             "2",
+            "--fleet",
+            "picker.poll.triton_metrics_ms=100",
             "-o",
             str(out),
         ]
@@ -374,6 +392,7 @@ def test_the_command_writes_json_with_command_seed_and_scenario(
     assert code == 0
     report = json.loads(out.read_text())
     assert report["seed"] == 3 and report["scenario"]["resolved"]["seed"] == 3
+    assert report["scenario"]["resolved"]["fleet"]["picker"]["poll"]["triton_metrics_ms"] == 100
     assert "--seed 3" in report["command"]
     assert [(r["policy"], r["pickers"]) for r in report["runs"]] == [
         ("expected_completion_baseline", 1),
@@ -383,6 +402,7 @@ def test_the_command_writes_json_with_command_seed_and_scenario(
     assert report["comparisons"]["1"]["expected_completion_baseline"]["p99_over_baseline"] == 1.0
     assert "p99" in capsys.readouterr().out
     assert cli.main(["--scenario", str(path), "--policies", "nope"]) == 2
+    assert cli.main(["--scenario", str(path), "--fleet", "picker.nope=1"]) == 2
 
 
 def test_execution_jitter_lengthens_executions_alike_for_every_policy() -> None:

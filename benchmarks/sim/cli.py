@@ -26,6 +26,7 @@ from benchmarks.sim.scenario import (
     family,
     find_sim_scenario,
     load_sim_scenario,
+    with_fleet_settings,
 )
 from benchmarks.sim.trace import Trace, build_trace
 
@@ -116,6 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--policies", nargs="+", help=f"run only these (default: the scenario's; {', '.join(POLICIES)})"
     )
     parser.add_argument("--pickers", type=int, nargs="+", help="numbers of independent pickers/gateways (e.g. 1 2 4 8)")
+    parser.add_argument(
+        "--fleet",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a fleet-file key for every scenario run (dotted, e.g. picker.poll.triton_metrics_ms=50)",
+    )
     parser.add_argument("--output", "-o", type=Path, help="JSON results (default results/sim-NAME.json)")
     args = parser.parse_args(argv)
     raw_argv = list(sys.argv[1:] if argv is None else argv)
@@ -123,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         policies = _policies(args.policies)
         paths = family() if args.all else [find_sim_scenario(args.scenario)]
-        scenarios = [load_sim_scenario(p) for p in paths]
+        scenarios = [with_fleet_settings(load_sim_scenario(p), args.fleet) for p in paths]
     except (SimScenarioError, ValueError) as exc:
         print(f"benchmarks.sim: {exc}", file=sys.stderr)
         return 2
