@@ -837,15 +837,22 @@ def start_envoy(run_dir: Path, fleet: dict[str, Any]) -> subprocess.Popen[bytes]
     ``fleet``; returns once its admin endpoint says it is live. The caller stops it."""
     from extproc.config import parse_fleet
     from extproc.envoy_config import render_yaml
-    from extproc.runtime.stack import find_envoy
 
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "envoy.yaml"
     config.write_text(render_yaml(parse_fleet(fleet, str(run_dir / "fleet.yaml"))))
     envoy = fleet["envoy"]
-    argv = (find_envoy(), "-c", str(config), "--base-id", str(envoy["base_id"]), "--concurrency", "1")
+    return run_envoy(run_dir, config, envoy["base_id"], envoy["admin"]["port"])
+
+
+def run_envoy(run_dir: Path, config: Path, base_id: int, admin_port: int) -> subprocess.Popen[bytes]:
+    """Envoy on the bootstrap file ``config`` (its admin on loopback ``admin_port``), logging to
+    ``run_dir/envoy.log``; returns once its admin endpoint says it is live. The caller stops it."""
+    from extproc.runtime.stack import find_envoy
+
+    argv = (find_envoy(), "-c", str(config), "--base-id", str(base_id), "--concurrency", "1")
     process = launch(ProcessSpec(argv, dict(os.environ), str(Path.cwd())), run_dir / "envoy.log")
-    admin = f"http://127.0.0.1:{envoy['admin']['port']}/ready"
+    admin = f"http://127.0.0.1:{admin_port}/ready"
     try:
         wait_for(lambda: process.poll() is not None or http_status(admin) == 200, 60, "a lone Envoy to start")
     except AssertionError:

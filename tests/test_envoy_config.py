@@ -625,8 +625,7 @@ def test_a_host_that_accepts_but_never_answers_is_ejected_after_three_timeouts(
     """A real Envoy with the rendered outlier detection, one HTTP/1 host that accepts connections and never
     answers (what a stopped or hung Triton looks like: the kernel still accepts): three requests one after
     the other, each cut by the per-try timeout on a new connection, eject it; the fourth finds no host."""
-    from extproc.runtime.stack import find_envoy
-    from tests.stack import ProcessSpec, http_status, launch, wait_for
+    from tests.stack import http_status, run_envoy, wait_for
 
     (cluster, *_) = _triton_clusters(render_bootstrap(local_fleet)).values()
     listener, admin = free_ports(2)
@@ -681,10 +680,8 @@ def test_a_host_that_accepts_but_never_answers_is_ejected_after_three_timeouts(
         }
         config = tmp_path / "envoy.json"
         config.write_text(json.dumps(bootstrap))
-        argv = (find_envoy(), "-c", str(config), "--base-id", str(envoy_base_id()), "--concurrency", "1")
-        envoy = launch(ProcessSpec(argv, {}, str(tmp_path)), tmp_path / "envoy.log")
+        envoy = run_envoy(tmp_path, config, envoy_base_id(), admin)
         try:
-            wait_for(lambda: http_status(f"http://127.0.0.1:{admin}/ready") == 200, 60, "Envoy to start")
 
             def stat(name: str) -> int:
                 url = f"http://127.0.0.1:{admin}/stats?filter=^cluster.stalled.{name}$"
