@@ -12,6 +12,7 @@ the ranked list it hands to Envoy, not only the first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -113,10 +114,9 @@ class FaultStack:
 
     def first_rise(self, name: str, start: int, until: float) -> float | None:
         """When ``name`` first read above ``start`` (polled every 50 ms until ``until``); None: it did not."""
-        while time.time() < until:
-            if self.envoy_stat(name) > start:
-                return time.time()
-            time.sleep(0.05)
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: self.envoy_stat(name) > start, until - time.time(), f"{name} to rise", 0.05)
+            return time.time()
         return None
 
     def busiest(self, models: tuple[str, ...], among: tuple[str, ...] = GPU_HOSTS, window_s: float = 2.0) -> str:
