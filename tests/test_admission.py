@@ -106,6 +106,14 @@ def test_client_deadline_headers() -> None:
     for bad in ("", "0", "-3", "2.5", " 4", "x", str(2**20 + 1), "9" * 30):
         assert rest_request("/v2/models/embed/infer", {"x-triton-rows": bad}).rows is None, bad
     assert rest_request("/v2/models/embed/versions/1/infer?x=1", {}).infer
+    # Binary tensors: the bytes after the JSON part.
+    binary = {"content-length": "4200", "inference-header-content-length": "200"}
+    assert rest_request("/v2/models/embed/infer", binary).tensor_bytes == 4000
+    for json_length in ("4200", "5000", "", "-1", "x"):
+        lengths = {"content-length": "4200", "inference-header-content-length": json_length}
+        assert rest_request("/v2/models/embed/infer", lengths).tensor_bytes is None, json_length
+    assert rest_request("/v2/models/embed/infer", {"inference-header-content-length": "10"}).tensor_bytes is None
+    assert rest_request("/v2/models/embed/infer", {"content-length": "4200"}).tensor_bytes is None
 
 
 # ------------------------------------------------------------------------------------- limits by class

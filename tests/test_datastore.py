@@ -19,6 +19,7 @@ from extproc.datapath.datastore import (
     ESTIMATE_FIELDS,
     IDENTITY_FIELDS,
     PAUSE_S,
+    RECENT_PICKS,
     TELEMETRY_FIELDS,
     Datastore,
     EnvoyView,
@@ -128,39 +129,53 @@ def test_the_check_sees_direct_writes() -> None:
     ]
 
 
-def test_picks_carry_their_work_until_it_drains() -> None:
-    """A pick of other than the mean size adds its excess work, which outlives Envoy's count (a count of
-    requests) and wears off as the requests in flight drain at the host's rate."""
+def test_the_work_in_flight_is_that_of_the_last_picks() -> None:
+    """A pick of other than the mean size carries its excess work for as long as it is among the requests
+    in flight: a host finishes them in about the order they came, so those are the last picks, as many as
+    the count (Envoy's, or the drained estimate) says. Small picks weigh less than their count."""
     host = next(iter(synthetic_fleet(1)[1].hosts.values()))
     host.load.service_ms = 10.0
     host.record_pick(0.0, model="m", work=4.0)
     host.record_pick(0.0, model="m", work=0.5)
     assert host.in_flight(0.0) == pytest.approx(2.0)
-    assert host.excess_work(0.0) == pytest.approx(3.0 - 0.5)
+    assert host.excess_work(2.0) == pytest.approx(3.0 - 0.5)
     assert host.model_in_flight("m", 0.0) == pytest.approx(4.5)
-    host.reset_estimate(2, 0.005)  # Envoy's poll: two requests
-    assert host.in_flight(0.005) == pytest.approx(2.0)
-    assert host.excess_work(0.005) == pytest.approx(2.5 * (1 - 0.5 / 2))
-    assert host.excess_work(0.05) == 0.0, "the two requests ahead are done: so is their excess"
-    host.record_pick(0.05)
-    assert host.excess_work(0.05) == 0.0
+    host.reset_estimate(1, 0.005)  # Envoy's poll: the older, big request is done
+    assert host.excess_work(host.in_flight(0.005)) == pytest.approx(-0.5)
+    assert host.model_in_flight("m", 0.005) == pytest.approx(0.5)
+    assert host.excess_work(0.0) == 0.0
+    assert host.excess_work(5.0) == pytest.approx(2.5), "requests beyond the picks are of the mean size"
 
 
-def test_only_the_pickers_own_request_carries_a_known_size_and_small_ones_never_make_a_host_look_emptier() -> None:
+def test_only_the_last_picks_are_remembered() -> None:
+    host = next(iter(synthetic_fleet(1)[1].hosts.values()))
+    host.record_pick(0.0, work=3.0)
+    for _ in range(RECENT_PICKS):
+        host.record_pick(0.0, work=1.5)
+    assert host.excess_work(1000.0) == pytest.approx(0.5 * RECENT_PICKS)
+    for _ in range(RECENT_PICKS):
+        host.record_pick(0.0)
+    assert host.excess_work(1000.0) == 0.0
+    assert host.recent_picks >= host.sized_until, "the scorer's cheap path: no remembered pick was sized"
+
+
+def test_only_the_pickers_own_request_carries_a_known_size() -> None:
     """With several gateways (envoy_scale 4: three other requests come meanwhile, of unknown size, so of the
-    mean), a 4-unit pick adds 3 units of excess, not 12; small picks leave the excess at 0 rather than
-    below it, as Envoy's count may hold big requests this picker did not see."""
+    mean), a 4-unit pick adds 3 units of excess, not 12, and small picks weigh less only by their own."""
     host = next(iter(synthetic_fleet(1)[1].hosts.values()))
     host.load.service_ms = 10.0
     host.load.envoy_scale = 4.0
     host.record_pick(0.0, model="m", work=4.0)
-    assert host.excess_work(0.0) == pytest.approx(3.0)
+    assert host.in_flight(0.0) == pytest.approx(4.0)
+    assert host.excess_work(4.0) == pytest.approx(3.0)
     assert host.model_in_flight("m", 0.0) == pytest.approx(4.0 + 3.0)
     other = next(iter(synthetic_fleet(1)[1].hosts.values()))
     other.load.service_ms = 10.0
+    other.load.envoy_scale = 4.0
     for _ in range(5):
         other.record_pick(0.0, model="m", work=0.25)
-    assert other.excess_work(0.0) == 0.0
+    assert other.in_flight(0.0) == pytest.approx(20.0)
+    assert other.excess_work(20.0) == pytest.approx(5 * -0.75)
 
 
 def _read_at(store: Datastore, host: HostState, at: float) -> None:

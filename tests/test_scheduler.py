@@ -688,8 +688,8 @@ def test_requests_in_flight_count_their_work() -> None:
     g1, g2 = store.hosts["g1"], store.hosts["g2"]
     assert g1.in_flight(frozen()) + g2.in_flight(frozen()) == pytest.approx(4.0), "counts are still requests"
     heavy, light = (store.hosts[busy_host], g2 if busy_host == "g1" else g1)
-    assert heavy.excess_work(frozen()) == pytest.approx(6.0 - 1.0)
-    assert light.excess_work(frozen()) == 0.0, "small requests never make a host look emptier than its count"
+    assert heavy.excess_work(heavy.in_flight(frozen())) == pytest.approx(6.0 - 1.0)
+    assert light.excess_work(light.in_flight(frozen())) == pytest.approx(3 * (1 / 4 - 1)), "a sixth of the work"
     # The request's own size: a full batch's worth is dearer than a row wherever it goes.
     (candidate,) = prepare([store.hosts["g3"]], "embed")
     assert candidate.completion_ms(0.0, 32 / 4) == pytest.approx(4.0 + 32.0)
@@ -714,6 +714,14 @@ def test_request_work_from_rows_hint_bytes_or_the_mean() -> None:
     for _ in range(20):
         scheduler.decide(grpc("embed", rows=2))
     assert scheduler.work(grpc("embed", rows=8), candidate) == pytest.approx(8 / 2), "the picker's own mean"
+    # REST bodies with binary tensors: their tensor bytes against those of the model's other such requests
+    # (the JSON around a tensor's numbers is no part of its size).
+    binary = InferenceRequest(Protocol.HTTP, "embed", size_bytes=3200, tensor_bytes=3000)
+    assert scheduler.work(binary, candidate) == 1.0, "no binary sizes seen yet"
+    for _ in range(20):
+        scheduler.decide(InferenceRequest(Protocol.HTTP, "embed", size_bytes=1200, tensor_bytes=1000))
+    assert scheduler.work(binary, candidate) == pytest.approx(3.0)
+    assert scheduler.work(http("embed", 3000), candidate) == pytest.approx(3.0), "JSON bodies averaged apart"
     for host in store.hosts.values():  # a model that does not batch: sizes are not used
         host.batching = {"embed": Batching(max_batch=1, instances=1)}
     store.changed()

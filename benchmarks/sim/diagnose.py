@@ -112,7 +112,7 @@ class DiagnosedSim(Sim):
             stats.estimate += estimate
             stats.envoy += counted[i]
             stats.abs_error += abs(estimate - counted[i])
-            stats.excess += state.excess_work(now)
+            stats.excess += state.excess_work(estimate)
             stats.true_work += _rows_held(self, b) / mean_rows
             times = state.load.models.get(name)
             if times is not None and times.cost is not None:

@@ -116,6 +116,11 @@ TELEMETRY_FIELDS: Final = (
 BEAT_S: Final = 0.1
 PAUSE_S: Final = 1.0
 
+# Picks whose work :meth:`HostState.excess_work` remembers: requests in flight beyond them are taken to be of
+# their model's mean size.
+RECENT_PICKS: Final = 64
+_RING: Final = RECENT_PICKS + 1  # the running sums before and after them
+
 # The other fields: the host's identity, and the in-flight estimate, which every pick moves and every
 # decision reads live (never prepared, so written without a generation change).
 IDENTITY_FIELDS: Final = ("spec", "http_endpoint", "grpc_endpoint")
@@ -124,9 +129,10 @@ ESTIMATE_FIELDS: Final = (
     "estimate_at",
     "picks_since_poll",
     "model_estimates",
-    "excess",
-    "excess_at",
-    "excess_span",
+    "recent_excess",
+    "recent_picks",
+    "sized_until",
+    "pick_span",
 )
 
 
@@ -150,14 +156,18 @@ class HostState:
     # The same queue per model, from this picker's picks only: model → (estimate, its time). Triton
     # queues each model apart, so a request waits behind its own model's requests, not the host's.
     model_estimates: dict[str, tuple[float, float]] = field(default_factory=dict)
-    # Work in flight beyond the estimate's count, from this picker's picks (see :meth:`excess_work`): each
-    # pick adds its work (in requests of its model's mean size) less 1, so three 24-row requests weigh more
-    # than three 1-row ones; never below 0, since the count may hold big requests the picker did not see.
-    # Kept across Envoy's polls (whose counts carry no sizes), and worn off as the ``excess_span`` requests
-    # ahead at ``excess_at`` drain.
-    excess: float = 0.0
-    excess_at: float = 0.0
-    excess_span: float = 1.0
+    # Work in flight beyond the estimate's count, from this picker's picks (see :meth:`excess_work`): the
+    # running sum of each pick's work less 1 (in requests of its model's mean size, so three 24-row
+    # requests weigh more than three 1-row ones), kept after each of the last RECENT_PICKS picks at index
+    # ``picks % _RING``. A host finishes its requests in about the order they came, so the requests
+    # in flight are the last picks, as many as the count says. Kept across Envoy's polls (whose counts
+    # carry no sizes).
+    recent_excess: list[float] = field(default_factory=lambda: [0.0] * _RING)
+    recent_picks: int = 0
+    # While recent_picks is below it, some remembered pick carried other than the mean work.
+    sized_until: int = 0
+    # Requests of the in-flight count one pick stands for (its weight, times the gateways' scale).
+    pick_span: float = 1.0
     # Set by an operator (``POST /hosts/NAME/drain``): no new requests, e.g. before unloading a model.
     draining: bool = False
     metrics_at: float | None = None
@@ -224,23 +234,32 @@ class HostState:
         # Only this picker's own request has a known size: the others' (``scale`` counts them) are of the
         # mean size on average.
         extra = (work - 1.0) * weight
-        if extra != 0.0 or self.excess != 0.0:
-            excess = self.excess_work(now) + extra
-            self.excess = excess if excess > 0.0 else 0.0
-            self.excess_at = now
-            self.excess_span = drained + scale if drained + scale > 1.0 else 1.0
+        picks = self.recent_picks
+        ring = self.recent_excess
+        ring[(picks + 1) % _RING] = ring[picks % _RING] + extra
+        self.recent_picks = picks + 1
+        if extra != 0.0:
+            self.sized_until = picks + 1 + RECENT_PICKS
+        self.pick_span = scale
         if model is not None:
             self.model_estimates[model] = (self._model_drained(model, now) + scale + extra, now)
 
-    def excess_work(self, now: float) -> float:
-        """The work in flight beyond :meth:`in_flight`'s count of mean-sized requests (never below 0). It
-        wears off as the requests it was added behind drain, at the host's measured rate: all of it
-        once the ``excess_span`` requests in flight at the last pick would have finished."""
-        excess = self.excess
-        if excess == 0.0 or not self.load.service_ms:
-            return excess
-        left = 1.0 - (now - self.excess_at) * self.drain_per_s() / self.excess_span
-        return excess * left if left > 0.0 else 0.0
+    def excess_work(self, in_flight: float) -> float:
+        """The work of ``in_flight`` requests beyond their count of mean-sized requests: what this picker's
+        last picks carried beyond 1 each, over as many picks as the count holds of them (at most
+        :data:`RECENT_PICKS`). Below 0 where they were small."""
+        picks = self.recent_picks
+        if picks >= self.sized_until:
+            return 0.0
+        m = int(in_flight / self.pick_span + 0.5)
+        if m <= 0:
+            return 0.0
+        if m > RECENT_PICKS:
+            m = RECENT_PICKS
+        if m > picks:
+            m = picks
+        ring = self.recent_excess
+        return ring[picks % _RING] - ring[(picks - m) % _RING]
 
     def model_in_flight(self, model: str, now: float) -> float:
         """Best estimate of ``model``'s work on this host now, in requests of its mean size: this picker's
@@ -248,7 +267,8 @@ class HostState:
         Triton's queue of it if larger, never more than the host's :meth:`in_flight` and
         :meth:`excess_work` (which Envoy's count keeps honest)."""
         own = max(self._model_drained(model, now), float(self.load.model_pending.get(model, 0)))
-        host = self.in_flight(now) + self.excess_work(now)
+        in_flight = self.in_flight(now)
+        host = in_flight + self.excess_work(in_flight)
         return min(own, host) if host > 0.0 else 0.0
 
     def _model_drained(self, model: str, now: float) -> float:

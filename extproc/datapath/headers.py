@@ -46,6 +46,7 @@ TIMEOUT_HEADER: Final = "x-triton-timeout-ms"
 # The client's count of a request's rows (its batch dimension): how much work it is (see Scheduler.work).
 ROWS_HEADER: Final = "x-triton-rows"
 GRPC_TIMEOUT_HEADER: Final = "grpc-timeout"
+BINARY_HEADER: Final = "inference-header-content-length"  # REST: the JSON part's length when tensors follow in binary
 
 # Every request header the picker reads; the others are not even decoded (and Envoy does not send them,
 # see the ext_proc filter's forward_rules).
@@ -54,7 +55,7 @@ READ_HEADERS: Final = frozenset(
         ":path",
         "content-length",
         "grpc-encoding",
-        "inference-header-content-length",  # REST: the JSON part's length when tensors follow in binary
+        BINARY_HEADER,
         "x-request-id",
         TIER_HINT_HEADER,
         PRIORITY_HEADER,

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2
 from extproc.build import compiled
 from extproc.client_api import ClientApi
 from extproc.config import Fleet
-from extproc.datapath.headers import CLIENT_KEY_HEADER
+from extproc.datapath.headers import BINARY_HEADER, CLIENT_KEY_HEADER
 from extproc.datapath.metrics import PickerMetrics
 from extproc.datapath.protocol.grpc_body import GrpcBodyGuard
 from extproc.datapath.protocol.parse import (
@@ -353,7 +353,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         return None
 
     def _tensor_reader(self, request: InferenceRequest, headers: dict[str, str]) -> TensorHeadReader:
-        header = headers.get("inference-header-content-length")
+        header = headers.get(BINARY_HEADER)
         json_length = decimal_length(header)
         if header is not None and json_length is None:
             raise MalformedRequest("Inference-Header-Content-Length is not a decimal length")

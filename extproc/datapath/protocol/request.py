@@ -7,6 +7,7 @@ from typing import Any, Final
 
 from extproc.config import Tier
 from extproc.datapath.headers import (
+    BINARY_HEADER,
     CLIENT_KEY_HEADER,
     GRPC_TIMEOUT_HEADER,
     PRIORITY_HEADER,
@@ -41,11 +42,12 @@ def header_map(values: Iterable[Any]) -> dict[str, str]:
 def rest_request(path: str, headers: dict[str, str]) -> InferenceRequest:
     """A REST call: the model from the path, the rest from headers."""
     target = parse_rest_path(path)
+    length = content_length(headers)
     return InferenceRequest(
         Protocol.HTTP,
         target.model,
         target.version,
-        content_length(headers),
+        length,
         hint(headers),
         priority(headers),
         sequence_id(headers),
@@ -53,7 +55,18 @@ def rest_request(path: str, headers: dict[str, str]) -> InferenceRequest:
         timeout_ms=rest_timeout_ms(headers),
         client=headers.get(CLIENT_KEY_HEADER),
         rows=rows_hint(headers),
+        tensor_bytes=tensor_bytes(length, headers),
     )
+
+
+def tensor_bytes(length: int | None, headers: dict[str, str]) -> int | None:
+    """The bytes of a REST body's binary tensors: what follows the JSON part whose length
+    Inference-Header-Content-Length gives (None without binary tensors, or with lengths that do not add up:
+    the body check refuses those)."""
+    json_length = decimal_length(headers.get(BINARY_HEADER))
+    if length is None or json_length is None or not json_length < length:
+        return None
+    return length - json_length
 
 
 def rest_timeout_ms(headers: dict[str, str]) -> float | None:

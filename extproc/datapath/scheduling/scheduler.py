@@ -163,10 +163,10 @@ class Scheduler:
         # Large plans decided on out of date, with what refresh() prepares them with.
         self._due: list[tuple[_Plan, str, _Units]] = []
         # The mean rows of each model's requests that carry them, and the mean size in bytes of those that
-        # do not, [REST, gRPC] (see work).
+        # do not, by what the bytes measure (see _sized).
         # Each value: (the mean, the requests it was taken over).
         self._mean_rows: dict[str, tuple[float, float]] = {}
-        self._mean_bytes: tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]] = ({}, {})
+        self._mean_bytes: tuple[dict[str, tuple[float, float]], ...] = ({}, {}, {})
 
     @property
     def datastore(self) -> Datastore:
@@ -450,7 +450,7 @@ class Scheduler:
         (Envoy's, Triton's: requests) are read, so that the mean request weighs 1. From its rows where known
         (a gRPC request's first input, the client's x-triton-rows), against the mean rows of the model's
         requests that came with rows; else from its size in bytes against the mean size of the model's
-        requests of its protocol (REST bodies are not read before routing). Clamped to one row and
+        requests sized alike (see :func:`_sized`; REST bodies are not read before routing). Clamped to one row and
         ``max_batch`` rows at the model's mean rows per request (Triton's count, see :class:`Candidate`); 1
         where the model does not batch, Triton has not counted its rows or this picker its requests."""
         mean_rows = candidate.rows
@@ -464,8 +464,8 @@ class Scheduler:
                 mean_rows = seen[0]
             clamped = float(rows) if rows < candidate.max_rows else candidate.max_rows
             return clamped / mean_rows
-        size = request.size_bytes
-        mean = self._mean_bytes[request.protocol is Protocol.GRPC].get(model)
+        size, kind = _sized(request)
+        mean = self._mean_bytes[kind].get(model)
         if size is None or mean is None or mean[1] < _MIN_SIZES or mean[0] <= 0.0:
             return 1.0
         work = size / mean[0]
@@ -474,16 +474,17 @@ class Scheduler:
 
     def _observe_size(self, request: InferenceRequest, model: str) -> None:
         """Follow the mean rows of the model's requests that carry them, and the mean size of those that do
-        not (per protocol): the plain mean of the first :data:`_SIZE_MEMORY` requests, then exponentially
+        not (per :func:`_sized` kind): the plain mean of the first :data:`_SIZE_MEMORY` requests, then exponentially
         weighted over about as many. Only models some host lists get here, so their repositories bound the
         keys."""
         rows = request.rows
         if rows is not None:
             value, means = float(rows), self._mean_rows
-        elif request.size_bytes is not None:
-            value, means = float(request.size_bytes), self._mean_bytes[request.protocol is Protocol.GRPC]
         else:
-            return
+            size, kind = _sized(request)
+            if size is None:
+                return
+            value, means = float(size), self._mean_bytes[kind]
         mean, n = means.get(model, (0.0, 0.0))
         n += 1.0
         means[model] = (mean + (value - mean) / (n if n < _SIZE_MEMORY else _SIZE_MEMORY), n)
@@ -514,7 +515,7 @@ class Scheduler:
         in_flight = best.in_flight(now)
         return (
             in_flight >= self._saturation.max_in_flight
-            or best.completion_ms(in_flight, own, best.host.excess_work(now)) >= self._saturation.max_queue_ms
+            or best.completion_ms(in_flight, own, best.host.excess_work(in_flight)) >= self._saturation.max_queue_ms
         )
 
     def _commit(self, route: Route, now: float, model: str | None = None) -> Route:
@@ -563,6 +564,15 @@ class Scheduler:
 
 def _endpoint(host: HostState, protocol: Protocol) -> str:
     return host.grpc_endpoint if protocol is Protocol.GRPC else host.http_endpoint
+
+
+def _sized(request: InferenceRequest) -> tuple[int | None, int]:
+    """What a request without rows is sized by, and which of the scheduler's mean sizes it compares with:
+    a REST body's binary tensors (2: their bytes follow its elements), else its whole length, REST (0, JSON
+    text around the numbers) or gRPC (1, a protobuf message)."""
+    if request.tensor_bytes is not None:
+        return request.tensor_bytes, 2
+    return request.size_bytes, 1 if request.protocol is Protocol.GRPC else 0
 
 
 def _allowed(request: InferenceRequest, candidates: Sequence[Candidate]) -> Sequence[Candidate]:

@@ -265,12 +265,12 @@ class ExpectedCompletion(Scorer):
         if own == 1.0:
             return [
                 (c.base_ms + n * c.drain_ms if c.batching is None else c.completion_ms(n))
-                if c.host.excess == 0.0
-                else c.completion_ms(n, 1.0, c.host.excess_work(now))
+                if c.host.recent_picks >= c.host.sized_until
+                else c.completion_ms(n, 1.0, c.host.excess_work(n))
                 for c, n in zip(candidates, in_flight)  # noqa: B905
             ]
         return [
-            c.completion_ms(n, own, c.host.excess_work(now))
+            c.completion_ms(n, own, c.host.excess_work(n))
             for c, n in zip(candidates, in_flight)  # noqa: B905
         ]
 

@@ -52,8 +52,11 @@ class InferenceRequest:
     # gateway's subset hint); None: any.
     allowed: frozenset[str] | None
     # The request's rows (its batch dimension), where known: a gRPC ModelInfer's first input's leading
-    # dimension, or the client's x-triton-rows hint. None: estimated from size_bytes, else the model's mean.
+    # dimension, or the client's x-triton-rows hint. None: estimated from its bytes, else the model's mean.
     rows: int | None
+    # A REST body's binary tensor data (content-length less Inference-Header-Content-Length), where its
+    # tensors come in binary: bytes in proportion to its elements, without the JSON around them.
+    tensor_bytes: int | None
 
     def __init__(
         self,
@@ -71,6 +74,7 @@ class InferenceRequest:
         client: str | None = None,
         allowed: frozenset[str] | None = None,
         rows: int | None = None,
+        tensor_bytes: int | None = None,
     ) -> None:
         self.protocol = protocol
         self.model = model
@@ -86,6 +90,7 @@ class InferenceRequest:
         self.client = client
         self.allowed = allowed
         self.rows = rows
+        self.tensor_bytes = tensor_bytes
 
 
 @dataclass(slots=True, init=False)  # as InferenceRequest
