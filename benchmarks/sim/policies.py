@@ -127,6 +127,7 @@ class _PickerGateway:
             InferenceRequest(Protocol(e.protocol), e.model, size_bytes=e.base_bytes) for e in sim.scenario.load.mix
         ]
         self.ticker = _Ticker(sim, fleet, random.Random(f"{seed}/picker-telemetry/{gateway.index}"))
+        self.check_rest_bodies = fleet.picker.check_rest_bodies
 
     def start(self) -> None:
         # As after `extproc up`'s wait: every host indexed, scraped once and seen by Envoy.
@@ -187,6 +188,9 @@ class _PickerGateway:
         )
         decision = self.scheduler.decide(request)
         self.scheduler.refresh()  # as the edge does once it has answered
+        if not grpc and self.check_rest_bodies:
+            # As the edge's body check reads the tensor headers after routing: elements grow with the rows.
+            self.scheduler.learn_size(request, sim.rows[r])
         if isinstance(decision, Reject):
             return _REJECT_STATUS.get(decision.status, 6)
         index_of = self.index_of

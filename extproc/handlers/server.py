@@ -314,6 +314,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # xds
         finally:
             if counted:
                 self._streams.close(client)
+            if reader is not None and reader.done:
+                # What the body check read teaches the scheduler the model's sizes (see
+                # extproc.datapath.scheduling.work): what a JSON body's length says of its tensors.
+                self._scheduler.learn_size(request, reader.elements)
 
     async def _after_waking(
         self, request: InferenceRequest, method: str | None, waking: Waking, extended_at: float | None

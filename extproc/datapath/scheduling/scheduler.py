@@ -41,6 +41,7 @@ from extproc.datapath.scheduling.pickers import Argmax, Picker
 from extproc.datapath.scheduling.scorers import Candidate, WeightedScorers, prepare
 from extproc.datapath.scheduling.sequences import OpenSequences
 from extproc.datapath.scheduling.types import Decision, InferenceRequest, Priority, Protocol, Reject, Route
+from extproc.datapath.scheduling.work import RequestSizes
 
 # Triton's own answers (2.51) to a model or version it does not serve, where the picker answers for it: the
 # same status (REST 404, gRPC NOT_FOUND) and words, so that a client that tells errors by their message
@@ -59,11 +60,6 @@ def unknown_version_message(model: str, version: int) -> str:
 
 
 # What Triton reads of a gRPC version string: std::stol, i.e. leading blanks, a sign and the leading digits.
-# How many requests the mean request size per model (see Scheduler.work) is averaged over, about, and how
-# many it takes to be used (before: Triton's mean rows per request, or no estimate from bytes).
-_SIZE_MEMORY: Final = 128.0
-_MIN_SIZES: Final = 16.0
-
 _STOL_PREFIX = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
 _INT64_MAX = 2**63 - 1
 
@@ -162,11 +158,7 @@ class Scheduler:
         self._layout = -1
         # Large plans decided on out of date, with what refresh() prepares them with.
         self._due: list[tuple[_Plan, str, _Units]] = []
-        # The mean rows of each model's requests that carry them, and the mean size in bytes of those that
-        # do not, by what the bytes measure (see _sized).
-        # Each value: (the mean, the requests it was taken over).
-        self._mean_rows: dict[str, tuple[float, float]] = {}
-        self._mean_bytes: tuple[dict[str, tuple[float, float]], ...] = ({}, {}, {})
+        self._sizes = RequestSizes()
 
     @property
     def datastore(self) -> Datastore:
@@ -190,7 +182,7 @@ class Scheduler:
         spec = self._specs.get(model)
         order = self._implicit_order(model, request) if spec is None else self._orders[model, classify(request, spec)]
         now = self._store.now()
-        self._observe_size(request, model)
+        self._sizes.observe(request, model)
         decision: Decision | None
         if request.sequence_id is not None and self.is_sequence_model(model):
             decision = self._sequence(request, order, now)
@@ -446,48 +438,14 @@ class Scheduler:
         return (units.picker.pick(candidates, units.scorers, now, own) if len(candidates) > 1 else candidates), own
 
     def work(self, request: InferenceRequest, candidate: Candidate) -> float:
-        """The request's work, in requests of its model's mean size: the unit in which the in-flight counts
-        (Envoy's, Triton's: requests) are read, so that the mean request weighs 1. From its rows where known
-        (a gRPC request's first input, the client's x-triton-rows), against the mean rows of the model's
-        requests that came with rows; else from its size in bytes against the mean size of the model's
-        requests sized alike (see :func:`_sized`; REST bodies are not read before routing). Clamped to one row and
-        ``max_batch`` rows at the model's mean rows per request (Triton's count, see :class:`Candidate`); 1
-        where the model does not batch, Triton has not counted its rows or this picker its requests."""
-        mean_rows = candidate.rows
-        if mean_rows <= 0.0:
-            return 1.0
-        model = request.model or ""
-        rows = request.rows
-        if rows is not None:
-            seen = self._mean_rows.get(model)
-            if seen is not None and seen[1] >= _MIN_SIZES:
-                mean_rows = seen[0]
-            clamped = float(rows) if rows < candidate.max_rows else candidate.max_rows
-            return clamped / mean_rows
-        size, kind = _sized(request)
-        mean = self._mean_bytes[kind].get(model)
-        if size is None or mean is None or mean[1] < _MIN_SIZES or mean[0] <= 0.0:
-            return 1.0
-        work = size / mean[0]
-        low, high = 1.0 / mean_rows, candidate.max_rows / mean_rows
-        return low if work < low else high if work > high else work
+        """The request's work, in requests of its model's mean size (see
+        :meth:`~extproc.datapath.scheduling.work.RequestSizes.work`)."""
+        return self._sizes.work(request, candidate)
 
-    def _observe_size(self, request: InferenceRequest, model: str) -> None:
-        """Follow the mean rows of the model's requests that carry them, and the mean size of those that do
-        not (per :func:`_sized` kind): the plain mean of the first :data:`_SIZE_MEMORY` requests, then exponentially
-        weighted over about as many. Only models some host lists get here, so their repositories bound the
-        keys."""
-        rows = request.rows
-        if rows is not None:
-            value, means = float(rows), self._mean_rows
-        else:
-            size, kind = _sized(request)
-            if size is None:
-                return
-            value, means = float(size), self._mean_bytes[kind]
-        mean, n = means.get(model, (0.0, 0.0))
-        n += 1.0
-        means[model] = (mean + (value - mean) / (n if n < _SIZE_MEMORY else _SIZE_MEMORY), n)
+    def learn_size(self, request: InferenceRequest, elements: int) -> None:
+        """A routed REST request's elements, from its body's tensor headers (see
+        :meth:`~extproc.datapath.scheduling.work.RequestSizes.learn`)."""
+        self._sizes.learn(request, elements)
 
     def _candidates(
         self, tier: Tier, model: str, version: str | None, units: _Units, now: float
@@ -564,15 +522,6 @@ class Scheduler:
 
 def _endpoint(host: HostState, protocol: Protocol) -> str:
     return host.grpc_endpoint if protocol is Protocol.GRPC else host.http_endpoint
-
-
-def _sized(request: InferenceRequest) -> tuple[int | None, int]:
-    """What a request without rows is sized by, and which of the scheduler's mean sizes it compares with:
-    a REST body's binary tensors (2: their bytes follow its elements), else its whole length, REST (0, JSON
-    text around the numbers) or gRPC (1, a protobuf message)."""
-    if request.tensor_bytes is not None:
-        return request.tensor_bytes, 2
-    return request.size_bytes, 1 if request.protocol is Protocol.GRPC else 0
 
 
 def _allowed(request: InferenceRequest, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
