@@ -7,43 +7,43 @@ import random
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from extproc.datapath.batch_cost import BatchCost, BatchFit, Batching, completion_ms, per_request
+from extproc.datapath.batch_cost import BatchCost, Batching, LineFit, completion_ms, fitted_cost, per_request
 from extproc.datapath.datastore import TritonLoad
 from extproc.telemetry.repository import batching_from_config
 from extproc.telemetry.triton_metrics import Counters, TritonSnapshot, derive_load
 
 
 def test_fit_recovers_a_linear_batch_cost() -> None:
-    fit = BatchFit()
+    fit = LineFit()
     rng = random.Random(1)
     for _ in range(40):
         b = rng.uniform(1.5, 6.0)
         fit = fit.add(b, 8.0 + 2.0 * b + rng.gauss(0, 0.2))
-    cost = fit.cost()
+    cost = fitted_cost(fit)
     assert cost is not None
     assert cost.fixed_ms == pytest.approx(8.0, abs=0.5)
     assert cost.item_ms == pytest.approx(2.0, abs=0.15)
 
 
 def test_no_fit_from_alike_batches_or_unphysical_lines() -> None:
-    fit = BatchFit()
+    fit = LineFit()
     for _ in range(10):
         fit = fit.add(1.0, 40.0)
-    assert fit.cost() is None, "every interval at batch 1: fixed and per-item time cannot be told apart"
-    falling = BatchFit().add(1.0, 10.0).add(4.0, 4.0).add(2.0, 8.0)
-    assert falling.cost() is None, "a batch time that falls with the batch size is noise, not a cost"
-    assert BatchFit().cost() is None
+    assert fitted_cost(fit) is None, "every interval at batch 1: fixed and per-item time cannot be told apart"
+    falling = LineFit().add(1.0, 10.0).add(4.0, 4.0).add(2.0, 8.0)
+    assert fitted_cost(falling) is None, "a batch time that falls with the batch size is noise, not a cost"
+    assert fitted_cost(LineFit()) is None
 
 
 def test_fit_forgets_an_old_speed() -> None:
-    fit = BatchFit()
+    fit = LineFit()
     for i in range(100):
         b = 1.0 + i % 4
         fit = fit.add(b, 8.0 + 2.0 * b)
     for i in range(100):
         b = 1.0 + i % 4
         fit = fit.add(b, 4 * (8.0 + 2.0 * b))  # the host became 4x slower
-    cost = fit.cost()
+    cost = fitted_cost(fit)
     assert cost is not None and cost.item_ms == pytest.approx(8.0, rel=0.05)
 
 

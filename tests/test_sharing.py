@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks.decision import synthetic_fleet
 from extproc.config import HostSpec
-from extproc.datapath.batch_cost import BatchCost, BatchFit, Batching
+from extproc.datapath.batch_cost import BatchCost, Batching, LineFit
 from extproc.datapath.datastore import Datastore, ModelTimes
 from extproc.sharing import (
     FRAME_RECORDS,
@@ -26,7 +26,7 @@ from extproc.sharing import (
 def test_a_snapshot_carries_every_kind_of_telemetry() -> None:
     fleet, leader = synthetic_fleet(3)
     host = leader.hosts["h1"]
-    fit = BatchFit(2.0, 3.0, 5.0, 7.0, 11.0)
+    fit = LineFit(2.0, 3.0, 5.0, 7.0, 11.0)
     host.load.models["mlp"] = ModelTimes(1.5, 4.0, 0.8, fit, BatchCost(0.3, 0.1))
     host.batching = {"mlp": Batching(8, 2)}
     host.envoy.ejected, host.draining = True, True

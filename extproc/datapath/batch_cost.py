@@ -55,39 +55,52 @@ class Batching:
 
 
 @dataclass(slots=True)  # not frozen: see BatchCost
-class BatchFit:
-    """Exponentially weighted moments of (mean batch size in rows, mean batch time) over scrape intervals."""
+class LineFit:
+    """Exponentially weighted moments of (x, y) pairs, for their least-squares line: here (mean batch size
+    in rows, mean batch time) over scrape intervals (see :func:`fitted_cost`); also a model's REST bodies'
+    (length, elements) (:mod:`extproc.datapath.scheduling.work`). Each pair added makes a new fit, so that
+    a fit shared with a worker process (extproc.sharing) never changes under it."""
 
     weight: float = 0.0
-    b: float = 0.0
-    bb: float = 0.0
-    t: float = 0.0
-    bt: float = 0.0
+    x: float = 0.0
+    xx: float = 0.0
+    y: float = 0.0
+    xy: float = 0.0
 
-    def add(self, batch: float, batch_ms: float) -> BatchFit:
-        k = FORGET
-        return BatchFit(
-            k * self.weight + 1.0,
-            k * self.b + batch,
-            k * self.bb + batch * batch,
-            k * self.t + batch_ms,
-            k * self.bt + batch * batch_ms,
+    def add(self, x: float, y: float, keep: float = FORGET) -> LineFit:
+        """The fit with (x, y) added, the older pairs' weight multiplied by ``keep``."""
+        return LineFit(
+            keep * self.weight + 1.0,
+            keep * self.x + x,
+            keep * self.xx + x * x,
+            keep * self.y + y,
+            keep * self.xy + x * y,
         )
 
-    def cost(self) -> BatchCost | None:
-        """The least-squares line, or None while the batch sizes seen are too alike to fit one, or the fit
-        is not physical (negative fixed or per-item time)."""
-        if self.weight <= 0:
+    def moments(self) -> tuple[float, float, float, float] | None:
+        """The weighted means of x and y, the variance of x and the covariance; None before any pair."""
+        w = self.weight
+        if w <= 0:
             return None
-        mean_b, mean_t = self.b / self.weight, self.t / self.weight
-        variance = self.bb / self.weight - mean_b * mean_b
-        if variance < MIN_BATCH_VARIANCE:
-            return None
-        item = (self.bt / self.weight - mean_b * mean_t) / variance
-        fixed = mean_t - item * mean_b
-        if item <= 0 or fixed < 0:
-            return None
-        return BatchCost(fixed, item)
+        mean_x, mean_y = self.x / w, self.y / w
+        return mean_x, mean_y, self.xx / w - mean_x * mean_x, self.xy / w - mean_x * mean_y
+
+
+def fitted_cost(fit: LineFit) -> BatchCost | None:
+    """The least-squares line of a (mean batch size in rows, mean batch time) fit as a batch cost, or None
+    while the batch sizes seen are too alike to fit one, or the fit is not physical (negative fixed or
+    per-item time)."""
+    moments = fit.moments()
+    if moments is None:
+        return None
+    mean_b, mean_t, variance, covariance = moments
+    if variance < MIN_BATCH_VARIANCE:
+        return None
+    item = covariance / variance
+    fixed = mean_t - item * mean_b
+    if item <= 0 or fixed < 0:
+        return None
+    return BatchCost(fixed, item)
 
 
 def per_request(cost: BatchCost, batching: Batching, rows_per_request: float) -> tuple[BatchCost, float]:

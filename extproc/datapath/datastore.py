@@ -15,7 +15,7 @@ from typing import Any, Final
 import structlog
 
 from extproc.config import Fleet, HostSpec, Tier
-from extproc.datapath.batch_cost import BatchCost, BatchFit, Batching
+from extproc.datapath.batch_cost import BatchCost, Batching, LineFit
 
 log = structlog.get_logger(__name__)
 
@@ -30,7 +30,7 @@ class ModelTimes:
     # dynamic batcher forms bigger batches as the queue grows.
     drain_ms: float | None = None
     # exec(rows) fitted over the scrape intervals (see extproc.datapath.batch_cost); None until batch sizes varied.
-    fit: BatchFit = field(default_factory=BatchFit)
+    fit: LineFit = field(default_factory=LineFit)
     cost: BatchCost | None = None
     # Mean rows (batch dimension) per request, smoothed: Δnv_inference_count / Δnv_inference_request_success.
     rows_per_request: float | None = None

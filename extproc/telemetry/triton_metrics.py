@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Final, NamedTuple
 
+from extproc.datapath.batch_cost import fitted_cost
 from extproc.datapath.datastore import ModelTimes, TrafficShare, TritonLoad
 
 REQUEST_SUCCESS: Final = "nv_inference_request_success"
@@ -271,7 +272,7 @@ def _times(last: ModelTimes, delta: Counters) -> ModelTimes:
         _smooth(last.exec_ms, batch_ms),
         drain,
         fit,
-        fit.cost(),
+        fitted_cost(fit),
         _smooth(last.rows_per_request, rows),
     )
 

@@ -12,9 +12,9 @@ elements from its ``content-length`` alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final
 
+from extproc.datapath.batch_cost import LineFit
 from extproc.datapath.scheduling.scorers import Candidate
 from extproc.datapath.scheduling.types import InferenceRequest, Protocol
 
@@ -44,38 +44,19 @@ def sized(request: InferenceRequest) -> tuple[int | None, int]:
     return request.size_bytes, _GRPC if request.protocol is Protocol.GRPC else _JSON
 
 
-@dataclass(slots=True)
-class _ElementsFit:
-    """Exponentially weighted sums for the least-squares line of a model's REST JSON bodies' elements (y)
-    on their lengths (x)."""
-
-    w: float = 0.0
-    x: float = 0.0
-    y: float = 0.0
-    xx: float = 0.0
-    xy: float = 0.0
-
-    def add(self, x: float, y: float) -> None:
-        k = _KEEP
-        self.w = k * self.w + 1.0
-        self.x = k * self.x + x
-        self.y = k * self.y + y
-        self.xx = k * self.xx + x * x
-        self.xy = k * self.xy + x * y
-
-    def relative(self, x: float) -> float | None:
-        """Elements of a body of ``x`` bytes over the mean body's, or None while the line is not known."""
-        w = self.w
-        if w < MIN_SIZES:
-            return None
-        mean_x, mean_y = self.x / w, self.y / w
-        variance = self.xx / w - mean_x * mean_x
-        if mean_y <= 0.0 or variance <= (_MIN_SPREAD * mean_x) ** 2:
-            return None
-        slope = (self.xy / w - mean_x * mean_y) / variance
-        if slope <= 0.0:
-            return None
-        return (mean_y + slope * (x - mean_x)) / mean_y
+def _relative(fit: LineFit, x: float) -> float | None:
+    """From a fit of a model's REST JSON bodies' (length, elements): the elements of a body of ``x`` bytes
+    over the mean body's, or None while the line is not known."""
+    moments = fit.moments()
+    if moments is None or fit.weight < MIN_SIZES:
+        return None
+    mean_x, mean_y, variance, covariance = moments
+    if mean_y <= 0.0 or variance <= (_MIN_SPREAD * mean_x) ** 2:
+        return None
+    slope = covariance / variance
+    if slope <= 0.0:
+        return None
+    return (mean_y + slope * (x - mean_x)) / mean_y
 
 
 class RequestSizes:
@@ -87,7 +68,7 @@ class RequestSizes:
         # Each value: (the mean, the requests it was taken over).
         self._mean_rows: dict[str, tuple[float, float]] = {}
         self._mean_bytes: tuple[dict[str, tuple[float, float]], ...] = ({}, {}, {})
-        self._elements: dict[str, _ElementsFit] = {}
+        self._elements: dict[str, LineFit] = {}
 
     def observe(self, request: InferenceRequest, model: str) -> None:
         """Follow the model's mean sizes: the plain mean of the first :data:`SIZE_MEMORY` requests, then
@@ -110,9 +91,7 @@ class RequestSizes:
         if model is None or size is None or elements <= 0 or sized(request)[1] != _JSON:
             return
         fit = self._elements.get(model)
-        if fit is None:
-            fit = self._elements[model] = _ElementsFit()
-        fit.add(float(size), float(elements))
+        self._elements[model] = (LineFit() if fit is None else fit).add(float(size), float(elements), _KEEP)
 
     def work(self, request: InferenceRequest, candidate: Candidate) -> float:
         """The request's work among ``candidate``'s (see the module docstring): its rows against the mean
@@ -139,7 +118,7 @@ class RequestSizes:
         if kind == _JSON:
             fit = self._elements.get(model)
             if fit is not None:
-                work = fit.relative(float(size))
+                work = _relative(fit, float(size))
         if work is None:
             mean = self._mean_bytes[kind].get(model)
             if mean is None or mean[1] < MIN_SIZES or mean[0] <= 0.0:
