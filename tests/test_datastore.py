@@ -147,6 +147,28 @@ def test_the_work_in_flight_is_that_of_the_last_picks() -> None:
     assert host.excess_work(5.0) == pytest.approx(2.5), "requests beyond the picks are of the mean size"
 
 
+def test_a_big_pick_stays_in_the_count_for_as_long_as_its_work() -> None:
+    """The work in flight drains at the host's rate (here 100 mean-sized requests a second) and the count
+    with it, in proportion: a request of 4 units is still counted (in part) after a mean one would be
+    done, and both are gone once their work is."""
+    host = next(iter(synthetic_fleet(1)[1].hosts.values()))
+    host.load.service_ms = 10.0
+    host.record_pick(0.0, work=4.0)
+    assert host.drained(0.0) == pytest.approx((1.0, 4.0))
+    assert host.drained(0.02) == pytest.approx((0.5, 2.0))
+    assert host.in_flight(0.03) == pytest.approx(0.25)
+    assert host.drained(0.04) == (0.0, 0.0)
+    mean = next(iter(synthetic_fleet(1)[1].hosts.values()))
+    mean.load.service_ms = 10.0
+    mean.record_pick(0.0)
+    assert mean.drained(0.005) == pytest.approx((0.5, 0.5))
+    assert mean.in_flight(0.01) == 0.0
+    host.record_pick(0.02, work=0.5)  # on top of what is left: 0.5 requests of 2 units
+    assert host.drained(0.02) == pytest.approx((1.5, 2.5))
+    host.reset_estimate(2, 0.021)  # Envoy's count: sized by the last two picks
+    assert host.drained(0.021) == pytest.approx((2.0, 2.0 + 3.0 - 0.5))
+
+
 def test_only_the_last_picks_are_remembered() -> None:
     host = next(iter(synthetic_fleet(1)[1].hosts.values()))
     host.record_pick(0.0, work=3.0)

@@ -690,6 +690,8 @@ def test_requests_in_flight_count_their_work() -> None:
     heavy, light = (store.hosts[busy_host], g2 if busy_host == "g1" else g1)
     assert heavy.excess_work(heavy.in_flight(frozen())) == pytest.approx(6.0 - 1.0)
     assert light.excess_work(light.in_flight(frozen())) == pytest.approx(3 * (1 / 4 - 1)), "a sixth of the work"
+    assert heavy.drained(frozen()) == pytest.approx((1.0, 6.0)), "the estimate's (count, work)"
+    assert light.drained(frozen()) == pytest.approx((3.0, 3 / 4))
     # The request's own size: a full batch's worth is dearer than a row wherever it goes.
     (candidate,) = prepare([store.hosts["g3"]], "embed")
     assert candidate.completion_ms(0.0, 32 / 4) == pytest.approx(4.0 + 32.0)

@@ -6,7 +6,7 @@ Runs the picker policy with one gateway over a scenario's trace (the same run as
 - where the requests and their rows went (shares of the model's requests and rows, rows per request);
 - the in-flight estimate each decision read (:meth:`~extproc.datapath.datastore.HostState.in_flight`) against Envoy's
   count at that moment, which it estimates (mean, bias, mean absolute error), and the excess work of the
-  picker's own picks (:meth:`~extproc.datapath.datastore.HostState.excess_work`);
+  picker's own picks (:meth:`~extproc.datapath.datastore.HostState.drained`);
 - the work the expected-completion scorer sees (in-flight plus excess, in requests of the model's mean
   size) against the rows the host really held (queued and executing) over the model's mean rows;
 - the fitted batch cost per row against the simulated one (``fixed_ms`` and ``per_row_ms`` times the host's
@@ -112,7 +112,8 @@ class DiagnosedSim(Sim):
             stats.estimate += estimate
             stats.envoy += counted[i]
             stats.abs_error += abs(estimate - counted[i])
-            stats.excess += state.excess_work(estimate)
+            count, work = state.drained(now)
+            stats.excess += work - count
             stats.true_work += _rows_held(self, b) / mean_rows
             times = state.load.models.get(name)
             if times is not None and times.cost is not None:

@@ -127,6 +127,7 @@ IDENTITY_FIELDS: Final = ("spec", "http_endpoint", "grpc_endpoint")
 ESTIMATE_FIELDS: Final = (
     "estimate",
     "estimate_at",
+    "work_estimate",
     "picks_since_poll",
     "model_estimates",
     "recent_excess",
@@ -134,6 +135,20 @@ ESTIMATE_FIELDS: Final = (
     "sized_until",
     "pick_span",
 )
+
+
+def drained_estimate(host: HostState, now: float, per_s: float) -> tuple[float, float]:
+    """``host``'s in-flight estimate (count, work) at ``now``, its work drained at ``per_s`` (see
+    :meth:`HostState.drained`; the scorers pass the rate they prepared)."""
+    count, work, at = host.estimate, host.work_estimate, host.estimate_at
+    if at is None or now <= at:
+        return count, work
+    left = work - (now - at) * per_s
+    if work == count:
+        return (left, left) if left > 0.0 else (0.0, 0.0)
+    if left <= 0.0:
+        return 0.0, 0.0
+    return count * left / work, left
 
 
 @dataclass(slots=True)
@@ -149,19 +164,22 @@ class HostState:
     batching: dict[str, Batching] = field(default_factory=dict)
     # The in-flight estimate between two reads of Envoy's count: a queue that each pick adds to (so a burst
     # between two polls does not all land on the host that looked best at the last poll) and that drains
-    # at the host's measured service rate while it holds work. ``estimate`` is its value at ``estimate_at``.
+    # while it holds work. ``estimate`` is its count at ``estimate_at``, ``work_estimate`` its work (in
+    # requests of their models' mean size; equal to the count while no pick of another size is in it). The
+    # work drains at the host's measured service rate and the count in proportion to it: a big request
+    # keeps its place in the count for as long as its work takes (see :meth:`drained`).
     estimate: float = 0.0
     estimate_at: float | None = None
+    work_estimate: float = 0.0
     picks_since_poll: int = 0  # for /status: picks counted since the estimate was last reset
     # The same queue per model, from this picker's picks only: model → (estimate, its time). Triton
     # queues each model apart, so a request waits behind its own model's requests, not the host's.
     model_estimates: dict[str, tuple[float, float]] = field(default_factory=dict)
-    # Work in flight beyond the estimate's count, from this picker's picks (see :meth:`excess_work`): the
-    # running sum of each pick's work less 1 (in requests of its model's mean size, so three 24-row
-    # requests weigh more than three 1-row ones), kept after each of the last RECENT_PICKS picks at index
-    # ``picks % _RING``. A host finishes its requests in about the order they came, so the requests
-    # in flight are the last picks, as many as the count says. Kept across Envoy's polls (whose counts
-    # carry no sizes).
+    # The work of this picker's last picks beyond their count, to size a fresh count (Envoy's polls carry
+    # no sizes; see :meth:`excess_work`): the running sum of each pick's work less 1 (in requests of its
+    # model's mean size, so three 24-row requests weigh more than three 1-row ones), kept after each of the
+    # last RECENT_PICKS picks at index ``picks % _RING``. A host finishes its requests in about the order
+    # they came, so the requests in flight are the last picks, as many as the count says.
     recent_excess: list[float] = field(default_factory=lambda: [0.0] * _RING)
     recent_picks: int = 0
     # While recent_picks is below it, some remembered pick carried other than the mean work.
@@ -201,11 +219,14 @@ class HostState:
                 instances = batching.instances
         return 1000.0 * instances / service_ms
 
+    def drained(self, now: float) -> tuple[float, float]:
+        """The estimate's (count, work) at ``now``. A busy host finishes ``drain_per_s`` requests of the mean
+        size a second, an empty one nothing; the requests it finishes are as big, on average, as those it
+        holds, so the count falls in proportion to the work."""
+        return drained_estimate(self, now, self.drain_per_s())
+
     def _drained(self, now: float) -> float:
-        if self.estimate_at is None:
-            return self.estimate
-        # A busy host finishes drain_per_s requests a second; an empty one finishes nothing.
-        return max(0.0, self.estimate - (now - self.estimate_at) * self.drain_per_s())
+        return self.drained(now)[0]
 
     def in_flight(self, now: float) -> float:
         """Best estimate of requests on this host now: the estimate queue (Envoy's last count, plus our
@@ -227,13 +248,14 @@ class HostState:
         in-flight counts, Envoy's and Triton's, are read as requests of that size)."""
         # The other gateways send the host their share meanwhile, as they see what this picker sees.
         scale = weight * self.load.envoy_scale
-        drained = self._drained(now)
-        self.estimate = drained + scale
-        self.estimate_at = now
-        self.picks_since_poll += weight
+        count, held = self.drained(now)
         # Only this picker's own request has a known size: the others' (``scale`` counts them) are of the
         # mean size on average.
         extra = (work - 1.0) * weight
+        self.estimate = count + scale
+        self.work_estimate = held + scale + extra
+        self.estimate_at = now
+        self.picks_since_poll += weight
         picks = self.recent_picks
         ring = self.recent_excess
         ring[(picks + 1) % _RING] = ring[picks % _RING] + extra
@@ -247,7 +269,8 @@ class HostState:
     def excess_work(self, in_flight: float) -> float:
         """The work of ``in_flight`` requests beyond their count of mean-sized requests: what this picker's
         last picks carried beyond 1 each, over as many picks as the count holds of them (at most
-        :data:`RECENT_PICKS`). Below 0 where they were small."""
+        :data:`RECENT_PICKS`). Below 0 where they were small. This sizes a fresh count (Envoy's, Triton's),
+        which carries none (see :meth:`reset_estimate`)."""
         picks = self.recent_picks
         if picks >= self.sized_until:
             return 0.0
@@ -267,8 +290,8 @@ class HostState:
         Triton's queue of it if larger, never more than the host's :meth:`in_flight` and
         :meth:`excess_work` (which Envoy's count keeps honest)."""
         own = max(self._model_drained(model, now), float(self.load.model_pending.get(model, 0)))
-        in_flight = self.in_flight(now)
-        host = in_flight + self.excess_work(in_flight)
+        count, held = self.drained(now)
+        host = max(count, self.pending_at(now)) + held - count
         return min(own, host) if host > 0.0 else 0.0
 
     def _model_drained(self, model: str, now: float) -> float:
@@ -285,8 +308,11 @@ class HostState:
         return max(0.0, value - (now - at) * 1000.0 * instances / service_ms)
 
     def reset_estimate(self, in_flight: float, now: float) -> None:
-        """A fresh count of requests in flight (Envoy's poll, see :meth:`envoy_count`) replaces the estimate."""
-        self.estimate, self.estimate_at, self.picks_since_poll = float(in_flight), now, 0
+        """A fresh count of requests in flight (Envoy's poll, see :meth:`envoy_count`) replaces the estimate;
+        its work is that of the last picks (see :meth:`excess_work`)."""
+        count = float(in_flight)
+        self.work_estimate = count + self.excess_work(count)
+        self.estimate, self.estimate_at, self.picks_since_poll = count, now, 0
 
     def envoy_count(self, active: int) -> float:
         """Envoy's ``rq_active`` for this host as the host's whole in-flight count (every gateway's)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from extproc.datapath.batch_cost import BatchCost, Batching, completion_ms, per_request
-from extproc.datapath.datastore import HostState
+from extproc.datapath.datastore import HostState, drained_estimate
 from extproc.datapath.scheduling import registry
 from extproc.datapath.scheduling.registry import Context, Unit
 
@@ -99,7 +99,12 @@ class Candidate:
         step, since every candidate of every decision needs it."""
         host = self.host
         at = host.estimate_at
-        n = host.estimate if at is None else host.estimate - (now - at) * self.drain_per_s
+        n = host.estimate
+        if at is not None and now > at:
+            # drained_estimate's count, inlined
+            work = host.work_estimate
+            left = work - (now - at) * self.drain_per_s
+            n = left if work == n else (n * left / work if left > 0.0 else 0.0)
         pending = self.pending
         if pending > 0.0 and now > self.pending_at:
             pending -= (now - self.pending_at) * self.pending_per_s
@@ -107,6 +112,12 @@ class Candidate:
                 pending = 0.0
         # pending >= 0, so this is also the drained estimate's floor of 0.
         return n if n > pending else pending
+
+    def excess_work(self, now: float) -> float:
+        """The work of the host's in-flight estimate beyond its count (see :meth:`HostState.drained`): its
+        picks of other than the mean size. Below 0 where they were small."""
+        count, work = drained_estimate(self.host, now, self.drain_per_s)
+        return work - count
 
     def completion_ms(self, in_flight: float, own: float = 1.0, excess: float = 0.0) -> float:
         """When a request of ``own`` work (in requests of the model's mean size) sent now would finish here,
@@ -259,18 +270,18 @@ class ExpectedCompletion(Scorer):
     ) -> list[float]:
         # Candidate.completion_ms, with its per-request branch inlined: a method call per candidate was most
         # of this scorer's cost. The work ahead beyond the count (this picker's picks of sizes other than the
-        # mean, see HostState.excess_work) is read only where there is some.
+        # mean, see Candidate.excess_work) is read only where there is some.
         # zip without strict=: its keyword path costs a third of this loop, and the lengths match by
         # construction.
         if own == 1.0:
             return [
                 (c.base_ms + n * c.drain_ms if c.batching is None else c.completion_ms(n))
-                if c.host.recent_picks >= c.host.sized_until
-                else c.completion_ms(n, 1.0, c.host.excess_work(n))
+                if c.host.work_estimate == c.host.estimate
+                else c.completion_ms(n, 1.0, c.excess_work(now))
                 for c, n in zip(candidates, in_flight)  # noqa: B905
             ]
         return [
-            c.completion_ms(n, own, c.host.excess_work(n))
+            c.completion_ms(n, own, c.excess_work(now))
             for c, n in zip(candidates, in_flight)  # noqa: B905
         ]
 
