@@ -225,14 +225,11 @@ class HostState:
         holds, so the count falls in proportion to the work."""
         return drained_estimate(self, now, self.drain_per_s())
 
-    def _drained(self, now: float) -> float:
-        return self.drained(now)[0]
-
     def in_flight(self, now: float) -> float:
         """Best estimate of requests on this host now: the estimate queue (Envoy's last count, plus our
         picks since, both scaled to the whole host's traffic by ``load.envoy_scale``, drained at the
         measured rate), or Triton's queue if larger (requests that did not come through this Envoy)."""
-        return max(self._drained(now), self.pending_at(now))
+        return max(self.drained(now)[0], self.pending_at(now))
 
     def pending_at(self, now: float) -> float:
         """Triton's queue, up to a scrape interval old, less what has been served since: the host drains it
@@ -287,8 +284,8 @@ class HostState:
     def model_in_flight(self, model: str, now: float) -> float:
         """Best estimate of ``model``'s work on this host now, in requests of its mean size: this picker's
         picks of it (each its work, see :meth:`record_pick`), drained at the model's measured rate, or
-        Triton's queue of it if larger, never more than the host's :meth:`in_flight` and
-        :meth:`excess_work` (which Envoy's count keeps honest)."""
+        Triton's queue of it if larger, never more than the host's work in flight (:meth:`in_flight` and the
+        work beyond it, see :meth:`drained`; Envoy's count keeps it honest)."""
         own = max(self._model_drained(model, now), float(self.load.model_pending.get(model, 0)))
         count, held = self.drained(now)
         host = max(count, self.pending_at(now)) + held - count

@@ -101,7 +101,7 @@ class Candidate:
         at = host.estimate_at
         n = host.estimate
         if at is not None and now > at:
-            # drained_estimate's count, inlined
+            # drained_estimate's count, inlined (see above)
             work = host.work_estimate
             left = work - (now - at) * self.drain_per_s
             n = left if work == n else (n * left / work if left > 0.0 else 0.0)
