@@ -163,6 +163,8 @@ def test_a_big_pick_stays_in_the_count_for_as_long_as_its_work() -> None:
     mean.record_pick(0.0)
     assert mean.drained(0.005) == pytest.approx((0.5, 0.5))
     assert mean.in_flight(0.01) == 0.0
+    status = host_status(host, 0.02, 3.0)
+    assert (status["in_flight"], status["work_in_flight"]) == (0.5, 2.0)
     host.record_pick(0.02, work=0.5)  # on top of what is left: 0.5 requests of 2 units
     assert host.drained(0.02) == pytest.approx((1.5, 2.5))
     host.reset_estimate(2, 0.021)  # Envoy's count: sized by the last two picks

@@ -350,6 +350,7 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
     def age(at: float | None) -> float | None:
         return None if at is None else round(now - at, 3)
 
+    count, work = host.drained(now)
     return {
         "tier": host.tier.value,
         "fresh": host.fresh(now, max_age_s),
@@ -368,6 +369,8 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
             if t.cost is not None
         },
         "in_flight": round(host.in_flight(now), 2),
+        # The same requests weighed by their work, in requests of their models' mean size (see drained).
+        "work_in_flight": round(host.in_flight(now) + work - count, 2),
         "envoy_active": host.envoy.active,
         "traffic_share": round(1.0 / host.load.envoy_scale, 3),
         "picks_since_poll": host.picks_since_poll,
