@@ -347,6 +347,18 @@ def test_the_diagnosis_observes_the_pickers_run_without_changing_it() -> None:
     assert len(diagnose.format_report(rows).splitlines()) == 2 + len(rows)
 
 
+def test_the_diagnosis_reads_the_first_of_several_pickers() -> None:
+    """With 2 pickers the diagnosed run is benchmarks.sim's picker x2, and the count each estimate is held
+    against is every gateway's (each picker's estimate scales its own requests by its share)."""
+    s = scenario()
+    sim, rows = diagnose.diagnose(s, pickers=2)
+    plain, _ = run(s, "picker", pickers=2)
+    assert sim.host_of == plain.host_of
+    assert sum(r["request_share"] for r in rows) == pytest.approx(1.0)
+    fast = max(rows, key=lambda r: r["request_share"])
+    assert fast["in_flight_envoy"] > 1.0
+
+
 def test_telemetry_buckets_spread_every_host_once() -> None:
     slots = buckets(10, 0.25, 0.005, 0.3)
     assert len(slots) == 50

@@ -1,12 +1,14 @@
 """``python -m benchmarks.sim.diagnose``: what the picker believed at its decisions, against the simulated fleet.
 
-Runs the picker policy with one gateway over a scenario's trace (the same run as ``benchmarks.sim``'s
-``picker x1``: observing reads, never writes) and reports, per host group and model:
+Runs the picker policy with one gateway (or ``--pickers N``, each with its own) over a scenario's trace
+(the same run as ``benchmarks.sim``'s ``picker xN``: observing reads, never writes) and reports, for the
+first picker's decisions, per host group and model:
 
 - where the requests and their rows went (shares of the model's requests and rows, rows per request);
-- the in-flight estimate each decision read (:meth:`~extproc.datapath.datastore.HostState.in_flight`) against Envoy's
-  count at that moment, which it estimates (mean, bias, mean absolute error), and the excess work of the
-  picker's own picks (:meth:`~extproc.datapath.datastore.HostState.drained`);
+- the in-flight estimate each decision read (:meth:`~extproc.datapath.datastore.HostState.in_flight`)
+  against Envoy's count at that moment, every gateway's, which it estimates (mean, bias, mean absolute
+  error), and the excess work of the picker's own picks
+  (:meth:`~extproc.datapath.datastore.HostState.drained`);
 - the work the expected-completion scorer sees (in-flight plus excess, in requests of the model's mean
   size) against the rows the host really held (queued and executing) over the model's mean rows;
 - the fitted batch cost per row against the simulated one (``fixed_ms`` and ``per_row_ms`` times the host's
@@ -71,14 +73,15 @@ class GroupModel:
 class DiagnosedSim(Sim):
     """The picker's run, sampling what the picker believed and what the fleet held at its decisions."""
 
-    def __init__(self, scenario: SimScenario, trace: Trace, samples: int = _SAMPLES) -> None:
-        # The seed label of benchmarks.sim's picker x1 run, so that this is that run.
-        super().__init__(scenario, trace, Picker, n_gateways=1, seed_label="picker/1")
+    def __init__(self, scenario: SimScenario, trace: Trace, samples: int = _SAMPLES, pickers: int = 1) -> None:
+        # The seed label of benchmarks.sim's picker xN run, so that this is that run.
+        super().__init__(scenario, trace, Picker, n_gateways=pickers, seed_label=f"picker/{pickers}")
         self.stats: dict[tuple[str, str], GroupModel] = {}
         for i, host in enumerate(self.hosts):
             for m in host.batchers:
                 self._stats(i, m).hosts += 1
-        self.sample_every = max(1, len(trace) * len(self.hosts) // max(1, samples))
+        # Only the first picker's decisions are read: a 1/pickers share of them.
+        self.sample_every = max(1, len(trace) * len(self.hosts) // max(1, samples * pickers))
         self.warmup_s = scenario.load.warmup_s
 
     def _stats(self, host: int, model: int) -> GroupModel:
@@ -89,7 +92,7 @@ class DiagnosedSim(Sim):
         return stats
 
     def _arrive(self, r: int, now: float) -> None:
-        if now >= self.warmup_s and r % self.sample_every == 0:
+        if now >= self.warmup_s and r % self.sample_every == 0 and self.gw_of[r] == 0:
             self._observe(r, now)
         super()._arrive(r, now)
 
@@ -101,7 +104,7 @@ class DiagnosedSim(Sim):
         name = self.model_names[m]
         timing = self.scenario.models[name]
         mean_rows = self.scenario.mean_rows(name)
-        counted = self.gateways[0].inflight
+        gateways = self.gateways
         for i in self.serving[m]:
             state = view.states[i]
             host = self.hosts[i]
@@ -110,8 +113,10 @@ class DiagnosedSim(Sim):
             estimate = state.in_flight(now)
             stats.samples += 1
             stats.estimate += estimate
-            stats.envoy += counted[i]
-            stats.abs_error += abs(estimate - counted[i])
+            # The estimate stands for every gateway's requests (each picker scales its own by its share).
+            counted = sum(g.inflight[i] for g in gateways)
+            stats.envoy += counted
+            stats.abs_error += abs(estimate - counted)
             count, work = state.drained(now)
             stats.excess += work - count
             stats.true_work += _rows_held(self, b) / mean_rows
@@ -182,8 +187,10 @@ def _rows_held(sim: Sim, b: Batcher) -> int:
     return b.queued_rows + sum(rows[q] for _, batch in b.running for q in batch)
 
 
-def diagnose(scenario: SimScenario, samples: int = _SAMPLES) -> tuple[DiagnosedSim, list[dict[str, Any]]]:
-    sim = DiagnosedSim(scenario, build_trace(scenario), samples)
+def diagnose(
+    scenario: SimScenario, samples: int = _SAMPLES, pickers: int = 1
+) -> tuple[DiagnosedSim, list[dict[str, Any]]]:
+    sim = DiagnosedSim(scenario, build_trace(scenario), samples, pickers)
     sim.run()
     return sim, sim.report()
 
@@ -219,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, help="replace the scenario's seed")
     parser.add_argument("--samples", type=int, default=_SAMPLES, help="about how many (decision, host) samples")
+    parser.add_argument(
+        "--pickers", type=int, default=1, help="independent pickers (gateways); the first one's decisions are read"
+    )
     parser.add_argument("--output", "-o", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     try:
@@ -228,13 +238,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.seed is not None:
         scenario = scenario.model_copy(update={"seed": args.seed})
-    _, rows = diagnose(scenario, args.samples)
-    print(f"scenario {scenario.name} (seed {scenario.seed}), the picker with one gateway:")
+    if args.pickers < 1:
+        print("benchmarks.sim.diagnose: --pickers must be at least 1", file=sys.stderr)
+        return 2
+    _, rows = diagnose(scenario, args.samples, args.pickers)
+    who = "the picker with one gateway" if args.pickers == 1 else f"the first of {args.pickers} pickers"
+    print(f"scenario {scenario.name} (seed {scenario.seed}), {who}:")
     print(format_report(rows))
     if args.output is not None:
         from benchmarks.routing import json_safe
 
-        data = {"scenario": scenario.name, "seed": scenario.seed, "groups": rows}
+        data = {"scenario": scenario.name, "seed": scenario.seed, "pickers": args.pickers, "groups": rows}
         args.output.write_text(json.dumps(json_safe(data), indent=1) + "\n", encoding="utf-8")
     return 0
 
