@@ -138,13 +138,13 @@ def test_the_work_in_flight_is_that_of_the_last_picks() -> None:
     host.record_pick(0.0, model="m", work=4.0)
     host.record_pick(0.0, model="m", work=0.5)
     assert host.in_flight(0.0) == pytest.approx(2.0)
-    assert host.excess_work(2.0) == pytest.approx(3.0 - 0.5)
+    assert host.picks_excess(2.0) == pytest.approx(3.0 - 0.5)
     assert host.model_in_flight("m", 0.0) == pytest.approx(4.5)
     host.reset_estimate(1, 0.005)  # Envoy's poll: the older, big request is done
-    assert host.excess_work(host.in_flight(0.005)) == pytest.approx(-0.5)
+    assert host.picks_excess(host.in_flight(0.005)) == pytest.approx(-0.5)
     assert host.model_in_flight("m", 0.005) == pytest.approx(0.5)
-    assert host.excess_work(0.0) == 0.0
-    assert host.excess_work(5.0) == pytest.approx(2.5), "requests beyond the picks are of the mean size"
+    assert host.picks_excess(0.0) == 0.0
+    assert host.picks_excess(5.0) == pytest.approx(2.5), "requests beyond the picks are of the mean size"
 
 
 def test_a_big_pick_stays_in_the_count_for_as_long_as_its_work() -> None:
@@ -176,10 +176,10 @@ def test_only_the_last_picks_are_remembered() -> None:
     host.record_pick(0.0, work=3.0)
     for _ in range(RECENT_PICKS):
         host.record_pick(0.0, work=1.5)
-    assert host.excess_work(1000.0) == pytest.approx(0.5 * RECENT_PICKS)
+    assert host.picks_excess(1000.0) == pytest.approx(0.5 * RECENT_PICKS)
     for _ in range(RECENT_PICKS):
         host.record_pick(0.0)
-    assert host.excess_work(1000.0) == 0.0
+    assert host.picks_excess(1000.0) == 0.0
     assert host.recent_picks >= host.sized_until, "the scorer's cheap path: no remembered pick was sized"
 
 
@@ -191,7 +191,7 @@ def test_only_the_pickers_own_request_carries_a_known_size() -> None:
     host.load.envoy_scale = 4.0
     host.record_pick(0.0, model="m", work=4.0)
     assert host.in_flight(0.0) == pytest.approx(4.0)
-    assert host.excess_work(4.0) == pytest.approx(3.0)
+    assert host.picks_excess(4.0) == pytest.approx(3.0)
     assert host.model_in_flight("m", 0.0) == pytest.approx(4.0 + 3.0)
     other = next(iter(synthetic_fleet(1)[1].hosts.values()))
     other.load.service_ms = 10.0
@@ -199,7 +199,7 @@ def test_only_the_pickers_own_request_carries_a_known_size() -> None:
     for _ in range(5):
         other.record_pick(0.0, model="m", work=0.25)
     assert other.in_flight(0.0) == pytest.approx(20.0)
-    assert other.excess_work(20.0) == pytest.approx(5 * -0.75)
+    assert other.picks_excess(20.0) == pytest.approx(5 * -0.75)
 
 
 def _read_at(store: Datastore, host: HostState, at: float) -> None:

@@ -688,8 +688,8 @@ def test_requests_in_flight_count_their_work() -> None:
     g1, g2 = store.hosts["g1"], store.hosts["g2"]
     assert g1.in_flight(frozen()) + g2.in_flight(frozen()) == pytest.approx(4.0), "counts are still requests"
     heavy, light = (store.hosts[busy_host], g2 if busy_host == "g1" else g1)
-    assert heavy.excess_work(heavy.in_flight(frozen())) == pytest.approx(6.0 - 1.0)
-    assert light.excess_work(light.in_flight(frozen())) == pytest.approx(3 * (1 / 4 - 1)), "a sixth of the work"
+    assert heavy.picks_excess(heavy.in_flight(frozen())) == pytest.approx(6.0 - 1.0)
+    assert light.picks_excess(light.in_flight(frozen())) == pytest.approx(3 * (1 / 4 - 1)), "a sixth of the work"
     assert heavy.drained(frozen()) == pytest.approx((1.0, 6.0)), "the estimate's (count, work)"
     assert light.drained(frozen()) == pytest.approx((3.0, 3 / 4))
     # The request's own size: a full batch's worth is dearer than a row wherever it goes.

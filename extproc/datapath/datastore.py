@@ -116,7 +116,7 @@ TELEMETRY_FIELDS: Final = (
 BEAT_S: Final = 0.1
 PAUSE_S: Final = 1.0
 
-# Picks whose work :meth:`HostState.excess_work` remembers: requests in flight beyond them are taken to be of
+# Picks whose work :meth:`HostState.picks_excess` remembers: requests in flight beyond them are taken to be of
 # their model's mean size.
 RECENT_PICKS: Final = 64
 _RING: Final = RECENT_PICKS + 1  # the running sums before and after them
@@ -176,7 +176,7 @@ class HostState:
     # queues each model apart, so a request waits behind its own model's requests, not the host's.
     model_estimates: dict[str, tuple[float, float]] = field(default_factory=dict)
     # The work of this picker's last picks beyond their count, to size a fresh count (Envoy's polls carry
-    # no sizes; see :meth:`excess_work`): the running sum of each pick's work less 1 (in requests of its
+    # no sizes; see :meth:`picks_excess`): the running sum of each pick's work less 1 (in requests of its
     # model's mean size, so three 24-row requests weigh more than three 1-row ones), kept after each of the
     # last RECENT_PICKS picks at index ``picks % _RING``. A host finishes its requests in about the order
     # they came, so the requests in flight are the last picks, as many as the count says.
@@ -231,6 +231,12 @@ class HostState:
         measured rate), or Triton's queue if larger (requests that did not come through this Envoy)."""
         return max(self.drained(now)[0], self.pending_at(now))
 
+    def work_in_flight(self, now: float) -> float:
+        """:meth:`in_flight` weighed by the work of the picks in it (see :meth:`drained`), in requests of their
+        models' mean size."""
+        count, work = self.drained(now)
+        return max(count, self.pending_at(now)) + work - count
+
     def pending_at(self, now: float) -> float:
         """Triton's queue, up to a scrape interval old, less what has been served since: the host drains it
         at its rate while the other gateways (whose picks this picker does not see) add their share of the
@@ -263,7 +269,7 @@ class HostState:
         if model is not None:
             self.model_estimates[model] = (self._model_drained(model, now) + scale + extra, now)
 
-    def excess_work(self, in_flight: float) -> float:
+    def picks_excess(self, in_flight: float) -> float:
         """The work of ``in_flight`` requests beyond their count of mean-sized requests: what this picker's
         last picks carried beyond 1 each, over as many picks as the count holds of them (at most
         :data:`RECENT_PICKS`). Below 0 where they were small. This sizes a fresh count (Envoy's, Triton's),
@@ -284,11 +290,10 @@ class HostState:
     def model_in_flight(self, model: str, now: float) -> float:
         """Best estimate of ``model``'s work on this host now, in requests of its mean size: this picker's
         picks of it (each its work, see :meth:`record_pick`), drained at the model's measured rate, or
-        Triton's queue of it if larger, never more than the host's work in flight (:meth:`in_flight` and the
-        work beyond it, see :meth:`drained`; Envoy's count keeps it honest)."""
+        Triton's queue of it if larger, never more than the host's :meth:`work_in_flight` (which Envoy's count
+        keeps honest)."""
         own = max(self._model_drained(model, now), float(self.load.model_pending.get(model, 0)))
-        count, held = self.drained(now)
-        host = max(count, self.pending_at(now)) + held - count
+        host = self.work_in_flight(now)
         return min(own, host) if host > 0.0 else 0.0
 
     def _model_drained(self, model: str, now: float) -> float:
@@ -306,9 +311,9 @@ class HostState:
 
     def reset_estimate(self, in_flight: float, now: float) -> None:
         """A fresh count of requests in flight (Envoy's poll, see :meth:`envoy_count`) replaces the estimate;
-        its work is that of the last picks (see :meth:`excess_work`)."""
+        its work is that of the last picks (see :meth:`picks_excess`)."""
         count = float(in_flight)
-        self.work_estimate = count + self.excess_work(count)
+        self.work_estimate = count + self.picks_excess(count)
         self.estimate, self.estimate_at, self.picks_since_poll = count, now, 0
 
     def envoy_count(self, active: int) -> float:
@@ -350,7 +355,6 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
     def age(at: float | None) -> float | None:
         return None if at is None else round(now - at, 3)
 
-    count, work = host.drained(now)
     return {
         "tier": host.tier.value,
         "fresh": host.fresh(now, max_age_s),
@@ -369,8 +373,7 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
             if t.cost is not None
         },
         "in_flight": round(host.in_flight(now), 2),
-        # The same requests weighed by their work, in requests of their models' mean size (see drained).
-        "work_in_flight": round(host.in_flight(now) + work - count, 2),
+        "work_in_flight": round(host.work_in_flight(now), 2),
         "envoy_active": host.envoy.active,
         "traffic_share": round(1.0 / host.load.envoy_scale, 3),
         "picks_since_poll": host.picks_since_poll,
