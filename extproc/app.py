@@ -57,6 +57,9 @@ class Picker:
         self.datastore = Datastore(fleet)
         self.metrics = PickerMetrics(self.datastore, decisions=self.role.counts_decisions)
         self.metrics.use_discovery(discovery)
+        # One for the process's life: a reload keeps picker.workers and picker.share_worker_picks.
+        self.shared_picks = self.role.shared_picks(fleet)
+        self.metrics.use_shared_picks(self.shared_picks)
         self.scheduler = self._scheduler(fleet, self.datastore)
         # Read at start and on reload, not by each collector: a change of the pools' hosts rebuilds the
         # collector, and that must not fail on a key file.
@@ -69,7 +72,7 @@ class Picker:
         self.ready = False
 
     def _scheduler(self, fleet: Fleet, datastore: Datastore) -> Scheduler:
-        return Scheduler(fleet, datastore, pick_weight=self.role.pick_weight(fleet))
+        return Scheduler(fleet, datastore, pick_weight=self.role.pick_weight(fleet), shared_picks=self.shared_picks)
 
     async def start(self) -> None:
         for part in self._parts:
@@ -91,7 +94,7 @@ class Picker:
 
     async def reload(self, fleet: Fleet) -> None:
         """Apply a new fleet file without dropping a request; the pools keep their hosts (see :meth:`_switch`)."""
-        fixed = ("listen", "workers", "metrics_address", "metrics_port", "replicas")
+        fixed = ("listen", "workers", "share_worker_picks", "metrics_address", "metrics_port", "replicas")
         needs_restart = [
             f"picker.{key}" for key in fixed if getattr(fleet.picker, key) != getattr(self.config.picker, key)
         ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import shutil
 import sys
@@ -35,6 +36,7 @@ from extproc.admin_key import read_admin_key
 from extproc.config import ConfigError, Fleet
 from extproc.control import AUTHORIZATION, SCHEME, authorized, read_control_token
 from extproc.datapath.datastore import BEAT_S, Datastore
+from extproc.datapath.shared_picks import SharedPicks
 from extproc.discovery import Discovery
 from extproc.edges import GRPC_OPTIONS, edges, epp_certificate
 from extproc.parts import Part, cancel
@@ -56,8 +58,10 @@ __all__ = [
     "Worker",
     "WorkerPool",
     "cancel",
+    "make_worker_picks",
     "role_for",
     "role_named",
+    "worker_picks_path",
 ]
 
 log = structlog.get_logger(__name__)
@@ -381,6 +385,10 @@ class Role(Protocol):
         """How many requests one pick stands for in the scheduler's optimistic in-flight count."""
         ...
 
+    def shared_picks(self, fleet: Fleet) -> SharedPicks | None:
+        """The other workers' picks, for a worker that shares them (see :mod:`extproc.datapath.shared_picks`)."""
+        ...
+
     def admin_key(self, config: Fleet) -> str | None:
         """The fleet's admin key, for a process that talks to the hosts itself; raises ConfigError."""
         ...
@@ -407,6 +415,9 @@ class _Resolving:
 
     def admin_key(self, config: Fleet) -> str | None:
         return read_admin_key(config)
+
+    def shared_picks(self, fleet: Fleet) -> SharedPicks | None:
+        return None
 
     def discovery(self, config: Fleet) -> Discovery | None:
         return Discovery(config) if config.pools else None
@@ -466,10 +477,28 @@ class Worker:
 
     def __init__(self, index: int) -> None:
         self.index = index
+        self._shared_picks: SharedPicks | None = None
 
     def pick_weight(self, fleet: Fleet) -> int:
         # A worker sees 1/N of the picks between two Envoy polls; count each as N (see Scheduler).
         return fleet.picker.workers
+
+    def shared_picks(self, fleet: Fleet) -> SharedPicks | None:
+        """The buffer its leader made (see :meth:`WorkerPool.start`), mapped once for the process's life."""
+        if not fleet.picker.share_worker_picks:
+            return None
+        if self._shared_picks is None:
+            path = worker_picks_path(fleet)
+            try:
+                with path.open("r+b") as file:
+                    buffer = mmap.mmap(file.fileno(), 0)
+                self._shared_picks = SharedPicks(memoryview(buffer), fleet.picker.workers, self.index)
+            except (OSError, ValueError) as exc:  # no leader made it (a worker started by hand), or not for us
+                log.warning(
+                    "worker_picks_not_shared", path=str(path), error=str(exc), note="counting own picks N times"
+                )
+                return None
+        return self._shared_picks
 
     def admin_key(self, config: Fleet) -> str | None:
         return None
@@ -486,6 +515,23 @@ class Worker:
     def parts(self, picker: Picker) -> list[Part]:
         address = picker.fleet.picker.listen_addresses[self.index]
         return [_Subscribing(picker), _flushing_metrics(picker), _beating(picker), *edges(picker, address)]
+
+
+def worker_picks_path(fleet: Fleet) -> Path:
+    """The buffer through which a leader's workers share their picks."""
+    return Path(fleet.runtime_dir) / "worker-picks"
+
+
+def make_worker_picks(fleet: Fleet) -> None:
+    """A fresh, zeroed buffer for the workers' picks, readable by this user only, before any worker maps it
+    (a restarted worker maps the same one)."""
+    path = worker_picks_path(fleet)
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(descriptor, SharedPicks.size(fleet.picker.workers))
+    finally:
+        os.close(descriptor)
 
 
 def _unix_sockets(addresses: Sequence[str]) -> list[Path]:
@@ -529,6 +575,8 @@ class WorkerPool:
     async def start(self) -> None:
         shutil.rmtree(self._metrics_dir, ignore_errors=True)
         self._metrics_dir.mkdir(parents=True)
+        if self._fleet.picker.share_worker_picks:
+            make_worker_picks(self._fleet)
         for index in range(len(self._processes)):
             await self._spawn(index)
         self._task = asyncio.create_task(self._supervise(), name="workers")

@@ -8,6 +8,7 @@ import signal
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,6 +68,26 @@ def test_both_workers_serve_and_metrics_are_summed(stack: Stack) -> None:
     # add their decisions to the shared directory once a second: wait up to a few flushes.
     wait_for(lambda: decided() > max(counts.values()), 5, f"more than {counts} decisions in /metrics", interval_s=0.2)
     assert 'extproc_telemetry_age_seconds{host="triton-a",source="metrics"}' in pages[-1]
+
+
+def test_workers_count_each_others_picks(stack: Stack) -> None:
+    """Each worker applies the picks the other made since its last decision (picker.share_worker_picks)."""
+    for _ in range(40):
+        status, _, body = rest(stack, "/v2/models/embed_normalize/infer", BODY)
+        assert status == 200, body
+
+    def applied() -> float:
+        with urllib.request.urlopen(stack.metrics_url, timeout=5) as response:
+            page = response.read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in page.splitlines()
+            if line.startswith('extproc_worker_picks_total{outcome="applied"}')
+        )
+
+    # Streams alternate between the two workers: most picks reach the other worker before its next decision.
+    wait_for(lambda: applied() >= 10, 5, "the workers' shared picks in /metrics", interval_s=0.2)
+    assert (Path(stack.fleet["runtime_dir"]) / "worker-picks").stat().st_mode & 0o777 == 0o600
 
 
 def test_only_the_leader_scrapes(stack: Stack) -> None:

@@ -28,6 +28,7 @@ from extproc.datapath.batch_cost import Batching
 from extproc.datapath.datastore import Datastore, HostState
 from extproc.datapath.scheduling.scheduler import Scheduler
 from extproc.datapath.scheduling.types import InferenceRequest, Protocol, Reject
+from extproc.datapath.shared_picks import SharedPicks
 from extproc.telemetry.envoy_admin import EndpointStatus, apply_envoy_view
 from extproc.telemetry.repository import RepositoryIndex, apply_index
 from extproc.telemetry.triton_metrics import TritonSnapshot, derive_load, parse_metrics
@@ -103,14 +104,24 @@ class _Ticker:
 
 
 class _PickerGateway:
-    """One picker replica: its own datastore, telemetry and scheduler, beside its own Envoy."""
+    """One picker replica (or one worker of it: ``picker.workers``): its own datastore, telemetry and
+    scheduler, beside its own Envoy (its workers' Envoy)."""
 
-    def __init__(self, sim: Sim, fleet: Fleet, gateway: Gateway) -> None:
+    def __init__(
+        self, sim: Sim, fleet: Fleet, gateway: Gateway, worker: int = 0, shared_picks: SharedPicks | None = None
+    ) -> None:
         self.sim = sim
         self.gateway = gateway
         seed = sim.scenario.seed
+        label = f"{gateway.index}/{worker}" if worker else f"{gateway.index}"
         self.store = Datastore(fleet, clock=lambda: sim.now)
-        self.scheduler = Scheduler(fleet, self.store, rng=random.Random(f"{seed}/picker/{gateway.index}"))
+        self.scheduler = Scheduler(
+            fleet,
+            self.store,
+            rng=random.Random(f"{seed}/picker/{label}"),
+            pick_weight=fleet.picker.workers,
+            shared_picks=shared_picks,
+        )
         self.states: list[HostState] = [self.store.hosts[h.name] for h in sim.hosts]
         self.index_of = {id(s): i for i, s in enumerate(self.states)}
         self.snapshots: list[TritonSnapshot | None] = [None] * len(sim.hosts)
@@ -126,7 +137,7 @@ class _PickerGateway:
         self.requests = [
             InferenceRequest(Protocol(e.protocol), e.model, size_bytes=e.base_bytes) for e in sim.scenario.load.mix
         ]
-        self.ticker = _Ticker(sim, fleet, random.Random(f"{seed}/picker-telemetry/{gateway.index}"))
+        self.ticker = _Ticker(sim, fleet, random.Random(f"{seed}/picker-telemetry/{label}"))
         self.check_rest_bodies = fleet.picker.check_rest_bodies
 
     def start(self) -> None:
@@ -198,24 +209,41 @@ class _PickerGateway:
 
 
 class Picker(Policy):
+    """The picker beside each gateway; with ``picker.workers`` (the scenario's fleet), that many workers
+    behind each gateway's Envoy, which takes turns among them, each scraping for itself (a real leader scrapes
+    once and hands its workers each scrape), sharing their picks as ``picker.share_worker_picks`` says."""
+
     name = "picker"
     ext_proc = True
 
     def __init__(self, sim: Sim) -> None:
         super().__init__(sim)
         fleet = sim.scenario.real_fleet()
-        self.views = [_PickerGateway(sim, fleet, g) for g in sim.gateways]
+        n = fleet.picker.workers
+        self.workers: list[list[_PickerGateway]] = []
+        for g in sim.gateways:
+            buffer = memoryview(bytearray(SharedPicks.size(n)))
+            shared = n > 1 and fleet.picker.share_worker_picks
+            self.workers.append(
+                [_PickerGateway(sim, fleet, g, k, SharedPicks(buffer, n, k) if shared else None) for k in range(n)]
+            )
+        self.views = [workers[0] for workers in self.workers]  # each gateway's first worker
+        self._turns = [0] * len(sim.gateways)
 
     @property
     def schedulers(self) -> list[Scheduler]:
-        return [v.scheduler for v in self.views]
+        return [v.scheduler for workers in self.workers for v in workers]
 
     def start(self) -> None:
-        for v in self.views:
-            v.start()
+        for workers in self.workers:
+            for v in workers:
+                v.start()
 
     def route(self, r: int, gateway: Gateway, now: float) -> Sequence[int] | int:
-        return self.views[gateway.index].route(r)
+        workers = self.workers[gateway.index]
+        turn = self._turns[gateway.index]
+        self._turns[gateway.index] = turn + 1
+        return workers[turn % len(workers)].route(r)
 
 
 # ------------------------------------------------------------------------------------ the simple picker

@@ -211,6 +211,10 @@ class PickerSpec(Strict):
     # shares it; on a Unix socket each worker listens on ``PATH.N`` and Envoy balances over them, on TCP
     # they share the port (SO_REUSEPORT).
     workers: int = Field(default=1, ge=1, le=64)
+    # Whether workers tell each other every pick as they make it (through a buffer they all map, see
+    # extproc/datapath/shared_picks.py), so that each decides on all picks since Envoy's last count, as one
+    # process would. Off: each worker counts its own picks ``workers`` times instead.
+    share_worker_picks: bool = True
     metrics_address: str = "127.0.0.1"
     metrics_port: Port = 9090
     # A file holding the bearer token that the HTTP endpoint's drain and undrain require (and ``extproc

@@ -12,6 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from extproc.datapath.datastore import Datastore
+from extproc.datapath.shared_picks import SharedPicks
 from extproc.discovery import Discovery
 
 # Upper bounds of the decision-time histogram, in seconds.
@@ -84,6 +85,14 @@ class PickerMetrics:
             registry=decision_registry,
             multiprocess_mode="max",
         )
+        self.worker_picks = Counter(
+            "extproc_worker_picks",
+            "Other workers' picks this worker took into its in-flight estimates (applied), or skipped (lost: "
+            "fallen behind, or for a host it does not know); picker.share_worker_picks.",
+            ["outcome"],
+            registry=decision_registry,
+        )
+        self._shared_picks: SharedPicks | None = None
         self.decision_seconds = Histogram(
             "extproc_decision_seconds",
             "Time from the request's headers (or first gRPC body chunk) to the picker's answer.",
@@ -158,6 +167,10 @@ class PickerMetrics:
             histogram._sum.inc(self._time_sum)
         self._times = [0] * len(self._times)
         self._time_sum = 0.0
+        if self._shared_picks is not None:
+            applied, lost = self._shared_picks.taken()
+            self.worker_picks.labels("applied").inc(applied)
+            self.worker_picks.labels("lost").inc(lost)
 
     def use(self, datastore: Datastore) -> None:
         """Report on a new datastore (config reload); the decision counters carry on."""
@@ -166,6 +179,10 @@ class PickerMetrics:
     def following(self, following: bool) -> None:
         """A follower replica (``picker.replicas.follow``) follows its publisher's telemetry, or scrapes itself."""
         self._following.value = following
+
+    def use_shared_picks(self, shared_picks: SharedPicks | None) -> None:
+        """Count the other workers' picks this worker applies (None: it does not share them)."""
+        self._shared_picks = shared_picks
 
     def use_discovery(self, discovery: Discovery | None) -> None:
         """Report the hosts of this discovery's pools (None: no pools, or a worker whose leader reports them)."""

@@ -42,6 +42,7 @@ from extproc.datapath.scheduling.scorers import Candidate, WeightedScorers, prep
 from extproc.datapath.scheduling.sequences import OpenSequences
 from extproc.datapath.scheduling.types import Decision, InferenceRequest, Priority, Protocol, Reject, Route
 from extproc.datapath.scheduling.work import RequestSizes
+from extproc.datapath.shared_picks import SharedPicks
 
 # Triton's own answers (2.51) to a model or version it does not serve, where the picker answers for it: the
 # same status (REST 404, gRPC NOT_FOUND) and words, so that a client that tells errors by their message
@@ -128,11 +129,18 @@ class Scheduler:
     """Decides one request at a time; cheap enough to run inline on the picker's event loop."""
 
     def __init__(
-        self, fleet: Fleet, datastore: Datastore, rng: random.Random | None = None, pick_weight: int = 1
+        self,
+        fleet: Fleet,
+        datastore: Datastore,
+        rng: random.Random | None = None,
+        pick_weight: int = 1,
+        shared_picks: SharedPicks | None = None,
     ) -> None:
-        """``pick_weight``: how many requests one pick stands for in the optimistic in-flight count; a
-        worker process that sees 1/N of the traffic counts each of its picks N times."""
-        self._pick_weight = pick_weight
+        """``pick_weight``: how many requests one pick stands for; a worker process that sees 1/N of the
+        traffic counts each of its picks N times, in its open sequences and, unless it has ``shared_picks``
+        (the other workers' picks, see :mod:`extproc.datapath.shared_picks`), in its in-flight count."""
+        self._pick_weight = 1 if shared_picks is not None else pick_weight
+        self._shared_picks = shared_picks
         self._fleet = fleet
         self._store = datastore
         self._specs = {m.name: m for m in fleet.models}
@@ -182,6 +190,8 @@ class Scheduler:
         spec = self._specs.get(model)
         order = self._implicit_order(model, request) if spec is None else self._orders[model, classify(request, spec)]
         now = self._store.now()
+        if self._shared_picks is not None:
+            self._shared_picks.catch_up(self._store, now)
         self._sizes.observe(request, model)
         decision: Decision | None
         if request.sequence_id is not None and self.is_sequence_model(model):
@@ -478,7 +488,10 @@ class Scheduler:
 
     def _commit(self, route: Route, now: float, model: str | None = None) -> Route:
         # Optimistic accounting until Envoy's next in-flight poll reconciles it.
-        route.hosts[0].record_pick(now, self._pick_weight, model, route.work)
+        host = route.hosts[0]
+        host.record_pick(now, self._pick_weight, model, route.work)
+        if self._shared_picks is not None:
+            self._shared_picks.publish(host, model, route.work)
         return route
 
     def _any_host(self, request: InferenceRequest) -> Decision:

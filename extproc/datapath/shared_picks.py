@@ -1,0 +1,132 @@
+"""Picks that the worker processes of one picker (``picker.workers > 1``) tell each other at once.
+
+Each worker decides on its own in-flight estimates, which Envoy's count resets at each poll. Between two polls
+a worker alone sees only its own picks: counting each one N times (for N workers) stands for the others'
+picks on average, but not for where they went, so several workers pile onto the host that looked best at the
+last poll. Here each worker appends every pick (host, model, work) to its own row of a buffer they all map
+(a file in the runtime directory, which the leader makes before it starts them), and before each decision
+applies the picks the other workers appended since its last one: every worker then decides on every pick
+made before it, as a single process would, with no message and no system call.
+
+**The buffer.** One row per worker; a row is the count of picks its worker appended so far, then a ring of
+its last :data:`SLOTS` picks, each the keys of its host and model (:func:`name_key`: names are the same in
+every worker, hosts and models may be listed in another order) and its work. A worker writes its own row
+only (the pick, then the count), so no lock is needed; the count is one aligned native 8-byte write, which
+a reader sees whole. A reader that fell further behind than the ring skips what it lost, and a pick it
+cannot make sense of (a host or model it does not know, work out of range) is skipped too: the next Envoy
+poll corrects whatever a lost pick leaves in the estimates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Final
+
+from extproc.datapath.datastore import Datastore, HostState
+
+__all__ = ["SLOTS", "SharedPicks", "name_key"]
+
+# Picks one row remembers: far more than a worker decides between two decisions of another.
+SLOTS: Final = 1024
+_COUNT: Final = struct.Struct("@Q")
+_PICK: Final = struct.Struct("@QQd")  # host key, model key (0: none), work
+_ROW_BYTES: Final = _COUNT.size + SLOTS * _PICK.size
+# A pick's work is in requests of its model's mean size: far above this is no pick a worker made.
+_MAX_WORK: Final = 1e6
+
+
+def name_key(name: str) -> int:
+    """A host's or model's key in the buffer: the same in every process (unlike ``hash``), never 0."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") or 1
+
+
+class SharedPicks:
+    """One worker's view of the buffer: it appends to row ``row`` of ``rows`` and reads the others."""
+
+    def __init__(self, buffer: memoryview, rows: int, row: int) -> None:
+        if len(buffer) < self.size(rows) or not 0 <= row < rows:
+            raise ValueError(f"a buffer of {len(buffer)} bytes holds no row {row} of {rows}")
+        self._buffer = buffer
+        self._row = row
+        self._offsets = [r * _ROW_BYTES for r in range(rows)]
+        self._peers = [r for r in range(rows) if r != row]
+        # A restarted worker goes on from its own count, and leaves the others' earlier picks alone: Envoy's
+        # next count has them.
+        self._written = self._count(row)
+        self._seen = [self._count(r) for r in range(rows)]
+        self._keys: dict[str, int] = {}
+        self._hosts: dict[int, HostState] = {}
+        self._models: dict[int, str] = {}
+        self._store: Datastore | None = None
+        self._layout = -1
+        # Since the last taken(): the other workers' picks applied to this worker's estimates, and those
+        # skipped (fallen behind the ring, or not understood).
+        self._applied = 0
+        self._lost = 0
+
+    @staticmethod
+    def size(rows: int) -> int:
+        """Bytes of a buffer for ``rows`` workers."""
+        return rows * _ROW_BYTES
+
+    def taken(self) -> tuple[int, int]:
+        """The picks (applied, lost) since the last call."""
+        counts = self._applied, self._lost
+        self._applied = self._lost = 0
+        return counts
+
+    def _count(self, row: int) -> int:
+        count: int = _COUNT.unpack_from(self._buffer, self._offsets[row])[0]
+        return count
+
+    def _key(self, name: str) -> int:
+        key = self._keys.get(name)
+        if key is None:
+            key = self._keys[name] = name_key(name)
+        return key
+
+    def publish(self, host: HostState, model: str | None, work: float) -> None:
+        """Append this worker's pick for the others."""
+        written = self._written
+        base = self._offsets[self._row]
+        model_key = self._key(model) if model is not None else 0
+        slot = base + _COUNT.size + (written % SLOTS) * _PICK.size
+        _PICK.pack_into(self._buffer, slot, self._key(host.name), model_key, work)
+        self._written = written + 1
+        _COUNT.pack_into(self._buffer, base, written + 1)
+
+    def catch_up(self, store: Datastore, now: float) -> None:
+        """Apply to ``store``'s in-flight estimates the picks the other workers appended since the last call."""
+        seen = self._seen
+        for row in self._peers:
+            count = self._count(row)
+            start = seen[row]
+            if count <= start:
+                continue
+            if count - start > SLOTS:
+                self._lost += count - start - SLOTS
+                start = count - SLOTS
+            seen[row] = count
+            self._apply(store, row, start, count, now)
+
+    def _apply(self, store: Datastore, row: int, start: int, end: int, now: float) -> None:
+        if store is not self._store or store.layout != self._layout:
+            self._index(store)
+        base = self._offsets[row] + _COUNT.size
+        hosts, models = self._hosts, self._models
+        for i in range(start, end):
+            host_key, model_key, work = _PICK.unpack_from(self._buffer, base + (i % SLOTS) * _PICK.size)
+            host = hosts.get(host_key)
+            if host is None or not 0.0 <= work <= _MAX_WORK:  # NaN fails the test too
+                self._lost += 1
+                continue
+            host.record_pick(now, 1, models.get(model_key) if model_key else None, work)
+            self._applied += 1
+
+    def _index(self, store: Datastore) -> None:
+        """The hosts and models ``store`` knows, by key; again whenever its layout changes (a host may have
+        been replaced by another of the same name)."""
+        self._store, self._layout = store, store.layout
+        self._hosts = {self._key(name): host for name, host in store.hosts.items()}
+        self._models = {self._key(model): model for model in store.known_models}

@@ -1,0 +1,142 @@
+"""Workers' shared picks (``extproc/datapath/shared_picks.py``): what one worker picks, the others count."""
+
+from __future__ import annotations
+
+import multiprocessing
+import struct
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from extproc.config import Fleet
+from extproc.datapath.datastore import Datastore
+from extproc.datapath.scheduling.scheduler import Scheduler
+from extproc.datapath.shared_picks import SLOTS, SharedPicks, name_key
+from extproc.roles import Worker, make_worker_picks, worker_picks_path
+from tests.test_scheduler import fleet, frozen, http, live, names
+
+
+def stores(n: int, base: Fleet | None = None) -> list[Datastore]:
+    """``n`` workers' datastores over the same three idle GPU hosts serving ``embed``."""
+    out = []
+    for _ in range(n):
+        store = Datastore(base or fleet(), clock=frozen)
+        live(store, {"g1": ["embed"], "g2": ["embed"], "g3": ["embed"]})
+        out.append(store)
+    return out
+
+
+def shared(n: int) -> list[SharedPicks]:
+    buffer = memoryview(bytearray(SharedPicks.size(n)))
+    return [SharedPicks(buffer, n, row) for row in range(n)]
+
+
+def test_a_pick_counts_once_in_every_other_worker_with_its_model_and_work() -> None:
+    a, b = stores(2)
+    picks_a, picks_b = shared(2)
+    picks_a.publish(a.hosts["g2"], "embed", 3.0)
+    picks_b.catch_up(b, frozen())
+    picks_b.catch_up(b, frozen())  # nothing new: nothing applied twice
+    host = b.hosts["g2"]
+    assert (host.estimate, host.work_estimate) == (1.0, 3.0)
+    assert host.model_estimates["embed"][0] == 3.0
+    assert all(b.hosts[h].estimate == 0.0 for h in ("g1", "g3"))
+    picks_a.catch_up(a, frozen())  # a worker's own picks are not in what it catches up on
+    assert a.hosts["g2"].estimate == 0.0
+    assert picks_b.taken() == (1, 0) and picks_b.taken() == (0, 0)
+
+
+def test_workers_that_share_picks_spread_a_burst_as_one_process_does() -> None:
+    """Between two Envoy polls, workers taking turns spread a burst over the hosts; each counting only its
+    own picks (N times), they pile onto the hosts that looked best to each."""
+    for sharing in (True, False):
+        workers = stores(3)
+        picks: list[SharedPicks | None] = list(shared(3)) if sharing else [None] * 3
+        schedulers = [Scheduler(s.fleet, s, pick_weight=3, shared_picks=p) for s, p in zip(workers, picks, strict=True)]
+        firsts = Counter(names(schedulers[i % 3].decide(http("embed")))[0] for i in range(3))
+        if sharing:
+            assert sorted(firsts.values()) == [1, 1, 1], firsts
+        else:
+            assert max(firsts.values()) > 1, firsts
+
+
+def test_a_worker_that_fell_behind_the_ring_applies_the_last_picks_and_counts_the_rest_lost() -> None:
+    a, b = stores(2)
+    picks_a, picks_b = shared(2)
+    for _ in range(SLOTS + 10):
+        picks_a.publish(a.hosts["g1"], None, 1.0)
+    picks_b.catch_up(b, frozen())
+    assert b.hosts["g1"].estimate == SLOTS
+    assert picks_b.taken() == (SLOTS, 10)
+
+
+def test_a_pick_for_an_unknown_host_or_of_impossible_work_is_skipped() -> None:
+    b = stores(1)[0]
+    buffer = memoryview(bytearray(SharedPicks.size(2)))
+    picks_b = SharedPicks(buffer, 2, 1)
+    pick = struct.Struct("@QQd")
+    for i, (host, work) in enumerate([("nowhere", 1.0), ("g1", float("nan")), ("g1", -1.0), ("g1", 1e12), ("g3", 2.0)]):
+        pick.pack_into(buffer, 8 + i * pick.size, name_key(host), 0, work)
+    struct.pack_into("@Q", buffer, 0, 5)
+    picks_b.catch_up(b, frozen())
+    assert picks_b.taken() == (1, 4)
+    assert (b.hosts["g3"].estimate, b.hosts["g3"].work_estimate) == (1.0, 2.0)
+    assert b.hosts["g1"].estimate == 0.0
+
+
+def test_a_restarted_worker_goes_on_from_its_count_and_skips_the_others_history() -> None:
+    a, b = stores(2)
+    buffer = memoryview(bytearray(SharedPicks.size(2)))
+    SharedPicks(buffer, 2, 0).publish(a.hosts["g1"], None, 1.0)
+    SharedPicks(buffer, 2, 1).publish(b.hosts["g1"], None, 1.0)
+    restarted = SharedPicks(buffer, 2, 1)  # the others' earlier picks are in Envoy's next count
+    restarted.catch_up(b, frozen())
+    assert b.hosts["g1"].estimate == 0.0
+    again = SharedPicks(buffer, 2, 0)
+    again.publish(a.hosts["g2"], None, 1.0)  # after its first pick, not over it
+    restarted.catch_up(b, frozen())
+    assert b.hosts["g2"].estimate == 1.0 and b.hosts["g1"].estimate == 0.0
+
+
+def test_a_buffer_too_small_for_the_row_is_refused() -> None:
+    with pytest.raises(ValueError, match="holds no row 2 of 2"):
+        SharedPicks(memoryview(bytearray(SharedPicks.size(2))), 2, 2)
+    with pytest.raises(ValueError, match="holds no row"):
+        SharedPicks(memoryview(bytearray(SharedPicks.size(1))), 2, 0)
+
+
+def _publish_in_a_worker(config: Fleet, picks: int) -> None:
+    store = stores(1, config)[0]
+    worker = Worker(0).shared_picks(config)
+    assert worker is not None
+    for _ in range(picks):
+        worker.publish(store.hosts["g3"], "embed", 1.0)
+
+
+def test_worker_processes_share_picks_through_the_leaders_file(tmp_path: Path) -> None:
+    config = fleet(runtime_dir=str(tmp_path), picker={"workers": 2})
+    make_worker_picks(config)
+    assert worker_picks_path(config).stat().st_mode & 0o777 == 0o600
+    child = multiprocessing.get_context("spawn").Process(target=_publish_in_a_worker, args=(config, 5))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    reader = Worker(1).shared_picks(config)
+    assert reader is not None
+    store = stores(1, config)[0]
+    reader.catch_up(store, frozen())  # the picks before it mapped the buffer are history
+    assert store.hosts["g3"].estimate == 0.0
+    child = multiprocessing.get_context("spawn").Process(target=_publish_in_a_worker, args=(config, 5))
+    child.start()
+    child.join(30)
+    reader.catch_up(store, frozen())
+    assert store.hosts["g3"].estimate == 5.0
+
+
+def test_a_worker_without_the_file_or_with_sharing_off_counts_its_own_picks(tmp_path: Path) -> None:
+    config = fleet(runtime_dir=str(tmp_path), picker={"workers": 2})
+    assert Worker(1).shared_picks(config) is None  # no leader made the buffer
+    make_worker_picks(config)
+    off = fleet(runtime_dir=str(tmp_path), picker={"workers": 2, "share_worker_picks": False})
+    assert Worker(1).shared_picks(off) is None
