@@ -16,13 +16,18 @@ from extproc.datapath.shared_picks import SLOTS, SharedPicks, name_key
 from extproc.roles import Worker, make_worker_picks, worker_picks_path
 from tests.test_scheduler import fleet, frozen, http, live, names
 
+POLLED = frozen() - 0.01  # Envoy's last poll: picks since are not in its count
+
 
 def stores(n: int, base: Fleet | None = None) -> list[Datastore]:
-    """``n`` workers' datastores over the same three idle GPU hosts serving ``embed``."""
+    """``n`` workers' datastores over the same three idle GPU hosts serving ``embed``, Envoy's count of each
+    read at POLLED."""
     out = []
     for _ in range(n):
         store = Datastore(base or fleet(), clock=frozen)
         live(store, {"g1": ["embed"], "g2": ["embed"], "g3": ["embed"]})
+        for host in store.hosts.values():
+            host.envoy_at = POLLED
         out.append(store)
     return out
 
@@ -35,7 +40,7 @@ def shared(n: int) -> list[SharedPicks]:
 def test_a_pick_counts_once_in_every_other_worker_with_its_model_and_work() -> None:
     a, b = stores(2)
     picks_a, picks_b = shared(2)
-    picks_a.publish(a.hosts["g2"], "embed", 3.0)
+    picks_a.publish(a.hosts["g2"], "embed", 3.0, frozen())
     picks_b.catch_up(b, frozen())
     picks_b.catch_up(b, frozen())  # nothing new: nothing applied twice
     host = b.hosts["g2"]
@@ -61,11 +66,21 @@ def test_workers_that_share_picks_spread_a_burst_as_one_process_does() -> None:
             assert max(firsts.values()) > 1, firsts
 
 
+def test_a_pick_made_before_envoys_last_count_is_not_counted_again() -> None:
+    a, b = stores(2)
+    picks_a, picks_b = shared(2)
+    picks_a.publish(a.hosts["g1"], None, 1.0, POLLED - 0.001)
+    picks_a.publish(a.hosts["g2"], None, 1.0, POLLED + 0.001)
+    picks_b.catch_up(b, frozen())
+    assert (b.hosts["g1"].estimate, b.hosts["g2"].estimate) == (0.0, 1.0)
+    assert picks_b.taken() == (1, 0)
+
+
 def test_a_worker_that_fell_behind_the_ring_applies_the_last_picks_and_counts_the_rest_lost() -> None:
     a, b = stores(2)
     picks_a, picks_b = shared(2)
     for _ in range(SLOTS + 10):
-        picks_a.publish(a.hosts["g1"], None, 1.0)
+        picks_a.publish(a.hosts["g1"], None, 1.0, frozen())
     picks_b.catch_up(b, frozen())
     assert b.hosts["g1"].estimate == SLOTS
     assert picks_b.taken() == (SLOTS, 10)
@@ -75,9 +90,9 @@ def test_a_pick_for_an_unknown_host_or_of_impossible_work_is_skipped() -> None:
     b = stores(1)[0]
     buffer = memoryview(bytearray(SharedPicks.size(2)))
     picks_b = SharedPicks(buffer, 2, 1)
-    pick = struct.Struct("@QQd")
+    pick = struct.Struct("@QQdd")
     for i, (host, work) in enumerate([("nowhere", 1.0), ("g1", float("nan")), ("g1", -1.0), ("g1", 1e12), ("g3", 2.0)]):
-        pick.pack_into(buffer, 8 + i * pick.size, name_key(host), 0, work)
+        pick.pack_into(buffer, 8 + i * pick.size, name_key(host), 0, work, frozen())
     struct.pack_into("@Q", buffer, 0, 5)
     picks_b.catch_up(b, frozen())
     assert picks_b.taken() == (1, 4)
@@ -88,13 +103,13 @@ def test_a_pick_for_an_unknown_host_or_of_impossible_work_is_skipped() -> None:
 def test_a_restarted_worker_goes_on_from_its_count_and_skips_the_others_history() -> None:
     a, b = stores(2)
     buffer = memoryview(bytearray(SharedPicks.size(2)))
-    SharedPicks(buffer, 2, 0).publish(a.hosts["g1"], None, 1.0)
-    SharedPicks(buffer, 2, 1).publish(b.hosts["g1"], None, 1.0)
+    SharedPicks(buffer, 2, 0).publish(a.hosts["g1"], None, 1.0, frozen())
+    SharedPicks(buffer, 2, 1).publish(b.hosts["g1"], None, 1.0, frozen())
     restarted = SharedPicks(buffer, 2, 1)  # the others' earlier picks are in Envoy's next count
     restarted.catch_up(b, frozen())
     assert b.hosts["g1"].estimate == 0.0
     again = SharedPicks(buffer, 2, 0)
-    again.publish(a.hosts["g2"], None, 1.0)  # after its first pick, not over it
+    again.publish(a.hosts["g2"], None, 1.0, frozen())  # after its first pick, not over it
     restarted.catch_up(b, frozen())
     assert b.hosts["g2"].estimate == 1.0 and b.hosts["g1"].estimate == 0.0
 
@@ -111,7 +126,7 @@ def _publish_in_a_worker(config: Fleet, picks: int) -> None:
     worker = Worker(0).shared_picks(config)
     assert worker is not None
     for _ in range(picks):
-        worker.publish(store.hosts["g3"], "embed", 1.0)
+        worker.publish(store.hosts["g3"], "embed", 1.0, frozen())
 
 
 def test_worker_processes_share_picks_through_the_leaders_file(tmp_path: Path) -> None:

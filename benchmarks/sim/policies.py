@@ -137,7 +137,8 @@ class _PickerGateway:
         self.requests = [
             InferenceRequest(Protocol(e.protocol), e.model, size_bytes=e.base_bytes) for e in sim.scenario.load.mix
         ]
-        self.ticker = _Ticker(sim, fleet, random.Random(f"{seed}/picker-telemetry/{label}"))
+        # A gateway's workers read the same telemetry at the same moments, as from their leader's scrapes.
+        self.ticker = _Ticker(sim, fleet, random.Random(f"{seed}/picker-telemetry/{gateway.index}"))
         self.check_rest_bodies = fleet.picker.check_rest_bodies
 
     def start(self) -> None:
@@ -210,8 +211,10 @@ class _PickerGateway:
 
 class Picker(Policy):
     """The picker beside each gateway; with ``picker.workers`` (the scenario's fleet), that many workers
-    behind each gateway's Envoy, which takes turns among them, each scraping for itself (a real leader scrapes
-    once and hands its workers each scrape), sharing their picks as ``picker.share_worker_picks`` says."""
+    behind each gateway's Envoy, which takes turns among them, sharing their picks as
+    ``picker.share_worker_picks`` says. Each worker reads the hosts' telemetry and Envoy's counts at the same
+    moments as the others, when its leader would read them: a real leader hands them on within its push
+    interval, which is not modelled."""
 
     name = "picker"
     ext_proc = True

@@ -5,12 +5,13 @@ a worker alone sees only its own picks: counting each one N times (for N workers
 picks on average, but not for where they went, so several workers pile onto the host that looked best at the
 last poll. Here each worker appends every pick (host, model, work) to its own row of a buffer they all map
 (a file in the runtime directory, which the leader makes before it starts them), and before each decision
-applies the picks the other workers appended since its last one: every worker then decides on every pick
+applies the picks the other workers appended since its last one, except those made before the Envoy poll
+its estimate of the host last restarted from (the count has them): every worker then decides on every pick
 made before it, as a single process would, with no message and no system call.
 
 **The buffer.** One row per worker; a row is the count of picks its worker appended so far, then a ring of
 its last :data:`SLOTS` picks, each the keys of its host and model (:func:`name_key`: names are the same in
-every worker, hosts and models may be listed in another order) and its work. A worker writes its own row
+every worker, hosts and models may be listed in another order), its work and its time. A worker writes its own row
 only (the pick, then the count), so no lock is needed; the count is one aligned native 8-byte write, which
 a reader sees whole. A reader that fell further behind than the ring skips what it lost, and a pick it
 cannot make sense of (a host or model it does not know, work out of range) is skipped too: the next Envoy
@@ -30,7 +31,7 @@ __all__ = ["SLOTS", "SharedPicks", "name_key"]
 # Picks one row remembers: far more than a worker decides between two decisions of another.
 SLOTS: Final = 1024
 _COUNT: Final = struct.Struct("@Q")
-_PICK: Final = struct.Struct("@QQd")  # host key, model key (0: none), work
+_PICK: Final = struct.Struct("@QQdd")  # host key, model key (0: none), work, time
 _ROW_BYTES: Final = _COUNT.size + SLOTS * _PICK.size
 # A pick's work is in requests of its model's mean size: far above this is no pick a worker made.
 _MAX_WORK: Final = 1e6
@@ -86,13 +87,14 @@ class SharedPicks:
             key = self._keys[name] = name_key(name)
         return key
 
-    def publish(self, host: HostState, model: str | None, work: float) -> None:
-        """Append this worker's pick for the others."""
+    def publish(self, host: HostState, model: str | None, work: float, now: float) -> None:
+        """Append this worker's pick, made at ``now`` (``time.monotonic()``, one clock for every process of
+        the machine), for the others."""
         written = self._written
         base = self._offsets[self._row]
         model_key = self._key(model) if model is not None else 0
         slot = base + _COUNT.size + (written % SLOTS) * _PICK.size
-        _PICK.pack_into(self._buffer, slot, self._key(host.name), model_key, work)
+        _PICK.pack_into(self._buffer, slot, self._key(host.name), model_key, work, now)
         self._written = written + 1
         _COUNT.pack_into(self._buffer, base, written + 1)
 
@@ -116,11 +118,14 @@ class SharedPicks:
         base = self._offsets[row] + _COUNT.size
         hosts, models = self._hosts, self._models
         for i in range(start, end):
-            host_key, model_key, work = _PICK.unpack_from(self._buffer, base + (i % SLOTS) * _PICK.size)
+            host_key, model_key, work, at = _PICK.unpack_from(self._buffer, base + (i % SLOTS) * _PICK.size)
             host = hosts.get(host_key)
             if host is None or not 0.0 <= work <= _MAX_WORK:  # NaN fails the test too
                 self._lost += 1
                 continue
+            envoy_at = host.envoy_at
+            if envoy_at is not None and at <= envoy_at:
+                continue  # Envoy's count, which this worker's estimate restarted from since, holds it
             host.record_pick(now, 1, models.get(model_key) if model_key else None, work)
             self._applied += 1
 

@@ -491,7 +491,7 @@ class Scheduler:
         host = route.hosts[0]
         host.record_pick(now, self._pick_weight, model, route.work)
         if self._shared_picks is not None:
-            self._shared_picks.publish(host, model, route.work)
+            self._shared_picks.publish(host, model, route.work, now)
         return route
 
     def _any_host(self, request: InferenceRequest) -> Decision:
