@@ -216,9 +216,32 @@ def read_scenario_yaml(path: Path, error: type[Exception]) -> Any:
         raise error(f"{path}: not valid YAML: {exc}") from None
 
 
-def load_scenario(path: str | Path) -> Scenario:
+def load_scenario(path: str | Path, fleet_settings: Sequence[str] = ()) -> Scenario:
+    """The scenario file, with ``fleet_settings`` (see :func:`with_fleet_keys`) applied to its fleet."""
     path = Path(path)
-    return parse_scenario(read_scenario_yaml(path, ScenarioError), str(path))
+    data = read_scenario_yaml(path, ScenarioError)
+    if fleet_settings and isinstance(data, dict):
+        data["fleet"] = with_fleet_keys(data.get("fleet") or {}, fleet_settings, ScenarioError)
+    return parse_scenario(data, str(path))
+
+
+def with_fleet_keys(fleet: Mapping[str, Any], settings: Sequence[str], error: type[Exception]) -> dict[str, Any]:
+    """A copy of fleet-file data with each ``KEY=VALUE`` of ``settings`` set: a dotted key (e.g.
+    ``picker.workers``), the value read as YAML. A malformed setting is an ``error`` naming it."""
+    data = copy.deepcopy(dict(fleet))
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        parts = key.split(".")
+        if not sep or not all(parts):
+            raise error(f"--fleet {setting!r}: expected KEY=VALUE with a dotted fleet-file key")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise error(f"--fleet {setting!r}: fleet.{part} is not a mapping")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text)
+    return data
 
 
 # ------------------------------------------------------------------------------------------ fleet files
@@ -1093,13 +1116,15 @@ def run(
     plot: str | Path | None = None,
     policies: Sequence[str] | None = None,
     keep_dir: str | Path | None = None,
+    fleet_settings: Sequence[str] = (),
 ) -> int:
-    """Run the scenario, print the table, write the JSON and the CDF PNG.
+    """Run the scenario (its fleet with ``fleet_settings``, ``KEY=VALUE`` each), print the table, write the
+    JSON and the CDF PNG.
 
     Returns 0, or 2 for an invalid scenario and 1 when the stack could not be started.
     """
     try:
-        parsed = load_scenario(find_scenario(scenario))
+        parsed = load_scenario(find_scenario(scenario), fleet_settings)
         chosen = [Policy(p) for p in policies] if policies else None
     except ScenarioError as exc:
         print(f"benchmarks.routing: invalid scenario:\n{exc}", file=sys.stderr)
@@ -1123,6 +1148,7 @@ def run(
     finally:
         signal.signal(signal.SIGTERM, previous)
     latencies = report.pop("_latencies_ms")
+    report["fleet_settings"] = list(fleet_settings)
     write_latency_cdf(png_path, latencies, f"{parsed.name}: latency cdf, {parsed.load.rate_rps:g} req/s")
     report["plot"] = str(png_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1178,10 +1204,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policies", nargs="+", choices=[p.value for p in Policy], help="run only these (default: the scenario's)"
     )
     parser.add_argument("--keep-dir", type=Path, help="keep logs and configs here instead of a deleted temp dir")
+    parser.add_argument(
+        "--fleet",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a fleet-file key of the scenario (dotted, e.g. picker.workers=2); repeatable",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    return run(args.scenario, args.output, args.plot, args.policies, args.keep_dir)
+    return run(args.scenario, args.output, args.plot, args.policies, args.keep_dir, args.fleet)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

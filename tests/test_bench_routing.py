@@ -102,6 +102,17 @@ def test_shipped_scenarios_cover_the_issue() -> None:
     assert [(m.model, m.protocol, m.shape) for m in het.load.mix] == [("timed_batch", "http", (1, 4))]
 
 
+def test_fleet_settings_change_the_scenarios_fleet_and_are_checked() -> None:
+    path = REPO / "benchmarks" / "scenarios" / "mixed_sizes.yaml"
+    scenario = routing.load_scenario(path, ["picker.workers=2", "picker.share_worker_picks=false"])
+    picker = scenario.fleet_for_validation().picker
+    assert (picker.workers, picker.share_worker_picks, picker.log_level) == (2, False, "info")
+    with pytest.raises(ScenarioError, match=r"picker\.workerz"):
+        routing.load_scenario(path, ["picker.workerz=2"])
+    with pytest.raises(ScenarioError, match="expected KEY=VALUE"):
+        routing.load_scenario(path, ["picker.workers"])
+
+
 def test_scenario_defaults() -> None:
     scenario = parse_scenario(scenario_data())
     assert scenario.policies == (Policy.ROUND_ROBIN, Policy.LEAST_REQUEST, Policy.BASELINE, Policy.PICKER)

@@ -10,12 +10,10 @@ intervals, profiles and saturation limits come from it, as in production.
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from benchmarks import SCENARIOS_DIR
@@ -407,20 +405,9 @@ def with_fleet_settings(scenario: SimScenario, settings: list[str]) -> SimScenar
     """``scenario`` with fleet-file keys set, each ``KEY=VALUE`` (a dotted key under ``fleet``, e.g.
     ``picker.poll.triton_metrics_ms=50``; the value read as YAML): the same workload under other settings.
     A malformed setting, or one the fleet-file schema refuses, is a :class:`SimScenarioError` naming it."""
-    fleet = copy.deepcopy(scenario.fleet)
-    for setting in settings:
-        key, sep, text = setting.partition("=")
-        parts = key.split(".")
-        if not sep or not all(parts):
-            raise SimScenarioError(f"--fleet {setting!r}: expected KEY=VALUE with a dotted fleet-file key")
-        node = fleet
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise SimScenarioError(f"--fleet {setting!r}: fleet.{part} is not a mapping")
-            node = child
-        node[parts[-1]] = yaml.safe_load(text)
-    changed = scenario.model_copy(update={"fleet": fleet})
+    from benchmarks.routing import with_fleet_keys
+
+    changed = scenario.model_copy(update={"fleet": with_fleet_keys(scenario.fleet, settings, SimScenarioError)})
     changed.real_fleet()  # refuses what the fleet-file schema refuses, naming the key
     return changed
 
