@@ -624,3 +624,4 @@ class WorkerPool:
                 if process.returncode is None:
                     process.kill()
                     await process.wait()
+        worker_picks_path(self._fleet).unlink(missing_ok=True)
