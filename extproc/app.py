@@ -57,6 +57,8 @@ class Picker:
         self.datastore = Datastore(fleet)
         self.metrics = PickerMetrics(self.datastore, decisions=self.role.counts_decisions)
         self.metrics.use_discovery(discovery)
+        # Set by each Envoy poll of a leader's collector, which its publisher then pushes to the workers.
+        self.envoy_polled = asyncio.Event()
         # One for the process's life: a reload keeps picker.workers and picker.share_worker_picks.
         self.shared_picks = self.role.shared_picks(fleet)
         self.metrics.use_shared_picks(self.shared_picks)

@@ -171,7 +171,14 @@ class _Collecting(Part):
         self._retiring: list[tuple[TelemetryCollector, asyncio.Task[None] | None]] = []
 
     def _new(self, fleet: Fleet, datastore: Datastore, scraping: bool) -> TelemetryCollector:
-        return TelemetryCollector(fleet, datastore, admin_key=self._picker.admin_key, tls=self._tls, scraping=scraping)
+        return TelemetryCollector(
+            fleet,
+            datastore,
+            admin_key=self._picker.admin_key,
+            tls=self._tls,
+            scraping=scraping,
+            on_envoy_poll=self._picker.envoy_polled.set,
+        )
 
     async def start(self) -> None:
         await self._collector.refresh_once()
@@ -210,7 +217,7 @@ class _Publishing(Part):
     """The leader's telemetry (and the pools' hosts) pushed to its workers."""
 
     def __init__(self, picker: Picker) -> None:
-        self._publisher = Publisher(picker.datastore, _share(picker.fleet), picker.discovered)
+        self._publisher = Publisher(picker.datastore, _share(picker.fleet), picker.discovered, picker.envoy_polled)
         self._picker = picker
 
     async def start(self) -> None:
@@ -227,7 +234,9 @@ class _Subscribing(Part):
     """A worker's telemetry: the leader's snapshots, waited for (a while) before serving."""
 
     def __init__(self, picker: Picker) -> None:
-        self._subscriber = Subscriber(picker.datastore, _share(picker.fleet), picker.use_discovered)
+        self._subscriber = Subscriber(
+            picker.datastore, _share(picker.fleet), picker.use_discovered, picker.shared_picks
+        )
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

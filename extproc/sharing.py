@@ -25,7 +25,8 @@ from typing import Any, Final
 import structlog
 
 from extproc.config import HostSpec
-from extproc.datapath.datastore import TELEMETRY_FIELDS, Datastore
+from extproc.datapath.datastore import TELEMETRY_FIELDS, Datastore, HostState
+from extproc.datapath.shared_picks import SharedPicks
 from extproc.parts import cancel
 
 log = structlog.get_logger(__name__)
@@ -75,11 +76,14 @@ def read_snapshot(data: bytes) -> Snapshot:
     return Snapshot(state, discovered, envoy_at, lagging, complete)
 
 
-def apply_snapshot(datastore: Datastore, snapshot: Snapshot) -> None:
+def apply_snapshot(datastore: Datastore, snapshot: Snapshot) -> list[HostState]:
+    """Write the snapshot into ``datastore``; returns the hosts whose in-flight estimate restarted from the
+    leader's Envoy count (read at the leader's poll, before now)."""
     # A host our (older or newer) fleet file does not have is skipped.
-    datastore.set_records(snapshot.records)
+    restarted = datastore.set_records(snapshot.records)
     if snapshot.envoy_at is not None:
-        datastore.envoy_polled(snapshot.envoy_at, snapshot.envoy_lagging, snapshot.records)
+        restarted += datastore.envoy_polled(snapshot.envoy_at, snapshot.envoy_lagging, snapshot.records)
+    return restarted
 
 
 def frames(snapshot: Snapshot) -> bytes:
@@ -143,11 +147,15 @@ def envoy_times(state: dict[str, tuple[Any, ...]]) -> tuple[float | None, dict[s
 
 
 class Publisher:
-    """The leader's side: accepts worker connections and pushes snapshots to all of them."""
+    """The leader's side: accepts worker connections and pushes snapshots to all of them, every
+    ``PUSH_INTERVAL_S`` and as soon as ``envoy_polled`` is set (see :meth:`_push_forever`)."""
 
-    def __init__(self, datastore: Datastore, path: Path, discovered: Discovered) -> None:
+    def __init__(
+        self, datastore: Datastore, path: Path, discovered: Discovered, envoy_polled: asyncio.Event | None = None
+    ) -> None:
         self.datastore = datastore
         self.discovered = discovered
+        self._envoy_polled = envoy_polled or asyncio.Event()
         self._path = path
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
@@ -178,8 +186,14 @@ class Publisher:
             writer.close()
 
     async def _push_forever(self) -> None:
+        # Envoy's counts go out as soon as they are read: a worker's in-flight estimates restart from the
+        # count as of the poll, and the picks made between the poll and the snapshot's arrival are counted
+        # again from the workers' shared picks only (SharedPicks.replay), so that window is kept short.
+        polled = self._envoy_polled
         while True:
-            await asyncio.sleep(PUSH_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(polled.wait(), PUSH_INTERVAL_S)
+            polled.clear()
             # Taken whether or not a worker listens: a worker that connects gets every record first.
             written = self._written.take(self.datastore)
             envoy_at, lagging = envoy_times(self._written.last)
@@ -202,12 +216,21 @@ class Publisher:
 
 class Subscriber:
     """A worker's side: keeps its datastore in step with the leader's, reconnecting if the leader restarts.
-    ``on_hosts`` gets the discovered hosts of each snapshot first, and may replace :attr:`datastore`."""
+    ``on_hosts`` gets the discovered hosts of each snapshot first, and may replace :attr:`datastore`. With
+    ``shared_picks``, the picks made since the leader's Envoy poll count again where its count replaced a
+    host's estimate (see :meth:`~extproc.datapath.shared_picks.SharedPicks.replay`)."""
 
-    def __init__(self, datastore: Datastore, path: Path, on_hosts: Callable[[Discovered], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        datastore: Datastore,
+        path: Path,
+        on_hosts: Callable[[Discovered], Awaitable[None]],
+        shared_picks: SharedPicks | None = None,
+    ) -> None:
         self.datastore = datastore
         self._path = path
         self._on_hosts = on_hosts
+        self._shared_picks = shared_picks
         self.received = asyncio.Event()
 
     async def run(self) -> None:
@@ -223,7 +246,9 @@ class Subscriber:
                     snapshot = read_snapshot(await reader.readexactly(length))
                     if snapshot.discovered is not None:
                         await self._on_hosts(snapshot.discovered)
-                    apply_snapshot(self.datastore, snapshot)
+                    restarted = apply_snapshot(self.datastore, snapshot)
+                    if restarted and self._shared_picks is not None:
+                        self._shared_picks.replay(self.datastore, restarted, self.datastore.now())
                     if snapshot.complete:  # a worker serves once it has every host, not a frame's worth
                         self.received.set()
                     await asyncio.sleep(0)  # the requests waiting meanwhile go first (see frames())

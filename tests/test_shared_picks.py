@@ -155,3 +155,29 @@ def test_a_worker_without_the_file_or_with_sharing_off_counts_its_own_picks(tmp_
     make_worker_picks(config)
     off = fleet(runtime_dir=str(tmp_path), picker={"workers": 2, "share_worker_picks": False})
     assert Worker(1).shared_picks(off) is None
+
+
+def test_picks_since_the_poll_count_again_when_a_late_snapshot_restarts_the_estimate() -> None:
+    """A worker gets its leader's Envoy poll after the poll: the count replaces the estimate as of the poll,
+    and the picks made since that this worker had counted (its own, the others' it caught up on) count
+    again; the others' it had not caught up on count once, at the next catch-up."""
+    a, b = stores(2)
+    picks_a, picks_b = shared(2)
+    poll = frozen() - 0.005
+    picks_b.publish(b.hosts["g1"], None, 1.0, poll - 0.001)  # before the poll: in its count
+    b.hosts["g1"].record_pick(frozen(), 1, None, 1.0)
+    picks_b.publish(b.hosts["g2"], "embed", 2.0, poll + 0.001)  # its own, since the poll
+    b.hosts["g2"].record_pick(frozen(), 1, "embed", 2.0)
+    picks_a.publish(a.hosts["g3"], None, 1.0, poll + 0.002)  # another worker's, caught up on
+    picks_b.catch_up(b, frozen())
+    picks_a.publish(a.hosts["g3"], None, 1.0, poll + 0.003)  # another worker's, not yet caught up on
+    for host in b.hosts.values():  # the snapshot: Envoy counted nothing in flight at the poll
+        host.envoy_at = poll
+        host.reset_estimate(0, poll)
+    picks_b.replay(b, list(b.hosts.values()), frozen())
+    in_flight = {name: (b.hosts[name].estimate, b.hosts[name].work_estimate) for name in ("g1", "g2", "g3")}
+    assert in_flight == {"g1": (0.0, 0.0), "g2": (1.0, 2.0), "g3": (1.0, 1.0)}
+    picks_b.catch_up(b, frozen())
+    assert (b.hosts["g3"].estimate, b.hosts["g2"].estimate) == (2.0, 1.0)
+    picks_b.replay(b, [b.hosts["g1"]], frozen())  # only the hosts whose estimate restarted
+    assert b.hosts["g2"].estimate == 1.0

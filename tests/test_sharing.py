@@ -8,7 +8,10 @@ import dataclasses
 import struct
 from pathlib import Path
 
+import pytest
+
 from benchmarks.decision import synthetic_fleet
+from extproc import sharing
 from extproc.config import HostSpec
 from extproc.datapath.batch_cost import BatchCost, Batching, LineFit
 from extproc.datapath.datastore import Datastore, ModelTimes
@@ -94,6 +97,32 @@ async def test_a_worker_gets_every_host_first_then_those_written_and_envoys_time
         assert worker.hosts["h5"].envoy.active == leader.hosts["h5"].envoy.active
         assert all(host.envoy_at == polled_at for host in worker.hosts.values())
         assert picked.estimate == picked.envoy_count(picked.envoy.active) and picked.picks_since_poll == 0
+        writer.close()
+    finally:
+        await publisher.stop()
+
+
+async def test_an_envoy_poll_goes_to_the_workers_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The leader pushes Envoy's counts when they land, not at its next interval (here an hour away), and the
+    worker learns which hosts' estimates restarted from them."""
+    monkeypatch.setattr(sharing, "PUSH_INTERVAL_S", 3600.0)
+    fleet, leader = synthetic_fleet(3)
+    worker = Datastore(fleet)
+    polled = asyncio.Event()
+    publisher = Publisher(leader, tmp_path / "share.sock", (), polled)
+    await publisher.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "share.sock"))
+        apply_snapshot(worker, await _next(reader))
+        polled_at = leader.now()
+        for host in leader.hosts.values():
+            active = host.envoy.active + (host.name == "h1")
+            leader.set_envoy(host, dataclasses.replace(host.envoy, active=active), polled_at)
+        polled.set()
+        later = await asyncio.wait_for(_next(reader), 30)
+        assert later.envoy_at == polled_at
+        restarted = apply_snapshot(worker, later)
+        assert sorted(h.name for h in restarted) == sorted(worker.hosts)
         writer.close()
     finally:
         await publisher.stop()

@@ -212,9 +212,9 @@ class _PickerGateway:
 class Picker(Policy):
     """The picker beside each gateway; with ``picker.workers`` (the scenario's fleet), that many workers
     behind each gateway's Envoy, which takes turns among them, sharing their picks as
-    ``picker.share_worker_picks`` says. Each worker reads the hosts' telemetry and Envoy's counts at the same
-    moments as the others, when its leader would read them: a real leader hands them on within its push
-    interval, which is not modelled."""
+    ``picker.share_worker_picks`` says. The workers read the hosts' telemetry and Envoy's counts at the same
+    moments, when their leader would (it pushes each Envoy poll as it lands; the push's own time, and the
+    up to ``PUSH_INTERVAL_S`` its other telemetry waits, are not modelled)."""
 
     name = "picker"
     ext_proc = True

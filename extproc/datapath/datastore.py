@@ -500,11 +500,13 @@ class Datastore:
         """The host's record (:data:`TELEMETRY_FIELDS`, in that order), for :meth:`set_records`."""
         return tuple(getattr(host, name) for name in TELEMETRY_FIELDS)
 
-    def set_records(self, records: dict[str, tuple[Any, ...]]) -> None:
+    def set_records(self, records: dict[str, tuple[Any, ...]]) -> list[HostState]:
         """Write each named host's whole record, as :meth:`telemetry` read it (from another process); a host
         this datastore does not have is skipped. A host's in-flight estimate restarts from Envoy's count
-        when that count is newer; the (tier, model) index is rebuilt once at the end, not after each host."""
+        when that count is newer; the (tier, model) index is rebuilt once at the end, not after each host.
+        Returns the hosts whose estimate restarted."""
         reindex = relaid = False
+        restarted: list[HostState] = []
         for name, record in records.items():
             host = self.hosts.get(name)
             if host is None:
@@ -525,19 +527,23 @@ class Datastore:
             for field_name, value in values.items():
                 setattr(host, field_name, value)
             if envoy_at is not None and envoy_at != previous_envoy_at:
-                host.reset_estimate(host.envoy_count(envoy.active), envoy_at)  # includes the picks since
+                host.reset_estimate(host.envoy_count(envoy.active), envoy_at)
+                restarted.append(host)
         if reindex:
             self._reindex()
         elif relaid:
             self.relaid()
         else:
             self.changed()
+        return restarted
 
-    def envoy_polled(self, at: float, lagging: dict[str, float | None], written: Container[str]) -> None:
+    def envoy_polled(self, at: float, lagging: dict[str, float | None], written: Container[str]) -> list[HostState]:
         """A worker's share of its leader's latest Envoy poll, made at ``at``: a host that the snapshot left
         out (not in ``written``: its Envoy view is the same object as before) takes the poll's time (or its
         own, in ``lagging``, where Envoy does not list it), and its in-flight estimate restarts from Envoy's
-        count, which includes the picks made since. Envoy's time is read by no prepared state: no change."""
+        count at that time. Envoy's time is read by no prepared state: no change. Returns the hosts whose
+        estimate restarted."""
+        restarted: list[HostState] = []
         for name, host in self.hosts.items():
             if name in written:
                 continue
@@ -545,6 +551,8 @@ class Datastore:
             if host_at is not None and host_at != host.envoy_at:
                 host.envoy_at = host_at
                 host.reset_estimate(host.envoy_count(host.envoy.active), host_at)
+                restarted.append(host)
+        return restarted
 
     def adopt(self, old: Datastore) -> None:
         """Carry live state over from the datastore of the previous config (reload): hosts with the same name

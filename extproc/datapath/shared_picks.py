@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 from typing import Final
 
 from extproc.datapath.datastore import Datastore, HostState
@@ -111,6 +112,35 @@ class SharedPicks:
                 start = count - SLOTS
             seen[row] = count
             self._apply(store, row, start, count, now)
+
+    def replay(self, store: Datastore, restarted: Sequence[HostState], now: float) -> None:
+        """Envoy's count has just replaced the estimates of ``restarted`` (in ``store``), as of its poll, before
+        ``now``: a worker gets its leader's poll with the next snapshot. The picks made since the poll that
+        this worker had counted (its own, and the others' it caught up on) are not in that count: count them
+        again. The others' picks it has not caught up on yet, :meth:`catch_up` applies as usual."""
+        polled = [host.envoy_at for host in restarted if host.envoy_at is not None]
+        if not polled:
+            return
+        since = min(polled)
+        if store is not self._store or store.layout != self._layout:
+            self._index(store)
+        hosts = {self._key(host.name): host for host in restarted}
+        models = self._models
+        for row, offset in enumerate(self._offsets):
+            end = self._written if row == self._row else self._seen[row]
+            base = offset + _COUNT.size
+            i = end - 1
+            while i >= 0 and i >= end - SLOTS:
+                host_key, model_key, work, at = _PICK.unpack_from(self._buffer, base + (i % SLOTS) * _PICK.size)
+                if at <= since:
+                    break  # a row's picks are in the order of their times
+                i -= 1
+                host = hosts.get(host_key)
+                if host is None or not 0.0 <= work <= _MAX_WORK:
+                    continue
+                envoy_at = host.envoy_at
+                if envoy_at is None or at > envoy_at:
+                    host.record_pick(now, 1, models.get(model_key) if model_key else None, work)
 
     def _apply(self, store: Datastore, row: int, start: int, end: int, now: float) -> None:
         if store is not self._store or store.layout != self._layout:

@@ -147,10 +147,12 @@ class TelemetryCollector:
         admin_key: str | None = None,
         tls: TritonTls | None = None,
         scraping: bool = True,
+        on_envoy_poll: Callable[[], None] | None = None,
     ) -> None:
         """``admin_key``: the fleet's key for Triton's restricted APIs (see extproc/admin_key.py).
         ``tls``: the hosts speak TLS (``envoy.upstream_tls``, see :mod:`.tls`); None: plaintext.
-        ``scraping``: off, only Envoy is polled (see :meth:`set_scraping`)."""
+        ``scraping``: off, only Envoy is polled (see :meth:`set_scraping`). ``on_envoy_poll``: called once
+        each Envoy poll is in the datastore (a leader pushes it to its workers at once)."""
         poll = fleet.picker.poll
         self._scraping = scraping
         self._datastore = datastore
@@ -184,6 +186,7 @@ class TelemetryCollector:
         self._envoy_stats_view: EndpointStats | None = None
         self._envoy_endpoint_keys: dict[str, str] = {}
         self._envoy_missing: frozenset[str] = frozenset()
+        self._on_envoy_poll = on_envoy_poll
         # Envoy's last answer, and when it came (None: its last poll failed), and whether it was the same
         # as the one before with nothing in flight.
         self._envoy_endpoints: dict[str, EndpointStatus] | None = None
@@ -437,6 +440,8 @@ class TelemetryCollector:
             status.rq_active or status.rq_pending_active for status in endpoints.values()
         )
         self._envoy_endpoints, self._envoy_polled_at = endpoints, now
+        if self._on_envoy_poll is not None:
+            self._on_envoy_poll()
         if missing != self._envoy_missing:
             if missing:
                 log.warning("hosts missing from Envoy's triton clusters", hosts=sorted(missing))
