@@ -7,7 +7,9 @@ last poll. Here each worker appends every pick (host, model, work) to its own ro
 (a file in the runtime directory, which the leader makes before it starts them), and before each decision
 applies the picks the other workers appended since its last one, except those made before the Envoy poll
 its estimate of the host last restarted from (the count has them): every worker then decides on every pick
-made before it, as a single process would, with no message and no system call.
+made before it, as a single process would, with no message and no system call. A count reaches a worker a
+little after its leader's poll, as of the poll: the picks made since that it had counted, it counts again
+(:meth:`SharedPicks.replay`).
 
 **The buffer.** One row per worker; a row is the count of picks its worker appended so far, then a ring of
 its last :data:`SLOTS` picks, each the keys of its host and model (:func:`name_key`: names are the same in
