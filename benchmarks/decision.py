@@ -5,6 +5,10 @@ right after a telemetry change (the datastore told of a write before every decis
 prepares the model's candidates again each time, as it does for the first request after each poll); and the
 whole per-request path of the ext_proc edge (parse Envoy's ProcessingRequest bytes, decide, build and
 serialise the ProcessingResponse), which is what one request costs the picker apart from gRPC itself.
+
+``--workers N``: also as one of N workers sharing their picks (``picker.share_worker_picks``), each other
+worker making one pick between two of this one's decisions (Envoy hands each worker 1/N of the requests):
+the decision then applies the others' picks and publishes its own.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from extproc.datapath.datastore import Datastore
 from extproc.datapath.metrics import PickerMetrics
 from extproc.datapath.scheduling.scheduler import Scheduler
 from extproc.datapath.scheduling.types import InferenceRequest, Protocol, Route
+from extproc.datapath.shared_picks import SharedPicks
 from extproc.handlers.server import Processor
 
 MODELS = ("resnet", "bert", "mlp", "embed")
@@ -67,10 +72,13 @@ def _percentiles(samples_ns: list[int]) -> dict[str, float]:
     }
 
 
-def _time(fn: Callable[[], object], iterations: int) -> list[int]:
+def _time(fn: Callable[[], object], iterations: int, before: Callable[[], None] | None = None) -> list[int]:
+    """``fn``'s time, ``iterations`` times (``before`` runs ahead of each, untimed)."""
     clock = time.perf_counter_ns
     samples = []
     for _ in range(iterations):
+        if before is not None:
+            before()
         start = clock()
         fn()
         samples.append(clock() - start)
@@ -114,9 +122,28 @@ async def one_stream(processor: Processor, payload: bytes) -> bytes:
     return out
 
 
-def _measure(n_hosts: int, iterations: int, picker: str, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+def _measure(
+    n_hosts: int, iterations: int, picker: str, loop: asyncio.AbstractEventLoop, workers: int = 1
+) -> dict[str, Any]:
     fleet, store = synthetic_fleet(n_hosts, picker)
-    scheduler = Scheduler(fleet, store)
+    hosts = list(store.hosts.values())
+    others: list[SharedPicks] = []
+    shared: SharedPicks | None = None
+    if workers > 1:
+        buffer = memoryview(bytearray(SharedPicks.size(workers)))
+        shared = SharedPicks(buffer, workers, 0)
+        others = [SharedPicks(buffer, workers, k) for k in range(1, workers)]
+    scheduler = Scheduler(fleet, store, pick_weight=workers, shared_picks=shared)
+    picks = 0
+
+    def others_pick() -> None:
+        """Each other worker's pick since this one's last decision (made after the fleet's Envoy polls,
+        which synthetic_fleet dates an hour ahead, so that they count)."""
+        nonlocal picks
+        for other in others:
+            picks += 1
+            other.publish(hosts[picks * 7919 % len(hosts)], "mlp", 1.0, store.now() + 7200)
+
     processor = Processor(fleet, scheduler, PickerMetrics(store))
     request = InferenceRequest(Protocol.HTTP, "mlp", size_bytes=512)
     payload = rest_request_bytes("mlp")
@@ -130,8 +157,8 @@ def _measure(n_hosts: int, iterations: int, picker: str, loop: asyncio.AbstractE
         store.changed()
         scheduler.decide(request)
 
-    decide = _time(lambda: scheduler.decide(request), iterations)
-    changed = _time(after_change, iterations)
+    decide = _time(lambda: scheduler.decide(request), iterations, others_pick)
+    changed = _time(after_change, iterations, others_pick)
     # What the edge runs once it has answered such a decision, off the decision's time (a plan of more
     # than INLINE_PREPARE_HOSTS hosts, prepared again; nothing for a smaller one).
     refresh = []
@@ -142,6 +169,9 @@ def _measure(n_hosts: int, iterations: int, picker: str, loop: asyncio.AbstractE
     return {
         "hosts": n_hosts,
         "picker": picker,
+        "workers": workers,
+        # The other workers' picks the decisions applied (none lost, none skipped: the benchmark's premise).
+        "picks_applied": shared.taken()[0] if shared is not None else 0,
         "decide": _percentiles(decide),
         "decide_after_change": _percentiles(changed),
         "refresh_after_answer": _percentiles(refresh),
@@ -149,40 +179,53 @@ def _measure(n_hosts: int, iterations: int, picker: str, loop: asyncio.AbstractE
     }
 
 
-def run(sizes: Sequence[int], iterations: int, pickers: Sequence[str]) -> list[dict[str, Any]]:
+def run(
+    sizes: Sequence[int], iterations: int, pickers: Sequence[str], workers: Sequence[int] = (1,)
+) -> list[dict[str, Any]]:
     results = []
     loop = asyncio.new_event_loop()
     try:
         for picker in pickers:
             for n in sizes:
-                results.append(_measure(n, iterations, picker, loop))
-                print(f"  {picker}: {n} hosts done", file=sys.stderr, flush=True)
+                for count in workers:  # side by side, per fleet size
+                    results.append(_measure(n, iterations, picker, loop, count))
+                    print(f"  {picker}: {n} hosts, {count} worker(s) done", file=sys.stderr, flush=True)
     finally:
         loop.close()
     return results
 
 
-def report(sizes: Sequence[int], iterations: int, pickers: Sequence[str], json_out: str | None) -> int:
+def report(
+    sizes: Sequence[int],
+    iterations: int,
+    pickers: Sequence[str],
+    json_out: str | None,
+    workers: Sequence[int] = (1,),
+) -> int:
     """Runs the benchmark, prints its table and the p99 ratios between fleet sizes, writes the JSON if asked."""
     print(f"decision benchmark: {iterations} decisions per fleet size and picker", file=sys.stderr)
-    results = run(sizes, iterations, pickers)
+    results = run(sizes, iterations, pickers, workers)
     print(
-        f"{'picker':>13} {'hosts':>6} | {'decide p50':>10} {'p99':>8} | {'after change p50':>16} {'p99':>8} |"
-        f" {'then refresh p50':>16} {'p99':>8} | {'edge p50':>9} {'p99':>8}  (µs)"
+        f"{'picker':>13} {'hosts':>6} {'workers':>7} | {'decide p50':>10} {'p99':>8} |"
+        f" {'after change p50':>16} {'p99':>8} | {'then refresh p50':>16} {'p99':>8} | {'edge p50':>9} {'p99':>8}  (µs)"
     )
     for r in results:
         d, c, f, e = r["decide"], r["decide_after_change"], r["refresh_after_answer"], r["edge"]
         print(
-            f"{r['picker']:>13} {r['hosts']:>6} | {d['p50_us']:>10.1f} {d['p99_us']:>8.1f} |"
+            f"{r['picker']:>13} {r['hosts']:>6} {r['workers']:>7} | {d['p50_us']:>10.1f} {d['p99_us']:>8.1f} |"
             f" {c['p50_us']:>16.1f} {c['p99_us']:>8.1f} | {f['p50_us']:>16.1f} {f['p99_us']:>8.1f} |"
             f" {e['p50_us']:>9.1f} {e['p99_us']:>8.1f}"
         )
     for picker in pickers:
-        rows = [r for r in results if r["picker"] == picker]
-        base = rows[0]
-        for r in rows[1:]:
-            ratio = r["decide"]["p99_us"] / base["decide"]["p99_us"]
-            print(f"{picker}: decide p99 at {r['hosts']} hosts / at {base['hosts']} hosts: {ratio:.2f}x")
+        for count in workers:
+            rows = [r for r in results if r["picker"] == picker and r["workers"] == count]
+            base = rows[0]
+            for r in rows[1:]:
+                ratio = r["decide"]["p99_us"] / base["decide"]["p99_us"]
+                print(
+                    f"{picker}, {count} worker(s): decide p99 at {r['hosts']} hosts / at {base['hosts']} hosts:"
+                    f" {ratio:.2f}x"
+                )
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0
@@ -195,9 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hosts", type=int, nargs="+", default=[10, 100, 1000], help="fleet sizes")
     parser.add_argument("--iterations", type=int, default=20000, help="decisions per fleet size and picker")
     parser.add_argument("--pickers", nargs="+", default=["argmax", "power_of_two"], help="profiles to time")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1], help="also as one of N workers sharing picks, e.g. 1 4"
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    return report(args.hosts, args.iterations, args.pickers, args.json)
+    if any(n < 1 for n in args.workers):
+        parser.error("--workers: each count must be at least 1")
+    return report(args.hosts, args.iterations, args.pickers, args.json, args.workers)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -631,7 +631,16 @@ async def test_picker_servicer_makes_real_decisions() -> None:
 
 
 def test_decision_benchmark_times_each_path() -> None:
-    for result in decision.run([10, 20], 30, ["argmax", "power_of_two"]):
+    results = decision.run([10, 20], 30, ["argmax", "power_of_two"], workers=[1, 3])
+    assert [(r["picker"], r["hosts"], r["workers"]) for r in results][:4] == [
+        ("argmax", 10, 1),
+        ("argmax", 10, 3),
+        ("argmax", 20, 1),
+        ("argmax", 20, 3),
+    ]
+    for result in results:
+        # Two other workers, one pick each before each timed decision (after the warm-up's none).
+        assert result["picks_applied"] == (2 * 2 * 30 if result["workers"] == 3 else 0), result
         for path in ("decide", "decide_after_change", "refresh_after_answer", "edge"):
             timing = result[path]
             assert 0 < timing["p50_us"] <= timing["p99_us"], (result["picker"], result["hosts"], path)
