@@ -187,8 +187,8 @@ class Publisher:
 
     async def _push_forever(self) -> None:
         # Envoy's counts go out as soon as they are read: a worker's in-flight estimates restart from the
-        # count as of the poll, and the picks made between the poll and the snapshot's arrival are counted
-        # again from the workers' shared picks only (SharedPicks.replay), so that window is kept short.
+        # count as of the poll, so each pick made between the poll and the snapshot's arrival is counted
+        # again (SharedPicks.replay) or lost; the shorter that window, the less either costs.
         polled = self._envoy_polled
         while True:
             with contextlib.suppress(TimeoutError):
