@@ -142,13 +142,20 @@ async def test_the_collector_reads_clusters_only_when_the_stats_are_not_the_whol
 
 async def test_an_envoy_without_endpoint_stats_is_read_through_clusters(stack: Stack) -> None:  # noqa: F811
     """No /stats answer with endpoints in it (404 here; an Envoy whose clusters keep none answers empty):
-    /clusters alone, and the stats are not asked again within the retry interval."""
+    /clusters alone, and the stats are not asked again within the retry interval. Each poll, once in the
+    datastore, is announced (a leader pushes it to its workers then)."""
     fleet = stack.fleet()
     store = Datastore(fleet)
-    async with TelemetryCollector(fleet, store) as collector:
+    announced: list[int] = []
+
+    def on_poll() -> None:
+        announced.append(store.hosts["a"].envoy.active)
+
+    async with TelemetryCollector(fleet, store, on_envoy_poll=on_poll) as collector:
         await collector.refresh_once()
         await collector.refresh_once()
         assert stack.envoy.requests == 2 and store.hosts["a"].envoy.active == 3
         stack.envoy.also[STATS_QUERY] = lambda: (b"", "text/plain")
         await collector.refresh_once()
         assert stack.envoy.requests == 3 and not stack.envoy.also_requests
+    assert announced == [3, 3, 3]
