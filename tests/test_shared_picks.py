@@ -181,3 +181,23 @@ def test_picks_since_the_poll_count_again_when_a_late_snapshot_restarts_the_esti
     assert (b.hosts["g3"].estimate, b.hosts["g2"].estimate) == (2.0, 1.0)
     picks_b.replay(b, [b.hosts["g1"]], frozen())  # only the hosts whose estimate restarted
     assert b.hosts["g2"].estimate == 1.0
+
+
+def test_a_late_count_is_sized_by_the_picks_before_its_poll() -> None:
+    """Envoy counted the two 4-row-sized picks in flight at its poll; the small pick since is not in the
+    count. The count's work comes from the picks before the poll, and the pick since counts again."""
+    (b,) = stores(1)
+    (picks,) = shared(1)
+    host = b.hosts["g1"]
+    host.load.service_ms = 0.0  # nothing drains while the test's clock stands still
+    poll = frozen() - 0.005
+    for at, work in ((poll - 0.002, 4.0), (poll - 0.001, 4.0), (poll + 0.001, 1.0)):
+        host.record_pick(frozen(), 1, "embed", work)
+        picks.publish(host, "embed", work, at)
+    host.envoy_at = poll
+    host.reset_estimate(2, poll)  # as the snapshot does: sized by the last two picks, one of them too new
+    assert host.work_estimate == 2 + 3.0 + 0.0
+    picks.replay(b, [host], frozen())
+    assert (host.estimate, host.work_estimate) == (3.0, 9.0)
+    host.reset_estimate(3, frozen())  # a later poll that holds all three: the ring was not written twice
+    assert host.work_estimate == 3 + 3.0 + 3.0 + 0.0

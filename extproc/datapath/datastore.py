@@ -246,9 +246,13 @@ class HostState:
             return pending
         return max(0.0, pending - (now - at) * (self.drain_per_s() / self.load.envoy_scale))
 
-    def record_pick(self, now: float, weight: int = 1, model: str | None = None, work: float = 1.0) -> None:
+    def record_pick(
+        self, now: float, weight: int = 1, model: str | None = None, work: float = 1.0, again: bool = False
+    ) -> None:
         """A request sent to the host; ``work``: its size in requests of its model's mean size (the
-        in-flight counts, Envoy's and Triton's, are read as requests of that size)."""
+        in-flight counts, Envoy's and Triton's, are read as requests of that size). ``again``: a pick
+        counted before, which a count read before it replaced (see :meth:`reset_estimate`); it is among the
+        last picks already."""
         # The other gateways send the host their share meanwhile, as they see what this picker sees.
         scale = weight * self.load.envoy_scale
         count, held = self.drained(now)
@@ -259,6 +263,10 @@ class HostState:
         self.work_estimate = held + scale + extra
         self.estimate_at = now
         self.picks_since_poll += weight
+        if model is not None:
+            self.model_estimates[model] = (self._model_drained(model, now) + scale + extra, now)
+        if again:
+            return
         picks = self.recent_picks
         ring = self.recent_excess
         ring[(picks + 1) % _RING] = ring[picks % _RING] + extra
@@ -266,24 +274,25 @@ class HostState:
         if extra != 0.0:
             self.sized_until = picks + 1 + RECENT_PICKS
         self.pick_span = scale
-        if model is not None:
-            self.model_estimates[model] = (self._model_drained(model, now) + scale + extra, now)
 
-    def picks_excess(self, in_flight: float) -> float:
+    def picks_excess(self, in_flight: float, newer: int = 0) -> float:
         """The work of ``in_flight`` requests beyond their count of mean-sized requests: what this picker's
         last picks carried beyond 1 each, over as many picks as the count holds of them (at most
-        :data:`RECENT_PICKS`). Below 0 where they were small. This sizes a fresh count (Envoy's, Triton's),
-        which carries none (see :meth:`reset_estimate`)."""
-        picks = self.recent_picks
-        if picks >= self.sized_until:
+        :data:`RECENT_PICKS`), before the ``newer`` latest (made after the count was read). Below 0 where
+        they were small. This sizes a fresh count (Envoy's, Triton's), which carries none (see
+        :meth:`reset_estimate`)."""
+        if self.recent_picks >= self.sized_until:
             return 0.0
+        picks = self.recent_picks - newer
         m = int(in_flight / self.pick_span + 0.5)
-        if m <= 0:
+        if m <= 0 or picks <= 0:
             return 0.0
-        if m > RECENT_PICKS:
-            m = RECENT_PICKS
+        if m > RECENT_PICKS - newer:
+            m = RECENT_PICKS - newer
         if m > picks:
             m = picks
+        if m <= 0:
+            return 0.0
         ring = self.recent_excess
         return ring[picks % _RING] - ring[(picks - m) % _RING]
 
@@ -309,11 +318,12 @@ class HostState:
         instances = batching.instances if batching is not None else 1
         return max(0.0, value - (now - at) * 1000.0 * instances / service_ms)
 
-    def reset_estimate(self, in_flight: float, now: float) -> None:
-        """A fresh count of requests in flight (Envoy's poll, see :meth:`envoy_count`) replaces the estimate;
-        its work is that of the last picks (see :meth:`picks_excess`)."""
+    def reset_estimate(self, in_flight: float, now: float, newer: int = 0) -> None:
+        """A fresh count of requests in flight (Envoy's poll, see :meth:`envoy_count`), read at ``now``,
+        replaces the estimate; its work is that of the last picks before the ``newer`` latest, which were made
+        after it was read (see :meth:`picks_excess`; they are counted again, see :meth:`record_pick`)."""
         count = float(in_flight)
-        self.work_estimate = count + self.picks_excess(count)
+        self.work_estimate = count + self.picks_excess(count, newer)
         self.estimate, self.estimate_at, self.picks_since_poll = count, now, 0
 
     def envoy_count(self, active: int) -> float:

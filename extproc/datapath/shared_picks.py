@@ -128,6 +128,7 @@ class SharedPicks:
             self._index(store)
         hosts = {self._key(host.name): host for host in restarted}
         models = self._models
+        again: dict[int, list[tuple[float, str | None, float]]] = {}
         for row, offset in enumerate(self._offsets):
             end = self._written if row == self._row else self._seen[row]
             base = offset + _COUNT.size
@@ -142,7 +143,14 @@ class SharedPicks:
                     continue
                 envoy_at = host.envoy_at
                 if envoy_at is None or at > envoy_at:
-                    host.record_pick(now, 1, models.get(model_key) if model_key else None, work)
+                    again.setdefault(host_key, []).append((at, models.get(model_key) if model_key else None, work))
+        for host_key, picks in again.items():
+            host = hosts[host_key]
+            # The count is sized by the host's picks before these, which its last picks hold after them.
+            count, at = host.estimate, host.estimate_at
+            host.reset_estimate(count, at if at is not None else now, newer=len(picks))
+            for _, model, work in sorted(picks, key=lambda pick: pick[0]):
+                host.record_pick(now, 1, model, work, again=True)
 
     def _apply(self, store: Datastore, row: int, start: int, end: int, now: float) -> None:
         if store is not self._store or store.layout != self._layout:
