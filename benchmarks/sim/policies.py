@@ -224,12 +224,11 @@ class Picker(Policy):
         fleet = sim.scenario.real_fleet()
         n = fleet.picker.workers
         self.workers: list[list[_PickerGateway]] = []
+        shared = n > 1 and fleet.picker.share_worker_picks
         for g in sim.gateways:
-            buffer = memoryview(bytearray(SharedPicks.size(n)))
-            shared = n > 1 and fleet.picker.share_worker_picks
-            self.workers.append(
-                [_PickerGateway(sim, fleet, g, k, SharedPicks(buffer, n, k) if shared else None) for k in range(n)]
-            )
+            buffer = memoryview(bytearray(SharedPicks.size(n))) if shared else None
+            picks = [None if buffer is None else SharedPicks(buffer, n, k) for k in range(n)]
+            self.workers.append([_PickerGateway(sim, fleet, g, k, picks[k]) for k in range(n)])
         self.views = [workers[0] for workers in self.workers]  # each gateway's first worker
         self._turns = [0] * len(sim.gateways)
 

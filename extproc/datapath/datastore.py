@@ -284,13 +284,8 @@ class HostState:
         if self.recent_picks >= self.sized_until:
             return 0.0
         picks = self.recent_picks - newer
-        m = int(in_flight / self.pick_span + 0.5)
-        if m <= 0 or picks <= 0:
-            return 0.0
-        if m > RECENT_PICKS - newer:
-            m = RECENT_PICKS - newer
-        if m > picks:
-            m = picks
+        # As many picks as the count holds, of those the ring still has before the newer ones.
+        m = min(int(in_flight / self.pick_span + 0.5), RECENT_PICKS - newer, picks)
         if m <= 0:
             return 0.0
         ring = self.recent_excess

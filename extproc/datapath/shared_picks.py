@@ -40,6 +40,11 @@ _ROW_BYTES: Final = _COUNT.size + SLOTS * _PICK.size
 _MAX_WORK: Final = 1e6
 
 
+def _possible(work: float) -> bool:
+    """Whether a pick's work read from the buffer is one a worker made (NaN is not)."""
+    return 0.0 <= work <= _MAX_WORK
+
+
 def name_key(name: str) -> int:
     """A host's or model's key in the buffer: the same in every process (unlike ``hash``), never 0."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") or 1
@@ -124,8 +129,7 @@ class SharedPicks:
         if not polled:
             return
         since = min(polled)
-        if store is not self._store or store.layout != self._layout:
-            self._index(store)
+        self._follow(store)
         hosts = {self._key(host.name): host for host in restarted}
         models = self._models
         again: dict[int, list[tuple[float, str | None, float]]] = {}
@@ -139,11 +143,11 @@ class SharedPicks:
                     break  # a row's picks are in the order of their times
                 i -= 1
                 host = hosts.get(host_key)
-                if host is None or not 0.0 <= work <= _MAX_WORK:
+                if host is None or not _possible(work):
                     continue
                 envoy_at = host.envoy_at
                 if envoy_at is None or at > envoy_at:
-                    again.setdefault(host_key, []).append((at, models.get(model_key) if model_key else None, work))
+                    again.setdefault(host_key, []).append((at, models.get(model_key), work))
         for host_key, picks in again.items():
             host = hosts[host_key]
             # The count is sized by the host's picks before these, which its last picks hold after them.
@@ -153,25 +157,26 @@ class SharedPicks:
                 host.record_pick(now, 1, model, work, again=True)
 
     def _apply(self, store: Datastore, row: int, start: int, end: int, now: float) -> None:
-        if store is not self._store or store.layout != self._layout:
-            self._index(store)
+        self._follow(store)
         base = self._offsets[row] + _COUNT.size
         hosts, models = self._hosts, self._models
         for i in range(start, end):
             host_key, model_key, work, at = _PICK.unpack_from(self._buffer, base + (i % SLOTS) * _PICK.size)
             host = hosts.get(host_key)
-            if host is None or not 0.0 <= work <= _MAX_WORK:  # NaN fails the test too
+            if host is None or not _possible(work):
                 self._lost += 1
                 continue
             envoy_at = host.envoy_at
             if envoy_at is not None and at <= envoy_at:
                 continue  # Envoy's count, which this worker's estimate restarted from since, holds it
-            host.record_pick(now, 1, models.get(model_key) if model_key else None, work)
+            host.record_pick(now, 1, models.get(model_key), work)  # key 0 (no model) is no model's
             self._applied += 1
 
-    def _index(self, store: Datastore) -> None:
+    def _follow(self, store: Datastore) -> None:
         """The hosts and models ``store`` knows, by key; again whenever its layout changes (a host may have
         been replaced by another of the same name)."""
+        if store is self._store and store.layout == self._layout:
+            return
         self._store, self._layout = store, store.layout
         self._hosts = {self._key(name): host for name, host in store.hosts.items()}
         self._models = {self._key(model): model for model in store.known_models}
