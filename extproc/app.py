@@ -19,6 +19,7 @@ from extproc.build import compiled
 from extproc.config import ConfigError, Fleet, HostSpec, file_stamp, load_fleet
 from extproc.datapath.datastore import Datastore
 from extproc.datapath.metrics import PickerMetrics
+from extproc.datapath.peer_load import PeerLoad, silent_after_s
 from extproc.datapath.scheduling.scheduler import Scheduler
 from extproc.discovery import Discovery, effective_fleet
 from extproc.handlers.server import Processor
@@ -62,6 +63,10 @@ class Picker:
         # One for the process's life: a reload keeps picker.workers and picker.share_worker_picks.
         self.shared_picks = self.role.shared_picks(fleet)
         self.metrics.use_shared_picks(self.shared_picks)
+        # The other replicas' loads (picker.replicas.share_load, fixed at start like picker.replicas), which
+        # the replica channel carries.
+        self.peer_load = PeerLoad(self.datastore, silent_after_s(fleet)) if fleet.picker.replicas.share_load else None
+        self.metrics.use_peer_load(self.peer_load)
         self.scheduler = self._scheduler(fleet, self.datastore)
         # Read at start and on reload, not by each collector: a change of the pools' hosts rebuilds the
         # collector, and that must not fail on a key file.
@@ -74,7 +79,21 @@ class Picker:
         self.ready = False
 
     def _scheduler(self, fleet: Fleet, datastore: Datastore) -> Scheduler:
-        return Scheduler(fleet, datastore, pick_weight=self.role.pick_weight(fleet), shared_picks=self.shared_picks)
+        return Scheduler(
+            fleet,
+            datastore,
+            pick_weight=self.role.pick_weight(fleet),
+            shared_picks=self.shared_picks,
+            peer_load=self.peer_load,
+        )
+
+    def envoy_polled_now(self) -> None:
+        """An Envoy poll is in the datastore: a leader's publisher pushes it to the workers, and the other
+        replicas that share loads are told its counts."""
+        self.envoy_polled.set()
+        if self.peer_load is not None:
+            self.peer_load.polled()
+            self.peer_load.expire(self.datastore.now())
 
     async def start(self) -> None:
         for part in self._parts:
@@ -142,6 +161,8 @@ class Picker:
         datastore.adopt(self.datastore)
         scheduler = self._scheduler(fleet, datastore)
         self.fleet, self.datastore, self.scheduler = fleet, datastore, scheduler
+        if self.peer_load is not None:
+            self.peer_load.store = datastore
         self.processor.configure(fleet, scheduler)
         self.metrics.use(datastore)
         for part in self._parts:

@@ -53,6 +53,7 @@ import structlog
 from extproc.admin_key import read_secret_file
 from extproc.config import Fleet
 from extproc.datapath.datastore import TELEMETRY_FIELDS, Datastore, HostState, TrafficShare, TritonLoad
+from extproc.datapath.peer_load import PeerLoad, PeerLoadError
 from extproc.parts import cancel
 from extproc.sharing import PUSH_INTERVAL_S, Snapshot, Written, pack, read_snapshot, snapshot
 from extproc.telemetry.triton_metrics import SHARE_FORGET, traffic_share
@@ -70,11 +71,19 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-MAGIC: Final = b"EXTPROC-REPLICA/1\n"
+MAGIC: Final = b"EXTPROC-REPLICA/2\n"
 NONCE_BYTES: Final = 16
 MAC_BYTES: Final = hashlib.sha256().digest_size
-# sequence number, the publisher's clock (monotonic seconds), the payload's length
+# sequence number, the sender's clock (monotonic seconds), the payload's length
 HEADER: Final = struct.Struct(">QdI")
+# A payload's first byte: a snapshot (the publisher's telemetry), or a replica's loads (share_load: an
+# ORIGIN_BYTES id of the replica that told them, then its events, see extproc.datapath.peer_load).
+SNAPSHOT: Final = b"S"
+LOADS: Final = b"L"
+ORIGIN_BYTES: Final = 8
+# The MAC's label for each direction, so that no frame can be sent back to where it came from.
+DOWN: Final = b"frame"
+UP: Final = b"report"
 MAX_PAYLOAD: Final = 256 * 1024 * 1024
 # A frame older than this (by the follower's mapping of the publisher's clock) is refused.
 MAX_FRAME_AGE_S: Final = 5.0
@@ -122,21 +131,23 @@ class Session:
     def proves(self, proof: bytes) -> bool:
         return hmac.compare_digest(proof, self.proof())
 
-    def seal(self, sequence: int, clock: float, payload: bytes) -> bytes:
-        """A frame: header, MAC, payload."""
+    def seal(self, sequence: int, clock: float, payload: bytes, label: bytes = DOWN) -> bytes:
+        """A frame: header, MAC, payload. ``label``: its direction (the publisher's :data:`DOWN`, a
+        follower's :data:`UP`)."""
         header = HEADER.pack(sequence, clock, len(payload))
-        return header + _mac(self.secret, b"frame", self.nonces, header, payload) + payload
+        return header + _mac(self.secret, label, self.nonces, header, payload) + payload
 
 
 class Opener:
-    """A follower's side of one connection: checks each frame before handing its payload out. ``hello_at``:
-    when (by the follower's clock) it sent its nonce."""
+    """The receiving side of one connection, one direction (``label``, see :meth:`Session.seal`): checks each
+    frame before handing its payload out. ``hello_at``: when (by the receiver's clock) it sent its nonce."""
 
-    def __init__(self, session: Session, hello_at: float) -> None:
+    def __init__(self, session: Session, hello_at: float, label: bytes = DOWN) -> None:
         self._session = session
         self._hello_at = hello_at
+        self._label = label
         self._next = 0
-        # Follower's clock minus the publisher's; None until the first frame.
+        # Receiver's clock minus the sender's; None until the first frame.
         self.offset: float | None = None
         self._offset_at = hello_at
 
@@ -151,7 +162,7 @@ class Opener:
         """The payload of a frame (``head``: its header and MAC) received at ``now``; raises
         :class:`FrameError` for a frame to refuse, having read nothing of the payload."""
         header, mac = head[: HEADER.size], head[HEADER.size :]
-        expected = _mac(self._session.secret, b"frame", self._session.nonces, header, payload)
+        expected = _mac(self._session.secret, self._label, self._session.nonces, header, payload)
         if not hmac.compare_digest(mac, expected):
             raise FrameError("a frame whose MAC does not verify (another secret, or tampered with)")
         sequence, clock, _ = HEADER.unpack(header)
@@ -244,10 +255,55 @@ class _Follower:
     sequence: int = 0
 
 
-class ReplicaPublisher:
-    """The publishing replica's side: authenticates followers and pushes snapshots to all of them."""
+def _loads(payload: bytes) -> tuple[bytes, bytes] | None:
+    """A :data:`LOADS` payload's (origin, events), or None for any other payload."""
+    if len(payload) < 1 + ORIGIN_BYTES or payload[:1] != LOADS:
+        return None
+    return payload[1 : 1 + ORIGIN_BYTES], payload[1 + ORIGIN_BYTES :]
 
-    def __init__(self, datastore: Datastore, address: str, secret: bytes) -> None:
+
+class _Telling:
+    """A replica's side of ``share_load``: its :class:`PeerLoad` (None: it shares no loads), its id, and the
+    events sent once per turn of the event loop, with whatever else that turn told."""
+
+    def __init__(self, peer_load: PeerLoad | None, send: Callable[[bytes], None]) -> None:
+        self.peer_load = peer_load
+        self.origin = os.urandom(ORIGIN_BYTES)
+        self._send = send
+        self._due = False
+        self._problem: str | None = None  # the last batch refused, logged once
+        if peer_load is not None:
+            peer_load.on_ready = self._soon
+
+    def _soon(self) -> None:
+        if not self._due:
+            self._due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._due = False
+        if self.peer_load is not None:
+            events = self.peer_load.take()
+            if events:
+                self._send(LOADS + self.origin + events)
+
+    def heard(self, origin: bytes, events: bytes, peer: str) -> None:
+        """Another replica's events, received (from ``peer``)."""
+        if self.peer_load is None or origin == self.origin:
+            return
+        try:
+            self.peer_load.receive(origin, events, self.peer_load.store.now())
+        except PeerLoadError as exc:
+            if str(exc) != self._problem:
+                self._problem = str(exc)
+                log.warning("replica_loads_refused", peer=peer, problem=str(exc))
+
+
+class ReplicaPublisher:
+    """The publishing replica's side: authenticates followers and pushes snapshots to all of them; with
+    ``peer_load`` (``share_load``), tells them its loads and relays each follower's to the others."""
+
+    def __init__(self, datastore: Datastore, address: str, secret: bytes, peer_load: PeerLoad | None = None) -> None:
         self.datastore = datastore
         host, _, port = address.rpartition(":")
         self._host, self._port = host.strip("[]"), int(port)
@@ -257,6 +313,7 @@ class ReplicaPublisher:
         self._written = Written(_SHARED)
         self._server: asyncio.Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._telling = _Telling(peer_load, self._relay)
 
     @property
     def followers(self) -> int:
@@ -268,6 +325,7 @@ class ReplicaPublisher:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(writer.get_extra_info("peername"))
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
                 hello = await reader.readexactly(len(MAGIC) + NONCE_BYTES)
@@ -275,6 +333,7 @@ class ReplicaPublisher:
                     raise FrameError("not a picker replica")
                 ours = os.urandom(NONCE_BYTES)
                 writer.write(ours)
+                hello_at = loop.time()
                 await writer.drain()
                 session = Session(self._secret, hello[len(MAGIC) :] + ours)
                 if not session.proves(await reader.readexactly(MAC_BYTES)):
@@ -286,7 +345,44 @@ class ReplicaPublisher:
         follower = _Follower(writer, session, peer)
         self._followers.add(follower)
         log.info("telemetry_follower_joined", peer=peer, followers=len(self._followers))
-        await self._push(follower, snapshot(self.datastore, ()))
+        await self._push(follower, SNAPSHOT + snapshot(self.datastore, ()))
+        await self._hear(follower, reader, Opener(session, hello_at, UP))
+
+    async def _hear(self, follower: _Follower, reader: asyncio.StreamReader, opener: Opener) -> None:
+        """A follower's loads, until its connection ends: applied here and relayed to the other followers."""
+        loop = asyncio.get_running_loop()
+        try:
+            while follower in self._followers:
+                head = await reader.readexactly(HEADER.size + MAC_BYTES)
+                payload = opener.open(head, await reader.readexactly(opener.length(head)), loop.time())
+                loads = _loads(payload)
+                if loads is None:
+                    raise FrameError("a follower's frame that holds no loads")
+                self._relay(payload, follower)
+                self._telling.heard(*loads, follower.peer)
+        except (OSError, asyncio.IncompleteReadError, FrameError) as exc:
+            self._drop(follower, str(exc) or type(exc).__name__)
+
+    def _relay(self, payload: bytes, source: _Follower | None = None) -> None:
+        """Send ``payload`` to every follower but ``source``, without waiting: one that cannot take it in is
+        dropped."""
+        now = time.monotonic()
+        for follower in list(self._followers):
+            if follower is source:
+                continue
+            try:
+                if follower.writer.transport.get_write_buffer_size() > _MAX_BUFFERED:
+                    raise ConnectionError("it reads too slowly")
+                follower.writer.write(follower.session.seal(follower.sequence, now, payload))
+                follower.sequence += 1
+            except (ConnectionError, RuntimeError) as exc:
+                self._drop(follower, str(exc) or type(exc).__name__)
+
+    def _drop(self, follower: _Follower, reason: str) -> None:
+        if follower in self._followers:
+            self._followers.discard(follower)
+            log.info("telemetry_follower_left", peer=follower.peer, reason=reason)
+        follower.writer.close()
 
     async def _push(self, follower: _Follower, payload: bytes) -> None:
         writer = follower.writer
@@ -298,10 +394,7 @@ class ReplicaPublisher:
             async with asyncio.timeout(_DRAIN_TIMEOUT_S):
                 await writer.drain()
         except (ConnectionError, RuntimeError, TimeoutError) as exc:
-            if follower in self._followers:
-                self._followers.discard(follower)
-                log.info("telemetry_follower_left", peer=follower.peer, reason=str(exc) or type(exc).__name__)
-            writer.close()
+            self._drop(follower, str(exc) or type(exc).__name__)
 
     async def _push_forever(self) -> None:
         generation, sent_at = -1, 0.0
@@ -311,7 +404,7 @@ class ReplicaPublisher:
             if not self._followers or (self.datastore.generation == generation and now - sent_at < HEARTBEAT_S):
                 continue
             generation, sent_at = self.datastore.generation, now
-            payload = pack(Snapshot(self._written.take(self.datastore)))
+            payload = SNAPSHOT + pack(Snapshot(self._written.take(self.datastore)))
             await asyncio.gather(*(self._push(f, payload) for f in list(self._followers)))
 
     async def stop(self) -> None:
@@ -329,7 +422,8 @@ class ReplicaPublisher:
 class ReplicaFollower:
     """A following replica's side: keeps its datastore on the publisher's telemetry while that comes, and
     says when to scrape the hosts itself instead (``on_following(False)``) and when to follow again
-    (``on_following(True)``). :attr:`datastore` may be replaced (a switch of fleet)."""
+    (``on_following(True)``); with ``peer_load`` (``share_load``), tells the publisher its loads and hears
+    the other replicas'. :attr:`datastore` may be replaced (a switch of fleet)."""
 
     def __init__(
         self,
@@ -338,6 +432,7 @@ class ReplicaFollower:
         secret: bytes,
         takeover_after_s: float,
         on_following: Callable[[bool], Awaitable[None]],
+        peer_load: PeerLoad | None = None,
     ) -> None:
         self.datastore = datastore
         self.address = address
@@ -352,6 +447,11 @@ class ReplicaFollower:
         self._streak_since: float | None = None  # the first valid frame of an unbroken run of them
         self._seen: dict[str, _Seen] = {}
         self._problem: str | None = None  # the last connection problem logged
+        # The connection's writer, session and next sequence number for this replica's loads (None: not
+        # connected; they are dropped meanwhile, and the others forget this replica's part).
+        self._up: tuple[asyncio.StreamWriter, Session] | None = None
+        self._up_sequence = 0
+        self._telling = _Telling(peer_load, self._tell)
 
     async def run(self) -> None:
         """Follow (reconnecting) and watch for silence, until cancelled."""
@@ -383,6 +483,7 @@ class ReplicaFollower:
                 theirs = await reader.readexactly(NONCE_BYTES)
             session = Session(self._secret, ours + theirs)
             writer.write(session.proof())
+            self._up, self._up_sequence = (writer, session), 0
             opener = Opener(session, hello_at)
             # A publisher that sends nothing for this long is gone, even if its connection stays open.
             silence_s = max(self._takeover_after_s, 2 * HEARTBEAT_S)
@@ -391,10 +492,26 @@ class ReplicaFollower:
                     head = await reader.readexactly(HEADER.size + MAC_BYTES)
                     payload = await reader.readexactly(opener.length(head))
                 verified = opener.open(head, payload, loop.time())
+                loads = _loads(verified)
+                if loads is not None:
+                    self._telling.heard(*loads, self.address)
+                    continue
+                if verified[:1] != SNAPSHOT:
+                    raise FrameError("a frame that holds neither a snapshot nor loads")
                 assert opener.offset is not None
-                await self._frame(read_snapshot(verified).records, opener.offset, loop.time())
+                await self._frame(read_snapshot(verified[1:]).records, opener.offset, loop.time())
         finally:
+            self._up = None
             writer.close()
+
+    def _tell(self, payload: bytes) -> None:
+        if self._up is None:
+            return
+        writer, session = self._up
+        if writer.transport.get_write_buffer_size() > _MAX_BUFFERED:
+            return  # the publisher reads too slowly: its silence will end the connection
+        writer.write(session.seal(self._up_sequence, time.monotonic(), payload, UP))
+        self._up_sequence += 1
 
     async def _frame(self, state: dict[str, tuple[Any, ...]], offset: float, now: float) -> None:
         if self._problem is not None:

@@ -177,7 +177,7 @@ class _Collecting(Part):
             admin_key=self._picker.admin_key,
             tls=self._tls,
             scraping=scraping,
-            on_envoy_poll=self._picker.envoy_polled.set,
+            on_envoy_poll=self._picker.envoy_polled_now,
         )
 
     async def start(self) -> None:
@@ -256,7 +256,7 @@ class _PublishingToReplicas(Part):
     (``picker.replicas.publish``)."""
 
     def __init__(self, picker: Picker, address: str, secret: bytes) -> None:
-        self._publisher = ReplicaPublisher(picker.datastore, address, secret)
+        self._publisher = ReplicaPublisher(picker.datastore, address, secret, picker.peer_load)
 
     async def start(self) -> None:
         await self._publisher.start()
@@ -277,7 +277,9 @@ class _FollowingReplica(Part):
         self._takeover_s = replicas.takeover_after_ms / 1000
         self._collecting = collecting
         self._metrics = picker.metrics
-        self._follower = ReplicaFollower(picker.datastore, address, secret, self._takeover_s, self._following)
+        self._follower = ReplicaFollower(
+            picker.datastore, address, secret, self._takeover_s, self._following, picker.peer_load
+        )
         self._task: asyncio.Task[None] | None = None
         self._metrics.following(True)
 

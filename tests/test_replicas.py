@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +18,17 @@ from benchmarks.decision import synthetic_fleet
 from benchmarks.ports import free_ports
 from extproc.config import ConfigError, Fleet, parse_fleet
 from extproc.datapath.datastore import Datastore, EnvoyView, TritonLoad
+from extproc.datapath.peer_load import PeerLoad
+from extproc.datapath.shared_picks import name_key
 from extproc.replicas import (
     HEADER,
+    LOADS,
     MAC_BYTES,
     MAGIC,
     MAX_FRAME_AGE_S,
     NONCE_BYTES,
+    ORIGIN_BYTES,
+    SNAPSHOT,
     FrameError,
     Opener,
     ReplicaFollower,
@@ -186,7 +194,9 @@ async def test_a_follower_without_the_secret_gets_nothing() -> None:
 async def _next_state(reader: asyncio.StreamReader) -> dict[str, tuple[Any, ...]]:
     head = await asyncio.wait_for(reader.readexactly(HEADER.size + MAC_BYTES), 5)
     (_, _, length) = HEADER.unpack_from(head)
-    return read_snapshot(await reader.readexactly(length)).records
+    payload = await reader.readexactly(length)
+    assert payload[:1] == SNAPSHOT
+    return read_snapshot(payload[1:]).records
 
 
 async def test_a_publisher_sends_every_host_first_then_those_written() -> None:
@@ -346,3 +356,72 @@ def test_a_good_token_file(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("x" * 32 + "\n")
     assert read_replica_token(_fleet(tmp_path, publish="127.0.0.1:9006", token_file=str(token))) == b"x" * 32
+
+
+# --- loads shared between replicas (share_load) ------------------------------------------------------------
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    for _ in range(100):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("not within 2 s")
+
+
+async def test_replicas_tell_each_other_their_picks_and_counts_through_the_publisher() -> None:
+    fleet, published = synthetic_fleet(3)
+    (port,) = free_ports(1)
+    address = f"127.0.0.1:{port}"
+    ours = PeerLoad(published, 3.0)
+    publisher = ReplicaPublisher(published, address, SECRET, ours)
+    await publisher.start()
+    stores = [Datastore(fleet) for _ in range(2)]
+    theirs = [PeerLoad(store, 3.0) for store in stores]
+
+    async def on_following(_: bool) -> None:
+        return None
+
+    followers = [ReplicaFollower(s, address, SECRET, 2.0, on_following, p) for s, p in zip(stores, theirs, strict=True)]
+    tasks = [asyncio.create_task(f.run()) for f in followers]
+    try:
+        await _until(lambda: publisher.followers == 2 and all(f.received.is_set() for f in followers))
+        # A follower's pick reaches the publisher and, relayed, the other follower; never itself.
+        theirs[0].picked(stores[0].hosts["h1"], None, 2.0)
+        await _until(lambda: published.hosts["h1"].peer_count == 1.0 and stores[1].hosts["h1"].peer_count == 1.0)
+        assert stores[0].hosts["h1"].peer_count is None and stores[1].hosts["h1"].work_estimate >= 2.0
+        # The publisher's own pick and its Envoy's counts reach both.
+        ours.picked(published.hosts["h2"], None, 1.0)
+        for name, active in (("h0", 4), ("h1", 0), ("h2", 0)):
+            published.hosts[name].envoy.active = active
+        ours.polled()
+        await _until(lambda: all(s.hosts["h0"].peer_count == 4.0 and s.hosts["h2"].peer_count == 0.0 for s in stores))
+        assert stores[1].hosts["h1"].peer_count == 1.0  # the first follower's part, and the publisher's
+        assert [p.peers for p in (ours, *theirs)] == [1, 1, 2]  # the second follower told nothing
+    finally:
+        for task in tasks:
+            task.cancel()
+        await publisher.stop()
+
+
+async def test_a_frame_sent_back_the_way_it_came_is_refused() -> None:
+    """A follower's frames are sealed for their direction: the publisher's own frame, sent back to it as a
+    follower's, does not verify, and the connection ends with nothing applied."""
+    _, published = synthetic_fleet(2)
+    (port,) = free_ports(1)
+    publisher = ReplicaPublisher(published, f"127.0.0.1:{port}", SECRET, PeerLoad(published, 3.0))
+    await publisher.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        nonce = os.urandom(NONCE_BYTES)
+        writer.write(MAGIC + nonce)
+        session = Session(SECRET, nonce + await reader.readexactly(NONCE_BYTES))
+        writer.write(session.proof())
+        await _next_state(reader)
+        pick = b"p" + struct.pack("<QQd", name_key("h0"), 0, 1.0)
+        writer.write(session.seal(0, time.monotonic(), LOADS + b"o" * ORIGIN_BYTES + pick))  # sealed DOWN
+        await _until(lambda: publisher.followers == 0)
+        assert published.hosts["h0"].peer_count is None
+        writer.close()
+    finally:
+        await publisher.stop()

@@ -21,11 +21,13 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
+from functools import partial
 
 from benchmarks.sim.engine import Batcher, Gateway, Policy, Sim
 from extproc.config import Fleet
 from extproc.datapath.batch_cost import Batching
 from extproc.datapath.datastore import Datastore, HostState
+from extproc.datapath.peer_load import PeerLoad, silent_after_s
 from extproc.datapath.scheduling.scheduler import Scheduler
 from extproc.datapath.scheduling.types import InferenceRequest, Protocol, Reject
 from extproc.datapath.shared_picks import SharedPicks
@@ -108,19 +110,27 @@ class _PickerGateway:
     scheduler, beside its own Envoy (its workers' Envoy)."""
 
     def __init__(
-        self, sim: Sim, fleet: Fleet, gateway: Gateway, worker: int = 0, shared_picks: SharedPicks | None = None
+        self,
+        sim: Sim,
+        fleet: Fleet,
+        gateway: Gateway,
+        worker: int = 0,
+        shared_picks: SharedPicks | None = None,
+        share_load: bool = False,
     ) -> None:
         self.sim = sim
         self.gateway = gateway
         seed = sim.scenario.seed
         label = f"{gateway.index}/{worker}" if worker else f"{gateway.index}"
         self.store = Datastore(fleet, clock=lambda: sim.now)
+        self.peer_load = PeerLoad(self.store, silent_after_s(fleet)) if share_load else None
         self.scheduler = Scheduler(
             fleet,
             self.store,
             rng=random.Random(f"{seed}/picker/{label}"),
             pick_weight=fleet.picker.workers,
             shared_picks=shared_picks,
+            peer_load=self.peer_load,
         )
         self.states: list[HostState] = [self.store.hosts[h.name] for h in sim.hosts]
         self.index_of = {id(s): i for i, s in enumerate(self.states)}
@@ -187,7 +197,11 @@ class _PickerGateway:
             )
             for i, s in enumerate(self.states)
         }
+        if self.peer_load is not None:
+            self.peer_load.expire(now)
         apply_envoy_view(self.store, endpoints, now)
+        if self.peer_load is not None:
+            self.peer_load.polled()
 
     def route(self, r: int) -> Sequence[int] | int:
         sim = self.sim
@@ -214,7 +228,10 @@ class Picker(Policy):
     behind each gateway's Envoy, which takes turns among them, sharing their picks as
     ``picker.share_worker_picks`` says. The workers read the hosts' telemetry and Envoy's counts at the same
     moments, when their leader would (it pushes each Envoy poll as it lands; the push's own time, and the
-    up to ``PUSH_INTERVAL_S`` its other telemetry waits, are not modelled)."""
+    up to ``PUSH_INTERVAL_S`` its other telemetry waits, are not modelled). With
+    ``picker.replicas.share_load``, the gateways' pickers tell each other their picks and counts, each batch
+    (the events of one moment) reaching the others ``telemetry.replica_lag_ms`` later; each still scrapes the
+    hosts itself (a follower's telemetry from the publisher is not modelled)."""
 
     name = "picker"
     ext_proc = True
@@ -225,12 +242,31 @@ class Picker(Policy):
         n = fleet.picker.workers
         self.workers: list[list[_PickerGateway]] = []
         shared = n > 1 and fleet.picker.share_worker_picks
+        share_load = fleet.picker.replicas.share_load
         for g in sim.gateways:
             buffer = memoryview(bytearray(SharedPicks.size(n))) if shared else None
             picks = [None if buffer is None else SharedPicks(buffer, n, k) for k in range(n)]
-            self.workers.append([_PickerGateway(sim, fleet, g, k, picks[k]) for k in range(n)])
+            self.workers.append([_PickerGateway(sim, fleet, g, k, picks[k], share_load) for k in range(n)])
         self.views = [workers[0] for workers in self.workers]  # each gateway's first worker
         self._turns = [0] * len(sim.gateways)
+        self._lag_s = sim.scenario.telemetry.replica_lag_ms / 1000
+        for v in self.views:
+            if v.peer_load is not None:
+                v.peer_load.on_ready = self._sender(v)
+
+    def _sender(self, view: _PickerGateway) -> Callable[[], None]:
+        """A replica's channel: what it told during one moment reaches the others ``replica_lag_ms`` later."""
+        sim = self.sim
+        peer = str(view.gateway.index).encode()
+
+        def send(now: float) -> None:
+            assert view.peer_load is not None
+            events = view.peer_load.take()
+            for other in self.views:
+                if other is not view and other.peer_load is not None:
+                    sim.at(now + self._lag_s, partial(other.peer_load.receive, peer, events))
+
+        return lambda: sim.at(sim.now, send)
 
     @property
     def schedulers(self) -> list[Scheduler]:

@@ -197,6 +197,9 @@ class TelemetryModel(_Strict):
     baseline_envoy_ms: float = Field(default=20.0, gt=0)
     # EWMA weight of a new scrape interval in the baseline's mean batch time.
     baseline_smoothing: float = Field(default=0.5, gt=0, le=1)
+    # Picker replicas that share their loads (picker.replicas.share_load) hear each other's picks and
+    # counts this late: two hops, through the publisher.
+    replica_lag_ms: float = Field(default=2.0, ge=0)
 
 
 class SimScenario(_Strict):

@@ -184,6 +184,10 @@ class ReplicasSpec(Strict):
     # A follower without a valid snapshot for this long scrapes the hosts itself; it follows again once the
     # publisher's snapshots have come for as long again.
     takeover_after_ms: int = Field(default=2000, ge=500, le=60_000)
+    # Whether the replicas tell each other every pick and their Envoys' in-flight counts (through the
+    # publisher, extproc/datapath/peer_load.py), so that each decides on every replica's requests rather
+    # than scaling its own by its traffic share. Every replica must be the only picker of its own Envoy.
+    share_load: bool = False
 
     @field_validator("publish", "follow")
     @classmethod
@@ -196,6 +200,8 @@ class ReplicasSpec(Strict):
             raise ValueError("publish and follow exclude each other: a replica either publishes or follows")
         if (self.publish is not None or self.follow is not None) and self.token_file is None:
             raise ValueError("publish and follow need token_file: the secret that authenticates the snapshots")
+        if self.share_load and not self.enabled:
+            raise ValueError("share_load needs publish or follow: the replicas share their loads through the publisher")
         return self
 
     @property
@@ -280,6 +286,15 @@ class PickerSpec(Strict):
             raise ValueError(
                 f"metrics_address {self.metrics_address!r} listens beyond loopback: set control_token_file to a "
                 "file holding the token that drain and undrain require"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _load_shared_by_one_process(self) -> Self:
+        if self.replicas.share_load and self.workers > 1:
+            raise ValueError(
+                f"replicas.share_load needs workers: 1 (not {self.workers}): the other replicas' picks would not "
+                "reach the workers"
             )
         return self
 

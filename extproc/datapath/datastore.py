@@ -122,7 +122,8 @@ RECENT_PICKS: Final = 64
 _RING: Final = RECENT_PICKS + 1  # the running sums before and after them
 
 # The other fields: the host's identity, and the in-flight estimate, which every pick moves and every
-# decision reads live (never prepared, so written without a generation change).
+# decision reads live (never prepared, so written without a generation change; only whether ``peer_count``
+# is None is, and extproc.datapath.peer_load says when that changes).
 IDENTITY_FIELDS: Final = ("spec", "http_endpoint", "grpc_endpoint")
 ESTIMATE_FIELDS: Final = (
     "estimate",
@@ -134,6 +135,7 @@ ESTIMATE_FIELDS: Final = (
     "recent_picks",
     "sized_until",
     "pick_span",
+    "peer_count",
 )
 
 
@@ -186,6 +188,10 @@ class HostState:
     sized_until: int = 0
     # Requests of the in-flight count one pick stands for (its weight, times the gateways' scale).
     pick_span: float = 1.0
+    # The other picker replicas' part of the host's in-flight count where they share their loads
+    # (extproc.datapath.peer_load): their Envoys' last counts and their picks since. None while none does:
+    # this picker's own counts and picks then stand for every gateway's by its traffic share.
+    peer_count: float | None = None
     # Set by an operator (``POST /hosts/NAME/drain``): no new requests, e.g. before unloading a model.
     draining: bool = False
     metrics_at: float | None = None
@@ -206,6 +212,11 @@ class HostState:
     @property
     def tier(self) -> Tier:
         return self.spec.tier
+
+    def scale(self) -> float:
+        """Requests in flight to the host that one of this picker's Envoy's (or one of its picks) stands for:
+        1 where the other replicas share their loads, else 1 / this gateway's share of the host's traffic."""
+        return 1.0 if self.peer_count is not None else self.load.envoy_scale
 
     def drain_per_s(self) -> float:
         """Requests a busy host finishes per second (0: unmeasured): ``service_ms`` is one request's share
@@ -244,7 +255,7 @@ class HostState:
         pending, at = float(self.load.pending), self.metrics_at
         if at is None or now <= at:
             return pending
-        return max(0.0, pending - (now - at) * (self.drain_per_s() / self.load.envoy_scale))
+        return max(0.0, pending - (now - at) * (self.drain_per_s() / self.scale()))
 
     def record_pick(
         self, now: float, weight: int = 1, model: str | None = None, work: float = 1.0, again: bool = False
@@ -254,7 +265,7 @@ class HostState:
         counted before, which a count read before it replaced (see :meth:`reset_estimate`); it is among the
         last picks already."""
         # The other gateways send the host their share meanwhile, as they see what this picker sees.
-        scale = weight * self.load.envoy_scale
+        scale = weight * self.scale()
         count, held = self.drained(now)
         # Only this picker's own request has a known size: the others' (``scale`` counts them) are of the
         # mean size on average.
@@ -322,8 +333,10 @@ class HostState:
         self.estimate, self.estimate_at, self.picks_since_poll = count, now, 0
 
     def envoy_count(self, active: int) -> float:
-        """Envoy's ``rq_active`` for this host as the host's whole in-flight count (every gateway's)."""
-        return active * self.load.envoy_scale
+        """Envoy's ``rq_active`` for this host as the host's whole in-flight count (every gateway's): plus the
+        other replicas' part where they share their loads, else scaled by this gateway's traffic share."""
+        peers = self.peer_count
+        return active + peers if peers is not None else active * self.load.envoy_scale
 
     def serves(self, model: str, version: str | None) -> bool:
         versions = self.ready.get(model)
@@ -381,6 +394,7 @@ def host_status(host: HostState, now: float, max_age_s: float) -> dict[str, obje
         "work_in_flight": round(host.work_in_flight(now), 2),
         "envoy_active": host.envoy.active,
         "traffic_share": round(1.0 / host.load.envoy_scale, 3),
+        "peer_in_flight": None if host.peer_count is None else round(host.peer_count, 2),
         "picks_since_poll": host.picks_since_poll,
         "pending": host.load.pending,
         "service_ms": host.load.service_ms,

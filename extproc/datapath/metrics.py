@@ -12,6 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from extproc.datapath.datastore import Datastore
+from extproc.datapath.peer_load import PeerLoad
 from extproc.datapath.shared_picks import SharedPicks
 from extproc.discovery import Discovery
 
@@ -93,6 +94,13 @@ class PickerMetrics:
             registry=decision_registry,
         )
         self._shared_picks: SharedPicks | None = None
+        self.peer_picks = Counter(
+            "extproc_peer_picks",
+            "Other picker replicas' picks this replica took into its in-flight estimates (applied), or skipped "
+            "(lost: for a host it does not know, or in a message it could not read); picker.replicas.share_load.",
+            ["outcome"],
+            registry=decision_registry,
+        )
         self.decision_seconds = Histogram(
             "extproc_decision_seconds",
             "Time from the request's headers (or first gRPC body chunk) to the picker's answer.",
@@ -115,6 +123,8 @@ class PickerMetrics:
         self.registry.register(self._pools)
         self._following = _Following()
         self.registry.register(self._following)
+        self._peers = _PeersHeard()
+        self.registry.register(self._peers)
 
     def routed(self, key: RouteKey, elapsed_s: float) -> None:
         """Count one routed request that took ``elapsed_s`` to decide (published at the next flush)."""
@@ -171,6 +181,10 @@ class PickerMetrics:
             applied, lost = self._shared_picks.taken()
             self.worker_picks.labels("applied").inc(applied)
             self.worker_picks.labels("lost").inc(lost)
+        if self._peers.peer_load is not None:
+            applied, lost = self._peers.peer_load.taken()
+            self.peer_picks.labels("applied").inc(applied)
+            self.peer_picks.labels("lost").inc(lost)
 
     def use(self, datastore: Datastore) -> None:
         """Report on a new datastore (config reload); the decision counters carry on."""
@@ -183,6 +197,10 @@ class PickerMetrics:
     def use_shared_picks(self, shared_picks: SharedPicks | None) -> None:
         """Count the other workers' picks this worker applies (None: it does not share them)."""
         self._shared_picks = shared_picks
+
+    def use_peer_load(self, peer_load: PeerLoad | None) -> None:
+        """Count the other replicas heard and their picks applied (None: this replica shares no loads)."""
+        self._peers.peer_load = peer_load
 
     def use_discovery(self, discovery: Discovery | None) -> None:
         """Report the hosts of this discovery's pools (None: no pools, or a worker whose leader reports them)."""
@@ -244,4 +262,20 @@ class _Following(Collector):
                 "1 while this follower replica routes on the telemetry its publisher sends (picker.replicas), "
                 "0 while it scrapes the hosts itself.",
                 value=float(self.value),
+            )
+
+
+class _PeersHeard(Collector):
+    """The other picker replicas whose loads this one hears (``picker.replicas.share_load``); absent where it
+    shares none."""
+
+    def __init__(self) -> None:
+        self.peer_load: PeerLoad | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.peer_load is not None:
+            yield GaugeMetricFamily(
+                "extproc_peer_replicas",
+                "Other picker replicas whose picks and Envoy counts this replica hears (picker.replicas.share_load).",
+                value=float(self.peer_load.peers),
             )

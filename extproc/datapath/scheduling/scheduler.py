@@ -32,6 +32,7 @@ from typing import Final
 
 from extproc.config import Fleet, ModelSpec, Profile, Tier
 from extproc.datapath.datastore import Datastore, HostState
+from extproc.datapath.peer_load import PeerLoad
 from extproc.datapath.scheduling import filters, registry, scorers
 from extproc.datapath.scheduling.admission import Admission
 from extproc.datapath.scheduling.affinity import rendezvous
@@ -135,12 +136,16 @@ class Scheduler:
         rng: random.Random | None = None,
         pick_weight: int = 1,
         shared_picks: SharedPicks | None = None,
+        peer_load: PeerLoad | None = None,
     ) -> None:
         """``pick_weight``: how many requests one pick stands for; a worker process that sees 1/N of the
         traffic counts each of its picks N times, in its open sequences and, unless it has ``shared_picks``
-        (the other workers' picks, see :mod:`extproc.datapath.shared_picks`), in its in-flight count."""
+        (the other workers' picks, see :mod:`extproc.datapath.shared_picks`), in its in-flight count.
+        ``peer_load``: where each pick is told to the other picker replicas (see
+        :mod:`extproc.datapath.peer_load`)."""
         self._pick_weight = 1 if shared_picks is not None else pick_weight
         self._shared_picks = shared_picks
+        self._peer_load = peer_load
         self._fleet = fleet
         self._store = datastore
         self._specs = {m.name: m for m in fleet.models}
@@ -492,6 +497,8 @@ class Scheduler:
         host.record_pick(now, self._pick_weight, model, route.work)
         if self._shared_picks is not None:
             self._shared_picks.publish(host, model, route.work, now)
+        if self._peer_load is not None:
+            self._peer_load.picked(host, model, route.work)
         return route
 
     def _any_host(self, request: InferenceRequest) -> Decision:

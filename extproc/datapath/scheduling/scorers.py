@@ -209,7 +209,7 @@ def prepare(hosts: Sequence[HostState], model: str | None, static: WeightedScore
                 float(configured.max_batch) if configured is not None else 1.0,
                 model,
                 math.inf if host.metrics_at is None else host.metrics_at,
-                drain_per_s / load.envoy_scale,
+                drain_per_s / host.scale(),
             )
         )
     _add_static_costs(out, static)
