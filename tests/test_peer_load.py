@@ -3,6 +3,7 @@ what it picks, the others count, once."""
 
 from __future__ import annotations
 
+import random
 import struct
 from collections import Counter
 
@@ -94,8 +95,10 @@ def test_replicas_that_share_loads_spread_a_burst_as_one_picker_does() -> None:
         for store in datastores:
             for host in store.hosts.values():
                 host.load.envoy_scale = 3.0
+        # Alike, so that alone they would break their ties alike (as they may, starting from random hosts).
         schedulers = [
-            Scheduler(s.fleet, s, peer_load=p if sharing else None) for s, p in zip(datastores, peer_loads, strict=True)
+            Scheduler(s.fleet, s, rng=random.Random(0), peer_load=p if sharing else None)
+            for s, p in zip(datastores, peer_loads, strict=True)
         ]
         firsts: Counter[str] = Counter()
         for i in range(3):

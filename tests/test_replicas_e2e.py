@@ -1,8 +1,9 @@
 """Two picker replicas on the real stack: ``extproc up``'s picker publishes its telemetry (the leader), a second
-picker with its own Envoy follows it (``picker.replicas``), the same three Triton hosts behind both. The
-follower's scrapes of the hosts' metrics go through counting proxies: none while it follows; when the leader
-is killed under load it scrapes itself within takeover_after_ms, and nothing fails through its Envoy; when
-the leader is back it follows again."""
+picker with its own Envoy follows it (``picker.replicas``), the same three Triton hosts behind both, and they
+share their loads (``share_load``): each counts the other's picks and Envoy counts. The follower's scrapes of
+the hosts' metrics go through counting proxies: none while it follows; when the leader is killed under load
+it scrapes itself within takeover_after_ms, and nothing fails through its Envoy; when the leader is back it
+follows again."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.ports import envoy_base_id, free_ports
 from tests.stack import (
@@ -105,7 +107,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     token.write_text("a-secret-that-both-replicas-share\n")
     token.chmod(0o600)
     (publish_port,) = free_ports(1)
-    replicas = {"token_file": str(token), "takeover_after_ms": TAKEOVER_MS}
+    replicas = {"token_file": str(token), "takeover_after_ms": TAKEOVER_MS, "share_load": True}
     data = local_fleet(run_dir, replicas={**replicas, "publish": f"127.0.0.1:{publish_port}"})
     leader = start_stack(run_dir, data)
     follower_dir = tmp_path_factory.mktemp("follower")
@@ -153,6 +155,40 @@ def _follower_fleet(
     envoy["tls"] = None
     envoy["base_id"] = envoy_base_id()
     return follower
+
+
+def _peer_metrics(stack: Stack) -> dict[str, float]:
+    with urllib.request.urlopen(stack.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    return {
+        sample.name + "".join(f":{v}" for v in sample.labels.values()): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("extproc_peer_")
+        for sample in family.samples
+    }
+
+
+def test_each_replica_counts_the_others_picks(replicas: Replicas) -> None:
+    """Under load through both Envoys, each picker hears the other and applies its picks, and its view of a
+    host holds the other's part of the count."""
+    before = [_peer_metrics(stack) for stack in (replicas.leader, replicas.follower)]
+    loads = [Load(stack, MIX, RATE_RPS, duration_s=3) for stack in (replicas.leader, replicas.follower)]
+    try:
+        results = [load.result() for load in loads]
+    finally:
+        for load in loads:
+            load.kill()
+    for result in results:
+        assert result.failed == 0 and result.lost == 0, result.describe()
+    for stack, earlier, other in zip((replicas.leader, replicas.follower), before, reversed(results), strict=True):
+        after = _peer_metrics(stack)  # a single picker publishes its counters as /metrics is read
+        applied = after["extproc_peer_picks_total:applied"] - earlier.get("extproc_peer_picks_total:applied", 0.0)
+        # Every request the other replica's Envoy routed was one of its picks (retries aside).
+        assert applied >= other.sent * 0.9, (applied, other.describe())
+        assert after["extproc_peer_picks_total:lost"] == earlier.get("extproc_peer_picks_total:lost", 0.0)
+        assert after["extproc_peer_replicas"] == 1.0
+        views = stack.picker_status()["hosts"].values()
+        assert all(view["peer_in_flight"] is not None for view in views), views
 
 
 def test_the_follower_scrapes_nothing_takes_over_and_follows_again(replicas: Replicas) -> None:

@@ -545,15 +545,15 @@ def test_a_deep_queue_on_a_batching_host_drains_at_its_best_rate(store: Datastor
 
 
 def test_a_short_queue_joins_the_next_batch_on_a_fitted_host(store: Datastore) -> None:
-    """With exec(b) = 8 + 2b ms and batches of up to 8, a request behind 8 others finishes in ~22 ms (the
-    running batch half done, then a batch of one): sooner than alone on a 4x slower idle host (40 ms),
-    although 8 x the per-request average would say otherwise. Without the fit or the model config the
+    """With exec(b) = 8 + 2b ms and batches of up to 8, a request behind 9 others finishes in ~24 ms (the
+    running batch half done, then a batch of two): sooner than alone on a 4x slower idle host (40 ms),
+    although the per-request average would say otherwise (43 ms). Without the fit or the model config the
     scorer falls back to the per-request estimate and prefers the idle host."""
     g1, g2 = store.hosts["g1"], store.hosts["g2"]
     fast, slow = BatchCost(8.0, 2.0), BatchCost(32.0, 8.0)
     g1.load.models = {"embed": ModelTimes(service_ms=4.0, exec_ms=16.0, drain_ms=3.0, cost=fast)}
     g2.load.models = {"embed": ModelTimes(service_ms=40.0, exec_ms=40.0, drain_ms=40.0, cost=slow)}
-    busy(g1, 8)
+    busy(g1, 9)
     store.hosts["g3"].load.models = dict(g2.load.models)
     busy(store.hosts["g3"], 100)
     decide = Scheduler(store.fleet, store).decide

@@ -12,9 +12,9 @@ from extproc.config import ConfigError, Fleet, parse_fleet
 from extproc.datapath.datastore import Datastore
 from extproc.datapath.scheduling import registry
 from extproc.datapath.scheduling.filters import Filter, Fresh, Healthy
-from extproc.datapath.scheduling.pickers import Picker, PowerOfTwo
+from extproc.datapath.scheduling.pickers import Argmax, Picker, PowerOfTwo
 from extproc.datapath.scheduling.scheduler import Scheduler
-from extproc.datapath.scheduling.scorers import Scorer
+from extproc.datapath.scheduling.scorers import Candidate, Scorer
 from extproc.datapath.scheduling.types import InferenceRequest, Protocol, Route
 
 NOW = 1000.0
@@ -131,3 +131,12 @@ def test_model_queue_counts_only_the_requests_own_models_queue() -> None:
     decision = Scheduler(f, store).decide(InferenceRequest(Protocol.HTTP, "m"))
     assert isinstance(decision, Route)
     assert [h.name for h in decision.hosts] == ["g0", "g1"]
+
+
+def test_independent_schedulers_rotate_their_ties_from_different_hosts() -> None:
+    """Workers and replicas each have their scheduler: over an idle tier, each walks its equal choices from
+    its own random host, so that they do not pick the same hosts in step."""
+    store = live(fleet(100))
+    candidates = [Candidate(host, 1.0, 1.0) for host in store.hosts.values()]
+    firsts = {Argmax(context(seed=seed)).pick(candidates, (), NOW)[0].host.name for seed in range(8)}
+    assert len(firsts) > 4, firsts

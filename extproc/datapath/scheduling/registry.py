@@ -44,7 +44,9 @@ class Context:
         self.max_hosts = max_hosts  # how many ranked hosts a picker returns (Envoy's retries)
         self.stale_after_s = stale_after_s  # how old telemetry may be before its host is stale
         self.rng = rng
-        self._turn = 0
+        # From a random host: schedulers that decide side by side (workers, replicas) must not rotate their
+        # equal choices over the hosts in step.
+        self._turn = rng.randrange(1 << 30)
 
     def next_turn(self) -> int:
         """A counter that every call moves: pickers rotate equal choices with it."""
