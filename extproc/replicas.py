@@ -29,6 +29,13 @@ frame's age is never under-estimated), then from whichever frame arrived fastest
 ``_DRIFT`` between the two clocks. The snapshot's timestamps are moved by that offset; a frame older than
 ``MAX_FRAME_AGE_S`` by it is refused.
 
+**Loads** (``share_load``, :mod:`extproc.datapath.peer_load`). Each replica that shares them sends its picks
+and Envoy counts, once per turn of its event loop, in frames of their own on the same connections: a
+follower's go up to the publisher (sealed with another label than the publisher's, so that no frame can be
+sent back where it came from), which applies them and relays them, as they are, to the other followers,
+and sends its own to all. Their payload is a fixed binary format, never unpickled, and names the replica
+that told them (a random id per process). A publisher that shares no loads relays none.
+
 **What a follower keeps of its own.** Envoy's view of each host (``envoy``, ``envoy_at``), the drain flag
 (drain and undrain apply per replica) and its gateway's share of each host's traffic (its Envoy's answers
 against the completions the publisher saw, see :class:`~extproc.datapath.datastore.TrafficShare`).
@@ -349,7 +356,8 @@ class ReplicaPublisher:
         await self._hear(follower, reader, Opener(session, hello_at, UP))
 
     async def _hear(self, follower: _Follower, reader: asyncio.StreamReader, opener: Opener) -> None:
-        """A follower's loads, until its connection ends: applied here and relayed to the other followers."""
+        """A follower's loads, until its connection ends: applied here and relayed to the other followers, if
+        this replica shares loads (else the followers that do hear none, and scale their own as alone)."""
         loop = asyncio.get_running_loop()
         try:
             while follower in self._followers:
@@ -358,8 +366,9 @@ class ReplicaPublisher:
                 loads = _loads(payload)
                 if loads is None:
                     raise FrameError("a follower's frame that holds no loads")
-                self._relay(payload, follower)
-                self._telling.heard(*loads, follower.peer)
+                if self._telling.peer_load is not None:
+                    self._relay(payload, follower)
+                    self._telling.heard(*loads, follower.peer)
         except (OSError, asyncio.IncompleteReadError, FrameError) as exc:
             self._drop(follower, str(exc) or type(exc).__name__)
 

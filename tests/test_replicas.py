@@ -425,3 +425,32 @@ async def test_a_frame_sent_back_the_way_it_came_is_refused() -> None:
         writer.close()
     finally:
         await publisher.stop()
+
+
+async def test_a_publisher_that_shares_no_loads_relays_none() -> None:
+    """Replicas must all share their loads or none: followers that do, behind a publisher that does not, hear
+    nobody (and scale their own counts by their traffic share, as alone), rather than miss its requests."""
+    fleet, published = synthetic_fleet(2)
+    (port,) = free_ports(1)
+    address = f"127.0.0.1:{port}"
+    publisher = ReplicaPublisher(published, address, SECRET)
+    await publisher.start()
+    stores = [Datastore(fleet) for _ in range(2)]
+    theirs = [PeerLoad(store, 3.0) for store in stores]
+
+    async def on_following(_: bool) -> None:
+        return None
+
+    followers = [ReplicaFollower(s, address, SECRET, 2.0, on_following, p) for s, p in zip(stores, theirs, strict=True)]
+    tasks = [asyncio.create_task(f.run()) for f in followers]
+    try:
+        await _until(lambda: publisher.followers == 2 and all(f.received.is_set() for f in followers))
+        theirs[0].picked(stores[0].hosts["h1"], None, 1.0)
+        theirs[0].polled()
+        await asyncio.sleep(0.3)
+        assert stores[1].hosts["h1"].peer_count is None and theirs[1].peers == 0
+        assert publisher.followers == 2  # their loads are read and dropped, not refused
+    finally:
+        for task in tasks:
+            task.cancel()
+        await publisher.stop()
