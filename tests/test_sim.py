@@ -307,6 +307,25 @@ def test_each_of_several_pickers_measures_its_share_of_the_hosts_traffic() -> No
     assert all(st.load.envoy_scale == 1.0 for st in one.policy.views[0].states)
 
 
+SHARING = {"picker": {"replicas": {"follow": "gw0:9100", "token_file": "token", "share_load": True}}}
+
+
+def test_pickers_that_share_their_loads_hear_each_other_and_scale_nothing() -> None:
+    """With picker.replicas.share_load each gateway's picker applies the others' picks, which arrive
+    telemetry.replica_lag_ms late, and its counts and picks stand for themselves (scale 1)."""
+    s = scenario(fleet=SHARING, telemetry={"replica_lag_ms": 3.0})
+    sim, _ = run(s, "picker", pickers=2)
+    assert isinstance(sim.policy, Picker)
+    for view in sim.policy.views:
+        assert view.peer_load is not None and view.peer_load.peers == 1
+        applied, lost = view.peer_load.taken()
+        assert applied > 500 and lost == 0
+        assert all(state.peer_count is not None and state.scale() == 1.0 for state in view.states)
+    alone, _ = run(scenario(fleet=SHARING), "picker")
+    assert isinstance(alone.policy, Picker)
+    assert alone.policy.views[0].peer_load is not None and alone.policy.views[0].peer_load.peers == 0
+
+
 def test_the_picker_sends_sizes_the_fleet_classifies_by() -> None:
     s = scenario(
         hosts=[
@@ -397,6 +416,8 @@ def test_the_command_writes_json_with_command_seed_and_scenario(
             "2",
             "--fleet",
             "picker.poll.triton_metrics_ms=100",
+            "--replica-lag-ms",
+            "4",
             "-o",
             str(out),
         ]
@@ -404,6 +425,7 @@ def test_the_command_writes_json_with_command_seed_and_scenario(
     assert code == 0
     report = json.loads(out.read_text())
     assert report["seed"] == 3 and report["scenario"]["resolved"]["seed"] == 3
+    assert report["scenario"]["resolved"]["telemetry"]["replica_lag_ms"] == 4
     assert report["scenario"]["resolved"]["fleet"]["picker"]["poll"]["triton_metrics_ms"] == 100
     assert "--seed 3" in report["command"]
     assert [(r["policy"], r["pickers"]) for r in report["runs"]] == [
@@ -415,6 +437,7 @@ def test_the_command_writes_json_with_command_seed_and_scenario(
     assert "p99" in capsys.readouterr().out
     assert cli.main(["--scenario", str(path), "--policies", "nope"]) == 2
     assert cli.main(["--scenario", str(path), "--fleet", "picker.nope=1"]) == 2
+    assert cli.main(["--scenario", str(path), "--replica-lag-ms", "-1"]) == 2
 
 
 def test_execution_jitter_lengthens_executions_alike_for_every_policy() -> None:

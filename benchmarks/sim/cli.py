@@ -124,6 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="set a fleet-file key for every scenario run (dotted, e.g. picker.poll.triton_metrics_ms=50)",
     )
+    parser.add_argument(
+        "--replica-lag-ms",
+        type=float,
+        help="replace the scenarios' telemetry.replica_lag_ms: how late replicas that share their loads hear "
+        "each other (picker.replicas.share_load)",
+    )
     parser.add_argument("--output", "-o", type=Path, help="JSON results (default results/sim-NAME.json)")
     args = parser.parse_args(argv)
     raw_argv = list(sys.argv[1:] if argv is None else argv)
@@ -137,6 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.seed is not None:
         scenarios = [s.model_copy(update={"seed": args.seed}) for s in scenarios]
+    if args.replica_lag_ms is not None:
+        if args.replica_lag_ms < 0:
+            print("benchmarks.sim: --replica-lag-ms below 0", file=sys.stderr)
+            return 2
+        lag = {"replica_lag_ms": args.replica_lag_ms}
+        scenarios = [s.model_copy(update={"telemetry": s.telemetry.model_copy(update=lag)}) for s in scenarios]
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     reports = []
     for scenario in scenarios:
