@@ -8,6 +8,8 @@ from the repository root with the project's environment, ``.venv/bin/python -m b
 - ``overhead``: what the picker costs a request, against plain Envoy and a bare ext_proc processor;
 - ``routing``: the picker against Envoy's own load balancers on a real fleet (``scenarios/*.yaml``);
 - ``capacity``: each policy's capacity at a p99 SLO (the highest rate within it), on ``routing``'s scenarios;
+- ``gateways``: a ``routing`` scenario through one gateway and through several, their pickers sharing their
+  loads or not;
 - ``overload``: demand above capacity, admission control off and on, on a real fleet (``scenarios/overload/``);
 - ``plot``: a latency-CDF PNG from a JSON file of latencies;
 - ``compare_revisions``: the overhead benchmark of two worktrees, alternately;

@@ -33,6 +33,7 @@ from typing import Any, Final
 
 from benchmarks import RESULTS_DIR, quiet_logs, shown
 from benchmarks.loadgen import OK_STATUSES, LoadSpec, Records
+from benchmarks.overload import _revision
 from benchmarks.ports import free_ports
 from benchmarks.routing import (
     FleetBench,
@@ -45,6 +46,7 @@ from benchmarks.routing import (
     latency_summary,
     load_scenario,
 )
+from extproc.build import compiled, stale_compiled_modules
 from extproc.runtime.stack import StartupError
 
 VARIANTS: Final = ("one", "alone", "sharing")
@@ -193,6 +195,9 @@ def run(
         "command": command,
         "scenario": scenario.name,
         "started_at": started_at,
+        "revision": _revision(),
+        "compiled": compiled(),
+        "stale_compiled_modules": stale_compiled_modules(),
         "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()},
         "gateways": gateways,
         "load": scenario.load.model_dump(mode="json"),

@@ -55,10 +55,21 @@ def test_a_replicas_count_replaces_its_picks_and_an_own_poll_adds_the_others_par
     assert b.hosts["g1"].peer_count == 3.0
     # b polls its own Envoy (1 of its own in flight): the host's count is both Envoys' and a's pick since.
     assert b.hosts["g1"].envoy_count(1) == 4.0
-    # A poll names the hosts whose count changed only; the others' picks since still restart.
+    # Each poll tells the whole count again, which replaces a's picks since the last.
     load_a.polled()
     load_b.receive(A, load_a.take(), frozen())
     assert b.hosts["g1"].peer_count == 2.0
+    # A replica that starts now (or whose connection broke) has the whole count from a's next poll.
+    (late,) = stores(1)
+    load_late = PeerLoad(late, silent_after_s=3.0)
+    load_a.polled()
+    load_late.receive(A, load_a.take(), frozen())
+    assert late.hosts["g1"].peer_count == 2.0
+    # A count back to 0 leaves the next poll out: it is 0 then.
+    a.hosts["g1"].envoy.active = 0
+    load_a.polled()
+    load_b.receive(A, load_a.take(), frozen())
+    assert b.hosts["g1"].peer_count == 0.0
 
 
 def test_a_silent_replica_is_forgotten() -> None:

@@ -20,10 +20,10 @@ replicas is :mod:`extproc.replicas`; this module is what the messages mean.
 
 **The messages.** A batch of events, each a kind byte and a record: a pick (``p``: the keys of its host and
 model, :func:`~extproc.datapath.shared_picks.name_key`, and its work) or a poll (``c``: the number of hosts,
-then each host's key and Envoy count; only the hosts whose count changed since the last poll the sender
-announced, so a poll marks every host and names a few). A batch that does not parse is dropped whole, and a
-pick for a host this replica does not know or with impossible work is skipped: the next poll of each Envoy
-corrects what a lost message leaves.
+then each host's key and Envoy count, for every host whose count is not 0: each poll tells the whole
+count, so that a replica that starts, or whose connection broke, is right from the next one). A batch that
+does not parse is dropped whole, and a pick for a host this replica does not know or with impossible work
+is skipped: the next poll of each Envoy corrects what a lost message leaves.
 """
 
 from __future__ import annotations
@@ -78,7 +78,6 @@ class PeerLoad:
         # Called when the outbox, empty until then, gets an event: the channel sends it soon.
         self.on_ready = on_ready
         self._outbox = bytearray()
-        self._announced: dict[int, int] = {}  # the counts of the last poll told, by host key
         self._peers: dict[bytes, _Peer] = {}
         self._keys: dict[str, int] = {}
         self._hosts: dict[int, HostState] = {}
@@ -114,16 +113,10 @@ class PeerLoad:
         self._append(b"p" + _PICK.pack(self._key(host.name), model_key, work))
 
     def polled(self) -> None:
-        """This replica's Envoy was just read into :attr:`store`: tell its counts (those that changed)."""
-        announced = self._announced
-        changed: list[bytes] = []
-        for name, host in self.store.hosts.items():
-            key = self._key(name)
-            active = host.envoy.active
-            if announced.get(key, 0) != active:
-                announced[key] = active
-                changed.append(_COUNT.pack(key, active))
-        self._append(b"c" + _POLL.pack(len(changed)) + b"".join(changed))
+        """This replica's Envoy was just read into :attr:`store`: tell its counts (those not 0)."""
+        hosts = self.store.hosts.items()
+        counts = [_COUNT.pack(self._key(name), host.envoy.active) for name, host in hosts if host.envoy.active]
+        self._append(b"c" + _POLL.pack(len(counts)) + b"".join(counts))
 
     def take(self) -> bytes:
         """The events to send, since the last call."""
@@ -166,19 +159,20 @@ class PeerLoad:
                 self._count(state, event)
 
     def _count(self, state: _Peer, counts: dict[int, int]) -> None:
-        """A poll of ``state``'s Envoy: its picks so far are in its counts, ``counts`` those that changed."""
+        """A poll of ``state``'s Envoy, ``counts`` the hosts' not 0: they replace its counts and its picks so
+        far (which they hold)."""
         hosts = self._hosts
-        for key, picks in state.picks.items():
-            host = hosts.get(key)
-            if host is not None and host.peer_count is not None:
-                host.peer_count -= picks
+        changes: dict[int, int] = {key: -picks for key, picks in state.picks.items()}
         state.picks.clear()
+        for key, active in state.counts.items():
+            changes[key] = changes.get(key, 0) - active
         for key, active in counts.items():
-            old = state.counts.get(key, 0)
-            state.counts[key] = active
+            changes[key] = changes.get(key, 0) + active
+        state.counts = {key: active for key, active in counts.items() if active}
+        for key, change in changes.items():
             host = hosts.get(key)
-            if host is not None and host.peer_count is not None:
-                host.peer_count += active - old
+            if change and host is not None and host.peer_count is not None:
+                host.peer_count += change
 
     def expire(self, now: float) -> None:
         """Forget the replicas not heard from for ``silent_after_s``."""
