@@ -137,7 +137,10 @@ class GatewaysBench(FleetBench):
             if isinstance(result, BaseException):
                 raise result
             records.append(result)
-        latencies, errors, hosts = merged(records, load.warmup_s)
+        latencies, errors, served = merged(records, load.warmup_s)
+        hosts: Counter[str] = Counter()
+        for endpoint, count in served.items():  # a host's REST and gRPC endpoints together
+            hosts[self.endpoint_names.get(endpoint, endpoint)] += count
         summary = latency_summary(latencies)
         self.say(f"round {round_}, {variant}: p99 {summary['p99_ms']:.1f} ms, {sum(errors.values())} errors")
         return {
