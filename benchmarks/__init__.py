@@ -69,3 +69,13 @@ def quiet_logs() -> None:
     from extproc.logs import configure
 
     configure("warning", "auto")
+
+
+def revision() -> str:
+    """The commit measured, with "+changes" when the working tree's tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")

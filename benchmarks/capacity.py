@@ -48,9 +48,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from benchmarks import RESULTS_DIR, SCENARIOS_DIR, quiet_logs, shown
+from benchmarks import RESULTS_DIR, SCENARIOS_DIR, quiet_logs, revision, shown
 from benchmarks.loadgen import LAG_BEHIND_MS, OK_STATUSES, LoadSpec, Records, percentile
-from benchmarks.overload import _revision
 from benchmarks.routing import (
     SETTLE_S,
     Front,
@@ -482,7 +481,7 @@ def run_search(
         "description": scenario.description,
         "source": scenario.source,
         "command": command,
-        "revision": _revision(),
+        "revision": revision(),
         "build": "compiled" if compiled() else "pure",
         "started_at": started_at,
         "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -31,9 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from benchmarks import RESULTS_DIR, quiet_logs, shown
+from benchmarks import RESULTS_DIR, quiet_logs, revision, shown
 from benchmarks.loadgen import OK_STATUSES, LoadSpec, Records
-from benchmarks.overload import _revision
 from benchmarks.ports import free_ports
 from benchmarks.routing import (
     FleetBench,
@@ -198,7 +197,7 @@ def run(
         "command": command,
         "scenario": scenario.name,
         "started_at": started_at,
-        "revision": _revision(),
+        "revision": revision(),
         "compiled": compiled(),
         "stale_compiled_modules": stale_compiled_modules(),
         "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()},

@@ -43,7 +43,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -54,7 +53,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from benchmarks import RESULTS_DIR, SCENARIOS_DIR, quiet_logs, shown
+from benchmarks import RESULTS_DIR, SCENARIOS_DIR, quiet_logs, revision, shown
 from benchmarks.loadgen import DEADLINE, OK_STATUSES, TIMEOUT, LoadSpec, MixEntry, Records, percentile
 from benchmarks.routing import (
     FleetBench,
@@ -725,7 +724,7 @@ def run_scenario(
         "started_at": started_at,
         "machine": {"cpus": os.cpu_count()},
         "command": " ".join(["python", "-m", "benchmarks.overload", *sys.argv[1:]]),
-        "revision": _revision(),
+        "revision": revision(),
         # Whether the picker's compiled modules ran (see extproc/build.py), as in the other benchmarks.
         "compiled": compiled(),
         "hosts": fleet_description(bench.fleet),
@@ -822,16 +821,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-dir", type=Path, help="keep logs and configs here instead of a deleted temp dir")
     args = parser.parse_args(argv)
     return run(args.scenario, args.output, args.duration, args.modes, args.keep_dir)
-
-
-def _revision() -> str:
-    """The commit measured, with "+changes" when the working tree differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 if __name__ == "__main__":  # pragma: no cover

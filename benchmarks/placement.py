@@ -50,7 +50,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from benchmarks import REPO_ROOT, RESULTS_DIR, SCENARIOS_DIR, child_env, quiet_logs, shown, stop_process
+from benchmarks import REPO_ROOT, RESULTS_DIR, SCENARIOS_DIR, child_env, quiet_logs, revision, shown, stop_process
 from benchmarks.loadgen import OK_STATUSES, LoadSpec, MixEntry, Records, percentile
 from benchmarks.overload import merged
 from benchmarks.ports import free_ports
@@ -658,15 +658,6 @@ def _budget_line(b: Mapping[str, Any]) -> str:
     )
 
 
-def _revision() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
-
-
 def _header(scenario: PlacementScenario, fleet: Fleet, started_at: str) -> dict[str, Any]:
     return {
         "scenario": scenario.name,
@@ -678,7 +669,7 @@ def _header(scenario: PlacementScenario, fleet: Fleet, started_at: str) -> dict[
         "build": "compiled" if compiled() else "EXTPROC_PURE_PYTHON=1",
         # The load average when the run ended: others' work on a shared machine shows in the latencies.
         "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
-        "revision": _revision(),
+        "revision": revision(),
         "hosts": fleet_description(fleet),
         "placement": fleet.placement.model_dump(mode="json"),
         "settings": scenario.model_dump(mode="json", exclude={"fleet"}),

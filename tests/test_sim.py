@@ -426,6 +426,7 @@ def test_the_command_writes_json_with_command_seed_and_scenario(
     report = json.loads(out.read_text())
     assert report["seed"] == 3 and report["scenario"]["resolved"]["seed"] == 3
     assert report["scenario"]["resolved"]["telemetry"]["replica_lag_ms"] == 4
+    assert report["revision"] not in ("", "?")  # the commit measured
     assert report["scenario"]["resolved"]["fleet"]["picker"]["poll"]["triton_metrics_ms"] == 100
     assert "--seed 3" in report["command"]
     assert [(r["policy"], r["pickers"]) for r in report["runs"]] == [

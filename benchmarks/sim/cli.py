@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import RESULTS_DIR, shown
+from benchmarks import RESULTS_DIR, revision, shown
 from benchmarks.sim.engine import Sim
 from benchmarks.sim.policies import FACTORIES
 from benchmarks.sim.report import comparisons, format_family, format_runs, summarize
@@ -167,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     shown_values = ", ".join(f"{k} {v:.3f}" for k, v in values.items())
                     print(f"  x{count} {policy}: {shown_values}")
     machine = {"cpus": os.cpu_count(), "pure_python": os.environ.get("EXTPROC_PURE_PYTHON") == "1"}
+    measured = revision()
     if args.all:
         print(format_family(reports))
         out = args.output or RESULTS_DIR / "sim-family.json"
@@ -174,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out,
             {
                 "command": command,
+                "revision": measured,
                 "seed": args.seed,
                 "started_at": started_at,
                 "machine": machine,
@@ -185,7 +187,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = reports[0]
         out = args.output or RESULTS_DIR / f"sim-{scenarios[0].name}.json"
         _write(
-            out, {"command": command, "seed": scenarios[0].seed, "started_at": started_at, "machine": machine, **report}
+            out,
+            {
+                "command": command,
+                "revision": measured,
+                "seed": scenarios[0].seed,
+                "started_at": started_at,
+                "machine": machine,
+                **report,
+            },
         )
     print(f"results: {out}")
     return 0
