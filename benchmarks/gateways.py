@@ -177,6 +177,8 @@ def run(
         print("benchmarks.gateways: the pickers share loads with picker.workers: 1 only", file=sys.stderr)
         return 2
     command = "python -m benchmarks.gateways " + " ".join(sys.argv[1:])
+    # The build the pickers start with, as they start.
+    build = {"compiled": compiled(), "stale_compiled_modules": stale_compiled_modules(), "revision": revision()}
     run_dir = Path(tempfile.mkdtemp(prefix="extproc-gateways-"))
     bench = GatewaysBench(scenario, run_dir, gateways)
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -197,9 +199,7 @@ def run(
         "command": command,
         "scenario": scenario.name,
         "started_at": started_at,
-        "revision": revision(),
-        "compiled": compiled(),
-        "stale_compiled_modules": stale_compiled_modules(),
+        **build,
         "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()},
         "gateways": gateways,
         "load": scenario.load.model_dump(mode="json"),

@@ -79,6 +79,8 @@ def test_a_silent_replica_is_forgotten() -> None:
     load_a.polled()
     load_b.receive(A, load_a.take(), 100.0)
     assert b.hosts["g3"].envoy_count(1) == 5.0
+    load_a.picked(a.hosts["g3"], None, 1.0)  # picks alone, its counts stopped: not heard
+    load_b.receive(A, load_a.take(), 102.0)
     load_b.expire(102.9)
     assert load_b.peers == 1
     generation = b.generation

@@ -14,8 +14,9 @@ host that looked best at its last poll. Sharing loads, each replica tells the ot
   (:meth:`HostState.envoy_count`), and counts every pick once (:meth:`HostState.scale` is 1) while it hears
   any other replica.
 
-A replica not heard from for ``silent_after_s`` is forgotten (its part leaves the counts): its Envoy stopped,
-or the channel broke. With none left, counts and picks scale by the traffic share again. The channel between
+A replica whose Envoy's counts have not come for ``silent_after_s`` is forgotten (its part leaves the counts):
+its Envoy stopped or cannot be read (its picks alone would pile up in its part), or the channel broke. With
+none left, counts and picks scale by the traffic share again. The channel between
 replicas is :mod:`extproc.replicas`; this module is what the messages mean.
 
 **The messages.** A batch of events, each a kind byte and a record: a pick (``p``: the keys of its host and
@@ -58,7 +59,8 @@ class PeerLoadError(ValueError):
 
 
 class _Peer:
-    """One other replica: when it was last heard, and per host key its Envoy's last count and its picks since."""
+    """One other replica: when its Envoy's counts last came (or it was first heard), and per host key its
+    Envoy's last count and its picks since."""
 
     __slots__ = ("counts", "heard_at", "picks")
 
@@ -142,7 +144,6 @@ class PeerLoad:
             state = self._peers[peer] = _Peer(now)
             if len(self._peers) == 1:
                 self._recount()
-        state.heard_at = now
         hosts, models = self._hosts, self._models
         for event in parsed:
             if isinstance(event, tuple):
@@ -157,6 +158,7 @@ class PeerLoad:
                 self._applied += 1
             else:
                 self._count(state, event)
+                state.heard_at = now
 
     def _count(self, state: _Peer, counts: dict[int, int]) -> None:
         """A poll of ``state``'s Envoy, ``counts`` the hosts' not 0: they replace its counts and its picks so
