@@ -74,11 +74,11 @@ class PeerLoad:
     """One replica's side: what it tells the others (:meth:`picked`, :meth:`polled`, :meth:`take`) and what
     they told it (:meth:`receive`, :meth:`expire`). :attr:`store` may be replaced (a switch of fleet)."""
 
-    def __init__(self, store: Datastore, silent_after_s: float, on_ready: Callable[[], None] | None = None) -> None:
+    def __init__(self, store: Datastore, silent_after_s: float) -> None:
         self.store = store
         self.silent_after_s = silent_after_s
-        # Called when the outbox, empty until then, gets an event: the channel sends it soon.
-        self.on_ready = on_ready
+        # Set by the channel: called when the outbox, empty until then, gets an event, to send it soon.
+        self.on_ready: Callable[[], None] | None = None
         self._outbox = bytearray()
         self._peers: dict[bytes, _Peer] = {}
         self._keys: dict[str, int] = {}
@@ -92,7 +92,7 @@ class PeerLoad:
 
     @property
     def peers(self) -> int:
-        """The other replicas heard from (and not forgotten)."""
+        """The other replicas heard (and not forgotten)."""
         return len(self._peers)
 
     def taken(self) -> tuple[int, int]:
@@ -177,7 +177,7 @@ class PeerLoad:
                 host.peer_count += change
 
     def expire(self, now: float) -> None:
-        """Forget the replicas not heard from for ``silent_after_s``."""
+        """Forget the replicas whose Envoy's counts have not come for ``silent_after_s``."""
         self._follow()
         silent = [peer for peer, state in self._peers.items() if now - state.heard_at > self.silent_after_s]
         if not silent:
