@@ -326,11 +326,21 @@ def _fleet(tmp_path: Path, **replicas: Any) -> Fleet:
         ({"publish": "9006", "token_file": "t"}, "is not HOST:PORT"),
         ({"follow": "leader:9006", "token_file": "t", "takeover_after_ms": 2500}, "stale"),
         ({"follow": "leader:9006", "token_file": "t", "takeover_after_ms": 100}, "greater than or equal to 500"),
+        ({"share_load": True}, "share_load needs publish or follow"),
     ],
 )
 def test_invalid_replicas_settings(tmp_path: Path, replicas: dict[str, Any], problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         _fleet(tmp_path, **replicas)
+
+
+def test_replicas_share_loads_with_one_process_each(tmp_path: Path) -> None:
+    sharing = {"follow": "leader:9006", "token_file": "t", "share_load": True}
+    assert _fleet(tmp_path, **sharing).picker.replicas.share_load
+    hosts = [{"name": "a", "address": "10.0.0.1", "tier": "gpu"}]
+    data = {"hosts": hosts, "picker": {"replicas": sharing, "workers": 2}}
+    with pytest.raises(ConfigError, match=r"fleet.yaml: .*replicas.share_load needs workers: 1 \(not 2\)"):
+        parse_fleet(data, str(tmp_path / "fleet.yaml"))
 
 
 def test_no_replicas_no_token(tmp_path: Path) -> None:
