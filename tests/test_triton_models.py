@@ -301,12 +301,13 @@ def test_service_time_factor_slows_timed_batch(triton: Triton, tmp_path: Path) -
     requests = 4
     # One item per execution: (8 ms + 2 ms) x factor. sleep() gives lower bounds that noise cannot break;
     # noise (a busy machine) only makes an execution slower, so the fast host's bound is relative, and wide.
+    # A factor far above what a busy machine adds to the fast host (it has taken 45 ms an execution).
     fast_ms = _mean_compute_ms(triton, requests)
-    with run_triton(tmp_path, ("timed_batch",), service_time_factor=8.0) as slow:
+    with run_triton(tmp_path, ("timed_batch",), service_time_factor=20.0) as slow:
         slow_ms = _mean_compute_ms(slow, requests)
     assert fast_ms >= 10.0 * 0.98
-    assert slow_ms >= 80.0 * 0.98
-    assert slow_ms > 2.0 * fast_ms, f"factor 1 took {fast_ms:.1f} ms per execution, factor 8 {slow_ms:.1f} ms"
+    assert slow_ms >= 200.0 * 0.98
+    assert slow_ms > 2.0 * fast_ms, f"factor 1 took {fast_ms:.1f} ms per execution, factor 20 {slow_ms:.1f} ms"
 
 
 def test_a_factor_written_to_the_speed_file_slows_timed_batch_while_it_runs(tmp_path: Path) -> None:
@@ -317,16 +318,16 @@ def test_a_factor_written_to_the_speed_file_slows_timed_batch_while_it_runs(tmp_
     with run_triton(tmp_path, ("timed_batch",), 1.0, {"EXTPROC_SERVICE_TIME_FILE": str(speed)}) as server:
         before_ms = _mean_compute_ms(server, 4)
         partial = tmp_path / "speed.partial"
-        partial.write_text("8.0\n")
+        partial.write_text("20.0\n")  # far above what a busy machine adds to factor 1 (see the test above)
         partial.replace(speed)
         slowed_ms = _mean_compute_ms(server, 4)
         partial.write_text("fast please\n")
         partial.replace(speed)
         kept_ms = _mean_compute_ms(server, 4)
     # Lower bounds from sleep(); factor 1's bound is relative (see the test above).
-    assert slowed_ms >= 80.0 * 0.98
-    assert kept_ms >= 80.0 * 0.98
-    assert slowed_ms > 2.0 * before_ms, f"factor 1 took {before_ms:.1f} ms per execution, factor 8 {slowed_ms:.1f} ms"
+    assert slowed_ms >= 200.0 * 0.98
+    assert kept_ms >= 200.0 * 0.98
+    assert slowed_ms > 2.0 * before_ms, f"factor 1 took {before_ms:.1f} ms per execution, factor 20 {slowed_ms:.1f} ms"
 
 
 # --- seq_accumulate ------------------------------------------------------------------------------------
