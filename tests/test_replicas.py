@@ -4,11 +4,12 @@ what a follower keeps of its own, the takeover and the fleet file's ``picker.rep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,12 +166,18 @@ def test_a_follower_keeps_its_envoy_view_drain_and_clock() -> None:
 # --- over TCP ----------------------------------------------------------------------------------------------
 
 
-async def _handshake(port: int, secret: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _connect(port: int, secret: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Session]:
+    """A follower's connection to the publisher on ``port``, the handshake done with ``secret``."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     ours = os.urandom(NONCE_BYTES)
     writer.write(MAGIC + ours)
-    theirs = await reader.readexactly(NONCE_BYTES)
-    writer.write(Session(secret, ours + theirs).proof())
+    session = Session(secret, ours + await reader.readexactly(NONCE_BYTES))
+    writer.write(session.proof())
+    return reader, writer, session
+
+
+async def _handshake(port: int, secret: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer, _ = await _connect(port, secret)
     return reader, writer
 
 
@@ -379,11 +386,14 @@ async def _until(check: Callable[[], bool]) -> None:
     raise AssertionError("not within 2 s")
 
 
-async def test_replicas_tell_each_other_their_picks_and_counts_through_the_publisher() -> None:
-    fleet, published = synthetic_fleet(3)
+@contextlib.asynccontextmanager
+async def _two_followers(
+    fleet: Fleet, published: Datastore, ours: PeerLoad | None
+) -> AsyncIterator[tuple[ReplicaPublisher, list[Datastore], list[PeerLoad]]]:
+    """A publisher of ``published`` (sharing loads with ``ours``, or none) and two followers that share theirs,
+    all connected and following; their datastores and peer loads."""
     (port,) = free_ports(1)
     address = f"127.0.0.1:{port}"
-    ours = PeerLoad(published, 3.0)
     publisher = ReplicaPublisher(published, address, SECRET, ours)
     await publisher.start()
     stores = [Datastore(fleet) for _ in range(2)]
@@ -396,6 +406,17 @@ async def test_replicas_tell_each_other_their_picks_and_counts_through_the_publi
     tasks = [asyncio.create_task(f.run()) for f in followers]
     try:
         await _until(lambda: publisher.followers == 2 and all(f.received.is_set() for f in followers))
+        yield publisher, stores, theirs
+    finally:
+        for task in tasks:
+            task.cancel()
+        await publisher.stop()
+
+
+async def test_replicas_tell_each_other_their_picks_and_counts_through_the_publisher() -> None:
+    fleet, published = synthetic_fleet(3)
+    ours = PeerLoad(published, 3.0)
+    async with _two_followers(fleet, published, ours) as (_, stores, theirs):
         # A follower's pick reaches the publisher and, relayed, the other follower; never itself.
         theirs[0].picked(stores[0].hosts["h1"], None, 2.0)
         await _until(lambda: published.hosts["h1"].peer_count == 1.0 and stores[1].hosts["h1"].peer_count == 1.0)
@@ -408,10 +429,6 @@ async def test_replicas_tell_each_other_their_picks_and_counts_through_the_publi
         await _until(lambda: all(s.hosts["h0"].peer_count == 4.0 and s.hosts["h2"].peer_count == 0.0 for s in stores))
         assert stores[1].hosts["h1"].peer_count == 1.0  # the first follower's part, and the publisher's
         assert [p.peers for p in (ours, *theirs)] == [1, 1, 2]  # the second follower told nothing
-    finally:
-        for task in tasks:
-            task.cancel()
-        await publisher.stop()
 
 
 async def test_a_frame_sent_back_the_way_it_came_is_refused() -> None:
@@ -422,11 +439,7 @@ async def test_a_frame_sent_back_the_way_it_came_is_refused() -> None:
     publisher = ReplicaPublisher(published, f"127.0.0.1:{port}", SECRET, PeerLoad(published, 3.0))
     await publisher.start()
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        nonce = os.urandom(NONCE_BYTES)
-        writer.write(MAGIC + nonce)
-        session = Session(SECRET, nonce + await reader.readexactly(NONCE_BYTES))
-        writer.write(session.proof())
+        reader, writer, session = await _connect(port, SECRET)
         await _next_state(reader)
         pick = b"p" + struct.pack("<QQd", name_key("h0"), 0, 1.0)
         writer.write(session.seal(0, time.monotonic(), LOADS + b"o" * ORIGIN_BYTES + pick))  # sealed DOWN
@@ -441,26 +454,9 @@ async def test_a_publisher_that_shares_no_loads_relays_none() -> None:
     """Replicas must all share their loads or none: followers that do, behind a publisher that does not, hear
     nobody (and scale their own counts by their traffic share, as alone), rather than miss its requests."""
     fleet, published = synthetic_fleet(2)
-    (port,) = free_ports(1)
-    address = f"127.0.0.1:{port}"
-    publisher = ReplicaPublisher(published, address, SECRET)
-    await publisher.start()
-    stores = [Datastore(fleet) for _ in range(2)]
-    theirs = [PeerLoad(store, 3.0) for store in stores]
-
-    async def on_following(_: bool) -> None:
-        return None
-
-    followers = [ReplicaFollower(s, address, SECRET, 2.0, on_following, p) for s, p in zip(stores, theirs, strict=True)]
-    tasks = [asyncio.create_task(f.run()) for f in followers]
-    try:
-        await _until(lambda: publisher.followers == 2 and all(f.received.is_set() for f in followers))
+    async with _two_followers(fleet, published, None) as (publisher, stores, theirs):
         theirs[0].picked(stores[0].hosts["h1"], None, 1.0)
         theirs[0].polled()
         await asyncio.sleep(0.3)
         assert stores[1].hosts["h1"].peer_count is None and theirs[1].peers == 0
         assert publisher.followers == 2  # their loads are read and dropped, not refused
-    finally:
-        for task in tasks:
-            task.cancel()
-        await publisher.stop()
