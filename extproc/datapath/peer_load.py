@@ -35,7 +35,7 @@ from typing import Final
 
 from extproc.config import Fleet
 from extproc.datapath.datastore import Datastore, HostState
-from extproc.datapath.shared_picks import name_key
+from extproc.datapath.shared_picks import KeyedFleet
 
 __all__ = ["PeerLoad", "PeerLoadError", "silent_after_s"]
 
@@ -81,11 +81,7 @@ class PeerLoad:
         self.on_ready: Callable[[], None] | None = None
         self._outbox = bytearray()
         self._peers: dict[bytes, _Peer] = {}
-        self._keys: dict[str, int] = {}
-        self._hosts: dict[int, HostState] = {}
-        self._models: dict[int, str] = {}
-        self._followed: Datastore | None = None
-        self._layout = -1
+        self._fleet = KeyedFleet()
         # Since the last taken(): the other replicas' picks applied, and those skipped or in dropped batches.
         self._applied = 0
         self._lost = 0
@@ -101,23 +97,19 @@ class PeerLoad:
         self._applied = self._lost = 0
         return counts
 
-    def _key(self, name: str) -> int:
-        key = self._keys.get(name)
-        if key is None:
-            key = self._keys[name] = name_key(name)
-        return key
-
     # --- what this replica tells ------------------------------------------------------------------------
 
     def picked(self, host: HostState, model: str | None, work: float) -> None:
         """This replica sent a request of ``work`` to ``host``."""
-        model_key = self._key(model) if model is not None else 0
-        self._append(b"p" + _PICK.pack(self._key(host.name), model_key, work))
+        key = self._fleet.key
+        model_key = key(model) if model is not None else 0
+        self._append(b"p" + _PICK.pack(key(host.name), model_key, work))
 
     def polled(self) -> None:
         """This replica's Envoy was just read into :attr:`store`: tell its counts (those not 0)."""
         hosts = self.store.hosts.items()
-        counts = [_COUNT.pack(self._key(name), host.envoy.active) for name, host in hosts if host.envoy.active]
+        key = self._fleet.key
+        counts = [_COUNT.pack(key(name), host.envoy.active) for name, host in hosts if host.envoy.active]
         self._append(b"c" + _POLL.pack(len(counts)) + b"".join(counts))
 
     def take(self) -> bytes:
@@ -144,7 +136,7 @@ class PeerLoad:
             state = self._peers[peer] = _Peer(now)
             if len(self._peers) == 1:
                 self._recount()
-        hosts, models = self._hosts, self._models
+        hosts, models = self._fleet.hosts, self._fleet.models
         for event in parsed:
             if isinstance(event, tuple):
                 host_key, model_key, work = event
@@ -163,7 +155,7 @@ class PeerLoad:
     def _count(self, state: _Peer, counts: dict[int, int]) -> None:
         """A poll of ``state``'s Envoy, ``counts`` the hosts' not 0: they replace its counts and its picks so
         far (which they hold)."""
-        hosts = self._hosts
+        hosts = self._fleet.hosts
         changes: dict[int, int] = {key: -picks for key, picks in state.picks.items()}
         state.picks.clear()
         for key, active in state.counts.items():
@@ -187,22 +179,17 @@ class PeerLoad:
         self._recount()
 
     def _follow(self) -> None:
-        """The hosts and models :attr:`store` knows, by key; again whenever its layout changes (a host may have
-        been replaced by another of the same name), and then the hosts' parts counted afresh."""
-        store = self.store
-        if store is self._followed and store.layout == self._layout:
-            return
-        self._followed, self._layout = store, store.layout
-        self._hosts = {self._key(name): host for name, host in store.hosts.items()}
-        self._models = {self._key(model): model for model in store.known_models}
-        self._recount()
+        """Index :attr:`store`'s hosts and models by key; made again (a new datastore, a changed layout), count
+        the hosts' parts afresh."""
+        if self._fleet.follow(self.store):
+            self._recount()
 
     def _recount(self) -> None:
         """Each host's :attr:`~HostState.peer_count` from the other replicas' parts (None with none heard).
         The scale of the host's counts follows, which prepared plans hold: a change."""
         self.store.changed()
         peers = self._peers.values()
-        for key, host in self._hosts.items():
+        for key, host in self._fleet.hosts.items():
             if not peers:
                 host.peer_count = None
                 continue

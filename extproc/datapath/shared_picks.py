@@ -29,7 +29,7 @@ from typing import Final
 
 from extproc.datapath.datastore import Datastore, HostState
 
-__all__ = ["SLOTS", "SharedPicks", "name_key"]
+__all__ = ["SLOTS", "KeyedFleet", "SharedPicks", "name_key"]
 
 # Picks one row remembers: far more than a worker decides between two decisions of another.
 SLOTS: Final = 1024
@@ -50,6 +50,33 @@ def name_key(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") or 1
 
 
+class KeyedFleet:
+    """A datastore's hosts and models by :func:`name_key`, as another process names them; made again whenever
+    the datastore (or its layout: a host may have been replaced by another of the same name) changes."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, int] = {}
+        self.hosts: dict[int, HostState] = {}
+        self.models: dict[int, str] = {}
+        self._store: Datastore | None = None
+        self._layout = -1
+
+    def key(self, name: str) -> int:
+        key = self._keys.get(name)
+        if key is None:
+            key = self._keys[name] = name_key(name)
+        return key
+
+    def follow(self, store: Datastore) -> bool:
+        """Index ``store``; whether it was made again (a new datastore or layout)."""
+        if store is self._store and store.layout == self._layout:
+            return False
+        self._store, self._layout = store, store.layout
+        self.hosts = {self.key(name): host for name, host in store.hosts.items()}
+        self.models = {self.key(model): model for model in store.known_models}
+        return True
+
+
 class SharedPicks:
     """One worker's view of the buffer: it appends to row ``row`` of ``rows`` and reads the others."""
 
@@ -64,11 +91,7 @@ class SharedPicks:
         # next count has them.
         self._written = self._count(row)
         self._seen = [self._count(r) for r in range(rows)]
-        self._keys: dict[str, int] = {}
-        self._hosts: dict[int, HostState] = {}
-        self._models: dict[int, str] = {}
-        self._store: Datastore | None = None
-        self._layout = -1
+        self._fleet = KeyedFleet()
         # Since the last taken(): the other workers' picks applied to this worker's estimates, and those
         # skipped (fallen behind the ring, or not understood).
         self._applied = 0
@@ -89,20 +112,14 @@ class SharedPicks:
         count: int = _COUNT.unpack_from(self._buffer, self._offsets[row])[0]
         return count
 
-    def _key(self, name: str) -> int:
-        key = self._keys.get(name)
-        if key is None:
-            key = self._keys[name] = name_key(name)
-        return key
-
     def publish(self, host: HostState, model: str | None, work: float, now: float) -> None:
         """Append this worker's pick, made at ``now`` (``time.monotonic()``, one clock for every process of
         the machine), for the others."""
         written = self._written
         base = self._offsets[self._row]
-        model_key = self._key(model) if model is not None else 0
+        model_key = self._fleet.key(model) if model is not None else 0
         slot = base + _COUNT.size + (written % SLOTS) * _PICK.size
-        _PICK.pack_into(self._buffer, slot, self._key(host.name), model_key, work, now)
+        _PICK.pack_into(self._buffer, slot, self._fleet.key(host.name), model_key, work, now)
         self._written = written + 1
         _COUNT.pack_into(self._buffer, base, written + 1)
 
@@ -129,9 +146,9 @@ class SharedPicks:
         if not polled:
             return
         since = min(polled)
-        self._follow(store)
-        hosts = {self._key(host.name): host for host in restarted}
-        models = self._models
+        self._fleet.follow(store)
+        hosts = {self._fleet.key(host.name): host for host in restarted}
+        models = self._fleet.models
         again: dict[int, list[tuple[float, str | None, float]]] = {}
         for row, offset in enumerate(self._offsets):
             end = self._written if row == self._row else self._seen[row]
@@ -157,9 +174,9 @@ class SharedPicks:
                 host.record_pick(now, 1, model, work, again=True)
 
     def _apply(self, store: Datastore, row: int, start: int, end: int, now: float) -> None:
-        self._follow(store)
+        self._fleet.follow(store)
         base = self._offsets[row] + _COUNT.size
-        hosts, models = self._hosts, self._models
+        hosts, models = self._fleet.hosts, self._fleet.models
         for i in range(start, end):
             host_key, model_key, work, at = _PICK.unpack_from(self._buffer, base + (i % SLOTS) * _PICK.size)
             host = hosts.get(host_key)
@@ -171,12 +188,3 @@ class SharedPicks:
                 continue  # Envoy's count, which this worker's estimate restarted from since, holds it
             host.record_pick(now, 1, models.get(model_key), work)  # key 0 (no model) is no model's
             self._applied += 1
-
-    def _follow(self, store: Datastore) -> None:
-        """The hosts and models ``store`` knows, by key; again whenever its layout changes (a host may have
-        been replaced by another of the same name)."""
-        if store is self._store and store.layout == self._layout:
-            return
-        self._store, self._layout = store, store.layout
-        self._hosts = {self._key(name): host for name, host in store.hosts.items()}
-        self._models = {self._key(model): model for model in store.known_models}
