@@ -22,6 +22,7 @@ import copy
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -166,8 +167,16 @@ def format_runs(runs: Sequence[Mapping[str, Any]]) -> str:
 
 
 def run(
-    scenario_path: Path, gateways: int, rounds: int, variants: Sequence[str], output: Path | None, fleet: Sequence[str]
+    scenario_path: Path,
+    gateways: int,
+    rounds: int,
+    variants: Sequence[str],
+    output: Path | None,
+    fleet: Sequence[str],
+    command: str,
 ) -> int:
+    """Run the variants for ``rounds`` rounds, print the table and write the JSON (recording ``command``).
+    Returns 0, 2 for an invalid scenario, 1 when the stack could not be started."""
     try:
         scenario = load_scenario(find_scenario(scenario_path), fleet)
     except (ScenarioError, ValueError) as exc:
@@ -176,7 +185,6 @@ def run(
     if scenario.fleet.get("picker", {}).get("workers", 1) != 1:
         print("benchmarks.gateways: the pickers share loads with picker.workers: 1 only", file=sys.stderr)
         return 2
-    command = "python -m benchmarks.gateways " + " ".join(sys.argv[1:])
     # The build the pickers start with, as they start.
     build = {"compiled": compiled(), "stale_compiled_modules": stale_compiled_modules(), "revision": revision()}
     run_dir = Path(tempfile.mkdtemp(prefix="extproc-gateways-"))
@@ -226,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 2 <= args.gateways <= 8 or args.rounds < 1:
         parser.error("--gateways is 2 to 8 and --rounds at least 1")
-    return run(args.scenario, args.gateways, args.rounds, args.variants, args.output, args.fleet)
+    command = "python -m benchmarks.gateways " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return run(args.scenario, args.gateways, args.rounds, args.variants, args.output, args.fleet, command)
 
 
 if __name__ == "__main__":  # pragma: no cover
