@@ -36,7 +36,7 @@ from extproc.admin_key import read_admin_key
 from extproc.config import ConfigError, Fleet
 from extproc.control import AUTHORIZATION, SCHEME, authorized, read_control_token
 from extproc.datapath.datastore import BEAT_S, Datastore
-from extproc.datapath.shared_picks import SharedPicks
+from extproc.datapath.shared_picks import LEADER_READ_S, SharedPicks, rows
 from extproc.discovery import Discovery
 from extproc.edges import GRPC_OPTIONS, edges, epp_certificate
 from extproc.parts import Part, cancel
@@ -217,7 +217,9 @@ class _Publishing(Part):
     """The leader's telemetry (and the pools' hosts) pushed to its workers."""
 
     def __init__(self, picker: Picker) -> None:
-        self._publisher = Publisher(picker.datastore, _share(picker.fleet), picker.discovered, picker.envoy_polled)
+        self._publisher = Publisher(
+            picker.datastore, _share(picker.fleet), picker.discovered, picker.envoy_polled, picker.peer_load
+        )
         self._picker = picker
 
     async def start(self) -> None:
@@ -228,6 +230,37 @@ class _Publishing(Part):
 
     async def stop(self) -> None:
         await self._publisher.stop()
+
+
+class _RelayingWorkerPicks(Part):
+    """A leader's part of ``picker.replicas.share_load``: the other replicas' picks written where its workers
+    read each other's, and its workers' picks told to the other replicas (see
+    :mod:`extproc.datapath.shared_picks`)."""
+
+    def __init__(self, picker: Picker) -> None:
+        assert picker.peer_load is not None
+        self._peer_load = picker.peer_load
+        self._fleet = picker.fleet
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        fleet = self._fleet
+        picks = map_worker_picks(fleet, fleet.picker.workers, "the workers' and the other replicas' picks not relayed")
+        if picks is None:
+            return
+        self._peer_load.on_pick = picks.append
+        self._task = asyncio.create_task(self._tell_forever(picks), name="worker-picks-to-replicas")
+
+    async def _tell_forever(self, picks: SharedPicks) -> None:
+        peer_load = self._peer_load
+        while True:
+            await asyncio.sleep(LEADER_READ_S)
+            for host_key, model_key, work in picks.take():
+                peer_load.picked_keys(host_key, model_key, work)
+
+    async def stop(self) -> None:
+        self._peer_load.on_pick = None
+        await cancel(self._task)
 
 
 class _Subscribing(Part):
@@ -477,7 +510,8 @@ class Leader(_Resolving):
     def parts(self, picker: Picker) -> list[Part]:
         if picker.fleet.picker.epp is not None:
             epp_certificate(picker.fleet.picker.epp)
-        return [_Http(picker), *_telemetry(picker), _Publishing(picker), _Discovering(picker)]
+        relaying = [_RelayingWorkerPicks(picker)] if picker.peer_load is not None else []
+        return [_Http(picker), *_telemetry(picker), _Publishing(picker), *relaying, _Discovering(picker)]
 
 
 class Worker:
@@ -499,16 +533,7 @@ class Worker:
         if not fleet.picker.share_worker_picks:
             return None
         if self._shared_picks is None:
-            path = worker_picks_path(fleet)
-            try:
-                with path.open("r+b") as file:
-                    buffer = mmap.mmap(file.fileno(), 0)
-                self._shared_picks = SharedPicks(memoryview(buffer), fleet.picker.workers, self.index)
-            except (OSError, ValueError) as exc:  # no leader made it (a worker started by hand), or not for us
-                log.warning(
-                    "worker_picks_not_shared", path=str(path), error=str(exc), note="counting own picks N times"
-                )
-                return None
+            self._shared_picks = map_worker_picks(fleet, self.index, "counting own picks N times")
         return self._shared_picks
 
     def admin_key(self, config: Fleet) -> str | None:
@@ -533,6 +558,10 @@ def worker_picks_path(fleet: Fleet) -> Path:
     return Path(fleet.runtime_dir) / "worker-picks"
 
 
+def _worker_picks_rows(fleet: Fleet) -> int:
+    return rows(fleet.picker.workers, fleet.picker.replicas.share_load)
+
+
 def make_worker_picks(fleet: Fleet) -> None:
     """A fresh, zeroed buffer for the workers' picks, readable by this user only, before any worker maps it
     (a restarted worker maps the same one)."""
@@ -540,9 +569,22 @@ def make_worker_picks(fleet: Fleet) -> None:
     path.unlink(missing_ok=True)
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(descriptor, SharedPicks.size(fleet.picker.workers))
+        os.ftruncate(descriptor, SharedPicks.size(_worker_picks_rows(fleet)))
     finally:
         os.close(descriptor)
+
+
+def map_worker_picks(fleet: Fleet, row: int, without: str) -> SharedPicks | None:
+    """Row ``row`` of the buffer its leader made (:func:`make_worker_picks`); None, logged with what goes on
+    ``without`` it, where there is none or not for this fleet."""
+    path = worker_picks_path(fleet)
+    try:
+        with path.open("r+b") as file:
+            buffer = mmap.mmap(file.fileno(), 0)
+        return SharedPicks(memoryview(buffer), _worker_picks_rows(fleet), row)
+    except (OSError, ValueError) as exc:  # no leader made it (a worker started by hand), or not for us
+        log.warning("worker_picks_not_shared", path=str(path), error=str(exc), note=without)
+        return None
 
 
 def _unix_sockets(addresses: Sequence[str]) -> list[Path]:

@@ -26,6 +26,7 @@ import structlog
 
 from extproc.config import HostSpec
 from extproc.datapath.datastore import TELEMETRY_FIELDS, Datastore, HostState
+from extproc.datapath.peer_load import PeerLoad
 from extproc.datapath.shared_picks import SharedPicks
 from extproc.parts import cancel
 
@@ -51,6 +52,9 @@ class Snapshot:
     envoy_at: float | None = None
     envoy_lagging: dict[str, float | None] = field(default_factory=dict)
     complete: bool = True  # the last frame of a snapshot (see frames())
+    # Each host's HostState.peer_count at that Envoy poll (picker.replicas.share_load; see
+    # PeerLoad.at_poll), which a worker adds to the poll's counts; None: not carried.
+    peer_counts: dict[str, float | None] | None = None
 
 
 def records(datastore: Datastore) -> dict[str, tuple[Any, ...]]:
@@ -64,22 +68,31 @@ def snapshot(datastore: Datastore, discovered: Discovered) -> bytes:
 
 def pack(snapshot: Snapshot) -> bytes:
     return pickle.dumps(
-        (snapshot.records, snapshot.discovered, snapshot.envoy_at, snapshot.envoy_lagging, snapshot.complete),
+        (
+            snapshot.records,
+            snapshot.discovered,
+            snapshot.envoy_at,
+            snapshot.envoy_lagging,
+            snapshot.complete,
+            snapshot.peer_counts,
+        ),
         protocol=pickle.HIGHEST_PROTOCOL,
     )
 
 
 def read_snapshot(data: bytes) -> Snapshot:
     # Only our own leader writes to this socket (owner-only permissions), so unpickling is safe.
-    state, discovered, envoy_at, lagging, complete = pickle.loads(data)
+    state, discovered, envoy_at, lagging, complete, peer_counts = pickle.loads(data)
     assert discovered is None or all(isinstance(h, HostSpec) for h in discovered)
-    return Snapshot(state, discovered, envoy_at, lagging, complete)
+    return Snapshot(state, discovered, envoy_at, lagging, complete, peer_counts)
 
 
 def apply_snapshot(datastore: Datastore, snapshot: Snapshot) -> list[HostState]:
     """Write the snapshot into ``datastore``; returns the hosts whose in-flight estimate restarted from the
     leader's Envoy count (read at the leader's poll, before now)."""
     # A host our (older or newer) fleet file does not have is skipped.
+    if snapshot.peer_counts is not None:
+        datastore.set_peer_counts(snapshot.peer_counts)
     restarted = datastore.set_records(snapshot.records)
     if snapshot.envoy_at is not None:
         restarted += datastore.envoy_polled(snapshot.envoy_at, snapshot.envoy_lagging, snapshot.records)
@@ -88,7 +101,8 @@ def apply_snapshot(datastore: Datastore, snapshot: Snapshot) -> list[HostState]:
 
 def frames(snapshot: Snapshot) -> bytes:
     """The snapshot as length-prefixed frames of at most :data:`FRAME_RECORDS` records each: the first with
-    the discovered hosts, the last with Envoy's time. A worker applies one frame at a time and lets its
+    the discovered hosts and the other replicas' counts (before any estimate restarts), the last with
+    Envoy's time. A worker applies one frame at a time and lets its
     requests through in between, so that a snapshot of many hosts never holds a decision up for long."""
     names = list(snapshot.records)
     chunks = [names[i : i + FRAME_RECORDS] for i in range(0, len(names), FRAME_RECORDS)] or [[]]
@@ -102,6 +116,7 @@ def frames(snapshot: Snapshot) -> bytes:
                 snapshot.envoy_at if last else None,
                 snapshot.envoy_lagging if last else {},
                 last,
+                snapshot.peer_counts if i == 0 else None,
             )
         )
         out += [_LENGTH.pack(len(data)), data]
@@ -148,12 +163,19 @@ def envoy_times(state: dict[str, tuple[Any, ...]]) -> tuple[float | None, dict[s
 
 class Publisher:
     """The leader's side: accepts worker connections and pushes snapshots to all of them, every
-    ``PUSH_INTERVAL_S`` and as soon as ``envoy_polled`` is set (see :meth:`_push_forever`)."""
+    ``PUSH_INTERVAL_S`` and as soon as ``envoy_polled`` is set (see :meth:`_push_forever`); with
+    ``peer_load``, each Envoy poll's snapshot carries the other replicas' counts at that poll."""
 
     def __init__(
-        self, datastore: Datastore, path: Path, discovered: Discovered, envoy_polled: asyncio.Event | None = None
+        self,
+        datastore: Datastore,
+        path: Path,
+        discovered: Discovered,
+        envoy_polled: asyncio.Event | None = None,
+        peer_load: PeerLoad | None = None,
     ) -> None:
         self.datastore = datastore
+        self._peer_load = peer_load
         self.discovered = discovered
         self._envoy_polled = envoy_polled or asyncio.Event()
         self._path = path
@@ -174,8 +196,12 @@ class Publisher:
         self._writers.add(writer)
         state = records(self.datastore)
         envoy_at, lagging = envoy_times(state)
+        snapshot = Snapshot(state, self.discovered, envoy_at, lagging, peer_counts=self._peer_counts())
         with contextlib.suppress(ConnectionError):
-            await self._push(writer, frames(Snapshot(state, self.discovered, envoy_at, lagging)))
+            await self._push(writer, frames(snapshot))
+
+    def _peer_counts(self) -> dict[str, float | None] | None:
+        return None if self._peer_load is None else self._peer_load.at_poll
 
     async def _push(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         try:
@@ -200,8 +226,9 @@ class Publisher:
             discovered = None if self.discovered is self._sent_discovered else self.discovered
             if not self._writers or (not written and discovered is None and envoy_at == self._sent_envoy_at):
                 continue
+            peer_counts = self._peer_counts() if envoy_at != self._sent_envoy_at else None
             self._sent_discovered, self._sent_envoy_at = self.discovered, envoy_at
-            data = frames(Snapshot(written, discovered, envoy_at, lagging))
+            data = frames(Snapshot(written, discovered, envoy_at, lagging, peer_counts=peer_counts))
             await asyncio.gather(*(self._push(w, data) for w in list(self._writers)))
 
     async def stop(self) -> None:

@@ -12,7 +12,7 @@ import pytest
 from extproc.datapath.datastore import Datastore
 from extproc.datapath.peer_load import PeerLoad, PeerLoadError
 from extproc.datapath.scheduling.scheduler import Scheduler
-from extproc.datapath.shared_picks import name_key
+from extproc.datapath.shared_picks import SharedPicks, name_key, rows
 from tests.test_scheduler import frozen, http, names
 from tests.test_shared_picks import stores
 
@@ -151,3 +151,40 @@ def test_a_new_datastore_counts_the_parts_afresh() -> None:
     assert fresh.hosts["g2"].peer_count is None
     load_b.expire(frozen())  # as after each poll of its Envoy
     assert fresh.hosts["g2"].peer_count == 6.0
+
+
+def test_a_leader_passes_the_other_replicas_picks_to_its_workers_and_theirs_to_the_others() -> None:
+    """With workers the leader holds the channel (extproc.roles): each pick another replica tells it goes to
+    its workers' buffer, by keys, stamped with its arrival; its workers' picks go out by their keys, as its
+    own would; each of its polls keeps the other replicas' part of each count for the workers."""
+    (a, leader, w0, w1), (load_a, load_leader, _, _) = loads(4)
+    n = rows(2, share_load=True)
+    buffer = memoryview(bytearray(SharedPicks.size(n)))
+    picks_w0, picks_w1, picks_leader = (SharedPicks(buffer, n, row) for row in range(n))
+    arrivals: list[tuple[int, int, float, float]] = []
+
+    def on_pick(host_key: int, model_key: int, work: float, at: float) -> None:
+        arrivals.append((host_key, model_key, work, at))
+        picks_leader.append(host_key, model_key, work, at)
+
+    load_leader.on_pick = on_pick
+
+    for _ in range(2):
+        load_a.picked(a.hosts["g1"], "embed", 1.5)
+    load_leader.receive(A, load_a.take(), frozen())
+    assert arrivals == [(name_key("g1"), name_key("embed"), 1.5, frozen())] * 2
+    picks_w0.catch_up(w0, frozen())
+    assert (w0.hosts["g1"].estimate, w0.hosts["g1"].work_estimate) == (2.0, 3.0)
+
+    picks_w1.publish(w1.hosts["g2"], None, 1.0, frozen())
+    for host_key, model_key, work in picks_leader.take():
+        load_leader.picked_keys(host_key, model_key, work)
+    load_a.receive(B, load_leader.take(), frozen())
+    assert (a.hosts["g2"].estimate, a.hosts["g2"].peer_count) == (1.0, 1.0)
+
+    assert load_leader.at_poll is None
+    leader.hosts["g1"].envoy.active = 1
+    load_leader.polled()
+    assert load_leader.at_poll == {"g1": 2.0, "g2": 0.0, "g3": 0.0, "c1": 0.0}
+    w0.set_peer_counts(load_leader.at_poll)
+    assert w0.hosts["g1"].envoy_count(1) == 3.0 and w0.hosts["g1"].scale() == 1.0

@@ -341,12 +341,16 @@ def test_invalid_replicas_settings(tmp_path: Path, replicas: dict[str, Any], pro
         _fleet(tmp_path, **replicas)
 
 
-def test_replicas_share_loads_with_one_process_each(tmp_path: Path) -> None:
+def test_replicas_with_workers_share_loads_through_the_workers_picks(tmp_path: Path) -> None:
     sharing = {"follow": "leader:9006", "token_file": "t", "share_load": True}
     assert _fleet(tmp_path, **sharing).picker.replicas.share_load
     hosts = [{"name": "a", "address": "10.0.0.1", "tier": "gpu"}]
-    data = {"hosts": hosts, "picker": {"replicas": sharing, "workers": 2}}
-    with pytest.raises(ConfigError, match=r"fleet.yaml: .*replicas.share_load needs workers: 1 \(not 2\)"):
+    data: dict[str, Any] = {"hosts": hosts, "picker": {"replicas": sharing, "workers": 2}}
+    assert parse_fleet(data, str(tmp_path / "fleet.yaml")).picker.workers == 2
+    data["picker"]["share_worker_picks"] = False
+    with pytest.raises(
+        ConfigError, match=r"fleet.yaml: .*replicas.share_load with workers: 2 needs share_worker_picks"
+    ):
         parse_fleet(data, str(tmp_path / "fleet.yaml"))
 
 

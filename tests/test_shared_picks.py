@@ -13,7 +13,7 @@ import pytest
 from extproc.config import Fleet
 from extproc.datapath.datastore import Datastore
 from extproc.datapath.scheduling.scheduler import Scheduler
-from extproc.datapath.shared_picks import SLOTS, SharedPicks, name_key
+from extproc.datapath.shared_picks import SLOTS, SharedPicks, name_key, rows
 from extproc.roles import Worker, make_worker_picks, worker_picks_path
 from tests.test_scheduler import fleet, frozen, http, live, names
 
@@ -51,6 +51,28 @@ def test_a_pick_counts_once_in_every_other_worker_with_its_model_and_work() -> N
     picks_a.catch_up(a, frozen())  # a worker's own picks are not in what it catches up on
     assert a.hosts["g2"].estimate == 0.0
     assert picks_b.taken() == (1, 0) and picks_b.taken() == (0, 0)
+
+
+def test_the_leader_reads_its_workers_picks_once_and_writes_the_other_replicas_for_them() -> None:
+    """picker.replicas.share_load with workers: one more row, the leader's, which the workers read as another
+    worker's; the leader reads theirs (never its own) to tell the other replicas."""
+    a, b = stores(2)
+    n = rows(2, share_load=True)
+    assert (n, rows(2, share_load=False)) == (3, 2)
+    buffer = memoryview(bytearray(SharedPicks.size(n)))
+    worker_a, worker_b, leader = (SharedPicks(buffer, n, row) for row in range(n))
+    worker_a.publish(a.hosts["g1"], "embed", 2.0, frozen())
+    worker_b.publish(b.hosts["g2"], None, 1.0, frozen())
+    assert leader.take() == [(name_key("g1"), name_key("embed"), 2.0), (name_key("g2"), 0, 1.0)]
+    assert leader.take() == []
+    leader.append(name_key("g3"), name_key("embed"), 4.0, frozen())  # another replica's, as it arrived
+    assert leader.take() == []
+    worker_a.catch_up(a, frozen())
+    assert (a.hosts["g3"].estimate, a.hosts["g3"].work_estimate) == (1.0, 4.0)
+    assert a.hosts["g3"].model_estimates["embed"][0] == 4.0
+    assert a.hosts["g2"].estimate == 1.0 and a.hosts["g1"].estimate == 0.0
+    worker_b.publish(b.hosts["g1"], None, float("nan"), frozen())
+    assert leader.take() == [] and leader.taken() == (0, 1)
 
 
 def test_workers_that_share_picks_spread_a_burst_as_one_process_does() -> None:

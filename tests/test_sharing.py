@@ -15,6 +15,7 @@ from extproc import sharing
 from extproc.config import HostSpec
 from extproc.datapath.batch_cost import BatchCost, Batching, LineFit
 from extproc.datapath.datastore import Datastore, ModelTimes
+from extproc.datapath.peer_load import PeerLoad
 from extproc.sharing import (
     FRAME_RECORDS,
     Publisher,
@@ -65,6 +66,7 @@ async def _next(reader: asyncio.StreamReader) -> Snapshot:
         merged.records |= frame.records
         merged.discovered = merged.discovered if frame.discovered is None else frame.discovered
         merged.envoy_at, merged.envoy_lagging, merged.complete = frame.envoy_at, frame.envoy_lagging, frame.complete
+        merged.peer_counts = merged.peer_counts if frame.peer_counts is None else frame.peer_counts
     return merged
 
 
@@ -163,4 +165,53 @@ async def test_a_worker_is_told_it_has_telemetry_once_it_has_every_host(tmp_path
         assert any(0 < n < len(worker.hosts) for n in seen), "applied frame by frame, with requests between"
     finally:
         task.cancel()
+        await publisher.stop()
+
+
+async def test_an_envoy_polls_snapshot_carries_the_other_replicas_counts_at_that_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """picker.replicas.share_load with workers: the leader hears the other replicas; each of its Envoy polls
+    goes to the workers with the others' part of each host's count at that poll, which their estimates
+    restart from with the poll's count, unscaled; once no other replica is heard, the scale is back."""
+    monkeypatch.setattr(sharing, "PUSH_INTERVAL_S", 3600.0)
+    fleet, leader = synthetic_fleet(3)
+    _, other = synthetic_fleet(3)
+    worker = Datastore(fleet)
+    peer_load, other_load = PeerLoad(leader, silent_after_s=3.0), PeerLoad(other, silent_after_s=3.0)
+    polled = asyncio.Event()
+    publisher = Publisher(leader, tmp_path / "share.sock", (), polled, peer_load)
+    await publisher.start()
+
+    async def poll(active: dict[str, int]) -> Snapshot:
+        polled_at = leader.now()
+        for host in leader.hosts.values():
+            leader.set_envoy(host, dataclasses.replace(host.envoy, active=active.get(host.name, 0)), polled_at)
+        peer_load.polled()
+        polled.set()
+        while (later := await asyncio.wait_for(_next(reader), 30)).envoy_at != polled_at:
+            pass
+        return later
+
+    leader.hosts["h1"].load.envoy_scale = 2.0  # the traffic share, which another replica heard replaces
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "share.sock"))
+        first = await _next(reader)
+        assert first.peer_counts is None  # no poll of the leader's yet
+        apply_snapshot(worker, first)
+        for _ in range(2):
+            other_load.picked(other.hosts["h1"], None, 1.0)
+        peer_load.receive(b"other", other_load.take(), leader.now())
+        host = worker.hosts["h1"]
+
+        later = await poll({"h1": 1})
+        assert later.peer_counts == {"h0": 0.0, "h1": 2.0, "h2": 0.0}
+        apply_snapshot(worker, later)
+        assert (host.peer_count, host.estimate, host.scale()) == (2.0, 3.0, 1.0)
+
+        peer_load.expire(leader.now() + 10.0)  # the other replica went silent
+        apply_snapshot(worker, await poll({"h1": 1}))
+        assert (host.peer_count, host.estimate, host.scale()) == (None, 2.0, 2.0)
+        writer.close()
+    finally:
         await publisher.stop()

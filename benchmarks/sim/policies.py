@@ -30,7 +30,7 @@ from extproc.datapath.datastore import Datastore, HostState
 from extproc.datapath.peer_load import PeerLoad, silent_after_s
 from extproc.datapath.scheduling.scheduler import Scheduler
 from extproc.datapath.scheduling.types import InferenceRequest, Protocol, Reject
-from extproc.datapath.shared_picks import SharedPicks
+from extproc.datapath.shared_picks import LEADER_READ_S, SharedPicks, rows
 from extproc.telemetry.envoy_admin import EndpointStatus, apply_envoy_view
 from extproc.telemetry.repository import RepositoryIndex, apply_index
 from extproc.telemetry.triton_metrics import TritonSnapshot, derive_load, parse_metrics
@@ -117,13 +117,16 @@ class _PickerGateway:
         worker: int = 0,
         shared_picks: SharedPicks | None = None,
         share_load: bool = False,
+        leader: _Leader | None = None,
     ) -> None:
         self.sim = sim
         self.gateway = gateway
         seed = sim.scenario.seed
         label = f"{gateway.index}/{worker}" if worker else f"{gateway.index}"
         self.store = Datastore(fleet, clock=lambda: sim.now)
-        self.peer_load = PeerLoad(self.store, silent_after_s(fleet)) if share_load else None
+        # With workers, their leader holds the replicas' channel.
+        self.peer_load = PeerLoad(self.store, silent_after_s(fleet)) if share_load and leader is None else None
+        self.leader = leader
         self.scheduler = Scheduler(
             fleet,
             self.store,
@@ -186,17 +189,11 @@ class _PickerGateway:
         self.store.changed()
 
     def poll_envoy(self, now: float) -> None:
-        """TelemetryCollector._poll_envoy: this gateway's /clusters, per host."""
-        g = self.gateway
-        endpoints = {
-            s.http_endpoint: EndpointStatus(
-                rq_active=g.inflight[i],
-                rq_total=g.sent[i],
-                failed_outlier_check=now < g.ejected_until[i],
-                failed_active_health_check=g.unhealthy[i],
-            )
-            for i, s in enumerate(self.states)
-        }
+        """TelemetryCollector._poll_envoy: this gateway's /clusters, per host (a worker: its leader's poll, with
+        the other replicas' counts at that poll)."""
+        endpoints = _endpoints(self.gateway, self.states, now)
+        if self.leader is not None:
+            self.store.set_peer_counts(self.leader.poll_envoy(now))
         if self.peer_load is not None:
             self.peer_load.expire(now)
         apply_envoy_view(self.store, endpoints, now)
@@ -223,6 +220,53 @@ class _PickerGateway:
         return tuple([index_of[id(h)] for h in decision.hosts])
 
 
+def _endpoints(g: Gateway, states: Sequence[HostState], now: float) -> dict[str, EndpointStatus]:
+    """A gateway's Envoy as its /clusters shows it."""
+    return {
+        s.http_endpoint: EndpointStatus(
+            rq_active=g.inflight[i],
+            rq_total=g.sent[i],
+            failed_outlier_check=now < g.ejected_until[i],
+            failed_active_health_check=g.unhealthy[i],
+        )
+        for i, s in enumerate(states)
+    }
+
+
+class _Leader:
+    """A gateway's leader where its workers share loads with the other gateways' (``picker.workers`` over 1
+    with ``picker.replicas.share_load``), as :mod:`extproc.roles`'s: the replicas' channel on a datastore of
+    its Envoy's counts, the other replicas' picks written to the workers' buffer as they arrive, the workers'
+    read every ``LEADER_READ_S`` and told to the other replicas."""
+
+    def __init__(self, sim: Sim, fleet: Fleet, gateway: Gateway, picks: SharedPicks) -> None:
+        self.sim = sim
+        self.gateway = gateway
+        self.store = Datastore(fleet, clock=lambda: sim.now)
+        self.states = [self.store.hosts[h.name] for h in sim.hosts]
+        self.peer_load = PeerLoad(self.store, silent_after_s(fleet))
+        self.peer_load.on_pick = picks.append
+        self._picks = picks
+        self._polled_at: float | None = None
+
+    def start(self) -> None:
+        self.sim.every(LEADER_READ_S, LEADER_READ_S, self._tell)
+
+    def _tell(self, now: float) -> None:
+        for host_key, model_key, work in self._picks.take():
+            self.peer_load.picked_keys(host_key, model_key, work)
+
+    def poll_envoy(self, now: float) -> dict[str, float | None]:
+        """The Envoy poll its workers share (the first worker's call at ``now`` makes it), and the other
+        replicas' counts at it."""
+        if self._polled_at != now:
+            self._polled_at = now
+            self.peer_load.expire(now)
+            apply_envoy_view(self.store, _endpoints(self.gateway, self.states, now), now)
+            self.peer_load.polled()
+        return self.peer_load.at_poll or {}
+
+
 class Picker(Policy):
     """The picker beside each gateway; with ``picker.workers`` (the scenario's fleet), that many workers
     behind each gateway's Envoy, which takes turns among them, sharing their picks as
@@ -231,7 +275,8 @@ class Picker(Policy):
     up to ``PUSH_INTERVAL_S`` its other telemetry waits, are not modelled). With
     ``picker.replicas.share_load``, the gateways' pickers tell each other their picks and counts, each batch
     (the events of one moment) reaching the others ``telemetry.replica_lag_ms`` later; each still scrapes the
-    hosts itself (a follower's telemetry from the publisher is not modelled)."""
+    hosts itself (a follower's telemetry from the publisher is not modelled). With workers too, each
+    gateway's leader holds its end of the channel (:class:`_Leader`)."""
 
     name = "picker"
     ext_proc = True
@@ -243,28 +288,36 @@ class Picker(Policy):
         self.workers: list[list[_PickerGateway]] = []
         shared = n > 1 and fleet.picker.share_worker_picks
         share_load = fleet.picker.replicas.share_load
+        self.leaders: list[_Leader] = []
         for g in sim.gateways:
-            buffer = memoryview(bytearray(SharedPicks.size(n))) if shared else None
-            picks = [None if buffer is None else SharedPicks(buffer, n, k) for k in range(n)]
-            self.workers.append([_PickerGateway(sim, fleet, g, k, picks[k], share_load) for k in range(n)])
+            n_rows = rows(n, share_load)
+            buffer = memoryview(bytearray(SharedPicks.size(n_rows))) if shared else None
+            picks = [None if buffer is None else SharedPicks(buffer, n_rows, k) for k in range(n)]
+            leader = None
+            if buffer is not None and share_load:
+                leader = _Leader(sim, fleet, g, SharedPicks(buffer, n_rows, n))
+                self.leaders.append(leader)
+            self.workers.append([_PickerGateway(sim, fleet, g, k, picks[k], share_load, leader) for k in range(n)])
         self.views = [workers[0] for workers in self.workers]  # each gateway's first worker
         self._turns = [0] * len(sim.gateways)
         self._lag_s = sim.scenario.telemetry.replica_lag_ms / 1000
-        for v in self.views:
-            if v.peer_load is not None:
-                v.peer_load.on_ready = self._sender(v)
+        # Each gateway's end of the replicas' channel: its leader's, or its only picker's.
+        ends = [(v.gateway, v.peer_load) for v in self.views] if not self.leaders else []
+        ends += [(leader.gateway, leader.peer_load) for leader in self.leaders]
+        self._replicas = [peer_load for _, peer_load in ends if peer_load is not None]
+        for g, peer_load in ends:
+            if peer_load is not None:
+                peer_load.on_ready = self._sender(peer_load, str(g.index).encode())
 
-    def _sender(self, view: _PickerGateway) -> Callable[[], None]:
+    def _sender(self, peer_load: PeerLoad, peer: bytes) -> Callable[[], None]:
         """A replica's channel: what it told during one moment reaches the others ``replica_lag_ms`` later."""
         sim = self.sim
-        peer = str(view.gateway.index).encode()
 
         def send(now: float) -> None:
-            assert view.peer_load is not None
-            events = view.peer_load.take()
-            for other in self.views:
-                if other is not view and other.peer_load is not None:
-                    sim.at(now + self._lag_s, partial(other.peer_load.receive, peer, events))
+            events = peer_load.take()
+            for other in self._replicas:
+                if other is not peer_load:
+                    sim.at(now + self._lag_s, partial(other.receive, peer, events))
 
         return lambda: sim.at(sim.now, send)
 
@@ -276,6 +329,8 @@ class Picker(Policy):
         for workers in self.workers:
             for v in workers:
                 v.start()
+        for leader in self.leaders:
+            leader.start()
 
     def route(self, r: int, gateway: Gateway, now: float) -> Sequence[int] | int:
         workers = self.workers[gateway.index]

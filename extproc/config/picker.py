@@ -291,10 +291,10 @@ class PickerSpec(Strict):
 
     @model_validator(mode="after")
     def _load_shared_by_one_process(self) -> Self:
-        if self.replicas.share_load and self.workers > 1:
+        if self.replicas.share_load and self.workers > 1 and not self.share_worker_picks:
             raise ValueError(
-                f"replicas.share_load needs workers: 1 (not {self.workers}): the other replicas' picks would not "
-                "reach the workers"
+                f"replicas.share_load with workers: {self.workers} needs share_worker_picks: the other replicas' "
+                "picks reach the workers through the buffer of the workers' picks"
             )
         return self
 

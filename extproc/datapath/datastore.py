@@ -556,6 +556,18 @@ class Datastore:
             self.changed()
         return restarted
 
+    def set_peer_counts(self, counts: dict[str, float | None]) -> None:
+        """A worker's share of the other replicas' counts at its leader's Envoy poll (see
+        :attr:`HostState.peer_count`; a host not named has none). Whether a host has any sets the scale of its
+        counts, which prepared plans hold: a change where that changes."""
+        scaled = False
+        for name, host in self.hosts.items():
+            count = counts.get(name)
+            scaled = scaled or (count is None) != (host.peer_count is None)
+            host.peer_count = count
+        if scaled:
+            self.changed()
+
     def envoy_polled(self, at: float, lagging: dict[str, float | None], written: Container[str]) -> list[HostState]:
         """A worker's share of its leader's latest Envoy poll, made at ``at``: a host that the snapshot left
         out (not in ``written``: its Envoy view is the same object as before) takes the poll's time (or its

@@ -79,6 +79,11 @@ class PeerLoad:
         self.silent_after_s = silent_after_s
         # Set by the channel: called when the outbox, empty until then, gets an event, to send it soon.
         self.on_ready: Callable[[], None] | None = None
+        # Set by a leader (picker.workers > 1): each other replica's pick applied here, by the keys of its host
+        # and model, with its work and time, for the workers (extproc.datapath.shared_picks).
+        self.on_pick: Callable[[int, int, float, float], None] | None = None
+        # Each host's peer_count as of this replica's last Envoy poll (polled()), by name; None before one.
+        self.at_poll: dict[str, float | None] | None = None
         self._outbox = bytearray()
         self._peers: dict[bytes, _Peer] = {}
         self._fleet = KeyedFleet()
@@ -103,14 +108,21 @@ class PeerLoad:
         """This replica sent a request of ``work`` to ``host``."""
         key = self._fleet.key
         model_key = key(model) if model is not None else 0
-        self._append(b"p" + _PICK.pack(key(host.name), model_key, work))
+        self.picked_keys(key(host.name), model_key, work)
+
+    def picked_keys(self, host_key: int, model_key: int, work: float) -> None:
+        """:meth:`picked` by the keys of the host and model: one of a leader's workers' picks."""
+        self._append(b"p" + _PICK.pack(host_key, model_key, work))
 
     def polled(self) -> None:
-        """This replica's Envoy was just read into :attr:`store`: tell its counts (those not 0)."""
+        """This replica's Envoy was just read into :attr:`store`: tell its counts (those not 0), and keep each
+        host's :attr:`~HostState.peer_count` at this moment (:attr:`at_poll`), which a leader's workers add
+        to this poll's counts."""
         hosts = self.store.hosts.items()
         key = self._fleet.key
         counts = [_COUNT.pack(key(name), host.envoy.active) for name, host in hosts if host.envoy.active]
         self._append(b"c" + _POLL.pack(len(counts)) + b"".join(counts))
+        self.at_poll = {name: host.peer_count for name, host in hosts}
 
     def take(self) -> bytes:
         """The events to send, since the last call."""
@@ -148,6 +160,8 @@ class PeerLoad:
                 state.picks[host_key] = state.picks.get(host_key, 0) + 1
                 host.peer_count = (host.peer_count or 0.0) + 1.0
                 self._applied += 1
+                if self.on_pick is not None:
+                    self.on_pick(host_key, model_key, work, now)
             else:
                 self._count(state, event)
                 state.heard_at = now

@@ -18,6 +18,11 @@ only (the pick, then the count), so no lock is needed; the count is one aligned 
 a reader sees whole. A reader that fell further behind than the ring skips what it lost, and a pick it
 cannot make sense of (a host or model it does not know, work out of range) is skipped too: the next Envoy
 poll corrects whatever a lost pick leaves in the estimates.
+
+**The other replicas' picks** (``picker.replicas.share_load``, :mod:`extproc.datapath.peer_load`). The leader
+holds the channel to the other picker replicas. It appends each pick they tell it to one more row, the last
+(:func:`rows`), stamped with the time it arrived, which every worker applies as another worker's pick; and it
+reads the workers' rows (:meth:`SharedPicks.take`) to tell the other replicas its workers' picks.
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ from typing import Final
 
 from extproc.datapath.datastore import Datastore, HostState
 
-__all__ = ["SLOTS", "KeyedFleet", "SharedPicks", "name_key"]
+__all__ = ["LEADER_READ_S", "SLOTS", "KeyedFleet", "SharedPicks", "name_key", "rows"]
 
 # Picks one row remembers: far more than a worker decides between two decisions of another.
 SLOTS: Final = 1024
+# How often a leader reads its workers' rows to tell the other replicas (picker.replicas.share_load): a
+# worker's pick waits up to this long on top of the replicas' channel.
+LEADER_READ_S: Final = 0.001
 _COUNT: Final = struct.Struct("@Q")
 _PICK: Final = struct.Struct("@QQdd")  # host key, model key (0: none), work, time
 _ROW_BYTES: Final = _COUNT.size + SLOTS * _PICK.size
@@ -43,6 +51,12 @@ _MAX_WORK: Final = 1e6
 def _possible(work: float) -> bool:
     """Whether a pick's work read from the buffer is one a worker made (NaN is not)."""
     return 0.0 <= work <= _MAX_WORK
+
+
+def rows(workers: int, share_load: bool) -> int:
+    """The rows of the buffer: one per worker, and the leader's of the other replicas' picks where they share
+    their loads (its index is ``workers``)."""
+    return workers + 1 if share_load else workers
 
 
 def name_key(name: str) -> int:
@@ -115,13 +129,40 @@ class SharedPicks:
     def publish(self, host: HostState, model: str | None, work: float, now: float) -> None:
         """Append this worker's pick, made at ``now`` (``time.monotonic()``, one clock for every process of
         the machine), for the others."""
+        model_key = self._fleet.key(model) if model is not None else 0
+        self.append(self._fleet.key(host.name), model_key, work, now)
+
+    def append(self, host_key: int, model_key: int, work: float, now: float) -> None:
+        """:meth:`publish` by keys: the leader's row of the other replicas' picks (see :func:`rows`)."""
         written = self._written
         base = self._offsets[self._row]
-        model_key = self._fleet.key(model) if model is not None else 0
         slot = base + _COUNT.size + (written % SLOTS) * _PICK.size
-        _PICK.pack_into(self._buffer, slot, self._fleet.key(host.name), model_key, work, now)
+        _PICK.pack_into(self._buffer, slot, host_key, model_key, work, now)
         self._written = written + 1
         _COUNT.pack_into(self._buffer, base, written + 1)
+
+    def take(self) -> list[tuple[int, int, float]]:
+        """The picks (host key, model key, work) the other rows appended since the last call, in each row's
+        order: the leader's, to tell the other replicas its workers' picks (see :func:`rows`)."""
+        taken: list[tuple[int, int, float]] = []
+        seen = self._seen
+        for row in self._peers:
+            count = self._count(row)
+            start = seen[row]
+            if count <= start:
+                continue
+            if count - start > SLOTS:
+                self._lost += count - start - SLOTS
+                start = count - SLOTS
+            seen[row] = count
+            base = self._offsets[row] + _COUNT.size
+            for i in range(start, count):
+                host_key, model_key, work, _ = _PICK.unpack_from(self._buffer, base + (i % SLOTS) * _PICK.size)
+                if _possible(work):
+                    taken.append((host_key, model_key, work))
+                else:
+                    self._lost += 1
+        return taken
 
     def catch_up(self, store: Datastore, now: float) -> None:
         """Apply to ``store``'s in-flight estimates the picks the other workers appended since the last call."""
