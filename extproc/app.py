@@ -65,7 +65,11 @@ class Picker:
         self.metrics.use_shared_picks(self.shared_picks)
         # The other replicas' loads (picker.replicas.share_load, fixed at start like picker.replicas), which
         # the replica channel carries.
-        self.peer_load = PeerLoad(self.datastore, silent_after_s(fleet)) if fleet.picker.replicas.share_load else None
+        self.peer_load = (
+            PeerLoad(self.datastore, silent_after_s(fleet))
+            if fleet.picker.replicas.share_load and self.role.holds_replica_channel
+            else None
+        )
         self.metrics.use_peer_load(self.peer_load)
         self.scheduler = self._scheduler(fleet, self.datastore)
         # Read at start and on reload, not by each collector: a change of the pools' hosts rebuilds the

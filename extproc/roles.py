@@ -425,6 +425,12 @@ class Role(Protocol):
         """Whether this process's own metrics count its decisions (a leader's come from its workers)."""
         ...
 
+    @property
+    def holds_replica_channel(self) -> bool:
+        """Whether this process talks to the other picker replicas (``picker.replicas``): not a worker, whose
+        leader does, and relays what they share (see :class:`_RelayingWorkerPicks`)."""
+        ...
+
     def pick_weight(self, fleet: Fleet) -> int:
         """How many requests one pick stands for in the scheduler's optimistic in-flight count."""
         ...
@@ -472,6 +478,7 @@ class Single(_Resolving):
 
     name: Final = "single"
     counts_decisions: Final = True
+    holds_replica_channel: Final = True
 
     def pick_weight(self, fleet: Fleet) -> int:
         return 1
@@ -493,6 +500,7 @@ class Leader(_Resolving):
 
     name: Final = "leader"
     counts_decisions: Final = False
+    holds_replica_channel: Final = True
 
     def __init__(self, config_path: Path | None = None, log_format: str = "auto") -> None:
         self._config_path = config_path
@@ -519,6 +527,7 @@ class Worker:
 
     name: Final = "worker"
     counts_decisions: Final = True
+    holds_replica_channel: Final = False
 
     def __init__(self, index: int) -> None:
         self.index = index

@@ -182,9 +182,11 @@ def test_a_leader_passes_the_other_replicas_picks_to_its_workers_and_theirs_to_t
     load_a.receive(B, load_leader.take(), frozen())
     assert (a.hosts["g2"].estimate, a.hosts["g2"].peer_count) == (1.0, 1.0)
 
-    assert load_leader.at_poll is None
+    before_poll = load_leader.at_poll
+    assert before_poll is None
     leader.hosts["g1"].envoy.active = 1
     load_leader.polled()
-    assert load_leader.at_poll == {"g1": 2.0, "g2": 0.0, "g3": 0.0, "c1": 0.0}
-    w0.set_peer_counts(load_leader.at_poll)
+    counts = load_leader.at_poll
+    assert counts == {"g1": 2.0, "g2": 0.0, "g3": 0.0, "c1": 0.0}
+    w0.set_peer_counts(counts)
     assert w0.hosts["g1"].envoy_count(1) == 3.0 and w0.hosts["g1"].scale() == 1.0

@@ -1,9 +1,9 @@
 """Two picker replicas on the real stack: ``extproc up``'s picker publishes its telemetry (the leader), a second
-picker with its own Envoy follows it (``picker.replicas``), the same three Triton hosts behind both, and they
-share their loads (``share_load``): each counts the other's picks and Envoy counts. The follower's scrapes of
-the hosts' metrics go through counting proxies: none while it follows; when the leader is killed under load
-it scrapes itself within takeover_after_ms, and nothing fails through its Envoy; when the leader is back it
-follows again."""
+picker (a leader with two workers) with its own Envoy follows it (``picker.replicas``), the same three Triton
+hosts behind both, and they share their loads (``share_load``): each counts the other's picks and Envoy
+counts. The follower's scrapes of the hosts' metrics go through counting proxies: none while it follows;
+when the leader is killed under load it scrapes itself within takeover_after_ms, and nothing fails through
+its Envoy; when the leader is back it follows again."""
 
 from __future__ import annotations
 
@@ -139,16 +139,20 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
 def _follower_fleet(
     data: dict[str, Any], leader_dir: Path, run_dir: Path, replicas: dict[str, Any], leader: str
 ) -> dict[str, Any]:
-    """The leader's fleet for a second replica: its own picker and Envoy ports and run directory, the same
-    hosts (their metrics behind counting proxies), following the leader."""
+    """The leader's fleet for a second replica: its own picker (with workers) and Envoy ports and run
+    directory, the same hosts (their metrics behind counting proxies), following the leader."""
     follower = copy.deepcopy(data)
     ports = iter(free_ports(len(follower["hosts"]) + 3))
     for host in follower["hosts"]:
         host["metrics_port"] = next(ports)
     follower["runtime_dir"] = str(run_dir)
     follower["admin_key_file"] = str(leader_dir / "admin.key")  # the key `extproc up` made for the hosts
+    # A leader and two workers: the leader holds the channel and relays picks between it and the workers.
     follower["picker"].update(
-        listen=f"unix:{run_dir}/picker.sock", metrics_port=next(ports), replicas={**replicas, "follow": leader}
+        listen=f"unix:{run_dir}/picker.sock",
+        metrics_port=next(ports),
+        replicas={**replicas, "follow": leader},
+        workers=2,
     )
     envoy = follower["envoy"]
     envoy["listener"]["port"], envoy["admin"]["port"] = next(ports), next(ports)

@@ -94,12 +94,13 @@ class PickerMetrics:
             registry=decision_registry,
         )
         self._shared_picks: SharedPicks | None = None
+        # The process that holds the replicas' channel counts them (a leader too, whose workers have none).
         self.peer_picks = Counter(
             "extproc_peer_picks",
             "Other picker replicas' picks this replica took into its in-flight estimates (applied), or skipped "
             "(lost: for a host it does not know, or in a message it could not read); picker.replicas.share_load.",
             ["outcome"],
-            registry=decision_registry,
+            registry=self.registry,
         )
         self.decision_seconds = Histogram(
             "extproc_decision_seconds",
