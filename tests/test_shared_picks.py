@@ -13,7 +13,15 @@ import pytest
 from extproc.config import Fleet
 from extproc.datapath.datastore import Datastore
 from extproc.datapath.scheduling.scheduler import Scheduler
-from extproc.datapath.shared_picks import SLOTS, SharedPicks, name_key, rows
+from extproc.datapath.shared_picks import (
+    LEADER_IDLE_READ_S,
+    LEADER_READ_S,
+    SLOTS,
+    SharedPicks,
+    name_key,
+    next_read_s,
+    rows,
+)
 from extproc.roles import Worker, make_worker_picks, worker_picks_path
 from tests.test_scheduler import fleet, frozen, http, live, names
 
@@ -73,6 +81,15 @@ def test_the_leader_reads_its_workers_picks_once_and_writes_the_other_replicas_f
     assert a.hosts["g2"].estimate == 1.0 and a.hosts["g1"].estimate == 0.0
     worker_b.publish(b.hosts["g1"], None, float("nan"), frozen())
     assert leader.take() == [] and leader.taken() == (0, 1)
+
+
+def test_the_leader_reads_often_while_the_workers_pick_and_backs_off_while_they_do_not() -> None:
+    waits = [next_read_s(None, 0)]
+    for _ in range(8):
+        waits.append(next_read_s(waits[-1], 0))
+    assert waits[0] == LEADER_READ_S and waits[1] == 2 * LEADER_READ_S
+    assert waits[-1] == LEADER_IDLE_READ_S and waits == sorted(waits)
+    assert next_read_s(LEADER_IDLE_READ_S, 3) == LEADER_READ_S
 
 
 def test_workers_that_share_picks_spread_a_burst_as_one_process_does() -> None:

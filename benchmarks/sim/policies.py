@@ -30,7 +30,7 @@ from extproc.datapath.datastore import Datastore, HostState
 from extproc.datapath.peer_load import PeerLoad, silent_after_s
 from extproc.datapath.scheduling.scheduler import Scheduler
 from extproc.datapath.scheduling.types import InferenceRequest, Protocol, Reject
-from extproc.datapath.shared_picks import LEADER_READ_S, SharedPicks, rows
+from extproc.datapath.shared_picks import SharedPicks, next_read_s, rows
 from extproc.telemetry.envoy_admin import EndpointStatus, apply_envoy_view
 from extproc.telemetry.repository import RepositoryIndex, apply_index
 from extproc.telemetry.triton_metrics import TritonSnapshot, derive_load, parse_metrics
@@ -237,7 +237,7 @@ class _Leader:
     """A gateway's leader where its workers share loads with the other gateways' (``picker.workers`` over 1
     with ``picker.replicas.share_load``), as :mod:`extproc.roles`'s: the replicas' channel on a datastore of
     its Envoy's counts, the other replicas' picks written to the workers' buffer as they arrive, the workers'
-    read every ``LEADER_READ_S`` and told to the other replicas."""
+    read as often as :func:`~extproc.datapath.shared_picks.next_read_s` says and told to the other replicas."""
 
     def __init__(self, sim: Sim, fleet: Fleet, gateway: Gateway, picks: SharedPicks) -> None:
         self.sim = sim
@@ -250,11 +250,17 @@ class _Leader:
         self._polled_at: float | None = None
 
     def start(self) -> None:
-        self.sim.every(LEADER_READ_S, LEADER_READ_S, self._tell)
+        self._tell_after(None, 0, 0.0)
 
-    def _tell(self, now: float) -> None:
-        for host_key, model_key, work in self._picks.take():
+    def _tell_after(self, wait_s: float | None, taken: int, now: float) -> None:
+        wait = next_read_s(wait_s, taken)
+        self.sim.at(now + wait, partial(self._tell, wait))
+
+    def _tell(self, wait_s: float, now: float) -> None:
+        taken = self._picks.take()
+        for host_key, model_key, work in taken:
             self.peer_load.picked_keys(host_key, model_key, work)
+        self._tell_after(wait_s, len(taken), now)
 
     def poll_envoy(self, now: float) -> dict[str, float | None]:
         """The Envoy poll its workers share (the first worker's call at ``now`` makes it), and the other

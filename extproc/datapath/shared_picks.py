@@ -34,13 +34,25 @@ from typing import Final
 
 from extproc.datapath.datastore import Datastore, HostState
 
-__all__ = ["LEADER_READ_S", "SLOTS", "KeyedFleet", "SharedPicks", "name_key", "rows"]
+__all__ = [
+    "LEADER_IDLE_READ_S",
+    "LEADER_READ_S",
+    "SLOTS",
+    "KeyedFleet",
+    "SharedPicks",
+    "name_key",
+    "next_read_s",
+    "rows",
+]
 
 # Picks one row remembers: far more than a worker decides between two decisions of another.
 SLOTS: Final = 1024
 # How often a leader reads its workers' rows to tell the other replicas (picker.replicas.share_load): a
-# worker's pick waits up to this long on top of the replicas' channel.
+# worker's pick waits up to this long on top of the replicas' channel, while the workers pick; the wait
+# doubles after each read that found none, up to LEADER_IDLE_READ_S (an idle leader does not wake up a
+# thousand times a second).
 LEADER_READ_S: Final = 0.001
+LEADER_IDLE_READ_S: Final = 0.032
 _COUNT: Final = struct.Struct("@Q")
 _PICK: Final = struct.Struct("@QQdd")  # host key, model key (0: none), work, time
 _ROW_BYTES: Final = _COUNT.size + SLOTS * _PICK.size
@@ -57,6 +69,14 @@ def rows(workers: int, share_load: bool) -> int:
     """The rows of the buffer: one per worker, and the leader's of the other replicas' picks where they share
     their loads (its index is ``workers``)."""
     return workers + 1 if share_load else workers
+
+
+def next_read_s(previous_s: float | None, taken: int) -> float:
+    """How long a leader waits before it reads its workers' rows again, having waited ``previous_s`` (None:
+    the first read) and found ``taken`` picks (see :data:`LEADER_READ_S`)."""
+    if taken or previous_s is None:
+        return LEADER_READ_S
+    return min(2 * previous_s, LEADER_IDLE_READ_S)
 
 
 def name_key(name: str) -> int:
