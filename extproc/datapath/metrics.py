@@ -88,7 +88,8 @@ class PickerMetrics:
         )
         self.worker_picks = Counter(
             "extproc_worker_picks",
-            "Other workers' picks this worker took into its in-flight estimates (applied), or skipped (lost: "
+            "Other workers' picks this worker took into its in-flight estimates (applied; with "
+            "picker.replicas.share_load also the other replicas' picks its leader passed on), or skipped (lost: "
             "fallen behind, or for a host it does not know); picker.share_worker_picks.",
             ["outcome"],
             registry=decision_registry,
