@@ -182,9 +182,6 @@ def run(
     except (ScenarioError, ValueError) as exc:
         print(f"benchmarks.gateways: {exc}", file=sys.stderr)
         return 2
-    if scenario.fleet.get("picker", {}).get("workers", 1) != 1:
-        print("benchmarks.gateways: the pickers share loads with picker.workers: 1 only", file=sys.stderr)
-        return 2
     # The build the pickers start with, as they start.
     build = {"compiled": compiled(), "stale_compiled_modules": stale_compiled_modules(), "revision": revision()}
     run_dir = Path(tempfile.mkdtemp(prefix="extproc-gateways-"))

@@ -53,10 +53,10 @@ def test_every_gateways_measured_requests_count_together() -> None:
 def test_invalid_arguments_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["-s", "mixed_sizes", "--gateways", "1"])
-    path = tmp_path / "workers.yaml"
-    path.write_text(yaml.safe_dump(scenario_data(fleet={**scenario_data()["fleet"], "picker": {"workers": 2}})))
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(scenario_data(fleet={**scenario_data()["fleet"], "picker": {"workers": 0}})))
     assert main(["-s", str(path)]) == 2
-    assert "workers: 1" in capsys.readouterr().err
+    assert "workers" in capsys.readouterr().err
 
 
 @pytest.mark.e2e
