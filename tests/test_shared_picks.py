@@ -14,6 +14,7 @@ from extproc.config import Fleet
 from extproc.datapath.datastore import Datastore
 from extproc.datapath.scheduling.scheduler import Scheduler
 from extproc.datapath.shared_picks import (
+    LEADER_IDLE_AFTER_S,
     LEADER_IDLE_READ_S,
     LEADER_READ_S,
     SLOTS,
@@ -83,13 +84,13 @@ def test_the_leader_reads_its_workers_picks_once_and_writes_the_other_replicas_f
     assert leader.take() == [] and leader.taken() == (0, 1)
 
 
-def test_the_leader_reads_often_while_the_workers_pick_and_backs_off_while_they_do_not() -> None:
-    waits = [next_read_s(None, 0)]
+def test_the_leader_reads_often_while_the_workers_pick_and_backs_off_once_they_stop() -> None:
+    assert next_read_s(LEADER_READ_S, LEADER_IDLE_AFTER_S / 2) == LEADER_READ_S  # a pick now and then
+    waits = [LEADER_READ_S]
     for _ in range(8):
-        waits.append(next_read_s(waits[-1], 0))
-    assert waits[0] == LEADER_READ_S and waits[1] == 2 * LEADER_READ_S
-    assert waits[-1] == LEADER_IDLE_READ_S and waits == sorted(waits)
-    assert next_read_s(LEADER_IDLE_READ_S, 3) == LEADER_READ_S
+        waits.append(next_read_s(waits[-1], LEADER_IDLE_AFTER_S))
+    assert waits[1] == 2 * LEADER_READ_S and waits[-1] == LEADER_IDLE_READ_S and waits == sorted(waits)
+    assert next_read_s(LEADER_IDLE_READ_S, 0.0) == LEADER_READ_S  # picks again
 
 
 def test_workers_that_share_picks_spread_a_burst_as_one_process_does() -> None:
@@ -118,6 +119,20 @@ def test_a_pick_made_before_envoys_last_count_is_not_counted_again() -> None:
     picks_b.catch_up(b, frozen())
     assert (b.hosts["g1"].estimate, b.hosts["g2"].estimate) == (0.0, 1.0)
     assert picks_b.taken() == (1, 0)
+
+
+def test_the_size_of_a_pick_the_count_holds_still_counts() -> None:
+    """A pick another worker made before Envoy's last count, read after it: the count holds it as a request
+    of the mean size; its work beyond that joins the estimate's, and sizes the next count."""
+    a, b = stores(2)
+    picks_a, picks_b = shared(2)
+    host = b.hosts["g1"]
+    host.reset_estimate(1, POLLED)  # Envoy counted it: one request in flight
+    picks_a.publish(a.hosts["g1"], None, 4.0, POLLED - 0.001)
+    picks_b.catch_up(b, frozen())
+    assert (host.estimate, host.work_estimate) == (1.0, 4.0)
+    host.reset_estimate(1, frozen())  # the next count: the same request, still in flight
+    assert (host.estimate, host.work_estimate) == (1.0, 4.0)
 
 
 def test_a_worker_that_fell_behind_the_ring_applies_the_last_picks_and_counts_the_rest_lost() -> None:

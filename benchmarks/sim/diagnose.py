@@ -39,6 +39,7 @@ from benchmarks.sim.scenario import (
     SimScenarioError,
     find_sim_scenario,
     load_sim_scenario,
+    with_fleet_settings,
 )
 from benchmarks.sim.trace import Trace, build_trace
 
@@ -229,10 +230,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--pickers", type=int, default=1, help="independent pickers (gateways); the first one's decisions are read"
     )
+    parser.add_argument(
+        "--fleet",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a fleet-file key (dotted, e.g. picker.workers=2), as benchmarks.sim's --fleet",
+    )
     parser.add_argument("--output", "-o", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     try:
-        scenario = load_sim_scenario(find_sim_scenario(args.scenario))
+        scenario = with_fleet_settings(load_sim_scenario(find_sim_scenario(args.scenario)), args.fleet)
     except SimScenarioError as exc:
         print(f"benchmarks.sim.diagnose: {exc}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from extproc.datapath.datastore import Datastore, HostState
 from extproc.datapath.peer_load import PeerLoad, silent_after_s
 from extproc.datapath.scheduling.scheduler import Scheduler
 from extproc.datapath.scheduling.types import InferenceRequest, Protocol, Reject
-from extproc.datapath.shared_picks import SharedPicks, next_read_s, rows
+from extproc.datapath.shared_picks import LEADER_READ_S, SharedPicks, next_read_s, rows
 from extproc.telemetry.envoy_admin import EndpointStatus, apply_envoy_view
 from extproc.telemetry.repository import RepositoryIndex, apply_index
 from extproc.telemetry.triton_metrics import TritonSnapshot, derive_load, parse_metrics
@@ -248,19 +248,19 @@ class _Leader:
         self.peer_load.on_pick = picks.append
         self._picks = picks
         self._polled_at: float | None = None
+        self._picked_at = 0.0
 
     def start(self) -> None:
-        self._tell_after(None, 0, 0.0)
-
-    def _tell_after(self, wait_s: float | None, taken: int, now: float) -> None:
-        wait = next_read_s(wait_s, taken)
-        self.sim.at(now + wait, partial(self._tell, wait))
+        self.sim.at(LEADER_READ_S, partial(self._tell, LEADER_READ_S))
 
     def _tell(self, wait_s: float, now: float) -> None:
         taken = self._picks.take()
+        if taken:
+            self._picked_at = now
         for host_key, model_key, work in taken:
             self.peer_load.picked_keys(host_key, model_key, work)
-        self._tell_after(wait_s, len(taken), now)
+        wait = next_read_s(wait_s, now - self._picked_at)
+        self.sim.at(now + wait, partial(self._tell, wait))
 
     def poll_envoy(self, now: float) -> dict[str, float | None]:
         """The Envoy poll its workers share (the first worker's call at ``now`` makes it), and the other

@@ -278,13 +278,24 @@ class HostState:
             self.model_estimates[model] = (self._model_drained(model, now) + scale + extra, now)
         if again:
             return
+        self._remember(extra)
+        self.pick_span = scale
+
+    def remember_pick(self, work: float) -> None:
+        """A pick that the count the estimate restarted from holds already, of ``work``, which this process
+        had not counted (another worker's, read after that count): its work beyond its count joins the
+        estimate's, and the last picks' (:meth:`picks_excess`)."""
+        extra = work - 1.0
+        self.work_estimate += extra
+        self._remember(extra)
+
+    def _remember(self, extra: float) -> None:
         picks = self.recent_picks
         ring = self.recent_excess
         ring[(picks + 1) % _RING] = ring[picks % _RING] + extra
         self.recent_picks = picks + 1
         if extra != 0.0:
             self.sized_until = picks + 1 + RECENT_PICKS
-        self.pick_span = scale
 
     def picks_excess(self, in_flight: float, newer: int = 0) -> float:
         """The work of ``in_flight`` requests beyond their count of mean-sized requests: what this picker's

@@ -35,6 +35,7 @@ from typing import Final
 from extproc.datapath.datastore import Datastore, HostState
 
 __all__ = [
+    "LEADER_IDLE_AFTER_S",
     "LEADER_IDLE_READ_S",
     "LEADER_READ_S",
     "SLOTS",
@@ -48,10 +49,12 @@ __all__ = [
 # Picks one row remembers: far more than a worker decides between two decisions of another.
 SLOTS: Final = 1024
 # How often a leader reads its workers' rows to tell the other replicas (picker.replicas.share_load): a
-# worker's pick waits up to this long on top of the replicas' channel, while the workers pick; the wait
-# doubles after each read that found none, up to LEADER_IDLE_READ_S (an idle leader does not wake up a
-# thousand times a second).
+# worker's pick waits up to this long on top of the replicas' channel. Once the workers have made no pick
+# for LEADER_IDLE_AFTER_S the wait doubles at each read that finds none, up to LEADER_IDLE_READ_S, so that
+# an idle leader does not wake up a thousand times a second; backing off sooner would delay the picks of
+# a lightly loaded gateway, whose share of the fleet's requests the others then do not see in time.
 LEADER_READ_S: Final = 0.001
+LEADER_IDLE_AFTER_S: Final = 1.0
 LEADER_IDLE_READ_S: Final = 0.032
 _COUNT: Final = struct.Struct("@Q")
 _PICK: Final = struct.Struct("@QQdd")  # host key, model key (0: none), work, time
@@ -71,10 +74,10 @@ def rows(workers: int, share_load: bool) -> int:
     return workers + 1 if share_load else workers
 
 
-def next_read_s(previous_s: float | None, taken: int) -> float:
-    """How long a leader waits before it reads its workers' rows again, having waited ``previous_s`` (None:
-    the first read) and found ``taken`` picks (see :data:`LEADER_READ_S`)."""
-    if taken or previous_s is None:
+def next_read_s(previous_s: float, idle_s: float) -> float:
+    """How long a leader waits before it reads its workers' rows again, having waited ``previous_s``, its
+    workers' last pick ``idle_s`` ago (see :data:`LEADER_READ_S`)."""
+    if idle_s < LEADER_IDLE_AFTER_S:
         return LEADER_READ_S
     return min(2 * previous_s, LEADER_IDLE_READ_S)
 
@@ -246,6 +249,8 @@ class SharedPicks:
                 continue
             envoy_at = host.envoy_at
             if envoy_at is not None and at <= envoy_at:
-                continue  # Envoy's count, which this worker's estimate restarted from since, holds it
+                # Envoy's count, which this worker's estimate restarted from since, holds it; not its size.
+                host.remember_pick(work)
+                continue
             host.record_pick(now, 1, models.get(model_key), work)  # key 0 (no model) is no model's
             self._applied += 1
