@@ -244,8 +244,10 @@ class Publisher:
 class Subscriber:
     """A worker's side: keeps its datastore in step with the leader's, reconnecting if the leader restarts.
     ``on_hosts`` gets the discovered hosts of each snapshot first, and may replace :attr:`datastore`. With
-    ``shared_picks``, the picks made since the leader's Envoy poll count again where its count replaced a
-    host's estimate (see :meth:`~extproc.datapath.shared_picks.SharedPicks.replay`)."""
+    ``shared_picks``, the other workers' picks are caught up on before each snapshot (a count restarts an
+    estimate sized by the host's last picks, which must hold them), and those made since the leader's Envoy
+    poll count again where its count replaced a host's estimate (see
+    :meth:`~extproc.datapath.shared_picks.SharedPicks.replay`)."""
 
     def __init__(
         self,
@@ -273,6 +275,9 @@ class Subscriber:
                     snapshot = read_snapshot(await reader.readexactly(length))
                     if snapshot.discovered is not None:
                         await self._on_hosts(snapshot.discovered)
+                    if self._shared_picks is not None:
+                        # Every pick made so far among the last picks, in order, before a count they size.
+                        self._shared_picks.catch_up(self.datastore, self.datastore.now())
                     restarted = apply_snapshot(self.datastore, snapshot)
                     if restarted and self._shared_picks is not None:
                         self._shared_picks.replay(self.datastore, restarted, self.datastore.now())

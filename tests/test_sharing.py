@@ -16,6 +16,7 @@ from extproc.config import HostSpec
 from extproc.datapath.batch_cost import BatchCost, Batching, LineFit
 from extproc.datapath.datastore import Datastore, ModelTimes
 from extproc.datapath.peer_load import PeerLoad
+from extproc.datapath.shared_picks import SharedPicks
 from extproc.sharing import (
     FRAME_RECORDS,
     Publisher,
@@ -214,4 +215,43 @@ async def test_an_envoy_polls_snapshot_carries_the_other_replicas_counts_at_that
         assert (host.peer_count, host.estimate, host.scale()) == (None, 2.0, 2.0)
         writer.close()
     finally:
+        await publisher.stop()
+
+
+async def test_a_worker_catches_up_on_the_others_picks_before_a_count_restarts_its_estimate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A count of one request in flight is sized by the host's last pick: here another worker's (1 row),
+    made before the leader's poll, which this worker had not caught up on, not its own older one (8 rows)."""
+    monkeypatch.setattr(sharing, "PUSH_INTERVAL_S", 3600.0)
+    fleet, leader = synthetic_fleet(3)
+    worker = Datastore(fleet)
+    buffer = memoryview(bytearray(SharedPicks.size(2)))
+    own, other = SharedPicks(buffer, 2, 0), SharedPicks(buffer, 2, 1)
+    polled = asyncio.Event()
+    publisher = Publisher(leader, tmp_path / "share.sock", (), polled)
+    await publisher.start()
+
+    async def on_hosts(_: tuple[HostSpec, ...]) -> None:
+        pass
+
+    subscriber = Subscriber(worker, tmp_path / "share.sock", on_hosts, own)
+    task = asyncio.create_task(subscriber.run())
+    try:
+        await asyncio.wait_for(subscriber.received.wait(), 30)
+        host = worker.hosts["h1"]
+        host.record_pick(worker.now(), 1, None, 8.0)  # this worker's own, which has finished since
+        own.publish(host, None, 8.0, worker.now())
+        other.publish(leader.hosts["h1"], None, 1.0, worker.now())
+        polled_at = leader.now()
+        for state in leader.hosts.values():
+            leader.set_envoy(state, dataclasses.replace(state.envoy, active=int(state.name == "h1")), polled_at)
+        polled.set()
+        for _ in range(3000):  # the snapshot of the poll, within 30 s
+            if host.envoy_at == polled_at:
+                break
+            await asyncio.sleep(0.01)
+        assert (host.estimate, host.work_estimate) == (1.0, 1.0)
+    finally:
+        task.cancel()
         await publisher.stop()

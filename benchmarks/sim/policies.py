@@ -127,6 +127,7 @@ class _PickerGateway:
         # With workers, their leader holds the replicas' channel.
         self.peer_load = PeerLoad(self.store, silent_after_s(fleet)) if share_load and leader is None else None
         self.leader = leader
+        self.shared_picks = shared_picks
         self.scheduler = Scheduler(
             fleet,
             self.store,
@@ -192,6 +193,8 @@ class _PickerGateway:
         """TelemetryCollector._poll_envoy: this gateway's /clusters, per host (a worker: its leader's poll, with
         the other replicas' counts at that poll)."""
         endpoints = _endpoints(self.gateway, self.states, now)
+        if self.shared_picks is not None:
+            self.shared_picks.catch_up(self.store, now)
         if self.leader is not None:
             self.store.set_peer_counts(self.leader.poll_envoy(now))
         if self.peer_load is not None:
