@@ -308,10 +308,19 @@ class _Telling:
 
 class ReplicaPublisher:
     """The publishing replica's side: authenticates followers and pushes snapshots to all of them; with
-    ``peer_load`` (``share_load``), tells them its loads and relays each follower's to the others."""
+    ``peer_load`` (``share_load``), tells them its loads and relays each follower's to the others; with
+    ``relay`` (``relay_loads``), only relays."""
 
-    def __init__(self, datastore: Datastore, address: str, secret: bytes, peer_load: PeerLoad | None = None) -> None:
+    def __init__(
+        self,
+        datastore: Datastore,
+        address: str,
+        secret: bytes,
+        peer_load: PeerLoad | None = None,
+        relay: bool = False,
+    ) -> None:
         self.datastore = datastore
+        self._relays = relay or peer_load is not None
         host, _, port = address.rpartition(":")
         self._host, self._port = host.strip("[]"), int(port)
         self._secret = secret
@@ -356,8 +365,9 @@ class ReplicaPublisher:
         await self._hear(follower, reader, Opener(session, hello_at, UP))
 
     async def _hear(self, follower: _Follower, reader: asyncio.StreamReader, opener: Opener) -> None:
-        """A follower's loads, until its connection ends: applied here and relayed to the other followers, if
-        this replica shares loads (else the followers that do hear none, and scale their own as alone)."""
+        """A follower's loads, until its connection ends: relayed to the other followers if this replica shares
+        loads or relays them, and applied here if it shares them (else the followers that share hear none,
+        and scale their own as alone)."""
         loop = asyncio.get_running_loop()
         try:
             while follower in self._followers:
@@ -366,7 +376,7 @@ class ReplicaPublisher:
                 loads = _loads(payload)
                 if loads is None:
                     raise FrameError("a follower's frame that holds no loads")
-                if self._telling.peer_load is not None:
+                if self._relays:
                     self._relay(payload, follower)
                     self._telling.heard(*loads, follower.peer)
         except (OSError, asyncio.IncompleteReadError, FrameError) as exc:

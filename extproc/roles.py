@@ -296,7 +296,8 @@ class _PublishingToReplicas(Part):
     (``picker.replicas.publish``)."""
 
     def __init__(self, picker: Picker, address: str, secret: bytes) -> None:
-        self._publisher = ReplicaPublisher(picker.datastore, address, secret, picker.peer_load)
+        relay = picker.fleet.picker.replicas.relay_loads
+        self._publisher = ReplicaPublisher(picker.datastore, address, secret, picker.peer_load, relay)
 
     async def start(self) -> None:
         await self._publisher.start()

@@ -334,6 +334,11 @@ def _fleet(tmp_path: Path, **replicas: Any) -> Fleet:
         ({"follow": "leader:9006", "token_file": "t", "takeover_after_ms": 2500}, "stale"),
         ({"follow": "leader:9006", "token_file": "t", "takeover_after_ms": 100}, "greater than or equal to 500"),
         ({"share_load": True}, "share_load needs publish or follow"),
+        ({"follow": "leader:9006", "token_file": "t", "relay_loads": True}, "relay_loads needs publish"),
+        (
+            {"publish": "0.0.0.0:9006", "token_file": "t", "relay_loads": True, "share_load": True},
+            "relay_loads and share_load exclude each other",
+        ),
     ],
 )
 def test_invalid_replicas_settings(tmp_path: Path, replicas: dict[str, Any], problem: str) -> None:
@@ -392,13 +397,13 @@ async def _until(check: Callable[[], bool]) -> None:
 
 @contextlib.asynccontextmanager
 async def _two_followers(
-    fleet: Fleet, published: Datastore, ours: PeerLoad | None
+    fleet: Fleet, published: Datastore, ours: PeerLoad | None, relay: bool = False
 ) -> AsyncIterator[tuple[ReplicaPublisher, list[Datastore], list[PeerLoad]]]:
-    """A publisher of ``published`` (sharing loads with ``ours``, or none) and two followers that share theirs,
-    all connected and following; their datastores and peer loads."""
+    """A publisher of ``published`` (sharing loads with ``ours``, or none; relaying them, with ``relay``) and
+    two followers that share theirs, all connected and following; their datastores and peer loads."""
     (port,) = free_ports(1)
     address = f"127.0.0.1:{port}"
-    publisher = ReplicaPublisher(published, address, SECRET, ours)
+    publisher = ReplicaPublisher(published, address, SECRET, ours, relay)
     await publisher.start()
     stores = [Datastore(fleet) for _ in range(2)]
     theirs = [PeerLoad(store, 3.0) for store in stores]
@@ -452,6 +457,21 @@ async def test_a_frame_sent_back_the_way_it_came_is_refused() -> None:
         writer.close()
     finally:
         await publisher.stop()
+
+
+async def test_a_publisher_that_routes_nothing_relays_its_followers_loads_and_tells_none() -> None:
+    """relay_loads: a telemetry publisher of its own (whose Envoy is some follower's) passes each follower's
+    picks and counts to the others, and adds none of its own."""
+    fleet, published = synthetic_fleet(2)
+    published.hosts["h1"].envoy.active = 5  # the Envoy it polls: a follower's, which tells its own counts
+    async with _two_followers(fleet, published, None, relay=True) as (_, stores, theirs):
+        theirs[0].picked(stores[0].hosts["h1"], None, 1.0)
+        stores[0].hosts["h1"].envoy.active = 2
+        theirs[0].polled()
+        await _until(lambda: theirs[1].peers == 1 and stores[1].hosts["h1"].peer_count == 2.0)
+        await asyncio.sleep(0.3)
+        assert theirs[1].peers == 1 and stores[1].hosts["h1"].peer_count == 2.0
+        assert theirs[0].peers == 0  # its own loads do not come back, and the publisher tells none
 
 
 async def test_a_publisher_that_shares_no_loads_relays_none() -> None:

@@ -188,6 +188,10 @@ class ReplicasSpec(Strict):
     # publisher, extproc/datapath/peer_load.py), so that each decides on every replica's requests rather
     # than scaling its own by its traffic share. Every replica must be the only picker of its own Envoy.
     share_load: bool = False
+    # A publisher that routes nothing (a telemetry publisher of its own, beside replicas that each route
+    # for their own Envoy) relays its followers' loads to one another without telling any of its own: the
+    # Envoy it polls is some replica's, whose counts that replica tells.
+    relay_loads: bool = False
 
     @field_validator("publish", "follow")
     @classmethod
@@ -202,6 +206,13 @@ class ReplicasSpec(Strict):
             raise ValueError("publish and follow need token_file: the secret that authenticates the snapshots")
         if self.share_load and not self.enabled:
             raise ValueError("share_load needs publish or follow: the replicas share their loads through the publisher")
+        if self.relay_loads and self.publish is None:
+            raise ValueError("relay_loads needs publish: the publisher relays its followers' loads")
+        if self.relay_loads and self.share_load:
+            raise ValueError(
+                "relay_loads and share_load exclude each other: a publisher that shares its loads relays its "
+                "followers' too; relay_loads is for one that routes nothing"
+            )
         return self
 
     @property
