@@ -92,13 +92,16 @@ SIDECAR = "deploy/mesh/sidecar"
 AUTOSCALING_KEDA = "deploy/k8s/overlays/autoscaling-keda"
 AUTOSCALING_HPA = "deploy/k8s/overlays/autoscaling-hpa"
 PLACEMENT = "deploy/k8s/overlays/placement"
+GATEWAY_PICKERS = "deploy/k8s/overlays/gateway-pickers"
 ADAPTER_RULES = "deploy/k8s/autoscaling/hpa/prometheus-adapter-rules.yaml"
-KUSTOMIZATIONS = (K8S_BASE, CPU_ONLY, ISTIO, SIDECAR, PLACEMENT, AUTOSCALING_KEDA, AUTOSCALING_HPA)
+KUSTOMIZATIONS = (K8S_BASE, CPU_ONLY, ISTIO, SIDECAR, PLACEMENT, AUTOSCALING_KEDA, AUTOSCALING_HPA, GATEWAY_PICKERS)
 # Gateway-style kustomizations: (directory, Envoy's fleet file, the picker's fleet file(s)).
 BASE_FLEET = f"{K8S_BASE}/fleet.yaml"
 BASE_PICKER_FLEET = f"{K8S_BASE}/picker-fleet.yaml"
 BASE_TELEMETRY_FLEET = f"{K8S_BASE}/telemetry-fleet.yaml"
 SIDECAR_FLEET = f"{SIDECAR}/fleet.yaml"
+GATEWAY_PICKERS_FLEET = f"{GATEWAY_PICKERS}/fleet.yaml"
+GATEWAY_PICKERS_TELEMETRY_FLEET = f"{GATEWAY_PICKERS}/telemetry-fleet.yaml"
 DASHBOARD = REPO / "deploy" / "grafana" / "extproc-dashboard.json"
 TRITON_MODELS = REPO / "triton_models"
 
@@ -770,6 +773,67 @@ def test_only_the_pickers_reach_the_snapshot_port(kustomization: str) -> None:
                 assert _admits(resources, _may_reach(resources, triton, port), scraper), (triton, port)
 
 
+def test_gateway_pickers_agree_with_their_fleet_files() -> None:
+    """The overlay gateway-pickers: a picker beside Envoy in each gateway pod, the only picker of that Envoy,
+    so that the pickers can share their loads (share_load) through the publisher, which relays them."""
+    resources = _rendered(GATEWAY_PICKERS)
+    fleet = _fleet(GATEWAY_PICKERS_FLEET)
+    _check_pools_and_triton(resources, fleet)
+    gateway = _named(resources, "Deployment", "extproc-gateway")
+    _check_envoy_container(resources, gateway, fleet, GATEWAY_PICKERS_FLEET)
+    _check_picker_container(resources, gateway, fleet)
+    envoy, picker = _container(gateway, "envoy"), _container(gateway, "picker")
+    configmap = _mounted_configmap(resources, gateway, picker, "/etc/extproc/fleet.yaml")
+    assert configmap["data"]["fleet.yaml"] == (REPO / GATEWAY_PICKERS_FLEET).read_text(encoding="utf-8")
+    assert not [w for w in _workloads(resources) if w["metadata"]["name"] == "extproc-picker"]
+    # Envoy reaches its own picker on the socket both mount, as one user (the picker's socket is owner-only)...
+    socket_path = fleet.picker.unix_socket
+    assert socket_path is not None
+    pod_user = _pod_spec(gateway)["securityContext"]["runAsUser"]
+    users = set()
+    for c in (envoy, picker):
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert mounts.get(str(socket_path.parent)) == "picker-socket", c["name"]
+        users.add(c.get("securityContext", {}).get("runAsUser", pod_user))
+    assert len(users) == 1
+    assert _pod_spec(gateway)["securityContext"]["fsGroup"] == _pod_spec(gateway)["securityContext"]["runAsGroup"]
+    # ...which polls the Envoy of its own pod, follows the publisher and shares its loads.
+    assert fleet.envoy.admin.address in {"0.0.0.0", "127.0.0.1"}
+    assert fleet.envoy.admin.port == _container_ports(gateway)["admin"]
+    replicas = fleet.picker.replicas
+    assert replicas.share_load and replicas.follow == "extproc-telemetry:9100"
+    assert _replica_secret(gateway, fleet)["secret"] == {"secretName": "extproc-replica-token", "defaultMode": 0o440}
+    # The publisher relays the pickers' loads and tells none of its own...
+    publisher = _named(resources, "Deployment", "extproc-telemetry")
+    published = _fleet(GATEWAY_PICKERS_TELEMETRY_FLEET)
+    assert published.picker.replicas.relay_loads and not published.picker.replicas.share_load
+    configmap = _mounted_configmap(resources, publisher, _container(publisher, "picker"), "/etc/extproc/fleet.yaml")
+    assert configmap["data"]["fleet.yaml"] == (REPO / GATEWAY_PICKERS_TELEMETRY_FLEET).read_text(encoding="utf-8")
+    # ...and the network lets the gateway pods' pickers reach it and scrape the hosts (while it is silent);
+    # Prometheus reaches the pickers' HTTP port.
+    assert _may_reach(resources, publisher, "replicas") == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "extproc-gateway"}}}
+    ]
+    for triton in _of_kind(resources, "StatefulSet"):
+        for port in ("grpc", "metrics"):
+            assert _admits(resources, _may_reach(resources, triton, port), gateway), (triton, port)
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert monitoring in _may_reach(resources, gateway, "picker-metrics")
+
+
+def test_gateway_pickers_fleet_files_differ_from_the_bases_only_where_they_must() -> None:
+    base, ours = _yaml_file(BASE_PICKER_FLEET), _yaml_file(GATEWAY_PICKERS_FLEET)
+    assert base["picker"].pop("listen") == "0.0.0.0:9000"
+    assert ours["picker"].pop("listen").startswith("unix:")
+    assert base["envoy"]["admin"].pop("address") == "extproc-envoy-admin"
+    assert ours["envoy"]["admin"].pop("address") == "0.0.0.0"
+    assert ours["picker"]["replicas"].pop("share_load") is True
+    assert ours == base
+    base_publisher, ours_publisher = _yaml_file(BASE_TELEMETRY_FLEET), _yaml_file(GATEWAY_PICKERS_TELEMETRY_FLEET)
+    assert ours_publisher["picker"]["replicas"].pop("relay_loads") is True
+    assert ours_publisher == base_publisher
+
+
 def test_sidecar_agrees_with_its_fleet_files() -> None:
     resources = _rendered(SIDECAR)
     fleet = _fleet(SIDECAR_FLEET)
@@ -799,7 +863,11 @@ def test_sidecar_agrees_with_its_fleet_files() -> None:
 
 
 def test_checked_in_bootstraps_are_current() -> None:
-    for fleet_path, rendered in ((BASE_FLEET, f"{K8S_BASE}/envoy.yaml"), (SIDECAR_FLEET, f"{SIDECAR}/envoy.yaml")):
+    for fleet_path, rendered in (
+        (BASE_FLEET, f"{K8S_BASE}/envoy.yaml"),
+        (SIDECAR_FLEET, f"{SIDECAR}/envoy.yaml"),
+        (GATEWAY_PICKERS_FLEET, f"{GATEWAY_PICKERS}/envoy.yaml"),
+    ):
         assert (REPO / rendered).read_text(encoding="utf-8") == render_yaml(_fleet(fleet_path)), (
             f"{rendered} is stale: extproc envoy-config --config {fleet_path} --output {rendered}"
         )
@@ -822,12 +890,15 @@ def _validate(config: str, cwd: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_envoy_validates_the_gateway_bootstrap(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("fleet_path", "kustomization"), [(BASE_FLEET, K8S_BASE), (GATEWAY_PICKERS_FLEET, GATEWAY_PICKERS)]
+)
+def test_envoy_validates_the_gateway_bootstrap(tmp_path: Path, fleet_path: str, kustomization: str) -> None:
     # Validate mode loads the certificate: put a throwaway pair where the Secret would be mounted (the
     # paths are rewritten in a copy; nothing else changes).
-    fleet = _fleet(BASE_FLEET)
+    fleet = _fleet(fleet_path)
     assert fleet.envoy.tls is not None
-    config = (REPO / K8S_BASE / "envoy.yaml").read_text(encoding="utf-8")
+    config = (REPO / kustomization / "envoy.yaml").read_text(encoding="utf-8")
     cert, key = tmp_path / "tls" / "tls.crt", tmp_path / "tls" / "tls.key"
     ensure_self_signed(cert, key)
     for original, local in ((fleet.envoy.tls.cert_file, cert), (fleet.envoy.tls.key_file, key)):
