@@ -34,7 +34,8 @@ and Envoy counts, once per turn of its event loop, in frames of their own on the
 follower's go up to the publisher (sealed with another label than the publisher's, so that no frame can be
 sent back where it came from), which applies them and relays them, as they are, to the other followers,
 and sends its own to all. Their payload is a fixed binary format, never unpickled, and names the replica
-that told them (a random id per process). A publisher that shares no loads relays none.
+that told them (a random id per process). A publisher that shares no loads relays none, unless it only
+relays them (``relay_loads``: it routes nothing, and the Envoy it polls is some follower's).
 
 **What a follower keeps of its own.** Envoy's view of each host (``envoy``, ``envoy_at``), the drain flag
 (drain and undrain apply per replica) and its gateway's share of each host's traffic (its Envoy's answers
