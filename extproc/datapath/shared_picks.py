@@ -168,18 +168,10 @@ class SharedPicks:
         """The picks (host key, model key, work) the other rows appended since the last call, in each row's
         order: the leader's, to tell the other replicas its workers' picks (see :func:`rows`)."""
         taken: list[tuple[int, int, float]] = []
-        seen = self._seen
         for row in self._peers:
-            count = self._count(row)
-            start = seen[row]
-            if count <= start:
-                continue
-            if count - start > SLOTS:
-                self._lost += count - start - SLOTS
-                start = count - SLOTS
-            seen[row] = count
+            start, end = self._unread(row)
             base = self._offsets[row] + _COUNT.size
-            for i in range(start, count):
+            for i in range(start, end):
                 host_key, model_key, work, _ = _PICK.unpack_from(self._buffer, base + (i % SLOTS) * _PICK.size)
                 if _possible(work):
                     taken.append((host_key, model_key, work))
@@ -189,17 +181,23 @@ class SharedPicks:
 
     def catch_up(self, store: Datastore, now: float) -> None:
         """Apply to ``store``'s in-flight estimates the picks the other workers appended since the last call."""
-        seen = self._seen
         for row in self._peers:
-            count = self._count(row)
-            start = seen[row]
-            if count <= start:
-                continue
-            if count - start > SLOTS:
-                self._lost += count - start - SLOTS
-                start = count - SLOTS
-            seen[row] = count
-            self._apply(store, row, start, count, now)
+            start, end = self._unread(row)
+            if end > start:
+                self._apply(store, row, start, end, now)
+
+    def _unread(self, row: int) -> tuple[int, int]:
+        """The picks of ``row`` appended since the last read, as (start, end), now read; those the ring no
+        longer holds are counted lost."""
+        count = self._count(row)
+        start = self._seen[row]
+        if count <= start:
+            return start, start
+        if count - start > SLOTS:
+            self._lost += count - start - SLOTS
+            start = count - SLOTS
+        self._seen[row] = count
+        return start, count
 
     def replay(self, store: Datastore, restarted: Sequence[HostState], now: float) -> None:
         """Envoy's count has just replaced the estimates of ``restarted`` (in ``store``), as of its poll, before
