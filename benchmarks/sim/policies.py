@@ -311,12 +311,12 @@ class Picker(Policy):
         self._turns = [0] * len(sim.gateways)
         self._lag_s = sim.scenario.telemetry.replica_lag_ms / 1000
         # Each gateway's end of the replicas' channel: its leader's, or its only picker's.
-        ends = [(v.gateway, v.peer_load) for v in self.views] if not self.leaders else []
-        ends += [(leader.gateway, leader.peer_load) for leader in self.leaders]
-        self._replicas = [peer_load for _, peer_load in ends if peer_load is not None]
+        ends = [(leader.gateway, leader.peer_load) for leader in self.leaders] or [
+            (v.gateway, v.peer_load) for v in self.views if v.peer_load is not None
+        ]
+        self._replicas = [peer_load for _, peer_load in ends]
         for g, peer_load in ends:
-            if peer_load is not None:
-                peer_load.on_ready = self._sender(peer_load, str(g.index).encode())
+            peer_load.on_ready = self._sender(peer_load, str(g.index).encode())
 
     def _sender(self, peer_load: PeerLoad, peer: bytes) -> Callable[[], None]:
         """A replica's channel: what it told during one moment reaches the others ``replica_lag_ms`` later."""
