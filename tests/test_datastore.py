@@ -13,7 +13,7 @@ import pytest
 import structlog.testing
 
 from benchmarks.decision import synthetic_fleet
-from extproc.datapath.batch_cost import Batching
+from extproc.datapath.batch_cost import BatchCost, Batching
 from extproc.datapath.datastore import (
     BEAT_S,
     ESTIMATE_FIELDS,
@@ -24,9 +24,11 @@ from extproc.datapath.datastore import (
     Datastore,
     EnvoyView,
     HostState,
+    ModelTimes,
     TritonLoad,
     host_status,
 )
+from extproc.datapath.scheduling.scorers import prepare
 from extproc.sharing import apply_snapshot, read_snapshot, snapshot
 
 PACKAGE = Path(__file__).resolve().parent.parent / "extproc"
@@ -169,6 +171,45 @@ def test_a_big_pick_stays_in_the_count_for_as_long_as_its_work() -> None:
     assert host.drained(0.02) == pytest.approx((1.5, 2.5))
     host.reset_estimate(2, 0.021)  # Envoy's count: sized by the last two picks
     assert host.drained(0.021) == pytest.approx((2.0, 2.0 + 3.0 - 0.5))
+
+
+def _measured(cost: BatchCost | None, exec_ms: float | None = None) -> HostState:
+    """A host draining 500 requests a second, whose model "m" takes ``cost`` per batch (rows)."""
+    host = next(iter(synthetic_fleet(1)[1].hosts.values()))
+    host.load.service_ms = 2.0
+    host.load.models["m"] = ModelTimes(service_ms=2.0, exec_ms=exec_ms, cost=cost, rows_per_request=2.0)
+    return host
+
+
+def test_a_pick_stays_in_flight_for_at_least_its_own_execution() -> None:
+    """The drain is the host's rate when busy, a guess: alone it would empty the estimate of a pick within
+    2 ms, where the request itself executes for 8 + 1 x 2 rows = 10 ms (12 ms for twice the work). The
+    estimate holds each pick, its count and its work, until then, also through an Envoy count that has not
+    seen it yet, and the candidates read the same."""
+    host = _measured(BatchCost(8.0, 1.0))
+    host.record_pick(0.0, model="m")
+    host.record_pick(0.001, model="m", work=2.0)
+    assert host.drained(0.005) == pytest.approx((2.0, 3.0))
+    host.reset_estimate(0, 0.006)  # Envoy's count, read before either reached it
+    assert host.in_flight(0.008) == pytest.approx(2.0)
+    assert host.work_in_flight(0.009) == pytest.approx(3.0)
+    assert host.work_in_flight(0.0105) == pytest.approx(2.0), "the first, 10 ms, is done"
+    candidate = prepare([host], "m")[0]
+    for at in (0.007, 0.0105, 0.013):
+        assert candidate.in_flight(at) == pytest.approx(host.in_flight(at))
+    assert host.in_flight(0.0131) == 0.0, "the second, 8 + 4 = 12 ms from 1 ms, is done"
+    assert (host.held, host.held_work) == ([], 0.0)
+
+
+def test_a_pick_is_held_for_the_models_mean_execution_until_its_cost_is_fitted() -> None:
+    host = _measured(None, exec_ms=6.0)
+    host.record_pick(0.0, model="m", work=3.0)
+    assert host.work_in_flight(0.0059) == pytest.approx(3.0)
+    assert host.work_in_flight(0.0061) == 0.0
+    unmeasured = next(iter(synthetic_fleet(1)[1].hosts.values()))
+    unmeasured.load.service_ms = 2.0
+    unmeasured.record_pick(0.0, model="m")
+    assert unmeasured.in_flight(0.001) == pytest.approx(0.5), "nothing to hold it by: the drain alone"
 
 
 def test_only_the_last_picks_are_remembered() -> None:

@@ -7,6 +7,8 @@ runs on one event loop, so plain attribute updates are consistent without locks.
 
 from __future__ import annotations
 
+import heapq
+import math
 import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field, replace
@@ -136,21 +138,34 @@ ESTIMATE_FIELDS: Final = (
     "sized_until",
     "pick_span",
     "peer_count",
+    "held",
+    "held_work",
+    "held_next",
 )
 
 
 def drained_estimate(host: HostState, now: float, per_s: float) -> tuple[float, float]:
     """``host``'s in-flight estimate (count, work) at ``now``, its work drained at ``per_s`` (see
-    :meth:`HostState.drained`; the scorers pass the rate they prepared)."""
+    :meth:`HostState.drained`; the scorers pass the rate they prepared), never below its held picks'."""
     count, work, at = host.estimate, host.work_estimate, host.estimate_at
     if at is None or now <= at:
         return count, work
     left = work - (now - at) * per_s
-    if work == count:
-        return (left, left) if left > 0.0 else (0.0, 0.0)
     if left <= 0.0:
-        return 0.0, 0.0
-    return count * left / work, left
+        count = left = 0.0
+    elif work != count:
+        count = count * left / work
+    else:
+        count = left
+    if now >= host.held_next:
+        host.release(now)
+    held = host.held
+    if held:
+        if count < len(held):
+            count = float(len(held))
+        if left < host.held_work:
+            left = host.held_work
+    return count, left
 
 
 @dataclass(slots=True)
@@ -188,6 +203,15 @@ class HostState:
     sized_until: int = 0
     # Requests of the in-flight count one pick stands for (its weight, times the gateways' scale).
     pick_span: float = 1.0
+    # The picks (this picker's, and those of the other workers and replicas it applies) that cannot have
+    # finished yet: a request is in flight for at least its own execution, alone on the host, from when it
+    # was picked. The drained estimate never falls below their count and their work, so that a drain
+    # guessed from the host's rate cannot make a host picked a moment ago look idle. A heap of (end, work),
+    # each a request whatever the pick's weight (the certain part of it); ``held_work``: their work,
+    # ``held_next``: the earliest end (see :meth:`release`).
+    held: list[tuple[float, float]] = field(default_factory=list)
+    held_work: float = 0.0
+    held_next: float = math.inf
     # The other picker replicas' part of the host's in-flight count where they share their loads
     # (extproc.datapath.peer_load): their Envoys' last counts and their picks since. None while none does:
     # this picker's own counts and picks then stand for every gateway's by its traffic share.
@@ -280,6 +304,36 @@ class HostState:
             return
         self._remember(extra)
         self.pick_span = scale
+        if model is not None:
+            self._hold(now, model, work)
+
+    def _hold(self, now: float, model: str, work: float) -> None:
+        """Hold a pick of ``work`` for its own execution: its rows alone on the model's fitted batch cost,
+        else the model's mean execution time on this host (unmeasured: not held)."""
+        times = self.load.models.get(model)
+        if times is None:
+            return
+        if times.cost is not None:
+            exec_ms = times.cost.exec_ms(work * (times.rows_per_request or 1.0))
+        elif times.exec_ms is not None:
+            exec_ms = times.exec_ms
+        else:
+            return
+        end = now + exec_ms / 1000.0
+        heapq.heappush(self.held, (end, work))
+        self.held_work += work
+        if end < self.held_next:
+            self.held_next = end
+
+    def release(self, now: float) -> None:
+        """Let go of the held picks (see ``held``) done by ``now``."""
+        held = self.held
+        while held and held[0][0] <= now:
+            self.held_work -= heapq.heappop(held)[1]
+        if held:
+            self.held_next = held[0][0]
+        else:
+            self.held_work, self.held_next = 0.0, math.inf
 
     def remember_pick(self, work: float) -> None:
         """A pick that the count the estimate restarted from holds already, of ``work``, which this process
