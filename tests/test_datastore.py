@@ -181,24 +181,24 @@ def _measured(cost: BatchCost | None, exec_ms: float | None = None) -> HostState
     return host
 
 
-def test_a_pick_stays_in_flight_for_at_least_its_own_execution() -> None:
+def test_the_last_pick_stays_in_flight_for_at_least_its_own_execution() -> None:
     """The drain is the host's rate when busy, a guess: alone it would empty the estimate of a pick within
-    2 ms, where the request itself executes for 8 + 1 x 2 rows = 10 ms (12 ms for twice the work). The
-    estimate holds each pick, its count and its work, until then, also through an Envoy count that has not
-    seen it yet, and the candidates read the same."""
+    2 ms, where the request executes for at least 8 + 1 x 2 rows = 10 ms (12 ms for twice the work). Until
+    then the estimate holds the host's last pick, its count and its work, also through an Envoy count that
+    has not seen it yet, and the candidates read the same."""
     host = _measured(BatchCost(8.0, 1.0))
     host.record_pick(0.0, model="m")
-    host.record_pick(0.001, model="m", work=2.0)
-    assert host.drained(0.005) == pytest.approx((2.0, 3.0))
-    host.reset_estimate(0, 0.006)  # Envoy's count, read before either reached it
-    assert host.in_flight(0.008) == pytest.approx(2.0)
-    assert host.work_in_flight(0.009) == pytest.approx(3.0)
-    assert host.work_in_flight(0.0105) == pytest.approx(2.0), "the first, 10 ms, is done"
+    assert host.drained(0.005) == pytest.approx((1.0, 1.0))
+    assert host.drained(0.0101) == (0.0, 0.0)
+    host.record_pick(0.011, model="m", work=2.0)
+    host.reset_estimate(0, 0.012)  # Envoy's count, read before the pick reached it
+    assert host.in_flight(0.014) == 1.0
+    assert host.work_in_flight(0.014) == pytest.approx(2.0)
     candidate = prepare([host], "m")[0]
-    for at in (0.007, 0.0105, 0.013):
+    for at in (0.014, 0.0229, 0.0231):
         assert candidate.in_flight(at) == pytest.approx(host.in_flight(at))
-    assert host.in_flight(0.0131) == 0.0, "the second, 8 + 4 = 12 ms from 1 ms, is done"
-    assert (host.held, host.held_work) == ([], 0.0)
+    assert host.in_flight(0.0229) == 1.0
+    assert host.in_flight(0.0231) == 0.0, "12 ms from 11 ms: done"
 
 
 def test_a_pick_is_held_for_the_models_mean_execution_until_its_cost_is_fitted() -> None:

@@ -7,8 +7,6 @@ runs on one event loop, so plain attribute updates are consistent without locks.
 
 from __future__ import annotations
 
-import heapq
-import math
 import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field, replace
@@ -138,15 +136,14 @@ ESTIMATE_FIELDS: Final = (
     "sized_until",
     "pick_span",
     "peer_count",
-    "held",
+    "held_until",
     "held_work",
-    "held_next",
 )
 
 
 def drained_estimate(host: HostState, now: float, per_s: float) -> tuple[float, float]:
     """``host``'s in-flight estimate (count, work) at ``now``, its work drained at ``per_s`` (see
-    :meth:`HostState.drained`; the scorers pass the rate they prepared), never below its held picks'."""
+    :meth:`HostState.drained`; the scorers pass the rate they prepared), never below its held pick."""
     count, work, at = host.estimate, host.work_estimate, host.estimate_at
     if at is None or now <= at:
         return count, work
@@ -157,12 +154,9 @@ def drained_estimate(host: HostState, now: float, per_s: float) -> tuple[float, 
         count = count * left / work
     else:
         count = left
-    if now >= host.held_next:
-        host.release(now)
-    held = host.held
-    if held:
-        if count < len(held):
-            count = float(len(held))
+    if now < host.held_until:
+        if count < 1.0:
+            count = 1.0
         if left < host.held_work:
             left = host.held_work
     return count, left
@@ -203,15 +197,13 @@ class HostState:
     sized_until: int = 0
     # Requests of the in-flight count one pick stands for (its weight, times the gateways' scale).
     pick_span: float = 1.0
-    # The picks (this picker's, and those of the other workers and replicas it applies) that cannot have
-    # finished yet: a request is in flight for at least its own execution, alone on the host, from when it
-    # was picked. The drained estimate never falls below their count and their work, so that a drain
-    # guessed from the host's rate cannot make a host picked a moment ago look idle. A heap of (end, work),
-    # each a request whatever the pick's weight (the certain part of it); ``held_work``: their work,
-    # ``held_next``: the earliest end (see :meth:`release`).
-    held: list[tuple[float, float]] = field(default_factory=list)
+    # The last pick (this picker's, or another worker's or replica's it applied) cannot have finished
+    # before ``held_until``: a request is in flight for at least its own execution, alone on the host, from
+    # when it was picked. Until then the drained estimate holds at least that request and its work
+    # (``held_work``), so that a drain guessed from the host's rate cannot make a host picked a moment ago
+    # look idle (see :meth:`_hold`).
+    held_until: float = 0.0
     held_work: float = 0.0
-    held_next: float = math.inf
     # The other picker replicas' part of the host's in-flight count where they share their loads
     # (extproc.datapath.peer_load): their Envoys' last counts and their picks since. None while none does:
     # this picker's own counts and picks then stand for every gateway's by its traffic share.
@@ -308,8 +300,10 @@ class HostState:
             self._hold(now, model, work)
 
     def _hold(self, now: float, model: str, work: float) -> None:
-        """Hold a pick of ``work`` for its own execution: its rows alone on the model's fitted batch cost,
-        else the model's mean execution time on this host (unmeasured: not held)."""
+        """Hold the pick of ``work`` just made for its own execution (see ``held_until``): its rows alone on
+        the model's fitted batch cost, else the model's mean execution time on this host (unmeasured: not
+        held). Only the last pick is held: holding each pick until its own end routed no better in the
+        simulator, and needed a heap per host."""
         times = self.load.models.get(model)
         if times is None:
             return
@@ -319,21 +313,8 @@ class HostState:
             exec_ms = times.exec_ms
         else:
             return
-        end = now + exec_ms / 1000.0
-        heapq.heappush(self.held, (end, work))
-        self.held_work += work
-        if end < self.held_next:
-            self.held_next = end
-
-    def release(self, now: float) -> None:
-        """Let go of the held picks (see ``held``) done by ``now``."""
-        held = self.held
-        while held and held[0][0] <= now:
-            self.held_work -= heapq.heappop(held)[1]
-        if held:
-            self.held_next = held[0][0]
-        else:
-            self.held_work, self.held_next = 0.0, math.inf
+        self.held_until = now + exec_ms / 1000.0
+        self.held_work = work
 
     def remember_pick(self, work: float) -> None:
         """A pick that the count the estimate restarted from holds already, of ``work``, which this process

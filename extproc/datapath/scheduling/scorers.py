@@ -105,11 +105,8 @@ class Candidate:
             work = host.work_estimate
             left = work - (now - at) * self.drain_per_s
             n = left if work == n else (n * left / work if left > 0.0 else 0.0)
-            if now >= host.held_next:
-                host.release(now)
-            held = len(host.held)
-            if n < held:
-                n = float(held)
+            if n < 1.0 and now < host.held_until:
+                n = 1.0
         pending = self.pending
         if pending > 0.0 and now > self.pending_at:
             pending -= (now - self.pending_at) * self.pending_per_s
