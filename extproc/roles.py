@@ -36,7 +36,7 @@ from extproc.admin_key import read_admin_key
 from extproc.config import ConfigError, Fleet
 from extproc.control import AUTHORIZATION, SCHEME, authorized, read_control_token
 from extproc.datapath.datastore import BEAT_S, Datastore
-from extproc.datapath.shared_picks import LEADER_READ_S, SharedPicks, next_read_s, rows
+from extproc.datapath.shared_picks import LEADER_READ_S, RelayReads, SharedPicks, rows
 from extproc.discovery import Discovery
 from extproc.edges import GRPC_OPTIONS, edges, epp_certificate
 from extproc.parts import Part, cancel
@@ -252,18 +252,12 @@ class _RelayingWorkerPicks(Part):
         self._task = asyncio.create_task(self._tell_forever(picks), name="worker-picks-to-replicas")
 
     async def _tell_forever(self, picks: SharedPicks) -> None:
-        peer_load = self._peer_load
         loop = asyncio.get_running_loop()
-        wait_s, picked_at = LEADER_READ_S, loop.time()
+        reads = RelayReads(picks, self._peer_load.picked_keys, loop.time())
+        wait_s = LEADER_READ_S
         while True:
             await asyncio.sleep(wait_s)
-            now = loop.time()
-            taken = picks.take()
-            if taken:
-                picked_at = now
-            for host_key, model_key, work in taken:
-                peer_load.picked_keys(host_key, model_key, work)
-            wait_s = next_read_s(wait_s, now - picked_at)
+            wait_s = reads.read(loop.time())
 
     async def stop(self) -> None:
         self._peer_load.on_pick = None

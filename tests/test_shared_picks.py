@@ -18,6 +18,7 @@ from extproc.datapath.shared_picks import (
     LEADER_IDLE_READ_S,
     LEADER_READ_S,
     SLOTS,
+    RelayReads,
     SharedPicks,
     name_key,
     next_read_s,
@@ -91,6 +92,21 @@ def test_the_leader_reads_often_while_the_workers_pick_and_backs_off_once_they_s
         waits.append(next_read_s(waits[-1], LEADER_IDLE_AFTER_S))
     assert waits[1] == 2 * LEADER_READ_S and waits[-1] == LEADER_IDLE_READ_S and waits == sorted(waits)
     assert next_read_s(LEADER_IDLE_READ_S, 0.0) == LEADER_READ_S  # picks again
+
+
+def test_each_read_tells_the_workers_new_picks_and_paces_the_next() -> None:
+    (a,) = stores(1)
+    buffer = memoryview(bytearray(SharedPicks.size(2)))
+    worker, leader = (SharedPicks(buffer, 2, row) for row in range(2))
+    told: list[tuple[int, int, float]] = []
+    reads = RelayReads(leader, lambda h, m, w: told.append((h, m, w)), 0.0)
+    worker.publish(a.hosts["g1"], "embed", 2.0, frozen())
+    assert reads.read(0.5) == LEADER_READ_S
+    assert told == [(name_key("g1"), name_key("embed"), 2.0)]
+    assert reads.read(0.5 + LEADER_IDLE_AFTER_S / 2) == LEADER_READ_S  # picked lately
+    assert reads.read(0.5 + LEADER_IDLE_AFTER_S) == 2 * LEADER_READ_S  # idle: backs off
+    worker.publish(a.hosts["g2"], None, 1.0, frozen())
+    assert reads.read(2.0) == LEADER_READ_S and len(told) == 2
 
 
 def test_workers_that_share_picks_spread_a_burst_as_one_process_does() -> None:

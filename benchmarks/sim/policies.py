@@ -30,7 +30,7 @@ from extproc.datapath.datastore import Datastore, HostState
 from extproc.datapath.peer_load import PeerLoad, silent_after_s
 from extproc.datapath.scheduling.scheduler import Scheduler
 from extproc.datapath.scheduling.types import InferenceRequest, Protocol, Reject
-from extproc.datapath.shared_picks import LEADER_READ_S, SharedPicks, next_read_s, rows
+from extproc.datapath.shared_picks import LEADER_READ_S, RelayReads, SharedPicks, rows
 from extproc.telemetry.envoy_admin import EndpointStatus, apply_envoy_view
 from extproc.telemetry.repository import RepositoryIndex, apply_index
 from extproc.telemetry.triton_metrics import TritonSnapshot, derive_load, parse_metrics
@@ -240,7 +240,7 @@ class _Leader:
     """A gateway's leader where its workers share loads with the other gateways' (``picker.workers`` over 1
     with ``picker.replicas.share_load``), as :mod:`extproc.roles`'s: the replicas' channel on a datastore of
     its Envoy's counts, the other replicas' picks written to the workers' buffer as they arrive, the workers'
-    read as often as :func:`~extproc.datapath.shared_picks.next_read_s` says and told to the other replicas."""
+    read and told to the other replicas as :class:`~extproc.datapath.shared_picks.RelayReads` does."""
 
     def __init__(self, sim: Sim, fleet: Fleet, gateway: Gateway, picks: SharedPicks) -> None:
         self.sim = sim
@@ -249,21 +249,14 @@ class _Leader:
         self.states = [self.store.hosts[h.name] for h in sim.hosts]
         self.peer_load = PeerLoad(self.store, silent_after_s(fleet))
         self.peer_load.on_pick = picks.append
-        self._picks = picks
+        self._reads = RelayReads(picks, self.peer_load.picked_keys, 0.0)
         self._polled_at: float | None = None
-        self._picked_at = 0.0
 
     def start(self) -> None:
-        self.sim.at(LEADER_READ_S, partial(self._tell, LEADER_READ_S))
+        self.sim.at(LEADER_READ_S, self._tell)
 
-    def _tell(self, wait_s: float, now: float) -> None:
-        taken = self._picks.take()
-        if taken:
-            self._picked_at = now
-        for host_key, model_key, work in taken:
-            self.peer_load.picked_keys(host_key, model_key, work)
-        wait = next_read_s(wait_s, now - self._picked_at)
-        self.sim.at(now + wait, partial(self._tell, wait))
+    def _tell(self, now: float) -> None:
+        self.sim.at(now + self._reads.read(now), self._tell)
 
     def poll_envoy(self, now: float) -> dict[str, float | None]:
         """The Envoy poll its workers share (the first worker's call at ``now`` makes it), and the other

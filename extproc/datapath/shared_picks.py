@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from extproc.datapath.datastore import Datastore, HostState
@@ -40,6 +40,7 @@ __all__ = [
     "LEADER_READ_S",
     "SLOTS",
     "KeyedFleet",
+    "RelayReads",
     "SharedPicks",
     "name_key",
     "next_read_s",
@@ -252,3 +253,26 @@ class SharedPicks:
                 continue
             host.record_pick(now, 1, models.get(model_key), work)  # key 0 (no model) is no model's
             self._applied += 1
+
+
+class RelayReads:
+    """A leader's reads of its workers' rows for the other replicas (``picker.replicas.share_load``): each
+    read hands the workers' new picks to ``tell`` (host key, model key, work) and says how long to wait for
+    the next (:func:`next_read_s`); the first read is :data:`LEADER_READ_S` after ``now``."""
+
+    def __init__(self, picks: SharedPicks, tell: Callable[[int, int, float], None], now: float) -> None:
+        self._picks = picks
+        self._tell = tell
+        self._wait_s = LEADER_READ_S
+        self._picked_at = now
+
+    def read(self, now: float) -> float:
+        """Read and tell the workers' picks appended since the last read, at ``now``; the wait before the next."""
+        taken = self._picks.take()
+        if taken:
+            self._picked_at = now
+        tell = self._tell
+        for host_key, model_key, work in taken:
+            tell(host_key, model_key, work)
+        self._wait_s = next_read_s(self._wait_s, now - self._picked_at)
+        return self._wait_s
