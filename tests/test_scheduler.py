@@ -533,6 +533,24 @@ def test_expected_completion_uses_the_models_own_times(store: Datastore) -> None
     assert names(Scheduler(store.fleet, store).decide(http("embed")))[0] == "g2"
 
 
+def test_expected_completion_counts_the_requests_own_models_part_of_a_shared_host(store: Datastore) -> None:
+    """g1 serves mlp and embed: of its 7 requests in flight 6 are mlp's, which Triton queues and runs apart
+    from embed's, so an embed request waits behind 1 there and behind 3 on g2 (which serves embed only)."""
+    g1, g2 = store.hosts["g1"], store.hosts["g2"]
+    busy(g1, 0)
+    for model in ["mlp"] * 6 + ["embed"]:
+        g1.record_pick(frozen(), model=model)
+    busy(g2, 3)
+    busy(store.hosts["g3"], 100)
+    assert g1.in_flight(frozen()) == 7
+    assert g1.model_part("embed", frozen()) == pytest.approx(1 / 7)
+    assert names(Scheduler(store.fleet, store).decide(http("embed")))[0] == "g1"
+    # Where the picker knows of one model's requests only, the host's whole count is that model's.
+    g1.model_estimates.pop("embed")
+    assert g1.model_part("embed", frozen()) == 1.0
+    assert names(Scheduler(store.fleet, store).decide(http("embed")))[0] == "g2"
+
+
 def test_a_deep_queue_on_a_batching_host_drains_at_its_best_rate(store: Datastore) -> None:
     """g1 batches well under load (3 ms a request at full batches, 10 ms now at small ones): with 6 in flight
     it still beats an idle host whose single execution takes 40 ms."""

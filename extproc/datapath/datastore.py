@@ -357,6 +357,22 @@ class HostState:
         host = self.work_in_flight(now)
         return min(own, host) if host > 0.0 else 0.0
 
+    def model_part(self, model: str, now: float) -> float:
+        """The part of the host's in-flight requests that are ``model``'s, by this picker's per-model
+        estimates (each drained at its model's rate); 1 where they know no other model's, or none at all.
+        The host's count (Envoy's, kept honest by its polls) times this part is the model's queue: Triton
+        queues and executes each model apart, so a request waits behind its own model's requests only."""
+        estimates = self.model_estimates
+        if len(estimates) < 2:
+            return 1.0
+        mine = total = 0.0
+        for name in estimates:
+            value = self._model_drained(name, now)
+            total += value
+            if name == model:
+                mine = value
+        return mine / total if total > 0.0 else 1.0
+
     def _model_drained(self, model: str, now: float) -> float:
         estimate = self.model_estimates.get(model)
         if estimate is None:

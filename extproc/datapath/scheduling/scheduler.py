@@ -488,7 +488,7 @@ class Scheduler:
         in_flight = best.in_flight(now)
         return (
             in_flight >= self._saturation.max_in_flight
-            or best.completion_ms(in_flight, own, best.excess_work(now)) >= self._saturation.max_queue_ms
+            or best.completion_now(in_flight, own, now) >= self._saturation.max_queue_ms
         )
 
     def _commit(self, route: Route, now: float, model: str | None = None) -> Route:

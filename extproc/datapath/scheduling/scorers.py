@@ -57,6 +57,8 @@ class Candidate:
     # ``pending_per_s`` requests a second (see HostState.in_flight).
     pending_at: float
     pending_per_s: float
+    # The host has READY models other than ``model``: its in-flight count is shared among their queues.
+    several: bool
 
     def __init__(
         self,
@@ -93,6 +95,7 @@ class Candidate:
         self.model = model
         self.pending_at = pending_at
         self.pending_per_s = pending_per_s
+        self.several = model is not None and len(host.ready) > 1
 
     def in_flight(self, now: float) -> float:
         """:meth:`HostState.in_flight` from the telemetry resolved here: the one input read live, in one
@@ -120,6 +123,18 @@ class Candidate:
         picks of other than the mean size. Below 0 where they were small."""
         count, work = drained_estimate(self.host, now, self.drain_per_s)
         return work - count
+
+    def completion_now(self, in_flight: float, own: float, now: float) -> float:
+        """:meth:`completion_ms` behind the work ahead at ``now``: the host's ``in_flight`` count and the work its
+        picks carry beyond it, of which, on a host that serves several models, the request's model's part
+        (:meth:`HostState.model_part`)."""
+        excess = self.excess_work(now)
+        if self.several:
+            assert self.model is not None
+            part = self.host.model_part(self.model, now)
+            in_flight *= part
+            excess *= part
+        return self.completion_ms(in_flight, own, excess)
 
     def completion_ms(self, in_flight: float, own: float = 1.0, excess: float = 0.0) -> float:
         """When a request of ``own`` work (in requests of the model's mean size) sent now would finish here,
@@ -270,20 +285,21 @@ class ExpectedCompletion(Scorer):
     def score(
         self, candidates: Sequence[Candidate], in_flight: list[float], own: float = 1.0, now: float = 0.0
     ) -> list[float]:
-        # Candidate.completion_ms, with its per-request branch inlined: a method call per candidate was most
+        # Candidate.completion_now, with its commonest branch inlined: a method call per candidate was most
         # of this scorer's cost. The work ahead beyond the count (this picker's picks of sizes other than the
-        # mean, see Candidate.excess_work) is read only where there is some.
+        # mean, see Candidate.excess_work) and the request's model's part of it are read only where they
+        # can differ from the count.
         # zip without strict=: its keyword path costs a third of this loop, and the lengths match by
         # construction.
         if own == 1.0:
             return [
                 (c.base_ms + n * c.drain_ms if c.batching is None else c.completion_ms(n))
-                if c.host.work_estimate == c.host.estimate
-                else c.completion_ms(n, 1.0, c.excess_work(now))
+                if c.host.work_estimate == c.host.estimate and not c.several
+                else c.completion_now(n, 1.0, now)
                 for c, n in zip(candidates, in_flight)  # noqa: B905
             ]
         return [
-            c.completion_ms(n, own, c.excess_work(now))
+            c.completion_now(n, own, now)
             for c, n in zip(candidates, in_flight)  # noqa: B905
         ]
 
