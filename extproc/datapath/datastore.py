@@ -183,9 +183,10 @@ class HostState:
     estimate_at: float | None = None
     work_estimate: float = 0.0
     picks_since_poll: int = 0  # for /status: picks counted since the estimate was last reset
-    # The same queue per model, from this picker's picks only: model → (estimate, its time). Triton
-    # queues each model apart, so a request waits behind its own model's requests, not the host's.
-    model_estimates: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # The same queue per model, from this picker's picks only: model → (estimate, its time, the requests
+    # of the model the host finishes per second when busy, as measured at that time: see _model_rate).
+    # Triton queues each model apart, so a request waits behind its own model's requests, not the host's.
+    model_estimates: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     # The work of this picker's last picks beyond their count, to size a fresh count (Envoy's polls carry
     # no sizes; see :meth:`picks_excess`): the running sum of each pick's work less 1 (in requests of its
     # model's mean size, so three 24-row requests weigh more than three 1-row ones), kept after each of the
@@ -291,7 +292,11 @@ class HostState:
         self.estimate_at = now
         self.picks_since_poll += weight
         if model is not None:
-            self.model_estimates[model] = (self._model_drained(model, now) + scale + extra, now)
+            self.model_estimates[model] = (
+                self._model_drained(model, now) + scale + extra,
+                now,
+                self._model_rate(model),
+            )
         if again:
             return
         self._remember(extra)
@@ -366,8 +371,11 @@ class HostState:
         if len(estimates) < 2:
             return 1.0
         mine = total = 0.0
-        for name in estimates:
-            value = self._model_drained(name, now)
+        for name, (value, at, per_s) in estimates.items():
+            if now > at and value > 0.0:
+                value -= (now - at) * per_s
+                if value <= 0.0:
+                    continue
             total += value
             if name == model:
                 mine = value
@@ -377,14 +385,20 @@ class HostState:
         estimate = self.model_estimates.get(model)
         if estimate is None:
             return 0.0
-        value, at = estimate
+        value, at, per_s = estimate
+        return max(0.0, value - (now - at) * per_s)
+
+    def _model_rate(self, model: str) -> float:
+        """Requests of ``model`` the host finishes per second when busy (0: unmeasured). Read at each pick
+        of the model: its estimate drains at it until the next. The rate is smoothed telemetry, and
+        :meth:`model_part` reads every model's estimate for each candidate of a decision."""
         times = self.load.models.get(model)
         service_ms = times.service_ms if times is not None else self.load.service_ms
         if not service_ms:
-            return value
+            return 0.0
         batching = self.batching.get(model)
         instances = batching.instances if batching is not None else 1
-        return max(0.0, value - (now - at) * 1000.0 * instances / service_ms)
+        return 1000.0 * instances / service_ms
 
     def reset_estimate(self, in_flight: float, now: float, newer: int = 0) -> None:
         """A fresh count of requests in flight (Envoy's poll, see :meth:`envoy_count`), read at ``now``,

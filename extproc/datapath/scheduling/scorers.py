@@ -57,8 +57,6 @@ class Candidate:
     # ``pending_per_s`` requests a second (see HostState.in_flight).
     pending_at: float
     pending_per_s: float
-    # The host has READY models other than ``model``: its in-flight count is shared among their queues.
-    several: bool
 
     def __init__(
         self,
@@ -95,7 +93,6 @@ class Candidate:
         self.model = model
         self.pending_at = pending_at
         self.pending_per_s = pending_per_s
-        self.several = model is not None and len(host.ready) > 1
 
     def in_flight(self, now: float) -> float:
         """:meth:`HostState.in_flight` from the telemetry resolved here: the one input read live, in one
@@ -129,8 +126,7 @@ class Candidate:
         picks carry beyond it, of which, on a host that serves several models, the request's model's part
         (:meth:`HostState.model_part`)."""
         excess = self.excess_work(now)
-        if self.several:
-            assert self.model is not None
+        if self.model is not None and len(self.host.model_estimates) > 1:
             part = self.host.model_part(self.model, now)
             in_flight *= part
             excess *= part
@@ -294,7 +290,7 @@ class ExpectedCompletion(Scorer):
         if own == 1.0:
             return [
                 (c.base_ms + n * c.drain_ms if c.batching is None else c.completion_ms(n))
-                if c.host.work_estimate == c.host.estimate and not c.several
+                if c.host.work_estimate == c.host.estimate and len(c.host.model_estimates) < 2
                 else c.completion_now(n, 1.0, now)
                 for c, n in zip(candidates, in_flight)  # noqa: B905
             ]
