@@ -440,6 +440,24 @@ def test_the_resumption_lasts_at_least_a_message_timeout() -> None:
     assert Scheduler(f, s).resuming(frozen())
 
 
+def test_another_models_queue_does_not_saturate_a_shared_host() -> None:
+    """max_queue_ms reads the expected completion as the scorer does: on g1, which also serves mlp, an embed
+    request waits behind embed's part of the count (1 of 21 requests: 2 ms at 2 ms a request), not behind
+    all of it (42 ms); g2, with 40 embed requests, is over the limit."""
+    f = fleet(picker={"saturation": {"max_in_flight": 100, "max_queue_ms": 30}})
+    s = Datastore(f, clock=frozen)
+    live(s, {"g1": ["embed", "mlp"], "g2": ["embed"]})
+    g1 = s.hosts["g1"]
+    busy(g1, 0)
+    for model in ["mlp"] * 20 + ["embed"]:
+        g1.record_pick(frozen(), model=model)
+    busy(s.hosts["g2"], 40)
+    sheddable = InferenceRequest(Protocol.HTTP, "embed", priority=Priority.SHEDDABLE)
+    assert names(route(Scheduler(f, s).decide(sheddable))) == ["g1", "g2"]
+    g1.record_pick(frozen(), weight=20, model="embed")  # now 21 of 41 are embed's: 42 ms
+    assert isinstance(Scheduler(f, s).decide(sheddable), Reject)
+
+
 def test_saturated_tier_spills_over_to_a_free_one() -> None:
     f, s = saturated_store()
     busy(s.hosts["g1"], 0)
