@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import sys
@@ -36,6 +37,8 @@ from extproc.datapath.shared_picks import SharedPicks
 from extproc.handlers.server import Processor
 
 MODELS = ("resnet", "bert", "mlp", "embed")
+# The models other than mlp, the one the requests name, in the order --models adds them.
+_OTHERS = tuple(m for m in MODELS if m != "mlp")
 
 
 def synthetic_fleet(n_hosts: int, picker: str = "argmax") -> tuple[Fleet, Datastore]:
@@ -123,7 +126,12 @@ async def one_stream(processor: Processor, payload: bytes) -> bytes:
 
 
 def _measure(
-    n_hosts: int, iterations: int, picker: str, loop: asyncio.AbstractEventLoop, workers: int = 1
+    n_hosts: int,
+    iterations: int,
+    picker: str,
+    loop: asyncio.AbstractEventLoop,
+    workers: int = 1,
+    models: int = 1,
 ) -> dict[str, Any]:
     fleet, store = synthetic_fleet(n_hosts, picker)
     hosts = list(store.hosts.values())
@@ -146,18 +154,26 @@ def _measure(
 
     processor = Processor(fleet, scheduler, PickerMetrics(store))
     request = InferenceRequest(Protocol.HTTP, "mlp", size_bytes=512)
+    # With several models the requests take turns among them, so that the hosts' in-flight estimates hold
+    # picks of several models, as on a fleet whose hosts serve several (the scorer then reads each model's
+    # part of a host's count).
+    turns = itertools.cycle([request, *(InferenceRequest(Protocol.HTTP, m, size_bytes=512) for m in _OTHERS)][:models])
+
+    def decide_one() -> None:
+        scheduler.decide(next(turns))
+
     payload = rest_request_bytes("mlp")
     for _ in range(200):  # warm-up
-        scheduler.decide(request)
+        decide_one()
         loop.run_until_complete(one_stream(processor, payload))
     if not isinstance(scheduler.decide(request), Route):
         raise RuntimeError(f"the synthetic fleet of {n_hosts} hosts does not route {request.model!r}")
 
     def after_change() -> None:
         store.changed()
-        scheduler.decide(request)
+        decide_one()
 
-    decide = _time(lambda: scheduler.decide(request), iterations, others_pick)
+    decide = _time(decide_one if models > 1 else lambda: scheduler.decide(request), iterations, others_pick)
     changed = _time(after_change, iterations, others_pick)
     # What the edge runs once it has answered such a decision, off the decision's time (a plan of more
     # than INLINE_PREPARE_HOSTS hosts, prepared again; nothing for a smaller one).
@@ -170,6 +186,9 @@ def _measure(
         "hosts": n_hosts,
         "picker": picker,
         "workers": workers,
+        "models": models,
+        # Hosts whose in-flight estimate holds picks of several models at the end (the path --models times).
+        "hosts_with_several_models": sum(len(h.model_estimates) > 1 for h in hosts),
         # The other workers' picks the decisions applied (none lost, none skipped: the benchmark's premise).
         "picks_applied": shared.taken()[0] if shared is not None else 0,
         "decide": _percentiles(decide),
@@ -180,7 +199,7 @@ def _measure(
 
 
 def run(
-    sizes: Sequence[int], iterations: int, pickers: Sequence[str], workers: Sequence[int] = (1,)
+    sizes: Sequence[int], iterations: int, pickers: Sequence[str], workers: Sequence[int] = (1,), models: int = 1
 ) -> list[dict[str, Any]]:
     results = []
     loop = asyncio.new_event_loop()
@@ -188,7 +207,7 @@ def run(
         for picker in pickers:
             for n in sizes:
                 for count in workers:  # side by side, per fleet size
-                    results.append(_measure(n, iterations, picker, loop, count))
+                    results.append(_measure(n, iterations, picker, loop, count, models))
                     print(f"  {picker}: {n} hosts, {count} worker(s) done", file=sys.stderr, flush=True)
     finally:
         loop.close()
@@ -201,10 +220,14 @@ def report(
     pickers: Sequence[str],
     json_out: str | None,
     workers: Sequence[int] = (1,),
+    models: int = 1,
 ) -> int:
     """Runs the benchmark, prints its table and the p99 ratios between fleet sizes, writes the JSON if asked."""
-    print(f"decision benchmark: {iterations} decisions per fleet size and picker", file=sys.stderr)
-    results = run(sizes, iterations, pickers, workers)
+    print(
+        f"decision benchmark: {iterations} decisions per fleet size and picker, requests of {models} model(s)",
+        file=sys.stderr,
+    )
+    results = run(sizes, iterations, pickers, workers, models)
     print(
         f"{'picker':>13} {'hosts':>6} {'workers':>7} | {'decide p50':>10} {'p99':>8} |"
         f" {'after change p50':>16} {'p99':>8} | {'then refresh p50':>16} {'p99':>8} | {'edge p50':>9} {'p99':>8}  (µs)"
@@ -241,11 +264,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[1], help="also as one of N workers sharing picks, e.g. 1 4"
     )
+    parser.add_argument(
+        "--models",
+        type=int,
+        choices=range(1, len(MODELS) + 1),
+        default=1,
+        help="requests take turns among this many models (1: mlp only)",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.workers):
         parser.error("--workers: each count must be at least 1")
-    return report(args.hosts, args.iterations, args.pickers, args.json, args.workers)
+    return report(args.hosts, args.iterations, args.pickers, args.json, args.workers, args.models)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -646,6 +646,13 @@ def test_decision_benchmark_times_each_path() -> None:
             assert 0 < timing["p50_us"] <= timing["p99_us"], (result["picker"], result["hosts"], path)
 
 
+def test_decision_benchmark_takes_turns_among_models() -> None:
+    one, several = (decision.run([20], 40, ["argmax"], models=m)[0] for m in (1, 4))
+    assert one["models"] == 1 and one["hosts_with_several_models"] == 0
+    assert several["models"] == 4 and several["hosts_with_several_models"] > 0
+    assert 0 < several["decide"]["p50_us"] <= several["decide"]["p99_us"]
+
+
 def test_in_process_benchmarks_send_only_headers_envoy_forwards() -> None:
     # Envoy's forward_rules pass READ_HEADERS only (seen from a real Envoy in the overhead bench: :path,
     # content-length, x-request-id); a header beyond them would count work the picker never does.
