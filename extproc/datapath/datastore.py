@@ -183,10 +183,9 @@ class HostState:
     estimate_at: float | None = None
     work_estimate: float = 0.0
     picks_since_poll: int = 0  # for /status: picks counted since the estimate was last reset
-    # The same queue per model, from this picker's picks only: model → (estimate, its time, the requests
-    # of the model the host finishes per second when busy, as measured at that time: see _model_rate).
-    # Triton queues each model apart, so a request waits behind its own model's requests, not the host's.
-    model_estimates: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    # The same queue per model, from this picker's picks only: model → (estimate, its time). Triton
+    # queues each model apart, so a request waits behind its own model's requests, not the host's.
+    model_estimates: dict[str, tuple[float, float]] = field(default_factory=dict)
     # The work of this picker's last picks beyond their count, to size a fresh count (Envoy's polls carry
     # no sizes; see :meth:`picks_excess`): the running sum of each pick's work less 1 (in requests of its
     # model's mean size, so three 24-row requests weigh more than three 1-row ones), kept after each of the
@@ -292,11 +291,7 @@ class HostState:
         self.estimate_at = now
         self.picks_since_poll += weight
         if model is not None:
-            self.model_estimates[model] = (
-                self._model_drained(model, now) + scale + extra,
-                now,
-                self._model_rate(model),
-            )
+            self.model_estimates[model] = (self._model_drained(model, now) + scale + extra, now)
         if again:
             return
         self._remember(extra)
@@ -371,9 +366,9 @@ class HostState:
         if len(estimates) < 2:
             return 1.0
         mine = total = 0.0
-        for name, (value, at, per_s) in estimates.items():
+        for name, (value, at) in estimates.items():
             if now > at and value > 0.0:
-                value -= (now - at) * per_s
+                value -= (now - at) * self._model_rate(name)
                 if value <= 0.0:
                     continue
             total += value
@@ -385,13 +380,13 @@ class HostState:
         estimate = self.model_estimates.get(model)
         if estimate is None:
             return 0.0
-        value, at, per_s = estimate
-        return max(0.0, value - (now - at) * per_s)
+        value, at = estimate
+        return max(0.0, value - (now - at) * self._model_rate(model))
 
     def _model_rate(self, model: str) -> float:
-        """Requests of ``model`` the host finishes per second when busy (0: unmeasured). Read at each pick
-        of the model: its estimate drains at it until the next. The rate is smoothed telemetry, and
-        :meth:`model_part` reads every model's estimate for each candidate of a decision."""
+        """Requests of ``model`` the host finishes per second when busy (0: unmeasured). Read when the
+        estimate is, not kept from the model's last pick: kept, it routed worse in the simulator
+        (``two_models_shared_24``)."""
         times = self.load.models.get(model)
         service_ms = times.service_ms if times is not None else self.load.service_ms
         if not service_ms:
