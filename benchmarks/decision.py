@@ -173,6 +173,7 @@ def _measure(
         store.changed()
         decide_one()
 
+    # One model: the same call as without --models, so that its timings compare with earlier results.
     decide = _time(decide_one if models > 1 else lambda: scheduler.decide(request), iterations, others_pick)
     changed = _time(after_change, iterations, others_pick)
     # What the edge runs once it has answered such a decision, off the decision's time (a plan of more

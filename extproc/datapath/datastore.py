@@ -366,11 +366,8 @@ class HostState:
         if len(estimates) < 2:
             return 1.0
         mine = total = 0.0
-        for name, (value, at) in estimates.items():
-            if now > at and value > 0.0:
-                value -= (now - at) * self._model_rate(name)
-                if value <= 0.0:
-                    continue
+        for name in estimates:
+            value = self._model_drained(name, now)
             total += value
             if name == model:
                 mine = value

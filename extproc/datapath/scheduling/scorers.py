@@ -126,7 +126,7 @@ class Candidate:
         picks carry beyond it, of which, on a host that serves several models, the request's model's part
         (:meth:`HostState.model_part`)."""
         excess = self.excess_work(now)
-        if self.model is not None and len(self.host.model_estimates) > 1:
+        if self.model is not None:
             part = self.host.model_part(self.model, now)
             in_flight *= part
             excess *= part
