@@ -140,6 +140,41 @@ def test_slow_host_avoided_by_service_time(store: Datastore) -> None:
     assert first in {"g2", "g3"}
 
 
+def test_an_unmeasured_host_is_as_fast_as_the_fastest_measured_one() -> None:
+    """Its execution as long as the fastest host's execution, its queue draining at the fastest per-request
+    time (not an execution as short as one request's share of a batch, which made a new host the cheapest
+    of all even with a queue)."""
+    measured, slower, new = (HostState(spec) for spec in fleet().hosts[:3])
+    measured.load.service_ms, measured.load.exec_ms = 2.0, 10.0
+    slower.load.service_ms, slower.load.exec_ms = 4.0, 12.0
+    candidate = prepare([measured, slower, new], "embed")[2]
+    assert (candidate.base_ms, candidate.drain_ms) == (10.0, 2.0)
+
+
+def test_a_new_host_that_finishes_nothing_is_not_piled_on(store: Datastore) -> None:
+    """A host that Triton has not seen finish a request is tried as if fast; once it has held a request since
+    before a scrape that still counts nothing finished, it takes at least that long, until Envoy reads it
+    empty."""
+    g3 = store.hosts["g3"]
+    g3.load.service_ms = None
+    for name in ("g1", "g2"):
+        store.hosts[name].load.exec_ms = 8.0
+        busy(store.hosts[name], 2)
+    busy(g3, 0)
+    scheduler = Scheduler(store.fleet, store)
+    assert names(scheduler.decide(http("embed")))[0] == "g3", "tried: as fast as the fastest"
+    assert g3.busy_since == frozen()
+    g3.metrics_at = frozen() + 0.5  # scraped: still nothing finished
+    store.changed()
+    assert names(scheduler.decide(http("embed")))[-1] == "g3", "a first request that takes 500 ms and more"
+    (candidate,) = [c for c in prepare(list(store.hosts.values())[:3], "embed") if c.host is g3]
+    assert candidate.base_ms == pytest.approx(500.0)
+    busy(g3, 0)  # Envoy reads it empty: whatever it held is done
+    assert g3.busy_since is None
+    store.changed()
+    assert names(scheduler.decide(http("embed")))[0] == "g3"
+
+
 def test_burst_between_polls_is_spread(store: Datastore) -> None:
     scheduler = Scheduler(store.fleet, store)
     firsts = [names(scheduler.decide(http("embed")))[0] for _ in range(30)]

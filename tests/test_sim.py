@@ -216,6 +216,9 @@ def test_tries_on_a_dead_host_are_retried_elsewhere() -> None:
         hosts=[{"name": "host", "count": 3, "models": ["m"]}],
         load={"load": 0.5, "duration_s": 8, "warmup_s": 0, "mix": [{"model": "m"}]},
         events=[{"at_s": 2.0, "host": "host-1", "action": "die"}],
+        # The picker reads Envoy every 300 ms: for a while after the death its view still has the host (with
+        # the default polls, whether a pick names it before the next poll is up to where the death falls).
+        fleet={"picker": {"poll": {"envoy_admin_ms": 300}}},
     )
     for policy in ("round_robin", "least_request", "picker", "expected_completion_baseline"):
         sim, summary = run(s, policy)

@@ -138,6 +138,7 @@ ESTIMATE_FIELDS: Final = (
     "peer_count",
     "held_until",
     "held_work",
+    "busy_since",
 )
 
 
@@ -204,6 +205,10 @@ class HostState:
     # look idle (see :meth:`_hold`).
     held_until: float = 0.0
     held_work: float = 0.0
+    # When the first of the picks the host holds was made: the first since its in-flight count was last 0
+    # (None while it is). A host that Triton has not seen finish a request since then has taken at least
+    # that long over it (see extproc.datapath.scheduling.scorers.prepare, for a host not yet measured).
+    busy_since: float | None = None
     # The other picker replicas' part of the host's in-flight count where they share their loads
     # (extproc.datapath.peer_load): their Envoys' last counts and their picks since. None while none does:
     # this picker's own counts and picks then stand for every gateway's by its traffic share.
@@ -290,6 +295,8 @@ class HostState:
         self.work_estimate = held + scale + extra
         self.estimate_at = now
         self.picks_since_poll += weight
+        if self.busy_since is None:
+            self.busy_since = now
         if model is not None:
             self.model_estimates[model] = (self._model_drained(model, now) + scale + extra, now)
         if again:
@@ -397,6 +404,8 @@ class HostState:
         replaces the estimate; its work is that of the last picks before the ``newer`` latest, which were made
         after it was read (see :meth:`picks_excess`; they are counted again, see :meth:`record_pick`)."""
         count = float(in_flight)
+        if count <= 0.0 and newer == 0:
+            self.busy_since = None
         self.work_estimate = count + self.picks_excess(count, newer)
         self.estimate, self.estimate_at, self.picks_since_poll = count, now, 0
 

@@ -181,7 +181,8 @@ def prepare(hosts: Sequence[HostState], model: str | None, static: WeightedScore
     drained at the host's per-request time (the best seen lately, since a deep queue is served in full
     batches): ``service_ms`` is a batch's time divided by its size, so the queue drains faster on a host
     that batches well, while ``exec_ms`` keeps a slow host from looking cheap when idle. An unmeasured
-    host is assumed as fast as the fastest measured one, so a new host gets tried.
+    host is assumed as fast as the fastest measured one, so a new host gets tried, until its first request
+    has taken longer (see :func:`_unmeasured`).
 
     Triton's observed queue time is not used: queued requests are already in the in-flight count, and the
     observation is up to a scrape old, which would herd traffic away from whichever host queued last."""
@@ -190,11 +191,16 @@ def prepare(hosts: Sequence[HostState], model: str | None, static: WeightedScore
     drains = [None if service is None else _drain_ms(service, drain) for service, _, drain, _, _ in times]
     measured = [d for d in drains if d is not None]
     default_ms = min(measured) if measured else _UNMEASURED_SERVICE_MS
+    executions = [t[1] for t in times if t[1] is not None]
+    default_exec_ms = min(executions) if executions else default_ms
     out = []
     rows = _rows_per_request(times)
     for i, host in enumerate(hosts):
         exec_ms, drain = times[i][1], drains[i]
-        drain_ms = default_ms if drain is None else drain
+        if drain is None:
+            exec_ms, drain_ms = _unmeasured(host, default_exec_ms, default_ms)
+        else:
+            drain_ms = drain
         load = host.load
         used, total = load.gpu_memory_used, load.gpu_memory_total
         cost: BatchCost | None = None
@@ -227,6 +233,20 @@ def prepare(hosts: Sequence[HostState], model: str | None, static: WeightedScore
         )
     _add_static_costs(out, static)
     return out
+
+
+def _unmeasured(host: HostState, exec_ms: float, drain_ms: float) -> tuple[float, float]:
+    """The (execution, per-request) times of a host that Triton has not yet seen finish a request: those of
+    the fastest measured host, so that a new host gets tried; but a host that has held this picker's
+    requests since before its last scrape, and finished none, takes at least that long to execute one (and
+    drains its queue that much slower), however fast the others are."""
+    since, scraped = host.busy_since, host.metrics_at
+    if since is None or scraped is None or scraped <= since:
+        return exec_ms, drain_ms
+    waited_ms = (scraped - since) * 1000.0
+    if waited_ms <= exec_ms:
+        return exec_ms, drain_ms
+    return waited_ms, drain_ms * waited_ms / exec_ms
 
 
 def _rows_per_request(times: list[_Times]) -> float:
