@@ -6,6 +6,11 @@ prepares the model's candidates again each time, as it does for the first reques
 whole per-request path of the ext_proc edge (parse Envoy's ProcessingRequest bytes, decide, build and
 serialise the ProcessingResponse), which is what one request costs the picker apart from gRPC itself.
 
+The requests are inference requests, admission checked, as the edge makes them. Nothing answers the
+picks, so every ``POLL_EVERY`` decisions (untimed) each host's in-flight estimate restarts from its
+synthetic Envoy count, as the picker's reads of Envoy do: without that the picks would pile up until every
+inference request was refused as overloaded, and the benchmark would time the refusal.
+
 ``--workers N``: also as one of N workers sharing their picks (``picker.share_worker_picks``), each other
 worker making one pick between two of this one's decisions (Envoy hands each worker 1/N of the requests):
 the decision then applies the others' picks and publishes its own.
@@ -22,7 +27,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -37,6 +42,9 @@ from extproc.datapath.shared_picks import SharedPicks
 from extproc.handlers.server import Processor
 
 MODELS = ("resnet", "bert", "mlp", "embed")
+# Decisions between two reads of the synthetic fleet's Envoy counts (the picker reads Envoy every 20 ms; at
+# 500 requests a second that is 10 of them).
+POLL_EVERY: Final = 10
 # The models other than mlp, the one the requests name, in the order --models adds them.
 _OTHERS = tuple(m for m in MODELS if m != "mlp")
 
@@ -63,6 +71,20 @@ def synthetic_fleet(n_hosts: int, picker: str = "argmax") -> tuple[Fleet, Datast
         host.load.gpu_memory_used, host.load.gpu_memory_total = (i % 10) * 10**9, 80 * 10**9
     store.changed()
     return fleet, store
+
+
+def poll_envoy(store: Datastore) -> None:
+    """Envoy's counts read again: each host's in-flight estimate restarts from its synthetic count (see the
+    module docstring)."""
+    now = store.now()
+    for host in store.hosts.values():
+        host.reset_estimate(host.envoy_count(host.envoy.active), now)
+
+
+def every(n: int, action: Callable[[], None]) -> Callable[[], None]:
+    """A function that runs ``action`` on its first call and every ``n`` calls after."""
+    calls = itertools.count()
+    return lambda: action() if next(calls) % n == 0 else None
 
 
 def _percentiles(samples_ns: list[int]) -> dict[str, float]:
@@ -153,36 +175,46 @@ def _measure(
             other.publish(hosts[picks * 7919 % len(hosts)], "mlp", 1.0, store.now() + 7200)
 
     processor = Processor(fleet, scheduler, PickerMetrics(store))
-    request = InferenceRequest(Protocol.HTTP, "mlp", size_bytes=512)
+    request = InferenceRequest(Protocol.HTTP, "mlp", size_bytes=512, infer=True)
     # With several models the requests take turns among them, so that the hosts' in-flight estimates hold
     # picks of several models, as on a fleet whose hosts serve several (the scorer then reads each model's
     # part of a host's count).
-    turns = itertools.cycle([request, *(InferenceRequest(Protocol.HTTP, m, size_bytes=512) for m in _OTHERS)][:models])
+    others_turns = (InferenceRequest(Protocol.HTTP, m, size_bytes=512, infer=True) for m in _OTHERS)
+    turns = itertools.cycle([request, *others_turns][:models])
 
     def decide_one() -> None:
         scheduler.decide(next(turns))
 
+    poll = every(POLL_EVERY, lambda: poll_envoy(store))
+
+    def before() -> None:
+        poll()
+        others_pick()
+
     payload = rest_request_bytes("mlp")
     for _ in range(200):  # warm-up
+        poll()
         decide_one()
         loop.run_until_complete(one_stream(processor, payload))
-    if not isinstance(scheduler.decide(request), Route):
-        raise RuntimeError(f"the synthetic fleet of {n_hosts} hosts does not route {request.model!r}")
+    _check_routes(scheduler, request, n_hosts)
 
     def after_change() -> None:
         store.changed()
         decide_one()
 
     # One model: the same call as without --models, so that its timings compare with earlier results.
-    decide = _time(decide_one if models > 1 else lambda: scheduler.decide(request), iterations, others_pick)
-    changed = _time(after_change, iterations, others_pick)
+    decide = _time(decide_one if models > 1 else lambda: scheduler.decide(request), iterations, before)
+    changed = _time(after_change, iterations, before)
     # What the edge runs once it has answered such a decision, off the decision's time (a plan of more
     # than INLINE_PREPARE_HOSTS hosts, prepared again; nothing for a smaller one).
     refresh = []
     for _ in range(iterations):
+        poll()
         after_change()
         refresh += _time(scheduler.refresh, 1)
-    edge = _time(lambda: loop.run_until_complete(one_stream(processor, payload)), iterations)
+    edge = _time(lambda: loop.run_until_complete(one_stream(processor, payload)), iterations, poll)
+    # Still routing: what was timed was the decision, not the refusal of an overloaded fleet.
+    _check_routes(scheduler, request, n_hosts)
     return {
         "hosts": n_hosts,
         "picker": picker,
@@ -197,6 +229,11 @@ def _measure(
         "refresh_after_answer": _percentiles(refresh),
         "edge": _percentiles(edge),
     }
+
+
+def _check_routes(scheduler: Scheduler, request: InferenceRequest, n_hosts: int) -> None:
+    if not isinstance(scheduler.decide(request), Route):
+        raise RuntimeError(f"the synthetic fleet of {n_hosts} hosts does not route {request.model!r}")
 
 
 def run(

@@ -7,7 +7,9 @@ and reports the difference per request: start-up and imports cancel out. Instruc
 miss costs more than an add), but a change that removes instructions from the path removes time from it.
 
 The fleet is :func:`benchmarks.decision.synthetic_fleet` (``--hosts`` hosts, argmax), and the request a
-small REST inference request with the headers Envoy forwards to the picker. Parts: ``edge`` (one ext_proc
+small REST inference request with the headers Envoy forwards to the picker; the hosts' in-flight estimates
+restart from their Envoy counts every ``POLL_EVERY`` requests, counted with them (see
+:mod:`benchmarks.decision`). Parts: ``edge`` (one ext_proc
 stream as gRPC runs it: the request's bytes to ``Processor.Process``, the answer serialised), ``headers``
 (the request-headers message read from its bytes), ``request`` (the InferenceRequest from the path and
 headers), ``decide``, ``answer`` (the ProcessingResponse) and ``record`` (the decision's metrics).
@@ -48,7 +50,7 @@ _ENV: Final = {**os.environ, "PYTHONHASHSEED": "0"}
 
 def part_runner(part: str, n_hosts: int) -> Callable[[int], None]:
     """A function that runs ``part`` of the request path n times."""
-    from benchmarks.decision import one_stream, rest_request_bytes, synthetic_fleet
+    from benchmarks.decision import POLL_EVERY, every, one_stream, poll_envoy, rest_request_bytes, synthetic_fleet
     from extproc.datapath.metrics import PickerMetrics
     from extproc.datapath.protocol.request import rest_request
     from extproc.datapath.protocol.response import Responder
@@ -69,14 +71,23 @@ def part_runner(part: str, n_hosts: int) -> Callable[[int], None]:
     request = rest_request(headers[":path"], headers)
     decision = scheduler.decide(request)
 
+    # Envoy's counts read back every few requests, counted with them: nothing answers the picks, which
+    # would otherwise pile up until every request was refused as overloaded (see benchmarks.decision).
+    poll = every(POLL_EVERY, lambda: poll_envoy(store))
+
     async def streams(n: int) -> None:
         for _ in range(n):
+            poll()
             await one_stream(processor, payload)
+
+    def decide() -> object:
+        poll()
+        return scheduler.decide(request)
 
     once: dict[str, Callable[[], object]] = {
         "headers": lambda: read_request_headers(payload),
         "request": lambda: rest_request(headers[":path"], headers),
-        "decide": lambda: scheduler.decide(request),
+        "decide": decide,
         "answer": lambda: responder.answer(decision, request),
         "record": lambda: responder.record(decision, request, headers.get("x-request-id"), 0.0),
     }

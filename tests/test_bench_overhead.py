@@ -646,6 +646,17 @@ def test_decision_benchmark_times_each_path() -> None:
             assert 0 < timing["p50_us"] <= timing["p99_us"], (result["picker"], result["hosts"], path)
 
 
+def test_decision_benchmark_times_decisions_not_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing answers the benchmark's picks: without Envoy's counts read back, three hosts fill within a few
+    hundred inference requests and every decision after that is a refusal (overloaded), which the
+    benchmark would time instead (it refuses to report then)."""
+    (result,) = decision.run([3], 200, ["argmax"])
+    assert result["decide"]["p50_us"] > 0
+    monkeypatch.setattr(decision, "POLL_EVERY", 10**9)
+    with pytest.raises(RuntimeError, match="does not route"):
+        decision.run([3], 200, ["argmax"])
+
+
 def test_decision_benchmark_takes_turns_among_models() -> None:
     one, several = (decision.run([20], 40, ["argmax"], models=m)[0] for m in (1, 4))
     assert one["models"] == 1 and one["hosts_with_several_models"] == 0
